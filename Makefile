@@ -1,0 +1,49 @@
+# Mailfleet. `make help` lists the targets. Every target bootstraps what it needs (scripts/bootstrap).
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+RUN_DIR := .run
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+.PHONY: bootstrap
+bootstrap: ## install Debian packages and the virtualenv (.venv)
+	@scripts/bootstrap
+
+.PHONY: run
+run: bootstrap ## run one mail node from examples/ with a demo mailbox (demo@example.com / demo)
+	@scripts/run-demo
+
+.PHONY: lint
+lint: bootstrap ## ruff, mypy --strict, import-linter
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+.PHONY: fmt
+fmt: bootstrap ## format the code
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+.PHONY: test
+test: lint ## lint, then every test tier (unit, node)
+	$(BIN)/pytest -q
+
+.PHONY: unit
+unit: bootstrap ## unit tests only
+	$(BIN)/pytest -q tests/unit
+
+.PHONY: bench
+bench: ## benchmarks: the node against Postfix on this machine (not a test)
+	@scripts/bootstrap --bench
+	$(PY) -m bench.smtp
+
+.PHONY: clean
+clean: ## remove the virtualenv, caches and local run state
+	rm -rf $(VENV) $(RUN_DIR) .mypy_cache .pytest_cache .ruff_cache

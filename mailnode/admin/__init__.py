@@ -1,0 +1,1 @@
+"""The node's HTTP side: health, readiness, Prometheus metrics and status (mailnode.admin.http)."""

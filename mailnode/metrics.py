@@ -1,0 +1,69 @@
+"""The node's Prometheus metrics, kept in one registry per node (tests run several nodes at once).
+
+Label values are bounded: listener names and fixed rejection reasons, never addresses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import prometheus_client as prom
+
+prom.disable_created_metrics()  # the *_created series double the output and nobody graphs them
+
+
+class NodeMetrics:
+    def __init__(self) -> None:
+        self.registry = prom.CollectorRegistry()
+        r = self.registry
+        self.smtp_sessions = prom.Counter(
+            "mailnode_smtp_sessions", "SMTP connections accepted", ["listener"], registry=r
+        )
+        self.smtp_sessions_active = prom.Gauge(
+            "mailnode_smtp_sessions_active", "SMTP connections open now", ["listener"], registry=r
+        )
+        self.messages_accepted = prom.Counter(
+            "mailnode_smtp_messages_accepted", "Messages acknowledged with 250 after DATA", ["listener"], registry=r
+        )
+        self.messages_rejected = prom.Counter(
+            "mailnode_smtp_messages_rejected",
+            "Recipients or messages refused, by reason",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.received_bytes = prom.Counter(
+            "mailnode_smtp_received_bytes", "Bytes of message data accepted", ["listener"], registry=r
+        )
+        self.auth_failures = prom.Counter(
+            "mailnode_auth_failures", "Failed authentication attempts", ["protocol"], registry=r
+        )
+        self.delivery_seconds = prom.Histogram(
+            "mailnode_store_delivery_duration_seconds",
+            "Time from handing a message to the store until it is durable (fsynced and indexed)",
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        )
+        self.directory_reloads = prom.Counter(
+            "mailnode_directory_reloads", "Directory reload attempts, by result", ["result"], registry=r
+        )
+        self.directory_last_reload_ok = prom.Gauge(
+            "mailnode_directory_last_reload_success",
+            "1 if the last directory reload succeeded, 0 if the node kept an older version",
+            registry=r,
+        )
+        self.directory_mailboxes = prom.Gauge(
+            "mailnode_directory_mailboxes", "Mailboxes in the directory now in force", registry=r
+        )
+        self.store_bytes = prom.Gauge("mailnode_store_size_bytes", "Bytes of mail held in the store", registry=r)
+        self.store_messages = prom.Gauge("mailnode_store_messages", "Messages held in the store", registry=r)
+        self.ready = prom.Gauge("mailnode_ready", "1 once the listeners are up and the store is open", registry=r)
+        for result in ("success", "failure"):
+            self.directory_reloads.labels(result)
+        self.directory_last_reload_ok.set(1)
+
+    def track_store(self, *, size: Callable[[], float], messages: Callable[[], float]) -> None:
+        self.store_bytes.set_function(size)
+        self.store_messages.set_function(messages)
+
+    def exposition(self) -> bytes:
+        return prom.generate_latest(self.registry)

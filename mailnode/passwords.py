@@ -1,0 +1,29 @@
+"""Password hashes: argon2id, as `mailnode hash-password` prints them and the directory stores them.
+
+Hashing and verifying are CPU-bound and slow on purpose; callers on the event loop go through the
+Gateway (mailnode.auth does).
+"""
+
+from __future__ import annotations
+
+import argon2
+
+_hasher = argon2.PasswordHasher()  # argon2id with the library's RFC 9106 "low memory" defaults
+
+# Verified against when the user does not exist, so unknown users cost the same time as known ones.
+_DUMMY_HASH = _hasher.hash("mailfleet-dummy-password")
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def is_hash(value: str) -> bool:
+    return value.startswith("$argon2")
+
+
+def verify(password_hash: str | None, password: str) -> bool:
+    try:
+        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+        return False

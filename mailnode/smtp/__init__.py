@@ -1,0 +1,1 @@
+"""SMTP: inbound MX and authenticated submission (mailnode.smtp.server), named replies (replies)."""

@@ -1,0 +1,421 @@
+"""The node's SMTP listeners: inbound MX (smtp), submission (STARTTLS) and submissions (implicit TLS).
+
+aiosmtpd parses the protocol; `MailSMTP` adds what it lacks (enhanced status codes on every reply,
+PIPELINING and ENHANCEDSTATUSCODES in EHLO, AUTH only where it belongs), and `SMTPHandler` owns the
+policy, in aiosmtpd's hooks: who may send, which recipients exist, size and quota, and delivery to
+the store. A `250` after DATA is sent only once `MailStore.deliver` has returned: the message is on
+disk, fsynced, and indexed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import enum
+import logging
+import re
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from mailnode.auth import Authenticator
+from mailnode.config import Directory, MailboxEntry, NodeConfig
+from mailnode.metrics import NodeMetrics
+from mailnode.smtp import replies
+from mailnode.store.mailstore import Delivery, MailStore
+
+log = logging.getLogger(__name__)
+
+
+class Listener(enum.StrEnum):
+    MX = "smtp"
+    SUBMISSION = "submission"
+    SUBMISSIONS = "submissions"
+
+    @property
+    def is_submission(self) -> bool:
+        return self is not Listener.MX
+
+
+class MailSession(Session):  # type: ignore[misc]
+    """Per connection (aiosmtpd's Session plus ours)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.user: MailboxEntry | None = None
+        self.tls = False
+
+
+class MailEnvelope(Envelope):  # type: ignore[misc]
+    """Per transaction: MAIL FROM to the end of DATA (or RSET)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.declared_size = 0
+        self.targets: dict[str, MailboxEntry] = {}
+        self.rejected: list[tuple[str, str]] = []
+        self.id = ""
+        self.logged = False
+
+
+def new_transaction_id() -> str:
+    return f"{int(time.time() * 1000):x}{secrets.token_hex(3)}"
+
+
+_SIZE_REJECTS = ("552 Error: Too much mail data", "552 Error: message size exceeds fixed maximum message size")
+_LINE_REJECTS = ("500 Line too long (see RFC5321 4.5.3.1.6)",)
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+
+
+class MailSMTP(SMTP):  # type: ignore[misc]
+    """One SMTP connection."""
+
+    def __init__(self, handler: SMTPHandler, *, implicit_tls: bool, **kwargs: Any) -> None:
+        super().__init__(handler, auth_require_tls=True, **kwargs)
+        self.handler = handler
+        self.implicit_tls = implicit_tls
+        if implicit_tls:
+            # The connection is TLS from its first byte, so AUTH needs no STARTTLS first.
+            self._auth_require_tls = False
+        self._replying_to_hello = False
+        self._greeted = False  # RFC 2034 §3: the greeting carries no enhanced code
+        self._counted = False
+
+    def _create_session(self) -> MailSession:
+        return MailSession(self.loop)
+
+    def _create_envelope(self) -> MailEnvelope:
+        return MailEnvelope()
+
+    @property
+    def is_tls(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.session.tls = self.is_tls
+        if not self._counted:  # called again after STARTTLS
+            self._counted = True
+            self.handler.session_opened()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self.handler.session_closed()
+            if self.envelope is not None:
+                self.handler.end_transaction(self.session, self.envelope, "aborted: connection closed")
+        super().connection_lost(error)
+
+    async def push(self, status: AnyStr) -> None:
+        if not self._greeted:
+            self._greeted = True
+        elif isinstance(status, str) and not self._replying_to_hello:
+            if status in _SIZE_REJECTS:
+                status = replies.MESSAGE_TOO_BIG.format(limit=self.data_size_limit)
+                self.handler.rejected("message_too_big")
+                if self.envelope is not None and self.envelope.mail_from:
+                    self.handler.end_transaction(self.session, self.envelope, status)
+            elif status in _LINE_REJECTS:
+                status = str(replies.LINE_TOO_LONG)
+            else:
+                status = replies.enhance(status)
+        await super().push(status)
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._replying_to_hello = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._replying_to_hello = False
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._replying_to_hello = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._replying_to_hello = False
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self.handler.listener.is_submission:
+            await self.push(str(replies.AUTH_NOT_HERE))
+            return
+        await super().smtp_AUTH(arg)
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        self.handler.end_transaction(self.session, self.envelope, "aborted: QUIT before DATA")
+        await super().smtp_QUIT(arg)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        self.handler.end_transaction(self.session, self.envelope, "aborted: RSET")
+        await super().smtp_RSET(arg)
+
+
+class SMTPHandler:
+    """Policy and delivery for one listener (aiosmtpd handler hooks)."""
+
+    def __init__(
+        self,
+        *,
+        listener: Listener,
+        config: NodeConfig,
+        directory: Callable[[], Directory],
+        store: MailStore,
+        authenticator: Authenticator,
+        metrics: NodeMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.listener = listener
+        self._config = config
+        self._directory = directory
+        self._store = store
+        self._authenticator = authenticator
+        self._metrics = metrics
+        self._clock = clock
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+
+    def session_opened(self) -> None:
+        self._metrics.smtp_sessions.labels(self.listener.value).inc()
+        self._metrics.smtp_sessions_active.labels(self.listener.value).inc()
+
+    def session_closed(self) -> None:
+        self._metrics.smtp_sessions_active.labels(self.listener.value).dec()
+
+    def rejected(self, reason: str) -> None:
+        self._metrics.messages_rejected.labels(self.listener.value, reason).inc()
+
+    def _refuse(self, envelope: MailEnvelope, address: str, reply: replies.Reply, reason: str, **values: str) -> str:
+        text = reply.format(address=address, **values)
+        self.rejected(reason)
+        envelope.rejected.append((address, text))
+        return text
+
+    def end_transaction(self, session: MailSession, envelope: MailEnvelope, result: str, size: int = 0) -> None:
+        """The one log line per transaction (a transaction that got as far as MAIL FROM)."""
+        if not envelope.mail_from or envelope.logged:
+            return
+        envelope.logged = True
+        fields = {
+            "id": envelope.id,
+            "listener": self.listener.value,
+            "client": session.peer[0] if session.peer else None,
+            "user": session.user.address if session.user else None,
+            "from": envelope.mail_from,
+            "recipients": list(envelope.rcpt_tos),
+            "rejected": [address for address, _ in envelope.rejected],
+            "size": size,
+            "result": result,
+        }
+        log.info("smtp transaction", extra={"fields": fields})
+
+    # -- hooks ---------------------------------------------------------------------------------------
+
+    async def handle_EHLO(
+        self, server: MailSMTP, session: MailSession, envelope: MailEnvelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if not self.listener.is_submission:
+            responses = [r for r in responses if not r[4:].startswith("AUTH")]
+        # RFC 2920 PIPELINING and RFC 2034 ENHANCEDSTATUSCODES, which aiosmtpd supports but does not say.
+        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(
+        self, server: MailSMTP, session: MailSession, envelope: MailEnvelope, address: str, options: list[str]
+    ) -> str:
+        envelope.id = new_transaction_id()
+        if address == "<>":
+            address = ""  # the null reverse-path of bounces (RFC 5321 §4.5.5)
+        if self.listener.is_submission:
+            user = session.user
+            if user is None:  # aiosmtpd's auth_required stops this earlier; keep the guard
+                return str(replies.AUTH_REQUIRED)
+            if address.lower() not in self._directory().addresses_of(user):
+                self.rejected("sender_not_owned")
+                return replies.SENDER_NOT_OWNED.format(address=address or "<>", user=user.address)
+        for option in options:
+            if option.startswith("SIZE="):
+                envelope.declared_size = int(option[5:])
+        envelope.mail_from = address or "<>"
+        envelope.mail_options.extend(options)
+        return str(replies.SENDER_OK)
+
+    async def handle_RCPT(
+        self, server: MailSMTP, session: MailSession, envelope: MailEnvelope, address: str, options: list[str]
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self._config.smtp.max_recipients:
+            return self._refuse(envelope, address, replies.TOO_MANY_RECIPIENTS, "too_many_recipients")
+        directory = self._directory()
+        resolution = directory.resolve(address)
+        if resolution.kind == "foreign":
+            if self.listener.is_submission:
+                return self._refuse(envelope, address, replies.REMOTE_NOT_ENABLED, "remote_not_enabled")
+            return self._refuse(envelope, address, replies.RELAY_DENIED, "relay_denied")
+        mailbox = resolution.mailbox
+        if mailbox is None:
+            return self._refuse(envelope, address, replies.MAILBOX_UNKNOWN, "unknown_mailbox")
+        if mailbox.suspended:
+            return self._refuse(envelope, address, replies.MAILBOX_DISABLED, "mailbox_disabled")
+        if self._over_quota(mailbox, envelope.declared_size):
+            return self._refuse(envelope, address, replies.MAILBOX_FULL, "over_quota")
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        envelope.targets[mailbox.address] = mailbox
+        return str(replies.RECIPIENT_OK)
+
+    def _over_quota(self, mailbox: MailboxEntry, incoming: int) -> bool:
+        if not mailbox.quota:
+            return False
+        used = self._store.usage(mailbox.address).bytes
+        return used >= mailbox.quota or used + incoming > mailbox.quota
+
+    def _forward_targets(self, directory: Directory, mailboxes: list[MailboxEntry]) -> list[MailboxEntry]:
+        """Local forward_to targets of the recipients' mailboxes (one level, as Postfix's .forward)."""
+        found: list[MailboxEntry] = []
+        for mailbox in mailboxes:
+            for target in mailbox.forward_to:
+                resolution = directory.resolve(target)
+                if resolution.mailbox is not None and not resolution.mailbox.suspended:
+                    found.append(resolution.mailbox)
+                elif resolution.kind == "foreign":
+                    # Remote forwarding needs the outbound queue; the mailbox keeps its copy meanwhile.
+                    log.warning(
+                        "remote forward not delivered: outbound delivery is not enabled",
+                        extra={"fields": {"mailbox": mailbox.address, "forward_to": target}},
+                    )
+        return found
+
+    async def handle_DATA(self, server: MailSMTP, session: MailSession, envelope: MailEnvelope) -> str:
+        content: bytes = envelope.original_content or b""
+        size = len(content)
+        mailboxes = list(envelope.targets.values())
+        for mailbox in mailboxes:
+            if self._over_quota(mailbox, size):
+                reply = self._refuse(envelope, mailbox.address, replies.MAILBOX_FULL, "over_quota")
+                self.end_transaction(session, envelope, reply, size)
+                return reply
+        directory = self._directory()
+        targets = {m.address: m for m in mailboxes}
+        for forward in self._forward_targets(directory, mailboxes):
+            if forward.address not in targets and not self._over_quota(forward, size):
+                targets[forward.address] = forward
+        single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
+        trace = self._trace_headers(server, session, envelope, single)
+        deliveries = [Delivery(address=address, data=trace + content) for address in targets]
+        started = time.perf_counter()
+        try:
+            await self._store.deliver(deliveries)
+        except Exception as error:
+            log.exception("delivery failed", extra={"fields": {"id": envelope.id, "error": str(error)}})
+            self.rejected("store_error")
+            reply = str(replies.LOCAL_ERROR)
+            self.end_transaction(session, envelope, reply, size)
+            return reply
+        self._metrics.delivery_seconds.observe(time.perf_counter() - started)
+        self._metrics.messages_accepted.labels(self.listener.value).inc()
+        self._metrics.received_bytes.labels(self.listener.value).inc(size)
+        reply = replies.DELIVERED.format(id=envelope.id)
+        self.end_transaction(session, envelope, reply, size)
+        return reply
+
+    def _trace_headers(
+        self, server: MailSMTP, session: MailSession, envelope: MailEnvelope, recipient: str | None
+    ) -> bytes:
+        """Return-Path and Received (RFC 5321 §4.4; "with" keywords from RFC 3848)."""
+        helo = _UNPRINTABLE.sub("", session.host_name or "unknown")[:255] or "unknown"
+        ip = session.peer[0] if session.peer else "unknown"
+        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        if session.tls:
+            protocol += "S"
+        if session.user is not None:
+            protocol += "A"
+        date = email.utils.format_datetime(email.utils.localtime(None))
+        received = f"Received: from {helo} ([{ip}])\r\n\tby {self._config.hostname} (Mailfleet) with {protocol} id {envelope.id}"
+        if recipient:
+            received += f"\r\n\tfor <{recipient}>"
+        sender = "" if envelope.mail_from == "<>" else envelope.mail_from
+        text = f"Return-Path: <{sender}>\r\n{received}; {date}\r\n"
+        return text.encode("utf-8", errors="surrogateescape")
+
+    # -- authentication (RFC 4954; PLAIN is RFC 4616) --------------------------------------------------
+
+    async def auth_PLAIN(self, server: MailSMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1], validate=True)
+            except (binascii.Error, ValueError):
+                await server.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Cannot split the PLAIN response into authzid, authcid and password")
+            return AuthResult(success=False, handled=True)
+        return await self._login(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: MailSMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await server.challenge_auth("Username:")
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                login = base64.b64decode(args[1], validate=True)
+            except (binascii.Error, ValueError):
+                await server.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._login(server, login, password)
+
+    async def _login(self, server: MailSMTP, login: bytes, password: bytes) -> AuthResult:
+        session: MailSession = server.session
+        remote = session.peer[0] if session.peer else "unknown"
+        user = await self._authenticator.authenticate(
+            login.decode("utf-8", "replace"), password.decode("utf-8", "replace"), remote=remote, protocol="smtp"
+        )
+        if user is None:
+            log.info("smtp auth failed", extra={"fields": {"client": remote, "listener": self.listener.value}})
+            return AuthResult(success=False, handled=False)
+        session.user = user
+        return AuthResult(success=True, auth_data=LoginPassword(login, b""))
+
+
+async def start_listener(
+    *,
+    listener: Listener,
+    handler: SMTPHandler,
+    config: NodeConfig,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+) -> asyncio.Server:
+    implicit = listener is Listener.SUBMISSIONS
+    loop = asyncio.get_running_loop()
+
+    def factory() -> MailSMTP:
+        return MailSMTP(
+            handler,
+            implicit_tls=implicit,
+            data_size_limit=config.smtp.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=config.hostname,
+            ident="Mailfleet ESMTP",
+            tls_context=None if implicit else tls,
+            timeout=config.smtp.idle_timeout,
+            auth_required=listener.is_submission,
+            loop=loop,
+        )
+
+    return await loop.create_server(
+        factory, host=host, port=port, ssl=tls if implicit else None, reuse_address=True, backlog=512
+    )

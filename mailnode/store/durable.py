@@ -1,0 +1,81 @@
+"""Durable-write primitives: the only way mail bytes reach the disk.
+
+The contract every caller relies on (the mailbox store now, the outbound queue later): after
+`write_new` and `fsync_dir` of the destination directory return, the file survives a crash or power
+loss under its final name, complete, or never appears there at all. Files are written under tmp/
+first, fsynced, and renamed; a rename is atomic on POSIX file systems, and the directory fsync makes
+the new name durable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from pathlib import Path
+
+_counter = itertools.count()
+_host = socket.gethostname().replace("/", "_").replace(":", "_") or "localhost"
+
+
+def unique_name(size: int) -> str:
+    """A Maildir file name: <seconds>.M<micros>P<pid>Q<n>.<host>,S=<size> (unique per host)."""
+    now = time.time()
+    seconds = int(now)
+    micros = int((now - seconds) * 1_000_000)
+    return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}.{_host},S={size}"
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Create `path` (which must not exist), write `data` and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_new(tmp_dir: Path, final_dir: Path, data: bytes) -> Path:
+    """Write `data` under tmp_dir, fsync it, rename it into final_dir. The caller fsyncs final_dir
+    (once for a whole batch of files) before treating the file as durable."""
+    name = unique_name(len(data))
+    tmp_path = tmp_dir / name
+    write_synced(tmp_path, data)
+    final_path = final_dir / name
+    try:
+        tmp_path.rename(final_path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return final_path
+
+
+def ensure_dir(path: Path) -> bool:
+    """Create a directory (and parents) durably. Returns True if it had to be created."""
+    if path.is_dir():
+        return False
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for created in reversed(missing):
+        fsync_dir(created.parent)
+    return True

@@ -1,0 +1,246 @@
+"""MailStore: the mailboxes of one node. Protocol servers deliver and query through it, never touching
+files themselves.
+
+Delivery is group-committed: concurrent `deliver` calls are gathered into one batch, which a Gateway
+thread writes as (1) each message to tmp/, fsynced, renamed into new/; (2) every touched new/
+directory fsynced once; (3) one index transaction per mailbox, committed. Only then do the callers'
+awaits return, so an SMTP `250` always follows a durable file, a durable name and a committed row.
+
+Crash recovery (`open`): files in tmp/ are removed, and files in new/ or cur/ without an index row
+were renamed but never committed, hence never acknowledged; they are removed too. After that the
+index and the files agree exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mailnode.gateway import Gateway
+from mailnode.store import durable, index, maildir
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """One message for one mailbox folder. `data` is the whole message as stored (CRLF lines)."""
+
+    address: str
+    data: bytes
+    folder: str = maildir.INBOX
+    internal_date: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    address: str
+    folder: str
+    uid: int
+    path: Path
+
+
+@dataclasses.dataclass
+class MailboxUsage:
+    bytes: int = 0
+    messages: int = 0
+
+
+class _Mailbox:
+    """An open mailbox: its directory and its index. Touched only by the batch writer thread."""
+
+    def __init__(self, address: str, path: Path) -> None:
+        self.address = address
+        self.path = path
+        durable.ensure_dir(path)
+        self.index = index.Index(path / "index.sqlite")
+        self.folders: set[str] = set()
+
+    def ensure_folder(self, name: str) -> Path:
+        if name not in self.folders:
+            maildir.ensure_folder(self.path, name)
+            self.index.create_folder(name)
+            self.folders.add(name)
+        return maildir.folder_dir(self.path, name)
+
+    def recover(self) -> tuple[int, int, int]:
+        """Make files and index agree after a crash: returns (tmp removed, orphans removed, rows dropped)."""
+        tmp_removed = maildir.clear_tmp(self.path)
+        on_disk = maildir.message_files(self.path)
+        indexed = self.index.paths()
+        orphans = on_disk - indexed
+        for rel in orphans:
+            (self.path / rel).unlink(missing_ok=True)
+        missing = indexed - on_disk
+        if missing:
+            self.index.forget(missing)
+        return tmp_removed, len(orphans), len(missing)
+
+
+class MailStore:
+    def __init__(self, root: Path, *, gateway: Gateway) -> None:
+        self.root = root
+        self._gateway = gateway
+        self._mailboxes: dict[str, _Mailbox] = {}
+        self._usage: dict[str, MailboxUsage] = collections.defaultdict(MailboxUsage)
+        self._lock = threading.Lock()  # guards _mailboxes between the writer and readers
+        self._pending: list[tuple[Sequence[Delivery], asyncio.Future[list[Stored]]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.is_open = False
+
+    # -- life cycle ---------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._gateway.run(self._open_sync)
+        self.is_open = True
+
+    def _open_sync(self) -> None:
+        durable.ensure_dir(self.root / "mail")
+        for address, path in maildir.mailbox_dirs(self.root):
+            mailbox = self._open_mailbox(address, path)
+            tmp_removed, orphans, dropped = mailbox.recover()
+            if tmp_removed or orphans or dropped:
+                log.warning(
+                    "recovered mailbox after an unclean stop",
+                    extra={"fields": {"mailbox": address, "tmp_removed": tmp_removed,
+                                      "unacknowledged_removed": orphans, "missing_rows_dropped": dropped}},
+                )
+            total, count = mailbox.index.usage()
+            self._usage[address] = MailboxUsage(total, count)
+
+    def _open_mailbox(self, address: str, path: Path | None = None) -> _Mailbox:
+        with self._lock:
+            mailbox = self._mailboxes.get(address)
+            if mailbox is None:
+                mailbox = _Mailbox(address, path or maildir.mailbox_dir(self.root, address))
+                mailbox.ensure_folder(maildir.INBOX)
+                self._mailboxes[address] = mailbox
+            return mailbox
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer
+        await self._gateway.run(self._close_sync)
+        self.is_open = False
+
+    def _close_sync(self) -> None:
+        with self._lock:
+            for mailbox in self._mailboxes.values():
+                mailbox.index.close()
+            self._mailboxes.clear()
+
+    # -- queries --------------------------------------------------------------------------------------
+
+    def usage(self, address: str) -> MailboxUsage:
+        return self._usage.get(address) or MailboxUsage()
+
+    def total_bytes(self) -> int:
+        return sum(u.bytes for u in self._usage.values())
+
+    def total_messages(self) -> int:
+        return sum(u.messages for u in self._usage.values())
+
+    async def messages(self, address: str, folder: str | None = None) -> list[index.Message]:
+        def read() -> list[index.Message]:
+            if address not in self._mailboxes and not maildir.mailbox_dir(self.root, address).exists():
+                return []
+            return self._open_mailbox(address).index.messages(folder)
+
+        return await self._gateway.run(read)
+
+    def path_of(self, address: str, message: index.Message) -> Path:
+        return maildir.mailbox_dir(self.root, address) / message.path
+
+    # -- delivery -------------------------------------------------------------------------------------
+
+    async def deliver(self, deliveries: Sequence[Delivery]) -> list[Stored]:
+        """Store every delivery durably, or raise. Concurrent calls share fsyncs and commits."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Stored]] = loop.create_future()
+        self._pending.append((deliveries, future))
+        if self._writer is None:
+            self._writer = loop.create_task(self._write_pending())
+        # shield: a client that hangs up mid-write must not cancel the batch other clients wait on
+        return await asyncio.shield(future)
+
+    async def _write_pending(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                results = await self._gateway.run(self._write_batch, [d for d, _ in batch])
+                for (deliveries, future), result in zip(batch, results, strict=True):
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                        continue
+                    for stored, delivery in zip(result, deliveries, strict=True):
+                        usage = self._usage[stored.address]
+                        usage.bytes += len(delivery.data)
+                        usage.messages += 1
+                    future.set_result(result)
+        finally:
+            self._writer = None
+
+    def _write_batch(self, calls: list[Sequence[Delivery]]) -> list[list[Stored] | BaseException]:
+        """Runs in a Gateway thread. Each call succeeds or fails on its own."""
+        now = int(time.time())
+        outcome: list[list[Stored] | BaseException] = []
+        written: list[list[tuple[_Mailbox, Delivery, Path]]] = []
+        dirs: set[Path] = set()
+        # Phase 1: every file written, fsynced and renamed into new/.
+        for deliveries in calls:
+            files: list[tuple[_Mailbox, Delivery, Path]] = []
+            try:
+                for delivery in deliveries:
+                    mailbox = self._open_mailbox(delivery.address)
+                    folder = mailbox.ensure_folder(delivery.folder)
+                    path = durable.write_new(folder / "tmp", folder / "new", delivery.data)
+                    files.append((mailbox, delivery, path))
+                    dirs.add(folder / "new")
+                outcome.append([])
+            except Exception as error:  # e.g. disk full: this call fails, the others go on
+                log.exception("store write failed", extra={"fields": {"error": str(error)}})
+                for _, _, path in files:
+                    path.unlink(missing_ok=True)
+                files = []
+                outcome.append(error)
+            written.append(files)
+        # Phase 2: the new names made durable, one fsync per directory.
+        for d in dirs:
+            durable.fsync_dir(d)
+        # Phase 3: one index transaction per mailbox.
+        per_mailbox: dict[str, list[tuple[int, int, Delivery, Path]]] = collections.defaultdict(list)
+        for call_no, files in enumerate(written):
+            for pos, (mailbox, delivery, path) in enumerate(files):
+                per_mailbox[mailbox.address].append((call_no, pos, delivery, path))
+        results: dict[tuple[int, int], Stored] = {}
+        for address, items in per_mailbox.items():
+            mailbox = self._mailboxes[address]
+            rows = [
+                index.NewMessage(
+                    folder=d.folder,
+                    path=str(p.relative_to(mailbox.path)),
+                    size=len(d.data),
+                    internal_date=d.internal_date or now,
+                )
+                for _, _, d, p in items
+            ]
+            try:
+                uids = mailbox.index.add(rows)
+            except Exception as error:
+                log.exception("index commit failed", extra={"fields": {"mailbox": address, "error": str(error)}})
+                for call_no, _, _, path in items:
+                    path.unlink(missing_ok=True)
+                    outcome[call_no] = error
+                continue
+            for (call_no, pos, d, p), uid in zip(items, uids, strict=True):
+                results[(call_no, pos)] = Stored(address, d.folder, uid, p)
+        for call_no, files in enumerate(written):
+            if not isinstance(outcome[call_no], BaseException):
+                outcome[call_no] = [results[(call_no, pos)] for pos in range(len(files))]
+        return outcome
