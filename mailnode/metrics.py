@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import prometheus_client as prom
 
-prom.disable_created_metrics()  # the *_created series double the output and nobody graphs them
+prom.disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series double the output and nobody graphs them
 
 
 class NodeMetrics:

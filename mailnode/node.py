@@ -32,7 +32,9 @@ def tls_context(config: NodeConfig) -> ssl.SSLContext | None:
 
 
 class Node:
-    def __init__(self, config: NodeConfig, *, gateway: Gateway | None = None, metrics: NodeMetrics | None = None) -> None:
+    def __init__(
+        self, config: NodeConfig, *, gateway: Gateway | None = None, metrics: NodeMetrics | None = None
+    ) -> None:
         self.config = config
         self.gateway = gateway or Gateway()
         self.metrics = metrics or NodeMetrics()

@@ -15,7 +15,9 @@ from aiohttp import web
 from mailnode.metrics import NodeMetrics
 
 
-def build_app(*, metrics: NodeMetrics, ready: Callable[[], bool], status: Callable[[], dict[str, Any]]) -> web.Application:
+def build_app(
+    *, metrics: NodeMetrics, ready: Callable[[], bool], status: Callable[[], dict[str, Any]]
+) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 

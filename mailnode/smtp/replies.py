@@ -35,7 +35,7 @@ LOCAL_ERROR = Reply(451, "4.3.0", "Local error while storing the message; try ag
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down; try again later")
 
 BAD_COMMAND = Reply(500, "5.5.2", "Syntax error, command unrecognized")
-LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long (RFC 5321 §4.5.3.1.6)")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long (RFC 5321 section 4.5.3.1.6: 1000 octets at most)")
 SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
@@ -48,11 +48,25 @@ REMOTE_NOT_ENABLED = Reply(
 )
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: {address} is not owned by user {user}")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message too big for system (limit {limit} bytes)")
+BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax: {address}")
+BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax: {address}")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 
 _CODE_DEFAULTS = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}
-_BY_CODE = {500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4", 530: "5.7.0",
-            552: "5.3.4", 553: "5.1.3", 555: "5.5.4", 554: "5.7.0", 421: "4.3.2", 451: "4.3.0"}
+_BY_CODE = {
+    500: "5.5.2",
+    501: "5.5.4",
+    502: "5.5.1",
+    503: "5.5.1",
+    504: "5.5.4",
+    530: "5.7.0",
+    552: "5.3.4",
+    553: "5.1.3",
+    555: "5.5.4",
+    554: "5.7.0",
+    421: "4.3.2",
+    451: "4.3.0",
+}
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _PLAIN = re.compile(r"^(\d{3})([ -])(.*)$", re.S)
 

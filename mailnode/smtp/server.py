@@ -43,7 +43,7 @@ class Listener(enum.StrEnum):
         return self is not Listener.MX
 
 
-class MailSession(Session):  # type: ignore[misc]
+class MailSession(Session):
     """Per connection (aiosmtpd's Session plus ours)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -52,7 +52,7 @@ class MailSession(Session):  # type: ignore[misc]
         self.tls = False
 
 
-class MailEnvelope(Envelope):  # type: ignore[misc]
+class MailEnvelope(Envelope):
     """Per transaction: MAIL FROM to the end of DATA (or RSET)."""
 
     def __init__(self) -> None:
@@ -71,9 +71,10 @@ def new_transaction_id() -> str:
 _SIZE_REJECTS = ("552 Error: Too much mail data", "552 Error: message size exceeds fixed maximum message size")
 _LINE_REJECTS = ("500 Line too long (see RFC5321 4.5.3.1.6)",)
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+_ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$|^[^@\s]+@\[[0-9a-fA-F.:]+\]$")  # local@domain.tld, local@[ip]
 
 
-class MailSMTP(SMTP):  # type: ignore[misc]
+class MailSMTP(SMTP):
     """One SMTP connection."""
 
     def __init__(self, handler: SMTPHandler, *, implicit_tls: bool, **kwargs: Any) -> None:
@@ -93,13 +94,17 @@ class MailSMTP(SMTP):  # type: ignore[misc]
     def _create_envelope(self) -> MailEnvelope:
         return MailEnvelope()
 
-    @property
+    # Methods, not properties: aiosmtpd's __init__ runs inspect.getmembers(self), which reads properties.
+    def mail_session(self) -> MailSession:
+        assert isinstance(self.session, MailSession)
+        return self.session
+
     def is_tls(self) -> bool:
         return self.implicit_tls or self._tls_protocol is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.session.tls = self.is_tls
+        self.mail_session().tls = self.is_tls()
         if not self._counted:  # called again after STARTTLS
             self._counted = True
             self.handler.session_opened()
@@ -196,8 +201,10 @@ class SMTPHandler:
         envelope.rejected.append((address, text))
         return text
 
-    def end_transaction(self, session: MailSession, envelope: MailEnvelope, result: str, size: int = 0) -> None:
+    def end_transaction(self, session: Session | None, envelope: Envelope | None, result: str, size: int = 0) -> None:
         """The one log line per transaction (a transaction that got as far as MAIL FROM)."""
+        if not isinstance(envelope, MailEnvelope) or not isinstance(session, MailSession):
+            return
         if not envelope.mail_from or envelope.logged:
             return
         envelope.logged = True
@@ -231,6 +238,9 @@ class SMTPHandler:
         envelope.id = new_transaction_id()
         if address == "<>":
             address = ""  # the null reverse-path of bounces (RFC 5321 §4.5.5)
+        elif not _ADDRESS.match(address):
+            self.rejected("bad_address")
+            return replies.BAD_SENDER_SYNTAX.format(address=address)
         if self.listener.is_submission:
             user = session.user
             if user is None:  # aiosmtpd's auth_required stops this earlier; keep the guard
@@ -248,6 +258,10 @@ class SMTPHandler:
     async def handle_RCPT(
         self, server: MailSMTP, session: MailSession, envelope: MailEnvelope, address: str, options: list[str]
     ) -> str:
+        if address.lower() == "postmaster":  # RFC 5321 §4.5.1: accepted without a domain
+            address = f"postmaster@{self._config.domains[0].domain}"
+        if not _ADDRESS.match(address):
+            return self._refuse(envelope, address, replies.BAD_RECIPIENT_SYNTAX, "bad_address")
         if len(envelope.rcpt_tos) >= self._config.smtp.max_recipients:
             return self._refuse(envelope, address, replies.TOO_MANY_RECIPIENTS, "too_many_recipients")
         directory = self._directory()
@@ -335,7 +349,8 @@ class SMTPHandler:
         if session.user is not None:
             protocol += "A"
         date = email.utils.format_datetime(email.utils.localtime(None))
-        received = f"Received: from {helo} ([{ip}])\r\n\tby {self._config.hostname} (Mailfleet) with {protocol} id {envelope.id}"
+        received = f"Received: from {helo} ([{ip}])\r\n\tby {self._config.hostname} (Mailfleet)"
+        received += f" with {protocol} id {envelope.id}"
         if recipient:
             received += f"\r\n\tfor <{recipient}>"
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from
@@ -378,7 +393,7 @@ class SMTPHandler:
         return await self._login(server, login, password)
 
     async def _login(self, server: MailSMTP, login: bytes, password: bytes) -> AuthResult:
-        session: MailSession = server.session
+        session = server.mail_session()
         remote = session.peer[0] if session.peer else "unknown"
         user = await self._authenticator.authenticate(
             login.decode("utf-8", "replace"), password.decode("utf-8", "replace"), remote=remote, protocol="smtp"

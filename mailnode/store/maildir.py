@@ -61,7 +61,7 @@ def mailbox_dirs(root: Path) -> list[tuple[str, Path]]:
 
 def message_files(mailbox: Path) -> set[str]:
     """Paths, relative to the mailbox, of every message file in new/ and cur/ of every folder."""
-    files = set()
+    files: set[str] = set()
     for folder in mailbox.iterdir():
         if not folder.is_dir():
             continue

@@ -108,8 +108,14 @@ class MailStore:
             if tmp_removed or orphans or dropped:
                 log.warning(
                     "recovered mailbox after an unclean stop",
-                    extra={"fields": {"mailbox": address, "tmp_removed": tmp_removed,
-                                      "unacknowledged_removed": orphans, "missing_rows_dropped": dropped}},
+                    extra={
+                        "fields": {
+                            "mailbox": address,
+                            "tmp_removed": tmp_removed,
+                            "unacknowledged_removed": orphans,
+                            "missing_rows_dropped": dropped,
+                        }
+                    },
                 )
             total, count = mailbox.index.usage()
             self._usage[address] = MailboxUsage(total, count)
@@ -211,8 +217,8 @@ class MailStore:
                 outcome.append(error)
             written.append(files)
         # Phase 2: the new names made durable, one fsync per directory.
-        for d in dirs:
-            durable.fsync_dir(d)
+        for new_dir in dirs:
+            durable.fsync_dir(new_dir)
         # Phase 3: one index transaction per mailbox.
         per_mailbox: dict[str, list[tuple[int, int, Delivery, Path]]] = collections.defaultdict(list)
         for call_no, files in enumerate(written):

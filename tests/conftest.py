@@ -1,0 +1,54 @@
+"""Fixtures for every tier: TLS certificates from a test CA (trustme), and `require_tool` for tests
+that drive a command-line client. A missing tool skips the test locally, with the reason, and fails it
+in CI (CI=true), where scripts/bootstrap must have installed it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def tls_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(cert_file, key_file) for localhost, 127.0.0.1 and mail.example.com, signed by `ca`."""
+    cert = ca.issue_cert("localhost", "127.0.0.1", "mail.example.com")
+    directory = tmp_path_factory.mktemp("tls")
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    return cert_file, key_file
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def client_tls(ca: trustme.CA) -> ssl.SSLContext:
+    """What a careful client uses: verifies the node's certificate against the test CA."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (scripts/bootstrap installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must not skip")
+        pytest.skip(message)
+    return path

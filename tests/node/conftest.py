@@ -1,0 +1,240 @@
+"""Real mail nodes for the node tier: `node_factory` writes a config and a directory under tmp_path and
+starts a `mailnode.node.Node` on 127.0.0.1 with kernel-chosen ports, in a thread with its own event
+loop, so tests drive it with blocking clients (smtplib, swaks) exactly as a user would.
+`serve_process` runs `mailnode serve` as a separate process, for tests that kill it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mailnode import passwords
+from mailnode.config import load_node_config
+from mailnode.node import Node
+
+DOMAIN = "example.com"
+PASSWORD = "correct horse battery staple"
+_HASH = passwords.hash_password(PASSWORD)  # hashing is slow on purpose: once per test session
+
+
+def mailbox(address: str, **fields: Any) -> dict[str, Any]:
+    """A directory entry whose password is PASSWORD (unless password_hash is given)."""
+    return {"address": address, "password_hash": _HASH, **fields}
+
+
+@dataclasses.dataclass
+class NodeFiles:
+    root: Path
+    config_file: Path
+    directory_file: Path
+    data_dir: Path
+
+    def write_directory(self, mailboxes: list[dict[str, Any]] | str) -> None:
+        """Replace the directory the way Kubernetes does: a new file renamed over the old one."""
+        text = mailboxes if isinstance(mailboxes, str) else yaml.safe_dump({"mailboxes": mailboxes})
+        tmp = self.directory_file.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.directory_file)
+
+    def stored(self, address: str, folder: str = "INBOX") -> list[bytes]:
+        """The message files of a mailbox folder, oldest first, as a user would find them on disk."""
+        local, _, domain = address.partition("@")
+        directory = self.data_dir / "mail" / domain / local / folder
+        files = [f for sub in ("new", "cur") if (directory / sub).is_dir() for f in (directory / sub).iterdir()]
+        return [f.read_bytes() for f in sorted(files, key=lambda f: (f.stat().st_mtime_ns, f.name))]
+
+
+def write_node_files(
+    root: Path,
+    *,
+    mailboxes: list[dict[str, Any]],
+    tls: tuple[Path, Path] | None,
+    ports: dict[str, int] | None = None,
+    **overrides: Any,
+) -> NodeFiles:
+    root.mkdir(parents=True, exist_ok=True)
+    files = NodeFiles(root, root / "node.yaml", root / "directory.yaml", root / "data")
+    files.write_directory(mailboxes)
+    config: dict[str, Any] = {
+        "node_name": "test-0",
+        "hostname": f"mail.{DOMAIN}",
+        "domains": [{"domain": DOMAIN, "alias_domains": ["example.net"]}],
+        "data_dir": str(files.data_dir),
+        "directory_file": str(files.directory_file),
+        "directory_poll_interval": 0.1,
+        "listen": {"host": "127.0.0.1", "smtp": 0, "submission": 0, "submissions": 0, "http": 0, **(ports or {})},
+        "smtp": {"auth_failure_delay": 0.05, "auth_failure_delay_max": 0.4},
+    }
+    if tls is not None:
+        config["tls"] = {"cert_file": str(tls[0]), "key_file": str(tls[1])}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    files.config_file.write_text(yaml.safe_dump(config))
+    return files
+
+
+class RunningNode:
+    """A Node on its own event loop in a background thread."""
+
+    def __init__(self, files: NodeFiles) -> None:
+        self.files = files
+        self.node = Node(load_node_config(files.config_file))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.call(self.node.start())
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return self.node.ports
+
+    def port(self, listener: str) -> int:
+        return self.node.ports[listener]
+
+    def http_get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port('http')}{path}", timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.node.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def stop(self) -> None:
+        if self._loop.is_running():
+            self.call(self.node.stop())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+
+NodeFactory = Callable[..., RunningNode]
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path, tls_files: tuple[Path, Path]) -> Iterator[NodeFactory]:
+    started: list[RunningNode] = []
+
+    def start(
+        mailboxes: list[dict[str, Any]] | None = None, *, tls: bool = True, name: str = "node", **overrides: Any
+    ) -> RunningNode:
+        files = write_node_files(
+            tmp_path / name,
+            mailboxes=mailboxes if mailboxes is not None else [mailbox(f"user@{DOMAIN}")],
+            tls=tls_files if tls else None,
+            **overrides,
+        )
+        running = RunningNode(files)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def node(node_factory: NodeFactory) -> RunningNode:
+    """A node for example.com (alias domain example.net) with the mailboxes most tests use."""
+    return node_factory(
+        [
+            mailbox(f"user@{DOMAIN}", aliases=[f"alias@{DOMAIN}"]),
+            mailbox(f"other@{DOMAIN}"),
+            mailbox(f"suspended@{DOMAIN}", suspended=True),
+            mailbox(f"small@{DOMAIN}", quota=2000),
+            mailbox(f"forwarder@{DOMAIN}", forward_to=[f"other@{DOMAIN}", "someone@remote.test"]),
+        ]
+    )
+
+
+# -- a node as a separate process -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclasses.dataclass
+class ServeProcess:
+    files: NodeFiles
+    ports: dict[str, int]
+    process: subprocess.Popen[bytes] | None = None
+    log_file: Path | None = None
+
+    def start(self, timeout: float = 30) -> None:
+        self.log_file = self.files.root / "node.log"
+        log = self.log_file.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mailnode", "serve", "--config", str(self.files.config_file)],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mailnode exited with {self.process.returncode}: {self.log_file.read_text()}")
+            with contextlib.suppress(OSError):
+                url = f"http://127.0.0.1:{self.ports['http']}/readyz"
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.05)
+        raise TimeoutError("mailnode did not become ready")
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def terminate(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path, tls_files: tuple[Path, Path]) -> Iterator[Callable[..., ServeProcess]]:
+    made: list[ServeProcess] = []
+
+    def make(mailboxes: list[dict[str, Any]] | None = None, **overrides: Any) -> ServeProcess:
+        ports = {name: free_port() for name in ("smtp", "submission", "submissions", "http")}
+        files = write_node_files(
+            tmp_path / "proc",
+            mailboxes=mailboxes if mailboxes is not None else [mailbox(f"user@{DOMAIN}")],
+            tls=tls_files,
+            ports=ports,
+            **overrides,
+        )
+        proc = ServeProcess(files, ports)
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in made:
+        proc.kill()
