@@ -21,7 +21,7 @@ _MAX_TRACKED = 10_000
 
 
 def _verify_any(hashes: list[str | None], password: str) -> bool:
-    return any([passwords.verify(h, password) for h in hashes])
+    return any(passwords.verify(h, password) for h in hashes)
 
 
 class Authenticator:

@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 import yaml
 
-from mailnode import passwords
 from mailnode.config import load_node_config
 from mailnode.node import Node
+from tests.conftest import cheap_hash
 
 DOMAIN = "example.com"
 PASSWORD = "correct horse battery staple"
-_HASH = passwords.hash_password(PASSWORD)  # hashing is slow on purpose: once per test session
+_HASH = cheap_hash(PASSWORD)
 
 
 def mailbox(address: str, **fields: Any) -> dict[str, Any]:

@@ -1,0 +1,65 @@
+"""The authenticator: passwords and app passwords verified off the event loop, suspended users
+refused, and the growing delay for a client address that keeps failing (fake time)."""
+
+from __future__ import annotations
+
+from mailnode.auth import Authenticator
+from mailnode.config import Directory, MailboxEntry
+from mailnode.gateway import Gateway
+from mailnode.metrics import NodeMetrics
+from tests.conftest import cheap_hash
+
+DOMAINS = {"example.com": "example.com"}
+
+
+def _authenticator(slept: list[float], now: list[float]) -> Authenticator:
+    entries = [
+        MailboxEntry(
+            address="user@example.com",
+            password_hash=cheap_hash("secret"),
+            app_passwords=[{"name": "phone", "password_hash": cheap_hash("app")}],  # type: ignore[list-item]
+        ),
+        MailboxEntry(address="gone@example.com", password_hash=cheap_hash("secret"), suspended=True),
+    ]
+    directory = Directory(entries, domains=DOMAINS)
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    return Authenticator(
+        directory=lambda: directory,
+        gateway=Gateway(workers=1),
+        metrics=NodeMetrics(),
+        base_delay=1.0,
+        max_delay=8.0,
+        forget_after=600,
+        clock=lambda: now[0],
+        sleep=sleep,
+    )
+
+
+async def test_passwords_and_app_passwords() -> None:
+    auth = _authenticator([], [0.0])
+    assert (await auth.authenticate("user@example.com", "secret", remote="a", protocol="smtp")) is not None
+    assert (await auth.authenticate("USER@example.com", "app", remote="a", protocol="smtp")) is not None
+    assert (await auth.authenticate("user@example.com", "nope", remote="a", protocol="smtp")) is None
+    assert (await auth.authenticate("gone@example.com", "secret", remote="a", protocol="smtp")) is None
+    assert (await auth.authenticate("ghost@example.com", "secret", remote="a", protocol="smtp")) is None
+
+
+async def test_failures_from_one_address_wait_longer_and_longer() -> None:
+    slept: list[float] = []
+    now = [100.0]
+    auth = _authenticator(slept, now)
+    for _ in range(6):
+        await auth.authenticate("user@example.com", "wrong", remote="10.0.0.1", protocol="smtp")
+    assert slept == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    await auth.authenticate("user@example.com", "wrong", remote="10.0.0.2", protocol="smtp")
+    assert slept[-1] == 1.0  # another client address is not punished
+    now[0] += 601
+    await auth.authenticate("user@example.com", "wrong", remote="10.0.0.1", protocol="smtp")
+    assert slept[-1] == 1.0  # forgotten after a quiet period
+    await auth.authenticate("user@example.com", "wrong", remote="10.0.0.1", protocol="smtp")
+    assert await auth.authenticate("user@example.com", "secret", remote="10.0.0.1", protocol="smtp")
+    await auth.authenticate("user@example.com", "wrong", remote="10.0.0.1", protocol="smtp")
+    assert slept[-1] == 1.0  # a success clears the count
