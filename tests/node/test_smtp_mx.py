@@ -136,9 +136,7 @@ def test_size_limit(node_factory: NodeFactory) -> None:
 
 
 def test_recipient_limit(node_factory: NodeFactory) -> None:
-    node = node_factory(
-        [mailbox(f"u{i}@{DOMAIN}") for i in range(4)], smtp={"max_recipients": 3}
-    )
+    node = node_factory([mailbox(f"u{i}@{DOMAIN}") for i in range(4)], smtp={"max_recipients": 3})
     with mx(node) as client:
         client.mail("alice@remote.test")
         assert [client.rcpt(f"u{i}@{DOMAIN}")[0] for i in range(3)] == [250, 250, 250]
@@ -204,7 +202,9 @@ def test_pipelined_transaction(node: RunningNode) -> None:
 def test_smtputf8_and_8bit_content_are_stored_verbatim(node: RunningNode) -> None:
     content = "From: Zoë <zoë@remote.test>\r\nSubject: Grüße\r\n\r\nÄpfel und Birnen — 8 bit.\r\n".encode()
     with mx(node) as client:
-        refused = client.sendmail("zoë@remote.test", ["user@example.com"], content, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+        refused = client.sendmail(
+            "zoë@remote.test", ["user@example.com"], content, mail_options=["SMTPUTF8", "BODY=8BITMIME"]
+        )
         assert refused == {}
     [stored] = node.files.stored("user@example.com")
     assert stored.endswith(content)

@@ -17,7 +17,7 @@ def _authenticator(slept: list[float], now: list[float]) -> Authenticator:
         MailboxEntry(
             address="user@example.com",
             password_hash=cheap_hash("secret"),
-            app_passwords=[{"name": "phone", "password_hash": cheap_hash("app")}],  # type: ignore[list-item]
+            app_passwords=[{"name": "phone", "password_hash": cheap_hash("app")}],
         ),
         MailboxEntry(address="gone@example.com", password_hash=cheap_hash("secret"), suspended=True),
     ]

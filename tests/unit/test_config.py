@@ -18,7 +18,15 @@ DOMAINS = {"example.com": "example.com", "example.net": "example.com", "other.or
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [(0, 0), (1024, 1024), ("1024", 1024), ("25MiB", 25 * 2**20), ("1Gi", 2**30), ("500M", 500_000_000), ("2 KB", 2000)],
+    [
+        (0, 0),
+        (1024, 1024),
+        ("1024", 1024),
+        ("25MiB", 25 * 2**20),
+        ("1Gi", 2**30),
+        ("500M", 500_000_000),
+        ("2 KB", 2000),
+    ],
 )
 def test_sizes_parse(text: object, expected: int) -> None:
     assert parse_size(text) == expected
@@ -44,7 +52,10 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_node_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     config = load_node_config(
-        _write(tmp_path, "hostname: mail.example.com\ndomains: [{domain: example.com}]\ndata_dir: data\ndirectory_file: d.yaml\n")
+        _write(
+            tmp_path,
+            "hostname: mail.example.com\ndomains: [{domain: example.com}]\ndata_dir: data\ndirectory_file: d.yaml\n",
+        )
     )
     assert config.data_dir == tmp_path / "data"
     assert config.directory_file == tmp_path / "d.yaml"
@@ -57,19 +68,32 @@ def test_node_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     [
         ("domains: [{domain: example.com}]\ndata_dir: d\ndirectory_file: f\n", "hostname", "Field required"),
         ("hostname: h\ndomains: []\ndata_dir: d\ndirectory_file: f\n", "domains", "at least 1"),
-        ("hostname: h\ndomains: [{domain: 'bad domain'}]\ndata_dir: d\ndirectory_file: f\n", "domains.0.domain", "not a domain"),
+        (
+            "hostname: h\ndomains: [{domain: 'bad domain'}]\ndata_dir: d\ndirectory_file: f\n",
+            "domains.0.domain",
+            "not a domain",
+        ),
         (
             "hostname: h\ndomains: [{domain: a.test}]\ndata_dir: d\ndirectory_file: f\nlisten: {smtp: abc}\n",
             "listen.smtp",
             "valid integer",
         ),
         (
-            "hostname: h\ndomains: [{domain: a.test}]\ndata_dir: d\ndirectory_file: f\nsmtp: {max_message_size: huge}\n",
+            "hostname: h\ndomains: [{domain: a.test}]\ndata_dir: d\ndirectory_file: f\n"
+            "smtp: {max_message_size: huge}\n",
             "smtp.max_message_size",
             "not a size",
         ),
-        ("hostname: h\ndomains: [{domain: a.test}]\ndata_dir: d\ndirectory_file: f\nbogus: 1\n", "bogus", "Extra inputs"),
-        ("hostname: h\ndomains: [{domain: a.test}, {domain: a.test}]\ndata_dir: d\ndirectory_file: f\n", "", "listed twice"),
+        (
+            "hostname: h\ndomains: [{domain: a.test}]\ndata_dir: d\ndirectory_file: f\nbogus: 1\n",
+            "bogus",
+            "Extra inputs",
+        ),
+        (
+            "hostname: h\ndomains: [{domain: a.test}, {domain: a.test}]\ndata_dir: d\ndirectory_file: f\n",
+            "",
+            "listed twice",
+        ),
         ("- just\n- a list\n", "(top level)", "mapping"),
         ("hostname: [unclosed\n", "", "not valid YAML"),
     ],
@@ -111,7 +135,10 @@ def test_resolution_order() -> None:
     ("entries", "reason"),
     [
         ([{"address": "a@example.com"}, {"address": "A@example.com"}], "defined twice"),
-        ([{"address": "a@example.com"}, {"address": "b@example.com", "aliases": ["a@example.com"]}], "already an address"),
+        (
+            [{"address": "a@example.com"}, {"address": "b@example.com", "aliases": ["a@example.com"]}],
+            "already an address",
+        ),
         ([{"address": "a@elsewhere.test"}], "not served by this node"),
         ([{"address": "a@example.com", "aliases": ["x@elsewhere.test"]}], "not served by this node"),
     ],

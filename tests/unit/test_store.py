@@ -15,7 +15,7 @@ from mailnode.store.mailstore import Delivery, MailStore
 
 
 @pytest.fixture
-async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+async def store(tmp_path: Path):
     store = MailStore(tmp_path, gateway=Gateway())
     await store.open()
     yield store
@@ -26,7 +26,8 @@ def _index_rows(db: Path) -> list[tuple[str, int, str, int]]:
     with sqlite3.connect(db) as conn:
         return list(
             conn.execute(
-                "SELECT f.name, m.uid, m.path, m.size FROM messages m JOIN folders f ON f.id = m.folder_id ORDER BY m.uid"
+                "SELECT f.name, m.uid, m.path, m.size FROM messages m"
+                " JOIN folders f ON f.id = m.folder_id ORDER BY m.uid"
             )
         )
 
