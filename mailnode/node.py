@@ -55,6 +55,7 @@ class Node:
         self.metrics.track_store(size=self.store.total_bytes, messages=self.store.total_messages)
         self.ports: dict[str, int] = {}
         self._servers: list[asyncio.Server] = []
+        self._handlers: list[smtp.SMTPHandler] = []
         self._runner: web.AppRunner | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
@@ -95,6 +96,7 @@ class Node:
                 listener=listener, handler=handler, config=self.config, host=listen.host, port=port, tls=tls
             )
             self._servers.append(server)
+            self._handlers.append(handler)
             self.ports[listener.value] = server.sockets[0].getsockname()[1]
         app = http.build_app(metrics=self.metrics, ready=lambda: self.ready, status=self.status)
         self._runner, self.ports["http"] = await http.start(app, host=listen.host, port=listen.http)
@@ -108,14 +110,22 @@ class Node:
             await asyncio.sleep(self.config.directory_poll_interval)
             await self.gateway.run(self.watcher.check)
 
-    async def stop(self) -> None:
-        """Stop listening, let deliveries in flight reach the disk, close the store."""
+    async def stop(self, *, grace: float = 10.0) -> None:
+        """Stop listening; give transactions in progress `grace` seconds to finish (their 250 is
+        written before the session counts as idle); tell every session 421; close the store."""
         self.ready = False
         self.metrics.ready.set(0)
         for server in self._servers:
             server.close()
         if self._watch_task is not None:
             self._watch_task.cancel()
+        connections = [c for handler in self._handlers for c in handler.connections]
+        deadline = time.monotonic() + grace
+        while any(not c.is_idle() for c in connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            connections = [c for c in connections if c.transport is not None]
+        for connection in connections:
+            connection.shut_down()
         await self.store.close()
         if self._runner is not None:
             await self._runner.cleanup()

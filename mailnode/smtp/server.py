@@ -107,15 +107,25 @@ class MailSMTP(SMTP):
         self.mail_session().tls = self.is_tls()
         if not self._counted:  # called again after STARTTLS
             self._counted = True
-            self.handler.session_opened()
+            self.handler.session_opened(self)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._counted:
             self._counted = False
-            self.handler.session_closed()
+            self.handler.session_closed(self)
             if self.envelope is not None:
                 self.handler.end_transaction(self.session, self.envelope, "aborted: connection closed")
         super().connection_lost(error)
+
+    def is_idle(self) -> bool:
+        """Between transactions: closing now loses nothing (a 250 is written before the reset)."""
+        return self.envelope is None or not self.envelope.mail_from
+
+    def shut_down(self) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"{replies.SHUTTING_DOWN}\r\n".encode())
+            transport.close()
 
     async def push(self, status: AnyStr) -> None:
         if not self._greeted:
@@ -182,14 +192,17 @@ class SMTPHandler:
         self._authenticator = authenticator
         self._metrics = metrics
         self._clock = clock
+        self.connections: set[MailSMTP] = set()
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 
-    def session_opened(self) -> None:
+    def session_opened(self, connection: MailSMTP) -> None:
+        self.connections.add(connection)
         self._metrics.smtp_sessions.labels(self.listener.value).inc()
         self._metrics.smtp_sessions_active.labels(self.listener.value).inc()
 
-    def session_closed(self) -> None:
+    def session_closed(self, connection: MailSMTP) -> None:
+        self.connections.discard(connection)
         self._metrics.smtp_sessions_active.labels(self.listener.value).dec()
 
     def rejected(self, reason: str) -> None:

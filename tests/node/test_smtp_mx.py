@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import smtplib
 import socket
+import threading
 import time
 
 import pytest
@@ -237,3 +238,22 @@ def test_one_log_line_per_transaction(node: RunningNode, caplog: pytest.LogCaptu
     assert lines[0]["result"].startswith("250 2.0.0 Ok: stored as " + lines[0]["id"])
     assert lines[1]["rejected"] == ["nobody@example.com"]
     assert lines[1]["result"] == "aborted: RSET"
+
+
+def test_stopping_finishes_the_transaction_in_progress_then_says_421(node: RunningNode) -> None:
+    idle = mx(node)
+    busy = mx(node)
+    busy.mail("alice@remote.test")
+    busy.rcpt("user@example.com")
+    stopping = threading.Thread(target=node.stop)
+    stopping.start()
+    deadline = time.monotonic() + 10
+    while node.http_get("/readyz")[0] == 200 and time.monotonic() < deadline:
+        time.sleep(0.02)  # stop() has begun once the node reports not ready; it waits for the busy session
+    code, text = busy.data(MESSAGE)
+    assert (code, text[:5]) == (250, b"2.0.0")  # the transaction in progress completes...
+    stopping.join(15)
+    assert not stopping.is_alive()
+    assert busy.getreply()[:2] == (421, b"4.3.2 Service shutting down; try again later")  # ...then 421
+    assert idle.getreply()[0] == 421
+    assert len(node.files.stored("user@example.com")) == 1
