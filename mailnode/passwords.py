@@ -6,12 +6,17 @@ Gateway (mailnode.auth does).
 
 from __future__ import annotations
 
+import functools
+
 import argon2
 
 _hasher = argon2.PasswordHasher()  # argon2id with the library's RFC 9106 "low memory" defaults
 
-# Verified against when the user does not exist, so unknown users cost the same time as known ones.
-_DUMMY_HASH = _hasher.hash("mailfleet-dummy-password")
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the user does not exist, so unknown users cost as much as known ones."""
+    return _hasher.hash("mailfleet-dummy-password")
 
 
 def hash_password(password: str) -> str:
@@ -24,6 +29,6 @@ def is_hash(value: str) -> bool:
 
 def verify(password_hash: str | None, password: str) -> bool:
     try:
-        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        return _hasher.verify(password_hash or _dummy_hash(), password) and password_hash is not None
     except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
         return False

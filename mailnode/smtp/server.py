@@ -14,15 +14,25 @@ import base64
 import binascii
 import email.utils
 import enum
+import inspect
 import logging
 import re
 import secrets
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any, AnyStr
+from typing import AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+    _AuthMechAttr,
+    login_always_fail,
+)
 
 from mailnode.auth import Authenticator
 from mailnode.config import Directory, MailboxEntry, NodeConfig
@@ -71,19 +81,99 @@ def new_transaction_id() -> str:
 _SIZE_REJECTS = ("552 Error: Too much mail data", "552 Error: message size exceeds fixed maximum message size")
 _LINE_REJECTS = ("500 Line too long (see RFC5321 4.5.3.1.6)",)
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+# An angle-bracketed path with a plain dot-atom local part: the common case, parsed without the email
+# package's full RFC 5322 parser (which aiosmtpd uses and which costs more than the rest of MAIL).
+_SIMPLE_PATH = re.compile(
+    r"^<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.\x80-\U0010ffff-]+@[A-Za-z0-9.\x80-\U0010ffff-]+)>(.*)$", re.S
+)
+_DATA_END = b".\r\n"
+_DATA_READ_LIMIT = 64 * 1024
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$|^[^@\s]+@\[[0-9a-fA-F.:]+\]$")  # local@domain.tld, local@[ip]
+
+
+_Tables = tuple[dict[str, tuple[str, bool]], list[str], list[str]]
+_tables: dict[tuple[type, type], _Tables] = {}
+
+
+def _class_tables(protocol: type[SMTP], handler: type) -> _Tables:
+    """aiosmtpd's AUTH mechanism, handler hook and command tables, by name, for these classes."""
+    if (protocol, handler) in _tables:
+        return _tables[protocol, handler]
+    auth: dict[str, tuple[str, bool]] = {}
+    for owner, builtin in ((protocol, True), (handler, False)):  # the handler's mechanisms win, as in aiosmtpd
+        for name, member in inspect.getmembers(owner):
+            if name.startswith("auth_") and callable(member):
+                mechanism = getattr(member, "__auth_mechanism_name__", name.replace("auth_", "").replace("__", "-"))
+                auth[mechanism] = (name, builtin)
+    hooks = [name.removeprefix("handle_") for name in dir(handler) if name.startswith("handle_")]
+    commands = [name.removeprefix("smtp_") for name in dir(protocol) if name.startswith("smtp_")]
+    _tables[protocol, handler] = auth, hooks, commands
+    return auth, hooks, commands
 
 
 class MailSMTP(SMTP):
     """One SMTP connection."""
 
-    def __init__(self, handler: SMTPHandler, *, implicit_tls: bool, **kwargs: Any) -> None:
-        super().__init__(handler, auth_require_tls=True, **kwargs)
+    def __init__(
+        self,
+        handler: SMTPHandler,
+        *,
+        implicit_tls: bool,
+        loop: asyncio.AbstractEventLoop,
+        data_size_limit: int,
+        hostname: str,
+        tls_context: ssl.SSLContext | None,
+        timeout: float,
+        auth_required: bool,
+    ) -> None:
+        # What aiosmtpd 1.4's SMTP.__init__ does for these settings, without its introspection:
+        # it runs inspect.getmembers() on the connection and the handler and dir() on both, for every
+        # connection, which cost more than the whole rest of a transaction. The tables it builds
+        # depend only on the classes, so `_class_tables` builds them once.
+        # tests/unit/test_smtp_init.py checks that the result matches aiosmtpd's own __init__.
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        self.__ident__ = "Mailfleet ESMTP"
+        self.loop = loop
+        self.event_handler = handler
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.command_size_limits.clear()
+        self.hostname = hostname
+        self.tls_context = tls_context
+        self.require_starttls = False
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        # An implicit-TLS connection is encrypted from its first byte: AUTH needs no STARTTLS first.
+        self._auth_require_tls = not implicit_tls
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = auth_required
+        auth, hooks, commands = _class_tables(type(self), type(handler))
+        self._auth_methods = {
+            mechanism: _AuthMechAttr(getattr(self if builtin else handler, name), builtin)
+            for mechanism, (name, builtin) in auth.items()
+        }
+        self._handle_hooks = {hook: getattr(handler, f"handle_{hook}") for hook in hooks}
+        self._ehlo_hook_ver = "new" if "EHLO" in hooks else None
+        self._smtp_methods = {command: getattr(self, f"smtp_{command}") for command in commands}
+        self._enforce_call_limit = False
+
         self.handler = handler
         self.implicit_tls = implicit_tls
-        if implicit_tls:
-            # The connection is TLS from its first byte, so AUTH needs no STARTTLS first.
-            self._auth_require_tls = False
         self._replying_to_hello = False
         self._greeted = False  # RFC 2034 §3: the greeting carries no enhanced code
         self._counted = False
@@ -116,6 +206,85 @@ class MailSMTP(SMTP):
             if self.envelope is not None:
                 self.handler.end_transaction(self.session, self.envelope, "aborted: connection closed")
         super().connection_lost(error)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        match = _SIMPLE_PATH.match(arg.lstrip())
+        if match:
+            return match.group(1), match.group(2).strip()
+        return super()._getaddr(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA as aiosmtpd does it, but reading the message in large pieces instead of line by line."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content, too_big = await self._read_data()
+        if too_big:
+            status = replies.MESSAGE_TOO_BIG.format(limit=self.data_size_limit)
+            self.handler.rejected("message_too_big")
+            self.handler.end_transaction(self.session, self.envelope, status, too_big)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(status)
+            return
+        # RFC 5321 §4.5.3.1.6: a line is at most 1000 octets with its CRLF (+1 for a transparent dot).
+        if max(map(len, content.split(b"\r\n"))) > self.line_length_limit - 2:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(str(replies.LINE_TOO_LONG))
+            return
+        # RFC 5321 §4.5.2: a leading dot on a line is transparent.
+        content = content.replace(b"\r\n.", b"\r\n")
+        if content.startswith(b"."):
+            content = content[1:]
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        # The envelope is reset before the reply is written: is_idle() relies on that order.
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self) -> tuple[bytes, int]:
+        """Read up to the terminating CRLF.CRLF. Returns (raw data with its final CRLF, 0), or
+        (b"", bytes read) when the data exceeded the size limit (it is read to the end regardless)."""
+        reader = self._reader
+        limit = self.data_size_limit or 0
+        data = bytearray()
+        total = 0
+        too_big = False
+        tail = b"\r\n"  # the data starts at the beginning of a line
+        # StreamReader's limit is aiosmtpd's command line limit (a private attribute, as aiosmtpd itself
+        # reaches into the reader); the message is read in larger pieces, each bounded by this limit.
+        saved_limit = reader._limit  # type: ignore[attr-defined]
+        reader._limit = _DATA_READ_LIMIT  # type: ignore[attr-defined]
+        try:
+            while True:
+                try:
+                    piece = await reader.readuntil(_DATA_END)
+                except asyncio.LimitOverrunError as error:
+                    piece = await reader.readexactly(error.consumed)
+                    ends = False
+                else:
+                    # ".\r\n" ends the data only at the start of a line
+                    ends = (tail + piece[:-3])[-2:] == b"\r\n"
+                total += len(piece)
+                tail = (tail + piece)[-2:]
+                if not too_big:
+                    data += piece
+                    if limit and len(data) - 3 * ends > limit:
+                        too_big = True
+                        data.clear()
+                if ends:
+                    break
+        finally:
+            reader._limit = saved_limit  # type: ignore[attr-defined]
+        if too_big:
+            return b"", total - 3
+        return bytes(data[:-3]), 0
 
     def is_idle(self) -> bool:
         """Between transactions: closing now loses nothing (a 250 is written before the reset)."""
@@ -435,9 +604,7 @@ async def start_listener(
             handler,
             implicit_tls=implicit,
             data_size_limit=config.smtp.max_message_size,
-            enable_SMTPUTF8=True,
             hostname=config.hostname,
-            ident="Mailfleet ESMTP",
             tls_context=None if implicit else tls,
             timeout=config.smtp.idle_timeout,
             auth_required=listener.is_submission,

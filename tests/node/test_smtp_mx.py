@@ -257,3 +257,45 @@ def test_stopping_finishes_the_transaction_in_progress_then_says_421(node: Runni
     assert busy.getreply()[:2] == (421, b"4.3.2 Service shutting down; try again later")  # ...then 421
     assert idle.getreply()[0] == 421
     assert len(node.files.stored("user@example.com")) == 1
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nRegards.\r\nend.\r\n",
+        b"Subject: empty body\r\n\r\n",
+        b"",
+        b"\r\n",
+        b"Subject: bare\nLF inside\r\n",
+        b"Subject: long but legal\r\n\r\n" + b"w" * 998 + b"\r\n",
+        b"Subject: big\r\n\r\n" + (b"0123456789" * 99 + b"\r\n") * 300,
+    ],
+)
+def test_data_is_stored_exactly_as_sent(node: RunningNode, content: bytes) -> None:
+    """smtplib dot-stuffs lines that start with a dot (RFC 5321 §4.5.2); the node must undo exactly that."""
+    with mx(node) as client:
+        client.mail("alice@remote.test")
+        client.rcpt("user@example.com")
+        assert client.data(content)[0] == 250
+    [stored] = node.files.stored("user@example.com")
+    expected = content if content.endswith(b"\r\n") else content + b"\r\n"  # smtplib ends the data with CRLF
+    header_end = stored.index(b"\r\n", stored.index(b"\r\n\tby ")) + 2
+    while stored[header_end : header_end + 1] == b"\t":
+        header_end = stored.index(b"\r\n", header_end) + 2
+    assert stored[header_end:] == expected  # everything after our trace headers
+
+
+def test_data_split_across_many_packets(node: RunningNode) -> None:
+    """The end-of-data marker found however the bytes arrive, one byte at a time included."""
+    body = b"Subject: slow\r\n\r\nline one\r\n.stuffed\r\nlast.\r\n"
+    wire = body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    with socket.create_connection(("127.0.0.1", node.port("smtp")), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"HELO slow.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n")
+        assert [reader.readline()[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+        for byte in wire:
+            sock.sendall(bytes([byte]))
+        assert reader.readline().startswith(b"250 2.0.0")
+    [stored] = node.files.stored("user@example.com")
+    assert stored.endswith(b"\r\n" + body.replace(b"\r\n..", b"\r\n."))
