@@ -329,7 +329,10 @@ def parse_directory(data: bytes, *, domains: dict[str, str], source: str = "dire
     except pydantic.ValidationError as error:
         raise ConfigError(_format_validation_error(Path(source), error)) from error
     version = hashlib.sha256(data).hexdigest()[:16]
-    return Directory(parsed.mailboxes, domains=domains, version=version)
+    try:
+        return Directory(parsed.mailboxes, domains=domains, version=version)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from error
 
 
 class DirectoryWatcher:

@@ -20,7 +20,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,7 +29,7 @@ from tests.node.conftest import DOMAIN, ServeProcess
 RECIPIENT = f"user@{DOMAIN}"
 KILL_ROUNDS = 8
 CLIENTS = 3
-MAX_MESSAGES_PER_CLIENT = 2000  # far more than the time allows; a bound, not a target
+MAX_MESSAGES_PER_CLIENT = 5000  # far more than the time allows; a bound, not a target
 CLIENT_TIME_LIMIT = 45.0
 
 _PRINTABLE = bytes(range(0x20, 0x7F))
@@ -73,6 +72,7 @@ class Client:
     sent: dict[str, bytes] = dataclasses.field(default_factory=dict)  # in sending order
     acked: set[str] = dataclasses.field(default_factory=set)
     errors: int = 0
+    last_error: str = ""
 
     def run(self) -> None:
         rng = random.Random(self.seed)
@@ -84,7 +84,8 @@ class Client:
             if conn is None:
                 try:
                     conn = smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test", timeout=10)
-                except (OSError, smtplib.SMTPException):
+                except (OSError, smtplib.SMTPException) as error:
+                    self.last_error = repr(error)
                     time.sleep(0.02)  # the node is down or starting: the next message waits for it
                     continue
             message_id = f"{self.name}.{seq}@crash.test"
@@ -92,16 +93,22 @@ class Client:
             self.sent[message_id] = data
             try:
                 refused = conn.sendmail(
-                    "sender@remote.test", [RECIPIENT], data, mail_options=["BODY=8BITMIME"] if eight_bit else []
+                    "sender@remote.test",
+                    [RECIPIENT],
+                    data,
+                    mail_options=["BODY=8BITMIME"] if eight_bit else [],
                 )
-            except (OSError, smtplib.SMTPException):
+            except (OSError, smtplib.SMTPException) as error:
                 self.errors += 1
-                conn = self._drop(conn)
+                self.last_error = repr(error)
+                self._drop(conn)
+                conn = None
                 continue
             if not refused:
                 self.acked.add(message_id)
             if rng.random() < 0.1:
-                conn = self._drop(conn, quit=True)  # sometimes a fresh session, as real clients do
+                self._drop(conn, quit=True)  # sometimes a fresh session, as real clients do
+                conn = None
         if conn is not None:
             self._drop(conn, quit=True)
 
@@ -113,11 +120,15 @@ class Client:
         conn.close()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, clients: list[Client], proc: ServeProcess
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            seen = [(c.name, len(c.sent), len(c.acked), c.errors, c.last_error) for c in clients]
+            log = proc.log_file.read_text()[-3000:] if proc.log_file else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; {seen=}; node log: {log}")
         time.sleep(0.01)
 
 
@@ -141,26 +152,24 @@ def test_acknowledged_mail_survives_repeated_sigkill(serve_process: Callable[...
     proc.start()
     rng = random.Random()
     stop = threading.Event()
-    clients = [
-        Client(f"c{n}", proc.ports["smtp"], stop, seed=rng.randrange(2**32)) for n in range(CLIENTS)
-    ]
+    clients = [Client(f"c{n}", proc.ports["smtp"], stop, seed=rng.randrange(2**32)) for n in range(CLIENTS)]
     threads = [threading.Thread(target=client.run, daemon=True) for client in clients]
     for thread in threads:
         thread.start()
 
-    def more_acks(than: int) -> Callable[[], bool]:
-        return lambda: sum(len(client.acked) for client in clients) > than
-
     def acked() -> int:
         return sum(len(client.acked) for client in clients)
 
+    def more_acks(than: int) -> Callable[[], bool]:
+        return lambda: acked() > than
+
     try:
-        for _ in range(KILL_ROUNDS):
-            wait_for(more_acks(acked()), 10, "a delivery after the (re)start")
+        for round_no in range(KILL_ROUNDS):
+            wait_for(more_acks(acked()), 10, f"a delivery after start {round_no}", clients, proc)
             time.sleep(rng.uniform(0.05, 0.5))
             proc.kill()
             proc.start()
-        wait_for(more_acks(acked() + 5), 10, "deliveries after the last restart")
+        wait_for(more_acks(acked() + 5), 10, "deliveries after the last restart", clients, proc)
     finally:
         stop.set()
         for thread in threads:
@@ -178,12 +187,14 @@ def test_acknowledged_mail_survives_repeated_sigkill(serve_process: Callable[...
     assert len(all_acked) >= 50, "too few deliveries to prove anything"
     assert sum(client.errors for client in clients) >= KILL_ROUNDS, "the kills did not interrupt the clients"
 
-    mailbox = proc.files.data_dir / "mail" / DOMAIN / "user"
+    mail = proc.files.data_dir / "mail"
+    assert [str(p.relative_to(mail)) for p in mail.glob("*/*")] == [f"{DOMAIN}/user"], "mail stored elsewhere"
+    mailbox = mail / DOMAIN / "user"
     folders = [d for d in mailbox.iterdir() if d.is_dir()]
     assert [d.name for d in folders] == ["INBOX"]
     leftovers = [f for d in folders for f in (d / "tmp").iterdir()]
     assert leftovers == [], "files left in tmp/ after recovery and a clean stop"
-    files = {f"{d.name}/{sub}/{f.name}": f for d in folders for sub in ("new", "cur") for f in (d / sub).iterdir()}
+    files = {str(f.relative_to(mailbox)): f for sub in ("new", "cur") for f in mailbox.glob(f"*/{sub}/*")}
 
     # Every stored file is our trace headers followed by exactly the bytes of one message we sent.
     stored_ids: collections.Counter[str] = collections.Counter()
