@@ -53,20 +53,22 @@ class MailboxUsage:
 
 
 class _Mailbox:
-    """An open mailbox: its directory and its index. Touched only by the batch writer thread."""
+    """An open mailbox: its directory and its index (used under `lock`, from Gateway threads)."""
 
     def __init__(self, address: str, path: Path) -> None:
         self.address = address
         self.path = path
         durable.ensure_dir(path)
         self.index = index.Index(path / "index.sqlite")
+        self.lock = threading.Lock()  # one thread at a time uses the index connection
         self.folders: set[str] = set()
 
     def ensure_folder(self, name: str) -> Path:
         if name not in self.folders:
-            maildir.ensure_folder(self.path, name)
-            self.index.create_folder(name)
-            self.folders.add(name)
+            with self.lock:
+                maildir.ensure_folder(self.path, name)
+                self.index.create_folder(name)
+                self.folders.add(name)
         return maildir.folder_dir(self.path, name)
 
     def recover(self) -> tuple[int, int, int]:
@@ -156,7 +158,9 @@ class MailStore:
         def read() -> list[index.Message]:
             if address not in self._mailboxes and not maildir.mailbox_dir(self.root, address).exists():
                 return []
-            return self._open_mailbox(address).index.messages(folder)
+            mailbox = self._open_mailbox(address)
+            with mailbox.lock:
+                return mailbox.index.messages(folder)
 
         return await self._gateway.run(read)
 
@@ -237,7 +241,8 @@ class MailStore:
                 for _, _, d, p in items
             ]
             try:
-                uids = mailbox.index.add(rows)
+                with mailbox.lock:
+                    uids = mailbox.index.add(rows)
             except Exception as error:
                 log.exception("index commit failed", extra={"fields": {"mailbox": address, "error": str(error)}})
                 for call_no, _, _, path in items:
