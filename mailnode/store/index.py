@@ -8,13 +8,14 @@ disk, so a committed row is as durable as the message file it points to.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS folders (
@@ -23,7 +24,8 @@ CREATE TABLE IF NOT EXISTS folders (
     uidvalidity   INTEGER NOT NULL,
     uidnext       INTEGER NOT NULL DEFAULT 1,
     highestmodseq INTEGER NOT NULL DEFAULT 1,
-    subscribed    INTEGER NOT NULL DEFAULT 1
+    subscribed    INTEGER NOT NULL DEFAULT 1,
+    first_recent  INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS messages (
     folder_id     INTEGER NOT NULL REFERENCES folders(id),
@@ -33,9 +35,18 @@ CREATE TABLE IF NOT EXISTS messages (
     modseq        INTEGER NOT NULL,
     internal_date INTEGER NOT NULL,
     size          INTEGER NOT NULL,
+    structure     TEXT,
     PRIMARY KEY (folder_id, uid)
 ) WITHOUT ROWID;
 """
+
+# Each step brings an index from version n to n + 1.
+_MIGRATIONS = {
+    1: [
+        "ALTER TABLE folders ADD COLUMN first_recent INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE messages ADD COLUMN structure TEXT",  # cached MIME analysis (mailnode.imap.mime)
+    ],
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +56,16 @@ class Folder:
     uidvalidity: int
     uidnext: int
     highestmodseq: int
+    subscribed: bool = True
+    first_recent: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderStatus:
+    folder: Folder
+    messages: int
+    unseen: int
+    size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +88,13 @@ class Message:
     size: int
 
 
+def _folder(row: tuple[int, str, int, int, int, int, int]) -> Folder:
+    return Folder(
+        id=row[0], name=row[1], uidvalidity=row[2], uidnext=row[3], highestmodseq=row[4],
+        subscribed=bool(row[5]), first_recent=row[6],
+    )  # fmt: skip
+
+
 class Index:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -77,17 +105,151 @@ class Index:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{path}: index schema {version} is newer than this mailnode ({SCHEMA_VERSION})")
-        self._db.executescript(_SCHEMA)
+        if version == 0:
+            self._db.executescript(_SCHEMA)
+        else:
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step]:
+                    self._db.execute(statement)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()
 
+    _FOLDER_COLUMNS = "id, name, uidvalidity, uidnext, highestmodseq, subscribed, first_recent"
+
     def folder(self, name: str) -> Folder | None:
-        row = self._db.execute(
-            "SELECT id, name, uidvalidity, uidnext, highestmodseq FROM folders WHERE name = ?", (name,)
+        row = self._db.execute(f"SELECT {self._FOLDER_COLUMNS} FROM folders WHERE name = ?", (name,)).fetchone()
+        return _folder(row) if row else None
+
+    def folders(self) -> list[Folder]:
+        rows = self._db.execute(f"SELECT {self._FOLDER_COLUMNS} FROM folders ORDER BY name")
+        return [_folder(row) for row in rows]
+
+    def status(self, name: str) -> FolderStatus | None:
+        folder = self.folder(name)
+        if folder is None:
+            return None
+        count, unseen, size = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(instr(' ' || flags || ' ', ' \\Seen ') = 0), 0), COALESCE(SUM(size), 0)"
+            " FROM messages WHERE folder_id = ?",
+            (folder.id,),
         ).fetchone()
-        return Folder(*row) if row else None
+        return FolderStatus(folder, count, unseen, size)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    def _bump_modseq(self, cur: sqlite3.Cursor, folder_id: int) -> int:
+        cur.execute("UPDATE folders SET highestmodseq = highestmodseq + 1 WHERE id = ?", (folder_id,))
+        return int(cur.execute("SELECT highestmodseq FROM folders WHERE id = ?", (folder_id,)).fetchone()[0])
+
+    def delete_folder(self, name: str) -> list[str]:
+        """Remove a folder and its rows; returns the message paths for the caller to unlink."""
+        folder = self.folder(name)
+        if folder is None:
+            raise KeyError(name)
+        with self._transaction() as cur:
+            paths = [r[0] for r in cur.execute("SELECT path FROM messages WHERE folder_id = ?", (folder.id,))]
+            cur.execute("DELETE FROM messages WHERE folder_id = ?", (folder.id,))
+            cur.execute("DELETE FROM folders WHERE id = ?", (folder.id,))
+        return paths
+
+    def rename_folder(self, old: str, new: str) -> None:
+        """Rename a folder (the Maildir directory is renamed by the caller first)."""
+        with self._transaction() as cur:
+            cur.execute("UPDATE folders SET name = ? WHERE name = ?", (new, old))
+            prefix = f"{old}/"
+            for row in cur.execute("SELECT id, name FROM folders WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)):
+                cur.execute("UPDATE folders SET name = ? WHERE id = ?", (new + row[1][len(old) :], row[0]))
+
+    def move_paths(self, moves: Iterable[tuple[str, str]]) -> None:
+        """Point rows at new file paths (after the caller renamed directories or files)."""
+        with self._transaction() as cur:
+            cur.executemany("UPDATE messages SET path = ? WHERE path = ?", ((new, old) for old, new in moves))
+
+    def set_subscribed(self, name: str, subscribed: bool) -> None:
+        self._db.execute("UPDATE folders SET subscribed = ? WHERE name = ?", (int(subscribed), name))
+
+    def take_recent(self, name: str) -> int:
+        """RFC 3501 \\Recent: returns the first UID that is recent for this session and moves the mark,
+        so no other session sees those messages as recent."""
+        with self._transaction() as cur:
+            row = cur.execute("SELECT first_recent, uidnext FROM folders WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise KeyError(name)
+            cur.execute("UPDATE folders SET first_recent = ? WHERE name = ?", (row[1], name))
+        return int(row[0])
+
+    def set_flags(
+        self, name: str, changes: Iterable[tuple[int, str]], *, unchanged_since: int | None = None
+    ) -> tuple[list[Message], list[int]]:
+        """Set the flags of messages ((uid, flags) pairs, flags space-separated). Each changed message
+        gets a new modseq (RFC 7162). With unchanged_since, messages modified after it are left alone and
+        returned as failed (the MODIFIED response code). Returns (changed messages, failed uids)."""
+        folder = self.folder(name)
+        if folder is None:
+            raise KeyError(name)
+        changed: list[int] = []
+        failed: list[int] = []
+        with self._transaction() as cur:
+            for uid, flags in changes:
+                row = cur.execute(
+                    "SELECT flags, modseq FROM messages WHERE folder_id = ? AND uid = ?", (folder.id, uid)
+                ).fetchone()
+                if row is None:
+                    continue
+                if unchanged_since is not None and row[1] > unchanged_since:
+                    failed.append(uid)
+                    continue
+                if row[0] == flags:
+                    continue
+                modseq = self._bump_modseq(cur, folder.id)
+                cur.execute(
+                    "UPDATE messages SET flags = ?, modseq = ? WHERE folder_id = ? AND uid = ?",
+                    (flags, modseq, folder.id, uid),
+                )
+                changed.append(uid)
+        return self.messages(name, uids=changed), failed
+
+    def expunge(self, name: str, uids: Iterable[int]) -> list[tuple[int, str]]:
+        """Remove rows; returns (uid, path) of each for the caller to unlink. Bumps HIGHESTMODSEQ."""
+        folder = self.folder(name)
+        if folder is None:
+            raise KeyError(name)
+        removed: list[tuple[int, str]] = []
+        with self._transaction() as cur:
+            for uid in uids:
+                row = cur.execute(
+                    "SELECT path FROM messages WHERE folder_id = ? AND uid = ?", (folder.id, uid)
+                ).fetchone()
+                if row is not None:
+                    cur.execute("DELETE FROM messages WHERE folder_id = ? AND uid = ?", (folder.id, uid))
+                    removed.append((uid, row[0]))
+            if removed:
+                self._bump_modseq(cur, folder.id)
+        return removed
+
+    def structure(self, name: str, uid: int) -> str | None:
+        row = self._db.execute(
+            "SELECT m.structure FROM messages m JOIN folders f ON f.id = m.folder_id WHERE f.name = ? AND m.uid = ?",
+            (name, uid),
+        ).fetchone()
+        return row[0] if row else None
+
+    def set_structure(self, name: str, uid: int, structure: str) -> None:
+        self._db.execute(
+            "UPDATE messages SET structure = ? WHERE uid = ? AND folder_id = (SELECT id FROM folders WHERE name = ?)",
+            (structure, uid, name),
+        )
 
     def create_folder(self, name: str) -> Folder:
         existing = self.folder(name)
@@ -129,7 +291,7 @@ class Index:
             raise
         return uids
 
-    def messages(self, folder: str | None = None) -> list[Message]:
+    def messages(self, folder: str | None = None, *, uids: Iterable[int] | None = None) -> list[Message]:
         query = (
             "SELECT f.name, m.uid, m.path, m.flags, m.modseq, m.internal_date, m.size"
             " FROM messages m JOIN folders f ON f.id = m.folder_id"
@@ -138,7 +300,11 @@ class Index:
         if folder is not None:
             query += " WHERE f.name = ?"
             params = (folder,)
-        return [Message(*row) for row in self._db.execute(query + " ORDER BY f.name, m.uid", params)]
+        rows = [Message(*row) for row in self._db.execute(query + " ORDER BY f.name, m.uid", params)]
+        if uids is not None:
+            wanted = set(uids)
+            rows = [m for m in rows if m.uid in wanted]
+        return rows
 
     def paths(self) -> set[str]:
         return {row[0] for row in self._db.execute("SELECT path FROM messages")}

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mailnode.gateway import Gateway
-from mailnode.store import durable, index, maildir
+from mailnode.store import changes, durable, index, maildir
+from mailnode.store.account import Account
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Delivery:
     data: bytes
     folder: str = maildir.INBOX
     internal_date: int | None = None
+    flags: str = ""  # space-separated IMAP flags (APPEND may set them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,7 @@ class _Mailbox:
         self.path = path
         durable.ensure_dir(path)
         self.index = index.Index(path / "index.sqlite")
-        self.lock = threading.Lock()  # one thread at a time uses the index connection
+        self.lock = threading.RLock()  # one thread at a time uses the index connection
         self.folders: set[str] = set()
 
     def ensure_folder(self, name: str) -> Path:
@@ -94,6 +96,7 @@ class MailStore:
         self._lock = threading.Lock()  # guards _mailboxes between the writer and readers
         self._pending: list[tuple[Sequence[Delivery], asyncio.Future[list[Stored]]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self.switchboard = changes.Switchboard()
         self.is_open = False
 
     # -- life cycle ---------------------------------------------------------------------------------
@@ -145,6 +148,16 @@ class MailStore:
 
     # -- queries --------------------------------------------------------------------------------------
 
+    def account(self, address: str) -> Account:
+        """One mailbox as IMAP sees it: folders, flags, copies, expunges."""
+        return Account(self, address)
+
+    def account_for(self, address: str, *, size: int, count: int) -> None:
+        """Keep the in-memory quota totals in step with a change (negative for removals)."""
+        usage = self._usage[address]
+        usage.bytes += size
+        usage.messages += count
+
     def usage(self, address: str) -> MailboxUsage:
         return self._usage.get(address) or MailboxUsage()
 
@@ -189,9 +202,8 @@ class MailStore:
                         future.set_exception(result)
                         continue
                     for stored, delivery in zip(result, deliveries, strict=True):
-                        usage = self._usage[stored.address]
-                        usage.bytes += len(delivery.data)
-                        usage.messages += 1
+                        self.account_for(stored.address, size=len(delivery.data), count=1)
+                        self.switchboard.publish(stored.address, changes.Change(stored.folder, "added", (stored.uid,)))
                     future.set_result(result)
         finally:
             self._writer = None
@@ -237,6 +249,7 @@ class MailStore:
                     path=str(p.relative_to(mailbox.path)),
                     size=len(d.data),
                     internal_date=d.internal_date or now,
+                    flags=d.flags,
                 )
                 for _, _, d, p in items
             ]

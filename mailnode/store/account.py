@@ -1,0 +1,306 @@
+"""Account: one mailbox as the IMAP server sees it (folders, messages, flags, copies, expunges).
+
+Every method is a coroutine that does its file and SQLite work in a Gateway thread under the
+mailbox's lock, then announces the change on the store's switchboard, so other sessions on the same
+mailbox learn of it. Message files never change once written: a COPY hard-links the file into the
+destination folder (fsyncing that directory before the index row is committed), an EXPUNGE commits
+the row's removal first and unlinks the file after, so a crash at any point leaves no row without a
+file (recovery removes files without a row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from mailnode.store import changes, durable, index, maildir
+
+if TYPE_CHECKING:
+    from mailnode.store.mailstore import MailStore, _Mailbox
+
+
+class FolderError(Exception):
+    """A folder operation that cannot be done; the message says why (IMAP sends it with NO)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Selected:
+    folder: index.Folder
+    messages: list[index.Message]
+    first_recent: int  # UIDs at or above this are \Recent for the selecting session
+
+
+def _apply(mode: Literal["+", "-", ""], current: str, flags: Iterable[str]) -> str:
+    have = set(current.split())
+    given = {f for f in flags if f != "\\Recent"}
+    if mode == "+":
+        have |= given
+    elif mode == "-":
+        have -= {f for f in have if f.lower() in {g.lower() for g in given}}
+    else:
+        have = given
+    return " ".join(sorted(have))
+
+
+class Account:
+    def __init__(self, store: MailStore, address: str) -> None:
+        self._store = store
+        self.address = address
+
+    @property
+    def switchboard(self) -> changes.Switchboard:
+        return self._store.switchboard
+
+    async def _run(self, fn: Callable[[_Mailbox], object]) -> object:
+        def locked() -> object:
+            mailbox = self._store._open_mailbox(self.address)
+            with mailbox.lock:
+                return fn(mailbox)
+
+        return await self._store._gateway.run(locked)
+
+    def _publish(self, change: changes.Change) -> None:
+        self._store.switchboard.publish(self.address, change)
+
+    # -- folders ------------------------------------------------------------------------------------
+
+    async def folders(self) -> list[index.Folder]:
+        result = await self._run(lambda m: m.index.folders())
+        assert isinstance(result, list)
+        return result
+
+    async def status(self, name: str) -> index.FolderStatus | None:
+        result = await self._run(lambda m: m.index.status(name))
+        assert result is None or isinstance(result, index.FolderStatus)
+        return result
+
+    async def create_folder(self, name: str) -> None:
+        def create(mailbox: _Mailbox) -> None:
+            if mailbox.index.folder(name) is not None:
+                raise FolderError(f"{name} already exists")
+            maildir.ensure_folder(mailbox.path, name)
+            mailbox.index.create_folder(name)
+            mailbox.folders.add(name)
+
+        await self._run(create)
+
+    async def delete_folder(self, name: str) -> None:
+        def delete(mailbox: _Mailbox) -> None:
+            if name.upper() == maildir.INBOX:
+                raise FolderError("INBOX cannot be deleted")
+            if mailbox.index.folder(name) is None:
+                raise FolderError(f"{name} does not exist")
+            paths = mailbox.index.delete_folder(name)
+            mailbox.folders.discard(name)
+            size = 0
+            for rel in paths:
+                path = mailbox.path / rel
+                size += path.stat().st_size if path.exists() else 0
+            shutil.rmtree(maildir.folder_dir(mailbox.path, name), ignore_errors=True)
+            self._store.account_for(self.address, size=-size, count=-len(paths))
+
+        await self._run(delete)
+
+    async def rename_folder(self, old: str, new: str) -> None:
+        def rename(mailbox: _Mailbox) -> None:
+            if mailbox.index.folder(old) is None:
+                raise FolderError(f"{old} does not exist")
+            if mailbox.index.folder(new) is not None:
+                raise FolderError(f"{new} already exists")
+            if old.upper() == maildir.INBOX:
+                # RFC 3501 §6.3.5: renaming INBOX moves its messages to the new folder; INBOX stays.
+                maildir.ensure_folder(mailbox.path, new)
+                mailbox.index.create_folder(new)
+                mailbox.folders.add(new)
+                uids = [m.uid for m in mailbox.index.messages(maildir.INBOX)]
+                self._copy_locked(mailbox, maildir.INBOX, uids, new)
+                self._expunge_locked(mailbox, maildir.INBOX, uids)
+                return
+            renames = [
+                (f.name, new + f.name[len(old) :])
+                for f in mailbox.index.folders()
+                if f.name == old or f.name.startswith(old + "/")
+            ]
+            moves: list[tuple[str, str]] = []
+            for before, after in renames:
+                source, target = maildir.folder_dir(mailbox.path, before), maildir.folder_dir(mailbox.path, after)
+                if source.exists():
+                    source.rename(target)
+                old_prefix, new_prefix = f"{source.name}/", f"{target.name}/"
+                moves += [(m.path, new_prefix + m.path[len(old_prefix) :]) for m in mailbox.index.messages(before)]
+            durable.fsync_dir(mailbox.path)
+            mailbox.index.rename_folder(old, new)
+            mailbox.index.move_paths(moves)
+            mailbox.folders.clear()
+
+        await self._run(rename)
+
+    async def subscribe(self, name: str, subscribed: bool) -> None:
+        def update(mailbox: _Mailbox) -> None:
+            if mailbox.index.folder(name) is None:
+                raise FolderError(f"{name} does not exist")
+            mailbox.index.set_subscribed(name, subscribed)
+
+        await self._run(update)
+
+    # -- messages -----------------------------------------------------------------------------------
+
+    async def select(self, name: str, *, take_recent: bool) -> Selected | None:
+        def select(mailbox: _Mailbox) -> Selected | None:
+            folder = mailbox.index.folder(name)
+            if folder is None:
+                return None
+            first_recent = mailbox.index.take_recent(name) if take_recent else folder.uidnext
+            return Selected(folder, mailbox.index.messages(name), first_recent)
+
+        result = await self._run(select)
+        assert result is None or isinstance(result, Selected)
+        return result
+
+    async def messages(self, name: str, uids: Iterable[int] | None = None) -> list[index.Message]:
+        wanted = None if uids is None else list(uids)
+        result = await self._run(lambda m: m.index.messages(name, uids=wanted))
+        assert isinstance(result, list)
+        return result
+
+    async def read(self, messages: Sequence[index.Message]) -> list[bytes]:
+        """The stored bytes of each message (one Gateway trip for all)."""
+        root = maildir.mailbox_dir(self._store.root, self.address)
+
+        def read() -> list[bytes]:
+            return [(root / m.path).read_bytes() for m in messages]
+
+        return await self._store._gateway.run(read)
+
+    async def structures(
+        self, name: str, messages: Sequence[index.Message], compute: Callable[[bytes], str]
+    ) -> dict[int, str]:
+        """The cached structure (e.g. MIME analysis as JSON) of each message, computed and saved for
+        those that have none yet. One Gateway trip for all."""
+
+        def load(mailbox: _Mailbox) -> dict[int, str]:
+            result: dict[int, str] = {}
+            for message in messages:
+                cached = mailbox.index.structure(name, message.uid)
+                if cached is None:
+                    cached = compute((mailbox.path / message.path).read_bytes())
+                    mailbox.index.set_structure(name, message.uid, cached)
+                result[message.uid] = cached
+            return result
+
+        result = await self._run(load)
+        assert isinstance(result, dict)
+        return result
+
+    async def store_flags(
+        self,
+        name: str,
+        uids: Sequence[int],
+        *,
+        mode: Literal["+", "-", ""],
+        flags: Sequence[str],
+        unchanged_since: int | None = None,
+        origin: object | None = None,
+    ) -> tuple[list[index.Message], list[int]]:
+        def update(mailbox: _Mailbox) -> tuple[list[index.Message], list[int]]:
+            current = {m.uid: m.flags for m in mailbox.index.messages(name, uids=uids)}
+            wanted = [(uid, _apply(mode, current[uid], flags)) for uid in uids if uid in current]
+            return mailbox.index.set_flags(name, wanted, unchanged_since=unchanged_since)
+
+        result = await self._run(update)
+        assert isinstance(result, tuple)
+        changed, failed = result
+        if changed:
+            self._publish(
+                changes.Change(
+                    name,
+                    "flags",
+                    tuple(m.uid for m in changed),
+                    flags=tuple(m.flags for m in changed),
+                    modseqs=tuple(m.modseq for m in changed),
+                    origin=origin,
+                )
+            )
+        return changed, failed
+
+    def _expunge_locked(self, mailbox: _Mailbox, name: str, uids: Sequence[int]) -> list[int]:
+        removed = mailbox.index.expunge(name, uids)
+        size = 0
+        for _, rel in removed:
+            path = mailbox.path / rel
+            size += path.stat().st_size if path.exists() else 0
+            path.unlink(missing_ok=True)
+        self._store.account_for(self.address, size=-size, count=-len(removed))
+        return [uid for uid, _ in removed]
+
+    async def expunge(self, name: str, uids: Sequence[int], *, origin: object | None = None) -> list[int]:
+        """Remove these messages (the caller picks them, e.g. those flagged \\Deleted)."""
+        result = await self._run(lambda m: self._expunge_locked(m, name, uids))
+        assert isinstance(result, list)
+        if result:
+            self._publish(changes.Change(name, "expunged", tuple(result), origin=origin))
+        return result
+
+    def _copy_locked(self, mailbox: _Mailbox, name: str, uids: Sequence[int], dest: str) -> list[tuple[int, int]]:
+        target = mailbox.index.folder(dest)
+        if target is None:
+            raise FolderError(f"[TRYCREATE] {dest} does not exist")
+        target_dir = mailbox.ensure_folder(dest)
+        sources = mailbox.index.messages(name, uids=uids)
+        rows: list[index.NewMessage] = []
+        size = 0
+        for message in sources:
+            source = mailbox.path / message.path
+            link = target_dir / "cur" / durable.unique_name(message.size)
+            os.link(source, link)
+            size += message.size
+            rows.append(
+                index.NewMessage(
+                    dest, str(link.relative_to(mailbox.path)), message.size, message.internal_date, message.flags
+                )
+            )
+        durable.fsync_dir(target_dir / "cur")
+        new_uids = mailbox.index.add(rows)
+        self._store.account_for(self.address, size=size, count=len(rows))
+        return list(zip((m.uid for m in sources), new_uids, strict=True))
+
+    async def copy(
+        self, name: str, uids: Sequence[int], dest: str, *, move: bool = False, origin: object | None = None
+    ) -> tuple[int, list[tuple[int, int]]]:
+        """Copy (or move, RFC 6851) messages into folder `dest`. Returns dest's UIDVALIDITY and the
+        (source uid, new uid) pairs (RFC 4315 COPYUID)."""
+
+        def copy(mailbox: _Mailbox) -> tuple[int, list[tuple[int, int]], list[int]]:
+            pairs = self._copy_locked(mailbox, name, uids, dest)
+            expunged = self._expunge_locked(mailbox, name, [src for src, _ in pairs]) if move else []
+            target = mailbox.index.folder(dest)
+            assert target is not None
+            return target.uidvalidity, pairs, expunged
+
+        result = await self._run(copy)
+        assert isinstance(result, tuple)
+        uidvalidity, pairs, expunged = result
+        if pairs:
+            self._publish(changes.Change(dest, "added", tuple(new for _, new in pairs), origin=origin))
+        if expunged:
+            self._publish(changes.Change(name, "expunged", tuple(expunged), origin=origin))
+        return uidvalidity, pairs
+
+    async def append(self, name: str, data: bytes, *, flags: str, internal_date: int | None) -> tuple[int, int]:
+        """Store a message into an existing folder; returns (UIDVALIDITY, UID) for APPENDUID."""
+        from mailnode.store.mailstore import Delivery  # the module imports this one
+
+        status = await self.status(name)
+        if status is None:
+            raise FolderError(f"[TRYCREATE] {name} does not exist")
+        [stored] = await self._store.deliver(
+            [Delivery(self.address, data, folder=name, internal_date=internal_date, flags=flags)]
+        )
+        return status.folder.uidvalidity, stored.uid
+
+    def path(self, message: index.Message) -> Path:
+        return maildir.mailbox_dir(self._store.root, self.address) / message.path

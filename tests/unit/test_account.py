@@ -1,0 +1,124 @@
+"""Account (the store as IMAP sees it): folders, flags with modseq, expunge, copy and move with new
+UIDs, append, rename (INBOX included), cached structures, and the switchboard's announcements."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from mailnode.gateway import Gateway
+from mailnode.store import changes
+from mailnode.store.account import Account, FolderError
+from mailnode.store.mailstore import Delivery, MailStore
+
+ADDRESS = "a@example.com"
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[MailStore]:
+    store = MailStore(tmp_path, gateway=Gateway())
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def _fill(store: MailStore, count: int) -> Account:
+    for i in range(count):
+        await store.deliver([Delivery(ADDRESS, f"Subject: {i}\r\n\r\n{i}\r\n".encode())])
+    return store.account(ADDRESS)
+
+
+async def test_flags_modseq_and_announcements(store: MailStore) -> None:
+    account = await _fill(store, 3)
+    heard: list[changes.Change] = []
+    stop = store.switchboard.subscribe(ADDRESS, heard.append)
+    before = await account.status("INBOX")
+    assert before is not None
+    assert (before.messages, before.unseen) == (3, 3)
+    changed, failed = await account.store_flags("INBOX", [1, 2], mode="+", flags=["\\Seen", "$Label"])
+    assert [(m.uid, m.flags) for m in changed] == [(1, "$Label \\Seen"), (2, "$Label \\Seen")]
+    assert failed == []
+    assert changed[1].modseq > changed[0].modseq > before.folder.highestmodseq
+    after = await account.status("INBOX")
+    assert after is not None
+    assert after.unseen == 1
+    assert after.folder.highestmodseq == changed[1].modseq
+    # CONDSTORE: a message modified since the given modseq is not touched
+    changed, failed = await account.store_flags(
+        "INBOX", [1, 3], mode="-", flags=["\\seen"], unchanged_since=before.folder.highestmodseq
+    )
+    assert changed == []  # 3 had no \Seen: nothing to change
+    assert failed == [1]
+    assert heard[0].kind == "flags"
+    assert heard[0].uids == (1, 2)
+    stop()
+
+
+async def test_copy_move_expunge(store: MailStore) -> None:
+    account = await _fill(store, 3)
+    await account.create_folder("Archive")
+    with pytest.raises(FolderError):
+        await account.create_folder("Archive")
+    uidvalidity, pairs = await account.copy("INBOX", [1, 3], "Archive")
+    assert pairs == [(1, 1), (3, 2)]
+    archive = await account.status("Archive")
+    assert archive is not None
+    assert archive.folder.uidvalidity == uidvalidity
+    [first, _] = await account.messages("Archive")
+    [data] = await account.read([first])
+    assert data == b"Subject: 0\r\n\r\n0\r\n"
+    _, moved = await account.copy("INBOX", [2], "Archive", move=True)
+    assert moved == [(2, 3)]
+    assert [m.uid for m in await account.messages("INBOX")] == [1, 3]
+    assert await account.expunge("INBOX", [1, 3]) == [1, 3]
+    assert await account.messages("INBOX") == []
+    assert store.usage(ADDRESS).messages == 3
+    with pytest.raises(FolderError, match="TRYCREATE"):
+        await account.copy("Archive", [1], "Nowhere")
+
+
+async def test_append_rename_delete(store: MailStore, tmp_path: Path) -> None:
+    account = await _fill(store, 2)
+    await account.create_folder("Work")
+    await account.create_folder("Work/2024")
+    uidvalidity, uid = await account.append("Work/2024", b"Subject: x\r\n\r\n", flags="\\Seen", internal_date=1000)
+    assert uid == 1
+    await account.rename_folder("Work", "Jobs")
+    names = [f.name for f in await account.folders()]
+    assert "Jobs/2024" in names and "Work" not in names
+    [message] = await account.messages("Jobs/2024")
+    assert (message.flags, message.internal_date) == ("\\Seen", 1000)
+    assert (await account.read([message]))[0] == b"Subject: x\r\n\r\n"
+    await account.rename_folder("INBOX", "Old")  # RFC 3501: moves INBOX's messages, INBOX stays
+    assert len(await account.messages("Old")) == 2
+    assert await account.messages("INBOX") == []
+    await account.delete_folder("Old")
+    assert "Old" not in [f.name for f in await account.folders()]
+    with pytest.raises(FolderError):
+        await account.delete_folder("INBOX")
+
+
+async def test_structures_are_computed_once(store: MailStore) -> None:
+    account = await _fill(store, 2)
+    messages = await account.messages("INBOX")
+    calls: list[bytes] = []
+
+    def compute(data: bytes) -> str:
+        calls.append(data)
+        return f"len={len(data)}"
+
+    first = await account.structures("INBOX", messages, compute)
+    second = await account.structures("INBOX", messages, compute)
+    assert first == second == {1: "len=17", 2: "len=17"}
+    assert len(calls) == 2
+
+
+async def test_select_takes_recent_once(store: MailStore) -> None:
+    account = await _fill(store, 2)
+    first = await account.select("INBOX", take_recent=True)
+    second = await account.select("INBOX", take_recent=True)
+    assert first is not None and second is not None
+    assert first.first_recent == 1
+    assert second.first_recent == 3
