@@ -83,7 +83,7 @@ async def test_append_rename_delete(store: MailStore, tmp_path: Path) -> None:
     account = await _fill(store, 2)
     await account.create_folder("Work")
     await account.create_folder("Work/2024")
-    uidvalidity, uid = await account.append("Work/2024", b"Subject: x\r\n\r\n", flags="\\Seen", internal_date=1000)
+    _, uid = await account.append("Work/2024", b"Subject: x\r\n\r\n", flags="\\Seen", internal_date=1000)
     assert uid == 1
     await account.rename_folder("Work", "Jobs")
     names = [f.name for f in await account.folders()]
