@@ -107,6 +107,8 @@ class ListenConfig(_Model):
     smtp: int = pydantic.Field(2525, ge=0, le=65535)
     submission: int = pydantic.Field(5870, ge=0, le=65535)
     submissions: int = pydantic.Field(4650, ge=0, le=65535)
+    imap: int = pydantic.Field(1430, ge=0, le=65535)
+    imaps: int = pydantic.Field(9930, ge=0, le=65535)
     http: int = pydantic.Field(8080, ge=0, le=65535)
 
 
@@ -126,6 +128,15 @@ class SMTPConfig(_Model):
     auth_failure_delay_max: float = pydantic.Field(16.0, ge=0)
 
 
+class IMAPConfig(_Model):
+    # RFC 3501 §7.1: LOGIN before TLS exposes the password; allowed only for local development.
+    allow_plaintext_login: bool = False
+    # RFC 3501 §5.4: an inactivity timer of at least 30 minutes.
+    idle_timeout: float = pydantic.Field(1800.0, gt=0)
+    max_line: ByteSize = pydantic.Field(64 * 1024, ge=1024)
+    max_literal: ByteSize = pydantic.Field(64 * 1024 * 1024, ge=1024)  # the largest APPEND
+
+
 class DomainConfig(_Model):
     domain: Domain
     alias_domains: list[Domain] = []
@@ -141,6 +152,7 @@ class NodeConfig(_Model):
     listen: ListenConfig = ListenConfig()
     tls: TLSConfig | None = None
     smtp: SMTPConfig = SMTPConfig()
+    imap: IMAPConfig = IMAPConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @pydantic.model_validator(mode="after")

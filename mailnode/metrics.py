@@ -34,6 +34,15 @@ class NodeMetrics:
         self.received_bytes = prom.Counter(
             "mailnode_smtp_received_bytes", "Bytes of message data accepted", ["listener"], registry=r
         )
+        self.imap_sessions = prom.Counter(
+            "mailnode_imap_sessions", "IMAP connections accepted", ["listener"], registry=r
+        )
+        self.imap_sessions_active = prom.Gauge(
+            "mailnode_imap_sessions_active", "IMAP connections open now", ["listener"], registry=r
+        )
+        self.imap_commands = prom.Counter(
+            "mailnode_imap_commands", "IMAP commands received, by command", ["command"], registry=r
+        )
         self.auth_failures = prom.Counter(
             "mailnode_auth_failures", "Failed authentication attempts", ["protocol"], registry=r
         )

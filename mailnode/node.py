@@ -16,6 +16,7 @@ from mailnode.admin import http
 from mailnode.auth import Authenticator
 from mailnode.config import DirectoryWatcher, NodeConfig
 from mailnode.gateway import Gateway
+from mailnode.imap import server as imap
 from mailnode.metrics import NodeMetrics
 from mailnode.smtp import server as smtp
 from mailnode.store.mailstore import MailStore
@@ -56,6 +57,7 @@ class Node:
         self.ports: dict[str, int] = {}
         self._servers: list[asyncio.Server] = []
         self._handlers: list[smtp.SMTPHandler] = []
+        self._imap_sessions: list[set[imap.Session]] = []
         self._runner: web.AppRunner | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
@@ -98,6 +100,18 @@ class Node:
             self._servers.append(server)
             self._handlers.append(handler)
             self.ports[listener.value] = server.sockets[0].getsockname()[1]
+        for name, port, implicit in (("imap", listen.imap, False), ("imaps", listen.imaps, True)):
+            if implicit and tls is None:
+                log.warning("no TLS certificate configured: imaps listener not started")
+                continue
+            imap_server, sessions = await imap.start_listener(
+                config=self.config, directory=lambda: self.watcher.current, store=self.store,
+                authenticator=self.authenticator, metrics=self.metrics, host=listen.host, port=port, tls=tls,
+                implicit_tls=implicit,
+            )  # fmt: skip
+            self._servers.append(imap_server)
+            self._imap_sessions.append(sessions)
+            self.ports[name] = imap_server.sockets[0].getsockname()[1]
         app = http.build_app(metrics=self.metrics, ready=lambda: self.ready, status=self.status)
         self._runner, self.ports["http"] = await http.start(app, host=listen.host, port=listen.http)
         self._watch_task = asyncio.create_task(self._watch_directory())
@@ -126,6 +140,14 @@ class Node:
             connections = [c for c in connections if c.transport is not None]
         for connection in connections:
             connection.shut_down()
+        imap_tasks = []
+        for sessions in self._imap_sessions:
+            for session in list(sessions):
+                session.shut_down()
+                if session.task is not None:
+                    imap_tasks.append(session.task)
+        if imap_tasks:
+            await asyncio.wait(imap_tasks, timeout=grace)
         await self.store.close()
         if self._runner is not None:
             await self._runner.cleanup()

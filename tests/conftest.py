@@ -30,7 +30,8 @@ def ca() -> trustme.CA:
 @pytest.fixture(scope="session")
 def tls_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(cert_file, key_file) for localhost, 127.0.0.1 and mail.example.com, signed by `ca`."""
-    cert = ca.issue_cert("localhost", "127.0.0.1", "mail.example.com")
+    # A common name as well as the SANs: mbsync (isync 1.4) insists on one.
+    cert = ca.issue_cert("localhost", "127.0.0.1", "mail.example.com", common_name="localhost")
     directory = tmp_path_factory.mktemp("tls")
     cert_file, key_file = directory / "cert.pem", directory / "key.pem"
     cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))

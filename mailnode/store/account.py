@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from mailnode.store.mailstore import MailStore, _Mailbox
 
 
+Message = index.Message  # what the protocol servers see of a message row
+Folder = index.Folder
+
+
 class FolderError(Exception):
     """A folder operation that cannot be done; the message says why (IMAP sends it with NO)."""
 

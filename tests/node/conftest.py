@@ -76,7 +76,11 @@ def write_node_files(
         "data_dir": str(files.data_dir),
         "directory_file": str(files.directory_file),
         "directory_poll_interval": 0.1,
-        "listen": {"host": "127.0.0.1", "smtp": 0, "submission": 0, "submissions": 0, "http": 0, **(ports or {})},
+        "listen": {
+            "host": "127.0.0.1",
+            **{name: 0 for name in ("smtp", "submission", "submissions", "imap", "imaps", "http")},
+            **(ports or {}),
+        },
         "smtp": {"auth_failure_delay": 0.05, "auth_failure_delay_max": 0.4},
     }
     if tls is not None:
@@ -223,7 +227,7 @@ def serve_process(tmp_path: Path, tls_files: tuple[Path, Path]) -> Iterator[Call
     made: list[ServeProcess] = []
 
     def make(mailboxes: list[dict[str, Any]] | None = None, **overrides: Any) -> ServeProcess:
-        ports = {name: free_port() for name in ("smtp", "submission", "submissions", "http")}
+        ports = {name: free_port() for name in ("smtp", "submission", "submissions", "imap", "imaps", "http")}
         files = write_node_files(
             tmp_path / "proc",
             mailboxes=mailboxes if mailboxes is not None else [mailbox(f"user@{DOMAIN}")],

@@ -1,0 +1,1 @@
+"""IMAP4rev1 server: protocol parsing (protocol), message structure (mime), sessions (server)."""

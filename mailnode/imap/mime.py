@@ -1,0 +1,776 @@
+"""Message structure for the IMAP server: where each MIME part of a stored message lies, and the ENVELOPE,
+BODY and BODYSTRUCTURE replies. `analyze` parses a message once (the server caches `Analysis.to_json` in
+its index); `section` cuts BODY[<section>] out of the stored bytes; `header_value` and `text_for_search`
+serve SEARCH.
+
+Pure: bytes in, bytes out, nothing raises on a broken message. Offsets come from scanning the raw bytes
+for the end of each header and for boundary lines (RFC 2046 §5.1.1), as mox does (message/part.go); the
+email package parses parameters (with RFC 2231), addresses and encoded words (RFC 2047).
+"""
+
+from __future__ import annotations
+
+import binascii
+import dataclasses
+import email.header
+import email.message
+import email.utils
+import json
+import re
+import urllib.parse
+from collections.abc import Iterator, Sequence
+
+# Hostile input must not make us recurse or allocate without bound; the same limits as Dovecot's
+# message parser (100 levels, 10000 parts). Past them, an entity is read as text/plain.
+MAX_DEPTH = 100
+MAX_PARTS = 10_000
+
+# An address list is cut after this many entries: getaddresses takes seconds over a hostile megabyte.
+MAX_ADDRESSES = 1000
+# Strings longer than this go out as literals rather than quoted strings.
+_QUOTED_MAX = 1000
+# The email package's parameter parser is quadratic in the number of ";"; no honest Content-Type is longer.
+_PARAMS_MAX = 8192
+_JSON_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One MIME entity. Offsets are into the whole message: [header_start, body_start) is the header,
+    including the empty line that ends it; [body_start, end) is the body. `parts` holds a multipart's
+    children, or for message/rfc822 exactly one: the encapsulated message."""
+
+    header_start: int
+    body_start: int
+    end: int
+    content_type: str = "text/plain"  # lowercased type/subtype, as interpreted (broken multipart: text/plain)
+    charset: str | None = None  # lowercased charset parameter, as declared
+    encoding: str = "7bit"  # lowercased Content-Transfer-Encoding
+    parts: tuple[Part, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """What the server keeps per message: the part tree, and the FETCH replies rendered once."""
+
+    root: Part
+    envelope: bytes  # RFC 3501 §7.4.2 ENVELOPE
+    bodystructure: bytes  # BODYSTRUCTURE, with extension data
+    body: bytes  # BODY: the same without extension data
+
+    def to_json(self) -> str:
+        # Short keys: one of these is stored per message. The rendered replies are bytes that may hold
+        # 8-bit literals; latin-1 maps them one to one onto code points.
+        return json.dumps(
+            {
+                "v": _JSON_VERSION,
+                "p": _part_to_json(self.root),
+                "e": self.envelope.decode("latin-1"),
+                "s": self.bodystructure.decode("latin-1"),
+                "b": self.body.decode("latin-1"),
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Analysis:
+        """Raises ValueError for anything `to_json` of this version did not write (the caller then
+        analyzes the message again)."""
+        obj = json.loads(text)
+        if not isinstance(obj, dict) or obj.get("v") != _JSON_VERSION:
+            raise ValueError("not a message analysis of this version")
+        envelope, bodystructure, body = obj.get("e"), obj.get("s"), obj.get("b")
+        if not (isinstance(envelope, str) and isinstance(bodystructure, str) and isinstance(body, str)):
+            raise ValueError("message analysis lacks its replies")
+        try:
+            return cls(
+                root=_part_from_json(obj.get("p"), depth=0),
+                envelope=envelope.encode("latin-1"),
+                bodystructure=bodystructure.encode("latin-1"),
+                body=body.encode("latin-1"),
+            )
+        except UnicodeEncodeError as e:
+            raise ValueError("message analysis holds characters outside latin-1") from e
+
+
+def _part_to_json(part: Part) -> list[object]:
+    children = [_part_to_json(child) for child in part.parts]
+    return [part.header_start, part.body_start, part.end, part.content_type, part.charset, part.encoding, children]
+
+
+def _part_from_json(obj: object, *, depth: int) -> Part:
+    if not isinstance(obj, list) or len(obj) != 7 or depth > MAX_DEPTH:
+        raise ValueError("malformed part in message analysis")
+    header_start, body_start, end, content_type, charset, encoding, children = obj
+    offsets = (header_start, body_start, end)
+    if not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
+        raise ValueError("malformed offsets in message analysis")
+    if not (isinstance(content_type, str) and isinstance(encoding, str) and isinstance(children, list)):
+        raise ValueError("malformed part in message analysis")
+    if charset is not None and not isinstance(charset, str):
+        raise ValueError("malformed charset in message analysis")
+    return Part(
+        header_start=header_start,
+        body_start=body_start,
+        end=end,
+        content_type=content_type,
+        charset=charset,
+        encoding=encoding,
+        parts=tuple(_part_from_json(child, depth=depth + 1) for child in children),
+    )
+
+
+# --- Analysis ---
+
+
+def analyze(data: bytes) -> Analysis:
+    """The part tree and FETCH replies of a stored message. Never raises: what does not parse as MIME is
+    read as text/plain, as far as it goes."""
+    try:
+        return _analyze(data)
+    except Exception:  # a bug here must not make a stored message unreadable; tests check it is not reached
+        return _flat(data)
+
+
+def _analyze(data: bytes) -> Analysis:
+    parsed = _entity(data, 0, len(data), default_type="text/plain", depth=0, budget=_Budget(MAX_PARTS), message=True)
+    assert parsed.envelope is not None
+    return Analysis(root=parsed.part, envelope=parsed.envelope, bodystructure=parsed.bodystructure, body=parsed.body)
+
+
+def _flat(data: bytes) -> Analysis:
+    """The whole message as one text/plain body with no header."""
+    size, lines = len(data), _count_lines(data, 0, len(data))
+    basic = b'("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" %d %d' % (size, lines)
+    return Analysis(
+        root=Part(header_start=0, body_start=0, end=len(data)),
+        envelope=b"(" + b" ".join([b"NIL"] * 10) + b")",
+        bodystructure=basic + b" NIL NIL NIL NIL)",
+        body=basic + b")",
+    )
+
+
+@dataclasses.dataclass
+class _Budget:
+    parts_left: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parsed:
+    part: Part
+    bodystructure: bytes
+    body: bytes
+    envelope: bytes | None  # for messages (the top level and each message/rfc822 body)
+
+
+def _entity(
+    data: bytes, start: int, end: int, *, default_type: str, depth: int, budget: _Budget, message: bool
+) -> _Parsed:
+    budget.parts_left -= 1
+    body_start, fields = _scan_header(data, start, end)
+    first = _first_fields(fields)
+    mime = _mime_fields(data, first, default_type=default_type)
+    content_type = mime.content_type
+    children: list[_Parsed] = []
+    within_limits = depth < MAX_DEPTH and budget.parts_left > 0
+    if content_type.startswith("multipart/"):
+        spans: list[tuple[int, int]] = []
+        if within_limits and mime.boundary:
+            spans = _split_multipart(data, body_start, end, mime.boundary.encode("latin-1"), budget.parts_left)
+        # RFC 2046 §5.1.7: any multipart subtype splits as multipart/mixed does; §5.1.5: in a digest a
+        # part without Content-Type is a message.
+        child_default = "message/rfc822" if content_type == "multipart/digest" else "text/plain"
+        for child_start, child_end in spans:
+            children.append(
+                _entity(
+                    data,
+                    child_start,
+                    child_end,
+                    default_type=child_default,
+                    depth=depth + 1,
+                    budget=budget,
+                    message=False,
+                )
+            )
+        if not children:
+            # No boundary parameter, or a boundary that never appears: IMAP cannot express a multipart
+            # without parts, and the body is best shown as the text it is.
+            content_type = "text/plain"
+    elif content_type == "message/rfc822":
+        if within_limits:
+            children.append(
+                _entity(data, body_start, end, default_type="text/plain", depth=depth + 1, budget=budget, message=True)
+            )
+        else:
+            content_type = "text/plain"
+
+    part = Part(
+        header_start=start,
+        body_start=body_start,
+        end=end,
+        content_type=content_type,
+        charset=mime.charset,
+        encoding=mime.encoding,
+        parts=tuple(child.part for child in children),
+    )
+    envelope = _envelope(data, first) if message else None
+    if children and content_type.startswith("multipart/"):
+        bodystructure = _multipart(mime, [c.bodystructure for c in children], content_type, extended=True)
+        body = _multipart(mime, [c.body for c in children], content_type, extended=False)
+    else:
+        inner = children[0] if children else None
+        bodystructure = _single(data, part, mime, inner, extended=True)
+        body = _single(data, part, mime, inner, extended=False)
+    return _Parsed(part=part, bodystructure=bodystructure, body=body, envelope=envelope)
+
+
+# --- Header ---
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    name: str  # lowercased
+    start: int  # first byte of the field name
+    value_start: int  # just after the colon
+    end: int  # after the field's last line terminator (or at the end of the entity)
+
+
+# RFC 5322 §2.2: a field name is printable US-ASCII except ":" (obsolete syntax allows WSP before the
+# colon); §2.2.3: a field goes on over the following lines that start with WSP.
+_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*\n?")
+
+
+def _scan_header(data: bytes, start: int, end: int) -> tuple[int, list[_Field]]:
+    """Where the body starts, and the header fields. The header ends after the first empty line (which it
+    includes), before the first line that is neither a field nor a continuation (a message missing the
+    empty line; the body starts there), or at `end`."""
+    fields: list[_Field] = []
+    pos = start
+    while pos < end:
+        if data.startswith(b"\n", pos, end):
+            return pos + 1, fields
+        if data.startswith(b"\r\n", pos, end):
+            return pos + 2, fields
+        field = _FIELD.match(data, pos, end)
+        if field is None:
+            return pos, fields
+        name_end = field.end(1)
+        value_start = data.index(b":", name_end) + 1
+        fields.append(_Field(data[pos:name_end].decode("ascii").lower(), pos, value_start, field.end()))
+        pos = field.end()
+    return end, fields
+
+
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
+
+
+def _value(data: bytes, field: _Field) -> bytes:
+    """The field's value, unfolded (RFC 5322 §2.2.3: the CRLF before WSP removed), without the leading
+    and trailing white space."""
+    return _FOLD.sub(b"", data[field.value_start : field.end]).strip(b" \t\r\n")
+
+
+def _first_fields(fields: Sequence[_Field]) -> dict[str, _Field]:
+    """The first field of each name (repeated fields that should be single are read as their first)."""
+    return {field.name: field for field in reversed(fields)}
+
+
+def _first(data: bytes, first: dict[str, _Field], name: str) -> bytes | None:
+    field = first.get(name)
+    return None if field is None else _value(data, field)
+
+
+# --- MIME header fields ---
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mime:
+    content_type: str
+    params: list[tuple[str, str]]  # lowercased name, value (latin-1 over the raw bytes)
+    charset: str | None
+    boundary: str | None
+    encoding: str
+    content_id: bytes | None
+    description: bytes | None
+    md5: bytes | None
+    disposition: tuple[str, list[tuple[str, str]]] | None
+    language: list[bytes]
+    location: bytes | None
+
+
+# RFC 2045 §5.1: token := 1*<any (US-ASCII) CHAR except SPACE, CTLs, or tspecials>
+_TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")
+
+
+def _mime_fields(data: bytes, first: dict[str, _Field], *, default_type: str) -> _Mime:
+    content_type = default_type
+    params: list[tuple[str, str]] = []
+    raw_type = _first(data, first, "content-type")
+    if raw_type is not None:
+        kind, params = _parameters(raw_type, "content-type")
+        main, slash, sub = kind.lower().partition("/")
+        # RFC 2045 §5.2: a Content-Type that does not parse means text/plain.
+        valid = slash and _TOKEN.fullmatch(main) and _TOKEN.fullmatch(sub)
+        content_type = f"{main}/{sub}" if valid else "text/plain"
+    values = dict(reversed(params))  # the first of duplicates wins
+    charset = values.get("charset", "").strip().lower() or None
+    boundary = values.get("boundary") or None
+
+    raw_encoding = _first(data, first, "content-transfer-encoding") or b""
+    encoding = raw_encoding.decode("latin-1").replace("(", " ").replace(";", " ").split()
+    disposition = None
+    raw_disposition = _first(data, first, "content-disposition")
+    if raw_disposition is not None:
+        kind, disposition_params = _parameters(raw_disposition, "content-disposition")
+        if _TOKEN.fullmatch(kind.strip()):
+            disposition = (kind.strip(), disposition_params)
+    raw_language = _first(data, first, "content-language") or b""
+    return _Mime(
+        content_type=content_type,
+        params=params,
+        charset=charset,
+        boundary=boundary,
+        encoding=encoding[0].lower() if encoding else "7bit",
+        content_id=_first(data, first, "content-id"),
+        description=_first(data, first, "content-description"),
+        md5=_first(data, first, "content-md5"),
+        disposition=disposition,
+        language=[tag.strip() for tag in raw_language.split(b",") if tag.strip()],
+        location=_first(data, first, "content-location"),
+    )
+
+
+# RFC 2231 §7 attribute-char: what may stay unescaped in an extended parameter value.
+_ATTRIBUTE_SAFE = "!#$&+-.^_`|~"
+
+
+def _parameters(value: bytes, header: str) -> tuple[str, list[tuple[str, str]]]:
+    """The leading type and the parameters of a Content-Type or Content-Disposition value, names
+    lowercased, duplicates kept, RFC 2231 continuations joined. An RFC 2231 extended value stays encoded,
+    under its name with a star ("name*" = "utf-8''r%C3%A9sum%C3%A9.pdf") as Dovecot sends it: clients
+    that know RFC 2231 decode it, and no charset conversion happens here."""
+    text = value[:_PARAMS_MAX].decode("latin-1").replace("\r", " ").replace("\n", " ")
+    holder = email.message.Message()
+    holder[header] = text
+    try:
+        # Typed as str values, but RFC 2231 values come as (charset, language, value) tuples.
+        items: Sequence[tuple[str, object]] = holder.get_params(header=header) or []
+    except Exception:  # the email package on hostile input (e.g. a continuation number of 5000 digits)
+        return text.partition(";")[0].strip(), []
+    if not items:
+        return "", []
+    params: list[tuple[str, str]] = []
+    for name, param in items[1:]:
+        if not _TOKEN.fullmatch(name):
+            continue
+        if isinstance(param, tuple):
+            charset, language, encoded = param
+            if charset is None:  # continuations without an encoded segment
+                params.append((name, encoded))
+                continue
+            octets = urllib.parse.quote(encoded.encode("latin-1", "replace"), safe=_ATTRIBUTE_SAFE)
+            params.append((name + "*", f"{charset}'{language or ''}'{octets}"))
+        elif isinstance(param, str) and param:
+            params.append((name, param))
+    return items[0][0].strip(), params
+
+
+# --- Multipart ---
+
+
+def _split_multipart(data: bytes, start: int, end: int, boundary: bytes, max_parts: int) -> list[tuple[int, int]]:
+    """The (start, end) of each body part in the multipart body [start, end). RFC 2046 §5.1.1: a
+    delimiter is "--boundary" at the start of a line, followed by optional white space; the CRLF before it
+    belongs to it; "--boundary--" closes; preamble and epilogue are not parts. A close delimiter that never
+    comes leaves the last part running to `end`."""
+    marker = b"--" + boundary
+    # "^" in MULTILINE matches after each LF; searches start at line starts, where it matches too.
+    delimiter = re.compile(b"^" + re.escape(marker), re.MULTILINE)
+    spans: list[tuple[int, int]] = []
+    part_start = -1  # -1 until the first delimiter
+    pos = start
+    while found_match := delimiter.search(data, pos, end):
+        found = found_match.start()
+        pos = found + 1
+        after = found + len(marker)
+        newline = data.find(b"\n", after, end)
+        line_end = end if newline < 0 else newline + 1
+        closing = data.startswith(b"--", after, line_end)
+        # Only white space may follow a delimiter, so that a nested boundary that merely starts with ours
+        # ("--b" and "--b-inner", as some mailers make them) is not taken for ours.
+        if not closing and data[after:line_end].strip(b" \t\r\n"):
+            continue
+        if part_start >= 0:
+            part_end = found - 1
+            if data[part_end - 1 : part_end] == b"\r":
+                part_end -= 1
+            spans.append((part_start, max(part_start, part_end)))
+        if closing or len(spans) == max_parts:
+            return spans
+        part_start = line_end
+        pos = line_end
+    if part_start >= 0:
+        spans.append((part_start, end))
+    return spans
+
+
+# --- Rendering (RFC 3501 §7.4.2, §9 body, envelope) ---
+
+
+def _string(value: bytes) -> bytes:
+    # NUL is not allowed in an IMAP4rev1 string, quoted or literal (CHAR8 = %x01-ff).
+    value = value.replace(b"\x00", b"")
+    if len(value) > _QUOTED_MAX or not value.isascii() or b"\r" in value or b"\n" in value:
+        return b"{%d}\r\n" % len(value) + value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _nstring(value: bytes | None) -> bytes:
+    return b"NIL" if value is None else _string(value)
+
+
+def _text(value: str) -> bytes:
+    return _string(value.encode("latin-1", "replace"))
+
+
+def _param_list(params: Sequence[tuple[str, str]]) -> bytes:
+    """body-fld-param: names uppercased as in RFC 3501's examples, values as sent."""
+    if not params:
+        return b"NIL"
+    return b"(" + b" ".join(_text(name.upper()) + b" " + _text(value) for name, value in params) + b")"
+
+
+def _count_lines(data: bytes, start: int, end: int) -> int:
+    """Lines in [start, end): each line terminator ends one, and a last line without one counts too."""
+    lines = data.count(b"\n", start, end)
+    if end > start and data[end - 1] != 0x0A:
+        lines += 1
+    return lines
+
+
+def _extension(mime: _Mime) -> bytes:
+    """body-fld-dsp SP body-fld-lang SP body-fld-loc, shared by single parts and multiparts."""
+    if mime.disposition is None:
+        disposition = b"NIL"
+    else:
+        kind, params = mime.disposition
+        disposition = b"(" + _text(kind.upper()) + b" " + _param_list(params) + b")"
+    language = b"(" + b" ".join(_string(tag) for tag in mime.language) + b")" if mime.language else b"NIL"
+    return disposition + b" " + language + b" " + _nstring(mime.location)
+
+
+def _single(data: bytes, part: Part, mime: _Mime, inner: _Parsed | None, *, extended: bool) -> bytes:
+    """body-type-basic, body-type-text or body-type-msg, with body-ext-1part if `extended`."""
+    main, _, sub = part.content_type.partition("/")
+    params = mime.params
+    if main == "text" and not any(name == "charset" for name, _ in params):
+        params = [*params, ("charset", "US-ASCII")]  # RFC 2045 §5.2, written out as RFC 3501's examples do
+    items = [
+        _text(main.upper()),
+        _text(sub.upper()),
+        _param_list(params),
+        _nstring(mime.content_id),
+        _nstring(mime.description),
+        _text(part.encoding.upper()),
+        b"%d" % (part.end - part.body_start),
+    ]
+    lines = b"%d" % _count_lines(data, part.body_start, part.end)
+    if inner is not None:
+        assert inner.envelope is not None
+        items += [inner.envelope, inner.bodystructure if extended else inner.body, lines]
+    elif main == "text":
+        items.append(lines)
+    if extended:
+        items += [_nstring(mime.md5), _extension(mime)]
+    return b"(" + b" ".join(items) + b")"
+
+
+def _multipart(mime: _Mime, children: Sequence[bytes], content_type: str, *, extended: bool) -> bytes:
+    """body-type-mpart: the children with no space between them, the subtype, then body-ext-mpart."""
+    rendered = b"(" + b"".join(children) + b" " + _text(content_type.partition("/")[2].upper())
+    if extended:
+        rendered += b" " + _param_list(mime.params) + b" " + _extension(mime)
+    return rendered + b")"
+
+
+def _envelope(data: bytes, first: dict[str, _Field]) -> bytes:
+    """RFC 3501 §7.4.2 ENVELOPE. Values are raw (encoded words are the client's to decode); absent or empty
+    fields are NIL."""
+
+    def raw(name: str) -> bytes | None:
+        return _first(data, first, name) or None
+
+    sender_from = _addresses(raw("from"))
+    # RFC 3501 §7.4.2: an absent or empty Sender or Reply-To is given the value of From.
+    sender = _addresses(raw("sender"))
+    reply_to = _addresses(raw("reply-to"))
+    items = [
+        _nstring(raw("date")),
+        _nstring(raw("subject")),
+        sender_from,
+        sender_from if sender == b"NIL" else sender,
+        sender_from if reply_to == b"NIL" else reply_to,
+        _addresses(raw("to")),
+        _addresses(raw("cc")),
+        _addresses(raw("bcc")),
+        _nstring(raw("in-reply-to")),
+        _nstring(raw("message-id")),
+    ]
+    return b"(" + b" ".join(items) + b")"
+
+
+_GROUP_END = b"(NIL NIL NIL NIL)"
+_ROUTE = re.compile(r"<\s*@[^<>\"]*?:")  # RFC 5322 §4.4 obs-route, dropped as every client ignores it
+
+
+def _addresses(value: bytes | None) -> bytes:
+    """An address list as RFC 3501 renders it: one (name adl mailbox host) per mailbox; a group is
+    (NIL NIL "group" NIL), its members, then (NIL NIL NIL NIL). NIL if there are no addresses.
+
+    Groups are found here; email.utils.getaddresses reads the mailboxes but drops group names."""
+    if value is None:
+        return b"NIL"
+    rendered: list[bytes] = []
+    in_group = False
+    for text, separator in _split_address_list(value.decode("latin-1")):
+        if len(rendered) >= MAX_ADDRESSES:
+            break
+        if separator == ":" and not in_group:
+            name = text.strip()
+            rendered.append(b"(NIL NIL " + _text(_unquote(name)) + b" NIL)")
+            in_group = True
+            continue
+        rendered += _mailboxes(text)
+        if separator == ";" and in_group:
+            rendered.append(_GROUP_END)
+            in_group = False
+    if in_group:
+        rendered.append(_GROUP_END)
+    return b"(" + b"".join(rendered) + b")" if rendered else b"NIL"
+
+
+def _split_address_list(text: str) -> Iterator[tuple[str, str]]:
+    """The pieces of an address list between top-level "," ":" and ";" (outside quoted strings, comments
+    and angle brackets), each with the separator that ended it ("" at the end)."""
+    piece_start = 0
+    quoted = False
+    comment_depth = 0
+    angle = False
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if quoted:
+            if char == "\\":
+                index += 1
+            elif char == '"':
+                quoted = False
+        elif comment_depth:
+            if char == "\\":
+                index += 1
+            elif char == "(":
+                comment_depth += 1
+            elif char == ")":
+                comment_depth -= 1
+        elif char == '"':
+            quoted = True
+        elif char == "(":
+            comment_depth = 1
+        elif char == "<":
+            angle = True
+        elif char == ">":
+            angle = False
+        elif char in ",:;" and not angle:
+            yield text[piece_start:index], char
+            piece_start = index + 1
+        index += 1
+    yield text[piece_start:], ""
+
+
+def _mailboxes(text: str) -> list[bytes]:
+    if not text.strip():
+        return []
+    try:
+        pairs = email.utils.getaddresses([_ROUTE.sub("<", text)])
+    except Exception:  # the email package on hostile input: no address rather than no message
+        return []
+    rendered = []
+    for name, address in pairs:
+        if not name and not address:
+            continue
+        local, at, host = address.rpartition("@")
+        if not at:
+            local, host = address, ""  # RFC 3501: a NIL host would mean a group; "" says missing
+        rendered.append(
+            b"(" + (_text(name) if name else b"NIL") + b" NIL " + _text(_unquote(local)) + b" " + _text(host) + b")"
+        )
+    return rendered
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", text[1:-1])
+    return text
+
+
+# --- Sections (RFC 3501 §6.4.5) ---
+
+_SECTION_TEXTS = frozenset({"", "HEADER", "TEXT", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "MIME"})
+
+
+def section(data: bytes, analysis: Analysis, spec: str, fields: Sequence[str] = ()) -> bytes | None:
+    """The bytes of BODY[<spec>] (RFC 3501 §6.4.5). `spec` is a section-spec without the field list:
+    "", "HEADER", "TEXT", "HEADER.FIELDS", "HEADER.FIELDS.NOT", or part numbers ("1.2") optionally
+    followed by one of those or "MIME"; `fields` are the names for HEADER.FIELDS[.NOT]. None if the part
+    does not exist (or HEADER/TEXT follow a part that is not a message/rfc822); ValueError if `spec` is
+    not a section-spec."""
+    numbers, text = _parse_spec(spec)
+    message = analysis.root
+    if numbers:
+        part = _find_part(analysis.root, numbers)
+        if part is None:
+            return None
+        if text == "":
+            return data[part.body_start : part.end]
+        if text == "MIME":
+            return data[part.header_start : part.body_start]
+        # HEADER and TEXT after part numbers address a message/rfc822 part's encapsulated message.
+        if part.content_type != "message/rfc822" or not part.parts:
+            return None
+        message = part.parts[0]
+    elif text == "":
+        return data
+    if text == "HEADER":
+        return data[message.header_start : message.body_start]
+    if text == "TEXT":
+        return data[message.body_start : message.end]
+    return _header_fields(data, message, fields, exclude=text == "HEADER.FIELDS.NOT")
+
+
+def _parse_spec(spec: str) -> tuple[list[int], str]:
+    components = spec.upper().split(".") if spec else []
+    numbers: list[int] = []
+    while components and components[0].isdigit():
+        number = components.pop(0)
+        if number.startswith("0") or not number.isascii():  # nz-number
+            raise ValueError(f"not a section: {spec!r}")
+        numbers.append(int(number))
+    text = ".".join(components)
+    if text not in _SECTION_TEXTS or (text == "MIME" and not numbers):
+        raise ValueError(f"not a section: {spec!r}")
+    return numbers, text
+
+
+def _find_part(root: Part, numbers: Sequence[int]) -> Part | None:
+    """RFC 3501 §6.4.5: part numbers index a multipart's children; a message that is not multipart has
+    one part, 1, its body; a number after a message/rfc822 part indexes its encapsulated message."""
+    part = root
+    reached = False  # whether `part` was reached through a part number, rather than being the message
+    for number in numbers:
+        is_message = not reached
+        if reached and part.content_type == "message/rfc822" and part.parts:
+            part = part.parts[0]
+            is_message = True
+        if part.content_type.startswith("multipart/") and part.parts:
+            if number > len(part.parts):
+                return None
+            part = part.parts[number - 1]
+        elif not (number == 1 and is_message):
+            return None
+        reached = True
+    return part
+
+
+def _header_fields(data: bytes, message: Part, names: Sequence[str], *, exclude: bool) -> bytes:
+    """The header lines (folding kept) of the fields named, or of the others if `exclude`, in message
+    order, then the empty line."""
+    wanted = {name.lower() for name in names}
+    _, fields = _scan_header(data, message.header_start, message.body_start)
+    out = []
+    for field in fields:
+        if (field.name in wanted) != exclude:
+            lines = data[field.start : field.end]
+            out.append(lines if lines.endswith(b"\n") else lines + b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+# --- Search ---
+
+
+def header_value(data: bytes, analysis: Analysis, name: str) -> str | None:
+    """The unfolded value of the top-level header field `name`, encoded words decoded (RFC 2047), for
+    SEARCH; several fields of that name are joined with newlines. None if there is none."""
+    root = analysis.root
+    _, fields = _scan_header(data, root.header_start, root.body_start)
+    wanted = name.lower()
+    values = [_decode_words(_value(data, field)) for field in fields if field.name == wanted]
+    return "\n".join(values) if values else None
+
+
+def _decode_words(raw: bytes) -> str:
+    # latin-1 keeps every byte as one character, so 8-bit text outside encoded words comes back intact
+    # (decode_header returns it through raw-unicode-escape, which is latin-1 below U+0100).
+    try:
+        pieces = email.header.decode_header(raw.decode("latin-1"))
+    except Exception:  # a malformed encoded word: search the text as it is
+        return _decode_unlabelled(raw)
+    decoded = []
+    for piece, charset in pieces:
+        octets = piece.encode("latin-1", "replace") if isinstance(piece, str) else piece
+        if charset is None:
+            decoded.append(_decode_unlabelled(octets))
+        else:
+            decoded.append(_decode_charset(octets, charset.partition("*")[0]))  # RFC 2231 §5: charset*lang
+    return "".join(decoded)
+
+
+def text_for_search(data: bytes, analysis: Analysis) -> str:
+    """Every text/* body, transfer encoding and charset decoded (errors replaced), joined with newlines:
+    what SEARCH BODY and TEXT look in."""
+    texts = []
+    stack = [analysis.root]
+    while stack:
+        part = stack.pop()
+        if part.parts:
+            stack.extend(reversed(part.parts))
+        elif part.content_type.startswith("text/"):
+            octets = _transfer_decode(data[part.body_start : part.end], part.encoding)
+            texts.append(_decode_charset(octets, part.charset or ""))
+    return "\n".join(texts)
+
+
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
+
+
+def _transfer_decode(body: bytes, encoding: str) -> bytes:
+    if encoding == "base64":
+        # Forgiving: line breaks, stray characters and missing padding are common.
+        cleaned = _NOT_BASE64.sub(b"", body)
+        if len(cleaned) % 4 == 1:
+            cleaned = cleaned[:-1]  # a lone sextet holds no whole octet
+        cleaned += b"=" * (-len(cleaned) % 4)
+        try:
+            return binascii.a2b_base64(cleaned)
+        except binascii.Error:
+            return body
+    if encoding == "quoted-printable":
+        return binascii.a2b_qp(body)
+    return body
+
+
+def _decode_charset(octets: bytes, charset: str) -> str:
+    if charset.strip().lower() not in ("", "us-ascii", "ascii"):
+        try:
+            return octets.decode(charset.strip(), "replace")
+        except (LookupError, UnicodeError, ValueError, TypeError):  # unknown, or not a text codec
+            pass
+    return _decode_unlabelled(octets)
+
+
+def _decode_unlabelled(octets: bytes) -> str:
+    """Undeclared 8-bit text: UTF-8 if it is, else windows-1252 (which mail software writes most)."""
+    try:
+        return octets.decode("utf-8")
+    except UnicodeDecodeError:
+        return octets.decode("cp1252", "replace")
