@@ -560,7 +560,7 @@ class Session:
         folder = status.folder
         values = {
             "MESSAGES": status.messages,
-            "RECENT": 0,
+            "RECENT": status.recent,
             "UIDNEXT": folder.uidnext,
             "UIDVALIDITY": folder.uidvalidity,
             "UNSEEN": status.unseen,

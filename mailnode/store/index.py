@@ -66,6 +66,7 @@ class FolderStatus:
     messages: int
     unseen: int
     size: int
+    recent: int = 0  # messages no session has seen as \\Recent yet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +131,12 @@ class Index:
         folder = self.folder(name)
         if folder is None:
             return None
-        count, unseen, size = self._db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(instr(' ' || flags || ' ', ' \\Seen ') = 0), 0), COALESCE(SUM(size), 0)"
-            " FROM messages WHERE folder_id = ?",
-            (folder.id,),
+        count, unseen, size, recent = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(instr(' ' || flags || ' ', ' \\Seen ') = 0), 0), COALESCE(SUM(size), 0),"
+            " COALESCE(SUM(uid >= ?), 0) FROM messages WHERE folder_id = ?",
+            (folder.first_recent, folder.id),
         ).fetchone()
-        return FolderStatus(folder, count, unseen, size)
+        return FolderStatus(folder, count, unseen, size, recent)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Cursor]:

@@ -142,8 +142,11 @@ def test_create_rename_delete_subscribe_status(imap: imaplib.IMAP4, node: Runnin
     names = {line.decode().rsplit(" ", 1)[-1] for line in data}
     assert "Jobs" in names and "Archive" not in names
     deliver(node, message(1), message(2))
-    typ, data = imap.status("INBOX", "(MESSAGES UNSEEN UIDNEXT UIDVALIDITY HIGHESTMODSEQ)")
-    assert re.match(rb"INBOX \(MESSAGES 2 UNSEEN 2 UIDNEXT 3 UIDVALIDITY \d+ HIGHESTMODSEQ \d+\)", data[0])
+    typ, data = imap.status("INBOX", "(MESSAGES RECENT UNSEEN UIDNEXT UIDVALIDITY HIGHESTMODSEQ)")
+    assert re.match(rb"INBOX \(MESSAGES 2 RECENT 2 UNSEEN 2 UIDNEXT 3 UIDVALIDITY \d+ HIGHESTMODSEQ \d+\)", data[0])
+    imap.select("INBOX")  # this session takes \Recent
+    typ, data = imap.status("INBOX", "(RECENT)")
+    assert data[0] == b"INBOX (RECENT 0)"
     assert imap.delete("Jobs")[0] == "OK"
     assert imap.delete("INBOX")[0] == "NO"
     assert imap.delete("Nowhere")[0] == "NO"
