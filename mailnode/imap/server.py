@@ -527,7 +527,7 @@ class Session:
     async def cmd_list(self, command: protocol.Command) -> None:
         assert self.account is not None
         options = protocol.parse_list_args(command.args)
-        folders = await self.account.folders()
+        folders = sorted(await self.account.folders(), key=lambda f: (f.name != "INBOX", f.name))  # INBOX first
         names = {f.name for f in folders}
         lsub = command.name == "LSUB"
         subscribed_only = lsub or "SUBSCRIBED" in options.selection
