@@ -58,6 +58,7 @@ class Node:
         self._servers: list[asyncio.Server] = []
         self._handlers: list[smtp.SMTPHandler] = []
         self._imap_sessions: list[set[imap.Session]] = []
+        self._analyses = imap.AnalysisCache()  # shared by the imap and imaps listeners
         self._runner: web.AppRunner | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
@@ -107,7 +108,7 @@ class Node:
             imap_server, sessions = await imap.start_listener(
                 config=self.config, directory=lambda: self.watcher.current, store=self.store,
                 authenticator=self.authenticator, metrics=self.metrics, host=listen.host, port=port, tls=tls,
-                implicit_tls=implicit,
+                implicit_tls=implicit, analyses=self._analyses,
             )  # fmt: skip
             self._servers.append(imap_server)
             self._imap_sessions.append(sessions)

@@ -199,6 +199,20 @@ def needs_body(key: SearchKey) -> bool:
     return any(isinstance(node, Body | Text) for node in _walk(key))
 
 
+def header_fields(key: SearchKey) -> frozenset[str] | None:
+    """The header fields (lower case) a search reads, or None when it needs more than single fields
+    (the body, or the whole header for TEXT)."""
+    fields: set[str] = set()
+    for node in _walk(key):
+        if isinstance(node, Body | Text):
+            return None
+        if isinstance(node, Header):
+            fields.add(node.field.lower())
+        elif isinstance(node, SentDate):
+            fields.add("date")
+    return frozenset(fields)
+
+
 def referenced_modseq(key: SearchKey) -> bool:
     """Whether MODSEQ was used: the response must then end with (MODSEQ <highest>) (RFC 7162 §3.1.5)."""
     return any(isinstance(node, ModSeq) for node in _walk(key))

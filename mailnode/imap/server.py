@@ -16,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import bisect
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -37,7 +38,10 @@ log = logging.getLogger(__name__)
 DELIMITER = "/"
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk", "Archive": "\\Archive"}
-_READ_BATCH = 64  # message files read per Gateway trip while answering FETCH or SEARCH
+_READ_BATCH = 64  # message files read per Gateway trip while answering FETCH
+_SEARCH_BATCH = 256  # messages (headers or whole) read per Gateway trip while answering SEARCH
+_SUMMARY_BATCH = 1024  # messages per FETCH response batch when no file is read
+_ANALYSES_KEPT = 20_000  # parsed structures kept in memory, per node
 
 CAPABILITIES = (
     "IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN "
@@ -81,10 +85,50 @@ class _Selected:
         return 0
 
 
+class AnalysisCache:
+    """Parsed message structures by (mailbox, file path). A message file never changes, so an entry
+    never goes stale; the least recently used are dropped beyond `size`."""
+
+    def __init__(self, size: int = _ANALYSES_KEPT) -> None:
+        self._size = size
+        self._entries: collections.OrderedDict[tuple[str, str], mime.Analysis] = collections.OrderedDict()
+        self._headers: collections.OrderedDict[tuple[str, str], dict[str, str | None]] = collections.OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> mime.Analysis | None:
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[str, str], analysis: mime.Analysis) -> None:
+        self._entries[key] = analysis
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def headers(self, key: tuple[str, str]) -> dict[str, str | None]:
+        """The header field values SEARCH has looked up in this message so far (filled by the caller)."""
+        found = self._headers.get(key)
+        if found is None:
+            found = self._headers[key] = {}
+            if len(self._headers) > self._size:
+                self._headers.popitem(last=False)
+        else:
+            self._headers.move_to_end(key)
+        return found
+
+
 class _Target:
     """A message as SEARCH sees it (implements search.SearchTarget)."""
 
-    def __init__(self, session: Session, seq: int, message: Message, data: bytes | None, analysis: Any) -> None:
+    def __init__(
+        self,
+        session: Session,
+        seq: int,
+        message: Message,
+        data: bytes | None,
+        analysis: Any,
+        headers: dict[str, str | None],
+    ) -> None:
         selected = session.selected
         assert selected is not None
         self.seq = seq
@@ -99,11 +143,15 @@ class _Target:
         self.largest_uid = selected.uids[-1] if selected.uids else 0
         self._data = data
         self._analysis = analysis
+        self._headers = headers  # this message's field values found so far (shared through the cache)
 
     def header(self, name: str) -> str | None:
-        if self._data is None:
-            return None
-        return mime.header_value(self._data, self._analysis, name)
+        key = name.lower()
+        if key not in self._headers:
+            if self._data is None:
+                return None
+            self._headers[key] = mime.header_value(self._data, self._analysis, name)
+        return self._headers[key]
 
     def headers_text(self) -> str:
         if self._data is None:
@@ -145,6 +193,7 @@ class Session:
         tls: ssl.SSLContext | None,
         implicit_tls: bool,
         listener: str,
+        analyses: AnalysisCache,
     ) -> None:
         self._reader = reader
         self._writer = writer
@@ -156,6 +205,7 @@ class Session:
         self._tls = tls
         self.is_tls = implicit_tls
         self._listener = listener
+        self._analysis_cache = analyses
         self.user: MailboxEntry | None = None
         self.account: Account | None = None
         self.selected: _Selected | None = None
@@ -671,6 +721,29 @@ class Session:
 
     # -- selected ---------------------------------------------------------------------------------------
 
+    async def _analyses(self, messages: Sequence[Message]) -> dict[int, mime.Analysis]:
+        """The MIME analysis of each message: from memory, else from the index cache, else parsed now."""
+        assert self.selected is not None and self.account is not None and self.user is not None
+        cache = self._analysis_cache
+        result: dict[int, mime.Analysis] = {}
+        missing: list[Message] = []
+        for message in messages:
+            found = cache.get((self.user.address, message.path))
+            if found is None:
+                missing.append(message)
+            else:
+                result[message.uid] = found
+        if missing:
+            stored = await self.account.structures(self.selected.name, missing, _analysis_json)
+            for message in missing:
+                try:
+                    analysis = mime.Analysis.from_json(stored[message.uid])
+                except ValueError:  # cached by an older mailnode: parse again
+                    analysis = mime.analyze((await self.account.read([message]))[0])
+                cache.put((self.user.address, message.path), analysis)
+                result[message.uid] = analysis
+        return result
+
     async def report_changes(self, *, expunge: bool) -> None:
         """Tell the client what changed in the selected folder since it last heard (RFC 3501 §7)."""
         selected = self.selected
@@ -736,11 +809,12 @@ class Session:
         selected = self.selected
         assert selected is not None
         numbers = protocol.parse_sequence_set(sequence)
+        uids = selected.uids
         if uid:
-            largest = selected.uids[-1] if selected.uids else 0
-            return [(i + 1, u) for i, u in enumerate(selected.uids) if numbers.contains(u, largest)]
-        count = len(selected.uids)
-        result = [(i + 1, u) for i, u in enumerate(selected.uids) if numbers.contains(i + 1, count)]
+            largest = uids[-1] if uids else 0
+            return [(selected.seq(u), u) for u in numbers.iter(uids, largest)]
+        count = len(uids)
+        result = [(n, uids[n - 1]) for n in numbers.iter(range(1, count + 1), count)]
         if not result:  # RFC 3501 §9 seq-number: a number beyond the mailbox is an error
             raise _Bad("Invalid message sequence number: no such message")
         return result
@@ -791,21 +865,38 @@ class Session:
             args = args[2:]
         del return_options
         key = search.parse_search(args)
-        messages = await self.account.messages(selected.name, uids=list(selected.uids))
+        messages = await self.account.messages(selected.name)
         by_uid_map = {m.uid: m for m in messages}
         ordered = [(i + 1, by_uid_map[u]) for i, u in enumerate(selected.uids) if u in by_uid_map]
         hits: list[tuple[int, Message]] = []
         content = search.needs_content(key)
-        for start in range(0, len(ordered), _READ_BATCH if content else len(ordered) or 1):
-            chunk = ordered[start : start + (_READ_BATCH if content else len(ordered))]
+        body = search.needs_body(key)
+        fields = search.header_fields(key)
+        assert self.user is not None
+        address = self.user.address
+        cache = self._analysis_cache
+        batch = _SEARCH_BATCH if content else max(len(ordered), 1)
+        for start in range(0, len(ordered), batch):
+            chunk = ordered[start : start + batch]
             datas: list[bytes | None] = [None] * len(chunk)
-            analyses: dict[int, str] = {}
+            analyses: dict[int, mime.Analysis] = {}
+            headers = [cache.headers((address, m.path)) for _, m in chunk]
             if content:
-                datas = list(await self.account.read([m for _, m in chunk]))
-                analyses = await self.account.structures(selected.name, [m for _, m in chunk], _analysis_json)
-            for (seq, message), data in zip(chunk, datas, strict=True):
-                analysis = mime.Analysis.from_json(analyses[message.uid]) if data is not None else None
-                if search.evaluate(key, _Target(self, seq, message, data, analysis)):
+                # A search on single header fields reads no file for messages whose fields are known
+                # from earlier searches, and only the header block of the others.
+                unread = [
+                    position for position, known in enumerate(headers) if fields is None or not fields <= known.keys()
+                ]
+                if unread:
+                    wanted = [chunk[position][1] for position in unread]
+                    analyses = await self._analyses(wanted)
+                    limits = None if body else [analyses[m.uid].root.body_start for m in wanted]
+                    read = await self.account.read(wanted, limits=limits)
+                    for position, contents in zip(unread, read, strict=True):
+                        datas[position] = contents
+            for (seq, message), data, known in zip(chunk, datas, headers, strict=True):
+                analysis = analyses.get(message.uid)
+                if search.evaluate(key, _Target(self, seq, message, data, analysis, known)):
                     hits.append((seq, message))
         numbers = [str(m.uid if by_uid else seq) for seq, m in hits]
         line = "* SEARCH" + "".join(f" {n}" for n in numbers)
@@ -833,8 +924,8 @@ class Session:
         if changed_since is not None:
             targets = [(s, u) for s, u in targets if selected.modseqs.get(u, 0) > changed_since]
         names = {item.name for item in items}
-        needs_structure = bool(names & {"ENVELOPE", "BODYSTRUCTURE", "BODY"}) or any(
-            item.section is not None for item in items
+        needs_structure = bool(names & {"ENVELOPE", "BODYSTRUCTURE", "RFC822.HEADER", "RFC822.TEXT"}) or any(
+            (item.name == "BODY" and item.section is None) or item.section for item in items
         )
         needs_data = any(item.section is not None for item in items) or bool(
             names & {"RFC822", "RFC822.HEADER", "RFC822.TEXT"}
@@ -843,13 +934,17 @@ class Session:
             item.name in ("BODY", "RFC822", "RFC822.TEXT") and (item.section is not None or item.name != "BODY")
             for item in items
         )
-        for start in range(0, len(targets), _READ_BATCH if needs_data else 1024):
-            chunk = targets[start : start + (_READ_BATCH if needs_data else 1024)]
-            messages = {m.uid: m for m in await self.account.messages(selected.name, uids=[u for _, u in chunk])}
+        every = len(targets) > _READ_BATCH  # one query for the whole folder beats many small ones
+        all_messages = {m.uid: m for m in await self.account.messages(selected.name)} if every else {}
+        for start in range(0, len(targets), _READ_BATCH if needs_data else _SUMMARY_BATCH):
+            chunk = targets[start : start + (_READ_BATCH if needs_data else _SUMMARY_BATCH)]
+            messages = all_messages or {
+                m.uid: m for m in await self.account.messages(selected.name, uids=[u for _, u in chunk])
+            }
             present = [(s, messages[u]) for s, u in chunk if u in messages]
-            structures: dict[int, str] = {}
+            analyses: dict[int, mime.Analysis] = {}
             if needs_structure:
-                structures = await self.account.structures(selected.name, [m for _, m in present], _analysis_json)
+                analyses = await self._analyses([m for _, m in present])
             datas: list[bytes] = []
             if needs_data:
                 datas = await self.account.read([m for _, m in present])
@@ -863,7 +958,7 @@ class Session:
                         selected.flags[message.uid] = message.flags
                         selected.modseqs[message.uid] = message.modseq
             for position, (seq, message) in enumerate(present):
-                analysis = mime.Analysis.from_json(structures[message.uid]) if needs_structure else None
+                analysis = analyses.get(message.uid)
                 data = datas[position] if needs_data else None
                 self._writer.write(self._render_fetch(seq, message, items, by_uid, analysis, data, sets_seen))
             await self.flush()
@@ -910,14 +1005,20 @@ class Session:
             elif name == "BODY" and item.section is None:
                 assert analysis is not None
                 out.append(b"BODY " + analysis.body)
-            elif name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT"):
+            elif name == "RFC822":
+                assert data is not None
+                out.append(b"RFC822 " + protocol.quote(data))
+            elif name in ("RFC822.HEADER", "RFC822.TEXT"):
                 assert data is not None and analysis is not None
-                spec = {"RFC822": "", "RFC822.HEADER": "HEADER", "RFC822.TEXT": "TEXT"}[name]
-                body = mime.section(data, analysis, spec) or b""
+                body = mime.section(data, analysis, "HEADER" if name == "RFC822.HEADER" else "TEXT") or b""
                 out.append(name.encode() + b" " + protocol.quote(body))
             elif name in ("BODY", "BODY.PEEK"):
-                assert data is not None and analysis is not None and item.section is not None
-                body = mime.section(data, analysis, item.section, item.fields) or b""
+                assert data is not None and item.section is not None
+                if item.section == "":
+                    body = data  # the whole message: no structure needed
+                else:
+                    assert analysis is not None
+                    body = mime.section(data, analysis, item.section, item.fields) or b""
                 label = f"BODY[{item.section}"
                 if item.fields:
                     label += " (" + " ".join(item.fields) + ")"
@@ -1049,6 +1150,7 @@ async def start_listener(
     port: int,
     tls: ssl.SSLContext | None,
     implicit_tls: bool,
+    analyses: AnalysisCache,
 ) -> tuple[asyncio.Server, set[Session]]:
     """Serve IMAP (STARTTLS) or IMAPS (implicit TLS). Returns the server and the set of live sessions."""
     sessions: set[Session] = set()
@@ -1057,7 +1159,7 @@ async def start_listener(
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = Session(
             reader, writer, config=config, directory=directory, store=store, authenticator=authenticator,
-            metrics=metrics, tls=tls, implicit_tls=implicit_tls, listener=listener,
+            metrics=metrics, tls=tls, implicit_tls=implicit_tls, listener=listener, analyses=analyses,
         )  # fmt: skip
         session.task = asyncio.current_task()
         sessions.add(session)

@@ -171,12 +171,18 @@ class Account:
         assert isinstance(result, list)
         return result
 
-    async def read(self, messages: Sequence[index.Message]) -> list[bytes]:
-        """The stored bytes of each message (one Gateway trip for all)."""
+    async def read(self, messages: Sequence[index.Message], *, limits: Sequence[int] | None = None) -> list[bytes]:
+        """The stored bytes of each message, or its first `limits[i]` bytes (one Gateway trip for all)."""
         root = maildir.mailbox_dir(self._store.root, self.address)
 
         def read() -> list[bytes]:
-            return [(root / m.path).read_bytes() for m in messages]
+            if limits is None:
+                return [(root / m.path).read_bytes() for m in messages]
+            result = []
+            for message, limit in zip(messages, limits, strict=True):
+                with (root / message.path).open("rb") as file:
+                    result.append(file.read(limit))
+            return result
 
         return await self._store._gateway.run(read)
 
@@ -187,13 +193,14 @@ class Account:
         those that have none yet. One Gateway trip for all."""
 
         def load(mailbox: _Mailbox) -> dict[int, str]:
+            cached = mailbox.index.structures(name, (m.uid for m in messages))
             result: dict[int, str] = {}
             for message in messages:
-                cached = mailbox.index.structure(name, message.uid)
-                if cached is None:
-                    cached = compute((mailbox.path / message.path).read_bytes())
-                    mailbox.index.set_structure(name, message.uid, cached)
-                result[message.uid] = cached
+                structure = cached.get(message.uid)
+                if structure is None:
+                    structure = compute((mailbox.path / message.path).read_bytes())
+                    mailbox.index.set_structure(name, message.uid, structure)
+                result[message.uid] = structure
             return result
 
         result = await self._run(load)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 SCHEMA_VERSION = 2
+_IN_LIMIT = 500  # UIDs per `IN (...)` query, well under SQLite's parameter limit
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS folders (
@@ -239,12 +240,18 @@ class Index:
                 self._bump_modseq(cur, folder.id)
         return removed
 
-    def structure(self, name: str, uid: int) -> str | None:
-        row = self._db.execute(
-            "SELECT m.structure FROM messages m JOIN folders f ON f.id = m.folder_id WHERE f.name = ? AND m.uid = ?",
-            (name, uid),
-        ).fetchone()
-        return row[0] if row else None
+    def structures(self, name: str, uids: Iterable[int]) -> dict[int, str | None]:
+        wanted = sorted(set(uids))
+        result: dict[int, str | None] = {}
+        for start in range(0, len(wanted), _IN_LIMIT):
+            chunk = wanted[start : start + _IN_LIMIT]
+            marks = ",".join("?" * len(chunk))
+            sql = (
+                "SELECT m.uid, m.structure FROM messages m JOIN folders f ON f.id = m.folder_id"
+                f" WHERE f.name = ? AND m.uid IN ({marks})"
+            )
+            result.update(self._db.execute(sql, (name, *chunk)).fetchall())
+        return result
 
     def set_structure(self, name: str, uid: int, structure: str) -> None:
         self._db.execute(
@@ -293,18 +300,22 @@ class Index:
         return uids
 
     def messages(self, folder: str | None = None, *, uids: Iterable[int] | None = None) -> list[Message]:
+        """Rows in (folder, uid) order: all, a folder's, or (with a folder) those UIDs of it."""
         query = (
             "SELECT f.name, m.uid, m.path, m.flags, m.modseq, m.internal_date, m.size"
             " FROM messages m JOIN folders f ON f.id = m.folder_id"
         )
-        params: tuple[str, ...] = ()
-        if folder is not None:
-            query += " WHERE f.name = ?"
-            params = (folder,)
-        rows = [Message(*row) for row in self._db.execute(query + " ORDER BY f.name, m.uid", params)]
-        if uids is not None:
-            wanted = set(uids)
-            rows = [m for m in rows if m.uid in wanted]
+        if folder is None:
+            return [Message(*row) for row in self._db.execute(query + " ORDER BY f.name, m.uid")]
+        if uids is None:
+            return [Message(*row) for row in self._db.execute(query + " WHERE f.name = ? ORDER BY m.uid", (folder,))]
+        wanted = sorted(set(uids))
+        rows: list[Message] = []
+        for start in range(0, len(wanted), _IN_LIMIT):
+            chunk = wanted[start : start + _IN_LIMIT]
+            marks = ",".join("?" * len(chunk))
+            sql = f"{query} WHERE f.name = ? AND m.uid IN ({marks}) ORDER BY m.uid"
+            rows.extend(Message(*row) for row in self._db.execute(sql, (folder, *chunk)))
         return rows
 
     def paths(self) -> set[str]:
