@@ -46,9 +46,12 @@ class Node:
             poll_interval=config.directory_poll_interval,
             on_reload=self._directory_reloaded,
         )
+        # Password hashing is slow on purpose: it gets threads of its own, so a burst of logins
+        # never queues mail reads and writes behind it.
+        self.auth_gateway = Gateway(workers=2)
         self.authenticator = Authenticator(
             directory=lambda: self.watcher.current,
-            gateway=self.gateway,
+            gateway=self.auth_gateway,
             metrics=self.metrics,
             base_delay=config.smtp.auth_failure_delay,
             max_delay=config.smtp.auth_failure_delay_max,
@@ -153,6 +156,7 @@ class Node:
         if self._runner is not None:
             await self._runner.cleanup()
         self.gateway.close()
+        self.auth_gateway.close()
         log.info("node stopped", extra={"fields": {"node": self.config.node_name}})
 
     def status(self) -> dict[str, Any]:

@@ -93,6 +93,7 @@ class AnalysisCache:
         self._size = size
         self._entries: collections.OrderedDict[tuple[str, str], mime.Analysis] = collections.OrderedDict()
         self._headers: collections.OrderedDict[tuple[str, str], dict[str, str | None]] = collections.OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
 
     def get(self, key: tuple[str, str]) -> mime.Analysis | None:
         found = self._entries.get(key)
@@ -104,6 +105,9 @@ class AnalysisCache:
         self._entries[key] = analysis
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
+
+    def lock(self, address: str) -> asyncio.Lock:
+        return self._locks.setdefault(address, asyncio.Lock())
 
     def headers(self, key: tuple[str, str]) -> dict[str, str | None]:
         """The header field values SEARCH has looked up in this message so far (filled by the caller)."""
@@ -131,19 +135,36 @@ class _Target:
     ) -> None:
         selected = session.selected
         assert selected is not None
+        self._selected = selected
+        self._message = message
         self.seq = seq
         self.uid = message.uid
-        self.flags = frozenset(selected.flags.get(message.uid, message.flags).split()) | (
-            {"\\Recent"} if message.uid in selected.recent else set()
-        )
         self.size = message.size
-        self.internal_date = datetime.datetime.fromtimestamp(message.internal_date, datetime.UTC)
-        self.modseq = selected.modseqs.get(message.uid, message.modseq)
-        self.largest_seq = len(selected.uids)
-        self.largest_uid = selected.uids[-1] if selected.uids else 0
         self._data = data
         self._analysis = analysis
         self._headers = headers  # this message's field values found so far (shared through the cache)
+
+    # The rest is computed only when the search asks for it.
+    @property
+    def flags(self) -> frozenset[str]:
+        flags = frozenset(self._selected.flags.get(self.uid, self._message.flags).split())
+        return flags | {"\\Recent"} if self.uid in self._selected.recent else flags
+
+    @property
+    def internal_date(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self._message.internal_date, datetime.UTC)
+
+    @property
+    def modseq(self) -> int:
+        return self._selected.modseqs.get(self.uid, self._message.modseq)
+
+    @property
+    def largest_seq(self) -> int:
+        return len(self._selected.uids)
+
+    @property
+    def largest_uid(self) -> int:
+        return self._selected.uids[-1] if self._selected.uids else 0
 
     def header(self, name: str) -> str | None:
         key = name.lower()
@@ -726,22 +747,33 @@ class Session:
         assert self.selected is not None and self.account is not None and self.user is not None
         cache = self._analysis_cache
         result: dict[int, mime.Analysis] = {}
-        missing: list[Message] = []
-        for message in messages:
-            found = cache.get((self.user.address, message.path))
-            if found is None:
-                missing.append(message)
-            else:
-                result[message.uid] = found
-        if missing:
-            stored = await self.account.structures(self.selected.name, missing, _analysis_json)
-            for message in missing:
-                try:
-                    analysis = mime.Analysis.from_json(stored[message.uid])
-                except ValueError:  # cached by an older mailnode: parse again
-                    analysis = mime.analyze((await self.account.read([message]))[0])
-                cache.put((self.user.address, message.path), analysis)
-                result[message.uid] = analysis
+
+        def collect() -> list[Message]:
+            missing: list[Message] = []
+            for message in messages:
+                found = cache.get((address, message.path))
+                if found is None:
+                    missing.append(message)
+                else:
+                    result[message.uid] = found
+            return missing
+
+        address = self.user.address
+        missing = collect()
+        if not missing:
+            return result
+        # One session at a time fills a mailbox's misses; sessions that wait find them filled.
+        async with cache.lock(address):
+            missing = collect()
+            if missing:
+                stored = await self.account.structures(self.selected.name, missing, _analysis_json)
+                for message in missing:
+                    try:
+                        analysis = mime.Analysis.from_json(stored[message.uid])
+                    except ValueError:  # cached by an older mailnode: parse again
+                        analysis = mime.analyze((await self.account.read([message]))[0])
+                    cache.put((address, message.path), analysis)
+                    result[message.uid] = analysis
         return result
 
     async def report_changes(self, *, expunge: bool) -> None:
@@ -957,10 +989,16 @@ class Session:
                     for message in changed:
                         selected.flags[message.uid] = message.flags
                         selected.modseqs[message.uid] = message.modseq
-            for position, (seq, message) in enumerate(present):
-                analysis = analyses.get(message.uid)
-                data = datas[position] if needs_data else None
-                self._writer.write(self._render_fetch(seq, message, items, by_uid, analysis, data, sets_seen))
+            # One write per batch: a write per message would be a send() system call per message.
+            self._writer.write(
+                b"".join(
+                    self._render_fetch(
+                        seq, message, items, by_uid, analyses.get(message.uid), datas[i] if needs_data else None,
+                        sets_seen,
+                    )
+                    for i, (seq, message) in enumerate(present)
+                )
+            )  # fmt: skip
             await self.flush()
         await self.report_changes(expunge=by_uid)
         self.send(f"{command.tag} OK {command.name} completed")
