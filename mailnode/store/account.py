@@ -60,6 +60,8 @@ class Account:
         return self._store.switchboard
 
     async def _run(self, fn: Callable[[_Mailbox], object]) -> object:
+        """Run a change under the mailbox's write lock, in a Gateway thread."""
+
         def locked() -> object:
             mailbox = self._store._open_mailbox(self.address)
             with mailbox.lock:
@@ -67,18 +69,28 @@ class Account:
 
         return await self._store._gateway.run(locked)
 
+    async def _read(self, fn: Callable[[index.Index], object]) -> object:
+        """Run a query on the mailbox's read connection, beside any change in progress."""
+
+        def read() -> object:
+            mailbox = self._store._open_mailbox(self.address)
+            with mailbox.read_lock:
+                return fn(mailbox.reader)
+
+        return await self._store._gateway.run(read)
+
     def _publish(self, change: changes.Change) -> None:
         self._store.switchboard.publish(self.address, change)
 
     # -- folders ------------------------------------------------------------------------------------
 
     async def folders(self) -> list[index.Folder]:
-        result = await self._run(lambda m: m.index.folders())
+        result = await self._read(lambda reader: reader.folders())
         assert isinstance(result, list)
         return result
 
     async def status(self, name: str) -> index.FolderStatus | None:
-        result = await self._run(lambda m: m.index.status(name))
+        result = await self._read(lambda reader: reader.status(name))
         assert result is None or isinstance(result, index.FolderStatus)
         return result
 
@@ -159,7 +171,9 @@ class Account:
             if folder is None:
                 return None
             first_recent = mailbox.index.take_recent(name) if take_recent else folder.uidnext
-            return Selected(folder, mailbox.index.messages(name), first_recent)
+            with mailbox.read_lock:
+                messages = mailbox.reader.messages(name)
+            return Selected(folder, messages, first_recent)
 
         result = await self._run(select)
         assert result is None or isinstance(result, Selected)
@@ -167,7 +181,7 @@ class Account:
 
     async def messages(self, name: str, uids: Iterable[int] | None = None) -> list[index.Message]:
         wanted = None if uids is None else list(uids)
-        result = await self._run(lambda m: m.index.messages(name, uids=wanted))
+        result = await self._read(lambda reader: reader.messages(name, uids=wanted))
         assert isinstance(result, list)
         return result
 
@@ -192,18 +206,23 @@ class Account:
         """The cached structure (e.g. MIME analysis as JSON) of each message, computed and saved for
         those that have none yet. One Gateway trip for all."""
 
-        def load(mailbox: _Mailbox) -> dict[int, str]:
-            cached = mailbox.index.structures(name, (m.uid for m in messages))
+        def load() -> dict[int, str]:
+            mailbox = self._store._open_mailbox(self.address)
+            with mailbox.read_lock:
+                cached = mailbox.reader.structures(name, (m.uid for m in messages))
             result: dict[int, str] = {}
+            computed: dict[int, str] = {}
             for message in messages:
                 structure = cached.get(message.uid)
                 if structure is None:
-                    structure = compute((mailbox.path / message.path).read_bytes())
-                    mailbox.index.set_structure(name, message.uid, structure)
+                    structure = computed[message.uid] = compute((mailbox.path / message.path).read_bytes())
                 result[message.uid] = structure
+            if computed:
+                with mailbox.lock:
+                    mailbox.index.set_structures(name, computed)
             return result
 
-        result = await self._run(load)
+        result = await self._store._gateway.run(load)
         assert isinstance(result, dict)
         return result
 

@@ -184,11 +184,12 @@ class Index:
     def take_recent(self, name: str) -> int:
         """RFC 3501 \\Recent: returns the first UID that is recent for this session and moves the mark,
         so no other session sees those messages as recent."""
-        with self._transaction() as cur:
-            row = cur.execute("SELECT first_recent, uidnext FROM folders WHERE name = ?", (name,)).fetchone()
-            if row is None:
-                raise KeyError(name)
-            cur.execute("UPDATE folders SET first_recent = ? WHERE name = ?", (row[1], name))
+        row = self._db.execute("SELECT first_recent, uidnext FROM folders WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise KeyError(name)
+        if row[0] != row[1]:  # only when something arrived since: most SELECTs write nothing
+            with self._transaction() as cur:
+                cur.execute("UPDATE folders SET first_recent = ? WHERE name = ?", (row[1], name))
         return int(row[0])
 
     def set_flags(
@@ -253,11 +254,14 @@ class Index:
             result.update(self._db.execute(sql, (name, *chunk)).fetchall())
         return result
 
-    def set_structure(self, name: str, uid: int, structure: str) -> None:
-        self._db.execute(
-            "UPDATE messages SET structure = ? WHERE uid = ? AND folder_id = (SELECT id FROM folders WHERE name = ?)",
-            (structure, uid, name),
-        )
+    def set_structures(self, name: str, structures: dict[int, str]) -> None:
+        """Cache parsed structures, all in one transaction (one fsync, not one per message)."""
+        with self._transaction() as cur:
+            cur.executemany(
+                "UPDATE messages SET structure = ? WHERE uid = ?"
+                " AND folder_id = (SELECT id FROM folders WHERE name = ?)",
+                ((structure, uid, name) for uid, structure in structures.items()),
+            )
 
     def create_folder(self, name: str) -> Folder:
         existing = self.folder(name)

@@ -62,7 +62,10 @@ class _Mailbox:
         self.path = path
         durable.ensure_dir(path)
         self.index = index.Index(path / "index.sqlite")
-        self.lock = threading.RLock()  # one thread at a time uses the index connection
+        self.lock = threading.RLock()  # one thread at a time uses the index connection (and writes)
+        # A second connection for reads: in WAL mode they run beside a write that waits for its fsync.
+        self.reader = index.Index(path / "index.sqlite")
+        self.read_lock = threading.Lock()
         self.folders: set[str] = set()
 
     def ensure_folder(self, name: str) -> Path:
@@ -144,6 +147,7 @@ class MailStore:
         with self._lock:
             for mailbox in self._mailboxes.values():
                 mailbox.index.close()
+                mailbox.reader.close()
             self._mailboxes.clear()
 
     # -- queries --------------------------------------------------------------------------------------
@@ -172,8 +176,8 @@ class MailStore:
             if address not in self._mailboxes and not maildir.mailbox_dir(self.root, address).exists():
                 return []
             mailbox = self._open_mailbox(address)
-            with mailbox.lock:
-                return mailbox.index.messages(folder)
+            with mailbox.read_lock:
+                return mailbox.reader.messages(folder)
 
         return await self._gateway.run(read)
 
