@@ -37,7 +37,9 @@ class Node:
         self, config: NodeConfig, *, gateway: Gateway | None = None, metrics: NodeMetrics | None = None
     ) -> None:
         self.config = config
-        self.gateway = gateway or Gateway()
+        # Many store threads: most of their time is spent waiting (fsync, the mailbox write lock), and
+        # a read must not queue behind writes that wait.
+        self.gateway = gateway or Gateway(workers=16)
         self.metrics = metrics or NodeMetrics()
         self.store = MailStore(config.data_dir, gateway=self.gateway)
         self.watcher = DirectoryWatcher(

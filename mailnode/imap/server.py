@@ -970,16 +970,19 @@ class Session:
         all_messages = {m.uid: m for m in await self.account.messages(selected.name)} if every else {}
         for start in range(0, len(targets), _READ_BATCH if needs_data else _SUMMARY_BATCH):
             chunk = targets[start : start + (_READ_BATCH if needs_data else _SUMMARY_BATCH)]
-            messages = all_messages or {
-                m.uid: m for m in await self.account.messages(selected.name, uids=[u for _, u in chunk])
-            }
-            present = [(s, messages[u]) for s, u in chunk if u in messages]
+            datas: list[bytes] = []
+            if all_messages:
+                present = [(s, all_messages[u]) for s, u in chunk if u in all_messages]
+                if needs_data:
+                    datas = await self.account.read([m for _, m in present])
+            else:  # rows and files in one Gateway trip
+                loaded = await self.account.load(selected.name, [u for _, u in chunk], data=needs_data)
+                rows = {message.uid: (message, data) for message, data in loaded}
+                present = [(s, rows[u][0]) for s, u in chunk if u in rows]
+                datas = [rows[m.uid][1] or b"" for _, m in present]
             analyses: dict[int, mime.Analysis] = {}
             if needs_structure:
                 analyses = await self._analyses([m for _, m in present])
-            datas: list[bytes] = []
-            if needs_data:
-                datas = await self.account.read([m for _, m in present])
             if sets_seen:
                 unseen = [m.uid for _, m in present if "\\Seen" not in selected.flags.get(m.uid, "").split()]
                 if unseen:

@@ -185,6 +185,18 @@ class Account:
         assert isinstance(result, list)
         return result
 
+    async def load(self, name: str, uids: Sequence[int], *, data: bool) -> list[tuple[index.Message, bytes | None]]:
+        """Rows of these UIDs and, with data=True, their files' bytes: one Gateway trip for both."""
+        root = maildir.mailbox_dir(self._store.root, self.address)
+
+        def load() -> list[tuple[index.Message, bytes | None]]:
+            mailbox = self._store._open_mailbox(self.address)
+            with mailbox.read_lock:
+                rows = mailbox.reader.messages(name, uids=uids)
+            return [(m, (root / m.path).read_bytes() if data else None) for m in rows]
+
+        return await self._store._gateway.run(load)
+
     async def read(self, messages: Sequence[index.Message], *, limits: Sequence[int] | None = None) -> list[bytes]:
         """The stored bytes of each message, or its first `limits[i]` bytes (one Gateway trip for all)."""
         root = maildir.mailbox_dir(self._store.root, self.address)
