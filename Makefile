@@ -40,9 +40,10 @@ unit: bootstrap ## unit tests only
 	$(BIN)/pytest -q tests/unit
 
 .PHONY: bench
-bench: ## benchmarks: the node against Postfix on this machine (not a test)
+bench: ## benchmarks: the node against Postfix (SMTP) and Dovecot (IMAP) on this machine (not a test)
 	@scripts/bootstrap --bench
 	$(PY) -m bench.smtp
+	$(PY) -m bench.imap
 
 .PHONY: clean
 clean: ## remove the virtualenv, caches and local run state

@@ -137,6 +137,11 @@ class IMAPConfig(_Model):
     max_literal: ByteSize = pydantic.Field(64 * 1024 * 1024, ge=1024)  # the largest APPEND
 
 
+class AuthConfig(_Model):
+    # Seconds a successful password check is remembered (0: never), as Dovecot's auth_cache_ttl.
+    cache_ttl: float = pydantic.Field(300.0, ge=0)
+
+
 class DomainConfig(_Model):
     domain: Domain
     alias_domains: list[Domain] = []
@@ -153,6 +158,7 @@ class NodeConfig(_Model):
     tls: TLSConfig | None = None
     smtp: SMTPConfig = SMTPConfig()
     imap: IMAPConfig = IMAPConfig()
+    auth: AuthConfig = AuthConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @pydantic.model_validator(mode="after")

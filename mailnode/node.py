@@ -57,6 +57,7 @@ class Node:
             metrics=self.metrics,
             base_delay=config.smtp.auth_failure_delay,
             max_delay=config.smtp.auth_failure_delay_max,
+            cache_ttl=config.auth.cache_ttl,
         )
         self.metrics.track_store(size=self.store.total_bytes, messages=self.store.total_messages)
         self.ports: dict[str, int] = {}

@@ -63,3 +63,38 @@ async def test_failures_from_one_address_wait_longer_and_longer() -> None:
     assert await auth.authenticate("user@example.com", "secret", remote="10.0.0.1", protocol="smtp")
     await auth.authenticate("user@example.com", "wrong", remote="10.0.0.1", protocol="smtp")
     assert slept[-1] == 1.0  # a success clears the count
+
+
+class _CountingGateway(Gateway):
+    def __init__(self) -> None:
+        super().__init__(workers=1)
+        self.runs = 0
+
+    async def run(self, fn, /, *args, **kwargs):
+        self.runs += 1
+        return await super().run(fn, *args, **kwargs)
+
+
+async def test_successful_checks_are_remembered_until_the_password_changes() -> None:
+    now = [0.0]
+    gateway = _CountingGateway()
+    entry = MailboxEntry(address="user@example.com", password_hash=cheap_hash("secret"))
+    directory = [Directory([entry], domains=DOMAINS)]
+    auth = Authenticator(
+        directory=lambda: directory[0], gateway=gateway, metrics=NodeMetrics(), base_delay=0, max_delay=0,
+        cache_ttl=300, clock=lambda: now[0],
+    )  # fmt: skip
+    assert await auth.authenticate("user@example.com", "secret", remote="a", protocol="imap")
+    assert await auth.authenticate("user@example.com", "secret", remote="a", protocol="imap")
+    assert gateway.runs == 1  # the second check came from memory
+    assert not await auth.authenticate("user@example.com", "wrong", remote="a", protocol="imap")
+    now[0] += 301
+    assert await auth.authenticate("user@example.com", "secret", remote="a", protocol="imap")
+    assert gateway.runs == 3  # expired: verified again
+    changed = MailboxEntry(address="user@example.com", password_hash=cheap_hash("new"))
+    directory[0] = Directory([changed], domains=DOMAINS)
+    assert not await auth.authenticate("user@example.com", "secret", remote="a", protocol="imap")
+    assert await auth.authenticate("user@example.com", "new", remote="a", protocol="imap")
+    suspended = MailboxEntry(address="user@example.com", password_hash=changed.password_hash, suspended=True)
+    directory[0] = Directory([suspended], domains=DOMAINS)
+    assert not await auth.authenticate("user@example.com", "new", remote="a", protocol="imap")

@@ -1,0 +1,1261 @@
+"""The IMAP benchmark: the node's IMAP listener against a private Dovecot on this machine.
+
+Both servers hold the same `--messages`-message mailbox (generated deterministically from `--seed`:
+text/plain, multipart/alternative, some with a base64 attachment, 2-50 KiB) in a Maildir, and get the
+same load: `--sessions` concurrent sessions, each repeating `--cycles` times the cycle LOGIN, SELECT
+INBOX, UID FETCH 1:* (FLAGS RFC822.SIZE ENVELOPE BODYSTRUCTURE), 50 UID FETCH BODY.PEEK[] of random
+messages, 5 UID STORE +FLAGS (\\Seen), 3 UID SEARCH (UNSEEN, FROM, SUBJECT), APPEND, LOGOUT over a new
+connection to 127.0.0.1. Every command counts as one operation; operations/s = operations / wall time.
+Then `--idle-sessions` sessions LOGIN, SELECT and IDLE, and the servers' memory is read from /proc.
+
+The node gets its mailbox over its SMTP MX port (the real delivery path) and fsyncs what it stores;
+Dovecot gets the same messages written into its Maildir before it starts (indexed on the first SELECT)
+and `mail_fsync = always`. LOGIN checks the node's argon2id hash on both servers (Dovecot verifies the
+very same hash string, in its single auth process), unless `--dovecot-password plain`; both remember a
+successful login for 5 minutes (the node's auth.cache_ttl default, Dovecot's auth_cache_ttl set to the
+same), so each server verifies the hash once per client and password. One warm-up session per server before the timed run. The client is
+one asyncio process; its CPU time is reported next to the servers' to show it is not the bottleneck.
+
+The node side is configured through `listen.imap` and `imap.allow_plaintext_login: true` in its config;
+a node whose config refuses these keys, or with nothing answering on that port, is skipped ("node has no
+IMAP listener yet"), not failed. Everything lives in one temporary directory, removed at the end; every
+process started here is stopped, also on error or interrupt. The Dovecot side needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import concurrent.futures
+import dataclasses
+import datetime
+import email.utils
+import os
+import pwd
+import quopri
+import random
+import re
+import resource
+import shutil
+import signal
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Coroutine, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from bench.smtp import (
+    DOMAIN,
+    HOST,
+    LOCAL_PART,
+    RECIPIENT,
+    SENDER,
+    START_TIMEOUT,
+    BenchError,
+    errors_logged,
+    filesystem,
+    free_ports,
+    http_ok,
+    machine,
+    signals_raise,
+    stop_process,
+    tail,
+    wait_for,
+)
+from mailnode import passwords
+
+PASSWORD = "bench"
+COMMAND_TIMEOUT = 120.0  # seconds for one IMAP command (the first full FETCH on a cold index is the slowest)
+IMAP_GRACE = 5.0  # seconds the node's IMAP port may take to answer once the node is ready
+SMTP_SESSIONS = 10  # parallel SMTP sessions delivering the node's mailbox
+IDLE_SETTLE = 2.0  # seconds between the last session entering IDLE and reading the memory
+LINE_LIMIT = 4 * 1024 * 1024  # the client's longest response line (a FETCH line with a BODYSTRUCTURE)
+READ_SIZE = 256 * 1024  # bytes the client asks the socket for at a time
+
+BODY_FETCHES = 50
+STORES = 5
+SEARCHES = 3
+COMMANDS_PER_CYCLE = 3 + BODY_FETCHES + STORES + SEARCHES + 2  # LOGIN SELECT FETCH-all ... APPEND LOGOUT
+SUMMARY_ITEMS = "(FLAGS RFC822.SIZE ENVELOPE BODYSTRUCTURE)"
+
+# The latency table's rows, in cycle order ("connect" is the TCP connection and the greeting: no command).
+KINDS = ("connect", "LOGIN", "SELECT", "FETCH 1:*", "FETCH BODY[]", "STORE", "SEARCH", "APPEND", "LOGOUT")
+
+
+class Skipped(Exception):
+    """A server that cannot be benchmarked yet (the node without its IMAP listener): not a failure."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Load:
+    messages: int
+    sessions: int
+    cycles: int
+    idle_sessions: int
+    seed: int
+    timeout: float  # seconds for each phase: preload, workload, opening the idle sessions
+
+
+# ---------------------------------------------------------------------------------------------------
+# The mailbox: deterministic, varied messages
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    messages: list[bytes]  # CRLF line ends, as SMTP and APPEND carry them
+    appends: list[bytes]  # what the sessions APPEND (matching neither search term)
+    from_term: str
+    subject_term: str
+    from_hits: int  # messages of `messages` whose From contains from_term (case-insensitive)
+    subject_hits: int  # ... whose decoded Subject contains subject_term
+
+    @property
+    def size(self) -> int:
+        return sum(len(message) for message in self.messages)
+
+
+FIRST_NAMES = (
+    "Anna", "Ben", "Clara", "David", "Elif", "Farid", "Greta", "Hannes", "Ines", "Jonas", "Kemal", "Lea",
+    "Mira", "Noah", "Olga", "Paul", "Rosa", "Sven", "Tara", "Yusuf",
+)  # fmt: skip
+LAST_NAMES = (
+    "Albrecht", "Berger", "Costa", "Dietrich", "Eriksen", "Fischer", "Gruber", "Hoffmann", "Ivanova", "Jansen",
+    "Keller", "Lindqvist", "Moreau", "Novak", "Okafor", "Peters", "Quist", "Richter", "Santos", "Weber",
+)  # fmt: skip
+NON_ASCII_NAMES = ("Jürgen Müller", "Zoë Dubois", "Søren Kjær", "Ana Muñoz", "Çağla Öztürk")
+SENDER_DOMAINS = ("example.com", "example.net", "example.org", "mail.example.de", "lists.example.net")
+FROM_TERM = "vogelsang"  # the one sender whose address and name contain it
+TERM_SENDER = ("Vera Vogelsang", "vera.vogelsang@lists.example.net")
+TOPICS = (
+    "budget review", "release planning", "server migration", "team offsite", "quarterly numbers",
+    "contract renewal", "hiring update", "backup policy", "conference travel", "customer feedback",
+    "security audit", "office move", "roadmap draft", "support ticket", "training schedule",
+)  # fmt: skip
+SUBJECT_TERM = "invoice"  # only the "Invoice ..." subjects contain it
+SUBJECTS = (
+    "{topic}", "Re: {topic}", "Fwd: {topic}", "Re: Re: {topic}", "{Topic} - follow-up", "Question about the {topic}",
+    "Notes from the {topic} meeting", "Invoice {number} for {month}", "Reminder: {topic} on {weekday}",
+    "[announce] {Topic}",
+)  # fmt: skip
+NON_ASCII_SUBJECTS = ("Grüße aus {city}", "Café am {weekday}?", "Résumé: {topic}", "Überprüfung Nr. {number}")
+CITIES = ("München", "Zürich", "Malmö", "Köln", "Genève")
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October")
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
+WORDS = (
+    "the", "a", "we", "you", "they", "it", "is", "are", "was", "will", "can", "should", "have", "need", "see",
+    "send", "check", "review", "update", "plan", "meeting", "report", "server", "team", "project", "budget",
+    "week", "month", "today", "tomorrow", "customer", "change", "release", "draft", "version", "number",
+    "question", "answer", "problem", "solution", "time", "date", "list", "file", "document", "backup", "disk",
+    "network", "office", "travel", "schedule", "agenda", "notes", "point", "idea", "proposal", "contract",
+    "and", "or", "but", "so", "if", "when", "before", "after", "with", "without", "for", "from", "to", "about",
+    "new", "old", "next", "last", "first", "final", "quick", "short", "long", "open", "closed", "small", "large",
+    "please", "thanks", "again", "also", "still", "already", "soon", "later", "maybe", "probably", "clearly",
+)  # fmt: skip
+NON_ASCII_WORDS = ("Grüße", "Straße", "Übersicht", "größer", "déjà", "café", "naïve", "Ångström", "señor", "€", "½")
+MAILERS = ("Thunderbird 115.8.0", "Apple Mail (2.3774)", "Microsoft Outlook 16.0", "K-9 Mail 6.800", "mutt 2.2.12")
+
+
+def _paragraph(rng: random.Random, *, non_ascii: bool) -> str:
+    """A paragraph of 2-6 sentences wrapped at 72 columns, LF line ends."""
+    words: list[str] = []
+    for _ in range(rng.randint(2, 6)):
+        sentence = [rng.choice(WORDS) for _ in range(rng.randint(6, 18))]
+        if non_ascii:
+            sentence[rng.randrange(len(sentence))] = rng.choice(NON_ASCII_WORDS)
+        sentence[0] = sentence[0].capitalize()
+        sentence[-1] += rng.choice(".....?!")
+        words += sentence
+    lines: list[str] = []
+    line = ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > 72:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    lines.append(line)
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pool:
+    plain: list[str]  # 7-bit paragraphs
+    qp: list[str]  # non-ASCII paragraphs, quoted-printable encoded (QP works line by line)
+
+
+def _pool(rng: random.Random) -> _Pool:
+    plain = [_paragraph(rng, non_ascii=False) for _ in range(400)]
+    qp = [quopri.encodestring(_paragraph(rng, non_ascii=True).encode()).decode("ascii").rstrip("\n") for _ in range(60)]
+    return _Pool(plain, qp)
+
+
+def _encoded_word(text: str) -> str:
+    """RFC 2047 (base64) for a header text that is not ASCII."""
+    if text.isascii():
+        return text
+    return f"=?utf-8?b?{base64.b64encode(text.encode()).decode('ascii')}?="
+
+
+def _text(rng: random.Random, pool: _Pool, budget: int, *, non_ascii: bool) -> list[str]:
+    paragraphs: list[str] = []
+    length = 0
+    while length < budget:
+        paragraph = rng.choice(pool.qp) if non_ascii and rng.random() < 0.5 else rng.choice(pool.plain)
+        paragraphs.append(paragraph)
+        length += len(paragraph) + 2
+    return paragraphs
+
+
+def _plain_part(paragraphs: list[str], signature: str, *, qp: bool) -> str:
+    encoding = "quoted-printable" if qp else "7bit"
+    signature = f"-- \n{signature}\n"
+    if qp:
+        signature = quopri.encodestring(signature.encode()).decode("ascii")
+    body = "\n\n".join(paragraphs) + "\n\n" + signature
+    return f"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: {encoding}\n\n{body}"
+
+
+def _html_part(paragraphs: list[str], *, qp: bool) -> str:
+    encoding = "quoted-printable" if qp else "7bit"
+    charset = "=3D" if qp else "="  # "=" is the escape character of quoted-printable
+    body = "\n".join(f"<p>{paragraph}</p>" for paragraph in paragraphs)
+    return (
+        f"Content-Type: text/html; charset=utf-8\nContent-Transfer-Encoding: {encoding}\n\n"
+        f'<html><head><meta http-equiv{charset}"Content-Type" content{charset}"text/html; charset{charset}utf-8">'
+        f"</head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+def _multipart(subtype: str, boundary: str, parts: list[str]) -> str:
+    inner = "".join(f"--{boundary}\n{part}\n" for part in parts)
+    preamble = "This is a multi-part message in MIME format."
+    return f'Content-Type: multipart/{subtype}; boundary="{boundary}"\n\n{preamble}\n\n{inner}--{boundary}--\n'
+
+
+def build_message(
+    rng: random.Random, pool: _Pool, index: int, *, sender: tuple[str, str] | None = None, subject: str | None = None
+) -> tuple[bytes, str, str]:
+    """One message (CRLF) and its From and decoded Subject, sized 2-50 KiB (log-uniform)."""
+    if sender is None:
+        if rng.random() < 0.04:
+            sender = TERM_SENDER
+        elif rng.random() < 0.1:
+            name = rng.choice(NON_ASCII_NAMES)
+            sender = (name, f"{rng.choice(FIRST_NAMES).lower()}.{index % 7}@{rng.choice(SENDER_DOMAINS)}")
+        else:
+            first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
+            sender = (f"{first} {last}", f"{first}.{last}@{rng.choice(SENDER_DOMAINS)}".lower())
+    if subject is None:
+        values = {
+            "topic": rng.choice(TOPICS), "number": str(rng.randint(1000, 99999)), "month": rng.choice(MONTHS),
+            "weekday": rng.choice(WEEKDAYS), "city": rng.choice(CITIES),
+        }  # fmt: skip
+        values["Topic"] = values["topic"].capitalize()
+        template = rng.choice(NON_ASCII_SUBJECTS) if rng.random() < 0.1 else rng.choice(SUBJECTS)
+        subject = template.format(**values)
+    name, address = sender
+    domain = address.rpartition("@")[2]
+    date = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(
+        seconds=index * 3 * 3600 + rng.randrange(3 * 3600)
+    )
+    relay = f"mail{rng.randint(1, 9)}.{domain}"
+    headers = [
+        f"Received: from {relay} ({relay} [192.0.2.{rng.randint(1, 254)}])\n"
+        f"\tby mx.{DOMAIN} with ESMTPS id {rng.getrandbits(40):010X}\n"
+        f"\tfor <{RECIPIENT}>; {email.utils.format_datetime(date)}",
+        f"Date: {email.utils.format_datetime(date)}",
+        f"From: {_encoded_word(name)} <{address}>",
+        f"To: Bench User <{RECIPIENT}>",
+    ]
+    if rng.random() < 0.2:
+        first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
+        headers.append(f"Cc: {first} {last} <{first.lower()}.{last.lower()}@example.com>")
+    headers.append(f"Subject: {_encoded_word(subject)}")
+    headers.append(f"Message-ID: <{rng.getrandbits(64):016x}.{index}@{domain}>")
+    if subject.startswith("Re:"):
+        parent = f"<{rng.getrandbits(64):016x}@{domain}>"
+        headers += [f"In-Reply-To: {parent}", f"References: {parent}"]
+    if rng.random() < 0.5:
+        headers.append(f"User-Agent: {rng.choice(MAILERS)}")
+    headers.append("MIME-Version: 1.0")
+    target = int(2048 * 25 ** rng.random())  # 2 KiB .. 50 KiB
+    kind = rng.random()
+    attachment = ""
+    if kind >= 0.8:
+        size = rng.randint(2048, 8192)
+        filename, mime = rng.choice(
+            (("scan-{}.pdf", "application/pdf"), ("photo-{}.png", "image/png"), ("data-{}.zip", "application/zip"))
+        )
+        filename = filename.format(index)
+        encoded = base64.encodebytes(rng.randbytes(size)).decode("ascii")
+        attachment = (
+            f'Content-Type: {mime}; name="{filename}"\nContent-Transfer-Encoding: base64\n'
+            f'Content-Disposition: attachment; filename="{filename}"\n\n{encoded}'
+        )
+    non_ascii = rng.random() < 0.15 or not name.isascii()  # the signature has the name
+    budget = max(300, target - 900 - len(attachment))
+    boundary = f"=_mailfleet_{rng.getrandbits(48):012x}"
+    signature = f"{name}\n{address}"
+    alternative = kind >= 0.5 and (kind < 0.8 or rng.random() < 0.5)
+    if alternative:
+        paragraphs = _text(rng, pool, budget // 2, non_ascii=non_ascii)
+        body = _multipart(
+            "alternative",
+            boundary,
+            [_plain_part(paragraphs, signature, qp=non_ascii), _html_part(paragraphs, qp=non_ascii)],
+        )
+    else:
+        body = _plain_part(_text(rng, pool, budget, non_ascii=non_ascii), signature, qp=non_ascii)
+    if attachment:
+        body = _multipart("mixed", boundary + "_mixed", [body, attachment])
+    text = "\n".join(headers) + "\n" + body
+    return text.replace("\n", "\r\n").encode("ascii"), f"{name} <{address}>", subject
+
+
+def generate(count: int, seed: int) -> Corpus:
+    rng = random.Random(seed)
+    pool = _pool(rng)
+    messages: list[bytes] = []
+    from_hits = subject_hits = 0
+    for index in range(count):
+        message, sender, subject = build_message(rng, pool, index)
+        messages.append(message)
+        from_hits += FROM_TERM in sender.lower()
+        subject_hits += SUBJECT_TERM in subject.lower()
+    appender = ("Bench Appender", f"append@{DOMAIN}")
+    appends = [build_message(rng, pool, count + i, sender=appender, subject=f"bench append {i}")[0] for i in range(16)]
+    return Corpus(messages, appends, FROM_TERM, SUBJECT_TERM, from_hits, subject_hits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A minimal IMAP client: one connection, commands one at a time, literals framed, contents skipped
+
+
+LITERAL_RE = re.compile(rb"\{(\d+)\}\r\n\Z")
+UID_RE = re.compile(rb"[( ]UID (\d+)")
+SIZE_RE = re.compile(rb"RFC822\.SIZE (\d+)")
+
+Response = tuple[bytes, list[int]]  # a response line with literals as {N}, and the literals' sizes
+
+
+class Client:
+    """Reads through a buffer of its own (StreamReader.readuntil per line costs several times more CPU:
+    a UID FETCH 1:* answer is one line per message), so the client stays small next to the server."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, label: str) -> None:
+        self.reader, self.writer, self.label = reader, writer, label
+        self._tags = 0
+        self._buffer = b""
+        self._pos = 0  # where the unread part of _buffer starts
+
+    @classmethod
+    async def connect(cls, port: int, label: str) -> Client:
+        client: Client | None = None
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                client = cls(*await asyncio.open_connection(HOST, port, limit=READ_SIZE), label)
+                greeting, _ = await client._read()
+            if not greeting.startswith(b"* OK"):
+                raise BenchError(f"{label}: greeting {greeting.strip()[:200]!r}")
+        except BaseException as error:
+            if client is not None:
+                client.close()
+            if isinstance(error, TimeoutError):
+                raise BenchError(f"{label}: no greeting after {COMMAND_TIMEOUT:.0f} s") from error
+            if isinstance(error, OSError):
+                raise BenchError(f"{label}: connecting to {HOST}:{port}: {error!r}") from error
+            raise
+        return client
+
+    async def _fill(self) -> None:
+        chunk = await self.reader.read(READ_SIZE)
+        if not chunk:
+            raise ConnectionResetError("the server closed the connection")
+        self._buffer = self._buffer[self._pos :] + chunk
+        self._pos = 0
+
+    async def _line(self) -> bytes:
+        while (end := self._buffer.find(b"\r\n", self._pos)) < 0:
+            if len(self._buffer) - self._pos > LINE_LIMIT:
+                raise BenchError(f"{self.label}: a response line longer than {LINE_LIMIT} bytes")
+            await self._fill()
+        line = self._buffer[self._pos : end + 2]
+        self._pos = end + 2
+        return line
+
+    async def _skip(self, size: int) -> None:
+        while (available := len(self._buffer) - self._pos) < size:
+            size -= available
+            self._buffer, self._pos = b"", 0
+            await self._fill()
+        self._pos += size
+
+    async def _read(self) -> Response:
+        line = await self._line()
+        if not line.endswith(b"}\r\n"):
+            return line, []
+        parts: list[bytes] = []
+        sizes: list[int] = []
+        while (match := LITERAL_RE.search(line)) is not None:
+            size = int(match.group(1))
+            parts.append(line[: match.end() - 2])
+            sizes.append(size)
+            await self._skip(size)
+            line = await self._line()
+        parts.append(line)
+        return b"".join(parts), sizes
+
+    async def command(self, text: str, *, literal: bytes | None = None) -> list[Response]:
+        """Send a command, return its untagged responses; raises BenchError unless it ends with OK."""
+        self._tags += 1
+        tag = b"a%d " % self._tags
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                return await self._exchange(tag, text, literal)
+        except TimeoutError as error:
+            raise BenchError(f"{self.label}: {text[:60]}: no answer after {COMMAND_TIMEOUT:.0f} s") from error
+        except OSError as error:
+            raise BenchError(f"{self.label}: {text[:60]}: connection lost: {error!r}") from error
+
+    async def _exchange(self, tag: bytes, text: str, literal: bytes | None) -> list[Response]:
+        untagged: list[Response] = []
+        if literal is None:
+            self.writer.write(tag + text.encode() + b"\r\n")
+        else:
+            self.writer.write(tag + text.encode() + b" {%d}\r\n" % len(literal))
+            while True:  # a synchronizing literal: the server says "+" first
+                line, sizes = await self._read()
+                if line.startswith(b"+"):
+                    break
+                if line.startswith(tag):
+                    raise BenchError(f"{self.label}: {text[:60]}: answered {line.strip()[:300]!r}")
+                untagged.append((line, sizes))
+            self.writer.write(literal + b"\r\n")
+        await self.writer.drain()
+        while True:
+            line, sizes = await self._read()
+            if line.startswith(tag):
+                if line[len(tag) : len(tag) + 3] != b"OK ":
+                    raise BenchError(f"{self.label}: {text[:60]}: answered {line.strip()[:300]!r}")
+                return untagged
+            untagged.append((line, sizes))
+
+    async def idle(self) -> None:
+        """Enter IDLE (RFC 2177): returns once the server has sent its "+" continuation."""
+        self._tags += 1
+        tag = b"a%d " % self._tags
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                self.writer.write(tag + b"IDLE\r\n")
+                await self.writer.drain()
+                while True:
+                    line, _ = await self._read()
+                    if line.startswith(b"+"):
+                        return
+                    if line.startswith(tag):
+                        raise BenchError(f"{self.label}: IDLE: answered {line.strip()[:300]!r}")
+        except TimeoutError as error:
+            raise BenchError(f"{self.label}: IDLE: no continuation after {COMMAND_TIMEOUT:.0f} s") from error
+        except OSError as error:
+            raise BenchError(f"{self.label}: IDLE: connection lost: {error!r}") from error
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def login_command() -> str:
+    return f'LOGIN "{RECIPIENT}" "{PASSWORD}"'
+
+
+T = TypeVar("T")
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, where SIGTERM and SIGHUP cancel the work as Ctrl-C does (every session's `finally`
+    closes its connection), and then raise KeyboardInterrupt like signals_raise does outside asyncio."""
+    received: list[signal.Signals] = []
+
+    async def main() -> T:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+        def stop(sig: signal.Signals) -> None:
+            received.append(sig)
+            task.cancel()
+
+        for sig in previous:
+            loop.add_signal_handler(sig, stop, sig)
+        try:
+            return await coroutine
+        finally:
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler)  # remove_signal_handler leaves SIG_DFL behind
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if received:
+            raise KeyboardInterrupt(received[0].name) from None
+        raise
+
+
+async def run_all(coroutines: Iterable[Coroutine[Any, Any, None]], *, seconds: float, what: str) -> None:
+    """Run the coroutines together, for at most `seconds`; the first BenchError cancels the others and is raised."""
+    try:
+        async with asyncio.timeout(seconds), asyncio.TaskGroup() as group:
+            for coroutine in coroutines:
+                group.create_task(coroutine)
+    except TimeoutError as error:
+        raise BenchError(f"{what}: not done after {seconds:.0f} s") from error
+    except ExceptionGroup as group:
+        leaves: list[BaseException] = []
+        pending: list[BaseException] = [group]
+        while pending:
+            exception = pending.pop(0)
+            if isinstance(exception, BaseExceptionGroup):
+                pending.extend(exception.exceptions)
+            else:
+                leaves.append(exception)
+        first = next((leaf for leaf in leaves if isinstance(leaf, BenchError)), None)
+        if first is None:
+            raise
+        raise first from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The load
+
+
+@dataclasses.dataclass
+class Stats:
+    latencies: defaultdict[str, list[float]] = dataclasses.field(default_factory=lambda: defaultdict(list))
+    operations: int = 0
+    problems: Counter[str] = dataclasses.field(default_factory=Counter)
+
+    async def op(self, kind: str, client: Client, text: str, *, literal: bytes | None = None) -> list[Response]:
+        started = time.perf_counter()
+        responses = await client.command(text, literal=literal)
+        self.latencies[kind].append(time.perf_counter() - started)
+        self.operations += 1
+        return responses
+
+
+async def one_cycle(port: int, label: str, rng: random.Random, corpus: Corpus, stats: Stats) -> None:
+    started = time.perf_counter()
+    client = await Client.connect(port, label)
+    stats.latencies["connect"].append(time.perf_counter() - started)
+    try:
+        await stats.op("LOGIN", client, login_command())
+        await stats.op("SELECT", client, "SELECT INBOX")
+        sizes: dict[int, int] = {}
+        structures = 0
+        for line, _ in await stats.op("FETCH 1:*", client, f"UID FETCH 1:* {SUMMARY_ITEMS}"):
+            uid_match, size_match = UID_RE.search(line), SIZE_RE.search(line)
+            if uid_match is not None and size_match is not None:
+                sizes[int(uid_match.group(1))] = int(size_match.group(1))
+                structures += b"BODYSTRUCTURE" in line and b"ENVELOPE" in line
+        if len(sizes) < len(corpus.messages):
+            stats.problems[f"UID FETCH 1:* returned {len(sizes)} messages, fewer than {len(corpus.messages)}"] += 1
+        if structures != len(sizes):
+            stats.problems["UID FETCH 1:* left out ENVELOPE or BODYSTRUCTURE"] += 1
+        uids = sorted(sizes)
+        if not uids:
+            raise BenchError(f"{label}: UID FETCH 1:* returned no message")
+        for uid in (rng.choice(uids) for _ in range(BODY_FETCHES)):
+            bodies = [
+                literals[-1]
+                for line, literals in await stats.op("FETCH BODY[]", client, f"UID FETCH {uid} BODY.PEEK[]")
+                if literals and b"BODY[]" in line
+            ]
+            if not bodies or bodies[0] == 0:
+                stats.problems["UID FETCH BODY.PEEK[] returned no body"] += 1
+            elif bodies[0] != sizes[uid]:
+                stats.problems["UID FETCH BODY.PEEK[]: the body's length is not the RFC822.SIZE"] += 1
+        for uid in (rng.choice(uids) for _ in range(STORES)):
+            await stats.op("STORE", client, f"UID STORE {uid} +FLAGS (\\Seen)")
+        searches: tuple[tuple[str, int | None], ...] = (
+            ("UNSEEN", None),
+            (f'FROM "{corpus.from_term}"', corpus.from_hits),
+            (f'SUBJECT "{corpus.subject_term}"', corpus.subject_hits),
+        )
+        for criteria, expected in searches:
+            found = [line for line, _ in await stats.op("SEARCH", client, f"UID SEARCH {criteria}")]
+            hits = sum(len(line.split()) - 2 for line in found if line.startswith(b"* SEARCH"))
+            if not any(line.startswith(b"* SEARCH") for line in found):
+                stats.problems[f"UID SEARCH {criteria}: no SEARCH response"] += 1
+            elif expected is not None and hits != expected:
+                stats.problems[f"UID SEARCH {criteria}: {hits} hits, the mailbox has {expected}"] += 1
+        await stats.op("APPEND", client, "APPEND INBOX", literal=rng.choice(corpus.appends))
+        await stats.op("LOGOUT", client, "LOGOUT")
+    finally:
+        client.close()
+
+
+async def workload(port: int, server: str, load: Load, corpus: Corpus) -> Stats:
+    stats = Stats()
+
+    async def session(number: int) -> None:
+        rng = random.Random(f"{load.seed}:{number}")  # the same choices against both servers
+        for cycle in range(load.cycles):
+            await one_cycle(port, f"{server} session {number} cycle {cycle}", rng, corpus, stats)
+
+    total = load.sessions * load.cycles * COMMANDS_PER_CYCLE
+    try:
+        await run_all((session(n) for n in range(load.sessions)), seconds=load.timeout, what=f"{server} workload")
+    except BenchError as error:
+        raise BenchError(f"{error} ({stats.operations} of {total} commands done)") from error
+    return stats
+
+
+async def warm_up(port: int, server: str) -> int:
+    """One session: SELECT (Dovecot indexes the Maildir here) and every message's flags; the count."""
+    client = await Client.connect(port, f"{server} warm-up")
+    try:
+        await client.command(login_command())
+        await client.command("SELECT INBOX")
+        fetched = await client.command("UID FETCH 1:* (FLAGS)")
+        await client.command("LOGOUT")
+    finally:
+        client.close()
+    return sum(1 for line, _ in fetched if b" FETCH " in line and UID_RE.search(line))
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    processes: int
+    rss: int  # bytes, summed over the server's processes
+    pss: int  # bytes: shared pages counted once over all processes (the fair figure for Dovecot's many)
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    sessions: int
+    seconds: float  # to open, log in, select and idle them all
+    before: Usage
+    after: Usage
+
+
+async def idle_memory(port: int, server: str, root: int, load: Load) -> Memory:
+    before = tree_usage(root)
+    clients: list[Client] = []
+    idling = 0
+
+    async def open_one(number: int, gate: asyncio.Semaphore) -> None:
+        nonlocal idling
+        async with gate:
+            client = await Client.connect(port, f"{server} idle session {number}")
+            clients.append(client)
+            await client.command(login_command())
+            await client.command("SELECT INBOX")
+            await client.idle()
+            idling += 1
+
+    started = time.monotonic()
+    try:
+        gate = asyncio.Semaphore(load.sessions)  # logins as concurrent as in the workload
+        sessions = (open_one(n, gate) for n in range(load.idle_sessions))
+        try:
+            await run_all(sessions, seconds=load.timeout, what=f"{server}: opening {load.idle_sessions} IDLE sessions")
+        except BenchError as error:
+            raise BenchError(f"{error} ({idling} were in IDLE)") from error
+        seconds = time.monotonic() - started
+        await asyncio.sleep(IDLE_SETTLE)
+        after = tree_usage(root)
+    finally:
+        for client in clients:
+            client.close()
+    return Memory(load.idle_sessions, seconds, before, after)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes: the server's process tree, its CPU time and memory from /proc
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # fields 3.. of proc(5), the command name cut off
+
+
+def process_tree(root: int) -> list[int]:
+    children: defaultdict[int, list[int]] = defaultdict(list)
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))) is not None:
+            children[int(fields[1])].append(int(entry.name))
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending.extend(children[pid])
+    return tree
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of the tree: each live process's own and that of its children it reaped (Dovecot's
+    finished imap processes are in its master's cutime/cstime)."""
+    ticks = 0
+    for pid in process_tree(root):
+        if (fields := _stat_fields(pid)) is not None:
+            ticks += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    return ticks / CLOCK_TICKS
+
+
+def _kib(path: str, key: str) -> int:
+    try:
+        with open(path, encoding="ascii") as lines:  # noqa: PTH123 (proc files, read line by line)
+            for line in lines:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def tree_usage(root: int) -> Usage:
+    pids = process_tree(root)
+    rss = sum(_kib(f"/proc/{pid}/status", "VmRSS:") for pid in pids)
+    pss = sum(_kib(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in pids)
+    return Usage(len(pids), rss, pss)
+
+
+def raise_fd_limit() -> None:
+    """Soft limit of open files up to the hard limit (1,000 idle sessions need more than 1,024)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def needed_fds(load: Load) -> int:
+    return load.idle_sessions + load.sessions + 64
+
+
+# ---------------------------------------------------------------------------------------------------
+# One server's run: warm-up, timed workload, idle memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    server: str
+    skipped: str | None = None
+    preload: str = ""
+    operations: int = 0
+    seconds: float = 0.0
+    server_cpu: float = 0.0
+    client_cpu: float = 0.0
+    latencies: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    memory: Memory | None = None
+    problems: tuple[str, ...] = ()
+
+    @property
+    def rate(self) -> float:
+        return self.operations / self.seconds if self.seconds else 0.0
+
+
+def client_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_load(server: str, port: int, root: int, load: Load, corpus: Corpus, preload: str) -> Result:
+    started = time.monotonic()
+    count = run_async(warm_up(port, server))
+    print(f"{server}: warm-up session saw {count} messages in {time.monotonic() - started:.1f} s", flush=True)
+    problems: list[str] = []
+    if count != len(corpus.messages):
+        problems.append(f"{server}: the mailbox holds {count} messages, {len(corpus.messages)} were preloaded")
+    print(f"{server}: {load.sessions} sessions x {load.cycles} cycles", flush=True)
+    cpu_before, client_before, started = tree_cpu(root), client_cpu(), time.monotonic()
+    stats = run_async(workload(port, server, load, corpus))
+    seconds = time.monotonic() - started
+    server_cpu, client_seconds = tree_cpu(root) - cpu_before, client_cpu() - client_before
+    print(f"{server}: {stats.operations} commands in {seconds:.1f} s", flush=True)
+    problems += [f"{server}: {problem} ({count}x)" for problem, count in stats.problems.items()]
+    memory = None
+    if load.idle_sessions:
+        print(f"{server}: opening {load.idle_sessions} IDLE sessions", flush=True)
+        try:
+            memory = run_async(idle_memory(port, server, root, load))
+        except BenchError as error:  # the workload's figures stand
+            problems.append(str(error))
+    return Result(
+        server, preload=preload, operations=stats.operations, seconds=seconds, server_cpu=server_cpu,
+        client_cpu=client_seconds, latencies=dict(stats.latencies), memory=memory, problems=tuple(problems),
+    )  # fmt: skip
+
+
+def imap_greeting(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=2) as sock:
+            greeting = sock.recv(512)
+            sock.sendall(b"z LOGOUT\r\n")
+            return greeting.startswith(b"* OK")
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# The mail node
+
+
+def node_config(workdir: Path) -> tuple[Path, dict[str, int]]:
+    """A node config with the IMAP listener (plaintext LOGIN allowed) and a directory with one mailbox."""
+    smtp, submission, submissions, imap, http = free_ports(5)
+    ports = {"smtp": smtp, "submission": submission, "submissions": submissions, "imap": imap, "http": http}
+    config = {
+        "node_name": "bench-0",
+        "hostname": DOMAIN,
+        "domains": [{"domain": DOMAIN}],
+        "data_dir": "data",
+        "directory_file": "directory.yaml",
+        "listen": {"host": HOST, **ports},  # no tls: submission and imaps stay off, imap offers no STARTTLS
+        "imap": {"allow_plaintext_login": True},
+        "log_level": "info",
+    }
+    mailbox = {"address": RECIPIENT, "password_hash": passwords.hash_password(PASSWORD), "quota": 0}
+    (workdir / "directory.yaml").write_text(yaml.safe_dump({"mailboxes": [mailbox]}), encoding="utf-8")
+    path = workdir / "node.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path, ports
+
+
+IMAP_CONFIG_ERROR = re.compile(r"^\s*(?:listen\.imap|imap)\b.*$", re.MULTILINE)
+
+
+def deliver(port: int, corpus: Corpus, *, timeout: float) -> float:
+    """The mailbox over the node's MX port, SMTP_SESSIONS sessions in parallel; the seconds it took."""
+
+    stop = threading.Event()  # set on error or interrupt: the other sessions end after their current message
+
+    def session(messages: list[bytes]) -> None:
+        with smtplib.SMTP(HOST, port, timeout=COMMAND_TIMEOUT) as client:
+            for message in messages:
+                if stop.is_set():
+                    return
+                client.sendmail(SENDER, [RECIPIENT], message)
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(SMTP_SESSIONS) as pool:
+        futures = [pool.submit(session, corpus.messages[n::SMTP_SESSIONS]) for n in range(SMTP_SESSIONS)]
+        try:
+            for future in concurrent.futures.as_completed(futures, timeout=timeout):
+                future.result()
+        except concurrent.futures.TimeoutError as error:
+            raise BenchError(f"mailnode: delivering the mailbox over SMTP took more than {timeout:.0f} s") from error
+        except (smtplib.SMTPException, OSError) as error:
+            raise BenchError(f"mailnode: delivering the mailbox over SMTP: {error!r}") from error
+        finally:
+            stop.set()
+    return time.monotonic() - started
+
+
+def bench_node(workdir: Path, load: Load, corpus: Corpus) -> Result:
+    workdir.mkdir()
+    config, ports = node_config(workdir)
+    log_file = workdir / "node.log"
+    argv = [sys.executable, "-m", "mailnode", "serve", "--config", str(config)]
+    with log_file.open("wb") as log:
+        proc = subprocess.Popen(
+            argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=raise_fd_limit,
+        )  # fmt: skip
+
+    def died() -> str | None:
+        if proc.poll() is None:
+            return None
+        return f"mailnode exited with code {proc.returncode}; its log ends with:\n{tail(log_file)}"
+
+    try:
+        try:
+            ready = f"http://{HOST}:{ports['http']}/readyz"
+            wait_for("mailnode", lambda: http_ok(ready), timeout=START_TIMEOUT, alive=died)
+        except BenchError:
+            text = log_file.read_text(encoding="utf-8", errors="replace")
+            if proc.poll() is not None and "invalid" in text and (lines := IMAP_CONFIG_ERROR.findall(text)):
+                reasons = "; ".join(line.strip() for line in lines[:3])
+                raise Skipped(
+                    f"node has no IMAP listener yet (its config refuses listen.imap/imap: {reasons})"
+                ) from None
+            raise
+        deadline = time.monotonic() + IMAP_GRACE
+        while not imap_greeting(ports["imap"]):
+            if time.monotonic() > deadline:
+                raise Skipped(f"node has no IMAP listener yet (nothing answers on {HOST}:{ports['imap']})")
+            time.sleep(0.1)
+        print(f"mailnode ready, IMAP on {HOST}:{ports['imap']}; delivering the mailbox over SMTP", flush=True)
+        seconds = deliver(ports["smtp"], corpus, timeout=load.timeout)
+        preload = f"SMTP, {SMTP_SESSIONS} sessions: {len(corpus.messages) / seconds:.0f} msgs/s"
+        result = run_load("mailnode", ports["imap"], proc.pid, load, corpus, preload)
+        problems = list(result.problems)
+        if (why := died()) is not None:
+            problems.append(why)
+        if errors := errors_logged(log_file):
+            shown = "\n".join(f"    {line}" for line in errors[:5])
+            problems.append(f"mailnode logged {len(errors)} errors during the run, the first ones:\n{shown}")
+        return dataclasses.replace(result, problems=tuple(problems))
+    except Skipped as skipped:
+        return Result("mailnode", skipped=str(skipped))
+    finally:
+        stop_process(proc)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dovecot
+
+
+DOVECOT_CONF = """\
+# A private Dovecot for the benchmark: it shares only the programs with the system's /etc/dovecot.
+base_dir = {run}
+state_dir = {state}
+instance_name = mailfleet-bench
+log_path = {log}
+protocols = imap
+listen = {host}
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+# Successful logins remembered for 5 minutes, as the node's auth.cache_ttl (300 s) does by default.
+auth_cache_size = 10M
+auth_cache_ttl = 5 mins
+default_login_user = {login_user}
+default_internal_user = {internal_user}
+first_valid_uid = {uid}
+first_valid_gid = {gid}
+# Maildir like the node's store, fsynced like it.
+mail_location = maildir:{mail}/%d/%n
+mail_fsync = always
+# Room for the idle sessions: one imap process each (Dovecot's default), all of one user from one address.
+default_process_limit = {process_limit}
+default_client_limit = {client_limit}
+protocol imap {{
+  mail_max_userip_connections = {process_limit}
+}}
+passdb {{
+  driver = passwd-file
+  args = username_format=%u {passwd}
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={home}/%d/%n
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = {host}
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service imap {{
+  process_limit = {process_limit}
+}}
+"""
+
+
+def dovecot_tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
+    if found is None:
+        raise BenchError(f"{name} not found: install Debian's dovecot-imapd package (scripts/bootstrap --bench)")
+    return found
+
+
+def dovecot_version() -> str:
+    try:
+        done = subprocess.run([dovecot_tool("dovecot"), "--version"], capture_output=True, timeout=10, check=True)
+    except (BenchError, OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.decode().split()[0] if done.stdout.strip() else "unknown"
+
+
+def user(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError as error:
+        raise BenchError(
+            f"no user {name}: install Debian's dovecot-imapd package (scripts/bootstrap --bench)"
+        ) from error
+
+
+def chown_tree(path: Path, uid: int, gid: int) -> None:
+    os.chown(path, uid, gid)
+    for directory, subdirectories, files in os.walk(path):
+        for name in (*subdirectories, *files):
+            os.chown(os.path.join(directory, name), uid, gid)  # noqa: PTH118 (os.walk gives strings)
+
+
+def dovecot_setup(workdir: Path, load: Load, corpus: Corpus, scheme: str) -> tuple[Path, int]:
+    """The private instance's config, password file and preloaded Maildir; returns the config and port."""
+    if os.geteuid() != 0:
+        raise BenchError("the Dovecot baseline needs root (its master runs as root): run as root, or --only mailnode")
+    login_user, internal_user = user("dovenull"), user("dovecot")
+    mail_user = user("nobody")  # the mail files' owner: unprivileged, and Dovecot refuses system uids
+    (port,) = free_ports(1)
+    mail, home = workdir / "mail", workdir / "home"
+    for directory in (mail, home, workdir / "state"):
+        directory.mkdir(parents=True)
+    # argon2id: a hash as the node's directory holds it, the same LOGIN cost (Dovecot verifies it with libsodium).
+    password = "{ARGON2ID}" + passwords.hash_password(PASSWORD) if scheme == "argon2id" else "{PLAIN}" + PASSWORD
+    passwd = workdir / "users"
+    passwd.write_text(f"{RECIPIENT}:{password}\n", encoding="utf-8")
+    sessions = load.sessions + load.idle_sessions + 16
+    values = {
+        "run": workdir / "run", "state": workdir / "state", "log": workdir / "dovecot.log", "host": HOST,
+        "login_user": login_user.pw_name, "internal_user": internal_user.pw_name, "uid": mail_user.pw_uid,
+        "gid": mail_user.pw_gid, "mail": mail, "home": home, "passwd": passwd, "port": port,
+        "process_limit": max(100, sessions), "client_limit": max(1000, 2 * sessions + 100),
+    }  # fmt: skip
+    config = workdir / "dovecot.conf"
+    config.write_text(DOVECOT_CONF.format(**values), encoding="utf-8")
+    # The mailbox, as a delivery agent leaves it: one file per message in cur/, S= and W= (the size with
+    # CRLF line ends, the same here) in the name. The first SELECT builds the index.
+    maildir = mail / DOMAIN / LOCAL_PART
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    (home / DOMAIN / LOCAL_PART).mkdir(parents=True)
+    now = int(time.time())
+    for number, message in enumerate(corpus.messages):
+        name = f"{now}.M{number}P{os.getpid()}.mailfleet-bench,S={len(message)},W={len(message)}:2,"
+        (maildir / "cur" / name).write_bytes(message)
+    chown_tree(mail, mail_user.pw_uid, mail_user.pw_gid)
+    chown_tree(home, mail_user.pw_uid, mail_user.pw_gid)
+    return config, port
+
+
+def dovecot_errors(log_file: Path) -> list[str]:
+    try:
+        lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line for line in lines if any(f": {level}: " in line for level in ("Error", "Fatal", "Panic"))]
+
+
+def bench_dovecot(workdir: Path, load: Load, corpus: Corpus, *, scheme: str) -> Result:
+    workdir.mkdir()
+    started = time.monotonic()
+    config, port = dovecot_setup(workdir, load, corpus, scheme)
+    preload = f"written into the Maildir in {time.monotonic() - started:.1f} s"
+    log_file, out_file = workdir / "dovecot.log", workdir / "dovecot.out"
+    with out_file.open("wb") as out:
+        proc = subprocess.Popen(
+            [dovecot_tool("dovecot"), "-c", str(config), "-F"], stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=raise_fd_limit,
+        )  # fmt: skip
+
+    def died() -> str | None:
+        if proc.poll() is None:
+            return None
+        return (
+            f"dovecot exited with code {proc.returncode}; its output:\n{tail(out_file)}\n"
+            f"  {log_file} ends with:\n{tail(log_file)}"
+        )
+
+    try:
+        wait_for("dovecot", lambda: imap_greeting(port), timeout=START_TIMEOUT, alive=died)
+        print(f"dovecot ready on {HOST}:{port}", flush=True)
+        result = run_load("dovecot", port, proc.pid, load, corpus, preload)
+        problems = list(result.problems)
+        if (why := died()) is not None:
+            problems.append(why)
+        if errors := dovecot_errors(log_file):
+            shown = "\n".join(f"    {line}" for line in errors[:5])
+            problems.append(f"dovecot logged {len(errors)} errors during the run, the first ones:\n{shown}")
+        return dataclasses.replace(result, problems=tuple(problems))
+    finally:
+        stop_process(proc)  # the master stops its children; the process group catches any it left
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report
+
+
+def mib(value: float) -> str:
+    return f"{value / 2**20:.1f} MiB"
+
+
+def latency(values: list[float]) -> str:
+    if not values:
+        return "-"
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+    return f"{statistics.median(ordered) * 1000:.1f} / {p95 * 1000:.1f} / {ordered[-1] * 1000:.0f}"
+
+
+def report(results: list[Result], load: Load, scheme: str) -> None:
+    measured = [result for result in results if result.skipped is None and result.operations]
+    print()
+    for result in results:
+        if result.skipped is not None:
+            print(f"{result.server}: skipped: {result.skipped}")
+    if not measured:
+        return
+    print(f"{'server':<10} {'commands':>8} {'seconds':>8} {'ops/s':>8} {'server CPU s':>12} {'client CPU s':>12}")
+    for result in measured:
+        print(
+            f"{result.server:<10} {result.operations:>8} {result.seconds:>8.2f} {result.rate:>8.1f} "
+            f"{result.server_cpu:>12.1f} {result.client_cpu:>12.1f}   mailbox preload: {result.preload}"
+        )
+    by_server = {result.server: result for result in measured}
+    node, dovecot = by_server.get("mailnode"), by_server.get("dovecot")
+    if node is not None and dovecot is not None and not node.problems and dovecot.rate:
+        print(f"ratio mailnode/dovecot: {node.rate / dovecot.rate:.2f}  (ops/s)")
+    print()
+    if "dovecot" not in by_server:
+        login = "the node verifies an argon2id hash"
+    elif scheme == "argon2id":
+        login = "both servers verify the same argon2id hash; Dovecot in its one auth process"
+    else:
+        login = "the node verifies an argon2id hash, Dovecot compares a {PLAIN} password"
+    print(f"latency ms, median / p95 / max  (LOGIN: {login})")
+    print(f"{'command':<14}" + "".join(f" {result.server:>24}" for result in measured))
+    for kind in KINDS:
+        print(f"{kind:<14}" + "".join(f" {latency(result.latencies.get(kind, [])):>24}" for result in measured))
+    with_memory = [result for result in measured if result.memory is not None]
+    if with_memory:
+        print()
+        print(f"memory with {load.idle_sessions} sessions in IDLE (RSS summed over the processes; PSS: shared once)")
+        print(f"{'server':<10} {'processes':>9} {'RSS before':>12} {'RSS idle':>12} {'per session':>12} "
+              f"{'PSS before':>12} {'PSS idle':>12} {'per session':>12} {'open s':>7}")  # fmt: skip
+        for result in with_memory:
+            assert result.memory is not None
+            memory = result.memory
+            before, after = memory.before, memory.after
+            print(
+                f"{result.server:<10} {after.processes:>9} {mib(before.rss):>12} {mib(after.rss):>12} "
+                f"{(after.rss - before.rss) / memory.sessions / 1024:>9.0f} KiB "
+                f"{mib(before.pss):>12} {mib(after.pss):>12} "
+                f"{(after.pss - before.pss) / memory.sessions / 1024:>9.0f} KiB {memory.seconds:>7.1f}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+
+
+def _env_default(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.imap",
+        description="The same IMAP session load against the mail node and a private Dovecot, and their memory "
+        "with many sessions in IDLE.",
+        epilog="Defaults come from BENCH_IMAP_MESSAGES, BENCH_IMAP_SESSIONS, BENCH_IMAP_CYCLES, "
+        "BENCH_IMAP_IDLE_SESSIONS and BENCH_IMAP_TIMEOUT when set.",
+    )
+    parser.add_argument(
+        "--messages", type=_positive, default=_env_default("BENCH_IMAP_MESSAGES", "2000"),
+        help="messages in the mailbox (2000)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sessions", type=_positive, default=_env_default("BENCH_IMAP_SESSIONS", "20"),
+        help="concurrent sessions (20)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cycles", type=_positive, default=_env_default("BENCH_IMAP_CYCLES", "5"),
+        help=f"cycles per session, {COMMANDS_PER_CYCLE} commands each (5)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--idle-sessions", type=_count, default=_env_default("BENCH_IMAP_IDLE_SESSIONS", "1000"),
+        help="sessions in IDLE for the memory figures; 0: none (1000)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--timeout", type=_positive, default=_env_default("BENCH_IMAP_TIMEOUT", "600"),
+        help="seconds each phase (preload, workload, idle sessions) may take per server (600)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=1, help="seed of the generated mailbox and the sessions' choices")
+    parser.add_argument(
+        "--dovecot-password", choices=("argon2id", "plain"), default="argon2id",
+        help="Dovecot's password scheme: the node's argon2id hash (the same LOGIN cost) or {PLAIN}",
+    )  # fmt: skip
+    parser.add_argument("--only", choices=("mailnode", "dovecot"), help="benchmark one server only")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, mail)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load = Load(
+        messages=args.messages, sessions=args.sessions, cycles=args.cycles, idle_sessions=args.idle_sessions,
+        seed=args.seed, timeout=args.timeout,
+    )  # fmt: skip
+    raise_fd_limit()
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed_fds(load):
+        print(f"bench: FAILED: {needed_fds(load)} open files needed, the limit is {soft} (ulimit -Hn)", file=sys.stderr)
+        return 1
+    started = time.monotonic()
+    corpus = generate(load.messages, load.seed)
+    total = load.sessions * load.cycles * COMMANDS_PER_CYCLE
+    print(
+        f"imap: {load.messages} messages ({mib(corpus.size)}, seed {load.seed}, generated in "
+        f"{time.monotonic() - started:.1f} s); {load.sessions} sessions x {load.cycles} cycles of "
+        f"{COMMANDS_PER_CYCLE} commands = {total}: LOGIN, SELECT, UID FETCH 1:* {SUMMARY_ITEMS}, "
+        f"{BODY_FETCHES} UID FETCH BODY.PEEK[], {STORES} UID STORE, {SEARCHES} UID SEARCH, APPEND, LOGOUT; "
+        f"then {load.idle_sessions} sessions in IDLE"
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="mailfleet-bench-imap-"))
+    workdir.chmod(0o755)  # Dovecot's processes (users dovecot, dovenull, nobody) walk through it
+    print(f"machine: {machine()}; {workdir} on {filesystem(workdir)}; Dovecot {dovecot_version()}")
+    runs: dict[str, Callable[[], Result]] = {
+        "mailnode": lambda: bench_node(workdir / "mailnode", load, corpus),
+        "dovecot": lambda: bench_dovecot(workdir / "dovecot", load, corpus, scheme=args.dovecot_password),
+    }
+    results: list[Result] = []
+    try:
+        with signals_raise():
+            for server, run in runs.items():
+                if args.only in (None, server):
+                    try:
+                        results.append(run())
+                    except BenchError as error:  # this server failed; the other one still runs
+                        results.append(Result(server, problems=(str(error),)))
+    except KeyboardInterrupt as interrupt:
+        print(f"bench: interrupted {interrupt}", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report(results, load, args.dovecot_password)
+    problems = [problem for result in results for problem in result.problems]
+    if all(result.skipped is not None for result in results):
+        problems.append("no server was measured")
+    for problem in problems:
+        print(f"bench: FAILED: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
