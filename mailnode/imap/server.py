@@ -607,6 +607,8 @@ class Session:
                 continue
             if subscribed_only and not folder.subscribed:
                 continue
+            if "SPECIAL-USE" in options.selection and folder.name not in SPECIAL_USE:  # RFC 6154 §5.1
+                continue
             attributes: list[str] = []
             children = any(n.startswith(folder.name + DELIMITER) for n in names)
             attributes.append("\\HasChildren" if children else "\\HasNoChildren")

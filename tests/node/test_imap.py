@@ -412,3 +412,30 @@ def test_idle_timeout(node_factory: NodeFactory, client_tls: ssl.SSLContext) -> 
     while time.monotonic() < deadline and not line:
         line = client.readline()
     assert line.startswith(b"* BYE")
+
+
+def test_list_extended_selection_and_return_options(imap: imaplib.IMAP4) -> None:
+    imap.unsubscribe("Junk")
+    typ, data = imap._simple_command("LIST", "(SPECIAL-USE)", '""', "*")
+    names = sorted(line.rsplit(b" ", 1)[-1] for line in untagged(imap, "LIST"))
+    assert (typ, names) == ("OK", [b"Archive", b"Drafts", b"Junk", b"Sent", b"Trash"])
+    typ, data = imap._simple_command("LIST", "(SUBSCRIBED)", '""', "*", "RETURN", "(SUBSCRIBED)")
+    lines = untagged(imap, "LIST")
+    assert typ == "OK"
+    assert all(b"\\Subscribed" in line for line in lines)
+    assert not any(line.endswith(b" Junk") for line in lines)
+
+
+def test_check_and_literal_plus_append(imap: imaplib.IMAP4, node: RunningNode) -> None:
+    imap.select("INBOX")
+    assert imap.check()[0] == "OK"
+    data = message(5)
+    sock = imap.socket()
+    # RFC 7888: a non-synchronizing literal is sent at once, without waiting for "+"
+    sock.sendall(b"L1 APPEND INBOX (\\Seen) {" + str(len(data)).encode() + b"+}\r\n" + data + b"\r\n")
+    lines = [imap.readline() for _ in range(3)]
+    assert lines[-1].startswith(b"L1 OK [APPENDUID ")
+    assert not any(line.startswith(b"+") for line in lines)
+    typ, fetched = imap.fetch("1", "(FLAGS BODY.PEEK[])")
+    assert b"\\Seen" in fetched[0][0]
+    assert fetched[0][1] == data
