@@ -20,6 +20,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import email.utils
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -189,8 +190,6 @@ class _Target:
         if not value:
             return None
         try:
-            import email.utils
-
             return email.utils.parsedate_to_datetime(value).date()
         except (TypeError, ValueError, IndexError):
             return None
@@ -892,13 +891,7 @@ class Session:
         selected = self.selected
         assert selected is not None and self.account is not None
         by_uid = command.name == "UID SEARCH"
-        args = list(command.args)
-        return_options = None
-        if len(args) >= 2 and _text(args[0]).upper() == "RETURN" and isinstance(args[1], protocol.ParenList):
-            return_options = [_text(a).upper() for a in args[1].items]  # ESEARCH not advertised; accept ()
-            args = args[2:]
-        del return_options
-        key = search.parse_search(args)
+        key = search.parse_search(list(command.args))
         messages = await self.account.messages(selected.name)
         by_uid_map = {m.uid: m for m in messages}
         ordered = [(i + 1, by_uid_map[u]) for i, u in enumerate(selected.uids) if u in by_uid_map]
