@@ -11,10 +11,11 @@ Then `--idle-sessions` sessions LOGIN, SELECT and IDLE, and the servers' memory 
 The node gets its mailbox over its SMTP MX port (the real delivery path) and fsyncs what it stores;
 Dovecot gets the same messages written into its Maildir before it starts (indexed on the first SELECT)
 and `mail_fsync = always`. LOGIN checks the node's argon2id hash on both servers (Dovecot verifies the
-very same hash string, in its single auth process), unless `--dovecot-password plain`; both remember a
-successful login for 5 minutes (the node's auth.cache_ttl default, Dovecot's auth_cache_ttl set to the
-same), so each server verifies the hash once per client and password. One warm-up session per server before the timed run. The client is
-one asyncio process; its CPU time is reported next to the servers' to show it is not the bottleneck.
+very same hash string, in its single auth process), unless `--dovecot-password plain`; both are set to
+remember a successful login for 5 minutes (the node's auth.cache_ttl default; Dovecot's auth_cache_size
+and auth_cache_ttl; the LOGIN latencies show whether a server still verifies each time). One warm-up
+session per server before the timed run. The client is one asyncio process; its CPU time is reported
+next to the servers' to show it is not the bottleneck.
 
 The node side is configured through `listen.imap` and `imap.allow_plaintext_login: true` in its config;
 a node whose config refuses these keys, or with nothing answering on that port, is skipped ("node has no
