@@ -38,14 +38,11 @@ import quopri
 import random
 import re
 import resource
-import shutil
 import signal
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -53,29 +50,12 @@ from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
-from bench.smtp import (
-    DOMAIN,
-    HOST,
-    LOCAL_PART,
-    RECIPIENT,
-    SENDER,
-    START_TIMEOUT,
-    BenchError,
-    errors_logged,
-    filesystem,
-    free_ports,
-    http_ok,
-    machine,
-    signals_raise,
-    stop_process,
-    tail,
-    wait_for,
-)
+from bench import common
+from bench.common import DOMAIN, HOST, LOCAL_PART, RECIPIENT, SENDER, START_TIMEOUT, BenchError
 from mailnode import passwords
 
 PASSWORD = "bench"
+DOVECOT = "dovecot-imapd"  # the Debian package with Dovecot's IMAP server
 COMMAND_TIMEOUT = 120.0  # seconds for one IMAP command (the first full FETCH on a cold index is the slowest)
 IMAP_GRACE = 5.0  # seconds the node's IMAP port may take to answer once the node is ready
 SMTP_SESSIONS = 10  # parallel SMTP sessions delivering the node's mailbox
@@ -801,38 +781,11 @@ def run_load(server: str, port: int, root: int, load: Load, corpus: Corpus, prel
 
 
 def imap_greeting(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=2) as sock:
-            greeting = sock.recv(512)
-            sock.sendall(b"z LOGOUT\r\n")
-            return greeting.startswith(b"* OK")
-    except OSError:
-        return False
+    return common.greets(port, b"* OK", b"z LOGOUT\r\n")
 
 
 # ---------------------------------------------------------------------------------------------------
 # The mail node
-
-
-def node_config(workdir: Path) -> tuple[Path, dict[str, int]]:
-    """A node config with the IMAP listener (plaintext LOGIN allowed) and a directory with one mailbox."""
-    smtp, submission, submissions, imap, http = free_ports(5)
-    ports = {"smtp": smtp, "submission": submission, "submissions": submissions, "imap": imap, "http": http}
-    config = {
-        "node_name": "bench-0",
-        "hostname": DOMAIN,
-        "domains": [{"domain": DOMAIN}],
-        "data_dir": "data",
-        "directory_file": "directory.yaml",
-        "listen": {"host": HOST, **ports},  # no tls: submission and imaps stay off, imap offers no STARTTLS
-        "imap": {"allow_plaintext_login": True},
-        "log_level": "info",
-    }
-    mailbox = {"address": RECIPIENT, "password_hash": passwords.hash_password(PASSWORD), "quota": 0}
-    (workdir / "directory.yaml").write_text(yaml.safe_dump({"mailboxes": [mailbox]}), encoding="utf-8")
-    path = workdir / "node.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path, ports
 
 
 IMAP_CONFIG_ERROR = re.compile(r"^\s*(?:listen\.imap|imap)\b.*$", re.MULTILINE)
@@ -866,28 +819,18 @@ def deliver(port: int, corpus: Corpus, *, timeout: float) -> float:
 
 
 def bench_node(workdir: Path, load: Load, corpus: Corpus) -> Result:
-    workdir.mkdir()
-    config, ports = node_config(workdir)
-    log_file = workdir / "node.log"
-    argv = [sys.executable, "-m", "mailnode", "serve", "--config", str(config)]
-    with log_file.open("wb") as log:
-        proc = subprocess.Popen(
-            argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=raise_fd_limit,
-        )  # fmt: skip
-
-    def died() -> str | None:
-        if proc.poll() is None:
-            return None
-        return f"mailnode exited with code {proc.returncode}; its log ends with:\n{tail(log_file)}"
-
+    """The node with the IMAP listener (plaintext LOGIN allowed) and a directory with one mailbox."""
+    node = common.start_node(
+        workdir, listeners=("smtp", "submission", "submissions", "imap", "http"), password=PASSWORD,
+        settings={"imap": {"allow_plaintext_login": True}}, preexec_fn=raise_fd_limit,
+    )  # fmt: skip
+    ports = node.ports
     try:
         try:
-            ready = f"http://{HOST}:{ports['http']}/readyz"
-            wait_for("mailnode", lambda: http_ok(ready), timeout=START_TIMEOUT, alive=died)
+            node.wait_ready()
         except BenchError:
-            text = log_file.read_text(encoding="utf-8", errors="replace")
-            if proc.poll() is not None and "invalid" in text and (lines := IMAP_CONFIG_ERROR.findall(text)):
+            text = node.log_file.read_text(encoding="utf-8", errors="replace")
+            if node.proc.poll() is not None and "invalid" in text and (lines := IMAP_CONFIG_ERROR.findall(text)):
                 reasons = "; ".join(line.strip() for line in lines[:3])
                 raise Skipped(
                     f"node has no IMAP listener yet (its config refuses listen.imap/imap: {reasons})"
@@ -901,18 +844,12 @@ def bench_node(workdir: Path, load: Load, corpus: Corpus) -> Result:
         print(f"mailnode ready, IMAP on {HOST}:{ports['imap']}; delivering the mailbox over SMTP", flush=True)
         seconds = deliver(ports["smtp"], corpus, timeout=load.timeout)
         preload = f"SMTP, {SMTP_SESSIONS} sessions: {len(corpus.messages) / seconds:.0f} msgs/s"
-        result = run_load("mailnode", ports["imap"], proc.pid, load, corpus, preload)
-        problems = list(result.problems)
-        if (why := died()) is not None:
-            problems.append(why)
-        if errors := errors_logged(log_file):
-            shown = "\n".join(f"    {line}" for line in errors[:5])
-            problems.append(f"mailnode logged {len(errors)} errors during the run, the first ones:\n{shown}")
-        return dataclasses.replace(result, problems=tuple(problems))
+        result = run_load("mailnode", ports["imap"], node.proc.pid, load, corpus, preload)
+        return dataclasses.replace(result, problems=(*result.problems, *node.problems()))
     except Skipped as skipped:
         return Result("mailnode", skipped=str(skipped))
     finally:
-        stop_process(proc)
+        common.stop_process(node.proc)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -969,19 +906,8 @@ service imap {{
 """
 
 
-def dovecot_tool(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
-    if found is None:
-        raise BenchError(f"{name} not found: install Debian's dovecot-imapd package (scripts/bootstrap --bench)")
-    return found
-
-
 def dovecot_version() -> str:
-    try:
-        done = subprocess.run([dovecot_tool("dovecot"), "--version"], capture_output=True, timeout=10, check=True)
-    except (BenchError, OSError, subprocess.SubprocessError):
-        return "unknown"
-    return done.stdout.decode().split()[0] if done.stdout.strip() else "unknown"
+    return common.program_version("dovecot", DOVECOT, "--version")
 
 
 def user(name: str) -> pwd.struct_passwd:
@@ -1002,11 +928,10 @@ def chown_tree(path: Path, uid: int, gid: int) -> None:
 
 def dovecot_setup(workdir: Path, load: Load, corpus: Corpus, scheme: str) -> tuple[Path, int]:
     """The private instance's config, password file and preloaded Maildir; returns the config and port."""
-    if os.geteuid() != 0:
-        raise BenchError("the Dovecot baseline needs root (its master runs as root): run as root, or --only mailnode")
+    common.require_root("Dovecot")
     login_user, internal_user = user("dovenull"), user("dovecot")
     mail_user = user("nobody")  # the mail files' owner: unprivileged, and Dovecot refuses system uids
-    (port,) = free_ports(1)
+    (port,) = common.free_ports(1)
     mail, home = workdir / "mail", workdir / "home"
     for directory in (mail, home, workdir / "state"):
         directory.mkdir(parents=True)
@@ -1039,10 +964,7 @@ def dovecot_setup(workdir: Path, load: Load, corpus: Corpus, scheme: str) -> tup
 
 
 def dovecot_errors(log_file: Path) -> list[str]:
-    try:
-        lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
+    lines = common.log_lines(log_file)
     return [line for line in lines if any(f": {level}: " in line for level in ("Error", "Fatal", "Panic"))]
 
 
@@ -1054,7 +976,7 @@ def bench_dovecot(workdir: Path, load: Load, corpus: Corpus, *, scheme: str) -> 
     log_file, out_file = workdir / "dovecot.log", workdir / "dovecot.out"
     with out_file.open("wb") as out:
         proc = subprocess.Popen(
-            [dovecot_tool("dovecot"), "-c", str(config), "-F"], stdin=subprocess.DEVNULL, stdout=out,
+            [common.tool("dovecot", DOVECOT), "-c", str(config), "-F"], stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=raise_fd_limit,
         )  # fmt: skip
 
@@ -1062,23 +984,18 @@ def bench_dovecot(workdir: Path, load: Load, corpus: Corpus, *, scheme: str) -> 
         if proc.poll() is None:
             return None
         return (
-            f"dovecot exited with code {proc.returncode}; its output:\n{tail(out_file)}\n"
-            f"  {log_file} ends with:\n{tail(log_file)}"
+            f"dovecot exited with code {proc.returncode}; its output:\n{common.tail(out_file)}\n"
+            f"  {log_file} ends with:\n{common.tail(log_file)}"
         )
 
     try:
-        wait_for("dovecot", lambda: imap_greeting(port), timeout=START_TIMEOUT, alive=died)
+        common.wait_for("dovecot", lambda: imap_greeting(port), timeout=START_TIMEOUT, alive=died)
         print(f"dovecot ready on {HOST}:{port}", flush=True)
         result = run_load("dovecot", port, proc.pid, load, corpus, preload)
-        problems = list(result.problems)
-        if (why := died()) is not None:
-            problems.append(why)
-        if errors := dovecot_errors(log_file):
-            shown = "\n".join(f"    {line}" for line in errors[:5])
-            problems.append(f"dovecot logged {len(errors)} errors during the run, the first ones:\n{shown}")
-        return dataclasses.replace(result, problems=tuple(problems))
+        problems = common.run_problems("dovecot", died, dovecot_errors(log_file))
+        return dataclasses.replace(result, problems=(*result.problems, *problems))
     finally:
-        stop_process(proc)  # the master stops its children; the process group catches any it left
+        common.stop_process(proc)  # the master stops its children; the process group catches any it left
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1148,17 +1065,6 @@ def report(results: list[Result], load: Load, scheme: str) -> None:
 # The command
 
 
-def _env_default(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -1175,23 +1081,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "BENCH_IMAP_IDLE_SESSIONS and BENCH_IMAP_TIMEOUT when set.",
     )
     parser.add_argument(
-        "--messages", type=_positive, default=_env_default("BENCH_IMAP_MESSAGES", "2000"),
+        "--messages", type=common.positive, default=common.env_default("BENCH_IMAP_MESSAGES", "2000"),
         help="messages in the mailbox (2000)",
     )  # fmt: skip
     parser.add_argument(
-        "--sessions", type=_positive, default=_env_default("BENCH_IMAP_SESSIONS", "20"),
+        "--sessions", type=common.positive, default=common.env_default("BENCH_IMAP_SESSIONS", "20"),
         help="concurrent sessions (20)",
     )  # fmt: skip
     parser.add_argument(
-        "--cycles", type=_positive, default=_env_default("BENCH_IMAP_CYCLES", "5"),
+        "--cycles", type=common.positive, default=common.env_default("BENCH_IMAP_CYCLES", "5"),
         help=f"cycles per session, {COMMANDS_PER_CYCLE} commands each (5)",
     )  # fmt: skip
     parser.add_argument(
-        "--idle-sessions", type=_count, default=_env_default("BENCH_IMAP_IDLE_SESSIONS", "1000"),
+        "--idle-sessions", type=_count, default=common.env_default("BENCH_IMAP_IDLE_SESSIONS", "1000"),
         help="sessions in IDLE for the memory figures; 0: none (1000)",
     )  # fmt: skip
     parser.add_argument(
-        "--timeout", type=_positive, default=_env_default("BENCH_IMAP_TIMEOUT", "600"),
+        "--timeout", type=common.positive, default=common.env_default("BENCH_IMAP_TIMEOUT", "600"),
         help="seconds each phase (preload, workload, idle sessions) may take per server (600)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated mailbox and the sessions' choices")
@@ -1199,8 +1105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dovecot-password", choices=("argon2id", "plain"), default="argon2id",
         help="Dovecot's password scheme: the node's argon2id hash (the same LOGIN cost) or {PLAIN}",
     )  # fmt: skip
-    parser.add_argument("--only", choices=("mailnode", "dovecot"), help="benchmark one server only")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, mail)")
+    common.add_only_keep(parser, "dovecot")
     return parser.parse_args(argv)
 
 
@@ -1225,37 +1130,29 @@ def main(argv: list[str] | None = None) -> int:
         f"{BODY_FETCHES} UID FETCH BODY.PEEK[], {STORES} UID STORE, {SEARCHES} UID SEARCH, APPEND, LOGOUT; "
         f"then {load.idle_sessions} sessions in IDLE"
     )
-    workdir = Path(tempfile.mkdtemp(prefix="mailfleet-bench-imap-"))
-    workdir.chmod(0o755)  # Dovecot's processes (users dovecot, dovenull, nobody) walk through it
-    print(f"machine: {machine()}; {workdir} on {filesystem(workdir)}; Dovecot {dovecot_version()}")
-    runs: dict[str, Callable[[], Result]] = {
-        "mailnode": lambda: bench_node(workdir / "mailnode", load, corpus),
-        "dovecot": lambda: bench_dovecot(workdir / "dovecot", load, corpus, scheme=args.dovecot_password),
-    }
     results: list[Result] = []
-    try:
-        with signals_raise():
-            for server, run in runs.items():
-                if args.only in (None, server):
-                    try:
-                        results.append(run())
-                    except BenchError as error:  # this server failed; the other one still runs
-                        results.append(Result(server, problems=(str(error),)))
-    except KeyboardInterrupt as interrupt:
-        print(f"bench: interrupted {interrupt}", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    # Dovecot's processes (users dovecot, dovenull, nobody) walk through the directory.
+    with common.temporary_workdir("mailfleet-bench-imap-", keep=args.keep) as workdir:
+        common.print_machine(workdir, f"Dovecot {dovecot_version()}")
+        runs: dict[str, Callable[[], Result]] = {
+            "mailnode": lambda: bench_node(workdir / "mailnode", load, corpus),
+            "dovecot": lambda: bench_dovecot(workdir / "dovecot", load, corpus, scheme=args.dovecot_password),
+        }
+        try:
+            with common.signals_raise():
+                for server, run in runs.items():
+                    if args.only in (None, server):
+                        try:
+                            results.append(run())
+                        except BenchError as error:  # this server failed; the other one still runs
+                            results.append(Result(server, problems=(str(error),)))
+        except KeyboardInterrupt as interrupt:
+            return common.interrupted(interrupt)
     report(results, load, args.dovecot_password)
     problems = [problem for result in results for problem in result.problems]
     if all(result.skipped is not None for result in results):
         problems.append("no server was measured")
-    for problem in problems:
-        print(f"bench: FAILED: {problem}", file=sys.stderr)
-    return 1 if problems else 0
+    return common.outcome(problems)
 
 
 if __name__ == "__main__":

@@ -15,41 +15,21 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import platform
 import pwd
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 
-import yaml
-
-from mailnode import passwords
+from bench import common
+from bench.common import DOMAIN, HOST, LOCAL_PART, RECIPIENT, SENDER, START_TIMEOUT, BenchError
 from mailnode.config import parse_size
 
-DOMAIN = "bench.test"
-LOCAL_PART = "bench"
-RECIPIENT = f"{LOCAL_PART}@{DOMAIN}"
-SENDER = "sender@example.org"
-HOST = "127.0.0.1"
-
-START_TIMEOUT = 30.0  # seconds for a server to come up
-STOP_TIMEOUT = 15.0  # seconds for a server to go down before it is killed
+POSTFIX = "postfix"  # the Debian package with Postfix's programs
 STALL_TIMEOUT = 60.0  # seconds without a new Maildir file before waiting for deliveries gives up
 LATE_GRACE = 5.0  # seconds to look for node messages that were acknowledged but are not on disk yet
-
-
-class BenchError(Exception):
-    """A step that could not be done; the message says which and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,45 +49,12 @@ class Result:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Helpers: ports, processes, files
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1 (all held open together, so none repeats)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for sock in sockets:
-            sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
+# Helpers
 
 
 def tool(name: str) -> str:
-    """The path of a Postfix program; Debian puts them in /usr/sbin, which a user's PATH may lack."""
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
-    if found is None:
-        raise BenchError(f"{name} not found: install Debian's postfix package (scripts/bootstrap --bench)")
-    return found
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return f"({path} cannot be read)"
-    return "\n".join(f"    {line}" for line in text.splitlines()[-lines:]) or f"    ({path} is empty)"
-
-
-def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM, then SIGKILL to its process group (each child here runs in a session of its own)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=timeout)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=timeout)
+    """The path of a Postfix program."""
+    return common.tool(name, POSTFIX)
 
 
 def count_files(*directories: Path) -> int:
@@ -116,34 +63,6 @@ def count_files(*directories: Path) -> int:
         with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
             total += sum(1 for entry in entries if entry.is_file(follow_symlinks=False))
     return total
-
-
-def wait_for(what: str, ready: Callable[[], bool], *, timeout: float, alive: Callable[[], str | None]) -> None:
-    """Poll `ready` until it is true; `alive` returns why the server died, if it did."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if (died := alive()) is not None:
-            raise BenchError(f"{what}: {died}")
-        if ready():
-            return
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what}: not ready after {timeout:.0f} s")
-        time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the run like Ctrl-C does, so every `finally` below still stops its server."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,7 +88,7 @@ def send(server: str, port: int, load: Load, *, timeout: float, progress: bool) 
     try:
         _, stderr = proc.communicate(timeout=timeout)
     except BaseException:
-        stop_process(proc, timeout=1)
+        common.stop_process(proc, timeout=1)
         raise
     finally:
         if progress:
@@ -185,67 +104,13 @@ def send(server: str, port: int, load: Load, *, timeout: float, progress: bool) 
 # The mail node
 
 
-def node_config(workdir: Path) -> tuple[Path, dict[str, int]]:
-    """Write a node config and directory with one mailbox; returns the config file and the ports."""
-    smtp, submission, submissions, http = free_ports(4)
-    ports = {"smtp": smtp, "submission": submission, "submissions": submissions, "http": http}
-    config = {
-        "node_name": "bench-0",
-        "hostname": DOMAIN,
-        "domains": [{"domain": DOMAIN}],
-        "data_dir": "data",
-        "directory_file": "directory.yaml",
-        "listen": {"host": HOST, **ports},  # no tls: the submission listeners stay off
-        "log_level": "info",
-    }
-    mailbox = {
-        "address": RECIPIENT,
-        "password_hash": passwords.hash_password(secrets.token_urlsafe(16)),
-        "quota": 0,  # no limit
-    }
-    (workdir / "directory.yaml").write_text(yaml.safe_dump({"mailboxes": [mailbox]}), encoding="utf-8")
-    path = workdir / "node.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path, ports
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def errors_logged(log_file: Path) -> list[str]:
-    """Log lines of level error or worse (the node logs one JSON object per line)."""
-    try:
-        lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
-    return [line for line in lines if '"level": "error"' in line or '"level": "critical"' in line]
-
-
 def bench_node(workdir: Path, load: Load, *, timeout: float, progress: bool) -> Result:
-    workdir.mkdir()
-    config, ports = node_config(workdir)
-    log_file = workdir / "node.log"
-    argv = [sys.executable, "-m", "mailnode", "serve", "--config", str(config)]
-    with log_file.open("wb") as log:
-        proc = subprocess.Popen(
-            argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-    def died() -> str | None:
-        if proc.poll() is None:
-            return None
-        return f"mailnode exited with code {proc.returncode}; its log ends with:\n{tail(log_file)}"
-
+    node = common.start_node(
+        workdir, listeners=("smtp", "submission", "submissions", "http"), password=secrets.token_urlsafe(16)
+    )
+    ports = node.ports
     try:
-        wait_for(
-            "mailnode", lambda: http_ok(f"http://{HOST}:{ports['http']}/readyz"), timeout=START_TIMEOUT, alive=died
-        )
+        node.wait_ready()
         print(f"mailnode ready on {HOST}:{ports['smtp']}; sending", flush=True)
         seconds = send("mailnode", ports["smtp"], load, timeout=timeout, progress=progress)
         inbox = workdir / "data" / "mail" / DOMAIN / LOCAL_PART / "INBOX"
@@ -260,14 +125,10 @@ def bench_node(workdir: Path, load: Load, *, timeout: float, progress: bool) -> 
                 f"smtp-source finished ({later} after {LATE_GRACE:.0f} s more)"
             )
             stored = later
-        if (why := died()) is not None:
-            problems.append(why)
-        if errors := errors_logged(log_file):
-            shown = "\n".join(f"    {line}" for line in errors[:5])
-            problems.append(f"mailnode logged {len(errors)} errors during the run, the first ones:\n{shown}")
+        problems += node.problems()
         return Result("mailnode", stored, seconds, seconds, tuple(problems))
     finally:
-        stop_process(proc)
+        common.stop_process(node.proc)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,13 +201,7 @@ postlog    unix-dgram n - n - 1 postlogd
 
 
 def smtp_banner(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=2) as sock:
-            banner = sock.recv(512)
-            sock.sendall(b"QUIT\r\n")
-            return banner.startswith(b"220")
-    except OSError:
-        return False
+    return common.greets(port, b"220", b"QUIT\r\n")
 
 
 def postfix_command(config_dir: Path, *args: str, maillog: Path) -> None:
@@ -359,14 +214,13 @@ def postfix_command(config_dir: Path, *args: str, maillog: Path) -> None:
     if done.returncode != 0:
         output = (done.stdout + done.stderr).decode(errors="replace").strip()
         raise BenchError(
-            f"{' '.join(argv)} failed (exit {done.returncode}) {output}\n  {maillog} ends with:\n{tail(maillog)}"
+            f"{' '.join(argv)} failed (exit {done.returncode}) {output}\n  {maillog} ends with:\n{common.tail(maillog)}"
         )
 
 
 def postfix_setup(workdir: Path) -> tuple[Path, int, Path]:
     """Write the private instance's config and directories; returns the config dir, port and Maildir."""
-    if os.geteuid() != 0:
-        raise BenchError("the Postfix baseline needs root (its master runs as root): run as root, or --only mailnode")
+    common.require_root("Postfix")
     try:
         owner = pwd.getpwnam("postfix")
     except KeyError as error:
@@ -375,7 +229,7 @@ def postfix_setup(workdir: Path) -> tuple[Path, int, Path]:
         vmail_user = pwd.getpwnam("nobody")
     except KeyError:
         vmail_user = owner
-    (port,) = free_ports(1)
+    (port,) = common.free_ports(1)
     config_dir, queue, data, vmail = (workdir / name for name in ("conf", "queue", "data", "vmail"))
     for directory in (config_dir, queue, data, vmail):
         directory.mkdir(parents=True)
@@ -414,10 +268,10 @@ def bench_postfix(workdir: Path, load: Load, *, timeout: float, progress: bool) 
     def died() -> str | None:
         if proc.poll() is None:
             return None
-        return f"postfix exited with code {proc.returncode}; {maillog} ends with:\n{tail(maillog)}"
+        return f"postfix exited with code {proc.returncode}; {maillog} ends with:\n{common.tail(maillog)}"
 
     try:
-        wait_for("postfix", lambda: smtp_banner(port), timeout=START_TIMEOUT, alive=died)
+        common.wait_for("postfix", lambda: smtp_banner(port), timeout=START_TIMEOUT, alive=died)
         master = master_pid(workdir / "queue")
         print(f"postfix ready on {HOST}:{port}; sending", flush=True)
         started = time.monotonic()
@@ -441,13 +295,14 @@ def bench_postfix(workdir: Path, load: Load, *, timeout: float, progress: bool) 
         problems: list[str] = []
         if stored != load.messages:
             problems.append(
-                f"postfix: {stored} of {load.messages} messages in {maildir}; {maillog} ends with:\n{tail(maillog)}"
+                f"postfix: {stored} of {load.messages} messages in {maildir}; "
+                f"{maillog} ends with:\n{common.tail(maillog)}"
             )
         return Result("postfix", stored, accepted, delivered, tuple(problems))
     finally:
         with contextlib.suppress(BenchError):
             postfix_command(config_dir, "stop", maillog=maillog)
-        stop_process(proc)
+        common.stop_process(proc)
         master = master or master_pid(workdir / "queue")
         if master is not None:
             # The master runs in a session of its own (setsid); its daemons share its process group.
@@ -459,27 +314,8 @@ def bench_postfix(workdir: Path, load: Load, *, timeout: float, progress: bool) 
 # The report
 
 
-def machine() -> str:
-    cpus = len(os.sched_getaffinity(0))
-    return f"{platform.system()} {platform.release()}, {cpus} CPUs (nproc), Python {platform.python_version()}"
-
-
-def filesystem(path: Path) -> str:
-    try:
-        done = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, timeout=5, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return done.stdout.decode().strip()
-
-
 def postfix_version() -> str:
-    try:
-        done = subprocess.run(
-            [tool("postconf"), "-d", "-h", "mail_version"], capture_output=True, timeout=10, check=True
-        )
-    except (BenchError, OSError, subprocess.SubprocessError):
-        return "unknown"
-    return done.stdout.decode().strip()
+    return common.program_version("postconf", POSTFIX, "-d", "-h", "mail_version")
 
 
 def rate(messages: int, seconds: float | None) -> str:
@@ -512,17 +348,6 @@ def report(results: list[Result], load: Load) -> None:
 # The command
 
 
-def _env_default(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
 def _size(text: str) -> int:
     try:
         value = parse_size(text)
@@ -540,20 +365,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="Defaults come from BENCH_MESSAGES, BENCH_SESSIONS, BENCH_SIZE and BENCH_TIMEOUT when set.",
     )
     parser.add_argument(
-        "--messages", type=_positive, default=_env_default("BENCH_MESSAGES", "5000"), help="default: 5000"
+        "--messages", type=common.positive, default=common.env_default("BENCH_MESSAGES", "5000"),
+        help="default: 5000",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sessions", type=common.positive, default=common.env_default("BENCH_SESSIONS", "20"),
+        help="parallel sessions (20)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--size", type=_size, default=common.env_default("BENCH_SIZE", "4KiB"), help="payload per message (4KiB)"
     )
     parser.add_argument(
-        "--sessions", type=_positive, default=_env_default("BENCH_SESSIONS", "20"), help="parallel sessions (20)"
-    )
-    parser.add_argument(
-        "--size", type=_size, default=_env_default("BENCH_SIZE", "4KiB"), help="payload per message (4KiB)"
-    )
-    parser.add_argument(
-        "--timeout", type=_positive, default=_env_default("BENCH_TIMEOUT", "600"),
+        "--timeout", type=common.positive, default=common.env_default("BENCH_TIMEOUT", "600"),
         help="seconds each server may take for the whole load (600)",
     )  # fmt: skip
-    parser.add_argument("--only", choices=("mailnode", "postfix"), help="benchmark one server only")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, mail)")
+    common.add_only_keep(parser, "postfix")
     return parser.parse_args(argv)
 
 
@@ -561,36 +387,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load = Load(messages=args.messages, sessions=args.sessions, size=args.size)
     progress = sys.stdout.isatty()
-    workdir = Path(tempfile.mkdtemp(prefix="mailfleet-bench-"))
-    workdir.chmod(0o755)  # Postfix's daemons (user postfix) and virtual(8) (user nobody) walk through it
     print(f"smtp-source: {load.sessions} sessions, {load.messages} messages, {load.size} bytes each, to {RECIPIENT}")
-    print(f"machine: {machine()}; {workdir} on {filesystem(workdir)}; Postfix {postfix_version()}")
     results: list[Result] = []
-    try:
-        with signals_raise():
-            if args.only in (None, "mailnode"):
-                results.append(bench_node(workdir / "mailnode", load, timeout=args.timeout, progress=progress))
-            if args.only in (None, "postfix"):
-                results.append(bench_postfix(workdir / "postfix", load, timeout=args.timeout, progress=progress))
-    except BenchError as error:
-        failure: str | None = str(error)
-    except KeyboardInterrupt as interrupt:
-        print(f"bench: interrupted {interrupt}", file=sys.stderr)
-        return 130
-    else:
-        failure = None
-    finally:
-        if args.keep:
-            print(f"kept {workdir}")
+    # Postfix's daemons (user postfix) and virtual(8) (user nobody) walk through the directory.
+    with common.temporary_workdir("mailfleet-bench-", keep=args.keep) as workdir:
+        common.print_machine(workdir, f"Postfix {postfix_version()}")
+        try:
+            with common.signals_raise():
+                if args.only in (None, "mailnode"):
+                    results.append(bench_node(workdir / "mailnode", load, timeout=args.timeout, progress=progress))
+                if args.only in (None, "postfix"):
+                    results.append(bench_postfix(workdir / "postfix", load, timeout=args.timeout, progress=progress))
+        except BenchError as error:
+            failure: str | None = str(error)
+        except KeyboardInterrupt as interrupt:
+            return common.interrupted(interrupt)
         else:
-            shutil.rmtree(workdir, ignore_errors=True)
+            failure = None
     report(results, load)
     problems = [problem for result in results for problem in result.problems]
     if failure is not None:
         problems.append(failure)
-    for problem in problems:
-        print(f"bench: FAILED: {problem}", file=sys.stderr)
-    return 1 if problems else 0
+    return common.outcome(problems)
 
 
 if __name__ == "__main__":
