@@ -132,8 +132,9 @@ class Node:
             await self.gateway.run(self.watcher.check)
 
     async def stop(self, *, grace: float = 10.0) -> None:
-        """Stop listening; give transactions in progress `grace` seconds to finish (their 250 is
-        written before the session counts as idle); tell every session 421; close the store."""
+        """Stop listening; give SMTP transactions in progress `grace` seconds to finish (their 250 is
+        written before the session counts as idle); tell every SMTP session 421 and every IMAP
+        session BYE; close the store."""
         self.ready = False
         self.metrics.ready.set(0)
         for server in self._servers:
