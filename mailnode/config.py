@@ -142,9 +142,15 @@ class AuthConfig(_Model):
     cache_ttl: float = pydantic.Field(300.0, ge=0)
 
 
+class DKIMConfig(_Model):
+    selector: str = pydantic.Field("mail", pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?$")
+    key_file: Path  # RSA private key, PEM (`mailnode dkim-keygen`)
+
+
 class DomainConfig(_Model):
     domain: Domain
     alias_domains: list[Domain] = []
+    dkim: DKIMConfig | None = None
 
 
 class NodeConfig(_Model):
@@ -218,8 +224,19 @@ def load_node_config(path: Path) -> NodeConfig:
         return p if p.is_absolute() else base / p
 
     tls = config.tls and TLSConfig(cert_file=rooted(config.tls.cert_file), key_file=rooted(config.tls.key_file))
+    domains = [
+        d.model_copy(update={"dkim": d.dkim.model_copy(update={"key_file": rooted(d.dkim.key_file)})})
+        if d.dkim is not None
+        else d
+        for d in config.domains
+    ]
     return config.model_copy(
-        update={"data_dir": rooted(config.data_dir), "directory_file": rooted(config.directory_file), "tls": tls}
+        update={
+            "data_dir": rooted(config.data_dir),
+            "directory_file": rooted(config.directory_file),
+            "tls": tls,
+            "domains": domains,
+        }
     )
 
 

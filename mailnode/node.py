@@ -12,9 +12,10 @@ from typing import Any
 
 from aiohttp import web
 
+from mailnode import dkim
 from mailnode.admin import http
 from mailnode.auth import Authenticator
-from mailnode.config import DirectoryWatcher, NodeConfig
+from mailnode.config import ConfigError, DirectoryWatcher, NodeConfig
 from mailnode.gateway import Gateway
 from mailnode.imap import server as imap
 from mailnode.metrics import NodeMetrics
@@ -69,14 +70,29 @@ class Node:
         self._watch_task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
         self.ready = False
+        self._dkim_records: list[dict[str, str]] = []
 
     def _directory_reloaded(self, ok: bool, error: str | None) -> None:
         self.metrics.directory_reloads.labels("success" if ok else "failure").inc()
         self.metrics.directory_last_reload_ok.set(1 if ok else 0)
         self.metrics.directory_mailboxes.set(len(self.watcher.current.mailboxes))
 
+    def _load_dkim_records(self) -> list[dict[str, str]]:
+        records = []
+        for domain in self.config.domains:
+            if domain.dkim is None:
+                continue
+            try:
+                key = domain.dkim.key_file.read_bytes()
+                found = dkim.record(key, domain=domain.domain, selector=domain.dkim.selector)
+            except (OSError, ValueError) as error:
+                raise ConfigError(f"domains: DKIM key of {domain.domain}: {error}") from error
+            records.append({"type": "TXT", "name": found.name, "value": found.value})
+        return records
+
     async def start(self) -> None:
         """Load the directory (an invalid one is fatal here: ConfigError), open the store, listen."""
+        self._dkim_records = await self.gateway.run(self._load_dkim_records)
         await self.gateway.run(self.watcher.load_initial)
         self.metrics.directory_mailboxes.set(len(self.watcher.current.mailboxes))
         await self.store.open()
@@ -170,7 +186,7 @@ class Node:
             "hostname": self.config.hostname,
             "ready": self.ready,
             "uptime_seconds": round(time.monotonic() - self._started, 1),
-            "domains": [d.model_dump() for d in self.config.domains],
+            "domains": [d.model_dump(mode="json") for d in self.config.domains],
             "listeners": self.ports,
             "directory": {
                 "version": directory.version,
@@ -178,4 +194,5 @@ class Node:
                 "last_error": self.watcher.last_error,
             },
             "store": {"bytes": self.store.total_bytes(), "messages": self.store.total_messages()},
+            "dns_records": self._dkim_records,
         }

@@ -156,3 +156,18 @@ def test_hash_password_refuses_an_empty_password() -> None:
     assert result.returncode != 0
     assert "empty password" in result.stderr
     assert result.stdout == ""
+
+
+def test_serve_refuses_an_unreadable_dkim_key(tmp_path: Path) -> None:
+    """A DKIM key that cannot be read stops the node at start, naming the domain."""
+    files = write_node_files(
+        tmp_path / "n", mailboxes=[mailbox("user@example.com")], tls=None,
+        domains=[{"domain": "example.com", "dkim": {"key_file": str(tmp_path / "missing.pem")}}],
+    )  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "mailnode", "serve", "--config", str(files.config_file)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "DKIM key of example.com" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import smtplib
+from pathlib import Path
 
-from tests.node.conftest import RunningNode
+from mailnode import dkim
+from tests.node.conftest import NodeFactory, RunningNode
 
 
 def test_health_and_readiness(node: RunningNode) -> None:
@@ -43,3 +45,12 @@ def test_status(node: RunningNode) -> None:
     assert data["listeners"] == node.ports
     assert data["directory"]["mailboxes"] == 5
     assert data["store"] == {"bytes": 0, "messages": 0}
+
+
+def test_status_lists_the_dkim_record_to_publish(node_factory: NodeFactory, tmp_path: Path) -> None:
+    key_file = tmp_path / "example.com.pem"
+    key_file.write_bytes(dkim.generate_key(1024))
+    node = node_factory(domains=[{"domain": "example.com", "dkim": {"selector": "s1", "key_file": str(key_file)}}])
+    data = json.loads(node.http_get("/status")[1])
+    expected = dkim.record(key_file.read_bytes(), domain="example.com", selector="s1")
+    assert data["dns_records"] == [{"type": "TXT", "name": "s1._domainkey.example.com", "value": expected.value}]
