@@ -501,7 +501,7 @@ class Session:
     # -- authenticated ------------------------------------------------------------------------------
 
     def _folder_name(self, arg: protocol.Arg) -> str:
-        return protocol.normalize_mailbox(protocol.decode_mailbox_name(_text(arg)))
+        return protocol.mailbox_arg(arg, DELIMITER)
 
     def _on_change(self, change: Change) -> None:
         selected = self.selected
@@ -511,13 +511,11 @@ class Session:
 
     async def cmd_select(self, command: protocol.Command) -> None:
         assert self.account is not None
-        if not command.args:
-            raise _Bad(f"{command.name} needs a mailbox name")
+        request = protocol.parse_select(command.args)
         readonly = command.name == "EXAMINE"
-        for param in command.args[1:]:  # RFC 7162 §3.2.8: SELECT mailbox (CONDSTORE)
-            if isinstance(param, protocol.ParenList) and any(_text(a).upper() == "CONDSTORE" for a in param.items):
-                self.condstore = True
-        name = self._folder_name(command.args[0])
+        if request.condstore:  # RFC 7162 §3.2.8: SELECT mailbox (CONDSTORE)
+            self.condstore = True
+        name = request.mailbox
         if self.selected is not None:
             self.selected = None
             self.send("* OK [CLOSED] Previous mailbox closed")  # RFC 7162 §3.2.11
@@ -623,9 +621,8 @@ class Session:
 
     async def cmd_status(self, command: protocol.Command) -> None:
         assert self.account is not None
-        if len(command.args) != 2 or not isinstance(command.args[1], protocol.ParenList):
-            raise _Bad("STATUS needs a mailbox name and a list of items")
-        name = self._folder_name(command.args[0])
+        request = protocol.parse_status(command.args)
+        name = request.mailbox
         status = await self.account.status(name)
         if status is None:
             raise _No(f"[NONEXISTENT] No such mailbox: {name}")
@@ -639,33 +636,16 @@ class Session:
             "HIGHESTMODSEQ": folder.highestmodseq,
             "SIZE": status.size,
         }
-        items = []
-        for item in command.args[1].items:
-            key = _text(item).upper()
-            if key not in values:
-                raise _Bad(f"Unknown STATUS item {key[:40]}")
-            items.append(f"{key} {values[key]}")
+        items = [f"{key} {values[key]}" for key in request.items]
         encoded = protocol.format_mailbox(protocol.encode_mailbox_name(folder.name))
         self.send(b"* STATUS " + encoded + f" ({' '.join(items)})".encode())
         self.send(f"{command.tag} OK STATUS completed")
 
     async def cmd_append(self, command: protocol.Command) -> None:
         assert self.account is not None and self.user is not None
-        args = list(command.args)
-        if len(args) < 2:
-            raise _Bad("APPEND needs a mailbox name and a message")
-        name = self._folder_name(args.pop(0))
-        message = args.pop()
-        if not isinstance(message, protocol.String):
-            raise _Bad("APPEND needs the message as a literal")
-        flags: list[str] = []
-        internal_date: int | None = None
-        for arg in args:
-            if isinstance(arg, protocol.ParenList):
-                flags = [_text(f) for f in arg.items]
-            else:
-                internal_date = int(protocol.parse_datetime(_text(arg)).timestamp())
-        data = message.value
+        request = protocol.parse_append(command.args)
+        name, flags, data = request.mailbox, request.flags, request.message
+        internal_date = int(request.internal_date.timestamp()) if request.internal_date else None
         quota = self.user.quota
         if quota and self._store.usage(self.user.address).bytes + len(data) > quota:
             raise _No("[OVERQUOTA] Mailbox is over its quota")
