@@ -175,12 +175,12 @@ class _Target:
             self._headers[key] = mime.header_value(self._data, self._analysis, name)
         return self._headers[key]
 
-    def headers_text(self) -> str:
+    def headersprotocol.arg_text(self) -> str:
         if self._data is None:
             return ""
         return (mime.section(self._data, self._analysis, "HEADER") or b"").decode("utf-8", "replace")
 
-    def body_text(self) -> str:
+    def bodyprotocol.arg_text(self) -> str:
         if self._data is None:
             return ""
         return mime.text_for_search(self._data, self._analysis)
@@ -470,16 +470,16 @@ class Session:
         args = command.args
         if len(args) != 2:
             raise _Bad("LOGIN takes a user name and a password")
-        await self._login(command.tag, _text(args[0]), _text(args[1]))
+        await self._login(command.tag, protocol.arg_text(args[0]), protocol.arg_text(args[1]))
 
     async def cmd_authenticate(self, command: protocol.Command) -> None:
         args = command.args
-        if not args or _text(args[0]).upper() != "PLAIN":
+        if not args or protocol.arg_text(args[0]).upper() != "PLAIN":
             raise _No("[CANNOT] Only AUTHENTICATE PLAIN is supported")
         if self._plaintext_refused():
             raise _No("[PRIVACYREQUIRED] Authentication is disabled before STARTTLS")
         if len(args) > 1:  # RFC 4959 SASL-IR
-            response = _text(args[1])
+            response = protocol.arg_text(args[1])
         else:
             self.send("+ ")
             await self.flush()
@@ -662,7 +662,7 @@ class Session:
     async def cmd_enable(self, command: protocol.Command) -> None:
         enabled = []
         for arg in command.args:
-            if _text(arg).upper() == "CONDSTORE":
+            if protocol.arg_text(arg).upper() == "CONDSTORE":
                 self.condstore = True
                 enabled.append("CONDSTORE")
         self.send(f"* ENABLED {' '.join(enabled)}".rstrip())  # RFC 5161
@@ -676,7 +676,7 @@ class Session:
         return f'* QUOTA "" (STORAGE {used_kib} {self.user.quota // 1024})'  # RFC 2087: units of 1024 octets
 
     async def cmd_getquota(self, command: protocol.Command) -> None:
-        if not command.args or _text(command.args[0]) != "":
+        if not command.args or protocol.arg_text(command.args[0]) != "":
             raise _No("[NONEXISTENT] No such quota root")
         self.send(self._quota_line())
         self.send(f"{command.tag} OK GETQUOTA completed")
@@ -684,7 +684,7 @@ class Session:
     async def cmd_getquotaroot(self, command: protocol.Command) -> None:
         if not command.args:
             raise _Bad("GETQUOTAROOT needs a mailbox name")
-        self.send(b"* QUOTAROOT " + protocol.format_mailbox(_text(command.args[0])) + b' ""')
+        self.send(b"* QUOTAROOT " + protocol.format_mailbox(protocol.arg_text(command.args[0])) + b' ""')
         self.send(self._quota_line())
         self.send(f"{command.tag} OK GETQUOTAROOT completed")
 
@@ -859,7 +859,7 @@ class Session:
         if command.name == "UID EXPUNGE":  # RFC 4315 §2.1
             if not command.args:
                 raise _Bad("UID EXPUNGE needs a UID set")
-            candidates = [u for _, u in self._messages_for(_text(command.args[0]), uid=True)]
+            candidates = [u for _, u in self._messages_for(protocol.arg_text(command.args[0]), uid=True)]
         deleted = [u for u in candidates if "\\Deleted" in selected.flags.get(u, "").split()]
         removed = await self.account.expunge(selected.name, deleted, origin=self)
         for uid in removed:
@@ -919,7 +919,7 @@ class Session:
         by_uid = command.name == "UID FETCH"
         if len(command.args) < 2:
             raise _Bad("FETCH needs a sequence set and data items")
-        targets = self._messages_for(_text(command.args[0]), uid=by_uid)
+        targets = self._messages_for(protocol.arg_text(command.args[0]), uid=by_uid)
         items = protocol.parse_fetch_items([command.args[1]])
         changed_since = None
         if len(command.args) > 2:
@@ -1060,7 +1060,7 @@ class Session:
         by_uid = command.name == "UID STORE"
         if len(command.args) < 3:
             raise _Bad("STORE needs a sequence set, an action and flags")
-        targets = self._messages_for(_text(command.args[0]), uid=by_uid)
+        targets = self._messages_for(protocol.arg_text(command.args[0]), uid=by_uid)
         spec = protocol.parse_store(command.args[1:])
         if spec.unchanged_since is not None:
             self.condstore = True
@@ -1099,7 +1099,7 @@ class Session:
             raise _Bad(f"{command.name} needs a sequence set and a mailbox name")
         if move and selected.readonly:
             raise _No("[READ-ONLY] Mailbox is read-only")
-        targets = self._messages_for(_text(command.args[0]), uid=by_uid)
+        targets = self._messages_for(protocol.arg_text(command.args[0]), uid=by_uid)
         dest = self._folder_name(command.args[1])
         if not targets:
             self.send(f"{command.tag} OK {command.name} completed (nothing to do)")
@@ -1133,14 +1133,6 @@ def _uid_set(uids: Sequence[int]) -> str:
     if start is not None:
         parts.append(str(start) if start == prev else f"{start}:{prev}")
     return ",".join(parts)
-
-
-def _text(arg: protocol.Arg) -> str:
-    if isinstance(arg, protocol.Atom):
-        return arg.value
-    if isinstance(arg, protocol.String):
-        return arg.value.decode("utf-8", "replace")
-    raise _Bad("Expected an atom or a string")
 
 
 _KNOWN_COMMANDS = {
