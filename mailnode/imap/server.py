@@ -175,12 +175,12 @@ class _Target:
             self._headers[key] = mime.header_value(self._data, self._analysis, name)
         return self._headers[key]
 
-    def headersprotocol.arg_text(self) -> str:
+    def headers_text(self) -> str:
         if self._data is None:
             return ""
         return (mime.section(self._data, self._analysis, "HEADER") or b"").decode("utf-8", "replace")
 
-    def bodyprotocol.arg_text(self) -> str:
+    def body_text(self) -> str:
         if self._data is None:
             return ""
         return mime.text_for_search(self._data, self._analysis)
