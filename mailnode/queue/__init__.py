@@ -1,0 +1,1 @@
+"""Outbound mail: the durable spool, routing and delivery, bounces."""
