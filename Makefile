@@ -39,6 +39,10 @@ test: lint ## lint, then every test tier (unit, node)
 unit: bootstrap ## unit tests only
 	$(BIN)/pytest -q tests/unit
 
+.PHONY: crds
+crds: bootstrap ## regenerate crds/ from the API models
+	$(BIN)/mailfleet crds --write crds
+
 .PHONY: bench
 bench: ## benchmarks: the node against Postfix (SMTP) and Dovecot (IMAP) on this machine (not a test)
 	@scripts/bootstrap --bench
