@@ -749,6 +749,8 @@ class Session:
             if missing:
                 stored = await self.account.structures(self.selected.name, missing, _analysis_json)
                 for message in missing:
+                    if message.uid not in stored:
+                        continue  # expunged meanwhile: the caller leaves it out
                     try:
                         analysis = mime.Analysis.from_json(stored[message.uid])
                     except ValueError:  # cached by an older mailnode: parse again
@@ -895,8 +897,9 @@ class Session:
                     position for position, known in enumerate(headers) if fields is None or not fields <= known.keys()
                 ]
                 if unread:
+                    analyses = await self._analyses([chunk[position][1] for position in unread])
+                    unread = [p for p in unread if chunk[p][1].uid in analyses]  # not expunged meanwhile
                     wanted = [chunk[position][1] for position in unread]
-                    analyses = await self._analyses(wanted)
                     limits = None if body else [analyses[m.uid].root.body_start for m in wanted]
                     read = await self.account.read(wanted, limits=limits)
                     for position, contents in zip(unread, read, strict=True):
@@ -958,6 +961,10 @@ class Session:
             analyses: dict[int, mime.Analysis] = {}
             if needs_structure:
                 analyses = await self._analyses([m for _, m in present])
+                kept = [i for i, (_, m) in enumerate(present) if m.uid in analyses]
+                if len(kept) < len(present):  # expunged by another session while we read
+                    present = [present[i] for i in kept]
+                    datas = [datas[i] for i in kept] if datas else datas
             if sets_seen:
                 unseen = [m.uid for _, m in present if "\\Seen" not in selected.flags.get(m.uid, "").split()]
                 if unseen:

@@ -193,22 +193,32 @@ class Account:
             mailbox = self._store._open_mailbox(self.address)
             with mailbox.read_lock:
                 rows = mailbox.reader.messages(name, uids=uids)
-            return [(m, (root / m.path).read_bytes() if data else None) for m in rows]
+            if not data:
+                return [(m, None) for m in rows]
+            loaded: list[tuple[index.Message, bytes | None]] = []
+            for message in rows:
+                try:
+                    loaded.append((message, (root / message.path).read_bytes()))
+                except FileNotFoundError:  # expunged by another session since the query: left out
+                    continue
+            return loaded
 
         return await self._store._gateway.run(load)
 
     async def read(self, messages: Sequence[index.Message], *, limits: Sequence[int] | None = None) -> list[bytes]:
-        """The stored bytes of each message, or its first `limits[i]` bytes (one Gateway trip for all)."""
+        """The stored bytes of each message, or its first `limits[i]` bytes (one Gateway trip for all);
+        b"" for a message another session expunged meanwhile."""
         root = maildir.mailbox_dir(self._store.root, self.address)
 
-        def read() -> list[bytes]:
-            if limits is None:
-                return [(root / m.path).read_bytes() for m in messages]
-            result = []
-            for message, limit in zip(messages, limits, strict=True):
+        def read_one(message: index.Message, limit: int) -> bytes:
+            try:
                 with (root / message.path).open("rb") as file:
-                    result.append(file.read(limit))
-            return result
+                    return file.read(limit)
+            except FileNotFoundError:
+                return b""
+
+        def read() -> list[bytes]:
+            return [read_one(m, -1 if limits is None else limits[i]) for i, m in enumerate(messages)]
 
         return await self._store._gateway.run(read)
 
@@ -216,7 +226,7 @@ class Account:
         self, name: str, messages: Sequence[index.Message], compute: Callable[[bytes], str]
     ) -> dict[int, str]:
         """The cached structure (e.g. MIME analysis as JSON) of each message, computed and saved for
-        those that have none yet. One Gateway trip for all."""
+        those that have none yet; a message expunged meanwhile is left out. One Gateway trip for all."""
 
         def load() -> dict[int, str]:
             mailbox = self._store._open_mailbox(self.address)
@@ -227,7 +237,11 @@ class Account:
             for message in messages:
                 structure = cached.get(message.uid)
                 if structure is None:
-                    structure = computed[message.uid] = compute((mailbox.path / message.path).read_bytes())
+                    try:
+                        data = (mailbox.path / message.path).read_bytes()
+                    except FileNotFoundError:  # expunged by another session meanwhile: left out
+                        continue
+                    structure = computed[message.uid] = compute(data)
                 result[message.uid] = structure
             if computed:
                 with mailbox.lock:
