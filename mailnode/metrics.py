@@ -66,6 +66,19 @@ class NodeMetrics:
         self.store_bytes = prom.Gauge("mailnode_store_size_bytes", "Bytes of mail held in the store", registry=r)
         self.store_messages = prom.Gauge("mailnode_store_messages", "Messages held in the store", registry=r)
         self.ready = prom.Gauge("mailnode_ready", "1 once the listeners are up and the store is open", registry=r)
+        self.queue_messages = prom.Gauge("mailnode_queue_messages", "Messages in the outbound queue", registry=r)
+        self.queue_oldest_age = prom.Gauge(
+            "mailnode_queue_oldest_age_seconds", "Age of the oldest message in the outbound queue", registry=r
+        )
+        self.delivery_attempts = prom.Counter(
+            "mailnode_delivery_attempts",
+            "Outbound delivery attempts per recipient, by result",
+            ["result"],
+            registry=r,
+        )
+        self.bounces = prom.Counter("mailnode_bounces", "Bounce messages sent for undeliverable mail", registry=r)
+        for result in ("delivered", "deferred", "failed"):
+            self.delivery_attempts.labels(result)
         for result in ("success", "failure"):
             self.directory_reloads.labels(result)
         self.directory_last_reload_ok.set(1)

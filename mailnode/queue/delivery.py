@@ -1,0 +1,462 @@
+"""Deliverer: the outbound delivery worker. Takes the spool's due recipients, routes them by domain (or all to
+the relay host), hands them to the remote servers over SMTP, records each recipient's outcome in the spool
+as soon as it is known, and bounces what could not be delivered. The node runs `Deliverer.run` as a task;
+tests call `run_once`.
+
+Per pass: one route per domain, at most `max_per_domain` connections per domain and `max_connections` in
+all; a connection carries several messages (RSET between them). A recipient is recorded delivered right
+after the remote `250`, before anything else happens, so a restart never delivers it twice (RFC 5321 §6.1:
+the worst case is the rare duplicate when the connection drops between the end of DATA and the reply).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import math
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import aiosmtplib
+
+from mailnode.metrics import NodeMetrics
+from mailnode.queue import dsn, routing
+from mailnode.queue.spool import QueuedMessage, Spool, expired
+
+log = logging.getLogger(__name__)
+
+# A pass opens one connection per this many messages to a destination, up to max_per_domain.
+MESSAGES_PER_CONNECTION = 10
+
+EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
+_ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+    """What happened to one recipient in one attempt."""
+
+    result: str  # "delivered", "deferred" or "failed"
+    status: str  # the RFC 3463 code
+    reply: str  # the remote reply ("550 5.1.1 no such user") or our own reason
+    remote_mta: str | None = None
+
+
+@dataclasses.dataclass
+class _Job:
+    message: QueuedMessage
+    addresses: list[str]
+
+
+class _ConnectFailed(Exception):
+    """No server of the route could be used; `reply` says why (the last server's answer or error)."""
+
+    def __init__(self, reply: str, *, status: str = "4.4.1") -> None:  # RFC 3463: no answer from host
+        super().__init__(reply)
+        self.reply = reply
+        self.status = status
+
+
+class _Connection:
+    """One open SMTP session with a remote server, after EHLO, STARTTLS and AUTH."""
+
+    def __init__(self, client: aiosmtplib.SMTP, host: str) -> None:
+        self.client = client
+        self.host = host
+        self.transactions = 0
+
+
+class Deliverer:
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        hostname: str,
+        resolver: routing.Resolver,
+        relay_host: routing.RelayHost | None = None,
+        deliver_locally: Callable[[str, bytes], Awaitable[bool]],
+        metrics: NodeMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+        port: int = 25,
+        tls: ssl.SSLContext | None = None,
+        max_connections: int = 20,
+        max_per_domain: int = 4,
+        lifetime: float = 5 * 86400,
+        timeout: float = 60,
+    ) -> None:
+        """`port` is the port of every MX destination (a relay host has its own). `tls` is the STARTTLS
+        client context; by default MX delivery is opportunistic (TLS when offered, certificate not verified,
+        as Postfix's smtp_tls_security_level=may) and a relay host is verified against the system CAs."""
+        self._spool = spool
+        self._hostname = hostname
+        self._resolver = resolver
+        self._relay_host = relay_host
+        self._deliver_locally = deliver_locally
+        self._metrics = metrics
+        self._clock = clock
+        self._port = port
+        self._mx_tls = tls or _opportunistic_context()
+        self._relay_tls = tls or ssl.create_default_context()
+        self._max_per_domain = max(1, max_per_domain)
+        self._connections = asyncio.Semaphore(max(1, max_connections))
+        self._lifetime = lifetime
+        self._timeout = timeout
+        # The failures of this process's attempts, with the remote host: a bounce made after a restart
+        # rebuilds them from the spool's last_error, without the host.
+        self._failures: dict[str, dict[str, dsn.Failure]] = {}
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    async def run(self, *, interval: float = 5.0, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """Deliver until cancelled, one pass every `interval` seconds; a failed pass is logged."""
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.exception("delivery pass failed", extra={"fields": {"error": str(error)}})
+            await sleep(interval)
+
+    async def run_once(self) -> int:
+        """One pass over the due recipients; returns how many recipients were attempted."""
+        now = self._clock()
+        groups: dict[str, dict[str, _Job]] = collections.defaultdict(dict)
+        attempted = 0
+        for message in await self._spool.due(now):
+            for recipient in message.pending:
+                if recipient.next_attempt > now:
+                    continue
+                key = "" if self._relay_host is not None else _domain(recipient.address)
+                job = groups[key].setdefault(message.id, _Job(message, []))
+                job.addresses.append(recipient.address)
+                attempted += 1
+        domains = list(groups)
+        results = await asyncio.gather(
+            *(self._deliver_domain(domain, list(groups[domain].values())) for domain in domains), return_exceptions=True
+        )
+        for domain, result in zip(domains, results, strict=True):
+            # one domain's trouble (a spool write that failed) must not keep the others' outcomes from counting
+            if isinstance(result, Exception):
+                log.error(
+                    "delivery to a domain failed",
+                    exc_info=result,
+                    extra={"fields": {"domain": domain, "error": str(result)}},
+                )
+            elif isinstance(result, BaseException):
+                raise result
+        await self._finish_all()
+        await self._update_gauges()
+        return attempted
+
+    # -- one domain ---------------------------------------------------------------------------------
+
+    async def _deliver_domain(self, domain: str, jobs: list[_Job]) -> None:
+        try:
+            destinations = await routing.route(domain, resolver=self._resolver, relay_host=self._relay_host)
+        except routing.RoutingError as error:
+            result = "failed" if isinstance(error, routing.PermanentRoutingError) else "deferred"
+            outcome = _Outcome(result, error.status, f"{error.status} {error}")
+            for job in jobs:
+                for address in job.addresses:
+                    await self._record(job.message, address, outcome, destination="")
+            return
+        queue = collections.deque(jobs)
+        workers = min(self._max_per_domain, math.ceil(len(jobs) / MESSAGES_PER_CONNECTION))
+        await asyncio.gather(*(self._worker(destinations, queue) for _ in range(workers)))
+
+    async def _worker(self, destinations: list[routing.Destination], queue: collections.deque[_Job]) -> None:
+        """Takes messages from `queue` and delivers them over one connection, reconnecting after a break."""
+        async with self._connections:
+            connection: _Connection | None = None
+            try:
+                while queue:
+                    job = queue.popleft()
+                    if connection is None:
+                        try:
+                            connection = await self._connect(destinations)
+                        except _ConnectFailed as error:
+                            # every server of the route refused: the rest of this destination's mail waits too
+                            outcome = _Outcome("deferred", error.status, error.reply)
+                            rest = [job, *queue]
+                            queue.clear()
+                            for waiting in rest:
+                                for address in waiting.addresses:
+                                    await self._record(waiting.message, address, outcome, destination="")
+                            return
+                    if not await self._transaction(connection, job):
+                        connection.client.close()
+                        connection = None
+            finally:
+                if connection is not None:
+                    await _quit(connection.client)
+
+    async def _connect(self, destinations: list[routing.Destination]) -> _Connection:
+        """The first server of the route that greets with 220 and completes EHLO (and, as required,
+        STARTTLS and AUTH). RFC 5321 §5.1: try the addresses in order."""
+        last = _ConnectFailed("4.4.1 no destination to try")
+        relay = self._relay_host is not None
+        for destination in destinations:
+            port = destination.port if relay else self._port
+            for address in destination.addresses:
+                client = aiosmtplib.SMTP(
+                    hostname=address,
+                    port=port,
+                    local_hostname=self._hostname,
+                    timeout=self._timeout,
+                    start_tls=False,
+                )
+                try:
+                    await client.connect()
+                    await self._greet(client, destination)
+                except _ConnectFailed as error:
+                    last = error
+                except aiosmtplib.SMTPResponseException as error:
+                    last = _ConnectFailed(f"{destination.host}[{address}] said: {_reply(error.code, error.message)}")
+                except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+                    last = _ConnectFailed(f"4.4.1 connect to {destination.host}[{address}]:{port}: {error}")
+                else:
+                    return _Connection(client, destination.host)
+                client.close()
+                log.info(
+                    "delivery connection failed",
+                    extra={"fields": {"destination": destination.host, "address": address, "error": last.reply}},
+                )
+        raise last
+
+    async def _greet(self, client: aiosmtplib.SMTP, destination: routing.Destination) -> None:
+        await _hello(client)
+        where = destination.host
+        if client.supports_extension("starttls"):
+            context = self._relay_tls if destination.require_starttls else self._mx_tls
+            # RFC 3207 §4.2: the server's extensions are forgotten after STARTTLS and asked again
+            await client.starttls(server_hostname=destination.host, tls_context=context)
+            await _hello(client)
+        elif destination.require_starttls:
+            raise _ConnectFailed(f"4.7.4 {where} does not offer STARTTLS, which it must", status="4.7.4")
+        if destination.username is not None and destination.password is not None:
+            try:
+                await client.login(destination.username, destination.password)
+            except aiosmtplib.SMTPResponseException as error:
+                # a configuration problem here, not the mail's: keep it and try later
+                raise _ConnectFailed(f"{where} refused the login: {_reply(error.code, error.message)}") from None
+
+    async def _transaction(self, connection: _Connection, job: _Job) -> bool:
+        """Deliver one message to its recipients at this destination. False when the connection broke
+        (the recipients not yet answered are deferred)."""
+        client, host = connection.client, connection.host
+        message = job.message
+        done: set[str] = set()
+
+        async def record(address: str, outcome: _Outcome) -> None:
+            done.add(address)
+            await self._record(message, address, outcome, destination=host)
+
+        try:
+            if connection.transactions:
+                await client.rset()
+            connection.transactions += 1
+            data = await self._spool.read(message.id)
+            if not data.endswith(b"\r\n"):
+                data += b"\r\n"
+            options = []
+            if client.supports_extension("size"):
+                options.append(f"SIZE={len(data)}")  # RFC 1870
+            if not data.isascii() and client.supports_extension("8bitmime"):
+                options.append("BODY=8BITMIME")  # RFC 6152
+            addresses = [message.sender, *job.addresses]
+            utf8 = not all(a.isascii() for a in addresses)
+            if utf8:
+                if not client.supports_extension("smtputf8"):
+                    # RFC 6531 §3.2: without SMTPUTF8 the server cannot take these addresses
+                    outcome = _Outcome("failed", "5.6.7", f"5.6.7 {host} does not support SMTPUTF8", host)
+                    for address in job.addresses:
+                        await record(address, outcome)
+                    return True
+                options.append("SMTPUTF8")
+            encoding = "utf-8" if utf8 else "ascii"
+            mail_from = f"FROM:<{message.sender}>".encode(encoding)  # "<>" for the null sender
+            reply = await client.execute_command(b"MAIL", mail_from, *(o.encode("ascii") for o in options))
+            if reply.code // 100 != 2:
+                outcome = _from_reply(reply.code, reply.message, host)
+                for address in job.addresses:
+                    await record(address, outcome)
+                return True
+            accepted: list[str] = []
+            for address in job.addresses:
+                reply = await client.execute_command(b"RCPT", f"TO:<{address}>".encode(encoding))
+                if reply.code // 100 == 2:
+                    accepted.append(address)
+                else:
+                    await record(address, _from_reply(reply.code, reply.message, host))
+            if not accepted:
+                return True
+            try:
+                reply = await client.data(data)
+            except aiosmtplib.SMTPDataError as error:
+                outcome = _from_reply(error.code, error.message, host)
+            else:
+                outcome = _Outcome("delivered", "2.0.0", _reply(reply.code, reply.message), host)
+            for address in accepted:
+                await record(address, outcome)
+            return True
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+            outcome = _Outcome("deferred", "4.4.2", f"4.4.2 connection with {host} lost: {error}", host)
+            for address in job.addresses:
+                if address not in done:
+                    await record(address, outcome)
+            return False
+
+    # -- outcomes -------------------------------------------------------------------------------------
+
+    async def _record(self, message: QueuedMessage, address: str, outcome: _Outcome, *, destination: str) -> None:
+        if outcome.result == "deferred" and expired(message, self._clock(), self._lifetime):
+            outcome = _Outcome(
+                "failed", EXPIRED_STATUS, f"{EXPIRED_STATUS} delivery time expired; last error: {outcome.reply}"
+            )
+        await self._spool.record_attempt(
+            message.id,
+            address,
+            delivered=outcome.result == "delivered",
+            permanent=outcome.result == "failed",
+            error=outcome.reply,
+            next_attempt=None,
+        )
+        if outcome.result == "failed":
+            failure = dsn.Failure(address, outcome.status, outcome.reply, outcome.remote_mta)
+            self._failures.setdefault(message.id, {})[address] = failure
+        if self._metrics is not None:
+            self._metrics.delivery_attempts.labels(outcome.result).inc()
+        log.info(
+            "delivery attempt",
+            extra={
+                "fields": {
+                    "id": message.id,
+                    "recipient": address,
+                    "destination": destination,
+                    "result": outcome.result,
+                    "reply": outcome.reply,
+                }
+            },
+        )
+
+    async def _finish_all(self) -> None:
+        """Bounce and remove every message with no pending recipient; this also finishes messages whose
+        last recipient was recorded just before a crash."""
+        for message in await self._spool.list():
+            if not message.pending:
+                await self._finish(message)
+
+    async def _finish(self, message: QueuedMessage) -> None:
+        known = self._failures.pop(message.id, {})
+        failures = [
+            known.get(r.address) or dsn.Failure(r.address, _status(r.last_error, "5.0.0"), r.last_error)
+            for r in message.recipients
+            if r.state == "failed"
+        ]
+        if failures and dsn.should_bounce(message.sender):
+            bounce = dsn.build_bounce(
+                original=await self._spool.read(message.id),
+                sender=message.sender,
+                reporting_mta=self._hostname,
+                failures=failures,
+                arrival=datetime.fromtimestamp(message.created, UTC),
+                now=datetime.fromtimestamp(self._clock(), UTC),
+            )
+            local = False
+            try:
+                local = await self._deliver_locally(message.sender, bounce)
+            except Exception as error:
+                log.exception(
+                    "local bounce delivery failed; queueing it",
+                    extra={"fields": {"id": message.id, "sender": message.sender, "error": str(error)}},
+                )
+            if not local:
+                await self._spool.enqueue("", [message.sender], bounce)  # RFC 5321 §4.5.5: null reverse-path
+            if self._metrics is not None:
+                self._metrics.bounces.inc()
+            log.info(
+                "bounce sent",
+                extra={
+                    "fields": {
+                        "id": message.id,
+                        "sender": message.sender,
+                        "failed": [f.recipient for f in failures],
+                        "local": local,
+                    }
+                },
+            )
+        elif failures:
+            log.info(
+                "undeliverable message not bounced",
+                extra={
+                    "fields": {"id": message.id, "sender": message.sender, "failed": [f.recipient for f in failures]}
+                },
+            )
+        await self._spool.remove(message.id)
+
+    async def _update_gauges(self) -> None:
+        if self._metrics is None:
+            return
+        messages = await self._spool.list()
+        self._metrics.queue_messages.set(len(messages))
+        oldest = min((m.created for m in messages), default=None)
+        self._metrics.queue_oldest_age.set(0 if oldest is None else max(0.0, self._clock() - oldest))
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+
+
+def _opportunistic_context() -> ssl.SSLContext:
+    # RFC 7435 opportunistic security: encrypt when offered, do not insist on a valid certificate
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower() if "@" in address else ""
+
+
+def _reply(code: int, message: str) -> str:
+    return f"{code} {' '.join(line.strip() for line in message.splitlines())}".strip()
+
+
+def _status(text: str, default: str) -> str:
+    match = _ENHANCED.search(text)
+    return match.group(0) if match else default
+
+
+def _from_reply(code: int, message: str, host: str) -> _Outcome:
+    """RFC 5321 §4.2.1: 2yz done, 4yz try again later, 5yz do not; anything else is treated as 4yz."""
+    text = _reply(code, message)
+    if code // 100 == 5:
+        return _Outcome("failed", _status(message, "5.0.0"), text, host)
+    if code // 100 == 2:
+        return _Outcome("delivered", _status(message, "2.0.0"), text, host)
+    status = _status(message, "4.0.0")
+    if not status.startswith("4"):
+        status = "4.0.0"
+    return _Outcome("deferred", status, text, host)
+
+
+async def _hello(client: aiosmtplib.SMTP) -> None:
+    try:
+        await client.ehlo()
+    except aiosmtplib.SMTPHeloError as error:
+        if error.code // 100 == 4:
+            raise
+        await client.helo()  # RFC 5321 §3.2: a server that does not know EHLO
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    try:
+        await client.quit()
+    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        client.close()
