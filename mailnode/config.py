@@ -117,6 +117,15 @@ class TLSConfig(_Model):
     key_file: Path
 
 
+class RelayHostConfig(_Model):
+    """All outbound mail through this host, with STARTTLS (and AUTH when credentials are given)."""
+
+    host: str
+    port: int = pydantic.Field(587, ge=1, le=65535)
+    username: str | None = None
+    password_file: Path | None = None  # a file holding the password (a mounted Secret in a pod)
+
+
 class SMTPConfig(_Model):
     max_message_size: ByteSize = 25 * 1024 * 1024
     max_recipients: int = pydantic.Field(100, ge=1)
@@ -126,6 +135,21 @@ class SMTPConfig(_Model):
     # delay = min(auth_failure_delay * 2**(failures-1), auth_failure_delay_max).
     auth_failure_delay: float = pydantic.Field(0.5, ge=0)
     auth_failure_delay_max: float = pydantic.Field(16.0, ge=0)
+    # Outbound: a relay host, or per-domain transports ("host:port", like Postfix's transport_maps);
+    # every other domain is routed by its MX records.
+    relay_host: RelayHostConfig | None = None
+    transports: dict[Domain, str] = {}
+    queue_lifetime: float = pydantic.Field(5 * 86400.0, gt=0, description="seconds before a bounce")
+    delivery_interval: float = pydantic.Field(5.0, gt=0, description="seconds between queue runs")
+
+    @pydantic.field_validator("transports")
+    @classmethod
+    def _transports(cls, value: dict[str, str]) -> dict[str, str]:
+        for domain, target in value.items():
+            host, _, port = target.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"transport of {domain}: {target!r} is not host:port")
+        return value
 
 
 class IMAPConfig(_Model):

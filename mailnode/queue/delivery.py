@@ -19,7 +19,7 @@ import math
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
 import aiosmtplib
@@ -88,6 +88,7 @@ class Deliverer:
         max_per_domain: int = 4,
         lifetime: float = 5 * 86400,
         timeout: float = 60,
+        transports: Mapping[str, tuple[str, int]] | None = None,
     ) -> None:
         """`port` is the port of every MX destination (a relay host has its own). `tls` is the STARTTLS
         client context; by default MX delivery is opportunistic (TLS when offered, certificate not verified,
@@ -100,6 +101,8 @@ class Deliverer:
         self._metrics = metrics
         self._clock = clock
         self._port = port
+        # domain -> (host, port), as Postfix's transport_maps: mail for these domains skips MX routing
+        self._transports = dict(transports or {})
         self._mx_tls = tls or _opportunistic_context()
         self._relay_tls = tls or ssl.create_default_context()
         self._max_per_domain = max(1, max_per_domain)
@@ -158,7 +161,11 @@ class Deliverer:
 
     async def _deliver_domain(self, domain: str, jobs: list[_Job]) -> None:
         try:
-            destinations = await routing.route(domain, resolver=self._resolver, relay_host=self._relay_host)
+            if domain in self._transports and self._relay_host is None:
+                host, port = self._transports[domain]
+                destinations = [routing.Destination(host, [host], port=port)]
+            else:
+                destinations = await routing.route(domain, resolver=self._resolver, relay_host=self._relay_host)
         except routing.RoutingError as error:
             result = "failed" if isinstance(error, routing.PermanentRoutingError) else "deferred"
             outcome = _Outcome(result, error.status, f"{error.status} {error}")
@@ -168,9 +175,12 @@ class Deliverer:
             return
         queue = collections.deque(jobs)
         workers = min(self._max_per_domain, math.ceil(len(jobs) / MESSAGES_PER_CONNECTION))
-        await asyncio.gather(*(self._worker(destinations, queue) for _ in range(workers)))
+        own_port = self._relay_host is not None or domain in self._transports
+        await asyncio.gather(*(self._worker(destinations, queue, own_port) for _ in range(workers)))
 
-    async def _worker(self, destinations: list[routing.Destination], queue: collections.deque[_Job]) -> None:
+    async def _worker(
+        self, destinations: list[routing.Destination], queue: collections.deque[_Job], own_port: bool
+    ) -> None:
         """Takes messages from `queue` and delivers them over one connection, reconnecting after a break."""
         async with self._connections:
             connection: _Connection | None = None
@@ -179,7 +189,7 @@ class Deliverer:
                     job = queue.popleft()
                     if connection is None:
                         try:
-                            connection = await self._connect(destinations)
+                            connection = await self._connect(destinations, own_port=own_port)
                         except _ConnectFailed as error:
                             # every server of the route refused: the rest of this destination's mail waits too
                             outcome = _Outcome("deferred", error.status, error.reply)
@@ -196,13 +206,12 @@ class Deliverer:
                 if connection is not None:
                     await _quit(connection.client)
 
-    async def _connect(self, destinations: list[routing.Destination]) -> _Connection:
+    async def _connect(self, destinations: list[routing.Destination], *, own_port: bool) -> _Connection:
         """The first server of the route that greets with 220 and completes EHLO (and, as required,
         STARTTLS and AUTH). RFC 5321 §5.1: try the addresses in order."""
         last = _ConnectFailed("4.4.1 no destination to try")
-        relay = self._relay_host is not None
         for destination in destinations:
-            port = destination.port if relay else self._port
+            port = destination.port if own_port else self._port
             for address in destination.addresses:
                 client = aiosmtplib.SMTP(
                     hostname=address,

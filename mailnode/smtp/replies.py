@@ -43,9 +43,6 @@ AUTH_NOT_HERE = Reply(502, "5.5.1", "AUTH is not offered on this port; use submi
 MAILBOX_UNKNOWN = Reply(550, "5.1.1", "Mailbox unavailable: no such user {address}")
 MAILBOX_DISABLED = Reply(550, "5.2.1", "Mailbox disabled: {address} is not accepting mail")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied: {address} is not a domain of this server")
-REMOTE_NOT_ENABLED = Reply(
-    550, "5.7.1", "Delivery to remote domains is not enabled on this node: {address} is not a local domain"
-)
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: {address} is not owned by user {user}")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message too big for system (limit {limit} bytes)")
 BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax: {address}")

@@ -37,6 +37,7 @@ from aiosmtpd.smtp import (
 from mailnode.auth import Authenticator
 from mailnode.config import Directory, MailboxEntry, NodeConfig
 from mailnode.metrics import NodeMetrics
+from mailnode.queue.spool import Spool
 from mailnode.smtp import replies
 from mailnode.store.mailstore import Delivery, MailStore
 
@@ -69,6 +70,7 @@ class MailEnvelope(Envelope):
         super().__init__()
         self.declared_size = 0
         self.targets: dict[str, MailboxEntry] = {}
+        self.remote: list[str] = []  # recipients in other domains (submission only): the outbound queue
         self.rejected: list[tuple[str, str]] = []
         self.id = ""
         self.logged = False
@@ -352,14 +354,20 @@ class SMTPHandler:
         store: MailStore,
         authenticator: Authenticator,
         metrics: NodeMetrics,
+        spool: Spool | None = None,
+        sign: Callable[[str, bytes], bytes] = lambda domain, message: b"",
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`spool` takes submitted mail for other domains (and remote forward_to targets); `sign(domain,
+        message)` returns the DKIM-Signature header for mail from that domain, or b"" without a key."""
         self.listener = listener
         self._config = config
         self._directory = directory
         self._store = store
         self._authenticator = authenticator
         self._metrics = metrics
+        self._spool = spool
+        self._sign = sign
         self._clock = clock
         self.connections: set[MailSMTP] = set()
 
@@ -449,8 +457,11 @@ class SMTPHandler:
         directory = self._directory()
         resolution = directory.resolve(address)
         if resolution.kind == "foreign":
-            if self.listener.is_submission:
-                return self._refuse(envelope, address, replies.REMOTE_NOT_ENABLED, "remote_not_enabled")
+            if self.listener.is_submission and self._spool is not None:  # the outbound queue takes it
+                envelope.rcpt_tos.append(address)
+                envelope.rcpt_options.extend(options)
+                envelope.remote.append(address)
+                return str(replies.RECIPIENT_OK)
             return self._refuse(envelope, address, replies.RELAY_DENIED, "relay_denied")
         mailbox = resolution.mailbox
         if mailbox is None:
@@ -470,21 +481,21 @@ class SMTPHandler:
         used = self._store.usage(mailbox.address).bytes
         return used >= mailbox.quota or used + incoming > mailbox.quota
 
-    def _forward_targets(self, directory: Directory, mailboxes: list[MailboxEntry]) -> list[MailboxEntry]:
-        """Local forward_to targets of the recipients' mailboxes (one level, as Postfix's .forward)."""
-        found: list[MailboxEntry] = []
+    def _forward_targets(
+        self, directory: Directory, mailboxes: list[MailboxEntry]
+    ) -> tuple[list[MailboxEntry], list[str]]:
+        """forward_to targets of the recipients' mailboxes (one level, as Postfix's .forward): local
+        mailboxes, and remote addresses for the outbound queue."""
+        local: list[MailboxEntry] = []
+        remote: list[str] = []
         for mailbox in mailboxes:
             for target in mailbox.forward_to:
                 resolution = directory.resolve(target)
                 if resolution.mailbox is not None and not resolution.mailbox.suspended:
-                    found.append(resolution.mailbox)
+                    local.append(resolution.mailbox)
                 elif resolution.kind == "foreign":
-                    # Remote forwarding needs the outbound queue; the mailbox keeps its copy meanwhile.
-                    log.warning(
-                        "remote forward not delivered: outbound delivery is not enabled",
-                        extra={"fields": {"mailbox": mailbox.address, "forward_to": target}},
-                    )
-        return found
+                    remote.append(target)
+        return local, remote
 
     async def handle_DATA(self, server: MailSMTP, session: MailSession, envelope: MailEnvelope) -> str:
         content: bytes = envelope.original_content or b""
@@ -497,15 +508,25 @@ class SMTPHandler:
                 return reply
         directory = self._directory()
         targets = {m.address: m for m in mailboxes}
-        for forward in self._forward_targets(directory, mailboxes):
+        forward_local, forward_remote = self._forward_targets(directory, mailboxes)
+        for forward in forward_local:
             if forward.address not in targets and not self._over_quota(forward, size):
                 targets[forward.address] = forward
+        remote = list(dict.fromkeys([*envelope.remote, *forward_remote])) if self._spool is not None else []
         single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
-        trace = self._trace_headers(server, session, envelope, single)
-        deliveries = [Delivery(address=address, data=trace + content) for address in targets]
+        received = self._received_header(session, envelope, single)
+        sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
+        return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", errors="surrogateescape")
+        deliveries = [Delivery(address=address, data=return_path + received + content) for address in targets]
         started = time.perf_counter()
         try:
-            await self._store.deliver(deliveries)
+            if deliveries:
+                await self._store.deliver(deliveries)
+            if remote and self._spool is not None:
+                # RFC 6376: the signature covers what leaves, Received header included.
+                outbound = received + content
+                signature = self._sign(sender.rpartition("@")[2], outbound) if sender else b""
+                await self._spool.enqueue(sender, remote, signature + outbound)
         except Exception as error:
             log.exception("delivery failed", extra={"fields": {"id": envelope.id, "error": str(error)}})
             self.rejected("store_error")
@@ -519,10 +540,9 @@ class SMTPHandler:
         self.end_transaction(session, envelope, reply, size)
         return reply
 
-    def _trace_headers(
-        self, server: MailSMTP, session: MailSession, envelope: MailEnvelope, recipient: str | None
-    ) -> bytes:
-        """Return-Path and Received (RFC 5321 §4.4; "with" keywords from RFC 3848)."""
+    def _received_header(self, session: MailSession, envelope: MailEnvelope, recipient: str | None) -> bytes:
+        """The Received header (RFC 5321 §4.4; "with" keywords from RFC 3848). Return-Path is added
+        only at final delivery, into a mailbox."""
         helo = _UNPRINTABLE.sub("", session.host_name or "unknown")[:255] or "unknown"
         ip = session.peer[0] if session.peer else "unknown"
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
@@ -535,9 +555,7 @@ class SMTPHandler:
         received += f" with {protocol} id {envelope.id}"
         if recipient:
             received += f"\r\n\tfor <{recipient}>"
-        sender = "" if envelope.mail_from == "<>" else envelope.mail_from
-        text = f"Return-Path: <{sender}>\r\n{received}; {date}\r\n"
-        return text.encode("utf-8", errors="surrogateescape")
+        return f"{received}; {date}\r\n".encode("utf-8", errors="surrogateescape")
 
     # -- authentication (RFC 4954; PLAIN is RFC 4616) --------------------------------------------------
 

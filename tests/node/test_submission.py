@@ -100,17 +100,6 @@ def test_user_may_not_send_as_others(node: RunningNode, client_tls: ssl.SSLConte
         assert b"not owned by user user@example.com" in text
 
 
-def test_remote_recipients_are_refused_clearly(node: RunningNode, client_tls: ssl.SSLContext) -> None:
-    with submission(node, client_tls) as client:
-        client.login("user@example.com", PASSWORD)
-        client.mail("user@example.com")
-        code, text = client.rcpt("friend@remote.test")
-        assert (code, text[:5]) == (550, b"5.7.1")
-        assert b"remote domains is not enabled" in text
-        assert client.rcpt("other@example.com")[0] == 250
-        assert client.data(MESSAGE)[0] == 250
-
-
 def test_submissions_is_tls_from_the_first_byte(node: RunningNode, client_tls: ssl.SSLContext) -> None:
     with smtplib.SMTP_SSL("127.0.0.1", node.port("submissions"), context=client_tls, timeout=30) as client:
         client.ehlo("laptop")
