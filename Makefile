@@ -44,10 +44,11 @@ crds: bootstrap ## regenerate crds/ from the API models
 	$(BIN)/mailfleet crds --write crds
 
 .PHONY: bench
-bench: ## benchmarks: the node against Postfix (SMTP) and Dovecot (IMAP) on this machine (not a test)
+bench: ## benchmarks: the node against Postfix (SMTP in and out) and Dovecot (IMAP) on this machine (not a test)
 	@scripts/bootstrap --bench
 	$(PY) -m bench.smtp
 	$(PY) -m bench.imap
+	$(PY) -m bench.outbound
 
 .PHONY: clean
 clean: ## remove the virtualenv, caches and local run state

@@ -199,9 +199,11 @@ def start_node(
     password: str,
     settings: dict[str, Any] | None = None,
     preexec_fn: Callable[[], None] | None = None,
+    address: str = RECIPIENT,
 ) -> Node:
     """Make workdir with a node config (`listeners` on free ports, `settings` added) and a directory with
-    one mailbox of `password`, and start the node there; the caller stops it (stop_process(node.proc))."""
+    one mailbox (`address`, RECIPIENT unless told) of `password`, and start the node there; the caller
+    stops it (stop_process(node.proc))."""
     workdir.mkdir()
     ports = dict(zip(listeners, free_ports(len(listeners)), strict=True))
     config = {
@@ -214,7 +216,7 @@ def start_node(
         **(settings or {}),
         "log_level": "info",
     }
-    mailbox = {"address": RECIPIENT, "password_hash": passwords.hash_password(password), "quota": 0}  # no limit
+    mailbox = {"address": address, "password_hash": passwords.hash_password(password), "quota": 0}  # no limit
     (workdir / "directory.yaml").write_text(yaml.safe_dump({"mailboxes": [mailbox]}), encoding="utf-8")
     path = workdir / "node.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

@@ -1,16 +1,22 @@
 """The `mailnode` command: `serve --config FILE` runs a node; `hash-password` prints an argon2id hash
 of a password read from standard input; `dkim-keygen` and `dkim-record` make a domain's DKIM key and
-print the DNS record to publish."""
+print the DNS record to publish; `queue list | retry ID | delete ID` show and change a running node's
+outbound queue through its admin HTTP endpoints (which accept changes only from loopback)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import getpass
+import json
 import os
 import signal
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from mailnode import dkim, logs, passwords
 from mailnode.config import ConfigError, load_node_config
@@ -85,6 +91,98 @@ def _dkim_record(domain: str, selector: str, key_file: Path) -> int:
     return 0
 
 
+DEFAULT_ADMIN_URL = "http://127.0.0.1:8080"
+
+
+def _admin_url(url: str | None, config_path: Path | None) -> str:
+    """The running node's admin base URL: --url, else the config's listen.host and listen.http (a
+    wildcard host means this machine's loopback), else DEFAULT_ADMIN_URL."""
+    if url:
+        return url.rstrip("/")
+    if config_path is None:
+        return DEFAULT_ADMIN_URL
+    listen = load_node_config(config_path).listen
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(listen.host, listen.host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{listen.http}"
+
+
+class _AdminError(Exception):
+    """A request to the node's admin endpoints failed; the message says why, for stderr."""
+
+
+def _admin_request(base: str, method: str, path: str) -> Any:
+    request = urllib.request.Request(f"{base}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        body = error.read()
+        try:
+            detail = json.loads(body)["error"]
+        except (ValueError, KeyError, TypeError):
+            detail = body.decode(errors="replace").strip() or error.reason
+        raise _AdminError(f"{method} {base}{path}: {error.code} {detail}") from error
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise _AdminError(f"cannot reach the node at {base}: {reason}") from error
+    except ValueError as error:
+        raise _AdminError(f"{method} {base}{path}: not a JSON answer") from error
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _print_queue(messages: list[dict[str, Any]]) -> None:
+    if not messages:
+        print("The queue is empty.")
+        return
+    id_width = max(len("ID"), *(len(m["id"]) for m in messages))
+    sender_width = max(len("SENDER"), *(len(m["sender"] or "<>") for m in messages))
+    print(f"{'ID':<{id_width}}  {'AGE':>7}  {'SENDER':<{sender_width}}  RECIPIENTS")
+    indent = " " * (id_width + 2 + 7 + 2 + sender_width + 2)
+    for message in messages:
+        age, sender = _age(message["age_seconds"]), message["sender"] or "<>"
+        lead = f"{message['id']:<{id_width}}  {age:>7}  {sender:<{sender_width}}  "
+        for position, r in enumerate(message["recipients"]):
+            line = f"{r['address']}  {r['state']}  attempts={r['attempts']}"
+            if r["last_error"]:
+                line += f"  last error: {r['last_error']}"
+            print((lead if position == 0 else indent) + line)
+    print(f"{len(messages)} message(s)")
+
+
+def _queue(args: argparse.Namespace) -> int:
+    try:
+        base = _admin_url(args.url, args.config)
+        if args.queue_command == "list":
+            messages = _admin_request(base, "GET", "/queue")
+            if args.json:
+                print(json.dumps(messages, indent=2))
+            else:
+                _print_queue(messages)
+        elif args.queue_command == "retry":
+            message = _admin_request(base, "POST", f"/queue/{urllib.parse.quote(args.id, safe='')}/retry")
+            pending = sum(1 for r in message["recipients"] if r["state"] == "pending")
+            print(f"{message['id']}: {pending} pending recipient(s) due now")
+        else:
+            message = _admin_request(base, "DELETE", f"/queue/{urllib.parse.quote(args.id, safe='')}")
+            print(f"{message['id']}: deleted (no bounce sent)")
+    except _AdminError as error:
+        print(f"mailnode queue: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mailnode", description="A Mailfleet mail node.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -100,7 +198,23 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--domain", required=True)
     show.add_argument("--selector", default="mail")
     show.add_argument("--key", type=Path, required=True)
+    queue = commands.add_parser("queue", help="list, retry or delete messages in a running node's outbound queue")
+    queue_commands = queue.add_subparsers(dest="queue_command", required=True)
+    where = argparse.ArgumentParser(add_help=False)
+    target = where.add_mutually_exclusive_group()
+    target.add_argument("--config", "-c", type=Path, help="node config (YAML): the admin port is listen.http")
+    target.add_argument("--url", help=f"the node's admin URL (default {DEFAULT_ADMIN_URL})")
+    queue_list = queue_commands.add_parser("list", parents=[where], help="show the queued messages")
+    queue_list.add_argument("--json", action="store_true", help="print GET /queue as JSON")
+    for name, text in (("retry", "try a message's pending recipients now"), ("delete", "drop a message, no bounce")):
+        queue_commands.add_parser(name, parents=[where], help=text).add_argument("id", help="message id")
     args = parser.parse_args(argv)
+    if args.command == "queue":
+        try:
+            return _queue(args)
+        except ConfigError as error:
+            print(f"mailnode: {error}", file=sys.stderr)
+            return 2
     if args.command == "hash-password":
         return _hash_password()
     if args.command == "dkim-keygen":

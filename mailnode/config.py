@@ -138,6 +138,8 @@ class SMTPConfig(_Model):
     # Outbound: a relay host, or per-domain transports ("host:port", like Postfix's transport_maps);
     # every other domain is routed by its MX records.
     relay_host: RelayHostConfig | None = None
+    # SPF and DKIM of mail from outside, reported in an Authentication-Results header (never refused)
+    check_inbound: bool = True
     transports: dict[Domain, str] = {}
     queue_lifetime: float = pydantic.Field(5 * 86400.0, gt=0, description="seconds before a bounce")
     delivery_interval: float = pydantic.Field(5.0, gt=0, description="seconds between queue runs")

@@ -24,6 +24,7 @@ from mailnode.queue import routing
 from mailnode.queue.delivery import Deliverer
 from mailnode.queue.spool import Spool
 from mailnode.smtp import server as smtp
+from mailnode.smtp.inbound import InboundChecker
 from mailnode.store.mailstore import Delivery, MailStore
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class Node:
         self.spool = Spool(config.data_dir / "queue", gateway=self.gateway)
         self._dkim_keys: dict[str, tuple[str, bytes]] = {}  # domain -> (selector, private key)
         self._deliverer_task: asyncio.Task[None] | None = None
+        self._inbound = InboundChecker(authserv_id=config.hostname)
         self.ports: dict[str, int] = {}
         self._servers: list[asyncio.Server] = []
         self._handlers: list[smtp.SMTPHandler] = []
@@ -112,6 +114,9 @@ class Node:
         except Exception:  # a message dkimpy cannot sign still goes out, unsigned
             log.exception("dkim signing failed", extra={"fields": {"domain": domain}})
             return b""
+
+    async def _check_inbound(self, ip: str, helo: str, sender: str, message: bytes) -> bytes:
+        return await self.gateway.run(self._inbound.header, ip=ip, helo=helo, sender=sender, message=message)
 
     async def _deliver_bounce(self, address: str, message: bytes) -> bool:
         """Bounces for senders on this node go straight into their INBOX."""
@@ -173,6 +178,7 @@ class Node:
                 metrics=self.metrics,
                 spool=self.spool,
                 sign=self._sign,
+                check_inbound=self._check_inbound if self.config.smtp.check_inbound else None,
             )
             server = await smtp.start_listener(
                 listener=listener, handler=handler, config=self.config, host=listen.host, port=port, tls=tls
@@ -192,7 +198,7 @@ class Node:
             self._servers.append(imap_server)
             self._imap_sessions.append(sessions)
             self.ports[name] = imap_server.sockets[0].getsockname()[1]
-        app = http.build_app(metrics=self.metrics, ready=lambda: self.ready, status=self.status)
+        app = http.build_app(metrics=self.metrics, ready=lambda: self.ready, status=self.status, queue=self.spool)
         self._runner, self.ports["http"] = await http.start(app, host=listen.host, port=listen.http)
         self._watch_task = asyncio.create_task(self._watch_directory())
         self.ready = True
@@ -242,8 +248,10 @@ class Node:
         self.auth_gateway.close()
         log.info("node stopped", extra={"fields": {"node": self.config.node_name}})
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         directory = self.watcher.current
+        queued = await self.spool.list() if self.spool.is_open else []
+        oldest = min((m.created for m in queued), default=None)
         return {
             "node": self.config.node_name,
             "hostname": self.config.hostname,
@@ -258,4 +266,8 @@ class Node:
             },
             "store": {"bytes": self.store.total_bytes(), "messages": self.store.total_messages()},
             "dns_records": self._dkim_records,
+            "queue": {
+                "messages": len(queued),
+                "oldest_age_seconds": 0.0 if oldest is None else round(max(0.0, time.time() - oldest), 1),
+            },
         }

@@ -20,7 +20,7 @@ import re
 import secrets
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import AnyStr
 
 from aiosmtpd.smtp import (
@@ -356,10 +356,13 @@ class SMTPHandler:
         metrics: NodeMetrics,
         spool: Spool | None = None,
         sign: Callable[[str, bytes], bytes] = lambda domain, message: b"",
+        check_inbound: Callable[[str, str, str, bytes], Awaitable[bytes]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`spool` takes submitted mail for other domains (and remote forward_to targets); `sign(domain,
-        message)` returns the DKIM-Signature header for mail from that domain, or b"" without a key."""
+        message)` returns the DKIM-Signature header for mail from that domain, or b"" without a key;
+        `check_inbound(ip, helo, sender, message)` returns the Authentication-Results header for mail
+        arriving on the MX listener."""
         self.listener = listener
         self._config = config
         self._directory = directory
@@ -368,6 +371,7 @@ class SMTPHandler:
         self._metrics = metrics
         self._spool = spool
         self._sign = sign
+        self._check_inbound = check_inbound
         self._clock = clock
         self.connections: set[MailSMTP] = set()
 
@@ -517,7 +521,14 @@ class SMTPHandler:
         received = self._received_header(session, envelope, single)
         sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
         return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", errors="surrogateescape")
-        deliveries = [Delivery(address=address, data=return_path + received + content) for address in targets]
+        results = b""
+        if self._check_inbound is not None and not self.listener.is_submission:
+            ip = session.peer[0] if session.peer else "unknown"
+            try:
+                results = await self._check_inbound(ip, session.host_name or "unknown", sender, content)
+            except Exception:  # a check that breaks must not lose the message
+                log.exception("inbound checks failed", extra={"fields": {"id": envelope.id}})
+        deliveries = [Delivery(address=address, data=return_path + results + received + content) for address in targets]
         started = time.perf_counter()
         try:
             if deliveries:

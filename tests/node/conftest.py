@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,13 @@ from mailnode.node import Node
 from tests.conftest import cheap_hash
 
 DOMAIN = "example.com"
+# What the node puts in front of a message it stores: Return-Path, the Authentication-Results of mail
+# from outside (MX listener), and its Received header.
+TRACE_BLOCK = re.compile(
+    rb"Return-Path: <[^<>\r\n]*>\r\n"
+    rb"(?:Authentication-Results: [^\r\n]+(?:\r\n[ \t][^\r\n]+)*\r\n)?"
+    rb"Received: [^\r\n]+(?:\r\n[ \t][^\r\n]+)*\r\n"
+)
 PASSWORD = "correct horse battery staple"
 _HASH = cheap_hash(PASSWORD)
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.node.conftest import DOMAIN, ServeProcess
+from tests.node.conftest import DOMAIN, TRACE_BLOCK, ServeProcess
 
 RECIPIENT = f"user@{DOMAIN}"
 KILL_ROUNDS = 8
@@ -34,7 +34,7 @@ CLIENT_TIME_LIMIT = 45.0
 
 _PRINTABLE = bytes(range(0x20, 0x7F))
 _EIGHT_BIT = _PRINTABLE + bytes(range(0x80, 0x100))
-_TRACE_BLOCK = re.compile(rb"Return-Path: <[^<>\r\n]*>\r\nReceived: [^\r\n]+(?:\r\n[ \t][^\r\n]+)*\r\n")
+_TRACE_BLOCK = TRACE_BLOCK
 _MESSAGE_ID = re.compile(rb"\r\nMessage-ID: <([^<>\r\n]+)>\r\n")
 
 

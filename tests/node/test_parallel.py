@@ -17,13 +17,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from tests.node.conftest import DOMAIN, PASSWORD, RunningNode
+from tests.node.conftest import DOMAIN, PASSWORD, TRACE_BLOCK, RunningNode
 
 USER, OTHER, ALIAS = f"user@{DOMAIN}", f"other@{DOMAIN}", f"alias@{DOMAIN}"
 MAILBOX_OF = {USER: USER, OTHER: OTHER, ALIAS: USER}  # alias@ is an alias of user@ in the `node` fixture
 
 _MESSAGE_ID = re.compile(rb"\r\nMessage-ID: <([^<>\r\n]+)>\r\n")
-_TRACE_BLOCK = re.compile(rb"Return-Path: <[^<>\r\n]*>\r\nReceived: [^\r\n]+(?:\r\n[ \t][^\r\n]+)*\r\n")
+_TRACE_BLOCK = TRACE_BLOCK
 
 # One message sent: the recipient, the bytes sent and the replies to MAIL, RCPT and DATA.
 Outcome = tuple[str, bytes, list[tuple[int, bytes]]]
