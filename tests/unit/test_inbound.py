@@ -3,6 +3,9 @@ signed, altered and unsigned mail, and the Authentication-Results header that re
 
 from __future__ import annotations
 
+import pytest
+import spf
+
 from mailnode import dkim
 from mailnode.smtp.inbound import InboundChecker
 
@@ -38,3 +41,23 @@ def test_dkim_results_and_the_header() -> None:
     unsigned = checker.header(ip="198.51.100.7", helo="mx.example.org", sender="", message=MESSAGE)
     assert b"spf=none smtp.mailfrom=mx.example.org" in unsigned  # null sender: the HELO name is checked
     assert unsigned.endswith(b"\r\n\tdkim=none\r\n")
+
+
+def test_verdicts_are_remembered_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    queries: list[str] = []
+    real_query = spf.query
+
+    def counting_query(*args: object, **kwargs: object) -> object:
+        queries.append(str(kwargs.get("s")))
+        return real_query(*args, **kwargs)
+
+    monkeypatch.setattr(spf, "query", counting_query)
+    now = [0.0]
+    checker = InboundChecker(authserv_id="m", spf_records=SPF, timeout=2, cache_ttl=60, clock=lambda: now[0])
+    for _ in range(3):
+        assert checker.spf(ip="192.0.2.1", sender="a@example.org", helo="mx.example.org") == "pass"
+    assert len(queries) == 1
+    assert checker.spf(ip="198.51.100.7", sender="a@example.org", helo="mx.example.org") == "fail"  # another key
+    now[0] += 61
+    assert checker.spf(ip="192.0.2.1", sender="a@example.org", helo="mx.example.org") == "pass"
+    assert len(queries) == 3
