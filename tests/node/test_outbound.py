@@ -5,6 +5,9 @@ forward_to goes out the same way."""
 
 from __future__ import annotations
 
+import asyncio
+import random
+import re
 import smtplib
 import ssl
 import time
@@ -17,7 +20,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from mailnode import dkim
-from tests.node.conftest import PASSWORD, NodeFactory, RunningNode, free_port, mailbox
+from tests.node.conftest import PASSWORD, NodeFactory, RunningNode, ServeProcess, free_port, mailbox
 
 MESSAGE = b"From: User <user@example.com>\r\nTo: friend@remote.test\r\nSubject: hello out there\r\n\r\nHi!\r\n"
 
@@ -125,3 +128,55 @@ def test_mx_still_refuses_to_relay(sending_node: RunningNode) -> None:
         client.mail("alice@elsewhere.test")
         code, text = client.rcpt("friend@remote.test")
     assert (code, text[:5]) == (554, b"5.7.1")
+
+
+class SlowRemoteMX(RemoteMX):
+    """A remote server that takes a while to accept each message, so deliveries are in flight when the
+    node is killed."""
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        await asyncio.sleep(0.05)
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.mark.slow
+def test_sigkill_during_delivery_loses_nothing(
+    serve_process: Callable[..., ServeProcess], client_tls: ssl.SSLContext
+) -> None:
+    handler = SlowRemoteMX()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        node = serve_process(smtp={"transports": {"remote.test": f"127.0.0.1:{port}"}, "delivery_interval": 0.1})
+        node.start()
+        count = 40
+        with smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=30) as client:
+            client.starttls(context=client_tls)
+            client.login("user@example.com", PASSWORD)
+            for number in range(count):
+                data = MESSAGE.replace(
+                    b"Subject: hello", f"Message-ID: <k{number}@example.com>\r\nSubject: hello".encode()
+                )
+                assert client.sendmail("user@example.com", ["friend@remote.test"], data) == {}
+        rng = random.Random(7)
+        kills = 0
+        for _ in range(4):  # kill the node while it is delivering, then start it again
+            time.sleep(rng.uniform(0.05, 0.3))
+            node.kill()
+            kills += 1
+            node.start()
+        wait_for("every message to arrive", lambda: len({_message_id(d) for _, _, d in handler.received}) == count, 60)
+        received = [_message_id(d) for _, _, d in handler.received]
+        assert set(received) == {f"k{n}@example.com" for n in range(count)}  # nothing lost
+        # A message can arrive twice only if the kill fell between the remote's 250 and the spool's
+        # record of it (RFC 5321 §6.1): at most the deliveries in flight at each kill.
+        assert len(received) - count <= kills * 4
+        assert node.terminate() == 0
+    finally:
+        controller.stop()
+
+
+def _message_id(data: bytes) -> str:
+    found = re.search(rb"Message-ID: <([^>]+)>", data)
+    return found.group(1).decode() if found else ""
