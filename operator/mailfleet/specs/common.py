@@ -1,0 +1,111 @@
+"""What every Kubernetes object of a MailDomain shares: names, labels, metadata, owner references, and the
+pod contract's ports and paths. Used by the other `mailfleet.specs` modules and by reconcile/."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any, Final
+
+from mailfleet import api
+
+# DESIGN.md, Pod contract: container ports, and the client Service ports they are published on.
+CONTAINER_PORTS: Final = {
+    "smtp": 2525,
+    "submission": 5870,
+    "submissions": 4650,
+    "imap": 1430,
+    "imaps": 9930,
+    "http": 8080,
+}
+SERVICE_PORTS: Final = {"smtp": 25, "submission": 587, "submissions": 465, "imap": 143, "imaps": 993}
+
+DATA_DIR: Final = "/var/lib/mailnode"
+CONFIG_DIR: Final = "/etc/mailnode/config"
+CONFIG_KEY: Final = "node.yaml"
+DIRECTORY_DIR: Final = "/etc/mailnode/directory"
+DIRECTORY_KEY: Final = "directory.yaml"
+TLS_DIR: Final = "/etc/mailnode/tls"
+DKIM_DIR: Final = "/etc/mailnode/dkim"
+DKIM_KEY: Final = "private.pem"
+RELAY_DIR: Final = "/etc/mailnode/relay"
+
+CHECKSUM_ANNOTATION: Final = "mailfleet.io/config-checksum"
+RUN_AS: Final = 10001
+
+
+def namespace(domain: api.MailDomain) -> str:
+    """The domain's namespace; a resource read from a file without one lands in "default", as kubectl does."""
+    return domain.metadata.namespace or "default"
+
+
+def mail_host(domain: api.MailDomain) -> str:
+    return f"mail.{domain.spec.domain}"
+
+
+# Object names for a MailDomain named N.
+def statefulset_name(domain: api.MailDomain) -> str:
+    return domain.metadata.name
+
+
+def headless_name(domain: api.MailDomain) -> str:
+    return f"{domain.metadata.name}-headless"
+
+
+def config_name(domain: api.MailDomain) -> str:
+    return f"{domain.metadata.name}-config"
+
+
+def directory_name(domain: api.MailDomain) -> str:
+    return f"{domain.metadata.name}-directory"
+
+
+def dkim_name(domain: api.MailDomain) -> str:
+    return f"{domain.metadata.name}-dkim"
+
+
+def selector_labels(domain: api.MailDomain) -> dict[str, str]:
+    """The labels a selector matches on: few and never changing, since a StatefulSet's selector is immutable."""
+    return {"app.kubernetes.io/name": "mailnode", "app.kubernetes.io/instance": domain.metadata.name}
+
+
+def labels(domain: api.MailDomain) -> dict[str, str]:
+    return {
+        **selector_labels(domain),
+        "app.kubernetes.io/component": "mail-node",
+        "app.kubernetes.io/part-of": "mailfleet",
+        "app.kubernetes.io/managed-by": "mailfleet-operator",
+    }
+
+
+def metadata(domain: api.MailDomain, name: str, *, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace(domain), "labels": labels(domain)}
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def owner_reference(domain: api.MailDomain) -> dict[str, Any]:
+    """The reference that makes the MailDomain own an object (garbage-collected with it)."""
+    if not domain.metadata.uid:
+        raise ValueError(f"MailDomain {domain.metadata.name} has no metadata.uid; it must come from the API server")
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": "MailDomain",
+        "name": domain.metadata.name,
+        "uid": domain.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def with_owner(obj: dict[str, Any], domain: api.MailDomain) -> dict[str, Any]:
+    """A copy of `obj` owned by `domain` (the input is left as it is)."""
+    owned = copy.deepcopy(obj)
+    owned.setdefault("metadata", {})["ownerReferences"] = [owner_reference(domain)]
+    return owned
+
+
+def checksum(text: str) -> str:
+    """A short digest of rendered content, put on the pod template so that a change rolls the pods."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]

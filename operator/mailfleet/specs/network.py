@@ -1,0 +1,87 @@
+"""How mail reaches the nodes: the client Service, the headless Service of the StatefulSet, the
+NetworkPolicy, and the DNS records to publish. Pure builders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailfleet import api
+from mailfleet.specs import common
+
+
+def client_service(domain: api.MailDomain) -> dict[str, Any]:
+    """The Service clients and other mail servers reach: 25, 587, 465, 143, 993 -> the named container ports."""
+    service = domain.spec.service
+    spec: dict[str, Any] = {
+        "type": service.type,
+        "selector": common.selector_labels(domain),
+        "ports": [
+            {"name": name, "port": port, "targetPort": name, "protocol": "TCP"}
+            for name, port in common.SERVICE_PORTS.items()
+        ],
+    }
+    if service.type in ("LoadBalancer", "NodePort"):  # the API server refuses it on a ClusterIP Service
+        spec["externalTrafficPolicy"] = service.external_traffic_policy
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": common.metadata(domain, common.statefulset_name(domain), annotations=service.annotations),
+        "spec": spec,
+    }
+
+
+def headless_service(domain: api.MailDomain) -> dict[str, Any]:
+    """The StatefulSet's governing Service: a stable DNS name per node (N-0.N-headless), ready or not."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": common.metadata(domain, common.headless_name(domain)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": common.selector_labels(domain),
+            "ports": [
+                {"name": name, "port": port, "targetPort": name, "protocol": "TCP"}
+                for name, port in common.CONTAINER_PORTS.items()
+            ],
+        },
+    }
+
+
+def network_policy(domain: api.MailDomain) -> dict[str, Any]:
+    """Mail ports are open to anyone (the Internet sends mail; clients log in from anywhere), but the
+    HTTP port (health, metrics, and node operations such as the queue) only to pods of the same namespace;
+    the kubelet's probes are not subject to NetworkPolicy. A Prometheus in another namespace needs its
+    own policy next to this one (policies add up). Egress is left open: nodes deliver mail to any MX."""
+    mail_ports = [{"port": name, "protocol": "TCP"} for name in common.SERVICE_PORTS]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": common.metadata(domain, common.statefulset_name(domain)),
+        "spec": {
+            "podSelector": {"matchLabels": common.selector_labels(domain)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"ports": mail_ports},
+                {"from": [{"podSelector": {}}], "ports": [{"port": "http", "protocol": "TCP"}]},
+            ],
+        },
+    }
+
+
+def dns_records(domain: api.MailDomain, *, dkim_record: str | None) -> list[dict[str, str]]:
+    """The records to publish (status.dnsRecords), for the domain and each alias domain, since mail for an
+    alias domain arrives by its own MX and the nodes sign its mail with the same key. `dkim_record` is
+    the TXT value of the domain's key (v=DKIM1; k=rsa; p=...), when there is one."""
+    records: list[dict[str, str]] = []
+    for name in (domain.spec.domain, *domain.spec.alias_domains):
+        records += [
+            {"type": "MX", "name": name, "value": f"10 {common.mail_host(domain)}."},
+            {"type": "TXT", "name": name, "value": "v=spf1 mx -all"},  # RFC 7208: only the MX hosts send
+            {"type": "TXT", "name": f"_dmarc.{name}", "value": "v=DMARC1; p=quarantine"},  # RFC 7489 §6.3
+        ]
+        if dkim_record is not None and domain.spec.dkim is not None:
+            records.append(
+                {"type": "TXT", "name": f"{domain.spec.dkim.selector}._domainkey.{name}", "value": dkim_record}
+            )
+    return records

@@ -1,0 +1,119 @@
+"""The two files a mail node reads, as plain dicts: the node config (mailnode.config.NodeConfig) and the
+directory (mailnode.config.DirectoryFile). The operator renders them into a ConfigMap and a Secret.
+
+The formats are mailnode's; this module does not import mailnode (the operator stays independent of
+the node's code), so tests/unit/test_specs.py checks the output against the node's own models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mailfleet import api
+from mailfleet.specs import common
+
+
+def node_config(
+    domain: api.MailDomain,
+    *,
+    data_dir: str = common.DATA_DIR,
+    directory_file: str = f"{common.DIRECTORY_DIR}/{common.DIRECTORY_KEY}",
+    tls_dir: str | None = common.TLS_DIR,
+    relay_username: str | None = None,
+) -> dict[str, Any]:
+    """The node config of the domain's nodes. `tls_dir` is where the TLS Secret is mounted (no TLS when
+    spec.tls is unset, whatever tls_dir says); `relay_username` comes from spec.smtp.relaySecretRef's
+    Secret, which the caller reads (the password stays in the Secret, mounted as a file)."""
+    spec = domain.spec
+    entry: dict[str, Any] = {"domain": spec.domain, "alias_domains": list(spec.alias_domains)}
+    if spec.dkim is not None:
+        entry["dkim"] = {"selector": spec.dkim.selector, "key_file": f"{common.DKIM_DIR}/{common.DKIM_KEY}"}
+    smtp: dict[str, Any] = {"max_message_size": api.quantity_value(spec.smtp.max_message_size)}
+    if spec.smtp.relay_host is not None:
+        host, port = _split_relay_host(spec.smtp.relay_host)
+        relay: dict[str, Any] = {"host": host}
+        if port is not None:
+            relay["port"] = port
+        if spec.smtp.relay_secret_ref is not None:
+            if relay_username is not None:
+                relay["username"] = relay_username
+            relay["password_file"] = f"{common.RELAY_DIR}/password"
+        smtp["relay_host"] = relay
+    config: dict[str, Any] = {
+        "hostname": common.mail_host(domain),
+        "domains": [entry],
+        "data_dir": data_dir,
+        "directory_file": directory_file,
+        "listen": {"host": "0.0.0.0", **common.CONTAINER_PORTS},
+        "smtp": smtp,
+    }
+    if spec.tls is not None and tls_dir is not None:
+        config["tls"] = {"cert_file": f"{tls_dir}/tls.crt", "key_file": f"{tls_dir}/tls.key"}
+    return config
+
+
+def _split_relay_host(relay_host: str) -> tuple[str, int | None]:
+    """Postfix relayhost syntax: "[host]:port", "host:port" or "host" (brackets: no MX lookup, which the
+    node never does for a relay anyway)."""
+    host, port = relay_host, None
+    if relay_host.startswith("["):
+        host, _, rest = relay_host[1:].partition("]")
+        if rest.startswith(":"):
+            port = int(rest[1:])
+    elif ":" in relay_host:
+        host, _, number = relay_host.rpartition(":")
+        port = int(number)
+    return host, port
+
+
+def domains_of(domain: api.MailDomain) -> set[str]:
+    return {domain.spec.domain, *domain.spec.alias_domains}
+
+
+def password_key(selector: api.SecretKeySelector) -> str:
+    """The key of `passwords` for a Secret key: "secretName/key"."""
+    return f"{selector.name}/{selector.key}"
+
+
+def directory(domain: api.MailDomain, mailboxes: list[api.Mailbox], passwords: Mapping[str, str]) -> dict[str, Any]:
+    """The directory file of the domain: its mailboxes (address in the domain or an alias domain), sorted
+    by address. `passwords` maps "secretName/key" to argon2 hashes: the caller hashes plaintext values
+    (slow on purpose, so not in a pure builder). Raises ValueError naming the mailbox for a missing or
+    unhashed password."""
+    served = domains_of(domain)
+    entries = []
+    for mailbox in sorted(mailboxes, key=lambda m: m.spec.address):
+        spec = mailbox.spec
+        if spec.address.rpartition("@")[2] not in served:
+            continue
+        what = f"Mailbox {mailbox.metadata.name} ({spec.address})"
+        entries.append(
+            {
+                "address": spec.address,
+                "display_name": spec.display_name or "",
+                "password_hash": _hash(passwords, spec.password_secret_ref, f"{what}: spec.passwordSecretRef"),
+                "quota": 0 if spec.quota is None else api.quantity_value(spec.quota),
+                "aliases": list(spec.aliases),
+                "forward_to": list(spec.forward_to),
+                "suspended": spec.suspended,
+                "app_passwords": [
+                    {
+                        "name": app.name,
+                        "password_hash": _hash(passwords, app.secret_ref, f"{what}: app password {app.name}"),
+                    }
+                    for app in spec.app_passwords
+                ],
+            }
+        )
+    return {"mailboxes": entries}
+
+
+def _hash(passwords: Mapping[str, str], selector: api.SecretKeySelector, what: str) -> str:
+    key = password_key(selector)
+    if key not in passwords:
+        raise ValueError(f"{what}: no value for Secret {selector.name} key {selector.key}")
+    value = passwords[key]
+    if not value.startswith("$argon2"):
+        raise ValueError(f"{what}: Secret {selector.name} key {selector.key} holds plaintext; hash it first")
+    return value

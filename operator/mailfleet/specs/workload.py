@@ -1,0 +1,182 @@
+"""The mail nodes themselves: the StatefulSet, the ConfigMap and Secrets it mounts, its ServiceAccount and
+PodDisruptionBudget. Pure builders, called by `mailfleet.specs.render` and reconcile/."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailfleet import api
+from mailfleet.specs import common
+
+
+def config_map(domain: api.MailDomain, node_config_yaml: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": common.metadata(domain, common.config_name(domain)),
+        "data": {common.CONFIG_KEY: node_config_yaml},
+    }
+
+
+def directory_secret(domain: api.MailDomain, directory_yaml: str) -> dict[str, Any]:
+    """The directory holds password hashes, so it is a Secret (mounted as a directory, not with subPath,
+    so that the kubelet's updates reach the node, which reloads it)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": common.metadata(domain, common.directory_name(domain)),
+        "type": "Opaque",
+        "stringData": {common.DIRECTORY_KEY: directory_yaml},
+    }
+
+
+def dkim_secret(domain: api.MailDomain, private_key_pem: str) -> dict[str, Any]:
+    """The domain's DKIM private key (made once by the caller; a builder makes no keys)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": common.metadata(domain, common.dkim_name(domain)),
+        "type": "Opaque",
+        "stringData": {common.DKIM_KEY: private_key_pem},
+    }
+
+
+def service_account(domain: api.MailDomain) -> dict[str, Any]:
+    """The nodes need no Kubernetes API access: no token is mounted."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": common.metadata(domain, common.statefulset_name(domain)),
+        "automountServiceAccountToken": False,
+    }
+
+
+def pod_disruption_budget(domain: api.MailDomain) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": common.metadata(domain, common.statefulset_name(domain)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": common.selector_labels(domain)}},
+    }
+
+
+def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 3,
+        "failureThreshold": failures,
+    }
+
+
+def _resources(spec: api.ResourceRequirements) -> dict[str, Any]:
+    resources: dict[str, Any] = {}
+    if spec.requests:
+        resources["requests"] = dict(spec.requests)
+    if spec.limits:
+        resources["limits"] = dict(spec.limits)
+    return resources
+
+
+def _volumes(domain: api.MailDomain) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, volumeMounts) of the node container, apart from the "data" claim."""
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": common.config_name(domain)}},
+        {"name": "directory", "secret": {"secretName": common.directory_name(domain)}},
+        {"name": "tmp", "emptyDir": {}},  # the root filesystem is read-only
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "data", "mountPath": common.DATA_DIR},
+        {"name": "config", "mountPath": common.CONFIG_DIR, "readOnly": True},
+        {"name": "directory", "mountPath": common.DIRECTORY_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    spec = domain.spec
+    if spec.tls is not None:
+        volumes.append({"name": "tls", "secret": {"secretName": spec.tls.secret_name}})
+        mounts.append({"name": "tls", "mountPath": common.TLS_DIR, "readOnly": True})
+    if spec.dkim is not None:
+        volumes.append({"name": "dkim", "secret": {"secretName": common.dkim_name(domain)}})
+        mounts.append({"name": "dkim", "mountPath": common.DKIM_DIR, "readOnly": True})
+    if spec.smtp.relay_host is not None and spec.smtp.relay_secret_ref is not None:
+        volumes.append(
+            {
+                "name": "relay",
+                "secret": {
+                    "secretName": spec.smtp.relay_secret_ref.name,
+                    "items": [{"key": "password", "path": "password"}],
+                },
+            }
+        )
+        mounts.append({"name": "relay", "mountPath": common.RELAY_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def statefulset(domain: api.MailDomain, *, image: str, config_checksum: str) -> dict[str, Any]:
+    """The mail nodes. `config_checksum` (of the rendered node config) goes on the pod template, so a
+    config change rolls the pods; the directory is not in it, since nodes reload it in place."""
+    spec = domain.spec
+    volumes, mounts = _volumes(domain)
+    container: dict[str, Any] = {
+        "name": "mailnode",
+        "image": image,
+        "command": ["mailnode", "serve", "--config", f"{common.CONFIG_DIR}/{common.CONFIG_KEY}"],
+        "ports": [
+            {"name": name, "containerPort": port, "protocol": "TCP"} for name, port in common.CONTAINER_PORTS.items()
+        ],
+        "livenessProbe": _probe("/healthz", period=10, failures=3),
+        "readinessProbe": _probe("/readyz", period=5, failures=2),
+        "startupProbe": _probe("/healthz", period=2, failures=60),  # store recovery may take a while
+        "volumeMounts": mounts,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": common.RUN_AS,
+            "runAsGroup": common.RUN_AS,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if resources := _resources(spec.resources):
+        container["resources"] = resources
+    claim_spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": spec.storage.size}},
+    }
+    if spec.storage.storage_class_name is not None:
+        claim_spec["storageClassName"] = spec.storage.storage_class_name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": common.metadata(domain, common.statefulset_name(domain)),
+        "spec": {
+            "replicas": spec.replicas,
+            "serviceName": common.headless_name(domain),
+            "podManagementPolicy": "Parallel",  # nodes do not depend on each other to start
+            "selector": {"matchLabels": common.selector_labels(domain)},
+            "template": {
+                "metadata": {
+                    "labels": common.labels(domain),
+                    "annotations": {common.CHECKSUM_ANNOTATION: config_checksum},
+                },
+                "spec": {
+                    "serviceAccountName": common.statefulset_name(domain),
+                    "automountServiceAccountToken": False,
+                    "terminationGracePeriodSeconds": 30,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": common.RUN_AS,
+                        "runAsGroup": common.RUN_AS,
+                        "fsGroup": common.RUN_AS,  # the claim's files belong to the node's group
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+            "volumeClaimTemplates": [
+                {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"}, "spec": claim_spec}
+            ],
+        },
+    }

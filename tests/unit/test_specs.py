@@ -1,0 +1,307 @@
+"""The pure builders of mailfleet.specs and `mailfleet render`: the node config and directory they make are
+accepted by the node's own models (mailnode.config); plaintext passwords are refused; the StatefulSet's
+security settings, probes, ports, volume claim and checksum; the Service's port mapping and traffic
+policy rule; names and labels on every object; owner references; DNS records; the `render` command on the
+examples and its errors. Validation against the Kubernetes OpenAPI schemas is a later step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mailfleet import api, specs
+from mailnode import config
+from tests.conftest import cheap_hash
+from tests.unit.test_api import load_examples
+
+ROOT = Path(__file__).parents[2]
+EXAMPLES = ROOT / "examples"
+LABELS = {
+    "app.kubernetes.io/name": "mailnode",
+    "app.kubernetes.io/instance": "example-com",
+    "app.kubernetes.io/component": "mail-node",
+    "app.kubernetes.io/part-of": "mailfleet",
+    "app.kubernetes.io/managed-by": "mailfleet-operator",
+}
+
+
+def example_domain(**spec: Any) -> api.MailDomain:
+    (document,) = load_examples("maildomain.yaml")
+    document["spec"].update(spec)
+    document["metadata"]["namespace"] = "mail"
+    document["metadata"]["uid"] = "0b7e-uid"
+    return api.MailDomain.model_validate(document)
+
+
+def example_mailboxes() -> list[api.Mailbox]:
+    return [api.Mailbox.model_validate(d) for d in load_examples("mailboxes.yaml") if d["kind"] == "Mailbox"]
+
+
+HASHES = {
+    "alice-password/password": cheap_hash("alice-demo-password"),
+    "bob-password/password": cheap_hash("bob-demo-password"),
+    "bob-password/phone": cheap_hash("bob-phone-app-password"),
+}
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    (found,) = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    return found
+
+
+# -- the node's files --------------------------------------------------------------------------------
+
+
+def test_node_config_is_accepted_by_the_node() -> None:
+    parsed = config.NodeConfig.model_validate(specs.node_config(example_domain()))
+    assert parsed.hostname == "mail.example.com"
+    assert parsed.alias_domain_map() == {"example.com": "example.com", "example.net": "example.com"}
+    assert (parsed.listen.smtp, parsed.listen.submission, parsed.listen.submissions) == (2525, 5870, 4650)
+    assert (parsed.listen.imap, parsed.listen.imaps, parsed.listen.http) == (1430, 9930, 8080)
+    assert parsed.smtp.max_message_size == 25 * 1024 * 1024
+    assert parsed.tls is not None and str(parsed.tls.cert_file) == "/etc/mailnode/tls/tls.crt"
+    assert parsed.domains[0].dkim is not None and parsed.domains[0].dkim.selector == "mail"
+    assert str(parsed.domains[0].dkim.key_file).startswith("/etc/mailnode/dkim/")
+    assert parsed.smtp.relay_host is None
+
+
+def test_node_config_without_tls_and_with_a_relay_host() -> None:
+    domain = example_domain(
+        tls=None,
+        smtp={"maxMessageSize": "10M", "relayHost": "[smtp.example.net]:2587", "relaySecretRef": {"name": "r"}},
+    )
+    parsed = config.NodeConfig.model_validate(specs.node_config(domain, relay_username="relay-user"))
+    assert parsed.tls is None
+    assert parsed.smtp.max_message_size == 10_000_000
+    relay = parsed.smtp.relay_host
+    assert relay is not None
+    assert (relay.host, relay.port, relay.username) == ("smtp.example.net", 2587, "relay-user")
+    assert str(relay.password_file) == "/etc/mailnode/relay/password"
+
+
+def test_directory_is_accepted_by_the_node() -> None:
+    domain = example_domain()
+    other = api.Mailbox.model_validate(
+        {"metadata": {"name": "carol"}, "spec": {"address": "carol@other.org", "passwordSecretRef": {"name": "c"}}}
+    )
+    content = specs.directory(domain, [*reversed(example_mailboxes()), other], HASHES)
+    config.DirectoryFile.model_validate(content)
+    node = config.NodeConfig.model_validate(specs.node_config(domain))
+    parsed = config.parse_directory(specs.dump(content).encode(), domains=node.alias_domain_map())
+    assert [m.address for m in parsed.mailboxes] == ["alice@example.com", "bob@example.com"]  # sorted, no carol
+    alice = parsed.get("alice@example.com")
+    bob = parsed.get("bob@example.com")
+    assert alice is not None and bob is not None
+    assert alice.quota == 1024**3 and bob.quota == 500 * 1024**2
+    assert alice.display_name == "Alice Example"
+    assert parsed.resolve("info@example.net").mailbox == alice
+    assert bob.forward_to == ["bob@example.org"]
+    assert [(a.name, a.password_hash) for a in bob.app_passwords] == [("phone", HASHES["bob-password/phone"])]
+
+
+def test_a_mailbox_without_quota_is_unlimited() -> None:
+    mailbox = api.Mailbox.model_validate(
+        {"metadata": {"name": "x"}, "spec": {"address": "x@example.com", "passwordSecretRef": {"name": "x"}}}
+    )
+    (entry,) = specs.directory(example_domain(), [mailbox], {"x/password": HASHES["bob-password/phone"]})["mailboxes"]
+    assert entry["quota"] == 0 and entry["display_name"] == "" and entry["suspended"] is False
+
+
+def test_plaintext_passwords_are_refused() -> None:
+    passwords = {**HASHES, "bob-password/phone": "bob-phone-app-password"}
+    with pytest.raises(ValueError, match=r"Mailbox bob .*app password phone.*plaintext"):
+        specs.directory(example_domain(), example_mailboxes(), passwords)
+
+
+def test_a_missing_password_is_named() -> None:
+    passwords = {k: v for k, v in HASHES.items() if k != "alice-password/password"}
+    with pytest.raises(ValueError, match=r"Mailbox alice .*spec.passwordSecretRef.*alice-password"):
+        specs.directory(example_domain(), example_mailboxes(), passwords)
+
+
+# -- the Kubernetes objects ----------------------------------------------------------------------------
+
+
+def rendered(**spec: Any) -> list[dict[str, Any]]:
+    return specs.render(
+        example_domain(**spec), example_mailboxes(), HASHES, image="mailfleet:test", dkim_private_key="PEM"
+    )
+
+
+def test_every_object_is_named_and_labelled() -> None:
+    objects = rendered()
+    assert [o["kind"] for o in objects] == [
+        "ServiceAccount", "ConfigMap", "Secret", "Secret", "Service", "Service", "NetworkPolicy",
+        "PodDisruptionBudget", "StatefulSet",
+    ]  # fmt: skip
+    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    assert {("StatefulSet", "example-com"), ("Service", "example-com"), ("Service", "example-com-headless")} <= names
+    assert {("ConfigMap", "example-com-config"), ("Secret", "example-com-directory")} <= names
+    for obj in objects:
+        assert obj["apiVersion"] and obj["metadata"]["namespace"] == "mail"
+        assert obj["metadata"]["labels"] == LABELS
+
+
+def test_the_statefulset_runs_locked_down_nodes() -> None:
+    sts = by_kind(rendered(), "StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert sts["spec"]["replicas"] == 2 and sts["spec"]["serviceName"] == "example-com-headless"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "smtp": 2525, "submission": 5870, "submissions": 4650, "imap": 1430, "imaps": 9930, "http": 8080,
+    }  # fmt: skip
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+    assert container["image"] == "mailfleet:test"
+
+
+def test_the_statefulset_mounts_what_the_node_config_names() -> None:
+    domain = example_domain()
+    sts = specs.statefulset(domain, image="i", config_checksum="abc")
+    pod = sts["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(mounts) == set(volumes) | {"data"}
+    assert volumes["tls"]["secret"]["secretName"] == "mail-example-com-tls"
+    assert volumes["config"]["configMap"]["name"] == "example-com-config"
+    assert volumes["directory"]["secret"]["secretName"] == "example-com-directory"
+    assert volumes["tmp"] == {"name": "tmp", "emptyDir": {}} and mounts["tmp"] == "/tmp"
+    node = config.NodeConfig.model_validate(specs.node_config(domain))
+    assert str(node.data_dir) == mounts["data"] == "/var/lib/mailnode"
+    for path in (
+        node.directory_file,
+        node.tls and node.tls.cert_file,
+        node.domains[0].dkim and node.domains[0].dkim.key_file,
+    ):
+        assert str(Path(str(path)).parent) in mounts.values()
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert "storageClassName" not in claim["spec"]
+    assert sts["spec"]["template"]["metadata"]["annotations"] == {"mailfleet.io/config-checksum": "abc"}
+    no_tls = specs.statefulset(
+        example_domain(tls=None, storage={"size": "1Gi", "storageClassName": "fast"}), image="i", config_checksum="x"
+    )
+    assert "tls" not in {v["name"] for v in no_tls["spec"]["template"]["spec"]["volumes"]}
+    assert no_tls["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast"
+
+
+def test_a_config_change_changes_the_checksum() -> None:
+    def annotation(objects: list[dict[str, Any]]) -> str:
+        value: str = by_kind(objects, "StatefulSet")["spec"]["template"]["metadata"]["annotations"][
+            "mailfleet.io/config-checksum"
+        ]
+        return value
+
+    assert annotation(rendered()) == annotation(rendered())
+    assert annotation(rendered()) != annotation(rendered(smtp={"maxMessageSize": "50Mi"}))
+
+
+def test_the_client_service_maps_the_mail_ports() -> None:
+    service = specs.client_service(example_domain(service={"type": "LoadBalancer", "annotations": {"a": "b"}}))
+    assert {p["port"]: p["targetPort"] for p in service["spec"]["ports"]} == {
+        25: "smtp", 587: "submission", 465: "submissions", 143: "imap", 993: "imaps",
+    }  # fmt: skip
+    assert service["spec"]["type"] == "LoadBalancer" and service["spec"]["externalTrafficPolicy"] == "Local"
+    assert service["metadata"]["annotations"] == {"a": "b"}
+    node_port = specs.client_service(example_domain(service={"type": "NodePort", "externalTrafficPolicy": "Cluster"}))
+    assert node_port["spec"]["externalTrafficPolicy"] == "Cluster"
+    cluster_ip = specs.client_service(example_domain(service={"type": "ClusterIP"}))
+    assert "externalTrafficPolicy" not in cluster_ip["spec"]
+
+
+def test_the_headless_service_and_the_budget_select_the_nodes() -> None:
+    domain = example_domain()
+    selector = {"app.kubernetes.io/name": "mailnode", "app.kubernetes.io/instance": "example-com"}
+    headless = specs.headless_service(domain)
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["selector"] == selector
+    assert specs.pod_disruption_budget(domain)["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
+    sts = specs.statefulset(domain, image="i", config_checksum="c")
+    assert sts["spec"]["selector"]["matchLabels"] == selector
+    assert selector.items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_owner_references() -> None:
+    domain = example_domain()
+    service = specs.client_service(domain)
+    owned = specs.with_owner(service, domain)
+    assert "ownerReferences" not in service["metadata"]
+    assert owned["metadata"]["ownerReferences"] == [
+        {"apiVersion": "mailfleet.io/v1alpha1", "kind": "MailDomain", "name": "example-com", "uid": "0b7e-uid",
+         "controller": True, "blockOwnerDeletion": True},
+    ]  # fmt: skip
+
+
+def test_dns_records() -> None:
+    records = specs.dns_records(example_domain(), dkim_record="v=DKIM1; k=rsa; p=AAAA")
+    for record in records:
+        api.DNSRecord.model_validate(record)
+    by_name = {(r["type"], r["name"]): r["value"] for r in records}
+    assert by_name[("MX", "example.com")] == "10 mail.example.com."
+    assert by_name[("TXT", "example.com")] == "v=spf1 mx -all"
+    assert by_name[("TXT", "_dmarc.example.com")] == "v=DMARC1; p=quarantine"
+    assert by_name[("TXT", "mail._domainkey.example.com")] == "v=DKIM1; k=rsa; p=AAAA"
+    assert by_name[("MX", "example.net")] == "10 mail.example.com."
+    assert not any("_domainkey" in r["name"] for r in specs.dns_records(example_domain(), dkim_record=None))
+
+
+# -- mailfleet render ----------------------------------------------------------------------------------
+
+
+def mailfleet(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mailfleet.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_render_prints_the_objects_of_the_examples() -> None:
+    result = mailfleet("render", "-f", "examples/maildomain.yaml", "-f", "examples/mailboxes.yaml")
+    assert result.returncode == 0, result.stderr
+    objects = [o for o in yaml.safe_load_all(result.stdout) if o is not None]
+    assert len(objects) == 9
+    for obj in objects:
+        assert obj["apiVersion"] and obj["kind"] and obj["metadata"]["name"] and obj["metadata"]["namespace"]
+    directory = by_kind(objects, "Secret", "example-com-directory")["stringData"]["directory.yaml"]
+    assert "alice-demo-password" not in result.stdout  # hashed, never printed
+    parsed = config.parse_directory(directory.encode(), domains={"example.com": "example.com"})
+    assert len(parsed.mailboxes) == 2
+    node = by_kind(objects, "ConfigMap")["data"]["node.yaml"]
+    config.NodeConfig.model_validate(yaml.safe_load(node))
+    assert "# DNS records to publish" in result.stdout and "MX 10 mail.example.com." in result.stdout
+
+
+def test_render_names_a_missing_secret(tmp_path: Path) -> None:
+    mailboxes = [d for d in load_examples("mailboxes.yaml") if d["metadata"]["name"] != "bob-password"]
+    path = tmp_path / "mailboxes.yaml"
+    path.write_text(yaml.safe_dump_all(mailboxes))
+    result = mailfleet("render", "-f", "examples/maildomain.yaml", "-f", str(path))
+    assert result.returncode == 1 and result.stdout == ""
+    assert str(path) in result.stderr
+    assert "Mailbox bob: spec.passwordSecretRef: Secret bob-password is not in the files" in result.stderr
+
+
+def test_render_refuses_an_unknown_kind(tmp_path: Path) -> None:
+    path = tmp_path / "extra.yaml"
+    path.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    result = mailfleet("render", "-f", "examples/maildomain.yaml", "-f", str(path))
+    assert result.returncode == 1
+    assert f"{path}: document 1 (x): unknown kind v1/ConfigMap" in result.stderr
+
+
+def test_render_names_the_invalid_field(tmp_path: Path) -> None:
+    path = tmp_path / "domain.yaml"
+    path.write_text((EXAMPLES / "maildomain.yaml").read_text().replace("replicas: 2", "replicas: 0"))
+    result = mailfleet("render", "-f", str(path))
+    assert result.returncode == 1
+    assert f"{path}: MailDomain example-com: invalid: spec.replicas:" in result.stderr
