@@ -179,6 +179,7 @@ class Node:
                 spool=self.spool,
                 sign=self._sign,
                 check_inbound=self._check_inbound if self.config.smtp.check_inbound else None,
+                queued=self.deliverer.wake,
             )
             server = await smtp.start_listener(
                 listener=listener, handler=handler, config=self.config, host=listen.host, port=port, tls=tls

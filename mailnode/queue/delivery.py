@@ -103,6 +103,7 @@ class Deliverer:
         self._port = port
         # domain -> (host, port), as Postfix's transport_maps: mail for these domains skips MX routing
         self._transports = dict(transports or {})
+        self._wakeup = asyncio.Event()
         self._mx_tls = tls or _opportunistic_context()
         self._relay_tls = tls or ssl.create_default_context()
         self._max_per_domain = max(1, max_per_domain)
@@ -116,15 +117,26 @@ class Deliverer:
     # -- the loop -----------------------------------------------------------------------------------
 
     async def run(self, *, interval: float = 5.0, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        """Deliver until cancelled, one pass every `interval` seconds; a failed pass is logged."""
+        """Deliver until cancelled: a pass every `interval` seconds, or at once after `wake()` (new mail
+        in the queue); a failed pass is logged."""
         while True:
+            self._wakeup.clear()
             try:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 log.exception("delivery pass failed", extra={"fields": {"error": str(error)}})
-            await sleep(interval)
+            waiters = {asyncio.ensure_future(sleep(interval)), asyncio.ensure_future(self._wakeup.wait())}
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+
+    def wake(self) -> None:
+        """New mail was queued: start the next pass now rather than at the end of the interval."""
+        self._wakeup.set()
 
     async def run_once(self) -> int:
         """One pass over the due recipients; returns how many recipients were attempted."""

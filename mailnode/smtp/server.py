@@ -357,6 +357,7 @@ class SMTPHandler:
         spool: Spool | None = None,
         sign: Callable[[str, bytes], bytes] = lambda domain, message: b"",
         check_inbound: Callable[[str, str, str, bytes], Awaitable[bytes]] | None = None,
+        queued: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`spool` takes submitted mail for other domains (and remote forward_to targets); `sign(domain,
@@ -372,6 +373,7 @@ class SMTPHandler:
         self._spool = spool
         self._sign = sign
         self._check_inbound = check_inbound
+        self._queued = queued  # told after each enqueue: the delivery worker starts at once
         self._clock = clock
         self.connections: set[MailSMTP] = set()
 
@@ -538,6 +540,7 @@ class SMTPHandler:
                 outbound = received + content
                 signature = self._sign(sender.rpartition("@")[2], outbound) if sender else b""
                 await self._spool.enqueue(sender, remote, signature + outbound)
+                self._queued()
         except Exception as error:
             log.exception("delivery failed", extra={"fields": {"id": envelope.id, "error": str(error)}})
             self.rejected("store_error")

@@ -180,3 +180,13 @@ def test_sigkill_during_delivery_loses_nothing(
 def _message_id(data: bytes) -> str:
     found = re.search(rb"Message-ID: <([^>]+)>", data)
     return found.group(1).decode() if found else ""
+
+
+def test_new_mail_goes_out_without_waiting_for_the_next_queue_run(
+    node_factory: NodeFactory, remote: tuple[RemoteMX, int], client_tls: ssl.SSLContext
+) -> None:
+    mx, port = remote
+    node = node_factory(smtp={"transports": {"remote.test": f"127.0.0.1:{port}"}, "delivery_interval": 3600})
+    time.sleep(0.5)  # let the first (empty) queue run pass; the next one would be an hour away
+    submit(node, client_tls, ["friend@remote.test"])
+    wait_for("the message to arrive", lambda: bool(mx.received), timeout=15)
