@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from mailnode import passwords
+from mailnode.config import parse_size
 
 DOMAIN = "bench.test"
 LOCAL_PART = "bench"
@@ -302,3 +303,24 @@ def outcome(problems: list[str]) -> int:
     for problem in problems:
         print(f"bench: FAILED: {problem}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def size(text: str) -> int:
+    """An argparse type: a size such as 4096 or 4KiB, at least one byte."""
+    try:
+        value = parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    if value < 1:
+        raise argparse.ArgumentTypeError("the size must be at least 1 byte")
+    return value
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, *, sessions_help: str, size_help: str) -> None:
+    """--sessions, --size and --timeout, with their BENCH_* environment defaults (the SMTP benchmarks)."""
+    parser.add_argument("--sessions", type=positive, default=env_default("BENCH_SESSIONS", "20"), help=sessions_help)
+    parser.add_argument("--size", type=size, default=env_default("BENCH_SIZE", "4KiB"), help=size_help)
+    parser.add_argument(
+        "--timeout", type=positive, default=env_default("BENCH_TIMEOUT", "600"),
+        help="seconds each server may take for the whole load (600)",
+    )  # fmt: skip

@@ -391,17 +391,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--messages", type=common.positive, default=common.env_default("BENCH_OUTBOUND_MESSAGES", "2000"),
         help="default: 2000",
     )  # fmt: skip
-    parser.add_argument(
-        "--sessions", type=common.positive, default=common.env_default("BENCH_SESSIONS", "20"),
-        help="parallel submission sessions (20)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--size", type=smtp._size, default=common.env_default("BENCH_SIZE", "4KiB"), help="body per message (4KiB)"
+    common.add_load_arguments(
+        parser, sessions_help="parallel submission sessions (20)", size_help="body per message (4KiB)"
     )
-    parser.add_argument(
-        "--timeout", type=common.positive, default=common.env_default("BENCH_TIMEOUT", "600"),
-        help="seconds each server may take for the whole load (600)",
-    )  # fmt: skip
     common.add_only_keep(parser, "postfix")
     return parser.parse_args(argv)
 

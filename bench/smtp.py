@@ -25,7 +25,6 @@ from pathlib import Path
 
 from bench import common
 from bench.common import DOMAIN, HOST, LOCAL_PART, RECIPIENT, SENDER, START_TIMEOUT, BenchError
-from mailnode.config import parse_size
 
 POSTFIX = "postfix"  # the Debian package with Postfix's programs
 STALL_TIMEOUT = 60.0  # seconds without a new Maildir file before waiting for deliveries gives up
@@ -348,16 +347,6 @@ def report(results: list[Result], load: Load) -> None:
 # The command
 
 
-def _size(text: str) -> int:
-    try:
-        value = parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
-    if value < 1:
-        raise argparse.ArgumentTypeError("the size must be at least 1 byte")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.smtp",
@@ -368,17 +357,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--messages", type=common.positive, default=common.env_default("BENCH_MESSAGES", "5000"),
         help="default: 5000",
     )  # fmt: skip
-    parser.add_argument(
-        "--sessions", type=common.positive, default=common.env_default("BENCH_SESSIONS", "20"),
-        help="parallel sessions (20)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--size", type=_size, default=common.env_default("BENCH_SIZE", "4KiB"), help="payload per message (4KiB)"
-    )
-    parser.add_argument(
-        "--timeout", type=common.positive, default=common.env_default("BENCH_TIMEOUT", "600"),
-        help="seconds each server may take for the whole load (600)",
-    )  # fmt: skip
+    common.add_load_arguments(parser, sessions_help="parallel sessions (20)", size_help="payload per message (4KiB)")
     common.add_only_keep(parser, "postfix")
     return parser.parse_args(argv)
 
