@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +18,16 @@ import trustme
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from mailnode.gateway import Gateway
 from mailnode.metrics import NodeMetrics
 from mailnode.queue import routing
 from mailnode.queue.delivery import Deliverer
 from mailnode.queue.spool import Spool, next_delay
+from tests.unit.conftest import FakeClock
 
 MESSAGE = (
     b"From: alice@local.test\r\nTo: bob@remote.test\r\nSubject: hello\r\nMessage-ID: <m1@local.test>\r\n\r\n"
     b"Hi Bob,\r\n.a line that starts with a dot\r\n\r\nAlice\r\n"
 )
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Remote:
@@ -97,27 +89,6 @@ class Local:
             return False
         self.delivered.append((address, data))
         return True
-
-
-@pytest.fixture
-def gateway() -> Iterator[Gateway]:
-    gateway = Gateway()
-    yield gateway
-    gateway.close()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def spool(tmp_path: Path, gateway: Gateway, clock: FakeClock) -> AsyncIterator[Spool]:
-    spool = Spool(tmp_path / "queue", gateway=gateway, clock=clock)
-    await spool.open()
-    yield spool
-    if spool.is_open:
-        await spool.close()
 
 
 @pytest.fixture

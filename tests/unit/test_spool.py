@@ -21,36 +21,9 @@ import pytest
 from mailnode.gateway import Gateway
 from mailnode.queue.spool import QueuedMessage, Spool, UnknownMessage, expired, next_delay
 from mailnode.store import durable
+from tests.unit.conftest import FakeClock
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def gateway():
-    gateway = Gateway()
-    yield gateway
-    gateway.close()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def spool(tmp_path: Path, gateway: Gateway, clock: FakeClock):
-    spool = Spool(tmp_path / "queue", gateway=gateway, clock=clock)
-    await spool.open()
-    yield spool
-    await spool.close()
 
 
 async def reopen(spool: Spool, gateway: Gateway, clock: FakeClock) -> Spool:
