@@ -109,3 +109,14 @@ def with_owner(obj: dict[str, Any], domain: api.MailDomain) -> dict[str, Any]:
 def checksum(text: str) -> str:
     """A short digest of rendered content, put on the pod template so that a change rolls the pods."""
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def unsupported(domain: api.MailDomain) -> str | None:
+    """Why this MailDomain cannot be built yet (a message for its condition and for `mailfleet local up`),
+    or None. The CRD accepts these values; the operator refuses them until the feature exists."""
+    if domain.spec.replicas > 1:
+        return (
+            f"spec.replicas is {domain.spec.replicas}: a domain runs on one mail node until clustering exists; "
+            "set replicas: 1"
+        )
+    return None

@@ -1,0 +1,315 @@
+"""The kopf side of the operator: thin handlers that turn watch events into work-queue keys.
+
+Nothing is decided here: reconcile/ decides, k8s/ writes. kopf brings the watches, the login, the
+indexes (complete before the first handler runs, so no directory is built from half the Mailboxes),
+timers, and the run loop. The handlers write nothing through kopf itself: no finalizers, no
+annotations on the user's objects; deletion is noticed from the watch (owned objects are removed by
+Kubernetes' garbage collector through their owner references).
+
+`mailfleet operator` runs it; tests run it with kopf.testing.KopfRunner and `registry`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Final
+
+import aiohttp.web
+import kopf
+
+from mailfleet import k8s
+from mailfleet.k8s.events import Recorder
+from mailfleet.metrics import OperatorMetrics
+from mailfleet.reconcile import domain
+from mailfleet.reconcile.context import Context, DomainKey
+from mailfleet.reconcile.passwords import PasswordHasher
+from mailfleet.reconcile.routing import Router
+from mailfleet.reconcile.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION = "mailfleet.io", "v1alpha1"
+MANAGED: Final = {"app.kubernetes.io/managed-by": "mailfleet-operator"}
+DEFAULT_IMAGE: Final = "ghcr.io/mailfleet/mailfleet:latest"
+
+registry = kopf.OperatorRegistry()
+
+
+@dataclasses.dataclass
+class Options:
+    """Set by `mailfleet operator` (or a test) before the operator starts; the environment gives the
+    defaults, so a Deployment can set them too."""
+
+    image: str = dataclasses.field(default_factory=lambda: os.environ.get("MAILFLEET_NODE_IMAGE", DEFAULT_IMAGE))
+    metrics_port: int | None = dataclasses.field(
+        default_factory=lambda: (
+            int(os.environ["MAILFLEET_METRICS_PORT"]) if os.environ.get("MAILFLEET_METRICS_PORT") else None
+        )
+    )
+    metrics_host: str = "0.0.0.0"
+    workers: int = 4
+    delay: float = 0.2  # seconds a changed domain waits for more changes before its reconcile
+    resync: float = 300.0  # seconds between reconciles of an unchanged domain (drift the watch missed)
+
+
+options = Options()
+
+
+def configure(new: Options) -> None:
+    global options
+    options = new
+
+
+@dataclasses.dataclass
+class _Running:
+    ctx: Context
+    router: Router
+    queue: WorkQueue[DomainKey]
+    metrics_runner: aiohttp.web.AppRunner | None
+
+
+_running: _Running | None = None
+_indices: Mapping[str, Any] = {}
+
+
+def running() -> _Running:
+    if _running is None:
+        raise RuntimeError("the operator has not logged in yet")
+    return _running
+
+
+# Indexes: what reconcile/ reads instead of listing the API.
+
+
+def _snapshot(body: kopf.Body) -> dict[str, Any]:
+    meta = body.metadata
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {
+            key: copy.deepcopy(meta.get(key))
+            for key in ("name", "namespace", "uid", "generation", "creationTimestamp", "resourceVersion")
+        },
+        "spec": copy.deepcopy(dict(body.spec)),
+        "status": copy.deepcopy(dict(body.status)),
+    }
+
+
+def _mail_domain(address: object) -> str:
+    return str(address or "").rpartition("@")[2].lower()
+
+
+@kopf.index(GROUP, VERSION, "mailboxes", registry=registry)
+def mailboxes_by_domain(namespace: str | None, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(str(namespace), _mail_domain(body.spec.get("address"))): _snapshot(body)}
+
+
+@kopf.index(GROUP, VERSION, "mailboxes", registry=registry)
+def secrets_of_mailboxes(namespace: str | None, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
+    refs = [spec.get("passwordSecretRef") or {}] + [app.get("secretRef") or {} for app in spec.get("appPasswords", [])]
+    return {(str(namespace), str(ref["name"])): _mail_domain(spec.get("address")) for ref in refs if ref.get("name")}
+
+
+@kopf.index(GROUP, VERSION, "maildomains", registry=registry)
+def domains_by_mail_domain(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
+    served = [spec.get("domain"), *(spec.get("aliasDomains") or [])]
+    return {(str(namespace), str(d).lower()): name for d in served if d}
+
+
+@kopf.index(GROUP, VERSION, "maildomains", registry=registry)
+def domains_by_namespace(namespace: str | None, name: str, **_: Any) -> dict[str, str]:
+    return {str(namespace): name}
+
+
+@kopf.index(GROUP, VERSION, "maildomains", registry=registry)
+def secrets_of_domains(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
+    names = [
+        (spec.get("tls") or {}).get("secretName"),
+        ((spec.get("smtp") or {}).get("relaySecretRef") or {}).get("name"),
+    ]
+    return {(str(namespace), str(secret)): name for secret in names if secret}
+
+
+class IndexView:
+    """reconcile.context.View over kopf's indexes (live mappings kopf keeps up to date)."""
+
+    def __init__(self, indices: Mapping[str, Any]) -> None:
+        self._indices = indices
+
+    def _get(self, index: str, key: object) -> list[Any]:
+        found = self._indices[index]
+        return list(found[key]) if key in found else []
+
+    def mailboxes(self, namespace: str | None, mail_domain: str) -> list[Mapping[str, Any]]:
+        return self._get("mailboxes_by_domain", (namespace, mail_domain.lower()))
+
+    def serving(self, namespace: str | None, mail_domain: str) -> list[str]:
+        return sorted(set(self._get("domains_by_mail_domain", (namespace, mail_domain.lower()))))
+
+    def domain_names(self, namespace: str) -> list[str]:
+        return sorted(set(self._get("domains_by_namespace", namespace)))
+
+    def secret_users(self, namespace: str | None, secret: str) -> list[str]:
+        key = (namespace, secret)
+        return sorted(set(self._get("secrets_of_mailboxes", key)) | set(self._get("secrets_of_domains", key)))
+
+
+# The operator's life: settings, login (which starts the queue), cleanup.
+
+
+@kopf.on.startup(registry=registry)
+async def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
+    global _indices
+    # Nothing of kopf's own bookkeeping goes on the user's objects (the handlers need none), and the
+    # operator posts its own Events.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.enabled = False
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    _indices = {name: kwargs[name] for name in _INDEXES}
+
+
+_INDEXES: Final = (
+    "mailboxes_by_domain",
+    "secrets_of_mailboxes",
+    "domains_by_mail_domain",
+    "domains_by_namespace",
+    "secrets_of_domains",
+)
+
+
+@kopf.on.login(registry=registry)
+async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    global _running
+    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    if info is None:
+        raise kopf.LoginError("no service account and no kubeconfig (set KUBECONFIG)")
+    if _running is None:
+        _running = await _start(info)
+    return info
+
+
+async def _start(info: kopf.ConnectionInfo) -> _Running:
+    metrics = OperatorMetrics()
+    client = k8s.Client(info)
+    ctx = Context(
+        client=client,
+        recorder=Recorder(client),
+        view=IndexView(_indices),
+        image=options.image,
+        hasher=PasswordHasher(on_hash=metrics.passwords_hashed.inc),
+        metrics=metrics,
+    )
+
+    async def work(key: DomainKey) -> None:
+        await domain.reconcile(ctx, key)
+
+    queue: WorkQueue[DomainKey] = WorkQueue(
+        work, workers=options.workers, delay=options.delay, on_depth=metrics.queue_depth.set
+    )
+    ctx.queue = queue
+    queue.start()
+    runner = None
+    if options.metrics_port is not None:
+        runner = await _serve_metrics(metrics, options.metrics_host, options.metrics_port)
+    log.info("mailfleet operator started (node image %s)", options.image)
+    return _Running(ctx, Router(ctx), queue, runner)
+
+
+async def _serve_metrics(metrics: OperatorMetrics, host: str, port: int) -> aiohttp.web.AppRunner:
+    async def serve(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        _count_managed(metrics)
+        return aiohttp.web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8")
+
+    app = aiohttp.web.Application()
+    app.router.add_get("/metrics", serve)
+    runner = aiohttp.web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await aiohttp.web.TCPSite(runner, host, port).start()
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return runner
+
+
+def _count_managed(metrics: OperatorMetrics) -> None:
+    if not _indices:
+        return
+    metrics.managed.labels("MailDomain").set(len(list(_values(_indices["domains_by_namespace"]))))
+    metrics.managed.labels("Mailbox").set(len(list(_values(_indices["mailboxes_by_domain"]))))
+
+
+def _values(index: Mapping[Any, Any]) -> list[Any]:
+    return [value for key in index for value in index[key]]
+
+
+@kopf.on.cleanup(registry=registry)
+async def cleanup(**_: Any) -> None:
+    global _running
+    if _running is None:
+        return
+    state, _running = _running, None
+    await state.queue.stop()
+    if state.metrics_runner is not None:
+        await state.metrics_runner.cleanup()
+    await state.ctx.client.close()
+
+
+# Watch events -> work-queue keys.
+
+
+@kopf.on.event(GROUP, VERSION, "maildomains", registry=registry)
+def maildomain_event(type: str, body: kopf.Body, **_: Any) -> None:
+    running().router.domain_changed(type, body)
+
+
+@kopf.on.event(GROUP, VERSION, "mailboxes", registry=registry)
+async def mailbox_event(type: str, body: kopf.Body, **_: Any) -> None:
+    await running().router.mailbox_changed(type, _snapshot(body))
+
+
+@kopf.timer(GROUP, VERSION, "maildomains", interval=options.resync, initial_delay=options.resync, registry=registry)
+def resync(namespace: str | None, name: str, **_: Any) -> None:
+    """Drift the watches did not show (a missed event): reconcile every domain now and then."""
+    running().ctx.enqueue((str(namespace), name))
+
+
+def _owned(kind: tuple[str, str, str]) -> None:
+    group, version, plural = kind
+
+    @kopf.on.event(group, version, plural, labels=MANAGED, registry=registry, id=f"owned-{plural}")
+    def owned_event(body: kopf.Body, **_: Any) -> None:
+        running().router.owned_changed(body)
+
+
+for _kind in [
+    ("apps", "v1", "statefulsets"),
+    ("", "v1", "services"),
+    ("", "v1", "configmaps"),
+    ("", "v1", "serviceaccounts"),
+    ("policy", "v1", "poddisruptionbudgets"),
+    ("networking.k8s.io", "v1", "networkpolicies"),
+]:
+    _owned(_kind)
+
+
+@kopf.on.event("", "v1", "secrets", registry=registry)
+def secret_event(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+    """Owned Secrets (directory, DKIM key) for drift; others when a Mailbox or MailDomain names them."""
+    state = running()
+    if all(body.metadata.labels.get(k) == v for k, v in MANAGED.items()):
+        state.router.owned_changed(body)
+        return
+    if _indices:
+        users = IndexView(_indices).secret_users(str(namespace), name)
+        if users:
+            state.router.secret_changed(str(namespace), users)
+
+
+async def wait_idle() -> None:
+    """Until the work queue is empty (tests and the benchmark use it)."""
+    await running().queue.idle()

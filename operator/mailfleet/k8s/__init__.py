@@ -1,0 +1,19 @@
+"""The only code of the operator that talks to the Kubernetes API: a small client (`Client`) and `apply`,
+which creates or patches an object only when it differs from what is built."""
+
+from mailfleet.k8s.apply import Applied, ImmutableFieldChanged, apply, contains, immutable_change, secret_values
+from mailfleet.k8s.client import KINDS, ApiError, Client, Kind, kind_of
+
+__all__ = [
+    "KINDS",
+    "ApiError",
+    "Applied",
+    "Client",
+    "ImmutableFieldChanged",
+    "Kind",
+    "apply",
+    "contains",
+    "immutable_change",
+    "kind_of",
+    "secret_values",
+]

@@ -1,0 +1,47 @@
+"""The operator's Prometheus metrics (mailfleet_operator_*), on their own registry; `mailfleet operator
+--metrics-port` serves them. Label values are bounded: kinds, results and object kinds, never names."""
+
+from __future__ import annotations
+
+import prometheus_client as prom
+
+
+class OperatorMetrics:
+    def __init__(self) -> None:
+        self.registry = prom.CollectorRegistry()
+        self.reconciles = prom.Counter(
+            "mailfleet_operator_reconciles",
+            "Reconciles by kind and result (ok, refused: a condition says what is wrong; error: retried).",
+            ["kind", "result"],
+            registry=self.registry,
+        )
+        self.duration = prom.Histogram(
+            "mailfleet_operator_reconcile_duration_seconds",
+            "Time a reconcile took, by kind.",
+            ["kind"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.applied = prom.Counter(
+            "mailfleet_operator_object_writes",
+            "Objects the operator created or updated (unchanged objects are not written), by kind and action.",
+            ["kind", "action"],
+            registry=self.registry,
+        )
+        self.managed = prom.Gauge(
+            "mailfleet_operator_managed_objects",
+            "Objects the operator manages, by kind (MailDomain and Mailbox: the resources; others: owned).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.queue_depth = prom.Gauge(
+            "mailfleet_operator_queue_depth", "MailDomains waiting for or in a reconcile.", registry=self.registry
+        )
+        self.passwords_hashed = prom.Counter(
+            "mailfleet_operator_passwords_hashed",
+            "Plaintext passwords the operator hashed (argon2id).",
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        return prom.generate_latest(self.registry)

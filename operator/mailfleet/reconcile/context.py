@@ -1,0 +1,56 @@
+"""What every reconcile needs: the API client, the Event recorder, the view of the Mailbox and MailDomain
+resources the operator watches, the work queue, the password hasher and the metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Final, Protocol
+
+from mailfleet import k8s
+from mailfleet.k8s.events import Recorder
+from mailfleet.metrics import OperatorMetrics
+from mailfleet.reconcile.passwords import PasswordHasher
+from mailfleet.reconcile.workqueue import WorkQueue
+
+DomainKey = tuple[str, str]  # (namespace, MailDomain name)
+
+MAILDOMAIN: Final = k8s.kind_of("mailfleet.io/v1alpha1", "MailDomain")
+MAILBOX: Final = k8s.kind_of("mailfleet.io/v1alpha1", "Mailbox")
+SECRET: Final = k8s.kind_of("v1", "Secret")
+STATEFULSET: Final = k8s.kind_of("apps/v1", "StatefulSet")
+
+
+class View(Protocol):
+    """The watched resources as the operator last saw them (kopf's indexes, in the operator). Complete
+    before the first reconcile runs, so a directory is never built from half the Mailboxes."""
+
+    def mailboxes(self, namespace: str, mail_domain: str) -> list[Mapping[str, Any]]:
+        """The Mailboxes whose address is in `mail_domain` (a DNS domain), as bodies."""
+        ...
+
+    def serving(self, namespace: str, mail_domain: str) -> list[str]:
+        """Names of the MailDomains that serve `mail_domain` (as domain or alias domain)."""
+        ...
+
+    def domain_names(self, namespace: str) -> list[str]:
+        """Names of all MailDomains in the namespace."""
+        ...
+
+
+@dataclasses.dataclass
+class Context:
+    client: k8s.Client
+    recorder: Recorder
+    view: View
+    image: str
+    hasher: PasswordHasher
+    metrics: OperatorMetrics
+    queue: WorkQueue[DomainKey] | None = None
+    # The DNS domains each MailDomain served at its last reconcile: when it is deleted, its Mailboxes
+    # are told their domain is gone.
+    served: dict[DomainKey, set[str]] = dataclasses.field(default_factory=dict)
+
+    def enqueue(self, key: DomainKey, *, after: float | None = None) -> None:
+        if self.queue is not None:
+            self.queue.add(key, after=after)

@@ -1,0 +1,69 @@
+"""Which MailDomains to reconcile when something changes. Every change ends as a key in the work queue:
+a Mailbox names its domain by its address, an owned object by its labels, a Secret by who uses it.
+
+Status writes (the operator's own, or a controller's) do not change metadata.generation; a Mailbox or
+MailDomain event with a generation already seen is only that, and reconciles nothing. (A StatefulSet's
+status does matter: readyReplicas is copied into the MailDomain's status.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mailfleet.reconcile.context import Context
+from mailfleet.reconcile.domain import domain_not_found, write_mailbox_status
+
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+
+
+class Router:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._generations: dict[str, Any] = {}  # uid -> metadata.generation last seen
+
+    def _is_new(self, event_type: str | None, body: Mapping[str, Any]) -> bool:
+        meta = body.get("metadata") or {}
+        uid = str(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}")
+        if event_type == "DELETED":
+            self._generations.pop(uid, None)
+            return True
+        generation = meta.get("generation")
+        if uid in self._generations and self._generations[uid] == generation:
+            return False
+        self._generations[uid] = generation
+        return True
+
+    def domain_changed(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        if self._is_new(event_type, body):
+            self.ctx.enqueue((str(meta["namespace"]), str(meta["name"])))
+
+    async def mailbox_changed(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        if not self._is_new(event_type, body):
+            return
+        namespace = str(body["metadata"]["namespace"])
+        # Every domain of the namespace: an address may have moved from one domain to another.
+        for name in self.ctx.view.domain_names(namespace):
+            self.ctx.enqueue((namespace, name))
+        if event_type == "DELETED":
+            return
+        mail_domain = str((body.get("spec") or {}).get("address", "")).rpartition("@")[2].lower()
+        if not self.ctx.view.serving(namespace, mail_domain):
+            await write_mailbox_status(self.ctx, body, domain_not_found(namespace, mail_domain))
+
+    def owned_changed(self, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        owner = (meta.get("labels") or {}).get(INSTANCE_LABEL)
+        if owner:
+            self.ctx.enqueue((str(meta["namespace"]), str(owner)))
+
+    def secret_changed(self, namespace: str, users: list[str]) -> None:
+        """A Secret named by Mailboxes or MailDomains changed: `users` are the DNS domains of its Mailboxes
+        and the names of the MailDomains that name it."""
+        names = set(self.ctx.view.domain_names(namespace))
+        for user in users:
+            if user in names:
+                self.ctx.enqueue((namespace, user))
+            for name in self.ctx.view.serving(namespace, user):
+                self.ctx.enqueue((namespace, name))

@@ -1,0 +1,117 @@
+"""A keyed work queue, as controllers have: adding a key that is already waiting does nothing, a key
+is never worked on twice at once, and a key added while it is being worked on runs once more afterwards.
+
+This is what coalesces: ten thousand Mailbox events for one domain become a handful of reconciles of
+that domain, each of which writes the directory Secret at most once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+log = logging.getLogger(__name__)
+
+
+class WorkQueue(Generic[K]):
+    """`work(key)` runs for every added key after `delay` seconds (gathering more events for the same key
+    meanwhile), in at most `workers` concurrent tasks. A failing key is retried with a growing delay
+    (from `retry` up to `retry_max` seconds) until it succeeds or is added again."""
+
+    def __init__(
+        self,
+        work: Callable[[K], Awaitable[None]],
+        *,
+        workers: int = 4,
+        delay: float = 0.2,
+        retry: float = 1.0,
+        retry_max: float = 60.0,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        self._work = work
+        self._workers = workers
+        self._delay, self._retry, self._retry_max = delay, retry, retry_max
+        self._due: dict[K, float] = {}  # waiting keys and when they may run
+        self._active: set[K] = set()
+        self._again: dict[K, float] = {}  # keys added while active: when to run them next
+        self._failures: dict[K, int] = {}
+        self._changed = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._on_depth = on_depth
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def add(self, key: K, *, after: float | None = None) -> None:
+        due = time.monotonic() + (self._delay if after is None else after)
+        if key in self._active:
+            self._again[key] = min(self._again.get(key, due), due)
+            return
+        self._due[key] = min(self._due.get(key, due), due)
+        self._idle.clear()
+        self._changed.set()
+        self._report()
+
+    def __len__(self) -> int:
+        return len(self._due) + len(self._active)
+
+    async def idle(self) -> None:
+        """Wait until nothing is waiting or running (tests and benchmarks use it)."""
+        await self._idle.wait()
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._worker(), name=f"workqueue-{i}") for i in range(self._workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    def _report(self) -> None:
+        if self._on_depth is not None:
+            self._on_depth(len(self))
+
+    def _next(self) -> tuple[K | None, float]:
+        """The key to run now, or how long to wait for one."""
+        if not self._due:
+            return None, 3600.0
+        key = min(self._due, key=self._due.__getitem__)
+        wait = self._due[key] - time.monotonic()
+        return (key, 0.0) if wait <= 0 else (None, wait)
+
+    async def _worker(self) -> None:
+        while True:
+            key, wait = self._next()
+            if key is None:
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout=wait)
+                continue
+            del self._due[key]
+            self._active.add(key)
+            try:
+                await self._work(key)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures = self._failures.get(key, 0) + 1
+                self._failures[key] = failures
+                delay = min(self._retry * 2 ** (failures - 1), self._retry_max)
+                log.exception("reconcile of %s failed (attempt %d); retrying in %.0f s", key, failures, delay)
+                self._again[key] = min(self._again.get(key, float("inf")), time.monotonic() + delay)
+            else:
+                self._failures.pop(key, None)
+            finally:
+                self._active.discard(key)
+                if key in self._again:
+                    self._due[key] = min(self._due.get(key, float("inf")), self._again.pop(key))
+                    self._changed.set()
+                if not self._due and not self._active:
+                    self._idle.set()
+                self._report()

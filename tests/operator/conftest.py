@@ -1,0 +1,179 @@
+"""Tier 3 of DESIGN.md: the operator, run for real by kopf (kopf.testing.KopfRunner, in a thread with its
+own event loop) against kmock's Kubernetes emulator over HTTP.
+
+The emulator stores objects as they are sent; a real API server also stamps uid, resourceVersion,
+generation and creationTimestamp, and the operator relies on them (owner references, observedGeneration,
+telling spec changes from status writes). `ApiServer` adds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import datetime
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import kmock
+import kopf
+import pytest
+import yaml
+from kmock._internal import dicts as kmock_dicts
+from kopf.testing import KopfRunner
+
+from mailfleet import handlers, k8s
+
+T = TypeVar("T")
+NAMESPACE = "mail"
+
+VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+RESOURCES = {
+    "mailfleet.io/v1alpha1/maildomains": kmock.ResourceInfo(
+        kind="MailDomain", namespaced=True, subresources={"status"}, verbs=VERBS
+    ),
+    "mailfleet.io/v1alpha1/mailboxes": kmock.ResourceInfo(
+        kind="Mailbox", namespaced=True, subresources={"status"}, verbs=VERBS
+    ),
+    "mailfleet.io/v1alpha1/mailbackups": kmock.ResourceInfo(
+        kind="MailBackup", namespaced=True, subresources={"status"}, verbs=VERBS
+    ),
+    "v1/secrets": kmock.ResourceInfo(kind="Secret", namespaced=True, verbs=VERBS),
+    "v1/configmaps": kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs=VERBS),
+    "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True, verbs=VERBS),
+    "v1/serviceaccounts": kmock.ResourceInfo(kind="ServiceAccount", namespaced=True, verbs=VERBS),
+    "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs=VERBS),
+    "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=VERBS),
+    "apps/v1/statefulsets": kmock.ResourceInfo(
+        kind="StatefulSet", namespaced=True, subresources={"status"}, verbs=VERBS
+    ),
+    "policy/v1/poddisruptionbudgets": kmock.ResourceInfo(kind="PodDisruptionBudget", namespaced=True, verbs=VERBS),
+    "networking.k8s.io/v1/networkpolicies": kmock.ResourceInfo(kind="NetworkPolicy", namespaced=True, verbs=VERBS),
+}
+
+
+class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
+    """kmock's emulator plus what the API server stamps on objects: uid and creationTimestamp at creation,
+    a new resourceVersion on every write, and generation 1 at creation, incremented when anything but
+    metadata or status changes (as for resources with a status subresource)."""
+
+    _versions = itertools.count(1)
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        data = request.data
+        if request.resource is not None and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            if request.action == kmock.action.CREATE:
+                meta["uid"] = str(uuid.uuid4())
+                meta["generation"] = 1
+                meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            elif request.action == kmock.action.UPDATE and request.name is not None:
+                key = (request.resource, request.namespace, request.name)
+                if key in self.objects and not self.objects[key].deleted:
+                    current = dict(self.objects[key].raw)
+                    generation = (current.get("metadata") or {}).get("generation") or 1
+                    if request.subresource is None:
+                        after = kmock_dicts.patch_dict(copy.deepcopy(current), data)
+                        spec_changed = any(
+                            after.get(k) != current.get(k)
+                            for k in set(after) | set(current)
+                            if k not in ("metadata", "status")
+                        )
+                        generation += int(spec_changed)
+                    meta["generation"] = generation
+            if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
+                meta["resourceVersion"] = str(next(self._versions))
+        return await super()._handle(request)
+
+
+@pytest.fixture
+def kmock_options() -> dict[str, Any]:
+    """The emulator the `kmock` fixture starts: ours."""
+    return {"cls": ApiServer}
+
+
+@pytest.fixture
+async def api(kmock: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ApiServer:
+    """The emulated API server with the resources the operator uses, and a kubeconfig pointing at it
+    (the operator logs in with it, as it would outside a cluster)."""
+    for resource, info in RESOURCES.items():
+        kmock.resources[resource] = info
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
+        "users": [{"name": "tester", "user": {"token": "test"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester", "namespace": NAMESPACE}}],
+        "current-context": "kmock",
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    return kmock
+
+
+@pytest.fixture
+async def client(api: ApiServer) -> AsyncIterator[k8s.Client]:
+    """What the test uses to act as a user (kubectl): real HTTP to the emulator."""
+    info = kopf.ConnectionInfo(server=str(api.url).rstrip("/"), token="test")
+    async with k8s.Client(info) as client:
+        yield client
+
+
+@pytest.fixture
+async def operator(api: ApiServer) -> AsyncIterator[KopfRunner]:
+    """The operator, running: kopf in its own thread and loop, as `mailfleet operator` would run it."""
+    handlers.configure(handlers.Options(image="mailfleet-test:1", delay=0.05, resync=300.0))
+    runner = KopfRunner(
+        ["run", "--standalone", "--all-namespaces", "--verbose"], registry=handlers.registry, timeout=30
+    )
+    await asyncio.to_thread(runner.__enter__)
+    try:
+        yield runner
+    finally:
+        # Joining the thread blocks: do it off this loop, which serves the emulator the operator talks to.
+        await asyncio.to_thread(runner.__exit__, None, None, None)
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], *, within: float = 20.0, what: str = "") -> T:
+    """The first truthy result of `probe`, polled; fails the test after `within` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    last: T | None = None
+    while True:
+        last = await probe()
+        if last:
+            return last
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out after {within} s waiting for {what or probe}; last: {last!r}")
+        await asyncio.sleep(0.05)
+
+
+def secret(name: str, **values: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "type": "Opaque",
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in values.items()},
+    }
+
+
+def maildomain(name: str = "example-com", domain: str = "example.com", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "mailfleet.io/v1alpha1",
+        "kind": "MailDomain",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"domain": domain, "replicas": 1, "dkim": {"selector": "mail"}, **spec},
+    }
+
+
+def mailbox(name: str, address: str, secret_name: str | None = None, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "mailfleet.io/v1alpha1",
+        "kind": "Mailbox",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"address": address, "passwordSecretRef": {"name": secret_name or f"{name}-password"}, **spec},
+    }
