@@ -16,7 +16,7 @@ bootstrap: ## install Debian packages and the virtualenv (.venv)
 	@scripts/bootstrap
 
 .PHONY: run
-run: bootstrap ## run one mail node from examples/ with a demo mailbox (demo@example.com / demo)
+run: bootstrap ## run examples/ locally (mailfleet local up): example.com on 127.0.0.1:20000-20005
 	@scripts/run-demo
 
 .PHONY: lint
@@ -32,7 +32,7 @@ fmt: bootstrap ## format the code
 	$(BIN)/ruff check --fix .
 
 .PHONY: test
-test: lint ## lint, then every test tier (unit, node)
+test: lint ## lint, then every test tier under tests/ (unit, node, e2e, ...)
 	$(BIN)/pytest -q
 
 .PHONY: unit

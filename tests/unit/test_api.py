@@ -33,7 +33,7 @@ def test_the_example_domain_parses() -> None:
     assert domain.metadata.name == "example-com"
     assert domain.spec.domain == "example.com"
     assert domain.spec.alias_domains == ["example.net"]
-    assert domain.spec.replicas == 2
+    assert domain.spec.replicas == 1
     assert domain.spec.tls is not None and domain.spec.tls.secret_name == "mail-example-com-tls"
     assert domain.spec.resources.requests == {"cpu": "100m", "memory": "128Mi"}
     assert domain.spec.backup is not None and domain.spec.backup.schedule == "0 3 * * *"

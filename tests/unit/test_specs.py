@@ -148,7 +148,7 @@ def test_every_object_is_named_and_labelled() -> None:
 
 
 def test_the_statefulset_runs_locked_down_nodes() -> None:
-    sts = by_kind(rendered(), "StatefulSet")
+    sts = by_kind(rendered(replicas=2), "StatefulSet")
     pod = sts["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert sts["spec"]["replicas"] == 2 and sts["spec"]["serviceName"] == "example-com-headless"
@@ -301,7 +301,7 @@ def test_render_refuses_an_unknown_kind(tmp_path: Path) -> None:
 
 def test_render_names_the_invalid_field(tmp_path: Path) -> None:
     path = tmp_path / "domain.yaml"
-    path.write_text((EXAMPLES / "maildomain.yaml").read_text().replace("replicas: 2", "replicas: 0"))
+    path.write_text((EXAMPLES / "maildomain.yaml").read_text().replace("replicas: 1", "replicas: 0"))
     result = mailfleet("render", "-f", str(path))
     assert result.returncode == 1
     assert f"{path}: MailDomain example-com: invalid: spec.replicas:" in result.stderr

@@ -1,0 +1,346 @@
+"""`mailfleet local up` of the examples, as `make run` starts it (tier 5 of DESIGN.md), with real clients.
+
+Aspects: mail sent with smtplib to the MX port reaches alice and reads back byte for byte over IMAP with
+STARTTLS, trusting the certificate local up made; the plaintext passwords and app passwords of
+examples/mailboxes.yaml log in; SIGTERM stops every node (exit 0, no node process left, ports closed); a
+restart keeps the mail, the certificate and the DKIM key; a TLS Secret in the files is served instead of a
+self-signed certificate; a node that dies, or cannot start because a port is taken, ends the run with
+exit 1 and says which; bad input (replicas > 1, a missing password Secret, a Secret of the wrong type) is
+refused with one line naming the file and the field, before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import imaplib
+import os
+import random
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import yaml
+
+from mailfleet import api
+from mailfleet.specs import common
+
+ROOT = Path(__file__).parents[2]
+EXAMPLES = ROOT / "examples"
+EXAMPLE_FILES = ("examples/maildomain.yaml", "examples/mailboxes.yaml")
+PORT_NAMES = ("smtp", "submission", "submissions", "imap", "imaps", "http")
+
+
+def example_documents(name: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all((EXAMPLES / name).read_text()) if doc is not None]
+
+
+def example_password(secret: str, key: str) -> str:
+    """The plaintext a user of the examples types: the Secret's stringData in examples/mailboxes.yaml."""
+    (document,) = [d for d in example_documents("mailboxes.yaml") if d["metadata"]["name"] == secret]
+    return str(document["stringData"][key])
+
+
+def free_base_port() -> int:
+    """A base N with N..N+5 free on 127.0.0.1, below the kernel's ephemeral range (32768 and up) so that no
+    outgoing connection takes one meanwhile, and away from 20000, where `make run` may be running."""
+    for _ in range(100):
+        base = random.randrange(21000, 32000, 10)
+        with contextlib.ExitStack() as stack:
+            try:
+                for offset in range(len(PORT_NAMES)):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", base + offset))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError("no six free consecutive ports")
+
+
+@dataclasses.dataclass
+class LocalUp:
+    """One `mailfleet local up` process; its output goes to files, read as a user reads the terminal."""
+
+    state: Path
+    base: int
+    process: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+    node_pids: list[int] = dataclasses.field(default_factory=list)
+
+    def port(self, name: str) -> int:
+        return self.base + PORT_NAMES.index(name)
+
+    def output(self) -> str:
+        return self.stdout.read_text()
+
+    def errors(self) -> str:
+        return self.stderr.read_text()
+
+    def wait_ready(self, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "\nready: " in self.output():
+                self.node_pids = _children(self.process.pid)
+                return self.output()
+            if self.process.poll() is not None:
+                pytest.fail(f"local up exited with {self.process.returncode}:\n{self.errors()}")
+            time.sleep(0.1)
+        pytest.fail(f"local up not ready after {timeout}s:\n{self.output()}\n{self.errors()}")
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.process.wait(timeout)
+
+    def kill_everything(self) -> None:
+        """Teardown after a failed test: nothing may outlive it (the nodes run in sessions of their own)."""
+        pids = [*self.node_pids, *(_children(self.process.pid) if self.process.poll() is None else [])]
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.fixture
+def local_up(tmp_path: Path) -> Iterator[Callable[..., LocalUp]]:
+    started: list[LocalUp] = []
+
+    def start(*files: str, state: Path | None = None, base: int | None = None) -> LocalUp:
+        state = state or tmp_path / "state"
+        base = base or free_base_port()
+        index = len(started)
+        stdout, stderr = tmp_path / f"stdout-{index}", tmp_path / f"stderr-{index}"
+        with stdout.open("wb") as out, stderr.open("wb") as err:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "mailfleet.cli", "local", "up"]
+                + [arg for path in (files or EXAMPLE_FILES) for arg in ("-f", str(path))]
+                + ["--base-port", str(base), "--state-dir", str(state)],
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        up = LocalUp(state, base, process, stdout, stderr)
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        up.kill_everything()
+
+
+def run_local_up(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """For input that must be refused: the command ends by itself (a timeout would mean it started nodes)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mailfleet.cli", "local", "up", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def imap_login(up: LocalUp, address: str, password: str, *, context: ssl.SSLContext | None = None) -> imaplib.IMAP4:
+    """IMAP on the STARTTLS port, trusting the certificate local up made (unless told otherwise)."""
+    context = context or ssl.create_default_context(cafile=str(up.state / "tls" / "cert.pem"))
+    imap = imaplib.IMAP4("localhost", up.port("imap"))
+    imap.starttls(ssl_context=context)
+    imap.login(address, password)
+    return imap
+
+
+def inbox(imap: imaplib.IMAP4) -> list[bytes]:
+    imap.select("INBOX", readonly=True)
+    _, numbers = imap.search(None, "ALL")
+    messages = []
+    for number in numbers[0].split():
+        _, data = imap.fetch(number.decode(), "(BODY.PEEK[])")
+        part = data[0]
+        assert isinstance(part, tuple)
+        messages.append(part[1])
+    return messages
+
+
+def send_to_alice(up: LocalUp) -> bytes:
+    """A message with a body no other test sends, over the MX port, as mail from another server arrives."""
+    message = (
+        b"From: Carol <carol@elsewhere.test>\r\n"
+        b"To: alice@example.com\r\n"
+        b"Subject: local up\r\n"
+        b"Message-ID: <" + uuid.uuid4().hex.encode() + b"@elsewhere.test>\r\n"
+        b"\r\n"
+        b"Hello Alice,\r\n"
+        b"  indented, with trailing space \r\n"
+        b"token " + uuid.uuid4().hex.encode() + b"\r\n"
+    )
+    with smtplib.SMTP("127.0.0.1", up.port("smtp"), timeout=30) as smtp:
+        smtp.sendmail("carol@elsewhere.test", ["alice@example.com"], message)
+    return message
+
+
+def assert_stopped(up: LocalUp) -> None:
+    assert up.node_pids, "local up had no node process"
+    for pid in up.node_pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    for name in PORT_NAMES:
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", up.port(name)), timeout=5):
+            pass
+
+
+# -- running the examples ------------------------------------------------------------------------------
+
+
+def test_mail_to_the_mx_is_read_over_imap_and_sigterm_stops_every_node(local_up: Callable[..., LocalUp]) -> None:
+    up = local_up()
+    output = up.wait_ready()
+    for name in PORT_NAMES:
+        assert f"127.0.0.1:{up.port(name)}" in output
+    assert "example.com. MX 10 mail.example.com." in output
+    assert "mail._domainkey.example.com. TXT v=DKIM1; k=rsa; p=" in output
+    assert len(up.node_pids) == 1
+
+    message = send_to_alice(up)
+    imap = imap_login(up, "alice@example.com", example_password("alice-password", "password"))
+    (stored,) = inbox(imap)
+    imap.logout()
+    assert stored.endswith(message)  # after the node's trace headers, exactly what was sent
+
+    app = imap_login(up, "bob@example.com", example_password("bob-password", "phone"))
+    assert app.noop()[0] == "OK"
+    app.logout()
+
+    up.process.send_signal(signal.SIGTERM)
+    assert up.wait() == 0, up.errors()
+    assert up.output().endswith("stopped 1 mail node\n")
+    assert_stopped(up)
+
+
+def test_a_restart_keeps_mail_certificate_and_dkim_key(local_up: Callable[..., LocalUp]) -> None:
+    first = local_up()
+    output = first.wait_ready()
+    certificate = (first.state / "tls" / "cert.pem").read_bytes()
+    (dkim_record,) = [line for line in output.splitlines() if "mail._domainkey.example.com." in line]
+    message = send_to_alice(first)
+    first.process.send_signal(signal.SIGINT)  # Ctrl-C
+    assert first.wait() == 0, first.errors()
+
+    second = local_up(state=first.state)
+    assert dkim_record in second.wait_ready().splitlines()
+    assert (second.state / "tls" / "cert.pem").read_bytes() == certificate
+    imap = imap_login(second, "alice@example.com", example_password("alice-password", "password"))
+    (stored,) = inbox(imap)
+    imap.logout()
+    assert stored.endswith(message)
+
+
+def test_a_tls_secret_in_the_files_is_served(
+    local_up: Callable[..., LocalUp], tmp_path: Path, ca: trustme.CA, client_tls: ssl.SSLContext
+) -> None:
+    cert = ca.issue_cert("localhost", "mail.example.com")
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "mail-example-com-tls"},  # spec.tls.secretName of the example
+        "type": "kubernetes.io/tls",
+        "stringData": {
+            "tls.crt": cert.private_key_and_cert_chain_pem.bytes().decode(),
+            "tls.key": cert.private_key_pem.bytes().decode(),
+        },
+    }
+    path = tmp_path / "tls-secret.yaml"
+    path.write_text(yaml.safe_dump(secret))
+    up = local_up(*EXAMPLE_FILES, str(path))
+    assert "Secret mail-example-com-tls" in up.wait_ready()
+    imap = imap_login(up, "alice@example.com", example_password("alice-password", "password"), context=client_tls)
+    imap.logout()
+    assert not (up.state / "tls").exists()
+
+
+# -- failures ------------------------------------------------------------------------------------------
+
+
+def test_a_node_that_dies_stops_the_run(local_up: Callable[..., LocalUp]) -> None:
+    up = local_up()
+    up.wait_ready()
+    (node,) = up.node_pids
+    os.kill(node, signal.SIGKILL)
+    assert up.wait() == 1
+    assert "node 0 (MailDomain example-com) exited unexpectedly (exit code -9)" in up.errors()
+    assert_stopped(up)
+
+
+def test_a_taken_port_is_reported(local_up: Callable[..., LocalUp]) -> None:
+    with socket.socket() as taken:
+        base = free_base_port()
+        taken.bind(("127.0.0.1", base + PORT_NAMES.index("imap")))
+        taken.listen()
+        up = local_up(base=base)
+        assert up.wait() == 1
+    errors = up.errors()
+    assert "node 0 (MailDomain example-com) exited before it was ready (exit code 1)" in errors
+    assert "address already in use" in errors  # the node's own message, from its log
+
+
+def test_more_than_one_replica_is_refused(tmp_path: Path) -> None:
+    (document,) = example_documents("maildomain.yaml")
+    document["spec"]["replicas"] = 2
+    path = tmp_path / "maildomain.yaml"
+    path.write_text(yaml.safe_dump(document))
+    state = tmp_path / "state"
+    result = run_local_up("-f", str(path), "-f", "examples/mailboxes.yaml", "--state-dir", str(state))
+    assert result.returncode == 1
+    reason = common.unsupported(api.MailDomain.model_validate(document))
+    assert reason is not None
+    assert result.stderr == f"mailfleet local up: error: {path}: MailDomain example-com: {reason}\n"
+    assert result.stdout == "" and not state.exists()
+
+
+def test_a_missing_password_secret_names_the_file_and_mailbox(tmp_path: Path) -> None:
+    documents = [d for d in example_documents("mailboxes.yaml") if d["metadata"]["name"] != "bob-password"]
+    path = tmp_path / "mailboxes.yaml"
+    path.write_text(yaml.safe_dump_all(documents))
+    state = tmp_path / "state"
+    result = run_local_up("-f", "examples/maildomain.yaml", "-f", str(path), "--state-dir", str(state))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"mailfleet local up: error: {path}: Mailbox bob: spec.passwordSecretRef: "
+        "Secret bob-password is not in the files\n"
+    )
+    assert not state.exists()
+
+
+def test_a_tls_secret_of_the_wrong_type_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "secret.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mail-example-com-tls"}, "stringData": {}}
+        )
+    )
+    state = tmp_path / "state"
+    files = ("-f", "examples/maildomain.yaml", "-f", "examples/mailboxes.yaml", "-f", str(path))
+    result = run_local_up(*files, "--state-dir", str(state))
+    assert result.returncode == 1 and not state.exists()
+    assert result.stderr == (
+        "mailfleet local up: error: examples/maildomain.yaml: MailDomain example-com: "
+        f"spec.tls.secretName: Secret mail-example-com-tls ({path}) is of type Opaque, not kubernetes.io/tls\n"
+    )
