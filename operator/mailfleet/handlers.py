@@ -2,7 +2,7 @@
 
 Nothing is decided here: reconcile/ decides, k8s/ writes. kopf brings the watches, the login, the
 indexes (complete before the first handler runs, so no directory is built from half the Mailboxes),
-timers, and the run loop. The handlers write nothing through kopf itself: no finalizers, no
+and the run loop. The handlers write nothing through kopf itself: no finalizers, no
 annotations on the user's objects; deletion is noticed from the watch (owned objects are removed by
 Kubernetes' garbage collector through their owner references).
 
@@ -11,6 +11,7 @@ Kubernetes' garbage collector through their owner references).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import logging
@@ -70,6 +71,7 @@ class _Running:
     router: Router
     queue: WorkQueue[DomainKey]
     metrics_runner: aiohttp.web.AppRunner | None
+    resync_task: asyncio.Task[None]
 
 
 _running: _Running | None = None
@@ -219,7 +221,18 @@ async def _start(info: kopf.ConnectionInfo) -> _Running:
     if options.metrics_port is not None:
         runner = await _serve_metrics(metrics, options.metrics_host, options.metrics_port)
     log.info("mailfleet operator started (node image %s)", options.image)
-    return _Running(ctx, Router(ctx), queue, runner)
+    return _Running(ctx, Router(ctx), queue, runner, asyncio.create_task(_resync(ctx, options.resync)))
+
+
+async def _resync(ctx: Context, interval: float) -> None:
+    """Reconcile every domain now and then: drift that no watch event showed (one missed while the
+    operator was disconnected) is repaired all the same."""
+    while True:
+        await asyncio.sleep(interval)
+        index = _indices.get("domains_by_namespace") or {}
+        for namespace in list(index):
+            for name in set(index[namespace]):
+                ctx.enqueue((str(namespace), str(name)))
 
 
 async def _serve_metrics(metrics: OperatorMetrics, host: str, port: int) -> aiohttp.web.AppRunner:
@@ -253,6 +266,7 @@ async def cleanup(**_: Any) -> None:
     if _running is None:
         return
     state, _running = _running, None
+    state.resync_task.cancel()
     await state.queue.stop()
     if state.metrics_runner is not None:
         await state.metrics_runner.cleanup()
@@ -270,12 +284,6 @@ def maildomain_event(type: str, body: kopf.Body, **_: Any) -> None:
 @kopf.on.event(GROUP, VERSION, "mailboxes", registry=registry)
 async def mailbox_event(type: str, body: kopf.Body, **_: Any) -> None:
     await running().router.mailbox_changed(type, _snapshot(body))
-
-
-@kopf.timer(GROUP, VERSION, "maildomains", interval=options.resync, initial_delay=options.resync, registry=registry)
-def resync(namespace: str | None, name: str, **_: Any) -> None:
-    """Drift the watches did not show (a missed event): reconcile every domain now and then."""
-    running().ctx.enqueue((str(namespace), name))
 
 
 def _owned(kind: tuple[str, str, str]) -> None:

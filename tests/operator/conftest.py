@@ -55,15 +55,43 @@ RESOURCES = {
 }
 
 
-class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
+class ApiServer(kmock.KubernetesEmulator):
     """kmock's emulator plus what the API server stamps on objects: uid and creationTimestamp at creation,
     a new resourceVersion on every write, and generation 1 at creation, incremented when anything but
     metadata or status changes (as for resources with a status subresource)."""
 
     _versions = itertools.count(1)
+    # kmock finds the reaction to a request by filtering its whole request history, which makes every
+    # request slower than the one before; only the recent history is kept (this test harness sets no
+    # reactions that look further back), and `writes` records what the tests count.
+    HISTORY = 4
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.writes: list[tuple[str, str, str | None, str | None]] = []
+
+    def _get_resources(self) -> list[Any]:
+        # The declared ones only (the emulator would also walk every stored object, at every list).
+        return list(kmock.KubernetesScaffold._get_resources(self))
+
+    def _KubernetesEmulator__get_objs(self, request: kmock.Request, strict: bool) -> list[Any]:
+        # One object by name: a dict lookup instead of the emulator's walk over every stored object.
+        if strict and request.name is not None:
+            found = self.objects._objects.get((request.resource, request.namespace, request.name))  # type: ignore[arg-type]
+            return [found] if found is not None else []
+        return list(self._slow_get_objs(request, strict))
+
+    _slow_get_objs = getattr(kmock.KubernetesEmulator, "_KubernetesEmulator__get_objs")  # noqa: B009 - name-mangled
 
     async def _handle(self, request: kmock.Request) -> Any:
+        if len(self._requests) > 2 * self.HISTORY:
+            del self._requests[: -self.HISTORY]
         data = request.data
+        if request.resource is not None and request.method.value in ("POST", "PATCH", "PUT", "DELETE"):
+            name = request.name
+            if name is None and isinstance(data, dict):
+                name = (data.get("metadata") or {}).get("name")
+            self.writes.append((request.method.value, str(request.resource.plural), name, request.subresource))
         if request.resource is not None and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
             if request.action == kmock.action.CREATE:
@@ -177,3 +205,46 @@ def mailbox(name: str, address: str, secret_name: str | None = None, **spec: Any
         "metadata": {"name": name, "namespace": NAMESPACE},
         "spec": {"address": address, "passwordSecretRef": {"name": secret_name or f"{name}-password"}, **spec},
     }
+
+
+MAILDOMAIN = k8s.kind_of("mailfleet.io/v1alpha1", "MailDomain")
+MAILBOX = k8s.kind_of("mailfleet.io/v1alpha1", "Mailbox")
+SECRET = k8s.kind_of("v1", "Secret")
+CONFIGMAP = k8s.kind_of("v1", "ConfigMap")
+STATEFULSET = k8s.kind_of("apps/v1", "StatefulSet")
+EVENT = k8s.kind_of("v1", "Event")
+
+
+def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
+    """The condition of this type in obj's status ({} when there is none)."""
+    for found in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if found.get("type") == type_:
+            return dict(found)
+    return {}
+
+
+async def directory(client: k8s.Client, name: str = "example-com") -> dict[str, Any]:
+    """The directory the operator wrote for a MailDomain, by address ({} while there is none)."""
+    obj = await client.get(SECRET, NAMESPACE, f"{name}-directory")
+    if obj is None:
+        return {}
+    data = yaml.safe_load(k8s.secret_values(obj)["directory.yaml"])
+    return {entry["address"]: entry for entry in data.get("mailboxes") or []}
+
+
+async def events(client: k8s.Client, name: str, reason: str | None = None) -> list[dict[str, Any]]:
+    """Events about the object `name`, optionally of one reason."""
+    return [
+        event
+        for event in await client.list(EVENT, NAMESPACE)
+        if event["involvedObject"]["name"] == name and reason in (None, event["reason"])
+    ]
+
+
+async def status_of(
+    client: k8s.Client, kind: k8s.Kind, name: str, type_: str = "Ready", **expected: object
+) -> dict[str, Any] | None:
+    """The object once its condition `type_` has the expected fields (status, reason), else None."""
+    obj = await client.get(kind, NAMESPACE, name)
+    found = condition(obj, type_)
+    return obj if found and all(found.get(k) == v for k, v in expected.items()) else None

@@ -81,6 +81,9 @@ async def reconcile(ctx: Context, key: DomainKey) -> None:
         except Refused as refusal:
             result = "refused"
             await _refused(ctx, body, refusal)
+    except asyncio.CancelledError:
+        result = "cancelled"  # the operator is stopping
+        raise
     finally:
         ctx.metrics.reconciles.labels("MailDomain", result).inc()
         ctx.metrics.duration.labels("MailDomain").observe(time.monotonic() - started)
