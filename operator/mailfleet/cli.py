@@ -1,7 +1,7 @@
 """The `mailfleet` command: `crds` prints the CustomResourceDefinitions (`--write DIR` writes one file per
 CRD, as `make crds` does for crds/); `render` prints the objects the operator would apply for MailDomain,
 Mailbox and Secret files; `local up` runs those files as local mail node processes (mailfleet.local).
-Both read the files through mailfleet.files. `operator` comes with the operator issue."""
+Both read the files through mailfleet.files. `operator` runs the kopf operator (mailfleet.handlers)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from mailfleet import crds, files, local, specs
+import kopf
 
-DEFAULT_IMAGE = "ghcr.io/mailfleet/mailfleet:latest"
+from mailfleet import crds, files, handlers, local, specs
+
+DEFAULT_IMAGE = specs.common.DEFAULT_IMAGE
 
 
 def _crds(write: Path | None) -> int:
@@ -71,6 +73,19 @@ def _port(value: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a port number (1-65535)")
     return port
+
+
+def _operator(args: argparse.Namespace) -> int:
+    handlers.configure(handlers.Options(image=args.image, metrics_port=args.metrics_port, resync=args.resync))
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.FULL)
+    kopf.run(
+        registry=handlers.registry,
+        standalone=True,  # one operator replica (the chart's Deployment); no peering resources needed
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness,
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +148,50 @@ def main(argv: list[str] | None = None) -> int:
         default=local.DEFAULT_STATE_DIR,
         help=f"configs, keys, certificates, mail and logs (default {local.DEFAULT_STATE_DIR})",
     )
+    operator_command = commands.add_parser(
+        "operator",
+        help="run the operator: reconcile MailDomain and Mailbox resources (in a pod, or with a kubeconfig)",
+        description=(
+            "Run the Mailfleet operator until SIGINT or SIGTERM. It logs in with the pod's service account, "
+            "or else with KUBECONFIG (or ~/.kube/config), watches MailDomain and Mailbox resources and the "
+            "objects it owns, and reconciles each MailDomain into its mail nodes. Every option can also be "
+            "set through the environment (MAILFLEET_NODE_IMAGE, MAILFLEET_METRICS_PORT)."
+        ),
+    )
+    operator_command.add_argument(
+        "-n",
+        "--namespace",
+        metavar="NS",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable; kopf glob patterns such as 'mail-*' allowed); "
+        "default: all namespaces",
+    )
+    defaults = handlers.Options()
+    operator_command.add_argument("--image", default=defaults.image, help=f"mail node image (default {defaults.image})")
+    operator_command.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=defaults.metrics_port,
+        metavar="PORT",
+        help="serve Prometheus metrics on :PORT/metrics (default: not served)",
+    )
+    operator_command.add_argument(
+        "--liveness",
+        metavar="URL",
+        help="kopf's health endpoint, e.g. http://0.0.0.0:8081/healthz (default: none)",
+    )
+    operator_command.add_argument(
+        "--resync",
+        metavar="SECONDS",
+        type=float,
+        default=defaults.resync,
+        help=f"reconcile every MailDomain this often, changed or not (default {defaults.resync:.0f})",
+    )
+    operator_command.add_argument("--verbose", action="store_true", help="log at debug level")
     args = parser.parse_args(argv)
+    if args.command == "operator":
+        return _operator(args)
     if args.command == "crds":
         return _crds(args.write)
     if args.command == "render":

@@ -22,7 +22,7 @@ from typing import Any, Final
 import aiohttp.web
 import kopf
 
-from mailfleet import k8s
+from mailfleet import k8s, specs
 from mailfleet.k8s.events import Recorder
 from mailfleet.metrics import OperatorMetrics
 from mailfleet.reconcile import domain
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 GROUP, VERSION = "mailfleet.io", "v1alpha1"
 MANAGED: Final = {"app.kubernetes.io/managed-by": "mailfleet-operator"}
-DEFAULT_IMAGE: Final = "ghcr.io/mailfleet/mailfleet:latest"
 
 registry = kopf.OperatorRegistry()
 
@@ -45,7 +44,9 @@ class Options:
     """Set by `mailfleet operator` (or a test) before the operator starts; the environment gives the
     defaults, so a Deployment can set them too."""
 
-    image: str = dataclasses.field(default_factory=lambda: os.environ.get("MAILFLEET_NODE_IMAGE", DEFAULT_IMAGE))
+    image: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("MAILFLEET_NODE_IMAGE", specs.common.DEFAULT_IMAGE)
+    )
     metrics_port: int | None = dataclasses.field(
         default_factory=lambda: (
             int(os.environ["MAILFLEET_METRICS_PORT"]) if os.environ.get("MAILFLEET_METRICS_PORT") else None
@@ -189,7 +190,12 @@ _INDEXES: Final = (
 @kopf.on.login(registry=registry)
 async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     global _running
-    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    try:
+        info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    except (OSError, KeyError, ValueError) as error:
+        raise kopf.LoginError(
+            f"cannot use the kubeconfig (KUBECONFIG={os.environ.get('KUBECONFIG')}): {error}"
+        ) from error
     if info is None:
         raise kopf.LoginError("no service account and no kubeconfig (set KUBECONFIG)")
     if _running is None:

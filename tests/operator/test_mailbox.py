@@ -13,7 +13,6 @@ from tests.operator.conftest import (
     MAILDOMAIN,
     NAMESPACE,
     SECRET,
-    ApiServer,
     directory,
     eventually,
     mailbox,
@@ -21,6 +20,7 @@ from tests.operator.conftest import (
     secret,
     status_of,
 )
+from tests.operator.emulator import ApiServer
 
 
 async def test_mailboxes_come_and_go_from_the_directory(operator, client):

@@ -84,7 +84,7 @@ async def test_a_maildomain_becomes_its_objects_with_status_and_events(operator,
     assert await events(client, "example-com", "DirectoryUpdated")
     created = {e["message"] for e in await events(client, "example-com", "Created")}
     assert "created StatefulSet example-com" in created and "created ConfigMap example-com-config" in created
-    assert await events(client, "alice", "Served")
+    assert await eventually(lambda: events(client, "alice", "Served"))
 
 
 async def test_ready_follows_the_statefulset(operator, client):
@@ -131,7 +131,7 @@ async def test_a_spec_change_updates_the_config_and_rolls_the_pods(operator, cli
         lambda: status_of(client, MAILDOMAIN, "example-com", "Degraded", status="False", observedGeneration=2)
     )
     assert domain["status"]["observedGeneration"] == 2
-    assert await events(client, "example-com", "Updated")
+    assert await eventually(lambda: events(client, "example-com", "Updated"))
 
 
 async def test_drift_is_repaired(operator, client):
@@ -160,9 +160,15 @@ async def test_drift_is_repaired(operator, client):
         )
 
     await eventually(repaired, what="the ConfigMap, the image and the directory put back")
-    messages = {e["message"] for e in await events(client, "example-com", "Repaired")}
-    assert "ConfigMap example-com-config was changed outside the operator; put back" in messages
-    assert "StatefulSet example-com was changed outside the operator; put back" in messages
+    expected = {
+        "ConfigMap example-com-config was changed outside the operator; put back",
+        "StatefulSet example-com was changed outside the operator; put back",
+    }
+
+    async def reported() -> bool:
+        return expected <= {e["message"] for e in await events(client, "example-com", "Repaired")}
+
+    await eventually(reported, what=f"Repaired Events: {expected}")
 
 
 async def test_a_deleted_domain_leaves_its_mailboxes_without_one(operator, client):

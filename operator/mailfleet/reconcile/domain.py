@@ -204,11 +204,18 @@ async def _dkim(ctx: Context, domain: api.MailDomain, body: Mapping[str, Any]) -
 
 async def _mailboxes(ctx: Context, domain: api.MailDomain) -> Mailboxes:
     """The domain's Mailboxes: which go into the directory (with their hashed passwords) and what each
-    one's Ready condition says. The first created wins an address claimed twice."""
+    one's Ready condition says."""
     namespace = specs.common.namespace(domain)
     served = specs.node.domains_of(domain)
     bodies = [body for mail_domain in sorted(served) for body in ctx.view.mailboxes(namespace, mail_domain)]
-    bodies.sort(key=lambda b: (str(b["metadata"].get("creationTimestamp") or ""), str(b["metadata"]["name"])))
+    # Who keeps an address claimed twice: the Mailbox already served with it, else the first created.
+    bodies.sort(
+        key=lambda b: (
+            (conditions.find((b.get("status") or {}).get("conditions"), "Ready") or {}).get("status") != "True",
+            str(b["metadata"].get("creationTimestamp") or ""),
+            str(b["metadata"]["name"]),
+        )
+    )
 
     parsed: list[tuple[Mapping[str, Any], api.Mailbox | None, str]] = []
     for body in bodies:

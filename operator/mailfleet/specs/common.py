@@ -30,6 +30,9 @@ DKIM_DIR: Final = "/etc/mailnode/dkim"
 DKIM_KEY: Final = "private.pem"
 RELAY_DIR: Final = "/etc/mailnode/relay"
 
+# The mail node image the operator runs unless told otherwise (`mailfleet operator --image`).
+DEFAULT_IMAGE: Final = "ghcr.io/mailfleet/mailfleet:latest"
+
 CHECKSUM_ANNOTATION: Final = "mailfleet.io/config-checksum"
 RUN_AS: Final = 10001
 
