@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import decimal
+import gzip
 import hashlib
 import logging
 import re
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -378,7 +380,14 @@ class Directory:
 
 
 def parse_directory(data: bytes, *, domains: dict[str, str], source: str = "directory") -> Directory:
-    """Validate directory file contents; raises ConfigError naming the field and the reason."""
+    """Validate directory file contents (YAML, or gzip-compressed YAML as the operator writes a large
+    directory); raises ConfigError naming the field and the reason."""
+    version = hashlib.sha256(data).hexdigest()[:16]
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as error:
+            raise ConfigError(f"{source}: gzip-compressed but cannot be decompressed: {error}") from error
     try:
         raw = yaml.safe_load(data) or {}
     except yaml.YAMLError as error:
@@ -389,7 +398,6 @@ def parse_directory(data: bytes, *, domains: dict[str, str], source: str = "dire
         parsed = DirectoryFile.model_validate(raw)
     except pydantic.ValidationError as error:
         raise ConfigError(_format_validation_error(Path(source), error)) from error
-    version = hashlib.sha256(data).hexdigest()[:16]
     try:
         return Directory(parsed.mailboxes, domains=domains, version=version)
     except ConfigError as error:

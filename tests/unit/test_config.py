@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,8 @@ def test_conflicting_directory_refused(entries: list[dict[str, object]], reason:
             "not a size",
         ),
         (b"mailboxes: [unclosed", "", "not valid YAML"),
+        (gzip.compress(b"mailboxes: [unclosed")[:-6], "", "gzip-compressed but cannot be decompressed"),
+        (gzip.compress(b"mailboxes: [{address: a@example.com}]"), "mailboxes.0.password_hash", "Field required"),
     ],
 )
 def test_invalid_directory_names_field(text: bytes, field: str, reason: str) -> None:
@@ -166,3 +169,9 @@ def test_invalid_directory_names_field(text: bytes, field: str, reason: str) -> 
         parse_directory(text, domains=DOMAINS)
     assert field in str(caught.value)
     assert reason in str(caught.value)
+
+
+def test_a_gzip_compressed_directory_is_read() -> None:
+    text = f"mailboxes: [{{address: a@example.com, password_hash: '{HASH}'}}]".encode()
+    directory = parse_directory(gzip.compress(text), domains=DOMAINS)
+    assert [m.address for m in directory.mailboxes] == ["a@example.com"]

@@ -6,11 +6,13 @@ examples and its errors. Validation against the Kubernetes OpenAPI schemas is a 
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import argon2
 import pytest
 import yaml
 
@@ -108,8 +110,45 @@ def test_a_mailbox_without_quota_is_unlimited() -> None:
     mailbox = api.Mailbox.model_validate(
         {"metadata": {"name": "x"}, "spec": {"address": "x@example.com", "passwordSecretRef": {"name": "x"}}}
     )
-    (entry,) = specs.directory(example_domain(), [mailbox], {"x/password": HASHES["bob-password/phone"]})["mailboxes"]
-    assert entry["quota"] == 0 and entry["display_name"] == "" and entry["suspended"] is False
+    directory = specs.directory(example_domain(), [mailbox], {"x/password": HASHES["bob-password/phone"]})
+    # Fields at the node's defaults are left out, and the node reads them as the defaults.
+    assert directory["mailboxes"] == [{"address": "x@example.com", "password_hash": HASHES["bob-password/phone"]}]
+    (entry,) = config.parse_directory(
+        specs.directory_content(directory), domains={"example.com": "example.com"}
+    ).mailboxes
+    assert entry.quota == 0 and entry.display_name == "" and entry.suspended is False and entry.aliases == []
+
+
+def test_a_large_directory_is_compressed_and_read_by_the_node() -> None:
+    """Ten thousand mailboxes, each with its own hash, fit in one Secret (1 MiB) only compressed."""
+    hasher = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    count = 10_000
+    mailboxes = [
+        api.Mailbox.model_validate(
+            {
+                "metadata": {"name": f"u{i}"},
+                "spec": {"address": f"user{i}@example.com", "passwordSecretRef": {"name": f"u{i}"}},
+            }
+        )
+        for i in range(count)
+    ]
+    passwords = {f"u{i}/password": hasher.hash(f"pw{i}") for i in range(count)}
+    content = specs.directory_content(specs.directory(example_domain(), mailboxes, passwords))
+    assert content[:2] == b"\x1f\x8b" and len(content) < 1024 * 1024, len(content)
+    parsed = config.parse_directory(content, domains={"example.com": "example.com"})
+    assert len(parsed.mailboxes) == count
+    entry = parsed.get("user1234@example.com")
+    assert entry is not None and hasher.verify(entry.password_hash, "pw1234")
+    # The same directory, the same bytes: an unchanged directory is not a Secret update.
+    assert specs.directory_content(specs.directory(example_domain(), mailboxes, passwords)) == content
+    secret = specs.directory_secret(example_domain(), content)
+    assert "stringData" not in secret and base64.b64decode(secret["data"]["directory.yaml"]) == content
+
+
+def test_a_small_directory_stays_readable() -> None:
+    content = specs.directory_content(specs.directory(example_domain(), example_mailboxes(), HASHES))
+    assert content.startswith(b"mailboxes:\n- address: alice@example.com\n")
+    assert specs.directory_secret(example_domain(), content)["stringData"] == {"directory.yaml": content.decode()}
 
 
 def test_plaintext_passwords_are_refused() -> None:

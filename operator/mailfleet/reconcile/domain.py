@@ -143,7 +143,7 @@ async def _reconcile(ctx: Context, body: Mapping[str, Any]) -> None:
     )
     objects = [specs.with_owner(obj, domain) for obj in objects]
     directory = next(o for o in objects if o["metadata"]["name"] == specs.common.directory_name(domain))
-    size = sum(len(v.encode()) for v in directory["stringData"].values())
+    size = sum(len(value) for value in k8s.secret_values(directory).values())
     if size > SECRET_LIMIT:
         raise Refused(
             "DirectoryTooLarge",

@@ -16,7 +16,7 @@ import yaml
 from mailfleet import api
 from mailfleet.specs.common import checksum, labels, owner_reference, with_owner
 from mailfleet.specs.network import client_service, dns_records, headless_service, network_policy
-from mailfleet.specs.node import directory, node_config, password_key
+from mailfleet.specs.node import directory, directory_content, node_config, password_key
 from mailfleet.specs.workload import (
     config_map,
     directory_secret,
@@ -31,6 +31,7 @@ __all__ = [
     "client_service",
     "config_map",
     "directory",
+    "directory_content",
     "directory_secret",
     "dkim_secret",
     "dns_records",
@@ -81,7 +82,7 @@ def render(
     objects = [
         service_account(domain),
         config_map(domain, config_yaml),
-        directory_secret(domain, dump(directory(domain, mailboxes, passwords))),
+        directory_secret(domain, directory_content(directory(domain, mailboxes, passwords))),
     ]
     if dkim_private_key is not None:
         objects.append(dkim_secret(domain, dkim_private_key))

@@ -7,8 +7,11 @@ the node's code), so tests/unit/test_specs.py checks the output against the node
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
+
+import yaml
 
 from mailfleet import api
 from mailfleet.specs import common
@@ -88,25 +91,43 @@ def directory(domain: api.MailDomain, mailboxes: list[api.Mailbox], passwords: M
         if spec.address.rpartition("@")[2] not in served:
             continue
         what = f"Mailbox {mailbox.metadata.name} ({spec.address})"
-        entries.append(
-            {
-                "address": spec.address,
-                "display_name": spec.display_name or "",
-                "password_hash": _hash(passwords, spec.password_secret_ref, f"{what}: spec.passwordSecretRef"),
-                "quota": 0 if spec.quota is None else api.quantity_value(spec.quota),
-                "aliases": list(spec.aliases),
-                "forward_to": list(spec.forward_to),
-                "suspended": spec.suspended,
-                "app_passwords": [
-                    {
-                        "name": app.name,
-                        "password_hash": _hash(passwords, app.secret_ref, f"{what}: app password {app.name}"),
-                    }
-                    for app in spec.app_passwords
-                ],
-            }
-        )
+        entry: dict[str, Any] = {
+            "address": spec.address,
+            "password_hash": _hash(passwords, spec.password_secret_ref, f"{what}: spec.passwordSecretRef"),
+        }
+        # Fields at the node's defaults are left out: a directory of ten thousand mailboxes must fit in
+        # one Secret.
+        optional: dict[str, Any] = {
+            "display_name": spec.display_name or "",
+            "quota": 0 if spec.quota is None else api.quantity_value(spec.quota),
+            "aliases": list(spec.aliases),
+            "forward_to": list(spec.forward_to),
+            "suspended": spec.suspended,
+            "app_passwords": [
+                {
+                    "name": app.name,
+                    "password_hash": _hash(passwords, app.secret_ref, f"{what}: app password {app.name}"),
+                }
+                for app in spec.app_passwords
+            ],
+        }
+        entry.update({key: value for key, value in optional.items() if value})
+        entries.append(entry)
     return {"mailboxes": entries}
+
+
+# Above this size the directory is stored gzip-compressed (the node recognises gzip by its first bytes):
+# small directories stay readable with kubectl, large ones still fit in a Secret (at most 1 MiB).
+COMPRESS_ABOVE: Final = 256 * 1024
+
+
+def directory_content(directory_file: Mapping[str, Any]) -> bytes:
+    """The directory file's bytes: YAML, gzip-compressed when larger than COMPRESS_ABOVE. Deterministic
+    (no timestamp in the gzip header), so an unchanged directory is an unchanged Secret."""
+    text = yaml.safe_dump(dict(directory_file), sort_keys=False, default_flow_style=False).encode()
+    if len(text) <= COMPRESS_ABOVE:
+        return text
+    return gzip.compress(text, compresslevel=9, mtime=0)
 
 
 def _hash(passwords: Mapping[str, str], selector: api.SecretKeySelector, what: str) -> str:

@@ -3,6 +3,7 @@ PodDisruptionBudget. Pure builders, called by `mailfleet.specs.render` and recon
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from mailfleet import api
@@ -18,16 +19,21 @@ def config_map(domain: api.MailDomain, node_config_yaml: str) -> dict[str, Any]:
     }
 
 
-def directory_secret(domain: api.MailDomain, directory_yaml: str) -> dict[str, Any]:
+def directory_secret(domain: api.MailDomain, content: bytes) -> dict[str, Any]:
     """The directory holds password hashes, so it is a Secret (mounted as a directory, not with subPath,
-    so that the kubelet's updates reach the node, which reloads it)."""
-    return {
+    so that the kubelet's updates reach the node, which reloads it). `content`: `node.directory_content`
+    (YAML as text, readable with kubectl, or gzip bytes as base64 data)."""
+    secret: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": common.metadata(domain, common.directory_name(domain)),
         "type": "Opaque",
-        "stringData": {common.DIRECTORY_KEY: directory_yaml},
     }
+    try:
+        secret["stringData"] = {common.DIRECTORY_KEY: content.decode("utf-8")}
+    except UnicodeDecodeError:  # compressed
+        secret["data"] = {common.DIRECTORY_KEY: base64.b64encode(content).decode("ascii")}
+    return secret
 
 
 def dkim_secret(domain: api.MailDomain, private_key_pem: str) -> dict[str, Any]:
