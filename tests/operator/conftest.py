@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,8 +56,8 @@ async def client(api: ApiServer) -> AsyncIterator[k8s.Client]:
         yield client
 
 
-@pytest.fixture
-async def operator(api: ApiServer) -> AsyncIterator[KopfRunner]:
+@contextlib.asynccontextmanager
+async def run_operator() -> AsyncIterator[KopfRunner]:
     """The operator, running: kopf in its own thread and loop, as `mailfleet operator` would run it."""
     handlers.configure(handlers.Options(image="mailfleet-test:1", delay=0.05, resync=300.0))
     runner = KopfRunner(
@@ -68,6 +69,12 @@ async def operator(api: ApiServer) -> AsyncIterator[KopfRunner]:
     finally:
         # Joining the thread blocks: do it off this loop, which serves the emulator the operator talks to.
         await asyncio.to_thread(runner.__exit__, None, None, None)
+
+
+@pytest.fixture
+async def operator(api: ApiServer) -> AsyncIterator[KopfRunner]:
+    async with run_operator() as runner:
+        yield runner
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], *, within: float = 20.0, what: str = "") -> T:

@@ -3,12 +3,14 @@ drift: kopf running for real against the emulated API server (see conftest.py)."
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import argon2
 import yaml
 
-from mailfleet import k8s, keys
+from mailfleet import handlers, k8s, keys
+from tests.conftest import cheap_hash
 from tests.operator.conftest import (
     CONFIGMAP,
     MAILBOX,
@@ -22,6 +24,7 @@ from tests.operator.conftest import (
     eventually,
     mailbox,
     maildomain,
+    run_operator,
     secret,
     status_of,
 )
@@ -181,3 +184,36 @@ async def test_a_deleted_domain_leaves_its_mailboxes_without_one(operator, clien
 
     gone = await eventually(lambda: status_of(client, MAILBOX, "alice", status="False", reason="DomainNotFound"))
     assert "no MailDomain in namespace mail serves example.com" in condition(gone, "Ready")["message"]
+
+
+async def test_a_restarted_operator_rewrites_nothing(api, client):
+    """Everything is as built: a new operator process reconciles it all and writes nothing (with hashes in
+    the Secrets; a plaintext password is hashed anew after a restart)."""
+    await client.create(secret("alice-password", password=cheap_hash("alice-pw")))
+    await client.create(mailbox("alice", "alice@example.com", aliases=["info@example.com"]))
+    await client.create(maildomain())
+    async with run_operator():
+        await eventually(lambda: status_of(client, MAILBOX, "alice", status="True", reason="Served"))
+        await eventually(lambda: status_of(client, MAILDOMAIN, "example-com", "Degraded", status="False"))
+        await _settled()
+    before = len(api.writes)
+
+    async with run_operator():
+        await _settled()
+    assert api.writes[before:] == []
+
+
+async def _settled() -> None:
+    """Until the running operator has reconciled and its queue is empty."""
+
+    async def done() -> bool:
+        try:
+            state = handlers.running()
+        except RuntimeError:  # not logged in yet
+            return False
+        reconciled = state.ctx.metrics.reconciles.labels("MailDomain", "ok")._value.get()
+        return reconciled > 0 and len(state.queue) == 0
+
+    await eventually(done, what="a reconcile, then an empty queue")
+    await asyncio.sleep(0.5)  # and no further events that would start another
+    assert len(handlers.running().queue) == 0
