@@ -12,6 +12,7 @@ Kubernetes' garbage collector through their owner references).
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import dataclasses
 import logging
@@ -255,9 +256,23 @@ async def _serve_metrics(metrics: OperatorMetrics, host: str, port: int) -> aioh
     return runner
 
 
+_OWNED_KINDS: Final = (
+    "ConfigMap",
+    "NetworkPolicy",
+    "PodDisruptionBudget",
+    "Secret",
+    "Service",
+    "ServiceAccount",
+    "StatefulSet",
+)
+
+
 def _count_managed(metrics: OperatorMetrics) -> None:
-    if not _indices:
+    if not _indices or _running is None:
         return
+    owned: collections.Counter[str] = sum(_running.ctx.owned.values(), collections.Counter())
+    for kind in _OWNED_KINDS:
+        metrics.managed.labels(kind).set(owned[kind])
     metrics.managed.labels("MailDomain").set(len(list(_values(_indices["domains_by_namespace"]))))
     metrics.managed.labels("Mailbox").set(len(list(_values(_indices["mailboxes_by_domain"]))))
 

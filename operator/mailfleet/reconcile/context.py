@@ -3,6 +3,7 @@ resources the operator watches, the work queue, the password hasher and the metr
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Mapping
 from typing import Any, Final, Protocol
@@ -50,6 +51,8 @@ class Context:
     # The DNS domains each MailDomain served at its last reconcile: when it is deleted, its Mailboxes
     # are told their domain is gone.
     served: dict[DomainKey, set[str]] = dataclasses.field(default_factory=dict)
+    # The kinds of the objects each MailDomain owns, as of its last reconcile (for the metrics).
+    owned: dict[DomainKey, collections.Counter[str]] = dataclasses.field(default_factory=dict)
 
     def enqueue(self, key: DomainKey, *, after: float | None = None) -> None:
         if self.queue is not None:

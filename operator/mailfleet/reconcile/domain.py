@@ -13,6 +13,7 @@ in its own status; it does not hold back the others.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -177,6 +178,9 @@ async def _reconcile(ctx: Context, body: Mapping[str, Any]) -> None:
             await ctx.recorder.event(body, "Repaired", f"{what} was changed outside the operator; put back", at=at)
         else:
             await ctx.recorder.event(body, "Updated", f"updated {what}", at=at)
+    ctx.owned[(namespace, name)] = collections.Counter(
+        [obj["kind"] for obj in objects] + (["Secret"] if dkim_record is not None else [])
+    )
 
     await _write_domain_status(ctx, body, domain, statefulset, len(mailboxes.accepted), dkim_record)
     await _write_mailbox_statuses(ctx, mailboxes.verdicts)
@@ -430,6 +434,7 @@ async def _gone(ctx: Context, key: DomainKey) -> None:
     """The MailDomain was deleted (Kubernetes removes what it owned): its Mailboxes have no domain now,
     unless another MailDomain serves theirs."""
     namespace = key[0]
+    ctx.owned.pop(key, None)
     for mail_domain in sorted(ctx.served.pop(key, set())):
         if ctx.view.serving(namespace, mail_domain):
             continue
