@@ -49,6 +49,7 @@ bench: ## benchmarks: the node against Postfix (SMTP in and out) and Dovecot (IM
 	$(PY) -m bench.smtp
 	$(PY) -m bench.imap
 	$(PY) -m bench.outbound
+	$(PY) -m bench.operator
 
 .PHONY: clean
 clean: ## remove the virtualenv, caches and local run state

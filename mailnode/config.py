@@ -18,7 +18,7 @@ import re
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import pydantic
 import yaml
@@ -379,6 +379,11 @@ class Directory:
         return result
 
 
+# libyaml's loader when PyYAML has it (the wheels do): a directory of 10,000 mailboxes reloads in a
+# fraction of the time.
+_YAML_LOADER: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def parse_directory(data: bytes, *, domains: dict[str, str], source: str = "directory") -> Directory:
     """Validate directory file contents (YAML, or gzip-compressed YAML as the operator writes a large
     directory); raises ConfigError naming the field and the reason."""
@@ -389,7 +394,7 @@ def parse_directory(data: bytes, *, domains: dict[str, str], source: str = "dire
         except (OSError, EOFError, zlib.error) as error:
             raise ConfigError(f"{source}: gzip-compressed but cannot be decompressed: {error}") from error
     try:
-        raw = yaml.safe_load(data) or {}
+        raw = yaml.load(data, Loader=_YAML_LOADER) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: not valid YAML: {error}") from error
     if not isinstance(raw, dict):

@@ -44,16 +44,25 @@ RESOURCES = {
 }
 
 
-class ApiServer(kmock.KubernetesEmulator):
+class _MatchAlone(kmock.RawHandler):
+    """kmock finds the reaction to a request by filtering its request history for every reaction it has,
+    which makes every request slower than the one before: the history is cut to the request itself just
+    before the match (this harness sets no reactions that look further back; `ApiServer.writes` records
+    what the tests count). Placed after KubernetesEmulator in ApiServer's MRO, so the cut comes after
+    the emulator's locked bookkeeping, where a request may wait while others arrive, and nothing awaits
+    between the cut and the match."""
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        self._requests[:] = [request]
+        return await super()._handle(request)
+
+
+class ApiServer(kmock.KubernetesEmulator, _MatchAlone):
     """kmock's emulator plus what the API server stamps on objects: uid and creationTimestamp at creation,
     a new resourceVersion on every write, and generation 1 at creation, incremented when anything but
     metadata or status changes (as for resources with a status subresource)."""
 
     _versions = itertools.count(1)
-    # kmock finds the reaction to a request by filtering its whole request history, which makes every
-    # request slower than the one before; only the recent history is kept (this test harness sets no
-    # reactions that look further back), and `writes` records what the tests count.
-    HISTORY = 4
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -88,8 +97,6 @@ class ApiServer(kmock.KubernetesEmulator):
     _slow_get_objs = getattr(kmock.KubernetesEmulator, "_KubernetesEmulator__get_objs")  # noqa: B009 - name-mangled
 
     async def _handle(self, request: kmock.Request) -> Any:
-        if len(self._requests) > 2 * self.HISTORY:
-            del self._requests[: -self.HISTORY]
         data = request.data
         if request.resource is not None and request.method.value in ("POST", "PATCH", "PUT", "DELETE"):
             name = request.name

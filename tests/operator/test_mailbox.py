@@ -3,10 +3,12 @@ changes of many Mailboxes written to the directory Secret in few writes."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import argon2
 
+from mailfleet import handlers
 from tests.conftest import cheap_hash
 from tests.operator.conftest import (
     MAILBOX,
@@ -110,6 +112,10 @@ async def test_many_mailbox_changes_make_few_directory_writes(operator, client, 
     # One write when the domain is built, then a handful as the Mailboxes stream in: far fewer than one
     # per Mailbox.
     assert 1 < len(writes) <= 10, len(writes)
+    # Each Mailbox's status is written once, when it becomes Served (not again from a stale index).
+    await handlers_idle()
+    status_writes = [w for w in api.writes if w[1] == "mailboxes" and w[3] == "status"]
+    assert len(status_writes) == count, len(status_writes)
 
 
 async def _addresses(client, expected: set[str]) -> dict[str, Any] | None:
@@ -119,3 +125,13 @@ async def _addresses(client, expected: set[str]) -> dict[str, Any] | None:
 
 async def _count(client, count: int) -> bool:
     return len(await directory(client)) == count
+
+
+async def handlers_idle() -> None:
+    """Until the operator's queue is empty and stays so for a moment."""
+
+    async def quiet() -> bool:
+        await asyncio.sleep(0.5)
+        return len(handlers.running().queue) == 0
+
+    await eventually(quiet, what="an idle operator")

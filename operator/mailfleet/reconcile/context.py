@@ -51,6 +51,8 @@ class Context:
     # The DNS domains each MailDomain served at its last reconcile: when it is deleted, its Mailboxes
     # are told their domain is gone.
     served: dict[DomainKey, set[str]] = dataclasses.field(default_factory=dict)
+    # The status last written to each Mailbox (by uid): the indexes show the operator's own writes late.
+    mailbox_statuses: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     # The kinds of the objects each MailDomain owns, as of its last reconcile (for the metrics).
     owned: dict[DomainKey, collections.Counter[str]] = dataclasses.field(default_factory=dict)
 

@@ -399,9 +399,12 @@ async def _write_mailbox_statuses(ctx: Context, verdicts: list[MailboxVerdict]) 
 
 
 async def write_mailbox_status(ctx: Context, body: Mapping[str, Any], condition: Condition) -> None:
-    """Write a Mailbox's Ready condition when it changed, with an Event when its reason did."""
+    """Write a Mailbox's Ready condition when it changed, with an Event when its reason did. What was last
+    written is remembered: the indexes lag behind the operator's own writes, and comparing with a stale
+    copy would write the same status (and post the same Event) twice."""
     meta = body["metadata"]
-    status = body.get("status") or {}
+    memory_key = mailbox_key(body)
+    status = ctx.mailbox_statuses.get(memory_key) or body.get("status") or {}
     generation = meta.get("generation")
     merged = conditions.merge(status.get("conditions"), [condition], generation=generation, at=conditions.now())
     if conditions.same(status.get("conditions"), merged) and status.get("observedGeneration") == generation:
@@ -418,6 +421,7 @@ async def write_mailbox_status(ctx: Context, body: Mapping[str, Any], condition:
         if error.not_found:
             return
         raise
+    ctx.mailbox_statuses[memory_key] = {"conditions": merged, "observedGeneration": generation}
     previous = conditions.find(status.get("conditions"), "Ready")
     if previous is None or (previous.get("status"), previous.get("reason")) != (condition.status, condition.reason):
         full = {"apiVersion": api.API_VERSION, "kind": "Mailbox", **dict(body)}
@@ -428,6 +432,11 @@ async def write_mailbox_status(ctx: Context, body: Mapping[str, Any], condition:
             type="Normal" if condition.status == "True" else "Warning",
             at=conditions.now(),
         )
+
+
+def mailbox_key(body: Mapping[str, Any]) -> str:
+    meta = body["metadata"]
+    return str(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}")
 
 
 async def _gone(ctx: Context, key: DomainKey) -> None:

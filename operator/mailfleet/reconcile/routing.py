@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mailfleet.reconcile.context import Context
-from mailfleet.reconcile.domain import domain_not_found, write_mailbox_status
+from mailfleet.reconcile.domain import domain_not_found, mailbox_key, write_mailbox_status
 
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 
@@ -47,6 +47,7 @@ class Router:
         for name in self.ctx.view.domain_names(namespace):
             self.ctx.enqueue((namespace, name))
         if event_type == "DELETED":
+            self.ctx.mailbox_statuses.pop(mailbox_key(body), None)
             return
         mail_domain = str((body.get("spec") or {}).get("address", "")).rpartition("@")[2].lower()
         if not self.ctx.view.serving(namespace, mail_domain):

@@ -119,12 +119,14 @@ def directory(domain: api.MailDomain, mailboxes: list[api.Mailbox], passwords: M
 # Above this size the directory is stored gzip-compressed (the node recognises gzip by its first bytes):
 # small directories stay readable with kubectl, large ones still fit in a Secret (at most 1 MiB).
 COMPRESS_ABOVE: Final = 256 * 1024
+# libyaml's dumper when PyYAML has it (the wheels do): ten times faster on a large directory.
+_DUMPER: Final = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def directory_content(directory_file: Mapping[str, Any]) -> bytes:
     """The directory file's bytes: YAML, gzip-compressed when larger than COMPRESS_ABOVE. Deterministic
     (no timestamp in the gzip header), so an unchanged directory is an unchanged Secret."""
-    text = yaml.safe_dump(dict(directory_file), sort_keys=False, default_flow_style=False).encode()
+    text = yaml.dump(dict(directory_file), Dumper=_DUMPER, sort_keys=False, default_flow_style=False).encode()
     if len(text) <= COMPRESS_ABOVE:
         return text
     return gzip.compress(text, compresslevel=9, mtime=0)

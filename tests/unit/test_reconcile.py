@@ -1,12 +1,17 @@
-"""The operator's keyed work queue and its condition bookkeeping (pure asyncio, no API server)."""
+"""The operator's keyed work queue and its status bookkeeping (pure asyncio, no API server)."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from mailfleet import k8s
-from mailfleet.reconcile import conditions
+from mailfleet.k8s.events import Recorder
+from mailfleet.metrics import OperatorMetrics
+from mailfleet.reconcile import conditions, domain
 from mailfleet.reconcile.conditions import Condition
+from mailfleet.reconcile.context import Context
+from mailfleet.reconcile.passwords import PasswordHasher
 from mailfleet.reconcile.workqueue import WorkQueue
 
 
@@ -85,3 +90,42 @@ def test_an_object_differs_only_in_the_fields_the_operator_sets() -> None:
     assert k8s.contains(defaulted, desired)
     assert not k8s.contains({"spec": {"ports": [{"port": 26}], "type": "ClusterIP"}}, desired)
     assert not k8s.contains({"spec": {"ports": [{"port": 25}, {"port": 587}], "type": "ClusterIP"}}, desired)
+
+
+class _RecordingClient:
+    """Stands in for the API client: records the status patches a reconcile sends."""
+
+    def __init__(self) -> None:
+        self.patches: list[dict[str, Any]] = []
+        self.created: list[dict[str, Any]] = []
+
+    async def patch(self, kind: Any, namespace: str, name: str, body: dict[str, Any], **_: Any) -> dict[str, Any]:
+        self.patches.append(body)
+        return body
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.created.append(obj)
+        return obj
+
+
+async def test_a_mailbox_status_is_written_once_though_the_index_still_shows_the_old_one() -> None:
+    client = _RecordingClient()
+    ctx = Context(
+        client=client,  # type: ignore[arg-type]
+        recorder=Recorder(client),  # type: ignore[arg-type]
+        view=None,  # type: ignore[arg-type]
+        image="x",
+        hasher=PasswordHasher(),
+        metrics=OperatorMetrics(),
+    )
+    stale = {"metadata": {"name": "alice", "namespace": "mail", "uid": "u1", "generation": 1}, "status": {}}
+    served = Condition("Ready", "True", "Served", "in the directory of MailDomain example-com")
+    await domain.write_mailbox_status(ctx, stale, served)
+    await domain.write_mailbox_status(ctx, stale, served)  # the index has not seen the first write yet
+    assert len(client.patches) == 1
+    assert [event["reason"] for event in client.created] == ["Served"]
+    # A new generation is written, and so is a new reason (with its Event).
+    await domain.write_mailbox_status(ctx, {**stale, "metadata": {**stale["metadata"], "generation": 2}}, served)
+    await domain.write_mailbox_status(ctx, stale, Condition("Ready", "False", "SecretNotFound", "gone"))
+    assert len(client.patches) == 3
+    assert [event["reason"] for event in client.created] == ["Served", "SecretNotFound"]
