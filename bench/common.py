@@ -1,4 +1,4 @@
-"""The helpers both benchmarks (bench.smtp and bench.imap) use: one place for each.
+"""The helpers the mail node's benchmarks (bench.smtp, bench.imap, bench.outbound) use: one place for each.
 
 This module owns the mailbox both benchmarks deliver to (DOMAIN, LOCAL_PART, RECIPIENT, SENDER on HOST),
 the shared timeouts, BenchError, and the plumbing around the servers: free ports, finding a Debian
