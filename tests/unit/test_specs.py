@@ -145,9 +145,30 @@ def test_a_large_directory_is_compressed_and_read_by_the_node() -> None:
     assert "stringData" not in secret and base64.b64decode(secret["data"]["directory.yaml"]) == content
 
 
+def test_the_directory_file_survives_any_text() -> None:
+    """Display names and addresses with quotes, backslashes, control and non-ASCII characters come back
+    as they were from the node's YAML reader."""
+    names = ['O\'Brien "Bob"', "back\\slash", "tab\tand\u00e9\u4e2d", "colon: #hash", "- dash", "\u2028line"]
+    mailboxes = [
+        api.Mailbox.model_validate(
+            {
+                "metadata": {"name": f"m{i}"},
+                "spec": {"address": f"m{i}@example.com", "displayName": name, "passwordSecretRef": {"name": "x"}},
+            }
+        )
+        for i, name in enumerate(names)
+    ]
+    content = specs.directory_content(
+        specs.directory(example_domain(), mailboxes, {"x/password": HASHES["bob-password/phone"]})
+    )
+    parsed = config.parse_directory(content, domains={"example.com": "example.com"})
+    assert [parsed.get(f"m{i}@example.com").display_name for i in range(len(names))] == names  # type: ignore[union-attr]
+
+
 def test_a_small_directory_stays_readable() -> None:
     content = specs.directory_content(specs.directory(example_domain(), example_mailboxes(), HASHES))
-    assert content.startswith(b"mailboxes:\n- address: alice@example.com\n")
+    assert content.startswith(b'mailboxes:\n- {"address": "alice@example.com", ')
+    assert content.count(b"\n") == 3  # one line a mailbox
     assert specs.directory_secret(example_domain(), content)["stringData"] == {"directory.yaml": content.decode()}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -201,9 +202,14 @@ async def _dkim(ctx: Context, domain: api.MailDomain, body: Mapping[str, Any]) -
             at=conditions.now(),
         )
     try:
-        return keys.dkim_record(pem)
+        return _dkim_record(pem)
     except ValueError as error:
         raise Refused("DKIMKeyInvalid", f"Secret {secret_name} key {specs.common.DKIM_KEY}: {error}") from error
+
+
+@functools.lru_cache(maxsize=256)
+def _dkim_record(pem: str) -> str:
+    return keys.dkim_record(pem)  # parsing the key takes tens of milliseconds: once per key
 
 
 async def _mailboxes(ctx: Context, domain: api.MailDomain) -> Mailboxes:
@@ -221,12 +227,7 @@ async def _mailboxes(ctx: Context, domain: api.MailDomain) -> Mailboxes:
         )
     )
 
-    parsed: list[tuple[Mapping[str, Any], api.Mailbox | None, str]] = []
-    for body in bodies:
-        try:
-            parsed.append((body, api.Mailbox.model_validate(body), ""))
-        except pydantic.ValidationError as error:
-            parsed.append((body, None, _validation_message(error)))
+    parsed = [(body, *_parse_mailbox(ctx, body)) for body in bodies]
     refs = {ref.name for _, m, _ in parsed if m is not None for ref in _refs(m)}
     secrets = await _password_secrets(ctx, namespace, refs)
 
@@ -247,8 +248,13 @@ async def _mailboxes(ctx: Context, domain: api.MailDomain) -> Mailboxes:
             taken[address.lower()] = mailbox.metadata.name
         for ref in _refs(mailbox):
             source = specs.password_key(ref)
-            if source not in hashing:
-                value = secrets[ref.name][ref.key]  # type: ignore[index]  # checked by _problem
+            if source in passwords or source in hashing:
+                continue
+            value = secrets[ref.name][ref.key]  # type: ignore[index]  # checked by _problem
+            known = ctx.hasher.known(value, source=f"{namespace}/{source}")
+            if known is not None:
+                passwords[source] = known
+            else:
                 hashing[source] = asyncio.ensure_future(ctx.hasher.hash(value, source=f"{namespace}/{source}"))
         accepted.append(mailbox)
         verdicts.append(
@@ -258,8 +264,22 @@ async def _mailboxes(ctx: Context, domain: api.MailDomain) -> Mailboxes:
         )
     if hashing:
         await asyncio.gather(*hashing.values())
-    passwords = {source: task.result() for source, task in hashing.items()}
+    passwords.update({source: task.result() for source, task in hashing.items()})
     return Mailboxes(accepted, passwords, verdicts)
+
+
+def _parse_mailbox(ctx: Context, body: Mapping[str, Any]) -> tuple[api.Mailbox | None, str]:
+    """The Mailbox model, or None and why it is invalid; remembered per uid and generation (a reconcile
+    of a large domain would otherwise validate every Mailbox again)."""
+    key = (mailbox_key(body), body["metadata"].get("generation"))
+    if (known := ctx.parsed_mailboxes.get(key[0])) is not None and known[0] == key[1]:
+        return known[1], known[2]
+    try:
+        result: tuple[api.Mailbox | None, str] = (api.Mailbox.model_validate(body), "")
+    except pydantic.ValidationError as error:
+        result = (None, _validation_message(error))
+    ctx.parsed_mailboxes[key[0]] = (key[1], *result)
+    return result
 
 
 def _refs(mailbox: api.Mailbox) -> list[api.SecretKeySelector]:
@@ -390,25 +410,44 @@ async def _patch_domain_status(
 
 async def _write_mailbox_statuses(ctx: Context, verdicts: list[MailboxVerdict]) -> None:
     limit = asyncio.Semaphore(STATUS_WRITES)
+    at = conditions.now()
 
-    async def one(verdict: MailboxVerdict) -> None:
+    async def one(verdict: MailboxVerdict, merged: list[dict[str, Any]]) -> None:
         async with limit:
-            await write_mailbox_status(ctx, verdict.body, verdict.condition)
+            await _write_mailbox_status(ctx, verdict.body, verdict.condition, merged)
 
-    await asyncio.gather(*(one(v) for v in verdicts))
+    changed = [(v, merged) for v in verdicts if (merged := _mailbox_status(ctx, v.body, v.condition, at)) is not None]
+    await asyncio.gather(*(one(v, merged) for v, merged in changed))
+
+
+def _mailbox_status(
+    ctx: Context, body: Mapping[str, Any], condition: Condition, at: str
+) -> list[dict[str, Any]] | None:
+    """The Mailbox's conditions to write, or None when its status says this already. What was last
+    written is remembered: the indexes lag behind the operator's own writes, and comparing with a stale
+    copy would write the same status (and post the same Event) twice."""
+    status = ctx.mailbox_statuses.get(mailbox_key(body)) or body.get("status") or {}
+    generation = body["metadata"].get("generation")
+    merged = conditions.merge(status.get("conditions"), [condition], generation=generation, at=at)
+    if conditions.same(status.get("conditions"), merged) and status.get("observedGeneration") == generation:
+        return None
+    return merged
 
 
 async def write_mailbox_status(ctx: Context, body: Mapping[str, Any], condition: Condition) -> None:
-    """Write a Mailbox's Ready condition when it changed, with an Event when its reason did. What was last
-    written is remembered: the indexes lag behind the operator's own writes, and comparing with a stale
-    copy would write the same status (and post the same Event) twice."""
+    """Write a Mailbox's Ready condition when it changed, with an Event when its reason did."""
+    merged = _mailbox_status(ctx, body, condition, conditions.now())
+    if merged is not None:
+        await _write_mailbox_status(ctx, body, condition, merged)
+
+
+async def _write_mailbox_status(
+    ctx: Context, body: Mapping[str, Any], condition: Condition, merged: list[dict[str, Any]]
+) -> None:
     meta = body["metadata"]
     memory_key = mailbox_key(body)
     status = ctx.mailbox_statuses.get(memory_key) or body.get("status") or {}
     generation = meta.get("generation")
-    merged = conditions.merge(status.get("conditions"), [condition], generation=generation, at=conditions.now())
-    if conditions.same(status.get("conditions"), merged) and status.get("observedGeneration") == generation:
-        return
     try:
         await ctx.client.patch(
             MAILBOX,

@@ -39,6 +39,12 @@ class PasswordHasher:
     def _digest(self, source: str, plaintext: str) -> bytes:
         return hmac.new(self._key, f"{source}\0{plaintext}".encode(), hashlib.sha256).digest()
 
+    def known(self, value: str, *, source: str) -> str | None:
+        """The hash of `value` when there is nothing to compute (it is a hash, or was hashed before)."""
+        if is_hash(value):
+            return value
+        return self._hashes.get(self._digest(source, value))
+
     async def hash(self, value: str, *, source: str) -> str:
         """The hash of `value`, a password from `source` ("namespace/secret/key"): two Secrets holding the
         same plaintext get different salts, so the directory does not show that they are equal."""

@@ -8,10 +8,9 @@ the node's code), so tests/unit/test_specs.py checks the output against the node
 from __future__ import annotations
 
 import gzip
+import json
 from collections.abc import Mapping
 from typing import Any, Final
-
-import yaml
 
 from mailfleet import api
 from mailfleet.specs import common
@@ -119,14 +118,16 @@ def directory(domain: api.MailDomain, mailboxes: list[api.Mailbox], passwords: M
 # Above this size the directory is stored gzip-compressed (the node recognises gzip by its first bytes):
 # small directories stay readable with kubectl, large ones still fit in a Secret (at most 1 MiB).
 COMPRESS_ABOVE: Final = 256 * 1024
-# libyaml's dumper when PyYAML has it (the wheels do): ten times faster on a large directory.
-_DUMPER: Final = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def directory_content(directory_file: Mapping[str, Any]) -> bytes:
-    """The directory file's bytes: YAML, gzip-compressed when larger than COMPRESS_ABOVE. Deterministic
-    (no timestamp in the gzip header), so an unchanged directory is an unchanged Secret."""
-    text = yaml.dump(dict(directory_file), Dumper=_DUMPER, sort_keys=False, default_flow_style=False).encode()
+    """The directory file's bytes: YAML with one mailbox a line (each a JSON object, which YAML reads as
+    a flow mapping: quick to write for ten thousand mailboxes, still readable with kubectl), gzip-compressed
+    when larger than COMPRESS_ABOVE. Deterministic (no timestamp in the gzip header), so an unchanged
+    directory is an unchanged Secret."""
+    entries = directory_file.get("mailboxes") or []
+    lines = [f"- {json.dumps(entry, ensure_ascii=False)}\n" for entry in entries]
+    text = ("mailboxes:\n" + "".join(lines) if lines else "mailboxes: []\n").encode()
     if len(text) <= COMPRESS_ABOVE:
         return text
     return gzip.compress(text, compresslevel=9, mtime=0)
