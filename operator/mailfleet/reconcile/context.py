@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Final, Protocol
 
-from mailfleet import k8s
+from mailfleet import api, k8s
 from mailfleet.k8s.events import Recorder
 from mailfleet.metrics import OperatorMetrics
 from mailfleet.reconcile.passwords import PasswordHasher
@@ -54,7 +54,7 @@ class Context:
     # The status last written to each Mailbox (by uid): the indexes show the operator's own writes late.
     mailbox_statuses: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     # Each Mailbox's model (or why it is invalid) by uid, with the generation it was parsed from.
-    parsed_mailboxes: dict[str, tuple[Any, Any, str]] = dataclasses.field(default_factory=dict)
+    parsed_mailboxes: dict[str, tuple[object, api.Mailbox | None, str]] = dataclasses.field(default_factory=dict)
     # The kinds of the objects each MailDomain owns, as of its last reconcile (for the metrics).
     owned: dict[DomainKey, collections.Counter[str]] = dataclasses.field(default_factory=dict)
 
