@@ -199,7 +199,9 @@ class Node:
             self._servers.append(imap_server)
             self._imap_sessions.append(sessions)
             self.ports[name] = imap_server.sockets[0].getsockname()[1]
-        app = http.build_app(metrics=self.metrics, ready=lambda: self.ready, status=self.status, queue=self.spool)
+        app = http.build_app(
+            metrics=self.metrics, ready=lambda: self.ready, status=self.status, queue=self.spool, usage=self.usage
+        )
         self._runner, self.ports["http"] = await http.start(app, host=listen.host, port=listen.http)
         self._watch_task = asyncio.create_task(self._watch_directory())
         self.ready = True
@@ -248,6 +250,15 @@ class Node:
         self.gateway.close()
         self.auth_gateway.close()
         log.info("node stopped", extra={"fields": {"node": self.config.node_name}})
+
+    def usage(self) -> dict[str, Any]:
+        """GET /usage: each mailbox of the directory with the bytes and messages it keeps (the operator
+        copies them into the Mailbox's status). From memory: the store keeps the totals current."""
+        mailboxes = {}
+        for entry in self.watcher.current.mailboxes:
+            used = self.store.usage(entry.address)
+            mailboxes[entry.address] = {"bytes": used.bytes, "messages": used.messages}
+        return {"mailboxes": mailboxes}
 
     async def status(self) -> dict[str, Any]:
         directory = self.watcher.current

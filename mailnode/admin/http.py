@@ -89,6 +89,7 @@ def build_app(
     ready: Callable[[], bool],
     status: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]],
     queue: QueueOps | None = None,
+    usage: Callable[[], dict[str, Any]] | None = None,
 ) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -107,8 +108,14 @@ def build_app(
             result = await result
         return web.json_response(result)
 
+    async def usage_view(request: web.Request) -> web.Response:
+        assert usage is not None
+        return web.json_response(usage())
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    if usage is not None:
+        app.router.add_get("/usage", usage_view)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/status", status_view)

@@ -54,3 +54,16 @@ def test_status_lists_the_dkim_record_to_publish(node_factory: NodeFactory, tmp_
     data = json.loads(node.http_get("/status")[1])
     expected = dkim.record(key_file.read_bytes(), domain="example.com", selector="s1")
     assert data["dns_records"] == [{"type": "TXT", "name": "s1._domainkey.example.com", "value": expected.value}]
+
+
+def test_usage_per_mailbox(node: RunningNode) -> None:
+    with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=10) as client:
+        client.sendmail("a@remote.test", ["user@example.com"], b"Subject: one\r\n\r\nfirst\r\n")
+        client.sendmail("a@remote.test", ["user@example.com"], b"Subject: two\r\n\r\nsecond\r\n")
+    status, body = node.http_get("/usage")
+    mailboxes = json.loads(body)["mailboxes"]
+    assert status == 200
+    assert mailboxes["user@example.com"]["messages"] == 2
+    assert mailboxes["user@example.com"]["bytes"] == sum(len(m) for m in node.files.stored("user@example.com"))
+    assert len(mailboxes) == 5  # every mailbox of the directory, with or without mail
+    assert sum(u["messages"] for u in mailboxes.values()) == 2
