@@ -295,7 +295,9 @@ class Operator:
 async def start_operator(workdir: Path, kubeconfig: Path) -> Operator:
     (metrics_port,) = common.free_ports(1)
     log_file = workdir / "operator.log"
+    # No mail node runs here: the operator is not to ask one for usage (it would only wait for DNS).
     argv = ["-m", "mailfleet.cli", "operator", "--namespace", NAMESPACE, "--metrics-port", str(metrics_port)]
+    argv += ["--usage-interval", "0"]
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
     with log_file.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(

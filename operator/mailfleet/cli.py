@@ -76,7 +76,15 @@ def _port(value: str) -> int:
 
 
 def _operator(args: argparse.Namespace) -> int:
-    handlers.configure(handlers.Options(image=args.image, metrics_port=args.metrics_port, resync=args.resync))
+    handlers.configure(
+        handlers.Options(
+            image=args.image,
+            metrics_port=args.metrics_port,
+            resync=args.resync,
+            usage_interval=args.usage_interval,
+            node_url=args.node_url,
+        )
+    )
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.FULL)
     kopf.run(
         registry=handlers.registry,
@@ -187,6 +195,21 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=defaults.resync,
         help=f"reconcile every MailDomain this often, changed or not (default {defaults.resync:.0f})",
+    )
+    operator_command.add_argument(
+        "--usage-interval",
+        metavar="SECONDS",
+        type=float,
+        default=defaults.usage_interval,
+        help="copy each mailbox's usage from its node into the Mailbox status this often; 0: never "
+        f"(default {defaults.usage_interval:.0f})",
+    )
+    operator_command.add_argument(
+        "--node-url",
+        metavar="TEMPLATE",
+        default=defaults.node_url,
+        help="where node 0 of a MailDomain answers, with {pod} {service} {namespace} {name} "
+        f"(default {defaults.node_url})",
     )
     operator_command.add_argument("--verbose", action="store_true", help="log at debug level")
     args = parser.parse_args(argv)

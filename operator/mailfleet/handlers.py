@@ -23,10 +23,10 @@ from typing import Any, Final
 import aiohttp.web
 import kopf
 
-from mailfleet import k8s, specs
+from mailfleet import k8s, nodes, specs
 from mailfleet.k8s.events import Recorder
 from mailfleet.metrics import OperatorMetrics
-from mailfleet.reconcile import domain
+from mailfleet.reconcile import domain, usage
 from mailfleet.reconcile.context import Context, DomainKey
 from mailfleet.reconcile.passwords import PasswordHasher
 from mailfleet.reconcile.routing import Router
@@ -57,6 +57,8 @@ class Options:
     workers: int = 4
     delay: float = 0.2  # seconds a changed domain waits for more changes before its reconcile
     resync: float = 300.0  # seconds between reconciles of an unchanged domain (drift the watch missed)
+    usage_interval: float = 60.0  # seconds between passes copying mailbox usage into Mailbox statuses; 0: none
+    node_url: str = nodes.IN_CLUSTER  # where node 0 of a MailDomain answers ({pod} {service} {namespace} {name})
 
 
 options = Options()
@@ -74,6 +76,7 @@ class _Running:
     queue: WorkQueue[DomainKey]
     metrics_runner: aiohttp.web.AppRunner | None
     resync_task: asyncio.Task[None]
+    usage_task: asyncio.Task[None] | None
 
 
 _running: _Running | None = None
@@ -228,7 +231,10 @@ async def _start(info: kopf.ConnectionInfo) -> _Running:
     if options.metrics_port is not None:
         runner = await _serve_metrics(metrics, options.metrics_host, options.metrics_port)
     log.info("mailfleet operator started (node image %s)", options.image)
-    return _Running(ctx, Router(ctx), queue, runner, asyncio.create_task(_resync(ctx, options.resync)))
+    usage_task = None
+    if options.usage_interval > 0:
+        usage_task = asyncio.create_task(usage.run(ctx, options.node_url, options.usage_interval))
+    return _Running(ctx, Router(ctx), queue, runner, asyncio.create_task(_resync(ctx, options.resync)), usage_task)
 
 
 async def _resync(ctx: Context, interval: float) -> None:
@@ -288,6 +294,9 @@ async def cleanup(**_: Any) -> None:
         return
     state, _running = _running, None
     state.resync_task.cancel()
+    if state.usage_task is not None:
+        state.usage_task.cancel()
+        await asyncio.gather(state.usage_task, return_exceptions=True)
     await state.queue.stop()
     if state.metrics_runner is not None:
         await state.metrics_runner.cleanup()

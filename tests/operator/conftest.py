@@ -57,9 +57,11 @@ async def client(api: ApiServer) -> AsyncIterator[k8s.Client]:
 
 
 @contextlib.asynccontextmanager
-async def run_operator() -> AsyncIterator[KopfRunner]:
-    """The operator, running: kopf in its own thread and loop, as `mailfleet operator` would run it."""
-    handlers.configure(handlers.Options(image="mailfleet-test:1", delay=0.05, resync=300.0))
+async def run_operator(**options: Any) -> AsyncIterator[KopfRunner]:
+    """The operator, running: kopf in its own thread and loop, as `mailfleet operator` would run it.
+    `options`: handlers.Options fields."""
+    defaults: dict[str, Any] = {"image": "mailfleet-test:1", "delay": 0.05, "resync": 300.0, "usage_interval": 0}
+    handlers.configure(handlers.Options(**{**defaults, **options}))
     runner = KopfRunner(
         ["run", "--standalone", "--all-namespaces", "--verbose"], registry=handlers.registry, timeout=30
     )

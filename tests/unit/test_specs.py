@@ -365,3 +365,16 @@ def test_render_names_the_invalid_field(tmp_path: Path) -> None:
     result = mailfleet("render", "-f", str(path))
     assert result.returncode == 1
     assert f"{path}: MailDomain example-com: invalid: spec.replicas:" in result.stderr
+
+
+def test_the_http_port_is_open_to_the_namespace_and_the_operator_only() -> None:
+    (policy,) = [o for o in rendered() if o["kind"] == "NetworkPolicy"]
+    mail, http = policy["spec"]["ingress"]
+    assert "from" not in mail and {p["port"] for p in mail["ports"]} == {
+        "smtp", "submission", "submissions", "imap", "imaps"
+    }  # fmt: skip
+    assert http["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert http["from"] == [
+        {"podSelector": {}},
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "mailfleet-operator"}}},
+    ]

@@ -53,6 +53,8 @@ class Context:
     served: dict[DomainKey, set[str]] = dataclasses.field(default_factory=dict)
     # The status last written to each Mailbox (by uid): the indexes show the operator's own writes late.
     mailbox_statuses: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # The usage last written to each Mailbox's status (by uid): bytes, messages.
+    mailbox_usage: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     # Each Mailbox's model (or why it is invalid) by uid, with the generation it was parsed from.
     parsed_mailboxes: dict[str, tuple[object, api.Mailbox | None, str]] = dataclasses.field(default_factory=dict)
     # The kinds of the objects each MailDomain owns, as of its last reconcile (for the metrics).

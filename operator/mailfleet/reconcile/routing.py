@@ -49,6 +49,7 @@ class Router:
         if event_type == "DELETED":
             self.ctx.mailbox_statuses.pop(mailbox_key(body), None)
             self.ctx.parsed_mailboxes.pop(mailbox_key(body), None)
+            self.ctx.mailbox_usage.pop(mailbox_key(body), None)
             return
         mail_domain = str((body.get("spec") or {}).get("address", "")).rpartition("@")[2].lower()
         if not self.ctx.view.serving(namespace, mail_domain):

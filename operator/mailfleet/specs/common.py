@@ -33,6 +33,10 @@ RELAY_DIR: Final = "/etc/mailnode/relay"
 # The mail node image the operator runs unless told otherwise (`mailfleet operator --image`).
 DEFAULT_IMAGE: Final = "ghcr.io/mailfleet/mailfleet:latest"
 
+# The labels of the operator's own pods (the Helm chart sets them): the nodes' NetworkPolicy lets them
+# reach the HTTP port.
+OPERATOR_LABELS: Final = {"app.kubernetes.io/name": "mailfleet-operator"}
+
 CHECKSUM_ANNOTATION: Final = "mailfleet.io/config-checksum"
 RUN_AS: Final = 10001
 

@@ -50,9 +50,10 @@ def headless_service(domain: api.MailDomain) -> dict[str, Any]:
 
 def network_policy(domain: api.MailDomain) -> dict[str, Any]:
     """Mail ports are open to anyone (the Internet sends mail; clients log in from anywhere), but the
-    HTTP port (health, metrics, and node operations such as the queue) only to pods of the same namespace;
-    the kubelet's probes are not subject to NetworkPolicy. A Prometheus in another namespace needs its
-    own policy next to this one (policies add up). Egress is left open: nodes deliver mail to any MX."""
+    HTTP port (health, metrics, usage, and node operations such as the queue) only to pods of the same
+    namespace and to the operator's pods in any namespace (it reads each mailbox's usage); the kubelet's
+    probes are not subject to NetworkPolicy. A Prometheus in another namespace needs its own policy next
+    to this one (policies add up). Egress is left open: nodes deliver mail to any MX."""
     mail_ports = [{"port": name, "protocol": "TCP"} for name in common.SERVICE_PORTS]
     return {
         "apiVersion": "networking.k8s.io/v1",
@@ -63,7 +64,13 @@ def network_policy(domain: api.MailDomain) -> dict[str, Any]:
             "policyTypes": ["Ingress"],
             "ingress": [
                 {"ports": mail_ports},
-                {"from": [{"podSelector": {}}], "ports": [{"port": "http", "protocol": "TCP"}]},
+                {
+                    "from": [
+                        {"podSelector": {}},
+                        {"namespaceSelector": {}, "podSelector": {"matchLabels": common.OPERATOR_LABELS}},
+                    ],
+                    "ports": [{"port": "http", "protocol": "TCP"}],
+                },
             ],
         },
     }

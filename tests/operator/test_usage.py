@@ -1,0 +1,54 @@
+"""A Mailbox's status shows what its mailbox keeps (usedBytes, messages), as a real mail node counts it."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from typing import Any
+
+from tests.node.conftest import NodeFactory
+from tests.node.conftest import mailbox as directory_entry
+from tests.node.conftest import node_factory as node_factory  # the fixture: a real node
+from tests.operator.conftest import (
+    MAILBOX,
+    NAMESPACE,
+    eventually,
+    mailbox,
+    maildomain,
+    run_operator,
+    secret,
+    status_of,
+)
+
+
+async def test_mailbox_usage_reaches_its_status(api, client, node_factory: NodeFactory) -> None:
+    # The node of MailDomain example-com, here on 127.0.0.1 (in a cluster: its pod in the headless Service).
+    node = node_factory([directory_entry("alice@example.com"), directory_entry("bob@example.com")], tls=False)
+    async with run_operator(node_url=f"http://127.0.0.1:{node.port('http')}", usage_interval=0.1):
+        await client.create(secret("password", password="pw"))
+        await client.create(maildomain())
+        for name in ("alice", "bob"):
+            await client.create(mailbox(name, f"{name}@example.com", passwordSecretRef={"name": "password"}))
+        await eventually(lambda: status_of(client, MAILBOX, "alice", status="True"))
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=10) as smtp:
+                smtp.sendmail("a@remote.test", ["alice@example.com"], b"Subject: 1\r\n\r\nfirst\r\n")
+                smtp.sendmail("a@remote.test", ["alice@example.com"], b"Subject: 2\r\n\r\nsecond one\r\n")
+
+        await asyncio.to_thread(send)
+        stored = sum(len(message) for message in node.files.stored("alice@example.com"))
+
+        async def counted() -> dict[str, Any] | None:
+            obj = await client.get(MAILBOX, NAMESPACE, "alice")
+            status = (obj or {}).get("status") or {}
+            return obj if (status.get("usedBytes"), status.get("messages")) == (stored, 2) else None
+
+        alice = await eventually(counted, what=f"alice: {stored} bytes in 2 messages")
+        assert alice["status"]["conditions"][0]["reason"] == "Served"  # usage leaves the conditions alone
+        await eventually(lambda: _usage(client, "bob", (0, 0)), what="bob: 0 bytes, 0 messages")
+
+
+async def _usage(client: Any, name: str, expected: tuple[int, int]) -> bool:
+    status = ((await client.get(MAILBOX, NAMESPACE, name)) or {}).get("status") or {}
+    return (status.get("usedBytes"), status.get("messages")) == expected
