@@ -346,8 +346,3 @@ def secret_event(namespace: str | None, name: str, body: kopf.Body, **_: Any) ->
         users = IndexView(_indices).secret_users(str(namespace), name)
         if users:
             state.router.secret_changed(str(namespace), users)
-
-
-async def wait_idle() -> None:
-    """Until the work queue is empty (tests and the benchmark use it)."""
-    await running().queue.idle()
