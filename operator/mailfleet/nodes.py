@@ -1,6 +1,6 @@
-"""What the operator asks the mail nodes over their HTTP port (8080; the NetworkPolicy lets pods of the
-namespace in, and the operator reaches them from its own pod): each mailbox's usage, for the Mailbox
-status. A node that does not answer is skipped until the next pass."""
+"""What the operator asks the mail nodes over their HTTP port (8080; the nodes' NetworkPolicy admits the
+operator's pods, labelled app.kubernetes.io/name: mailfleet-operator, from any namespace): each
+mailbox's usage, for the Mailbox status. A node that does not answer is skipped until the next pass."""
 
 from __future__ import annotations
 
