@@ -40,8 +40,17 @@ unit: bootstrap ## unit tests only
 	$(BIN)/pytest -q tests/unit
 
 .PHONY: crds
-crds: bootstrap ## regenerate crds/ from the API models
+crds: bootstrap ## regenerate crds/ (and the chart's copy) from the API models
 	$(BIN)/mailfleet crds --write crds
+	cp crds/*.yaml charts/mailfleet/crds/
+
+.PHONY: chart
+chart: bootstrap ## helm lint --strict the chart (charts/mailfleet) and render it with each tests/chart/values file
+	$(BIN)/helm lint --strict charts/mailfleet
+	@for values in tests/chart/values/*.yaml; do \
+	  echo "helm template charts/mailfleet -f $$values"; \
+	  $(BIN)/helm template mailfleet charts/mailfleet -f "$$values" >/dev/null || exit 1; \
+	done
 
 .PHONY: bench
 bench: ## benchmarks: the node against Postfix (SMTP in and out) and Dovecot (IMAP) on this machine (not a test)
