@@ -127,7 +127,9 @@ def open_api_schema(resource: type[api.Resource]) -> dict[str, Any]:
                 "type": "string",
                 "description": f"The REST resource this object represents ({resource.kind_name}).",
             },
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            # Only `type` is allowed here: a real API server refuses anything else on the root metadata
+            # (kubectl explain describes it from ObjectMeta).
+            "metadata": {"type": "object"},
             "spec": _field_schema(resource, "spec"),
             "status": _field_schema(resource, "status"),
         },
