@@ -187,20 +187,26 @@ async def test_a_deleted_domain_leaves_its_mailboxes_without_one(operator, clien
 
 
 async def test_a_restarted_operator_rewrites_nothing(api, client):
-    """Everything is as built: a new operator process reconciles it all and writes nothing (with hashes in
-    the Secrets; a plaintext password is hashed anew after a restart)."""
+    """Everything is as built: a new operator process reconciles it all and writes nothing, though it
+    has never seen the plaintext passwords (the directory's hashes still verify them, so they stay)."""
     await client.create(secret("alice-password", password=cheap_hash("alice-pw")))
     await client.create(mailbox("alice", "alice@example.com", aliases=["info@example.com"]))
+    await client.create(secret("bob-password", password="bob-pw", phone="bob-phone-pw"))
+    phone = [{"name": "phone", "secretRef": {"name": "bob-password", "key": "phone"}}]
+    await client.create(mailbox("bob", "bob@example.com", appPasswords=phone))
     await client.create(maildomain())
     async with run_operator():
         await eventually(lambda: status_of(client, MAILBOX, "alice", status="True", reason="Served"))
+        await eventually(lambda: status_of(client, MAILBOX, "bob", status="True", reason="Served"))
         await eventually(lambda: status_of(client, MAILDOMAIN, "example-com", "Degraded", status="False"))
         await _settled()
     before = len(api.writes)
+    built = await directory(client)
 
     async with run_operator():
         await _settled()
     assert api.writes[before:] == []
+    assert await directory(client) == built
 
 
 async def _settled() -> None:

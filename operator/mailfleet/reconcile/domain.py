@@ -16,17 +16,21 @@ import asyncio
 import collections
 import dataclasses
 import functools
+import gzip
 import logging
 import time
+import zlib
 from collections.abc import Mapping
 from typing import Any, Final
 
 import pydantic
+import yaml
 
 from mailfleet import api, k8s, keys, specs
 from mailfleet.reconcile import conditions
 from mailfleet.reconcile.conditions import Condition
 from mailfleet.reconcile.context import MAILBOX, MAILDOMAIN, SECRET, STATEFULSET, Context, DomainKey
+from mailfleet.reconcile.passwords import is_hash
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +240,7 @@ async def _mailboxes(ctx: Context, domain: api.MailDomain) -> Mailboxes:
     verdicts: list[MailboxVerdict] = []
     taken: dict[str, str] = {}  # address or alias -> Mailbox name
     hashing: dict[str, asyncio.Task[str]] = {}
+    previous: dict[tuple[str, str], str] | None = None  # the directory's hashes now, read when needed
     for body, mailbox, invalid in parsed:
         if mailbox is None:
             verdicts.append(MailboxVerdict(body, Condition("Ready", "False", "InvalidSpec", invalid)))
@@ -251,11 +256,19 @@ async def _mailboxes(ctx: Context, domain: api.MailDomain) -> Mailboxes:
             if source in passwords or source in hashing:
                 continue
             value = secrets[ref.name][ref.key]  # type: ignore[index]  # checked by _problem
+            if is_hash(value):
+                passwords[source] = value
+                continue
+            if previous is None:
+                previous = await _previous_hashes(ctx, domain)
+            candidate = previous.get((mailbox.spec.address.lower(), _app_name(mailbox, ref)))
             known = ctx.hasher.known(value, source=f"{namespace}/{source}")
-            if known is not None:
+            if known is not None and candidate in (None, known):
                 passwords[source] = known
-            else:
-                hashing[source] = asyncio.ensure_future(ctx.hasher.hash(value, source=f"{namespace}/{source}"))
+                continue
+            hashing[source] = asyncio.ensure_future(
+                ctx.hasher.hash(value, source=f"{namespace}/{source}", candidate=candidate)
+            )
         accepted.append(mailbox)
         verdicts.append(
             MailboxVerdict(
@@ -266,6 +279,35 @@ async def _mailboxes(ctx: Context, domain: api.MailDomain) -> Mailboxes:
         await asyncio.gather(*hashing.values())
     passwords.update({source: task.result() for source, task in hashing.items()})
     return Mailboxes(accepted, passwords, verdicts)
+
+
+def _app_name(mailbox: api.Mailbox, ref: api.SecretKeySelector) -> str:
+    """ "" for the password, else the app password's name."""
+    if ref is mailbox.spec.password_secret_ref:
+        return ""
+    return next(app.name for app in mailbox.spec.app_passwords if app.secret_ref is ref)
+
+
+async def _previous_hashes(ctx: Context, domain: api.MailDomain) -> dict[tuple[str, str], str]:
+    """The hashes the domain's directory Secret holds now: (address, "" or app password name) -> hash."""
+    secret = await ctx.client.get(SECRET, specs.common.namespace(domain), specs.common.directory_name(domain))
+    content = k8s.secret_values(secret or {}).get(specs.common.DIRECTORY_KEY, b"")
+    try:
+        if content[:2] == b"\x1f\x8b":
+            content = gzip.decompress(content)
+        entries = (yaml.load(content, Loader=_YAML_LOADER) or {}).get("mailboxes") or []
+        found: dict[tuple[str, str], str] = {}
+        for entry in entries:
+            address = str(entry["address"]).lower()
+            found[(address, "")] = str(entry["password_hash"])
+            for app in entry.get("app_passwords") or []:
+                found[(address, str(app["name"]))] = str(app["password_hash"])
+        return found
+    except (OSError, EOFError, zlib.error, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return {}  # unreadable (edited by hand?): every plaintext is hashed anew, and the Secret rewritten
+
+
+_YAML_LOADER: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _parse_mailbox(ctx: Context, body: Mapping[str, Any]) -> tuple[api.Mailbox | None, str]:

@@ -3,7 +3,8 @@
 A value that is already an argon2 hash (`mailnode hash-password`) is used as is. Plaintext is hashed
 here, off the event loop, and the hash is remembered for as long as the plaintext stays the same, so
 an unchanged password is not hashed again at every reconcile (and the directory does not change).
-The memory is the operator's only: after a restart each plaintext is hashed once more.
+The memory is the operator's only; after a restart the hash the directory already holds is kept when it
+verifies the plaintext.
 """
 
 from __future__ import annotations
@@ -45,7 +46,28 @@ class PasswordHasher:
             return value
         return self._hashes.get(self._digest(source, value))
 
-    async def hash(self, value: str, *, source: str) -> str:
+    async def hash(self, value: str, *, source: str, candidate: str | None = None) -> str:
+        """`candidate`: the hash the directory holds now for this password. When it verifies `value` it
+        is kept, even over a remembered one (one verification costs what a hash does): the directory
+        does not change after a restart, and two operators running for a moment (an upgrade) agree on
+        the hash the first one wrote instead of overwriting each other's."""
+        known = self.known(value, source=source)
+        if candidate is not None and candidate != known and not is_hash(value):
+            async with self._limit:
+                if await asyncio.to_thread(self._verifies, candidate, value):
+                    self._hashes[self._digest(source, value)] = candidate
+                    return candidate
+        if known is not None:
+            return known
+        return await self._hash(value, source=source)
+
+    def _verifies(self, candidate: str, value: str) -> bool:
+        try:
+            return bool(self._hasher.verify(candidate, value))
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+            return False
+
+    async def _hash(self, value: str, *, source: str) -> str:
         """The hash of `value`, a password from `source` ("namespace/secret/key"): two Secrets holding the
         same plaintext get different salts, so the directory does not show that they are equal."""
         if is_hash(value):
