@@ -44,6 +44,11 @@ crds: bootstrap ## regenerate crds/ (and the chart's copy) from the API models
 	$(BIN)/mailfleet crds --write crds
 	cp crds/*.yaml charts/mailfleet/crds/
 
+.PHONY: e2e-cluster
+e2e-cluster: bootstrap ## the chart and the operator on a real control plane (kine, kube-apiserver, kube-controller-manager)
+	scripts/build-control-plane >/dev/null
+	$(BIN)/pytest -q tests/cluster
+
 .PHONY: chart
 chart: bootstrap ## helm lint --strict the chart (charts/mailfleet) and render it with each tests/chart/values file
 	$(BIN)/helm lint --strict charts/mailfleet

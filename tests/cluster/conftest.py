@@ -1,0 +1,119 @@
+"""Tier 4 of DESIGN.md: a real control plane on 127.0.0.1, kine (in memory) + kube-apiserver +
+kube-controller-manager v1.37.2, built by scripts/build-control-plane (cached per machine), driven with
+the real kubectl and helm. `make e2e-cluster` runs these tests alone; `make test` runs them with the rest
+(a cold build of the control plane takes about 15 minutes once per machine)."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ControlPlane:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.token = secrets.token_hex(16)
+        self.kubeconfig = root / "kubeconfig"
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, binaries: Path) -> None:
+        root = self.root
+        subprocess.run(["openssl", "genrsa", "-out", root / "sa.key", "2048"], check=True, capture_output=True)
+        subprocess.run(
+            ["openssl", "rsa", "-in", root / "sa.key", "-pubout", "-out", root / "sa.pub"],
+            check=True,
+            capture_output=True,
+        )
+        (root / "tokens.csv").write_text(f"{self.token},admin,admin,system:masters\n")
+        etcd, api = _free_port(), _free_port()
+        self._run("kine", binaries / "kine", "--listen-address", f"127.0.0.1:{etcd}", "--metrics-bind-address", "0",
+                  "--endpoint", "memory://")  # fmt: skip
+        self._run(
+            "kube-apiserver", binaries / "kube-apiserver", f"--etcd-servers=http://127.0.0.1:{etcd}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api}",
+            f"--cert-dir={root / 'certs'}", "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={root / 'sa.pub'}", f"--service-account-signing-key-file={root / 'sa.key'}",
+            f"--token-auth-file={root / 'tokens.csv'}", "--authorization-mode=RBAC",
+            "--service-cluster-ip-range=10.96.0.0/16", "--endpoint-reconciler-type=none",
+        )  # fmt: skip
+        self.kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            "clusters: [{name: cp, cluster: "
+            f"{{server: 'https://127.0.0.1:{api}', insecure-skip-tls-verify: true}}}}]\n"
+            f"users: [{{name: admin, user: {{token: '{self.token}'}}}}]\n"
+            "contexts: [{name: cp, context: {cluster: cp, user: admin}}]\ncurrent-context: cp\n"
+        )
+        deadline = time.monotonic() + 60
+        while self.kubectl("get", "--raw", "/readyz", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    "kube-apiserver not ready after 60 s:\n" + (root / "kube-apiserver.log").read_text()[-3000:]
+                )
+            time.sleep(0.5)
+        self._run(
+            "kube-controller-manager", binaries / "kube-controller-manager", f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
+            "--authentication-skip-lookup=true", "--bind-address=127.0.0.1", f"--secure-port={_free_port()}",
+            f"--cert-dir={root / 'certs'}",
+            "--controllers=*,-kube-apiserver-serving-clustertrustbundle-publisher-controller",
+            "--use-service-account-credentials=false", "--leader-elect=false",
+            f"--service-account-private-key-file={root / 'sa.key'}",
+            f"--root-ca-file={root / 'certs' / 'apiserver.crt'}",
+        )  # fmt: skip
+
+    def _run(self, name: str, *argv: object) -> None:
+        log = (self.root / f"{name}.log").open("wb")
+        self.processes.append(
+            subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
+
+    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(BIN / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
+            capture_output=True,
+            text=True,
+            input=stdin,
+            timeout=60,
+        )
+        if check and result.returncode != 0:
+            pytest.fail(f"kubectl {' '.join(args)}: {result.stderr}")
+        return result
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    built = subprocess.run([str(ROOT / "scripts" / "build-control-plane")], capture_output=True, text=True, check=False)
+    if built.returncode != 0:
+        pytest.fail(f"scripts/build-control-plane failed:\n{built.stderr[-3000:]}")
+    plane = ControlPlane(tmp_path_factory.mktemp("control-plane"))
+    try:
+        plane.start(Path(built.stdout.strip()))
+        yield plane
+    finally:
+        plane.stop()
+    assert all(p.returncode is not None for p in plane.processes)
