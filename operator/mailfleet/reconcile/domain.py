@@ -523,10 +523,12 @@ def mailbox_key(body: Mapping[str, Any]) -> str:
 async def _gone(ctx: Context, key: DomainKey) -> None:
     """The MailDomain was deleted (Kubernetes removes what it owned): its Mailboxes have no domain now,
     unless another MailDomain serves theirs."""
-    namespace = key[0]
+    namespace, name = key
     ctx.owned.pop(key, None)
     for mail_domain in sorted(ctx.served.pop(key, set())):
-        if ctx.view.serving(namespace, mail_domain):
+        # The index may not have seen the deletion yet (this reconcile can run on another event, after
+        # the API server forgot the MailDomain but before its watch event came): it does not count.
+        if [other for other in ctx.view.serving(namespace, mail_domain) if other != name]:
             continue
         for body in ctx.view.mailboxes(namespace, mail_domain):
             await write_mailbox_status(ctx, body, domain_not_found(namespace, mail_domain))
