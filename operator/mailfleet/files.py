@@ -59,13 +59,6 @@ def namespace(meta: api.ObjectMeta) -> str:
     return meta.namespace or "default"
 
 
-def _validation_message(error: pydantic.ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(part) for part in problem['loc']) or '(top level)'}: {problem['msg']}"
-        for problem in error.errors()
-    )
-
-
 def secret_values(path: Path, document: dict[str, Any], name: str) -> dict[str, str]:
     """A Secret's data (base64) and stringData, decoded; stringData wins, as the API server merges them."""
     values: dict[str, str] = {}
@@ -108,7 +101,7 @@ def load(paths: list[Path]) -> Loaded:
                         f"expected {api.API_VERSION} MailDomain or Mailbox, or v1 Secret"
                     )
             except pydantic.ValidationError as error:
-                raise RenderError(f"{path}: {kind} {name}: invalid: {_validation_message(error)}") from error
+                raise RenderError(f"{path}: {kind} {name}: invalid: {api.validation_message(error)}") from error
     return loaded
 
 

@@ -36,6 +36,7 @@ from mailfleet.api.v1alpha1 import (
     StorageSpec,
     TLSSpec,
     quantity_value,
+    validation_message,
 )
 
 __all__ = [
@@ -70,4 +71,5 @@ __all__ = [
     "StorageSpec",
     "TLSSpec",
     "quantity_value",
+    "validation_message",
 ]

@@ -115,6 +115,15 @@ _QUANTITY_SUFFIXES: dict[str, decimal.Decimal] = {
 }  # fmt: skip
 
 
+def validation_message(error: pydantic.ValidationError) -> str:
+    """A model's validation errors on one line, each as "field.path: message", as conditions, Events and
+    `mailfleet render` show them."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc']) or '(top level)'}: {problem['msg']}"
+        for problem in error.errors()
+    )
+
+
 def quantity_value(quantity: int | str) -> int:
     """The value of a quantity, rounded up to a whole number as Kubernetes' `Quantity.Value()` does
     ("1Gi" -> 1073741824, "1.5k" -> 1500, "100m" -> 1)."""

@@ -63,13 +63,6 @@ class Mailboxes:
     verdicts: list[MailboxVerdict]
 
 
-def _validation_message(error: pydantic.ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(part) for part in problem['loc']) or '(top level)'}: {problem['msg']}"
-        for problem in error.errors()
-    )
-
-
 async def reconcile(ctx: Context, key: DomainKey) -> None:
     """Reconcile the MailDomain `key` (the work queue's job). Raises on API errors, so the queue retries."""
     namespace, name = key
@@ -99,7 +92,7 @@ def _parse(body: Mapping[str, Any]) -> api.MailDomain:
     try:
         return api.MailDomain.model_validate(body)
     except pydantic.ValidationError as error:
-        raise Refused("InvalidSpec", _validation_message(error)) from error
+        raise Refused("InvalidSpec", api.validation_message(error)) from error
 
 
 async def _secret(ctx: Context, namespace: str, name: str) -> dict[str, str] | None:
@@ -319,7 +312,7 @@ def _parse_mailbox(ctx: Context, body: Mapping[str, Any]) -> tuple[api.Mailbox |
     try:
         result: tuple[api.Mailbox | None, str] = (api.Mailbox.model_validate(body), "")
     except pydantic.ValidationError as error:
-        result = (None, _validation_message(error))
+        result = (None, api.validation_message(error))
     ctx.parsed_mailboxes[key[0]] = (key[1], *result)
     return result
 
