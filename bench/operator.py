@@ -26,7 +26,6 @@ import base64
 import collections
 import contextlib
 import dataclasses
-import gzip
 import importlib.metadata
 import os
 import re
@@ -49,7 +48,7 @@ import yaml
 
 from bench import common
 from bench.common import HOST, START_TIMEOUT, BenchError
-from mailfleet import k8s
+from mailfleet import k8s, specs
 from tests.operator.emulator import RESOURCES, ApiServer
 
 NAMESPACE = "mail"
@@ -63,7 +62,6 @@ POLL = 0.2  # seconds between looks at the emulator's write log
 REFETCH = 2.0  # seconds between fetches of the directory when no write was seen (a write may land late)
 SETTLE_TIMEOUT = 60.0  # seconds for the operator's queue to drain once everything is served
 STOP_TIMEOUT = 30.0  # seconds for the operator to exit after SIGTERM (a pod's grace period)
-GZIP_MAGIC = b"\x1f\x8b"
 
 MAILDOMAIN = k8s.kind_of("mailfleet.io/v1alpha1", "MailDomain")
 MAILBOX = k8s.kind_of("mailfleet.io/v1alpha1", "Mailbox")
@@ -205,14 +203,12 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
 def directory_content(secret: dict[str, Any]) -> tuple[bytes, bytes]:
     """The directory Secret's data and the YAML in it (the data is gzip above 256 KiB)."""
     data = k8s.secret_values(secret).get(DIRECTORY_KEY, b"")
-    return data, gzip.decompress(data) if data.startswith(GZIP_MAGIC) else data
+    return data, specs.node.directory_text(data)
 
 
-def directory_addresses(text: bytes) -> set[str]:
-    """The addresses in the directory, from its YAML."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it
-    parsed = yaml.load(text, Loader=loader) or {}
-    return {str(entry["address"]) for entry in parsed.get("mailboxes") or []}
+def directory_addresses(data: bytes) -> set[str]:
+    """The addresses in the directory Secret's data."""
+    return {str(entry["address"]) for entry in specs.node.read_directory(data)}
 
 
 def directory_count(text: bytes) -> int:
@@ -378,7 +374,7 @@ class Watcher:
         entries = directory_count(text)
         if entries != self.shown:
             self.shown = entries
-            form = "gzip" if data.startswith(GZIP_MAGIC) else "YAML"
+            form = "gzip" if data.startswith(specs.node.GZIP_MAGIC) else "YAML"
             print(
                 f"  {self.elapsed():7.1f} s  directory: {entries:>6} of {len(self.expected)} mailboxes, "
                 f"{len(data) / 1024:.0f} KiB {form} (write {self.result.directory_writes})",
@@ -386,11 +382,11 @@ class Watcher:
             )
         if entries < len(self.expected):
             return
-        held = directory_addresses(text)
+        held = directory_addresses(data)
         if held >= self.expected:
             self.result.directory_seconds = at
             self.result.directory_bytes, self.result.directory_yaml_bytes = len(data), len(text)
-            self.result.compressed = data.startswith(GZIP_MAGIC)
+            self.result.compressed = data.startswith(specs.node.GZIP_MAGIC)
             if extra := held - self.expected:
                 self.result.problems.append(f"the directory holds {len(extra)} addresses never applied")
 

@@ -16,15 +16,12 @@ import asyncio
 import collections
 import dataclasses
 import functools
-import gzip
 import logging
 import time
-import zlib
 from collections.abc import Mapping
 from typing import Any, Final
 
 import pydantic
-import yaml
 
 from mailfleet import api, k8s, keys, specs
 from mailfleet.reconcile import conditions
@@ -286,21 +283,15 @@ async def _previous_hashes(ctx: Context, domain: api.MailDomain) -> dict[tuple[s
     secret = await ctx.client.get(SECRET, specs.common.namespace(domain), specs.common.directory_name(domain))
     content = k8s.secret_values(secret or {}).get(specs.common.DIRECTORY_KEY, b"")
     try:
-        if content[:2] == b"\x1f\x8b":
-            content = gzip.decompress(content)
-        entries = (yaml.load(content, Loader=_YAML_LOADER) or {}).get("mailboxes") or []
         found: dict[tuple[str, str], str] = {}
-        for entry in entries:
+        for entry in specs.node.read_directory(content):
             address = str(entry["address"]).lower()
             found[(address, "")] = str(entry["password_hash"])
             for app in entry.get("app_passwords") or []:
                 found[(address, str(app["name"]))] = str(app["password_hash"])
         return found
-    except (OSError, EOFError, zlib.error, yaml.YAMLError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return {}  # unreadable (edited by hand?): every plaintext is hashed anew, and the Secret rewritten
-
-
-_YAML_LOADER: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _parse_mailbox(ctx: Context, body: Mapping[str, Any]) -> tuple[api.Mailbox | None, str]:
