@@ -246,6 +246,14 @@ def positive(text: str) -> int:
     return value
 
 
+def non_negative(text: str) -> int:
+    """A count where 0 means "none" (skip that part of the run)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
 def add_only_keep(parser: argparse.ArgumentParser, baseline: str) -> None:
     """The options both benchmarks end with: --only SERVER and --keep."""
     parser.add_argument("--only", choices=("mailnode", baseline), help="benchmark one server only")

@@ -1065,13 +1065,6 @@ def report(results: list[Result], load: Load, scheme: str) -> None:
 # The command
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.imap",
@@ -1093,7 +1086,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"cycles per session, {COMMANDS_PER_CYCLE} commands each (5)",
     )  # fmt: skip
     parser.add_argument(
-        "--idle-sessions", type=_count, default=common.env_default("BENCH_IMAP_IDLE_SESSIONS", "1000"),
+        "--idle-sessions", type=common.non_negative, default=common.env_default("BENCH_IMAP_IDLE_SESSIONS", "1000"),
         help="sessions in IDLE for the memory figures; 0: none (1000)",
     )  # fmt: skip
     parser.add_argument(

@@ -578,13 +578,6 @@ def report(result: Result) -> None:
 # The command
 
 
-def count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.operator",
@@ -594,11 +587,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "and BENCH_OPERATOR_TIMEOUT when set.",
     )
     parser.add_argument(
-        "--mailboxes", type=count, default=common.env_default("BENCH_OPERATOR_MAILBOXES", "10000"),
+        "--mailboxes", type=common.non_negative, default=common.env_default("BENCH_OPERATOR_MAILBOXES", "10000"),
         help="Mailboxes whose Secrets hold argon2id hashes; 0: skip this run (10000)",
     )  # fmt: skip
     parser.add_argument(
-        "--plaintext", type=count, default=common.env_default("BENCH_OPERATOR_PLAINTEXT", "200"), metavar="N",
+        "--plaintext", type=common.non_negative, metavar="N",
+        default=common.env_default("BENCH_OPERATOR_PLAINTEXT", "200"),
         help="Mailboxes of a second run whose Secrets hold plaintext, hashed by the operator; 0: skip it (200)",
     )  # fmt: skip
     parser.add_argument(
