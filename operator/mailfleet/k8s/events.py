@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from mailfleet.k8s.client import ApiError, Client, kind_of
+from mailfleet.k8s.client import ApiError, Client
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,6 @@ class Recorder:
     def __init__(self, client: Client, *, component: str = COMPONENT) -> None:
         self.client = client
         self.component = component
-        self.posted = 0
 
     async def event(
         self,
@@ -66,11 +65,3 @@ class Recorder:
             await self.client.create(event)
         except (ApiError, OSError, TimeoutError) as error:
             log.warning("could not post the Event %s for %s/%s: %s", reason, namespace, meta.get("name"), error)
-            return
-        self.posted += 1
-
-
-def reference(api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any]:
-    """A minimal object to attach an Event to when only its name is known."""
-    kind_of(api_version, kind)
-    return {"apiVersion": api_version, "kind": kind, "metadata": {"namespace": namespace, "name": name}}

@@ -60,6 +60,6 @@ class Context:
     # The kinds of the objects each MailDomain owns, as of its last reconcile (for the metrics).
     owned: dict[DomainKey, collections.Counter[str]] = dataclasses.field(default_factory=dict)
 
-    def enqueue(self, key: DomainKey, *, after: float | None = None) -> None:
+    def enqueue(self, key: DomainKey) -> None:
         if self.queue is not None:
-            self.queue.add(key, after=after)
+            self.queue.add(key)

@@ -47,8 +47,8 @@ class WorkQueue(Generic[K]):
         self._on_depth = on_depth
         self._tasks: list[asyncio.Task[None]] = []
 
-    def add(self, key: K, *, after: float | None = None) -> None:
-        due = time.monotonic() + (self._delay if after is None else after)
+    def add(self, key: K) -> None:
+        due = time.monotonic() + self._delay
         if key in self._active:
             self._again[key] = min(self._again.get(key, due), due)
             return
