@@ -106,19 +106,16 @@ def _snapshot(body: kopf.Body) -> dict[str, Any]:
     }
 
 
-def _mail_domain(address: object) -> str:
-    return str(address or "").rpartition("@")[2].lower()
-
-
 @kopf.index(GROUP, VERSION, "mailboxes", registry=registry)
 def mailboxes_by_domain(namespace: str | None, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(str(namespace), _mail_domain(body.spec.get("address"))): _snapshot(body)}
+    return {(str(namespace), specs.node.domain_of(body.spec.get("address"))): _snapshot(body)}
 
 
 @kopf.index(GROUP, VERSION, "mailboxes", registry=registry)
 def secrets_of_mailboxes(namespace: str | None, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
     refs = [spec.get("passwordSecretRef") or {}] + [app.get("secretRef") or {} for app in spec.get("appPasswords", [])]
-    return {(str(namespace), str(ref["name"])): _mail_domain(spec.get("address")) for ref in refs if ref.get("name")}
+    mail_domain = specs.node.domain_of(spec.get("address"))
+    return {(str(namespace), str(ref["name"])): mail_domain for ref in refs if ref.get("name")}
 
 
 @kopf.index(GROUP, VERSION, "maildomains", registry=registry)

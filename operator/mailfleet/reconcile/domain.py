@@ -297,7 +297,7 @@ async def _previous_hashes(ctx: Context, domain: api.MailDomain) -> dict[tuple[s
 def _parse_mailbox(ctx: Context, body: Mapping[str, Any]) -> tuple[api.Mailbox | None, str]:
     """The Mailbox model, or None and why it is invalid; remembered per uid and generation (a reconcile
     of a large domain would otherwise validate every Mailbox again)."""
-    key = (mailbox_key(body), body["metadata"].get("generation"))
+    key = (object_key(body), body["metadata"].get("generation"))
     if (known := ctx.parsed_mailboxes.get(key[0])) is not None and known[0] == key[1]:
         return known[1], known[2]
     try:
@@ -325,7 +325,7 @@ def _problem(
         if (owner := taken.get(address.lower())) is not None:
             return "AddressConflict", f"{address} is already an address or alias of Mailbox {owner}"
     for alias in spec.aliases:
-        alias_domain = alias.rpartition("@")[2].lower()
+        alias_domain = specs.node.domain_of(alias)
         if alias_domain not in served:
             return (
                 "AliasNotServed",
@@ -452,7 +452,7 @@ def _mailbox_status(
     """The Mailbox's conditions to write, or None when its status says this already. What was last
     written is remembered: the indexes lag behind the operator's own writes, and comparing with a stale
     copy would write the same status (and post the same Event) twice."""
-    status = ctx.mailbox_statuses.get(mailbox_key(body)) or body.get("status") or {}
+    status = ctx.mailbox_statuses.get(object_key(body)) or body.get("status") or {}
     generation = body["metadata"].get("generation")
     merged = conditions.merge(status.get("conditions"), [condition], generation=generation, at=at)
     if conditions.same(status.get("conditions"), merged) and status.get("observedGeneration") == generation:
@@ -471,7 +471,7 @@ async def _write_mailbox_status(
     ctx: Context, body: Mapping[str, Any], condition: Condition, merged: list[dict[str, Any]]
 ) -> None:
     meta = body["metadata"]
-    memory_key = mailbox_key(body)
+    memory_key = object_key(body)
     status = ctx.mailbox_statuses.get(memory_key) or body.get("status") or {}
     generation = meta.get("generation")
     try:
@@ -499,8 +499,9 @@ async def _write_mailbox_status(
         )
 
 
-def mailbox_key(body: Mapping[str, Any]) -> str:
-    meta = body["metadata"]
+def object_key(body: Mapping[str, Any]) -> str:
+    """What the operator's memories of an object are keyed by: its uid (namespace/name if it has none)."""
+    meta = body.get("metadata") or {}
     return str(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}")
 
 

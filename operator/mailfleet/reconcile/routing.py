@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mailfleet import specs
 from mailfleet.reconcile.context import Context
-from mailfleet.reconcile.domain import domain_not_found, mailbox_key, write_mailbox_status
+from mailfleet.reconcile.domain import domain_not_found, object_key, write_mailbox_status
 
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 
@@ -24,7 +25,7 @@ class Router:
 
     def _is_new(self, event_type: str | None, body: Mapping[str, Any]) -> bool:
         meta = body.get("metadata") or {}
-        uid = str(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}")
+        uid = object_key(body)
         if event_type == "DELETED":
             self._generations.pop(uid, None)
             return True
@@ -47,11 +48,11 @@ class Router:
         for name in self.ctx.view.domain_names(namespace):
             self.ctx.enqueue((namespace, name))
         if event_type == "DELETED":
-            self.ctx.mailbox_statuses.pop(mailbox_key(body), None)
-            self.ctx.parsed_mailboxes.pop(mailbox_key(body), None)
-            self.ctx.mailbox_usage.pop(mailbox_key(body), None)
+            self.ctx.mailbox_statuses.pop(object_key(body), None)
+            self.ctx.parsed_mailboxes.pop(object_key(body), None)
+            self.ctx.mailbox_usage.pop(object_key(body), None)
             return
-        mail_domain = str((body.get("spec") or {}).get("address", "")).rpartition("@")[2].lower()
+        mail_domain = specs.node.domain_of((body.get("spec") or {}).get("address"))
         if not self.ctx.view.serving(namespace, mail_domain):
             await write_mailbox_status(self.ctx, body, domain_not_found(namespace, mail_domain))
 

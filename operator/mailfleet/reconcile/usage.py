@@ -13,7 +13,7 @@ import aiohttp
 
 from mailfleet import k8s, nodes
 from mailfleet.reconcile.context import MAILBOX, Context, DomainKey
-from mailfleet.reconcile.domain import mailbox_key
+from mailfleet.reconcile.domain import object_key
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ async def collect_domain(ctx: Context, session: aiohttp.ClientSession, template:
 
 
 async def _write(ctx: Context, body: Mapping[str, Any], used: nodes.Usage) -> bool:
-    memory = mailbox_key(body)
+    memory = object_key(body)
     status = body.get("status") or {}
     last = ctx.mailbox_usage.get(memory, (status.get("usedBytes"), status.get("messages")))
     if last == (used.bytes, used.messages):

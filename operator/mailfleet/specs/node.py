@@ -72,6 +72,11 @@ def _split_relay_host(relay_host: str) -> tuple[str, int | None]:
     return host, port
 
 
+def domain_of(address: object) -> str:
+    """The DNS domain of a mail address, lower case ("" for no address)."""
+    return str(address or "").rpartition("@")[2].lower()
+
+
 def domains_of(domain: api.MailDomain) -> set[str]:
     return {domain.spec.domain, *domain.spec.alias_domains}
 
