@@ -438,57 +438,58 @@ async def _write_mailbox_statuses(ctx: Context, verdicts: list[MailboxVerdict]) 
     limit = asyncio.Semaphore(STATUS_WRITES)
     at = conditions.now()
 
-    async def one(verdict: MailboxVerdict, merged: list[dict[str, Any]]) -> None:
+    async def one(verdict: MailboxVerdict, change: _StatusChange) -> None:
         async with limit:
-            await _write_mailbox_status(ctx, verdict.body, verdict.condition, merged)
+            await _write_mailbox_status(ctx, verdict.body, verdict.condition, change)
 
-    changed = [(v, merged) for v in verdicts if (merged := _mailbox_status(ctx, v.body, v.condition, at)) is not None]
-    await asyncio.gather(*(one(v, merged) for v, merged in changed))
+    changed = [(v, change) for v in verdicts if (change := _mailbox_status(ctx, v.body, v.condition, at)) is not None]
+    await asyncio.gather(*(one(v, change) for v, change in changed))
 
 
-def _mailbox_status(
-    ctx: Context, body: Mapping[str, Any], condition: Condition, at: str
-) -> list[dict[str, Any]] | None:
-    """The Mailbox's conditions to write, or None when its status says this already. What was last
-    written is remembered: the indexes lag behind the operator's own writes, and comparing with a stale
-    copy would write the same status (and post the same Event) twice."""
+@dataclasses.dataclass(frozen=True)
+class _StatusChange:
+    conditions: list[dict[str, Any]]  # to write
+    announce: bool  # the Ready status or reason changed: post an Event
+
+
+def _mailbox_status(ctx: Context, body: Mapping[str, Any], condition: Condition, at: str) -> _StatusChange | None:
+    """What to write to the Mailbox's status, or None when it says this already. What was last written is
+    remembered: the indexes lag behind the operator's own writes, and comparing with a stale copy would
+    write the same status (and post the same Event) twice."""
     status = ctx.mailbox_statuses.get(object_key(body)) or body.get("status") or {}
     generation = body["metadata"].get("generation")
     merged = conditions.merge(status.get("conditions"), [condition], generation=generation, at=at)
     if conditions.same(status.get("conditions"), merged) and status.get("observedGeneration") == generation:
         return None
-    return merged
+    previous = conditions.find(status.get("conditions"), "Ready")
+    announce = previous is None or (previous.get("status"), previous.get("reason")) != (
+        condition.status,
+        condition.reason,
+    )
+    return _StatusChange(merged, announce)
 
 
 async def write_mailbox_status(ctx: Context, body: Mapping[str, Any], condition: Condition) -> None:
     """Write a Mailbox's Ready condition when it changed, with an Event when its reason did."""
-    merged = _mailbox_status(ctx, body, condition, conditions.now())
-    if merged is not None:
-        await _write_mailbox_status(ctx, body, condition, merged)
+    change = _mailbox_status(ctx, body, condition, conditions.now())
+    if change is not None:
+        await _write_mailbox_status(ctx, body, condition, change)
 
 
 async def _write_mailbox_status(
-    ctx: Context, body: Mapping[str, Any], condition: Condition, merged: list[dict[str, Any]]
+    ctx: Context, body: Mapping[str, Any], condition: Condition, change: _StatusChange
 ) -> None:
     meta = body["metadata"]
-    memory_key = object_key(body)
-    status = ctx.mailbox_statuses.get(memory_key) or body.get("status") or {}
     generation = meta.get("generation")
+    written = {"conditions": change.conditions, "observedGeneration": generation}
     try:
-        await ctx.client.patch(
-            MAILBOX,
-            meta["namespace"],
-            meta["name"],
-            {"status": {"conditions": merged, "observedGeneration": generation}},
-            subresource="status",
-        )
+        await ctx.client.patch(MAILBOX, meta["namespace"], meta["name"], {"status": written}, subresource="status")
     except k8s.ApiError as error:
         if error.not_found:
             return
         raise
-    ctx.mailbox_statuses[memory_key] = {"conditions": merged, "observedGeneration": generation}
-    previous = conditions.find(status.get("conditions"), "Ready")
-    if previous is None or (previous.get("status"), previous.get("reason")) != (condition.status, condition.reason):
+    ctx.mailbox_statuses[object_key(body)] = written
+    if change.announce:
         full = {"apiVersion": api.API_VERSION, "kind": "Mailbox", **dict(body)}
         await ctx.recorder.event(
             full,
