@@ -92,6 +92,22 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], *, within: float 
         await asyncio.sleep(0.05)
 
 
+async def settled() -> None:
+    """Until the running operator has reconciled and its queue is empty, and still empty a moment later."""
+
+    async def done() -> bool:
+        try:
+            state = handlers.running()
+        except RuntimeError:  # not logged in yet
+            return False
+        reconciled = state.ctx.metrics.reconciles.labels("MailDomain", "ok")._value.get()
+        return reconciled > 0 and len(state.queue) == 0
+
+    await eventually(done, what="a reconcile, then an empty queue")
+    await asyncio.sleep(0.5)  # and no further events that would start another
+    assert len(handlers.running().queue) == 0
+
+
 def secret(name: str, **values: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",

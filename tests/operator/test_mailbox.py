@@ -3,7 +3,6 @@ changes of many Mailboxes written to the directory Secret in few writes."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import argon2
@@ -21,6 +20,7 @@ from tests.operator.conftest import (
     maildomain,
     run_operator,
     secret,
+    settled,
     status_of,
 )
 from tests.operator.emulator import ApiServer
@@ -114,7 +114,7 @@ async def test_many_mailbox_changes_make_few_directory_writes(api: ApiServer, cl
         await eventually(lambda: status_of(client, MAILBOX, f"user{count - 1}", status="True"))
 
         # Each Mailbox's status is written once, when it becomes Served (not again from a stale index).
-        await handlers_idle()
+        await settled()
         writes = [w for w in api.writes if w[1:] == ("secrets", "example-com-directory", None)]
         reconciles = handlers.running().ctx.metrics.reconciles.labels("MailDomain", "ok")._value.get()
         # The 150 Mailbox events became a few reconciles of their domain (about ten here; one each
@@ -131,13 +131,3 @@ async def _addresses(client, expected: set[str]) -> dict[str, Any] | None:
 
 async def _count(client, count: int) -> bool:
     return len(await directory(client)) == count
-
-
-async def handlers_idle() -> None:
-    """Until the operator's queue is empty and stays so for a moment."""
-
-    async def quiet() -> bool:
-        await asyncio.sleep(0.5)
-        return len(handlers.running().queue) == 0
-
-    await eventually(quiet, what="an idle operator")

@@ -3,13 +3,12 @@ drift: kopf running for real against the emulated API server (see conftest.py)."
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import argon2
 import yaml
 
-from mailfleet import handlers, k8s, keys
+from mailfleet import k8s, keys
 from tests.conftest import cheap_hash
 from tests.operator.conftest import (
     CONFIGMAP,
@@ -26,6 +25,7 @@ from tests.operator.conftest import (
     maildomain,
     run_operator,
     secret,
+    settled,
     status_of,
 )
 
@@ -199,27 +199,11 @@ async def test_a_restarted_operator_rewrites_nothing(api, client):
         await eventually(lambda: status_of(client, MAILBOX, "alice", status="True", reason="Served"))
         await eventually(lambda: status_of(client, MAILBOX, "bob", status="True", reason="Served"))
         await eventually(lambda: status_of(client, MAILDOMAIN, "example-com", "Degraded", status="False"))
-        await _settled()
+        await settled()
     before = len(api.writes)
     built = await directory(client)
 
     async with run_operator():
-        await _settled()
+        await settled()
     assert api.writes[before:] == []
     assert await directory(client) == built
-
-
-async def _settled() -> None:
-    """Until the running operator has reconciled and its queue is empty."""
-
-    async def done() -> bool:
-        try:
-            state = handlers.running()
-        except RuntimeError:  # not logged in yet
-            return False
-        reconciled = state.ctx.metrics.reconciles.labels("MailDomain", "ok")._value.get()
-        return reconciled > 0 and len(state.queue) == 0
-
-    await eventually(done, what="a reconcile, then an empty queue")
-    await asyncio.sleep(0.5)  # and no further events that would start another
-    assert len(handlers.running().queue) == 0
