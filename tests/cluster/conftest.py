@@ -6,7 +6,6 @@ the real kubectl and helm. `make e2e-cluster` runs these tests alone; `make test
 from __future__ import annotations
 
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.node.conftest import free_port
+
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ControlPlane:
@@ -41,7 +36,7 @@ class ControlPlane:
             capture_output=True,
         )
         (root / "tokens.csv").write_text(f"{self.token},admin,admin,system:masters\n")
-        etcd, api = _free_port(), _free_port()
+        etcd, api = free_port(), free_port()
         self._run("kine", binaries / "kine", "--listen-address", f"127.0.0.1:{etcd}", "--metrics-bind-address", "0",
                   "--endpoint", "memory://")  # fmt: skip
         self._run(
@@ -69,7 +64,7 @@ class ControlPlane:
         self._run(
             "kube-controller-manager", binaries / "kube-controller-manager", f"--kubeconfig={self.kubeconfig}",
             f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
-            "--authentication-skip-lookup=true", "--bind-address=127.0.0.1", f"--secure-port={_free_port()}",
+            "--authentication-skip-lookup=true", "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
             f"--cert-dir={root / 'certs'}",
             "--controllers=*,-kube-apiserver-serving-clustertrustbundle-publisher-controller",
             "--use-service-account-credentials=false", "--leader-elect=false",
