@@ -191,6 +191,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
+    """A port that refuses connections for the whole test: bound (so nothing else can take it, as a
+    port from free_port() could be taken by the next server started) but never listening."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
 @dataclasses.dataclass
 class ServeProcess:
     files: NodeFiles

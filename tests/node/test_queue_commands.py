@@ -19,17 +19,16 @@ from aiohttp.test_utils import make_mocked_request
 
 from mailnode.admin.http import build_app, is_loopback
 from mailnode.metrics import NodeMetrics
-from tests.node.conftest import NodeFactory, RunningNode, free_port, mailbox
+from tests.node.conftest import NodeFactory, RunningNode, mailbox
 from tests.node.test_outbound import submit, wait_for
 
 
 @pytest.fixture
-def stuck_node(node_factory: NodeFactory) -> RunningNode:
+def stuck_node(node_factory: NodeFactory, refusing_port: int) -> RunningNode:
     """A node whose route to remote.test leads to a port where nothing listens: mail stays deferred."""
-    closed = free_port()
     return node_factory(
         [mailbox("user@example.com")],
-        smtp={"transports": {"remote.test": f"127.0.0.1:{closed}"}, "delivery_interval": 0.1},
+        smtp={"transports": {"remote.test": f"127.0.0.1:{refusing_port}"}, "delivery_interval": 0.1},
     )
 
 
@@ -115,9 +114,9 @@ def test_an_unknown_id_is_an_error(stuck_node: RunningNode, command: str) -> Non
     assert "no message 0000000000000001" in result.stderr
 
 
-def test_an_unreachable_node_is_an_error() -> None:
+def test_an_unreachable_node_is_an_error(refusing_port: int) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mailnode", "queue", "list", "--url", f"http://127.0.0.1:{free_port()}"],
+        [sys.executable, "-m", "mailnode", "queue", "list", "--url", f"http://127.0.0.1:{refusing_port}"],
         capture_output=True,
         text=True,
         timeout=60,
