@@ -74,7 +74,19 @@ def test_a_minimal_domain_gets_the_defaults() -> None:
     assert spec.tls is None and spec.backup is None and spec.restore is None
     backup = api.BackupSpec.model_validate({"schedule": "@daily"})
     assert backup.method == "VolumeSnapshot"
-    assert backup.retention == 7
+    assert (backup.retention.keep_last, backup.retention.max_age) == (7, None)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30d", 2592000), ("36h", 129600), ("1d12h", 129600), ("90s", 90)])
+def test_durations_are_read_in_seconds(text: str, seconds: int) -> None:
+    assert api.duration_seconds(text) == seconds
+    assert api.RetentionSpec.model_validate({"maxAge": text}).max_age == text
+
+
+@pytest.mark.parametrize("text", ["30", "1w", "-1d", "1.5h", ""])
+def test_a_bad_duration_is_refused(text: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match="is not a duration"):
+        api.RetentionSpec.model_validate({"maxAge": text})
 
 
 def test_a_minimal_mailbox_gets_the_defaults() -> None:

@@ -43,6 +43,7 @@ QUANTITY_PATTERN = (
 )
 SCHEDULE_PATTERN = r"^(@(annually|yearly|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$"
 RELAY_HOST_PATTERN = r"^(\[[A-Za-z0-9.:-]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?$"  # Postfix relayhost: [host]:port
+DURATION_PATTERN = r"^([0-9]+[smhd])+$"  # 30d, 36h, 1d12h: a Go duration, with days
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,15 @@ Label = Annotated[str, _Matches(LABEL_PATTERN, "a lower-case DNS label", "phone"
 SecretKey = Annotated[str, _Matches(SECRET_KEY_PATTERN, "a Secret key", "password", 253)]
 Schedule = Annotated[str, _Matches(SCHEDULE_PATTERN, "a cron schedule (five fields or @daily)", "0 3 * * *", 100)]
 RelayHost = Annotated[str, _Matches(RELAY_HOST_PATTERN, "a relay host", "[smtp.example.net]:587", 260)]
+Duration = Annotated[str, _Matches(DURATION_PATTERN, "a duration in s, m, h and d", "30d", 32)]
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(duration: str) -> int:
+    """The seconds of a Duration ("30d" -> 2592000, "1d12h" -> 129600)."""
+    return sum(int(number) * _DURATION_UNITS[unit] for number, unit in re.findall(r"([0-9]+)([smhd])", duration))
+
 
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 
@@ -355,6 +365,16 @@ class DKIMSpec(_Model):
 BackupMethod = Literal["VolumeSnapshot", "Archive"]
 
 
+class RetentionSpec(_Model):
+    """Which scheduled backups to keep: a backup goes when it is beyond the newest keepLast completed ones or
+    older than maxAge (the newest completed backup is always kept). MailBackups made by hand are never deleted."""
+
+    keep_last: int = pydantic.Field(7, ge=1, description="How many completed scheduled backups to keep.")
+    max_age: Duration | None = pydantic.Field(
+        None, description="Delete scheduled backups older than this (30d, 36h); no age limit when empty."
+    )
+
+
 class BackupSpec(_Model):
     """Scheduled backups: the operator creates a MailBackup on the schedule and keeps the latest few."""
 
@@ -363,9 +383,16 @@ class BackupSpec(_Model):
         "VolumeSnapshot",
         description="VolumeSnapshot (CSI snapshots of the volumes) or Archive (a tar archive made by each node).",
     )
-    retention: int = pydantic.Field(7, ge=1, description="How many completed scheduled backups to keep.")
+    retention: RetentionSpec = _object(RetentionSpec, "Which scheduled backups to keep.")
     volume_snapshot_class_name: ObjectName | None = pydantic.Field(
         None, description="VolumeSnapshotClass for the VolumeSnapshot method; the cluster's default when empty."
+    )
+    archive_claim_name: ObjectName | None = pydantic.Field(
+        None,
+        description=(
+            "A PersistentVolumeClaim in the namespace, mounted into the mail nodes, where the Archive method writes;"
+            " without it archives go to backups/ on each node's own volume."
+        ),
     )
 
 
@@ -423,6 +450,7 @@ class LastBackup(_Status):
     """The most recent completed backup."""
 
     name: str = pydantic.Field(description="Name of the MailBackup.")
+    method: BackupMethod | None = pydantic.Field(None, description="VolumeSnapshot or Archive.")
     completed_at: datetime.datetime | None = pydantic.Field(None, description="When it completed (RFC 3339).")
 
 
@@ -572,9 +600,12 @@ class MailBackupStatus(_Status):
     completed_at: datetime.datetime | None = pydantic.Field(
         None, description="When the backup completed or failed (RFC 3339)."
     )
+    point_in_time: datetime.datetime | None = pydantic.Field(
+        None, description="The moment the backup holds: when the nodes checkpointed and paused writes (RFC 3339)."
+    )
     snapshots: list[str] = pydantic.Field(
         default_factory=list,
-        description="What was taken: one VolumeSnapshot (or archive) per mail node volume, by name.",
+        description="What was taken: one VolumeSnapshot (or archive path) per mail node volume, by name.",
     )
     error: str | None = pydantic.Field(None, description="Why the backup failed.")
 
@@ -589,6 +620,7 @@ class MailBackup(Resource):
         PrinterColumn("Domain", "string", ".spec.domainRef", "The MailDomain backed up."),
         PrinterColumn("Method", "string", ".spec.method", "VolumeSnapshot or Archive."),
         PrinterColumn("Phase", "string", ".status.phase", "Pending, Running, Completed or Failed."),
+        PrinterColumn("Completed", "date", ".status.completedAt", "When the backup completed or failed."),
         _age(),
     )
 
