@@ -26,7 +26,7 @@ import kopf
 from mailfleet import k8s, nodes, specs
 from mailfleet.k8s.events import Recorder
 from mailfleet.metrics import OperatorMetrics
-from mailfleet.reconcile import domain, usage
+from mailfleet.reconcile import backup, domain, schedule, usage
 from mailfleet.reconcile.context import Context, DomainKey
 from mailfleet.reconcile.passwords import PasswordHasher
 from mailfleet.reconcile.routing import Router
@@ -58,7 +58,13 @@ class Options:
     delay: float = 0.2  # seconds a changed domain waits for more changes before its reconcile
     resync: float = 300.0  # seconds between reconciles of an unchanged domain (drift the watch missed)
     usage_interval: float = 60.0  # seconds between passes copying mailbox usage into Mailbox statuses; 0: none
-    node_url: str = nodes.IN_CLUSTER  # where node 0 of a MailDomain answers ({pod} {service} {namespace} {name})
+    node_url: str = nodes.IN_CLUSTER  # where a node answers ({pod} {ordinal} {service} {namespace} {name})
+    backup_hold: int = 60  # seconds a node holds writes while its VolumeSnapshot is cut
+    backup_poll: float = 1.0  # seconds between looks at a VolumeSnapshot or an archive in progress
+    backup_attempts: int = 5  # tries of a node that does not answer before its MailBackup fails
+    backup_retry: float = 2.0  # seconds before the second try, doubled for each next one
+    schedule_interval: float = 30.0  # seconds between passes of the backup schedule and retention; 0: none
+    clock: schedule.Clock = schedule.utc_now  # what time it is, for the backup schedule (tests: a fake clock)
 
 
 options = Options()
@@ -77,6 +83,8 @@ class _Running:
     metrics_runner: aiohttp.web.AppRunner | None
     resync_task: asyncio.Task[None]
     usage_task: asyncio.Task[None] | None
+    backups: backup.Runner | None = None
+    schedule_task: asyncio.Task[None] | None = None
 
 
 _running: _Running | None = None
@@ -138,6 +146,15 @@ def secrets_of_domains(namespace: str | None, name: str, spec: kopf.Spec, **_: A
     return {(str(namespace), str(secret)): name for secret in names if secret}
 
 
+@kopf.index(GROUP, VERSION, "mailbackups", registry=registry)
+def mailbackups_by_domain(namespace: str | None, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """With labels and annotations: the backup schedule tells its own by them."""
+    snapshot = _snapshot(body)
+    for key in ("labels", "annotations"):
+        snapshot["metadata"][key] = dict(body.metadata.get(key) or {})
+    return {(str(namespace), str(body.spec.get("domainRef"))): snapshot}
+
+
 class IndexView:
     """reconcile.context.View over kopf's indexes (live mappings kopf keeps up to date)."""
 
@@ -156,6 +173,12 @@ class IndexView:
 
     def domain_names(self, namespace: str) -> list[str]:
         return sorted(set(self._get("domains_by_namespace", namespace)))
+
+    def namespaces(self) -> list[str]:
+        return sorted(str(namespace) for namespace in self._indices["domains_by_namespace"])
+
+    def backups(self, namespace: str | None, domain_name: str) -> list[Mapping[str, Any]]:
+        return self._get("mailbackups_by_domain", (namespace, domain_name))
 
     def secret_users(self, namespace: str | None, secret: str) -> list[str]:
         key = (namespace, secret)
@@ -185,6 +208,7 @@ _INDEXES: Final = (
     "domains_by_mail_domain",
     "domains_by_namespace",
     "secrets_of_domains",
+    "mailbackups_by_domain",
 )
 
 
@@ -231,7 +255,22 @@ async def _start(info: kopf.ConnectionInfo) -> _Running:
     usage_task = None
     if options.usage_interval > 0:
         usage_task = asyncio.create_task(usage.run(ctx, options.node_url, options.usage_interval))
-    return _Running(ctx, Router(ctx), queue, runner, asyncio.create_task(_resync(ctx, options.resync)), usage_task)
+    state = _Running(ctx, Router(ctx), queue, runner, asyncio.create_task(_resync(ctx, options.resync)), usage_task)
+    state.backups = backup.Runner(
+        ctx,
+        backup.Settings(
+            node_url=options.node_url,
+            hold=options.backup_hold,
+            poll=options.backup_poll,
+            attempts=options.backup_attempts,
+            retry=options.backup_retry,
+        ),
+    )
+    if options.schedule_interval > 0:
+        state.schedule_task = asyncio.create_task(
+            schedule.run(ctx, interval=options.schedule_interval, clock=options.clock)
+        )
+    return state
 
 
 async def _resync(ctx: Context, interval: float) -> None:
@@ -294,6 +333,11 @@ async def cleanup(**_: Any) -> None:
     if state.usage_task is not None:
         state.usage_task.cancel()
         await asyncio.gather(state.usage_task, return_exceptions=True)
+    if state.schedule_task is not None:
+        state.schedule_task.cancel()
+        await asyncio.gather(state.schedule_task, return_exceptions=True)
+    if state.backups is not None:
+        await state.backups.stop()  # a node paused for a VolumeSnapshot is told to resume
     await state.queue.stop()
     if state.metrics_runner is not None:
         await state.metrics_runner.cleanup()
@@ -311,6 +355,15 @@ def maildomain_event(type: str, body: kopf.Body, **_: Any) -> None:
 @kopf.on.event(GROUP, VERSION, "mailboxes", registry=registry)
 async def mailbox_event(type: str, body: kopf.Body, **_: Any) -> None:
     await running().router.mailbox_changed(type, _snapshot(body))
+
+
+@kopf.on.event(GROUP, VERSION, "mailbackups", registry=registry)
+async def mailbackup_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    """A MailBackup neither Completed nor Failed is taken (reconcile/backup.py), once at a time. A coroutine:
+    kopf runs it in the operator's event loop, where the backups' tasks live."""
+    backups = running().backups
+    if backups is not None:
+        backups.observe(type, body)
 
 
 def _owned(kind: tuple[str, str, str]) -> None:

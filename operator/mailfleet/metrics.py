@@ -1,5 +1,6 @@
 """The operator's Prometheus metrics (mailfleet_operator_*), on their own registry; `mailfleet operator
---metrics-port` serves them. Label values are bounded: kinds, results and object kinds, never names."""
+--metrics-port` serves them. Label values are bounded: kinds, results and object kinds, never names, except
+the backup gauges, one series per MailDomain (namespace, maildomain) as long as it exists."""
 
 from __future__ import annotations
 
@@ -40,6 +41,43 @@ class OperatorMetrics:
         self.passwords_hashed = prom.Counter(
             "mailfleet_operator_passwords_hashed",
             "Plaintext passwords the operator hashed (argon2id).",
+            registry=self.registry,
+        )
+        self.backups = prom.Counter(
+            "mailfleet_operator_backups",
+            "MailBackups that ended, by method (VolumeSnapshot, Archive) and result (completed, failed).",
+            ["method", "result"],
+            registry=self.registry,
+        )
+        self.backup_duration = prom.Histogram(
+            "mailfleet_operator_backup_duration_seconds",
+            "Time from a MailBackup's start to its end, by method.",
+            ["method"],
+            buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
+            registry=self.registry,
+        )
+
+        # Scheduled backups (reconcile/schedule.py): one series per MailDomain with backups, gone with it.
+        self.last_backup_timestamp = prom.Gauge(
+            "mailfleet_operator_last_backup_timestamp_seconds",
+            "When the newest completed MailBackup of a MailDomain completed (Unix time).",
+            ["namespace", "maildomain"],
+            registry=self.registry,
+        )
+        self.backups_stale = prom.Gauge(
+            "mailfleet_operator_backups_stale",
+            "1 when a MailDomain with spec.backup has no completed backup within two schedule periods, else 0.",
+            ["namespace", "maildomain"],
+            registry=self.registry,
+        )
+        self.scheduled_backups = prom.Counter(
+            "mailfleet_operator_scheduled_backups",
+            "MailBackups the operator created because a MailDomain's backup schedule came due.",
+            registry=self.registry,
+        )
+        self.backups_deleted = prom.Counter(
+            "mailfleet_operator_backups_deleted",
+            "Scheduled MailBackups the operator deleted under their MailDomain's retention.",
             registry=self.registry,
         )
 

@@ -1,16 +1,23 @@
 """What the operator asks the mail nodes over their HTTP port (8080; the nodes' NetworkPolicy admits the
 operator's pods, labelled app.kubernetes.io/name: mailfleet-operator, from any namespace): each
-mailbox's usage, for the Mailbox status. A node that does not answer is skipped until the next pass."""
+mailbox's usage, for the Mailbox status (reconcile/usage.py); the checkpoint and the archives a
+MailBackup takes (reconcile/backup.py; the endpoints are docs/backups.md's)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Mapping
 from typing import Any, Final
 
 import aiohttp
 
-# Where node 0 of a MailDomain answers, inside the cluster: the pod's name in its headless Service.
+# Where node <ordinal> of a MailDomain answers, inside the cluster: the pod's name in its headless Service.
 IN_CLUSTER: Final = "http://{pod}.{service}.{namespace}.svc:8080"
+
+TIMEOUT: Final = aiohttp.ClientTimeout(total=10)
+# POST /snapshot waits for the writes in flight (at most 30 s on the node) before it answers.
+SNAPSHOT_TIMEOUT: Final = aiohttp.ClientTimeout(total=45)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,27 +26,136 @@ class Usage:
     messages: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A node's answer to POST /snapshot: writes are paused, its volume holds `point_in_time`."""
+
+    point_in_time: str
+    hold_until: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Archive:
+    """A node's record of an archive (POST /backups, GET /backups/<name>)."""
+
+    name: str
+    state: str  # Running, Completed or Failed
+    path: str
+    point_in_time: str | None
+    error: str | None
+
+
 class NodeError(Exception):
-    """A node that could not be asked (not running yet, unreachable, or an answer that makes no sense)."""
+    """A node that could not be asked (not running yet, unreachable, or an answer that makes no sense).
+    `status` is the HTTP status of a refusal, None when there was no answer."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def lasting(self) -> bool:
+        """A refusal that asking again will not change (4xx other than 409, which a checkpoint in
+        progress answers and which ends with its hold)."""
+        return self.status is not None and 400 <= self.status < 500 and self.status != 409
 
 
-def url(template: str, *, namespace: str, name: str) -> str:
-    return template.format(pod=f"{name}-0", service=f"{name}-headless", namespace=namespace, name=name)
+def url(template: str, *, namespace: str, name: str, ordinal: int = 0) -> str:
+    """Node `ordinal` of MailDomain `name`: {pod} is <name>-<ordinal>, {ordinal} the number alone."""
+    return template.format(
+        pod=f"{name}-{ordinal}", ordinal=ordinal, service=f"{name}-headless", namespace=namespace, name=name
+    )
+
+
+async def _ask(
+    session: aiohttp.ClientSession,
+    method: str,
+    endpoint: str,
+    *,
+    params: Mapping[str, str] | None = None,
+    body: Mapping[str, Any] | None = None,
+    ok: tuple[int, ...] = (200,),
+    time_limit: aiohttp.ClientTimeout = TIMEOUT,
+) -> tuple[int, Any]:
+    """(status, JSON answer) of one request; NodeError with the node's {"error"} for any other status."""
+    what = f"{method} {endpoint}"
+    try:
+        async with session.request(method, endpoint, params=params, json=body, timeout=time_limit) as response:
+            text = await response.text()
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise NodeError(f"{what}: {error or type(error).__name__}") from error
+    try:
+        data: Any = json.loads(text) if text else {}
+    except ValueError:
+        data = {}
+    if status not in ok:
+        detail = data.get("error") if isinstance(data, dict) else None
+        raise NodeError(f"{what}: HTTP {status}: {detail or text.strip()[:200]}", status=status)
+    if not isinstance(data, dict):
+        raise NodeError(f"{what}: unexpected answer {text[:200]!r}")
+    return status, data
 
 
 async def usage(session: aiohttp.ClientSession, base: str) -> dict[str, Usage]:
     """GET <base>/usage: address -> usage, for every mailbox in the node's directory."""
-    try:
-        async with session.get(f"{base.rstrip('/')}/usage", timeout=aiohttp.ClientTimeout(total=10)) as response:
-            if response.status != 200:
-                raise NodeError(f"{base}/usage: HTTP {response.status}")
-            data: Any = await response.json()
-    except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-        raise NodeError(f"{base}/usage: {error}") from error
+    endpoint = f"{base.rstrip('/')}/usage"
+    _, data = await _ask(session, "GET", endpoint)
     try:
         return {
             str(address): Usage(int(used["bytes"]), int(used["messages"]))
             for address, used in data["mailboxes"].items()
         }
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise NodeError(f"{base}/usage: unexpected answer ({error})") from error
+        raise NodeError(f"GET {endpoint}: unexpected answer ({error})") from error
+
+
+async def checkpoint(session: aiohttp.ClientSession, base: str, *, hold: int) -> Checkpoint:
+    """POST <base>/snapshot?hold=<hold>: the node pauses writes (until `resume` or the hold runs out)."""
+    endpoint = f"{base.rstrip('/')}/snapshot"
+    _, data = await _ask(session, "POST", endpoint, params={"hold": str(hold)}, time_limit=SNAPSHOT_TIMEOUT)
+    if not data.get("pointInTime"):
+        raise NodeError(f"POST {endpoint}: no pointInTime in the answer {data!r}")
+    return Checkpoint(str(data["pointInTime"]), str(data.get("holdUntil") or ""))
+
+
+async def resume(session: aiohttp.ClientSession, base: str) -> float | None:
+    """DELETE <base>/snapshot: writes resume. The seconds they were paused, or None when the node held
+    no checkpoint (409: the hold ran out, or the node restarted)."""
+    status, data = await _ask(session, "DELETE", f"{base.rstrip('/')}/snapshot", ok=(200, 409))
+    if status == 409:
+        return None
+    try:
+        return float(data.get("pausedSeconds") or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _archive(endpoint: str, data: Mapping[str, Any]) -> Archive:
+    state = data.get("state")
+    if state not in ("Running", "Completed", "Failed"):
+        raise NodeError(f"{endpoint}: unexpected archive state {state!r}")
+    return Archive(
+        name=str(data.get("name") or ""),
+        state=str(state),
+        path=str(data.get("path") or ""),
+        point_in_time=str(data["pointInTime"]) if data.get("pointInTime") else None,
+        error=str(data["error"]) if data.get("error") else None,
+    )
+
+
+async def start_archive(session: aiohttp.ClientSession, base: str, name: str) -> Archive:
+    """POST <base>/backups {"name"}: the node writes the archive in the background. Posting a name again
+    returns its record, so this is safe to repeat."""
+    endpoint = f"{base.rstrip('/')}/backups"
+    _, data = await _ask(session, "POST", endpoint, body={"name": name}, ok=(200, 201, 202))
+    return _archive(f"POST {endpoint}", data)
+
+
+async def archive(session: aiohttp.ClientSession, base: str, name: str) -> Archive | None:
+    """GET <base>/backups/<name>: the archive's record, or None when the node knows no such name."""
+    endpoint = f"{base.rstrip('/')}/backups/{name}"
+    status, data = await _ask(session, "GET", endpoint, ok=(200, 404))
+    if status == 404:
+        return None
+    return _archive(f"GET {endpoint}", data)

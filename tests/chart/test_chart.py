@@ -223,9 +223,13 @@ NAMESPACED: dict[tuple[str, str], set[str]] = {
     ("", "pods"): set(),  # in KINDS, never requested: node 0 is reached over HTTP (mailfleet.nodes)
     ("mailfleet.io", "maildomains"): {"get", "list", "watch"},
     ("mailfleet.io", "mailboxes"): {"get", "list", "watch"},
-    ("mailfleet.io", "mailbackups"): {"get", "list", "watch"},
+    ("mailfleet.io", "mailbackups"): {"get", "list", "watch", "create", "delete"},  # schedule and retention
     ("mailfleet.io", "maildomains/status"): {"patch"},
     ("mailfleet.io", "mailboxes/status"): {"patch"},
+    ("mailfleet.io", "mailbackups/status"): {"patch"},
+    # reconcile/backup.py: VolumeSnapshots of a MailBackup (deleted when it fails, or by retention)
+    ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list", "watch", "create", "delete"},
+    ("", "persistentvolumeclaims"): {"get", "list", "create"},  # a backup checks them; a restore makes them
 }
 # kopf: lists and watches CRDs to resolve the resources; with namespaces given, follows namespaces too.
 CRDS = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
@@ -306,6 +310,28 @@ def test_alerts_name_metrics_that_exist() -> None:
     for alert in alerts.values():
         assert alert["labels"]["severity"] in {"warning", "critical"} and alert["annotations"]["summary"]
         assert "{{ $labels" in alert["annotations"]["summary"]  # Prometheus's templating left for Prometheus
+
+
+def test_backup_alerts() -> None:
+    """On the operator's backup metrics (reconcile/backup.py, reconcile/schedule.py); the summaries name only
+    labels the alerting series carry."""
+    rule = the(rendered("monitoring"), "PrometheusRule")
+    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    stale, failing = alerts["MailfleetBackupsStale"], alerts["MailfleetBackupFailing"]
+    assert (stale["expr"], stale["for"]) == ("mailfleet_operator_backups_stale == 1", "15m")
+    assert 'increase(mailfleet_operator_backups_total{result="failed"}[1h])' in failing["expr"]
+    metrics = OperatorMetrics()
+    carried = {
+        "MailfleetBackupsStale": set(metrics.backups_stale._labelnames),
+        "MailfleetBackupFailing": {"method"},  # sum by (method)
+    }
+    assert "sum by (method)" in failing["expr"] and "method" in metrics.backups._labelnames
+    for name, labels in carried.items():
+        named = set(re.findall(r"\$labels\.([a-z_]+)", alerts[name]["annotations"]["summary"]))
+        assert named and named <= labels, name
+    # The MailDomain's namespace label stays namespace (not exported_namespace) when scraped.
+    (endpoint,) = the(rendered("monitoring"), "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["honorLabels"] is True
 
 
 def test_dashboard_is_grafana_json_on_exported_metrics() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -177,3 +178,97 @@ async def status_of(
     obj = await client.get(kind, NAMESPACE, name)
     found = condition(obj, type_)
     return obj if found and all(found.get(k) == v for k, v in expected.items()) else None
+
+
+# Backups (tests/operator/test_backup.py): the add-on VolumeSnapshot API, the node claims, MailBackups.
+
+MAILBACKUP = k8s.kind_of("mailfleet.io/v1alpha1", "MailBackup")
+VOLUMESNAPSHOT = k8s.kind_of("snapshot.storage.k8s.io/v1", "VolumeSnapshot")
+PERSISTENTVOLUMECLAIM = k8s.kind_of("v1", "PersistentVolumeClaim")
+
+
+def serve_backup_kinds(api: ApiServer, *, volume_snapshots: bool = True) -> None:
+    """What the emulator serves beyond RESOURCES for backups: PersistentVolumeClaims, and (unless told
+    not to, as a cluster without the CSI snapshot CRDs) VolumeSnapshots with their status subresource."""
+    import kmock
+
+    from tests.operator.emulator import VERBS
+
+    api.resources["v1/persistentvolumeclaims"] = kmock.ResourceInfo(
+        kind="PersistentVolumeClaim", namespaced=True, verbs=VERBS
+    )
+    if volume_snapshots:
+        api.resources["snapshot.storage.k8s.io/v1/volumesnapshots"] = kmock.ResourceInfo(
+            kind="VolumeSnapshot", namespaced=True, subresources={"status"}, verbs=VERBS
+        )
+
+
+def mailbackup(name: str, domain_ref: str = "example-com", method: str = "VolumeSnapshot") -> dict[str, Any]:
+    return {
+        "apiVersion": "mailfleet.io/v1alpha1",
+        "kind": "MailBackup",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"domainRef": domain_ref, "method": method},
+    }
+
+
+def node_claim(name: str) -> dict[str, Any]:
+    """A node's claim as the StatefulSet controller makes it (the emulator runs no controllers)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+
+
+async def phase_of(client: k8s.Client, name: str, phase: str) -> dict[str, Any] | None:
+    """The MailBackup once its status.phase is `phase`, else None."""
+    obj = await client.get(MAILBACKUP, NAMESPACE, name)
+    return obj if ((obj or {}).get("status") or {}).get("phase") == phase else None
+
+
+# Scheduled backups (tests/operator/test_schedule.py): a clock the test moves, MailBackups already run.
+
+
+class FakeClock:
+    """The operator's Options.clock: the time (UTC) the test sets; it starts at the real time."""
+
+    def __init__(self) -> None:
+        self.now = datetime.datetime.now(datetime.UTC)
+
+    def __call__(self) -> datetime.datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> datetime.datetime:
+        self.now += datetime.timedelta(**delta)
+        return self.now
+
+
+def rfc3339(at: datetime.datetime) -> str:
+    return at.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def finished_backup(
+    client: k8s.Client,
+    name: str,
+    *,
+    completed_at: datetime.datetime,
+    phase: str = "Completed",
+    scheduled: bool = False,
+    method: str = "Archive",
+    error: str | None = None,
+) -> dict[str, Any]:
+    """A MailBackup that has run (the test plays the backup runner): scheduled ones carry the schedule's
+    label and annotation. Created with its status, so the operator's runner never takes it up, and the
+    status written again through the subresource, as a real API server needs."""
+    body = mailbackup(name, method=method)
+    if scheduled:
+        body["metadata"]["labels"] = {"mailfleet.io/scheduled": "true", "mailfleet.io/maildomain": "example-com"}
+        body["metadata"]["annotations"] = {"mailfleet.io/scheduled-at": rfc3339(completed_at.replace(minute=0))}
+    status: dict[str, Any] = {"phase": phase, "startedAt": rfc3339(completed_at), "completedAt": rfc3339(completed_at)}
+    if error is not None:
+        status["error"] = error
+    body["status"] = status
+    await client.create(body)
+    return await client.patch(MAILBACKUP, NAMESPACE, name, {"status": status}, subresource="status")

@@ -41,12 +41,15 @@ KINDS: Final = {
         Kind("v1", "ServiceAccount", "serviceaccounts"),
         Kind("v1", "Event", "events"),
         Kind("v1", "Pod", "pods"),
+        Kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
         Kind("apps/v1", "StatefulSet", "statefulsets"),
         Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
         Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
         Kind("mailfleet.io/v1alpha1", "MailDomain", "maildomains"),
         Kind("mailfleet.io/v1alpha1", "Mailbox", "mailboxes"),
         Kind("mailfleet.io/v1alpha1", "MailBackup", "mailbackups"),
+        # An add-on (the CSI external-snapshotter's CRDs): ask `Client.serves` before using it.
+        Kind("snapshot.storage.k8s.io/v1", "VolumeSnapshot", "volumesnapshots"),
     ]
 }
 
@@ -141,6 +144,17 @@ class Client:
                 raise ApiError(response.status, str(reason), str(message), method=method, path=path)
             result = json.loads(text) if text else {}
             return result if isinstance(result, dict) else {}
+
+    async def serves(self, kind: Kind) -> bool:
+        """Whether the API server serves this kind now (discovery: GET /apis/<group>/<version>), for the
+        kinds of add-ons such as VolumeSnapshot."""
+        try:
+            found = await self.request("GET", kind.prefix)
+        except ApiError as error:
+            if error.not_found:
+                return False
+            raise
+        return any(resource.get("name") == kind.plural for resource in found.get("resources") or [])
 
     async def get(self, kind: Kind, namespace: str | None, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""

@@ -20,6 +20,9 @@ MAILDOMAIN: Final = k8s.kind_of("mailfleet.io/v1alpha1", "MailDomain")
 MAILBOX: Final = k8s.kind_of("mailfleet.io/v1alpha1", "Mailbox")
 SECRET: Final = k8s.kind_of("v1", "Secret")
 STATEFULSET: Final = k8s.kind_of("apps/v1", "StatefulSet")
+MAILBACKUP: Final = k8s.kind_of("mailfleet.io/v1alpha1", "MailBackup")
+VOLUMESNAPSHOT: Final = k8s.kind_of("snapshot.storage.k8s.io/v1", "VolumeSnapshot")
+PERSISTENTVOLUMECLAIM: Final = k8s.kind_of("v1", "PersistentVolumeClaim")
 
 
 class View(Protocol):
@@ -36,6 +39,14 @@ class View(Protocol):
 
     def domain_names(self, namespace: str) -> list[str]:
         """Names of all MailDomains in the namespace."""
+        ...
+
+    def namespaces(self) -> list[str]:
+        """The namespaces that hold MailDomains."""
+        ...
+
+    def backups(self, namespace: str, domain_name: str) -> list[Mapping[str, Any]]:
+        """The MailBackups whose spec.domainRef is `domain_name`, as bodies (with labels and annotations)."""
         ...
 
 

@@ -26,8 +26,19 @@ import pydantic
 from mailfleet import api, k8s, keys, specs
 from mailfleet.reconcile import conditions
 from mailfleet.reconcile.conditions import Condition
-from mailfleet.reconcile.context import MAILBOX, MAILDOMAIN, SECRET, STATEFULSET, Context, DomainKey
+from mailfleet.reconcile.context import (
+    MAILBACKUP,
+    MAILBOX,
+    MAILDOMAIN,
+    PERSISTENTVOLUMECLAIM,
+    SECRET,
+    STATEFULSET,
+    VOLUMESNAPSHOT,
+    Context,
+    DomainKey,
+)
 from mailfleet.reconcile.passwords import is_hash
+from mailfleet.specs import backup as backup_specs
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +48,8 @@ SECRET_LIMIT: Final = 1024 * 1024
 # reading each one.
 LIST_SECRETS_ABOVE: Final = 20
 STATUS_WRITES: Final = 16  # concurrent Mailbox status writes
+# Conditions of the MailDomain written by reconcile/schedule.py (as status.lastBackup is), not here.
+SCHEDULE_CONDITIONS: Final = ("BackupsHealthy",)
 
 
 class Refused(Exception):
@@ -132,6 +145,9 @@ async def _reconcile(ctx: Context, body: Mapping[str, Any]) -> None:
             raise Refused("RelaySecretInvalid", f"Secret {relay_ref.name} (spec.smtp.relaySecretRef) has no password")
         relay_username = relay.get("username") or None
     statefulset_before = await ctx.client.get(STATEFULSET, namespace, specs.common.statefulset_name(domain))
+    restore_claims: list[dict[str, Any]] = []
+    if statefulset_before is None and domain.spec.restore is not None:
+        restore_claims = await _restore_claims(ctx, domain)
 
     mailboxes = await _mailboxes(ctx, domain)
     objects = specs.render(
@@ -156,6 +172,8 @@ async def _reconcile(ctx: Context, body: Mapping[str, Any]) -> None:
         dkim_record = await _dkim(ctx, domain, body)
     at = conditions.now()
     spec_unchanged = (body.get("status") or {}).get("observedGeneration") == domain.metadata.generation
+    for claim in restore_claims:  # before the StatefulSet, which then finds its claims made
+        await _create_restore_claim(ctx, body, claim)
     for obj in objects:
         applied, result = await k8s.apply(ctx.client, obj)
         if obj is statefulset:
@@ -179,6 +197,77 @@ async def _reconcile(ctx: Context, body: Mapping[str, Any]) -> None:
 
     await _write_domain_status(ctx, body, domain, statefulset, len(mailboxes.accepted), dkim_record)
     await _write_mailbox_statuses(ctx, mailboxes.verdicts)
+
+
+async def _restore_claims(ctx: Context, domain: api.MailDomain) -> list[dict[str, Any]]:
+    """The node claims to make from spec.restore.backupName's VolumeSnapshots before the StatefulSet
+    exists (docs/backups.md, Restore), or Refused when they cannot be. None when they were made already
+    (the StatefulSet was deleted since): the backup may be gone by now, and is not needed."""
+    assert domain.spec.restore is not None
+    namespace, name = specs.common.namespace(domain), domain.spec.restore.backup_name
+    missing = []
+    for ordinal in range(domain.spec.replicas):
+        claim = backup_specs.restore_claim(domain, name, ordinal)
+        source, claim_name = claim["spec"]["dataSource"], claim["metadata"]["name"]
+        existing = await ctx.client.get(PERSISTENTVOLUMECLAIM, namespace, claim_name)
+        if existing is None:
+            missing.append(claim)
+        elif not _same_source((existing.get("spec") or {}).get("dataSource"), source):
+            raise Refused(
+                "RestoreClaimExists",
+                f"PersistentVolumeClaim {claim_name} already exists and was not made from VolumeSnapshot "
+                f"{source['name']}: its data would be used instead of the backup's (delete it to restore)",
+            )
+    if not missing:
+        return []
+
+    what = f"MailBackup {name} (spec.restore.backupName)"
+    backup = await ctx.client.get(MAILBACKUP, namespace, name)
+    if backup is None:
+        raise Refused("RestoreBackupNotFound", f"{what} does not exist in namespace {namespace}")
+    method = (backup.get("spec") or {}).get("method") or "VolumeSnapshot"
+    if method != "VolumeSnapshot":
+        raise Refused(
+            "RestoreBackupNotVolumeSnapshot",
+            f"{what} is an {method} backup; a restore starts the volumes from VolumeSnapshots "
+            "(restore an archive with mailnode restore)",
+        )
+    status = backup.get("status") or {}
+    if (phase := status.get("phase")) != "Completed":
+        raise Refused("RestoreBackupNotCompleted", f"{what} is {phase or 'not started'}, not Completed")
+    if not await ctx.client.serves(VOLUMESNAPSHOT):
+        raise Refused(
+            "VolumeSnapshotAPIMissing",
+            f"cannot restore {what}: the VolumeSnapshot API (snapshot.storage.k8s.io/v1) is not served by this "
+            "cluster; install the CSI snapshot CRDs and snapshot controller",
+        )
+    taken = list(status.get("snapshots") or [])
+    for claim in missing:
+        snapshot = claim["spec"]["dataSource"]["name"]
+        if snapshot not in taken or await ctx.client.get(VOLUMESNAPSHOT, namespace, snapshot) is None:
+            raise Refused(
+                "RestoreSnapshotNotFound",
+                f"{what} has no VolumeSnapshot {snapshot} for PersistentVolumeClaim {claim['metadata']['name']} "
+                f"(it lists {', '.join(taken) or 'none'})",
+            )
+    return missing
+
+
+def _same_source(found: object, wanted: Mapping[str, Any]) -> bool:
+    return isinstance(found, Mapping) and all(found.get(key) == value for key, value in wanted.items())
+
+
+async def _create_restore_claim(ctx: Context, body: Mapping[str, Any], claim: dict[str, Any]) -> None:
+    try:
+        await ctx.client.create(claim)
+    except k8s.ApiError as error:
+        if error.conflict:  # made meanwhile (by an earlier reconcile that failed after it)
+            return
+        raise
+    ctx.metrics.applied.labels("PersistentVolumeClaim", "created").inc()
+    source = claim["spec"]["dataSource"]["name"]
+    message = f"created PersistentVolumeClaim {claim['metadata']['name']} from VolumeSnapshot {source}"
+    await ctx.recorder.event(body, "Restored", message, at=conditions.now())
 
 
 async def _dkim(ctx: Context, domain: api.MailDomain, body: Mapping[str, Any]) -> str:
@@ -423,6 +512,8 @@ async def _patch_domain_status(
     status = body.get("status") or {}
     generation = meta.get("generation")
     merged = conditions.merge(status.get("conditions"), wanted, generation=generation, at=conditions.now())
+    # The status patch replaces the whole list: the conditions the backup schedule writes go back as read.
+    merged += [dict(c) for c in status.get("conditions") or () if c.get("type") in SCHEDULE_CONDITIONS]
     patch: dict[str, Any] = {"observedGeneration": generation, **fields}
     if conditions.same(status.get("conditions"), merged) and all(status.get(k) == v for k, v in patch.items()):
         return

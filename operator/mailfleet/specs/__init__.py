@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from mailfleet import api
+from mailfleet.specs import common
 from mailfleet.specs.common import checksum, labels, owner_reference, with_owner
 from mailfleet.specs.network import client_service, dns_records, headless_service, network_policy
 from mailfleet.specs.node import directory, directory_content, node_config, password_key
@@ -78,7 +79,7 @@ def render(
     """Every object of the domain, in apply order: what is mounted or referenced comes before the
     StatefulSet that uses it. The DKIM Secret is included when the key is given (the caller makes it
     once and keeps it; a builder makes no keys). `passwords`: see `directory`."""
-    config_yaml = dump(node_config(domain, relay_username=relay_username))
+    config_yaml = dump(node_config(domain, relay_username=relay_username, backup_dir=common.BACKUP_DIR))
     objects = [
         service_account(domain),
         config_map(domain, config_yaml),

@@ -29,6 +29,9 @@ TLS_DIR: Final = "/etc/mailnode/tls"
 DKIM_DIR: Final = "/etc/mailnode/dkim"
 DKIM_KEY: Final = "private.pem"
 RELAY_DIR: Final = "/etc/mailnode/relay"
+# Where spec.backup.archiveClaimName is mounted (each pod in its own subdirectory of the claim); without
+# a claim the node writes its archives to <data_dir>/backups, on its own volume.
+BACKUP_DIR: Final = "/var/lib/mailnode-backups"
 
 # The mail node image the operator runs unless told otherwise (`mailfleet operator --image`).
 DEFAULT_IMAGE: Final = "ghcr.io/mailfleet/mailfleet:latest"

@@ -26,10 +26,13 @@ def node_config(
     directory_file: str = f"{common.DIRECTORY_DIR}/{common.DIRECTORY_KEY}",
     tls_dir: str | None = common.TLS_DIR,
     relay_username: str | None = None,
+    backup_dir: str | None = None,
 ) -> dict[str, Any]:
     """The node config of the domain's nodes. `tls_dir` is where the TLS Secret is mounted (no TLS when
     spec.tls is unset, whatever tls_dir says); `relay_username` comes from spec.smtp.relaySecretRef's
-    Secret, which the caller reads (the password stays in the Secret, mounted as a file)."""
+    Secret, which the caller reads (the password stays in the Secret, mounted as a file); `backup_dir` is
+    where spec.backup.archiveClaimName is mounted (the StatefulSet mounts it at common.BACKUP_DIR; None, or no
+    claim: the node's own <data_dir>/backups)."""
     spec = domain.spec
     entry: dict[str, Any] = {"domain": spec.domain, "alias_domains": list(spec.alias_domains)}
     if spec.dkim is not None:
@@ -53,6 +56,8 @@ def node_config(
         "listen": {"host": "0.0.0.0", **common.CONTAINER_PORTS},
         "smtp": smtp,
     }
+    if spec.backup is not None and spec.backup.archive_claim_name is not None and backup_dir is not None:
+        config["backup"] = {"dir": backup_dir}
     if spec.tls is not None and tls_dir is not None:
         config["tls"] = {"cert_file": f"{tls_dir}/tls.crt", "key_file": f"{tls_dir}/tls.key"}
     return config

@@ -115,7 +115,23 @@ def _volumes(domain: api.MailDomain) -> tuple[list[dict[str, Any]], list[dict[st
             }
         )
         mounts.append({"name": "relay", "mountPath": common.RELAY_DIR, "readOnly": True})
+    if spec.backup is not None and spec.backup.archive_claim_name is not None:
+        volumes.append({"name": "backups", "persistentVolumeClaim": {"claimName": spec.backup.archive_claim_name}})
+        # One directory per pod: nodes sharing the claim never write the same <backup>.tar.
+        mounts.append({"name": "backups", "mountPath": common.BACKUP_DIR, "subPathExpr": "$(POD_NAME)"})
     return volumes, mounts
+
+
+def claim_spec(domain: api.MailDomain) -> dict[str, Any]:
+    """The spec of each node's "data" PersistentVolumeClaim: the StatefulSet's claim template, and the
+    claims a restore creates before it (specs.backup.restore_claim)."""
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": domain.spec.storage.size}},
+    }
+    if domain.spec.storage.storage_class_name is not None:
+        spec["storageClassName"] = domain.spec.storage.storage_class_name
+    return spec
 
 
 def statefulset(domain: api.MailDomain, *, image: str, config_checksum: str) -> dict[str, Any]:
@@ -146,12 +162,8 @@ def statefulset(domain: api.MailDomain, *, image: str, config_checksum: str) -> 
     }
     if resources := _resources(spec.resources):
         container["resources"] = resources
-    claim_spec: dict[str, Any] = {
-        "accessModes": ["ReadWriteOnce"],
-        "resources": {"requests": {"storage": spec.storage.size}},
-    }
-    if spec.storage.storage_class_name is not None:
-        claim_spec["storageClassName"] = spec.storage.storage_class_name
+    if any(mount.get("subPathExpr") for mount in mounts):
+        container["env"] = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -182,7 +194,12 @@ def statefulset(domain: api.MailDomain, *, image: str, config_checksum: str) -> 
                 },
             },
             "volumeClaimTemplates": [
-                {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"}, "spec": claim_spec}
+                {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": "data"},
+                    "spec": claim_spec(domain),
+                }
             ],
         },
     }

@@ -1,0 +1,199 @@
+"""A fake mail node: the admin endpoints a MailBackup uses (docs/backups.md: POST and DELETE /snapshot,
+POST /backups, GET /backups/<name>), over real HTTP on 127.0.0.1, recording every call in order.
+
+The operator's tests (tests/operator/test_backup.py on kmock, tests/cluster/test_backup.py on a real API
+server) point the operator's node URL at it. Switches make it refuse: `refuse_snapshot` answers every
+checkpoint with an error, `unavailable` answers the next N calls 503, `archive_error` fails the archives.
+`on_resume` runs when the operator resumes writes, before the node answers: the test looks at the
+Kubernetes API from there (is the VolumeSnapshot there, is it cut?), which is the order that matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import aiohttp.web
+
+STORE_NOT_OPEN = "the store is not open"
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    query: dict[str, str]
+    status: int  # what the fake answered
+    at: float  # time.time() when it answered
+
+    @property
+    def endpoint(self) -> str:
+        """ "POST /snapshot", "GET /backups/<name>"."""
+        return f"{self.method} {self.path}"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+class FakeNode:
+    def __init__(self, *, backup_dir: str = "/var/lib/mailnode/backups", max_hold: int = 60) -> None:
+        self.backup_dir, self.max_hold = backup_dir, max_hold
+        self.calls: list[Call] = []
+        self.refuse_snapshot: tuple[int, str] | None = None  # (HTTP status, error) for every POST /snapshot
+        self.unavailable = 0  # answer this many next calls 503, as a node whose store is not open yet
+        self.archive_error: str | None = None  # archives end Failed with this error
+        self.archive_seconds = 0.2  # how long an archive takes to write
+        self.on_resume: Callable[[], Awaitable[Any]] | None = None
+        self.seen_at_resume: list[Any] = []  # what on_resume returned, at each DELETE /snapshot
+        self.point_in_time: str | None = None  # of the last checkpoint
+        self.archives: dict[str, dict[str, Any]] = {}
+        self.holds_expired = 0
+        self._hold: asyncio.TimerHandle | None = None
+        self._paused_at = 0.0
+        self._runner: aiohttp.web.AppRunner | None = None
+        self.url = ""
+
+    @property
+    def paused(self) -> bool:
+        return self._hold is not None
+
+    def endpoints(self, *, ok_only: bool = False) -> list[str]:
+        return [call.endpoint for call in self.calls if not ok_only or call.status < 300]
+
+    async def start(self) -> str:
+        app = aiohttp.web.Application(middlewares=[self._record])
+        app.router.add_post("/snapshot", self._checkpoint)
+        app.router.add_delete("/snapshot", self._resume)
+        app.router.add_post("/backups", self._start_archive)
+        app.router.add_get("/backups/{name}", self._archive)
+        self._runner = aiohttp.web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._hold is not None:
+            self._hold.cancel()
+            self._hold = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @aiohttp.web.middleware
+    async def _record(
+        self,
+        request: aiohttp.web.Request,
+        handler: Callable[[aiohttp.web.Request], Awaitable[aiohttp.web.StreamResponse]],
+    ) -> aiohttp.web.StreamResponse:
+        if self.unavailable > 0:
+            self.unavailable -= 1
+            response: aiohttp.web.StreamResponse = _error(503, STORE_NOT_OPEN)
+        else:
+            response = await handler(request)
+        self.calls.append(Call(request.method, request.path, dict(request.query), response.status, time.time()))
+        return response
+
+    async def _checkpoint(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        if self.refuse_snapshot is not None:
+            return _error(*self.refuse_snapshot)
+        try:
+            hold = int(request.query.get("hold", "60"))
+        except ValueError:
+            return _error(400, "hold must be a number of seconds")
+        if not 1 <= hold <= self.max_hold:
+            return _error(400, f"hold must be 1..{self.max_hold} seconds")
+        if self._hold is not None:
+            return _error(409, "a checkpoint is already in progress")
+        self._hold = asyncio.get_running_loop().call_later(hold, self._expire)
+        self._paused_at = time.monotonic()
+        self.point_in_time = _now()
+        until = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=hold)).isoformat()
+        return aiohttp.web.json_response(
+            {"pointInTime": self.point_in_time, "holdUntil": until, "mailboxes": 1, "messages": 2, "queued": 0}
+        )
+
+    def _expire(self) -> None:
+        self._hold = None
+        self.holds_expired += 1
+
+    async def _resume(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        if not self.paused:
+            return _error(409, "no checkpoint in progress")
+        if self.on_resume is not None:
+            self.seen_at_resume.append(await self.on_resume())
+        hold, self._hold = self._hold, None
+        if hold is None:  # ran out while on_resume looked
+            return _error(409, "no checkpoint in progress")
+        hold.cancel()
+        return aiohttp.web.json_response({"pausedSeconds": round(time.monotonic() - self._paused_at, 3)})
+
+    async def _start_archive(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        name = str((await request.json()).get("name") or "")
+        if not name:
+            return _error(400, "name is required")
+        if name in self.archives:
+            return aiohttp.web.json_response(self.archives[name])
+        record: dict[str, Any] = {
+            "name": name,
+            "state": "Running",
+            "path": f"{self.backup_dir}/{name}.tar",
+            "pointInTime": _now(),
+            "mailboxes": 1,
+            "messages": 2,
+            "bytes": 0,
+            "error": None,
+        }
+        self.archives[name] = record
+        asyncio.get_running_loop().call_later(self.archive_seconds, self._archive_written, record)
+        return aiohttp.web.json_response(record, status=202)
+
+    def _archive_written(self, record: dict[str, Any]) -> None:
+        if self.archive_error is not None:
+            record.update(state="Failed", error=self.archive_error)
+        else:
+            record.update(state="Completed", bytes=4096)
+
+    async def _archive(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        record = self.archives.get(request.match_info["name"])
+        if record is None:
+            return _error(404, f"no backup {request.match_info['name']}")
+        return aiohttp.web.json_response(record)
+
+
+def _error(status: int, message: str) -> aiohttp.web.Response:
+    return aiohttp.web.json_response({"error": message}, status=status)
+
+
+@contextmanager
+def serving(node: FakeNode) -> Iterator[FakeNode]:
+    """The fake node in a thread with its own event loop, for tests that are not coroutines (tests/cluster).
+    Its `on_resume` then runs in that loop."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(node.start())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="fake mail node", daemon=True)
+    thread.start()
+    if not started.wait(10):
+        raise RuntimeError("the fake node did not start")
+    try:
+        yield node
+    finally:
+        asyncio.run_coroutine_threadsafe(node.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
