@@ -82,6 +82,7 @@ def _operator(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             resync=args.resync,
             usage_interval=args.usage_interval,
+            schedule_interval=args.schedule_interval,
             node_url=args.node_url,
         )
     )
@@ -205,10 +206,18 @@ def main(argv: list[str] | None = None) -> int:
         f"(default {defaults.usage_interval:.0f})",
     )
     operator_command.add_argument(
+        "--schedule-interval",
+        metavar="SECONDS",
+        type=float,
+        default=defaults.schedule_interval,
+        help="look this often for scheduled backups that are due, old backups to delete and stale ones; 0: never "
+        f"(default {defaults.schedule_interval:.0f})",
+    )
+    operator_command.add_argument(
         "--node-url",
         metavar="TEMPLATE",
         default=defaults.node_url,
-        help="where node 0 of a MailDomain answers, with {pod} {service} {namespace} {name} "
+        help="where node <ordinal> of a MailDomain answers, with {pod} {ordinal} {service} {namespace} {name} "
         f"(default {defaults.node_url})",
     )
     operator_command.add_argument("--verbose", action="store_true", help="log at debug level")

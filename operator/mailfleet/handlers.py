@@ -361,9 +361,13 @@ async def mailbox_event(type: str, body: kopf.Body, **_: Any) -> None:
 async def mailbackup_event(type: str | None, body: kopf.Body, **_: Any) -> None:
     """A MailBackup neither Completed nor Failed is taken (reconcile/backup.py), once at a time. A coroutine:
     kopf runs it in the operator's event loop, where the backups' tasks live."""
-    backups = running().backups
-    if backups is not None:
-        backups.observe(type, body)
+    state = running()
+    if state.backups is not None:
+        state.backups.observe(type, body)
+    if (body.status or {}).get("phase") == "Completed" and _indices:
+        # a MailDomain refused while the backup it restores from was not complete can go ahead now
+        for name in IndexView(_indices).domain_names(str(body.metadata.namespace)):
+            state.ctx.enqueue((str(body.metadata.namespace), name))
 
 
 def _owned(kind: tuple[str, str, str]) -> None:

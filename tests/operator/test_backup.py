@@ -457,3 +457,23 @@ async def test_a_restore_that_cannot_be_done_is_refused_with_nothing_written(
     assert written <= {("maildomains", None), ("maildomains", "status"), ("events", None)}
     assert await client.get(STATEFULSET, NAMESPACE, "example-com") is None
     assert await client.get(CONFIGMAP, NAMESPACE, "example-com-config") is None
+
+
+async def test_a_restore_waiting_for_its_backup_goes_ahead_when_the_backup_completes(api: ApiServer, client) -> None:
+    """The MailDomain is refused while the backup is not Completed; the backup's completion (a MailBackup
+    event) reconciles it again at once, not at the next resync (300 s here)."""
+    serve_backup_kinds(api)
+    await client.create(mailbackup("b1", domain_ref="old"))
+    await set_status(client, MAILBACKUP, "b1", {"phase": "Failed", "error": "the node did not answer"})
+    async with run_operator():
+        await client.create(maildomain(restore={"backupName": "b1"}))
+        await eventually(
+            lambda: status_of(
+                client, MAILDOMAIN, "example-com", "Degraded", status="True", reason="RestoreBackupNotCompleted"
+            )
+        )
+        await client.delete(MAILBACKUP, NAMESPACE, "b1")
+        await completed_backup(client)
+        await eventually(lambda: client.get(STATEFULSET, NAMESPACE, "example-com"), what="the StatefulSet", within=10)
+    claim = await client.get(PERSISTENTVOLUMECLAIM, NAMESPACE, "data-example-com-0")
+    assert claim is not None and claim["spec"]["dataSource"]["name"] == "b1-0"
