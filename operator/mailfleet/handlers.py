@@ -364,7 +364,7 @@ async def mailbackup_event(type: str | None, body: kopf.Body, **_: Any) -> None:
     state = running()
     if state.backups is not None:
         state.backups.observe(type, body)
-    if (body.status or {}).get("phase") == "Completed" and _indices:
+    if body.status.get("phase") == "Completed" and _indices:
         # a MailDomain refused while the backup it restores from was not complete can go ahead now
         for name in IndexView(_indices).domain_names(str(body.metadata.namespace)):
             state.ctx.enqueue((str(body.metadata.namespace), name))
