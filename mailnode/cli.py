@@ -1,26 +1,37 @@
 """The `mailnode` command: `serve --config FILE` runs a node; `hash-password` prints an argon2id hash
 of a password read from standard input; `dkim-keygen` and `dkim-record` make a domain's DKIM key and
 print the DNS record to publish; `queue list | retry ID | delete ID` show and change a running node's
-outbound queue through its admin HTTP endpoints (which accept changes only from loopback)."""
+outbound queue through its admin HTTP endpoints (which accept changes only from loopback).
+
+Backups (docs/backups.md, "Commands"): `backup --to FILE|DIR` streams a running node's GET /backup into a
+file, checking the archive as it arrives; `verify FILE` checks an archive on its own; `restore --from
+FILE --data-dir DIR` restores a whole (stopped) node, and `restore --from FILE --mailbox ADDRESS [--as
+ADDRESS]` one mailbox into the running node (POST /restore). Progress goes to stderr when it is a
+terminal; the archive work itself is mailnode.backup.archive's."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import getpass
+import http.client
 import json
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from mailnode import dkim, logs, passwords
+from mailnode.backup import archive
 from mailnode.config import ConfigError, load_node_config
 from mailnode.node import Node
+from mailnode.store import durable
 
 
 async def _serve(config_path: Path) -> int:
@@ -112,21 +123,35 @@ class _AdminError(Exception):
     """A request to the node's admin endpoints failed; the message says why, for stderr."""
 
 
-def _admin_request(base: str, method: str, path: str) -> Any:
-    request = urllib.request.Request(f"{base}{path}", method=method)
+def _admin_open(
+    base: str, method: str, path: str, *, body: Any = None, timeout: float = 30
+) -> http.client.HTTPResponse:
+    """A 2xx answer of the node, for the caller to read (and close). `timeout` bounds each wait for the
+    node (connecting, each read), not the whole exchange."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {} if body is None else {"Content-Type": "application/json"}
+    request = urllib.request.Request(f"{base}{path}", data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
+        response: http.client.HTTPResponse = urllib.request.urlopen(request, timeout=timeout)
+        return response
     except urllib.error.HTTPError as error:
-        body = error.read()
+        answer = error.read()
         try:
-            detail = json.loads(body)["error"]
+            detail = json.loads(answer)["error"]
         except (ValueError, KeyError, TypeError):
-            detail = body.decode(errors="replace").strip() or error.reason
+            detail = answer.decode(errors="replace").strip() or error.reason
         raise _AdminError(f"{method} {base}{path}: {error.code} {detail}") from error
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise _AdminError(f"cannot reach the node at {base}: {reason}") from error
+
+
+def _admin_request(base: str, method: str, path: str, *, body: Any = None, timeout: float = 30) -> Any:
+    try:
+        with _admin_open(base, method, path, body=body, timeout=timeout) as response:
+            return json.loads(response.read())
+    except (OSError, http.client.HTTPException) as error:
+        raise _AdminError(f"{method} {base}{path}: the answer broke off: {error}") from error
     except ValueError as error:
         raise _AdminError(f"{method} {base}{path}: not a JSON answer") from error
 
@@ -183,6 +208,179 @@ def _queue(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- backups --------------------------------------------------------------------------------------------
+
+BACKUP_TIMEOUT = 600  # seconds the node may take to answer: a checkpoint, then staging every file
+RESTORE_TIMEOUT = 3600  # POST /restore answers once every message is in
+
+
+class _Meter:
+    """Progress as one updating line on stderr, only when stderr is a terminal; `clear` removes it."""
+
+    def __init__(self, verb: str) -> None:
+        self._verb = verb
+        self._shown = False
+        self._enabled = sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self._enabled or now - self._last < 0.2:
+            return
+        self._last = now
+        line = f"{self._verb} {_megabytes(done)}"
+        if total:
+            line += f" of {_megabytes(total)} ({min(100, done * 100 // total)}%)"
+        sys.stderr.write(f"\r{line}\x1b[K")
+        sys.stderr.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self._shown = False
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1_000_000:.1f} MB"
+
+
+def _when(summary: archive.Summary) -> str:
+    return summary.point_in_time.isoformat()
+
+
+def _archive_name(node: str, point_in_time: datetime.datetime) -> str:
+    stamp = point_in_time.astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"mailnode-{node.replace('/', '_')}-{stamp}.tar"
+
+
+def _backup(args: argparse.Namespace) -> int:
+    target: Path = args.to
+    into_dir = target.is_dir()
+    if not into_dir and target.exists():
+        print(f"mailnode backup: {target} exists; not overwriting a backup", file=sys.stderr)
+        return 1
+    if not into_dir and not target.parent.is_dir():
+        print(f"mailnode backup: no directory {target.parent}", file=sys.stderr)
+        return 1
+    base = _admin_url(args.url, args.config)
+    meter = _Meter("received")
+    try:
+        with _admin_open(base, "GET", "/backup", timeout=BACKUP_TIMEOUT) as response:
+            final = target if not into_dir else _named_by_headers(target, response)
+            unnamed = final or target / f"mailnode-backup-{os.getpid()}.tar"  # named once the archive is in
+            partial = unnamed.with_name(f"{unnamed.name}.partial")
+            compress = not into_dir and archive.is_compressed(target)
+            try:
+                summary = _receive(response, partial, base=base, meter=meter, compress=compress)
+                final = final or target / _archive_name(summary.node, summary.point_in_time)
+                if into_dir and final.exists():
+                    raise FileExistsError(f"{final} exists; not overwriting a backup")
+                partial.replace(final)
+                durable.fsync_dir(final.parent)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+    except (_AdminError, archive.ArchiveError) as error:
+        meter.clear()
+        print(f"mailnode backup: {error}", file=sys.stderr)
+        return 1
+    except http.client.HTTPException as error:  # the node ended the answer early (IncompleteRead)
+        meter.clear()
+        print(f"mailnode backup: GET {base}/backup: the archive broke off: {error!r}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        meter.clear()
+        print(f"mailnode backup: {error}", file=sys.stderr)
+        return 1
+    meter.clear()
+    print(
+        f"wrote {final}: {len(summary.mailboxes)} mailboxes, {summary.messages} messages, "
+        f"{final.stat().st_size} bytes, point in time {_when(summary)}"
+    )
+    return 0
+
+
+def _named_by_headers(directory: Path, response: http.client.HTTPResponse) -> Path | None:
+    """DIR/mailnode-<node>-<time>.tar from the answer's headers, or None to name it after the archive's
+    own header once it is in."""
+    node, written = response.headers.get("X-Mailfleet-Node"), response.headers.get("X-Mailfleet-Point-In-Time")
+    try:
+        return directory / _archive_name(node, datetime.datetime.fromisoformat(written)) if node and written else None
+    except ValueError:
+        return None
+
+
+def _receive(
+    response: http.client.HTTPResponse, partial: Path, *, base: str, meter: _Meter, compress: bool
+) -> archive.Summary:
+    """The archive from the node into `partial` (gzipped if `compress`), checked as it arrives, then
+    fsynced."""
+    try:  # X-Mailfleet-Bytes counts the files; each adds a tar header and on average half a block
+        total = int(response.headers.get("X-Mailfleet-Bytes") or 0)
+        total += 768 * int(response.headers.get("X-Mailfleet-Messages") or 0)
+    except ValueError:
+        total = 0
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        sink = archive.compressing(file) if compress else file
+        summary = archive.receive(
+            cast(BinaryIO, response), cast(BinaryIO, sink), label=f"GET {base}/backup", progress=meter, total=total
+        )
+        if sink is not file:
+            sink.close()
+        file.flush()
+        os.fsync(file.fileno())
+    return summary
+
+
+def _verify(path: Path) -> int:
+    meter = _Meter("checked")
+    try:
+        summary = archive.verify(path, progress=meter)
+    except archive.ArchiveError as error:
+        meter.clear()
+        print(f"mailnode verify: {error}", file=sys.stderr)
+        return 1
+    meter.clear()
+    print(
+        f"{path}: OK — {len(summary.mailboxes)} mailboxes, {summary.messages} messages, queue {summary.queued}, "
+        f"point in time {_when(summary)}"
+    )
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    source: Path = args.source
+    if args.data_dir is not None:
+        meter = _Meter("restored")
+        try:
+            summary = archive.restore_node(source, args.data_dir, progress=meter)
+        except (archive.ArchiveError, OSError) as error:
+            meter.clear()
+            print(f"mailnode restore: {error}", file=sys.stderr)
+            return 1
+        meter.clear()
+        print(
+            f"restored {source} into {args.data_dir}: {len(summary.mailboxes)} mailboxes, {summary.messages} "
+            f"messages, queue {summary.queued}, point in time {_when(summary)}"
+        )
+        return 0
+    body = {"archive": str(source.absolute()), "mailbox": args.mailbox, "as": args.as_address or args.mailbox}
+    try:
+        base = _admin_url(args.url, args.config)
+        result = _admin_request(base, "POST", "/restore", body=body, timeout=RESTORE_TIMEOUT)
+        print(f"restored {result['restored']} messages into {result['mailbox']} ({result['skipped']} already there)")
+    except _AdminError as error:
+        print(f"mailnode restore: {error}", file=sys.stderr)
+        return 1
+    except (KeyError, TypeError) as error:
+        print(f"mailnode restore: POST /restore: an answer without {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mailnode", description="A Mailfleet mail node.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -208,13 +406,32 @@ def main(argv: list[str] | None = None) -> int:
     queue_list.add_argument("--json", action="store_true", help="print GET /queue as JSON")
     for name, text in (("retry", "try a message's pending recipients now"), ("delete", "drop a message, no bounce")):
         queue_commands.add_parser(name, parents=[where], help=text).add_argument("id", help="message id")
+    backup = commands.add_parser("backup", parents=[where], help="write a running node's archive to a file")
+    backup.add_argument(
+        "--to", type=Path, required=True, help="the archive file (.tar, or .tar.gz / .tgz), or a directory for it"
+    )
+    verify = commands.add_parser("verify", help="check an archive: every SHA-256, nothing missing or extra")
+    verify.add_argument("file", type=Path)
+    restore = commands.add_parser(
+        "restore", parents=[where], help="restore a whole node (stopped) or one mailbox (into the running node)"
+    )
+    restore.add_argument("--from", dest="source", type=Path, required=True, help="the archive")
+    what = restore.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data-dir", type=Path, help="restore the whole node into this data directory (without mail)")
+    what.add_argument("--mailbox", help="restore this mailbox of the archive into the running node")
+    restore.add_argument("--as", dest="as_address", help="into this mailbox of the node (default: --mailbox)")
     args = parser.parse_args(argv)
-    if args.command == "queue":
+    if args.command == "restore" and args.data_dir is not None and (args.as_address or args.url or args.config):
+        restore.error("--as, --url and --config go with --mailbox")
+    if args.command in ("queue", "backup", "restore"):
+        run = {"queue": _queue, "backup": _backup, "restore": _restore}[args.command]
         try:
-            return _queue(args)
+            return run(args)
         except ConfigError as error:
             print(f"mailnode: {error}", file=sys.stderr)
             return 2
+    if args.command == "verify":
+        return _verify(args.file)
     if args.command == "hash-password":
         return _hash_password()
     if args.command == "dkim-keygen":

@@ -170,6 +170,14 @@ class AuthConfig(_Model):
     cache_ttl: float = pydantic.Field(300.0, ge=0)
 
 
+class BackupConfig(_Model):
+    """Checkpoints and archives (docs/backups.md)."""
+
+    dir: Path | None = None  # where POST /backups writes archives; default <data_dir>/backups
+    # The longest a POST /snapshot may hold writes (its `hold`, 1..max_hold seconds).
+    max_hold: float = pydantic.Field(600.0, ge=1)
+
+
 class DKIMConfig(_Model):
     selector: str = pydantic.Field("mail", pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?$")
     key_file: Path  # RSA private key, PEM (`mailnode dkim-keygen`)
@@ -193,6 +201,7 @@ class NodeConfig(_Model):
     smtp: SMTPConfig = SMTPConfig()
     imap: IMAPConfig = IMAPConfig()
     auth: AuthConfig = AuthConfig()
+    backup: BackupConfig = BackupConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @pydantic.model_validator(mode="after")
@@ -212,6 +221,10 @@ class NodeConfig(_Model):
             mapping[domain.domain] = domain.domain
             mapping.update((alias, domain.domain) for alias in domain.alias_domains)
         return mapping
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.backup.dir if self.backup.dir is not None else self.data_dir / "backups"
 
 
 class ConfigError(Exception):
@@ -258,12 +271,16 @@ def load_node_config(path: Path) -> NodeConfig:
         else d
         for d in config.domains
     ]
+    backup = config.backup
+    if backup.dir is not None:
+        backup = backup.model_copy(update={"dir": rooted(backup.dir)})
     return config.model_copy(
         update={
             "data_dir": rooted(config.data_dir),
             "directory_file": rooted(config.directory_file),
             "tls": tls,
             "domains": domains,
+            "backup": backup,
         }
     )
 

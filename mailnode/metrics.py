@@ -77,6 +77,39 @@ class NodeMetrics:
             registry=r,
         )
         self.bounces = prom.Counter("mailnode_bounces", "Bounce messages sent for undeliverable mail", registry=r)
+        # Checkpoints and backups (mailnode.backup)
+        self.checkpoints = prom.Counter(
+            "mailnode_checkpoints",
+            "Checkpoints (POST /snapshot and the staging of archives), by result",
+            ["result"],
+            registry=r,
+        )
+        self.writes_paused = prom.Gauge(
+            "mailnode_writes_paused", "1 while a checkpoint holds writes (SMTP answers 451, IMAP waits)", registry=r
+        )
+        self.checkpoint_pause_seconds = prom.Histogram(
+            "mailnode_checkpoint_pause_seconds",
+            "How long each checkpoint held writes",
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0),
+        )
+        self.checkpoint_hold_expired = prom.Counter(
+            "mailnode_checkpoint_hold_expired",
+            "Checkpoints whose hold ran out before DELETE /snapshot (writes resumed by themselves)",
+            registry=r,
+        )
+        self.backups = prom.Counter(
+            "mailnode_backups", "Archives written (GET /backup, POST /backups), by result", ["result"], registry=r
+        )
+        self.backup_last_success = prom.Gauge(
+            "mailnode_backup_last_success_timestamp_seconds", "Unix time the last archive was completed", registry=r
+        )
+        self.backup_bytes = prom.Gauge(
+            "mailnode_backup_bytes", "Size in bytes of the last archive completed", registry=r
+        )
+        for result in ("ok", "failed"):
+            self.checkpoints.labels(result)
+            self.backups.labels(result)
         for result in ("delivered", "deferred", "failed"):
             self.delivery_attempts.labels(result)
         for result in ("success", "failure"):

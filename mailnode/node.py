@@ -1,5 +1,8 @@
 """A mail node: the store, the directory, the SMTP listeners and the HTTP endpoints, started and
 stopped together. `mailnode serve` runs one; tests start several in one process on port 0.
+
+One WriteFence is shared by the store and the outbound queue, so the node's Checkpoint can hold every
+write at once; archives are written on a Gateway of their own (mailnode.backup).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import contextlib
 import logging
 import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +20,9 @@ from aiohttp import web
 from mailnode import dkim
 from mailnode.admin import http
 from mailnode.auth import Authenticator
+from mailnode.backup import restore
+from mailnode.backup.checkpoint import Checkpoint
+from mailnode.backup.jobs import BackupJobs
 from mailnode.config import ConfigError, DirectoryWatcher, NodeConfig
 from mailnode.gateway import Gateway
 from mailnode.imap import server as imap
@@ -25,6 +32,7 @@ from mailnode.queue.delivery import Deliverer
 from mailnode.queue.spool import Spool
 from mailnode.smtp import server as smtp
 from mailnode.smtp.inbound import InboundChecker
+from mailnode.store.fence import WriteFence
 from mailnode.store.mailstore import Delivery, MailStore
 
 log = logging.getLogger(__name__)
@@ -47,7 +55,8 @@ class Node:
         # a read must not queue behind writes that wait.
         self.gateway = gateway or Gateway(workers=16)
         self.metrics = metrics or NodeMetrics()
-        self.store = MailStore(config.data_dir, gateway=self.gateway)
+        self.fence = WriteFence()  # every durable write passes it; a checkpoint pauses it
+        self.store = MailStore(config.data_dir, gateway=self.gateway, fence=self.fence)
         self.watcher = DirectoryWatcher(
             config.directory_file,
             domains=config.alias_domain_map(),
@@ -66,7 +75,17 @@ class Node:
             cache_ttl=config.auth.cache_ttl,
         )
         self.metrics.track_store(size=self.store.total_bytes, messages=self.store.total_messages)
-        self.spool = Spool(config.data_dir / "queue", gateway=self.gateway)
+        self.spool = Spool(config.data_dir / "queue", gateway=self.gateway, fence=self.fence)
+        self.checkpoint = Checkpoint(
+            store=self.store, spool=self.spool, gateway=self.gateway, data_dir=config.data_dir,
+            node=config.node_name, metrics=self.metrics,
+        )  # fmt: skip
+        # Writing an archive takes minutes: threads of its own, never the store's.
+        self.backup_gateway = Gateway(workers=2)
+        self.backups = BackupJobs(
+            directory=config.backup_dir, checkpoint=self.checkpoint, gateway=self.backup_gateway,
+            metrics=self.metrics, node=config.node_name,
+        )  # fmt: skip
         self._dkim_keys: dict[str, tuple[str, bytes]] = {}  # domain -> (selector, private key)
         self._deliverer_task: asyncio.Task[None] | None = None
         self._inbound = InboundChecker(authserv_id=config.hostname)
@@ -143,6 +162,7 @@ class Node:
         self._dkim_records = await self.gateway.run(self._load_dkim_records)
         await self.gateway.run(self.watcher.load_initial)
         self.metrics.directory_mailboxes.set(len(self.watcher.current.mailboxes))
+        await self.gateway.run(self.checkpoint.clear_staging)
         await self.store.open()
         await self.spool.open()
         smtp_config = self.config.smtp
@@ -199,9 +219,13 @@ class Node:
             self._servers.append(imap_server)
             self._imap_sessions.append(sessions)
             self.ports[name] = imap_server.sockets[0].getsockname()[1]
-        app = http.build_app(
-            metrics=self.metrics, ready=lambda: self.ready, status=self.status, queue=self.spool, usage=self.usage
+        backups = http.BackupOps(
+            checkpoint=self.checkpoint, jobs=self.backups, restore=self.restore, max_hold=self.config.backup.max_hold
         )
+        app = http.build_app(
+            metrics=self.metrics, ready=lambda: self.ready, status=self.status, queue=self.spool, usage=self.usage,
+            backups=backups,
+        )  # fmt: skip
         self._runner, self.ports["http"] = await http.start(app, host=listen.host, port=listen.http)
         self._watch_task = asyncio.create_task(self._watch_directory())
         self.ready = True
@@ -219,6 +243,8 @@ class Node:
         session BYE; close the store."""
         self.ready = False
         self.metrics.ready.set(0)
+        if self.checkpoint.holding:  # writes in progress must be able to finish
+            self.checkpoint.end()
         for server in self._servers:
             server.close()
         if self._watch_task is not None:
@@ -242,6 +268,7 @@ class Node:
                     imap_tasks.append(session.task)
         if imap_tasks:
             await asyncio.wait(imap_tasks, timeout=grace)
+        await self.backups.close()
         await self.store.close()
         if self.spool.is_open:
             await self.spool.close()
@@ -249,7 +276,15 @@ class Node:
             await self._runner.cleanup()
         self.gateway.close()
         self.auth_gateway.close()
+        self.backup_gateway.close()
         log.info("node stopped", extra={"fields": {"node": self.config.node_name}})
+
+    async def restore(self, archive: Path, mailbox: str, target: str) -> restore.Restored:
+        """POST /restore: `mailbox` from the archive into `target`, a mailbox of the directory now in force."""
+        return await restore.restore_mailbox(
+            store=self.store, gateway=self.backup_gateway, directory=self.watcher.current,
+            archive_path=archive, mailbox=mailbox, target=target,
+        )  # fmt: skip
 
     def usage(self) -> dict[str, Any]:
         """GET /usage: each mailbox of the directory with the bytes and messages it keeps (the operator
@@ -282,4 +317,5 @@ class Node:
                 "messages": len(queued),
                 "oldest_age_seconds": 0.0 if oldest is None else round(max(0.0, time.time() - oldest), 1),
             },
+            "backup": {**self.checkpoint.status(), "last": self.backups.last},
         }

@@ -12,21 +12,40 @@ The outbound queue, for `mailnode queue` and the operator on call:
 An unknown id answers 404 `{"error": ...}`. The admin port listens on the pod network in Kubernetes,
 so the two requests that change state are accepted only from loopback clients (127.0.0.0/8, ::1):
 anyone else gets 403 `{"error": ...}`; run `mailnode queue` inside the pod (`kubectl exec`).
+
+Checkpoints and archives, as docs/backups.md specifies them (the operator calls the first four from
+its own pod; the last two read or write mail wholesale and are for loopback clients only):
+
+    POST   /snapshot[?hold=S]  pause writes and checkpoint every index (409 when one is in progress)
+    DELETE /snapshot           resume writes
+    POST   /backups            {"name": N}: write <backup dir>/N.tar in the background (202; 200 if known)
+    GET    /backups/{name}     that archive's state
+    GET    /backup             a fresh archive, streamed (loopback)
+    POST   /restore            one mailbox from an archive in the pod into a mailbox of the node (loopback)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
+import json
+import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import prometheus_client
 from aiohttp import web
 
+from mailnode.backup import checkpoint as checkpoints
+from mailnode.backup import jobs, restore
 from mailnode.metrics import NodeMetrics
 from mailnode.queue.spool import QueuedMessage, UnknownMessage
+
+log = logging.getLogger(__name__)
 
 
 class QueueOps(Protocol):
@@ -38,6 +57,17 @@ class QueueOps(Protocol):
     async def retry_now(self, id: str) -> QueuedMessage: ...
 
     async def delete(self, id: str) -> QueuedMessage: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupOps:
+    """What the checkpoint and archive endpoints need from the node."""
+
+    checkpoint: checkpoints.Checkpoint
+    jobs: jobs.BackupJobs
+    # (archive path, mailbox in the archive, target address) -> the outcome; raises restore.RestoreError
+    restore: Callable[[Path, str, str], Awaitable[restore.Restored]]
+    max_hold: float
 
 
 def is_loopback(remote: str | None) -> bool:
@@ -90,6 +120,7 @@ def build_app(
     status: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]],
     queue: QueueOps | None = None,
     usage: Callable[[], dict[str, Any]] | None = None,
+    backups: BackupOps | None = None,
 ) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -121,6 +152,8 @@ def build_app(
     app.router.add_get("/status", status_view)
     if queue is not None:
         _add_queue_routes(app, queue)
+    if backups is not None:
+        _add_backup_routes(app, backups)
     return app
 
 
@@ -154,6 +187,133 @@ def _add_queue_routes(app: web.Application, queue: QueueOps) -> None:
     app.router.add_get("/queue", list_view)
     app.router.add_post("/queue/{id}/retry", retry_view)
     app.router.add_delete("/queue/{id}", delete_view)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object body, or ValueError saying what is wrong with it."""
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"the body is not JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    return body
+
+
+def _hold(request: web.Request, max_hold: float) -> float:
+    """POST /snapshot's `hold`: seconds, 1..max_hold, default 60 (or max_hold when that is lower)."""
+    raw = request.query.get("hold")
+    if raw is None:
+        return min(checkpoints.DEFAULT_HOLD, max_hold)
+    try:
+        hold = float(raw)
+    except ValueError:
+        hold = math.nan
+    if not 1 <= hold <= max_hold:  # NaN fails too
+        raise ValueError(f"hold must be a number of seconds from 1 to {max_hold:g} (got {raw!r})")
+    return hold
+
+
+def _add_backup_routes(app: web.Application, ops: BackupOps) -> None:
+    checkpoint = ops.checkpoint
+
+    async def snapshot_start(request: web.Request) -> web.Response:
+        try:
+            hold = _hold(request, ops.max_hold)
+        except ValueError as error:
+            return _error(400, str(error))
+        try:
+            return web.json_response(await checkpoint.start(hold))
+        except checkpoints.Busy as error:
+            return _error(409, str(error))
+        except checkpoints.Unavailable as error:
+            return _error(503, str(error))
+        except Exception as error:  # the store's: logged by the checkpoint, writes resumed
+            return _error(500, f"checkpoint failed: {error}")
+
+    async def snapshot_end(request: web.Request) -> web.Response:
+        try:
+            seconds = checkpoint.end()
+        except checkpoints.NotHolding as error:
+            return _error(409, str(error))
+        return web.json_response({"pausedSeconds": round(seconds, 3)})
+
+    async def backup_stream(request: web.Request) -> web.StreamResponse:
+        if not is_loopback(request.remote):
+            return _error(403, "archives can be streamed only to the node itself (loopback): use kubectl port-forward")
+        response: web.StreamResponse | None = None
+        try:
+            async with checkpoint.staged() as staged:
+                stamp = staged.point_in_time.strftime("%Y%m%dT%H%M%SZ")
+                response = web.StreamResponse(
+                    headers={
+                        "Content-Type": "application/x-tar",
+                        "Content-Disposition": f'attachment; filename="mailnode-{staged.node}-{stamp}.tar"',
+                        "X-Mailfleet-Node": staged.node,
+                        "X-Mailfleet-Point-In-Time": staged.point_in_time.isoformat(),
+                        "X-Mailfleet-Messages": str(staged.messages),
+                        "X-Mailfleet-Bytes": str(staged.bytes),
+                    }
+                )
+                await response.prepare(request)
+                try:
+                    await ops.jobs.stream(staged, response.write)
+                except Exception:  # logged and counted by the writer; the client may have gone
+                    # The status line is sent: end the connection without the last chunk, so the client
+                    # sees an incomplete archive rather than a short one that looks whole.
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
+                await response.write_eof()
+                return response
+        except checkpoints.Unavailable as error:
+            return _error(503, str(error))
+        except Exception as error:
+            if response is not None and response.prepared:  # the client went away at the very end
+                return response
+            log.warning("staging an archive failed", extra={"fields": {"error": str(error)}})
+            return _error(500, f"staging the archive failed: {error}")
+
+    async def backups_post(request: web.Request) -> web.Response:
+        try:
+            name = (await _json_object(request)).get("name")
+            record, started = await ops.jobs.submit(jobs.check_name(name))
+        except ValueError as error:  # jobs.InvalidName too
+            return _error(400, str(error))
+        return web.json_response(record.to_json(), status=202 if started else 200)
+
+    async def backups_get(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        record = await ops.jobs.get(name)
+        if record is None:
+            return _error(404, f"no backup named {name!r}")
+        return web.json_response(record.to_json())
+
+    async def restore_post(request: web.Request) -> web.Response:
+        if not is_loopback(request.remote):
+            return _error(403, "a restore can be started only from the node itself (loopback)")
+        try:
+            body = await _json_object(request)
+            fields = {key: body.get(key) for key in ("archive", "mailbox")}
+            for key, value in fields.items():
+                if not isinstance(value, str) or not value:
+                    raise ValueError(f"{key!r} must be a non-empty string")
+            target = body.get("as") or fields["mailbox"]
+            if not isinstance(target, str):
+                raise ValueError("'as' must be a string")
+            restored = await ops.restore(Path(str(fields["archive"])), str(fields["mailbox"]), target)
+        except (ValueError, restore.RestoreError) as error:
+            return _error(400, str(error))
+        return web.json_response(
+            {"mailbox": restored.mailbox, "restored": restored.restored, "skipped": restored.skipped}
+        )
+
+    app.router.add_post("/snapshot", snapshot_start)
+    app.router.add_delete("/snapshot", snapshot_end)
+    app.router.add_get("/backup", backup_stream)
+    app.router.add_post("/backups", backups_post)
+    app.router.add_get("/backups/{name}", backups_get)
+    app.router.add_post("/restore", restore_post)
 
 
 async def start(app: web.Application, *, host: str, port: int) -> tuple[web.AppRunner, int]:

@@ -19,6 +19,10 @@ unlinks the message file.
 Concurrent enqueues are group-committed as in the mailbox store: one Gateway thread writes a whole batch
 with two directory fsyncs. The spool assumes it is the only process using its directory; the envelopes
 are read once by `open` and then served from memory.
+
+Every change (an enqueued batch, an envelope replaced, a message removed) passes the node's WriteFence
+(mailnode.store.fence) before it takes a message's lock, so a checkpoint can hold the queue with the
+mailboxes; `copy_to` then hard-links the queue's files into a staged copy.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +41,7 @@ from typing import Any, Literal, TypeVar
 
 from mailnode.gateway import Gateway
 from mailnode.store import durable
+from mailnode.store.fence import WriteFence
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -108,8 +114,16 @@ class _Enqueue:
 
 
 class Spool:
-    def __init__(self, root: Path, *, gateway: Gateway, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        gateway: Gateway,
+        clock: Callable[[], float] = time.time,
+        fence: WriteFence | None = None,
+    ) -> None:
         self.root = root
+        self.fence = fence or WriteFence()  # the node's, shared with the mailbox store
         self._tmp = root / "tmp"
         self._dir = root / "messages"
         self._gateway = gateway
@@ -260,12 +274,13 @@ class Spool:
     async def _write_pending(self) -> None:
         try:
             while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    outcome = await self._gateway.run(self._write_batch, [(i.message, i.data) for i in batch])
-                except Exception as batch_error:  # a directory fsync failed: nothing in the batch counts
-                    log.exception("queue write failed", extra={"fields": {"error": str(batch_error)}})
-                    outcome = [batch_error] * len(batch)
+                async with self.fence.writing():  # while paused, enqueues gather in _pending
+                    batch, self._pending = self._pending, []
+                    try:
+                        outcome = await self._gateway.run(self._write_batch, [(i.message, i.data) for i in batch])
+                    except Exception as batch_error:  # a directory fsync failed: nothing in the batch counts
+                        log.exception("queue write failed", extra={"fields": {"error": str(batch_error)}})
+                        outcome = [batch_error] * len(batch)
                 for item, failure in zip(batch, outcome, strict=True):
                     if failure is not None:
                         item.future.set_exception(failure)
@@ -378,7 +393,7 @@ class Spool:
         self._check_open()
 
         async def commit() -> QueuedMessage:
-            async with self._lock(id):
+            async with self.fence.writing(), self._lock(id):
                 updated = change(self._message(id))
                 await self._gateway.run(self._replace_envelope, updated)
                 self._messages[id] = updated
@@ -391,7 +406,7 @@ class Spool:
         self._check_open()
 
         async def commit() -> QueuedMessage:
-            async with self._lock(id):
+            async with self.fence.writing(), self._lock(id):
                 message = self._message(id)
                 check(message)
                 await self._gateway.run(self._remove_files, message)
@@ -400,6 +415,25 @@ class Spool:
                 return message
 
         return await asyncio.shield(commit())
+
+    # -- checkpoints (mailnode.backup) -----------------------------------------------------------------
+
+    async def copy_to(self, dest: Path) -> int:
+        """Hard-link every message file and envelope into dest/messages/ (dest on the spool's file
+        system). Envelopes are replaced by renames and message files never change, so the links keep
+        what is committed now. Call with writes paused. Returns the number of messages."""
+        self._check_open()
+        return await self._gateway.run(self._copy_sync, dest)
+
+    def _copy_sync(self, dest: Path) -> int:
+        target = dest / "messages"
+        target.mkdir(parents=True, exist_ok=True)
+        envelopes = 0
+        for path in sorted(self._dir.iterdir()):
+            if path.suffix in (".eml", ".json") and path.is_file():
+                os.link(path, target / path.name)
+                envelopes += path.suffix == ".json"
+        return envelopes
 
     # -- files (Gateway threads) --------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ aiosmtpd parses the protocol; `MailSMTP` adds what it lacks (enhanced status cod
 PIPELINING and ENHANCEDSTATUSCODES in EHLO, AUTH only where it belongs), and `SMTPHandler` owns the
 policy, in aiosmtpd's hooks: who may send, which recipients exist, size and quota, and delivery to
 the store. A `250` after DATA is sent only once `MailStore.deliver` has returned: the message is on
-disk, fsynced, and indexed.
+disk, fsynced, and indexed. While a checkpoint holds the store's writes (docs/backups.md), MAIL FROM
+and the end of DATA are answered `451 4.3.0` and nothing is stored: the client retries, as after any
+4xx, and no SMTP session waits on the pause.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ from mailnode.smtp import replies
 from mailnode.store.mailstore import Delivery, MailStore
 
 log = logging.getLogger(__name__)
+
+# docs/backups.md: the reply while a checkpoint holds writes (RFC 3463 4.3.0: other mail system status).
+CHECKPOINT_IN_PROGRESS = replies.Reply(451, "4.3.0", "Checkpoint in progress, try again shortly")
 
 
 class Listener(enum.StrEnum):
@@ -432,6 +437,9 @@ class SMTPHandler:
         self, server: MailSMTP, session: MailSession, envelope: MailEnvelope, address: str, options: list[str]
     ) -> str:
         envelope.id = new_transaction_id()
+        if self._store.fence.paused:
+            self.rejected("checkpoint")
+            return str(CHECKPOINT_IN_PROGRESS)
         if address == "<>":
             address = ""  # the null reverse-path of bounces (RFC 5321 §4.5.5)
         elif not _ADDRESS.match(address):
@@ -531,6 +539,13 @@ class SMTPHandler:
             except Exception:  # a check that breaks must not lose the message
                 log.exception("inbound checks failed", extra={"fields": {"id": envelope.id}})
         deliveries = [Delivery(address=address, data=return_path + results + received + content) for address in targets]
+        # Checked after the last await before the store: a transaction ending now would wait for the
+        # checkpoint's whole hold; the client retries after a 451 instead.
+        if self._store.fence.paused:
+            self.rejected("checkpoint")
+            reply = str(CHECKPOINT_IN_PROGRESS)
+            self.end_transaction(session, envelope, reply, size)
+            return reply
         started = time.perf_counter()
         try:
             if deliveries:

@@ -6,6 +6,10 @@ mailbox learn of it. Message files never change once written: a COPY hard-links 
 destination folder (fsyncing that directory before the index row is committed), an EXPUNGE commits
 the row's removal first and unlinks the file after, so a crash at any point leaves no row without a
 file (recovery removes files without a row).
+
+Changes pass the node's WriteFence first (before the mailbox lock): while a checkpoint holds writes
+they wait, and reads go on. Two writes that only serve reads are skipped instead of waiting: a SELECT
+while paused does not move the \\Recent mark, and a FETCH does not save the structure it computed.
 """
 
 from __future__ import annotations
@@ -59,15 +63,19 @@ class Account:
     def switchboard(self) -> changes.Switchboard:
         return self._store.switchboard
 
-    async def _run(self, fn: Callable[[_Mailbox], object]) -> object:
-        """Run a change under the mailbox's write lock, in a Gateway thread."""
+    async def _run(self, fn: Callable[[_Mailbox], object], *, fenced: bool = True) -> object:
+        """Run a change under the mailbox's write lock, in a Gateway thread, once the write fence lets
+        it in (`fenced=False`: a read that needs the lock, such as a SELECT that writes nothing)."""
 
         def locked() -> object:
             mailbox = self._store._open_mailbox(self.address)
             with mailbox.lock:
                 return fn(mailbox)
 
-        return await self._store._gateway.run(locked)
+        if not fenced:
+            return await self._store._gateway.run(locked)
+        async with self._store.fence.writing():
+            return await self._store._gateway.run(locked)
 
     async def _read(self, fn: Callable[[index.Index], object]) -> object:
         """Run a query on the mailbox's read connection, beside any change in progress."""
@@ -166,16 +174,24 @@ class Account:
     # -- messages -----------------------------------------------------------------------------------
 
     async def select(self, name: str, *, take_recent: bool) -> Selected | None:
+        # While writes are paused a SELECT reads on without moving the \Recent mark: the session sees
+        # the recent messages, and so may the next one (RFC 3501 §2.3.2: a message the server cannot
+        # tell was announced to another session SHOULD be considered recent).
+        writes = take_recent and not self._store.fence.paused
+
         def select(mailbox: _Mailbox) -> Selected | None:
             folder = mailbox.index.folder(name)
             if folder is None:
                 return None
-            first_recent = mailbox.index.take_recent(name) if take_recent else folder.uidnext
+            if writes:
+                first_recent = mailbox.index.take_recent(name)
+            else:
+                first_recent = folder.first_recent if take_recent else folder.uidnext
             with mailbox.read_lock:
                 messages = mailbox.reader.messages(name)
             return Selected(folder, messages, first_recent)
 
-        result = await self._run(select)
+        result = await self._run(select, fenced=writes)
         assert result is None or isinstance(result, Selected)
         return result
 
@@ -228,7 +244,7 @@ class Account:
         """The cached structure (e.g. MIME analysis as JSON) of each message, computed and saved for
         those that have none yet; a message expunged meanwhile is left out. One Gateway trip for all."""
 
-        def load() -> dict[int, str]:
+        def load() -> tuple[dict[int, str], dict[int, str]]:
             mailbox = self._store._open_mailbox(self.address)
             with mailbox.read_lock:
                 cached = mailbox.reader.structures(name, (m.uid for m in messages))
@@ -243,13 +259,14 @@ class Account:
                         continue
                     structure = computed[message.uid] = compute(data)
                 result[message.uid] = structure
-            if computed:
-                with mailbox.lock:
-                    mailbox.index.set_structures(name, computed)
-            return result
+            return result, computed
 
-        result = await self._store._gateway.run(load)
-        assert isinstance(result, dict)
+        def save(mailbox: _Mailbox) -> None:
+            mailbox.index.set_structures(name, computed)
+
+        result, computed = await self._store._gateway.run(load)
+        if computed and not self._store.fence.paused:  # a cache: while paused, computed again next time
+            await self._run(save)
         return result
 
     async def store_flags(

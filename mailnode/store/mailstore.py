@@ -9,6 +9,11 @@ awaits return, so an SMTP `250` always follows a durable file, a durable name an
 Crash recovery (`open`): files in tmp/ are removed, and files in new/ or cur/ without an index row
 were renamed but never committed, hence never acknowledged; they are removed too. After that the
 index and the files agree exactly.
+
+Every write passes the node's WriteFence (mailnode.store.fence), so a checkpoint can hold them: a
+batch waits at the fence before it is taken, never while a lock is held. With writes paused,
+`checkpoint` folds every index's WAL into its main file and `copy_to` stages a consistent copy
+(indexes through SQLite's backup API, message files hard-linked) for mailnode.backup.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import os
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -25,6 +32,7 @@ from pathlib import Path
 from mailnode.gateway import Gateway
 from mailnode.store import changes, durable, index, maildir
 from mailnode.store.account import Account
+from mailnode.store.fence import WriteFence
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +98,15 @@ class _Mailbox:
         return tmp_removed, len(orphans), len(missing)
 
 
+class StoreError(Exception):
+    """A checkpoint or staged copy that could not be made; the message says why."""
+
+
 class MailStore:
-    def __init__(self, root: Path, *, gateway: Gateway) -> None:
+    def __init__(self, root: Path, *, gateway: Gateway, fence: WriteFence | None = None) -> None:
         self.root = root
         self._gateway = gateway
+        self.fence = fence or WriteFence()  # shared with the outbound queue: one per node
         self._mailboxes: dict[str, _Mailbox] = {}
         self._usage: dict[str, MailboxUsage] = collections.defaultdict(MailboxUsage)
         self._lock = threading.Lock()  # guards _mailboxes between the writer and readers
@@ -199,8 +212,11 @@ class MailStore:
     async def _write_pending(self) -> None:
         try:
             while self._pending:
-                batch, self._pending = self._pending, []
-                results = await self._gateway.run(self._write_batch, [d for d, _ in batch])
+                # While writes are paused, deliveries keep gathering in _pending; the batch is taken
+                # once the fence lets this write in, so it counts as in flight until it is committed.
+                async with self.fence.writing():
+                    batch, self._pending = self._pending, []
+                    results = await self._gateway.run(self._write_batch, [d for d, _ in batch])
                 for (deliveries, future), result in zip(batch, results, strict=True):
                     if isinstance(result, BaseException):
                         future.set_exception(result)
@@ -272,3 +288,79 @@ class MailStore:
             if not isinstance(outcome[call_no], BaseException):
                 outcome[call_no] = [results[(call_no, pos)] for pos in range(len(files))]
         return outcome
+
+    # -- checkpoints (mailnode.backup; only while the fence is paused) --------------------------------
+
+    def _open_mailboxes(self) -> list[_Mailbox]:
+        with self._lock:
+            return list(self._mailboxes.values())
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """Fold every index's WAL into its main file (`PRAGMA wal_checkpoint(TRUNCATE)`) and fsync it,
+        so the volume holds each index whole. Call with writes paused. Returns (mailboxes, messages)."""
+        return await self._gateway.run(self._checkpoint_sync)
+
+    def _checkpoint_sync(self) -> tuple[int, int]:
+        mailboxes = self._open_mailboxes()
+        messages = 0
+        for mailbox in mailboxes:
+            # Both locks: no thread is between statements on either of the mailbox's connections, so
+            # no read transaction keeps the WAL from being truncated.
+            with mailbox.lock, mailbox.read_lock:
+                db = sqlite3.connect(mailbox.index.path, isolation_level=None)
+                try:
+                    messages += int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+                    busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                finally:
+                    db.close()
+                if busy:
+                    raise StoreError(f"the index of {mailbox.address} is busy; its WAL was not checkpointed")
+                _fsync_file(mailbox.index.path)
+            durable.fsync_dir(mailbox.path)
+        return len(mailboxes), messages
+
+    async def copy_to(self, dest: Path) -> dict[str, MailboxUsage]:
+        """Stage a copy of every mailbox under dest (laid out as the data directory: mail/<domain>/
+        <local>/index.sqlite and the message files): each index copied with SQLite's backup API, each
+        file the copy lists hard-linked (files never change once written, so a link is a copy). dest
+        must be on the store's file system. Call with writes paused. Returns what each copy holds."""
+        return await self._gateway.run(self._copy_sync, dest)
+
+    def _copy_sync(self, dest: Path) -> dict[str, MailboxUsage]:
+        copied: dict[str, MailboxUsage] = {}
+        for mailbox in self._open_mailboxes():
+            target = dest / mailbox.path.relative_to(self.root)
+            target.mkdir(parents=True, exist_ok=True)
+            with mailbox.lock:
+                source = sqlite3.connect(mailbox.index.path, isolation_level=None)
+                try:
+                    copy = sqlite3.connect(target / "index.sqlite", isolation_level=None)
+                    try:
+                        source.backup(copy)
+                        rows = copy.execute("SELECT path, size FROM messages").fetchall()
+                    finally:
+                        copy.close()
+                finally:
+                    source.close()
+                usage = copied[mailbox.address] = MailboxUsage()
+                made: set[Path] = set()
+                for rel, size in rows:
+                    link = target / rel
+                    if link.parent not in made:
+                        link.parent.mkdir(parents=True, exist_ok=True)
+                        made.add(link.parent)
+                    try:
+                        os.link(mailbox.path / rel, link)
+                    except FileNotFoundError:
+                        raise StoreError(f"{mailbox.address}: the index lists {rel}, which is not on disk") from None
+                    usage.bytes += int(size)
+                    usage.messages += 1
+        return copied
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,482 @@
+"""Archives of a running node (docs/backups.md, "Archives (node)"), through its admin port, and what
+they bring back.
+
+Aspects: GET /backup and POST /backups taken while several SMTP sessions keep delivering, each restored
+whole into an empty data directory (archive.restore_node) and served by a new node: every message
+acknowledged before the archive's point in time is there exactly once, byte for byte (what IMAP FETCH
+returns and the file on disk, past the node's trace headers), the index agrees with the files, and the
+outbound queue comes back; POST /restore brings one mailbox back under another name (folders, flags,
+internal dates), skips everything when run again, and refuses a corrupted archive, an address not in
+it and a target not on the node with 400 while the node goes on serving; POST /backups records
+(202/200, 400 for a bad name, 404 for an unknown one) survive a restart, as Completed for a finished
+archive and Failed for a partial one, and staging leftovers are removed at start; an archive waits for
+a snapshot's hold; GET /backup and POST /restore are for loopback clients only; the metrics and
+/status follow.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import imaplib
+import json
+import re
+import shutil
+import smtplib
+import ssl
+import tarfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
+from mailnode.admin.http import BackupOps, build_app
+from mailnode.backup import archive
+from mailnode.metrics import NodeMetrics
+from tests.node.conftest import TRACE_BLOCK, NodeFactory, RunningNode, mailbox
+from tests.node.test_checkpoint import call, imap_login
+from tests.node.test_outbound import submit, wait_for
+
+USER, OTHER, COPY = "user@example.com", "other@example.com", "copy@example.com"
+MAILBOXES = [mailbox(USER), mailbox(OTHER), mailbox(COPY)]
+
+
+def message(tag: str, recipient: str = USER) -> bytes:
+    body = "".join(f"line {n} of {tag}: {'y' * (n * 31 % 200)}\r\n" for n in range(20))
+    return (
+        f"Message-ID: <{tag}@backup.test>\r\nFrom: <alice@remote.test>\r\nTo: <{recipient}>\r\n"
+        f"Subject: backup {tag}\r\n\r\n{body}"
+    ).encode()
+
+
+def deliver(node: RunningNode, *tags: str, to: str = USER) -> None:
+    with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=10) as client:
+        for tag in tags:
+            client.sendmail("alice@remote.test", [to], message(tag, to))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def without_trace(stored: bytes) -> bytes:
+    """A stored message as it was sent: past the Return-Path and Received headers the node adds."""
+    trace = TRACE_BLOCK.match(stored)
+    assert trace, stored[:300]
+    return stored[trace.end() :]
+
+
+def stream_backup(node: RunningNode, dest: Path) -> dict[str, str]:
+    """GET /backup into dest, as `mailnode backup` does; returns the response headers."""
+    url = f"http://127.0.0.1:{node.port('http')}/backup"
+    with urllib.request.urlopen(url, timeout=120) as response, dest.open("wb") as out:
+        assert response.status == 200
+        shutil.copyfileobj(response, out)
+        return dict(response.headers.items())
+
+
+def backup_record(node: RunningNode, name: str) -> dict[str, Any]:
+    status, body = call(node, "GET", f"/backups/{name}")
+    assert status == 200, body
+    record: dict[str, Any] = body
+    return record
+
+
+def finished(node: RunningNode, name: str) -> dict[str, Any]:
+    wait_for(f"archive {name} to finish", lambda: backup_record(node, name)["state"] != "Running", timeout=60)
+    return backup_record(node, name)
+
+
+def fetch_all(client: imaplib.IMAP4, folder: str) -> list[tuple[bytes, bytes, bytes]]:
+    """(flags, internal date, bytes) of every message of a folder, in UID order."""
+    typ, data = client.select(f'"{folder}"', readonly=True)
+    assert typ == "OK", data
+    if data[0] == b"0":
+        return []
+    typ, fetched = client.uid("FETCH", "1:*", "(FLAGS INTERNALDATE BODY.PEEK[])")
+    assert typ == "OK", fetched
+    found = []
+    for item in fetched:
+        if isinstance(item, tuple):
+            head = item[0]
+            flags = re.search(rb"FLAGS \(([^)]*)\)", head)
+            date = re.search(rb'INTERNALDATE "([^"]+)"', head)
+            assert flags and date, head
+            found.append((flags.group(1), date.group(1), item[1]))
+    return found
+
+
+def status_messages(client: imaplib.IMAP4, folder: str) -> int:
+    typ, data = client.status(f'"{folder}"', "(MESSAGES)")
+    assert typ == "OK"
+    raw = data[0]
+    assert isinstance(raw, bytes)
+    found = re.search(rb"MESSAGES (\d+)", raw)
+    assert found, raw
+    return int(found.group(1))
+
+
+# -- archives of a node under load, restored whole ---------------------------------------------------
+
+
+class Senders:
+    """Threads that each keep one SMTP session delivering new messages, alternating two mailboxes, and
+    record when each 250 arrived; a 451 (checkpoint in progress) is retried, as an MTA would."""
+
+    def __init__(self, node: RunningNode, count: int) -> None:
+        self.acknowledged: list[tuple[str, bytes, float]] = []  # (recipient, bytes sent, time of the 250)
+        self.sent: dict[str, set[str]] = collections.defaultdict(set)  # recipient -> every SHA-256 tried
+        self.retried = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self._threads = [threading.Thread(target=self._run, args=(node, n)) for n in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, node: RunningNode, n: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=60) as client:
+                number = 0
+                while not self._stop.is_set():
+                    recipient = (USER, OTHER)[number % 2]
+                    data = message(f"load-{n}-{number}", recipient)
+                    with self._lock:
+                        self.sent[recipient].add(sha256(data))
+                    try:
+                        client.sendmail("alice@remote.test", [recipient], data)
+                    except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as error:
+                        assert error.smtp_code == 451, error
+                        with self._lock:
+                            self.retried += 1
+                        time.sleep(0.005)
+                        continue
+                    with self._lock:
+                        self.acknowledged.append((recipient, data, time.time()))
+                    number += 1
+        except BaseException as error:
+            self._errors.append(error)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.acknowledged)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        assert not self._errors, self._errors
+
+
+def check_restored(
+    restored: RunningNode, client_tls: ssl.SSLContext, senders: Senders, point_in_time: datetime.datetime
+) -> int:
+    """Every message acknowledged before the point in time is in the restored node exactly once, byte for
+    byte, and the index agrees with the files. Returns how many messages the restored node holds."""
+    before = point_in_time.timestamp()
+    total = 0
+    for address in (USER, OTHER):
+        client = imap_login(restored, client_tls, address)
+        try:
+            fetched = [data for _, _, data in fetch_all(client, "INBOX")]
+            on_disk = restored.files.stored(address)
+            assert status_messages(client, "INBOX") == len(fetched) == len(on_disk)
+        finally:
+            client.logout()
+        assert sorted(fetched) == sorted(on_disk)  # IMAP serves the files byte for byte
+        held = collections.Counter(sha256(without_trace(data)) for data in fetched)
+        assert all(n == 1 for n in held.values()), "a message restored twice"
+        assert set(held) <= senders.sent[address], "a message that was never sent"
+        acknowledged = {sha256(data) for rcpt, data, at in senders.acknowledged if rcpt == address and at < before}
+        missing = acknowledged - set(held)
+        assert not missing, f"{address}: {len(missing)} message(s) acknowledged before {point_in_time} are missing"
+        total += len(fetched)
+    return total
+
+
+def test_archives_taken_under_load_restore_every_acknowledged_message(
+    node_factory: NodeFactory, client_tls: ssl.SSLContext, refusing_port: int, tmp_path: Path
+) -> None:
+    settings: dict[str, Any] = {
+        "smtp": {"check_inbound": False, "transports": {"remote.test": f"127.0.0.1:{refusing_port}"}},
+    }
+    node = node_factory(MAILBOXES, **settings)
+    submit(node, client_tls, ["friend@remote.test"])  # stays queued: nothing answers for remote.test
+    [queued] = json.loads(node.http_get("/queue")[1])
+    senders = Senders(node, 4)
+    try:
+        wait_for("mail to flow", lambda: senders.count() >= 40, timeout=60)
+        headers = stream_backup(node, tmp_path / "streamed.tar")
+        status, record = call(node, "POST", "/backups", {"name": "under-load"})
+        assert status == 202, record
+        assert record["state"] == "Running"
+        record = finished(node, "under-load")
+        assert record["state"] == "Completed", record
+        after = senders.count()
+        wait_for("mail to flow on after the archives", lambda: senders.count() >= after + 20, timeout=60)
+    finally:
+        senders.stop()
+
+    streamed_at = datetime.datetime.fromisoformat(headers["X-Mailfleet-Point-In-Time"])
+    written_at = datetime.datetime.fromisoformat(record["pointInTime"])
+    assert streamed_at < written_at
+    for number, (path, point_in_time) in enumerate(
+        [(tmp_path / "streamed.tar", streamed_at), (Path(record["path"]), written_at)]
+    ):
+        summary = archive.verify(path)
+        assert summary.point_in_time == point_in_time
+        assert summary.node == "test-0"
+        assert summary.queued == 1
+        if number == 0:
+            assert summary.messages == int(headers["X-Mailfleet-Messages"])
+            with tarfile.open(path) as tar:  # the bytes of the mail and queue files, without header and manifest
+                payload = sum(m.size for m in tar if m.name not in (archive.HEADER, archive.MANIFEST))
+            assert payload == int(headers["X-Mailfleet-Bytes"])
+        else:
+            assert (record["messages"], record["mailboxes"]) == (summary.messages, len(summary.mailboxes))
+            assert record["bytes"] == path.stat().st_size
+        archive.restore_node(path, tmp_path / f"restored-{number}" / "data")
+        restored = node_factory(MAILBOXES, name=f"restored-{number}", **settings)
+        assert check_restored(restored, client_tls, senders, point_in_time) == summary.messages
+        assert [m["id"] for m in json.loads(restored.http_get("/queue")[1])] == [queued["id"]]
+        restored.stop()
+    assert not (node.files.data_dir / ".staging").exists() or not any((node.files.data_dir / ".staging").iterdir())
+    assert node.metric("mailnode_backups_total", result="ok") == 2
+    assert node.metric("mailnode_checkpoints_total", result="ok") == 2
+    assert node.metric("mailnode_writes_paused") == 0
+
+
+# -- one mailbox through POST /restore ----------------------------------------------------------------
+
+
+@pytest.fixture
+def node(node_factory: NodeFactory) -> RunningNode:
+    return node_factory(MAILBOXES, smtp={"check_inbound": False})
+
+
+@pytest.fixture
+def archived(node: RunningNode, client_tls: ssl.SSLContext, tmp_path: Path) -> Path:
+    """An archive of user@ with three messages in INBOX (one answered) and one in Projects/2026 (seen,
+    flagged, with its own internal date)."""
+    deliver(node, "one", "two", "three")
+    client = imap_login(node, client_tls)
+    try:
+        assert client.create('"Projects/2026"')[0] == "OK"
+        date = imaplib.Time2Internaldate(datetime.datetime(2025, 3, 4, 5, 6, 7, tzinfo=datetime.UTC))
+        assert client.append('"Projects/2026"', "(\\Seen \\Flagged)", date, message("filed"))[0] == "OK"
+        client.select("INBOX")
+        assert client.store("1", "+FLAGS", "(\\Answered)")[0] == "OK"
+    finally:
+        client.logout()
+    path = tmp_path / "user.tar"
+    stream_backup(node, path)
+    return path
+
+
+def folders(node: RunningNode, client_tls: ssl.SSLContext, address: str) -> dict[str, list[tuple[bytes, bytes, bytes]]]:
+    client = imap_login(node, client_tls, address)
+    try:
+        return {name: fetch_all(client, name) for name in ("INBOX", "Projects/2026")}
+    finally:
+        client.logout()
+
+
+def test_a_mailbox_restored_under_another_name(node: RunningNode, archived: Path, client_tls: ssl.SSLContext) -> None:
+    status, body = call(node, "POST", "/restore", {"archive": str(archived), "mailbox": USER, "as": COPY})
+    assert status == 200, body
+    assert body == {"mailbox": COPY, "restored": 4, "skipped": 0}
+
+    original, copy = folders(node, client_tls, USER), folders(node, client_tls, COPY)
+    assert copy == original  # the same bytes, flags and internal dates, folder by folder
+    assert b"\\Answered" in copy["INBOX"][0][0]
+    [(flags, date, data)] = copy["Projects/2026"]
+    assert sorted(flags.split()) == [b"\\Flagged", b"\\Seen"]
+    assert date == b"04-Mar-2025 05:06:07 +0000"
+    assert data == message("filed")  # APPEND stores the bytes as given
+
+    status, body = call(node, "POST", "/restore", {"archive": str(archived), "mailbox": USER, "as": COPY})
+    assert (status, body) == (200, {"mailbox": COPY, "restored": 0, "skipped": 4})  # nothing twice
+    assert folders(node, client_tls, COPY) == original
+
+
+def test_a_restore_into_the_same_mailbox_brings_back_only_what_is_gone(
+    node: RunningNode, archived: Path, client_tls: ssl.SSLContext
+) -> None:
+    client = imap_login(node, client_tls)
+    try:
+        client.select("INBOX")
+        client.store("2", "+FLAGS", "(\\Deleted)")
+        client.expunge()
+    finally:
+        client.logout()
+    status, body = call(node, "POST", "/restore", {"archive": str(archived), "mailbox": USER})
+    assert (status, body) == (200, {"mailbox": USER, "restored": 1, "skipped": 3})
+    assert sorted(without_trace(d) for _, _, d in folders(node, client_tls, USER)["INBOX"]) == sorted(
+        message(tag) for tag in ("one", "two", "three")
+    )
+
+
+def test_a_corrupted_archive_is_refused(node: RunningNode, archived: Path, client_tls: ssl.SSLContext) -> None:
+    with tarfile.open(archived) as tar:
+        member = next(m for m in tar.getmembers() if "/INBOX/" in m.name)
+    with archived.open("r+b") as file:  # flip one byte of a message
+        file.seek(member.offset_data + 20)
+        byte = file.read(1)
+        file.seek(member.offset_data + 20)
+        file.write(bytes([byte[0] ^ 0x01]))
+
+    status, body = call(node, "POST", "/restore", {"archive": str(archived), "mailbox": USER, "as": COPY})
+
+    assert status == 400
+    assert str(archived) in body["error"] and member.name in body["error"], body
+    client = imap_login(node, client_tls, COPY)
+    try:
+        assert status_messages(client, "INBOX") == 0  # nothing restored
+    finally:
+        client.logout()
+    assert node.http_get("/healthz") == (200, b"ok\n")
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"mailbox": USER}, "'archive' must be a non-empty string"),
+        ({"archive": "ARCHIVE"}, "'mailbox' must be a non-empty string"),
+        (
+            {"archive": "ARCHIVE", "mailbox": "nobody@example.com", "as": COPY},
+            "nobody@example.com is not in the archive",
+        ),
+        ({"archive": "ARCHIVE", "mailbox": USER, "as": "ghost@example.com"}, "ghost@example.com is not a mailbox"),
+        ({"archive": "/nonexistent/backup.tar", "mailbox": USER}, "/nonexistent/backup.tar"),
+        ({"archive": "NOT_A_TAR", "mailbox": USER}, "NOT_A_TAR"),
+    ],
+)
+def test_a_restore_that_cannot_be_done_is_refused(
+    node: RunningNode, archived: Path, body: dict[str, str], error: str
+) -> None:
+    junk = archived.with_name("junk.tar")
+    junk.write_bytes(b"this is not an archive\n" * 100)
+    substitutes = {"ARCHIVE": str(archived), "NOT_A_TAR": str(junk)}
+    request = {key: substitutes.get(value, value) for key, value in body.items()}
+    status, answer = call(node, "POST", "/restore", request)
+    assert status == 400
+    assert substitutes.get(error, error) in answer["error"], answer
+    assert node.http_get("/healthz") == (200, b"ok\n")
+
+
+def test_a_restore_body_must_be_a_json_object(node: RunningNode) -> None:
+    url = f"http://127.0.0.1:{node.port('http')}/restore"
+    for data in (b"not json", b"[1, 2]"):
+        request = urllib.request.Request(url, data=data, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 400
+        assert "error" in json.loads(refused.value.read())
+
+
+# -- POST /backups records -------------------------------------------------------------------------------
+
+
+def test_backup_records_survive_a_restart(node_factory: NodeFactory, tmp_path: Path) -> None:
+    node = node_factory(MAILBOXES, smtp={"check_inbound": False}, backup={"dir": str(tmp_path / "archives")})
+    deliver(node, "a", "b")
+    status, body = call(node, "POST", "/backups", {"name": "nightly-1"})
+    assert status == 202
+    assert body["name"] == "nightly-1" and body["error"] is None
+    record = finished(node, "nightly-1")
+    path = tmp_path / "archives" / "nightly-1.tar"
+    assert record == {
+        "name": "nightly-1",
+        "state": "Completed",
+        "path": str(path),
+        "pointInTime": record["pointInTime"],
+        "mailboxes": 1,
+        "messages": 2,
+        "bytes": path.stat().st_size,
+        "error": None,
+    }
+    assert archive.verify(path).messages == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == ["nightly-1.tar"]  # no partial left
+    assert call(node, "POST", "/backups", {"name": "nightly-1"}) == (200, record)  # posting again is safe
+    assert node.metric("mailnode_backups_total", result="ok") == 1
+    assert node.metric("mailnode_backup_bytes") == path.stat().st_size
+    assert node.metric("mailnode_backup_last_success_timestamp_seconds") > 0
+    last = json.loads(node.http_get("/status")[1])["backup"]["last"]
+    assert (last["name"], last["state"], last["bytes"]) == ("nightly-1", "Completed", path.stat().st_size)
+
+    node.stop()
+    (path.parent / "crashed.tar.partial").write_bytes(b"half an archive")
+    leftover = node.files.data_dir / ".staging" / "123-abc" / "mail"
+    leftover.mkdir(parents=True)
+    again = RunningNode(node.files)  # the node restarted
+    try:
+        assert backup_record(again, "nightly-1") == record  # read back from the archive's manifest
+        crashed = backup_record(again, "crashed")
+        assert crashed["state"] == "Failed"
+        assert crashed["error"] == "the node restarted while writing the archive"
+        assert call(again, "POST", "/backups", {"name": "crashed"}) == (200, crashed)
+        assert call(again, "GET", "/backups/never")[0] == 404
+        assert not (node.files.data_dir / ".staging").exists()
+    finally:
+        again.stop()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"name": "Nightly"}, {"name": "-x"}, {"name": "x-"}, {"name": "a/b"}, {"name": "x" * 254}, {"name": 7}, {}],
+)
+def test_a_bad_backup_name_is_refused(node: RunningNode, body: dict[str, Any]) -> None:
+    status, answer = call(node, "POST", "/backups", body)
+    assert status == 400
+    assert "name must be lower-case letters" in answer["error"]
+
+
+def test_the_longest_names_are_fine(node: RunningNode) -> None:
+    for name in ("a" * 253, "a" * 252 + "b"):  # too long for a file name with .tar.partial
+        status, _ = call(node, "POST", "/backups", {"name": name})
+        assert status == 202
+        record = finished(node, name)
+        assert record["state"] == "Completed", record
+        assert len(Path(record["path"]).name) == 255 - len(".partial")
+        assert archive.verify(Path(record["path"])).messages == 0
+    assert len(list((node.files.data_dir / "backups").iterdir())) == 2
+
+
+# -- an archive during a snapshot, loopback only ---------------------------------------------------------
+
+
+def test_an_archive_waits_for_a_snapshot_hold(node: RunningNode, tmp_path: Path) -> None:
+    deliver(node, "held")
+    assert call(node, "POST", "/snapshot?hold=1")[0] == 200
+    headers = stream_backup(node, tmp_path / "after-hold.tar")  # staged once the hold has run out
+    assert node.metric("mailnode_checkpoint_hold_expired_total") == 1
+    assert archive.verify(tmp_path / "after-hold.tar").messages == int(headers["X-Mailfleet-Messages"]) == 1
+
+
+async def test_archives_and_restores_are_for_loopback_clients_only() -> None:
+    checkpoint, restore = mock.Mock(), mock.AsyncMock()
+    ops = BackupOps(checkpoint=checkpoint, jobs=mock.Mock(), restore=restore, max_hold=600)
+    app = build_app(metrics=NodeMetrics(), ready=lambda: True, status=dict, backups=ops)
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        ("10.0.0.7", 40000) if name == "peername" else default
+    )
+    for method, path in (("GET", "/backup"), ("POST", "/restore")):
+        request = make_mocked_request(method, path, app=app, transport=transport)
+        match = await app.router.resolve(request)
+        request._match_info = match
+        response = await match.handler(request)
+        assert isinstance(response, web.Response)
+        assert response.status == 403
+        assert response.text is not None
+        assert "loopback" in json.loads(response.text)["error"]
+    checkpoint.staged.assert_not_called()
+    restore.assert_not_called()
