@@ -21,8 +21,10 @@ regular files. Everything here blocks (files, SQLite, hashing): the node calls i
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import datetime
+import functools
 import gzip
 import hashlib
 import json
@@ -896,13 +898,41 @@ class _Extraction(_Scan):
             self._dirs.add(directory)
 
     def sync(self) -> None:
-        """fsync every file, then every directory. Several at a time: the file system commits
-        concurrent fsyncs together, which for 100,000 small files is most of a restore's time."""
+        """Make every file and directory written durable. On Linux one syncfs(2) of the file system does it
+        (and reports a writeback error of any of them, since Linux 5.8): for 100,000 small files that is
+        about three times faster than an fsync each, which is the fallback elsewhere (several at a time:
+        the file system commits concurrent fsyncs together)."""
+        if _syncfs(self._root):
+            return
         with concurrent.futures.ThreadPoolExecutor(_FSYNC_THREADS, thread_name_prefix="mailnode-fsync") as pool:
             for _ in pool.map(_fsync_file, self._written):
                 pass
             for _ in pool.map(durable.fsync_dir, self._dirs):
                 pass
+
+
+def _syncfs(path: Path) -> bool:
+    """syncfs(2) of the file system holding `path`: True once done, False where there is no syncfs (not
+    Linux); OSError when the file system reports a write error."""
+    syncfs = getattr(_libc(), "syncfs", None)
+    if syncfs is None:
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"syncfs of {path}: {os.strerror(error)}")
+    finally:
+        os.close(fd)
+    return True
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def _fsync_file(path: Path) -> None:

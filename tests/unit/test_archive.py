@@ -397,7 +397,12 @@ def test_other_files_and_wrong_headers_are_refused(tar_file: Path, tmp_path: Pat
 # -- restoring a whole node --------------------------------------------------------------------------------
 
 
-def test_restore_node_brings_back_identical_files_and_indexes(staged: Path, tar_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sync", ["syncfs", "fsync each file"])
+def test_restore_node_brings_back_identical_files_and_indexes(
+    staged: Path, tar_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: str
+) -> None:
+    if sync != "syncfs":  # as on a system without syncfs(2)
+        monkeypatch.setattr(archive, "_syncfs", lambda path: False)
     data_dir = tmp_path / "data"
     summary = archive.restore_node(tar_file, data_dir)
     assert summary == archive.verify(tar_file)
