@@ -61,6 +61,8 @@ class Step:
 
     def line(self, width: int) -> str:
         rate = f"{self.messages / self.seconds:>9.0f} msgs/s  {self.bytes / self.seconds / 2**20:>7.1f} MiB/s"
+        if not self.messages:  # a step whose time does not grow with the mail (the checkpoint)
+            rate = " " * len(rate)
         return f"  {self.name:<{width}}  {self.seconds:>8.2f} s  {rate}  {self.note}".rstrip()
 
 
@@ -182,7 +184,7 @@ def bench_node(workdir: Path, users: list[str], mail: list[list[bytes]]) -> list
         checkpoint = http("POST", f"{url}/snapshot?hold=60")
         answered = time.monotonic() - started
         held = http("DELETE", f"{url}/snapshot")["pausedSeconds"]
-        steps.append(Step("checkpoint (POST /snapshot)", answered, total, size,
+        steps.append(Step("checkpoint (POST /snapshot)", answered, 0, 0,
                           f"writes held {float(held):.3f} s until DELETE; {checkpoint['mailboxes']} indexes"))  # type: ignore[arg-type]  # fmt: skip
         archive = workdir / "node.tar"
         paused_before = metric(url, "mailnode_checkpoint_pause_seconds_sum")
@@ -233,7 +235,7 @@ def bench_tar(workdir: Path, users: list[str], mail: list[list[bytes]]) -> list[
         raise BenchError("tar -xf restored a different number of files")
     return [
         Step("backup (tar -cf)", backup, total, size, f"archive {archive.stat().st_size / 2**20:.0f} MiB"),
-        Step("restore (tar -xf; sync)", restore, total, size),
+        Step("restore node (tar -xf; sync)", restore, total, size),
     ]
 
 
