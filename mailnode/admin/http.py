@@ -13,13 +13,14 @@ An unknown id answers 404 `{"error": ...}`. The admin port listens on the pod ne
 so the two requests that change state are accepted only from loopback clients (127.0.0.0/8, ::1):
 anyone else gets 403 `{"error": ...}`; run `mailnode queue` inside the pod (`kubectl exec`).
 
-Checkpoints and archives, as docs/backups.md specifies them (the operator calls the first four from
+Checkpoints and archives, as docs/backups.md specifies them (the operator calls the first five from
 its own pod; the last two read or write mail wholesale and are for loopback clients only):
 
     POST   /snapshot[?hold=S]  pause writes and checkpoint every index (409 when one is in progress)
     DELETE /snapshot           resume writes
     POST   /backups            {"name": N}: write <backup dir>/N.tar in the background (202; 200 if known)
     GET    /backups/{name}     that archive's state
+    DELETE /backups/{name}     remove that archive (retention; 409 while it is being written)
     GET    /backup             a fresh archive, streamed (loopback)
     POST   /restore            one mailbox from an archive in the pod into a mailbox of the node (loopback)
 """
@@ -289,6 +290,16 @@ def _add_backup_routes(app: web.Application, ops: BackupOps) -> None:
             return _error(404, f"no backup named {name!r}")
         return web.json_response(record.to_json())
 
+    async def backups_delete(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            record = await ops.jobs.delete(name)
+        except jobs.BackupBusy as error:
+            return _error(409, str(error))
+        if record is None:
+            return _error(404, f"no backup named {name!r}")
+        return web.json_response({**record.to_json(), "deleted": True})
+
     async def restore_post(request: web.Request) -> web.Response:
         if not is_loopback(request.remote):
             return _error(403, "a restore can be started only from the node itself (loopback)")
@@ -313,6 +324,7 @@ def _add_backup_routes(app: web.Application, ops: BackupOps) -> None:
     app.router.add_get("/backup", backup_stream)
     app.router.add_post("/backups", backups_post)
     app.router.add_get("/backups/{name}", backups_get)
+    app.router.add_delete("/backups/{name}", backups_delete)
     app.router.add_post("/restore", restore_post)
 
 

@@ -46,6 +46,10 @@ STOPPED = "the node stopped while writing the archive"
 State = Literal["Running", "Completed", "Failed"]
 
 
+class BackupBusy(Exception):
+    """An archive that cannot be deleted now: it is being written."""
+
+
 class InvalidName(ValueError):
     """A backup name that is not a lower-case RFC 1123 subdomain of at most 253 characters."""
 
@@ -187,6 +191,27 @@ class BackupJobs:
         found = await self._gateway.run(self._from_disk, name)
         if found is not None:
             record = self._records.setdefault(name, found)
+        return record
+
+    async def delete(self, name: str) -> Record | None:
+        """Remove archive `name` (DELETE /backups/{name}: the operator's retention): its file, or what is left
+        of a failed one, and its record. None when unknown; BackupBusy while it is being written."""
+        record = await self.get(name)
+        if record is None:
+            return None
+        if record.state == "Running":
+            raise BackupBusy(f"archive {name!r} is being written; delete it once it is finished")
+        final, partial = self._paths(name)
+
+        def remove() -> None:
+            final.unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
+            if final.parent.is_dir():
+                durable.fsync_dir(final.parent)
+
+        await self._gateway.run(remove)
+        self._records.pop(name, None)
+        log.info("archive deleted", extra={"fields": {"name": name, "path": str(final)}})
         return record
 
     def _from_disk(self, name: str) -> Record | None:

@@ -268,7 +268,7 @@ async def _start(info: kopf.ConnectionInfo) -> _Running:
     )
     if options.schedule_interval > 0:
         state.schedule_task = asyncio.create_task(
-            schedule.run(ctx, interval=options.schedule_interval, clock=options.clock)
+            schedule.run(ctx, interval=options.schedule_interval, clock=options.clock, node_url=options.node_url)
         )
     return state
 

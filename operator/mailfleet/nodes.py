@@ -152,6 +152,13 @@ async def start_archive(session: aiohttp.ClientSession, base: str, name: str) ->
     return _archive(f"POST {endpoint}", data)
 
 
+async def delete_archive(session: aiohttp.ClientSession, base: str, name: str) -> bool:
+    """DELETE <base>/backups/<name>: the node removes the archive file. False when the node knows no such
+    archive (deleted already); NodeError when it cannot (409 while it is being written)."""
+    status, _ = await _ask(session, "DELETE", f"{base.rstrip('/')}/backups/{name}", ok=(200, 404))
+    return status == 200
+
+
 async def archive(session: aiohttp.ClientSession, base: str, name: str) -> Archive | None:
     """GET <base>/backups/<name>: the archive's record, or None when the node knows no such name."""
     endpoint = f"{base.rstrip('/')}/backups/{name}"

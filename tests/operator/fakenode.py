@@ -73,6 +73,7 @@ class FakeNode:
         app.router.add_delete("/snapshot", self._resume)
         app.router.add_post("/backups", self._start_archive)
         app.router.add_get("/backups/{name}", self._archive)
+        app.router.add_delete("/backups/{name}", self._delete_archive)
         self._runner = aiohttp.web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -167,6 +168,16 @@ class FakeNode:
         if record is None:
             return _error(404, f"no backup {request.match_info['name']}")
         return aiohttp.web.json_response(record)
+
+    async def _delete_archive(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        name = request.match_info["name"]
+        record = self.archives.get(name)
+        if record is None:
+            return _error(404, f"no backup named {name!r}")
+        if record["state"] == "Running":
+            return _error(409, f"archive {name!r} is being written")
+        del self.archives[name]
+        return aiohttp.web.json_response({**record, "deleted": True})
 
 
 def _error(status: int, message: str) -> aiohttp.web.Response:

@@ -357,3 +357,38 @@ async def test_a_scheduled_backup_runs_and_becomes_the_last_backup(api, client, 
         await eventually(lambda: _message_names(client, name), what=f"BackupsHealthy naming {name}")
         assert condition(await healthy(client), "BackupsHealthy")["reason"] == "BackupsCurrent"
         await metric_is(1, "mailfleet_operator_backups_total", method="Archive", result="completed")
+
+
+async def test_retention_deletes_archives_on_the_node_and_waits_for_a_node_that_cannot_be_asked(
+    api, client, node: FakeNode
+) -> None:
+    """An Archive backup's file is on the node's volume: retention asks the node to delete it (DELETE
+    /backups/<name>) before it deletes the MailBackup, and keeps the MailBackup (so the archive is not
+    forgotten) while the node does not answer."""
+    clock = FakeClock()
+    days = [last_3am(clock.now) - datetime.timedelta(days=n) for n in (3, 2, 1)]
+    scheduled = [f"example-com-{day:%Y%m%d%H%M}" for day in days]
+    for name, day in zip(scheduled, days, strict=True):
+        await finished_backup(client, name, completed_at=day + datetime.timedelta(minutes=5), scheduled=True)
+        path = f"{node.backup_dir}/{name}.tar"
+        node.archives[name] = {"name": name, "state": "Completed", "path": path, "pointInTime": rfc3339(day)}
+        snapshots = {"snapshots": [f"example-com-0:{path}"]}
+        await client.patch(MAILBACKUP, NAMESPACE, name, {"status": snapshots}, subresource="status")
+    node.unavailable = 10**6  # the node answers 503 to everything
+    async with run_operator(**fast(clock, node_url=node.url)):
+        await client.create(backed_up(retention={"keepLast": 1}))
+        await eventually(lambda: _deletes_asked(node, 2), what="the node asked to delete two archives")
+        assert sorted(b["metadata"]["name"] for b in await client.list(MAILBACKUP, NAMESPACE)) == scheduled
+        node.unavailable = 0
+        await eventually(lambda: _names_are(client, scheduled[2:]), what=f"MailBackups {scheduled[2:]}")
+    assert sorted(node.archives) == scheduled[2:]
+    deleted = [c.path for c in node.calls if c.method == "DELETE" and c.status == 200]
+    assert sorted(deleted) == [f"/backups/{name}" for name in scheduled[:2]]
+    messages = [e["message"] for e in await events(client, "example-com", "BackupDeleted")]
+    assert sorted(m.split()[2] for m in messages) == scheduled[:2]
+    assert all("and its 1 archive" in m for m in messages)
+
+
+async def _deletes_asked(node: FakeNode, count: int) -> bool | None:
+    asked = {c.path for c in node.calls if c.method == "DELETE" and c.path.startswith("/backups/")}
+    return True if len(asked) >= count else None

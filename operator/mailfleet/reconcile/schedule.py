@@ -18,11 +18,12 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
+import aiohttp
 import croniter
 import prometheus_client as prom
 import pydantic
 
-from mailfleet import api, k8s
+from mailfleet import api, k8s, nodes
 from mailfleet.reconcile import backup as backup_runner
 from mailfleet.reconcile import conditions
 from mailfleet.reconcile.conditions import Condition
@@ -121,6 +122,7 @@ class Backup:
     phase: str | None  # None: not picked up yet (as Pending)
     completed_at: datetime.datetime | None  # when it completed or failed
     error: str | None
+    snapshots: tuple[str, ...] = ()  # status.snapshots: VolumeSnapshot names, or "<pod>:<path>" of archives
 
     @classmethod
     def of(cls, body: Mapping[str, Any]) -> Backup:
@@ -135,6 +137,7 @@ class Backup:
             phase=status.get("phase"),
             completed_at=parse_time(status.get("completedAt")),
             error=status.get("error"),
+            snapshots=tuple(str(s) for s in status.get("snapshots") or ()),
         )
 
     @property
@@ -316,8 +319,11 @@ class Scheduler:
     written: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     # The MailDomains with metric series.
     series: set[DomainKey] = dataclasses.field(default_factory=set)
+    # Where node <ordinal> of a MailDomain answers (nodes.url): retention deletes archives there.
+    node_url: str = nodes.IN_CLUSTER
     # Whether the VolumeSnapshot API is served, asked once per pass.
     _snapshot_api: bool | None = dataclasses.field(default=None, init=False)
+    _session: aiohttp.ClientSession | None = dataclasses.field(default=None, init=False)
 
     async def sweep(self) -> None:
         now = self.clock()
@@ -417,18 +423,48 @@ class Scheduler:
         """Delete what retention lets go; the backups that remain."""
         doomed = expired(backups, spec.retention, now)
         namespace = str(body["metadata"]["namespace"])
+        kept: set[str] = set()
         for item in doomed:
             name = item.backup.name
+            try:
+                archives = await self._delete_archives(namespace, str(body["metadata"]["name"]), item.backup)
+            except nodes.NodeError as error:
+                # the MailBackup stays, so the archive is not forgotten on the node: the next pass tries again
+                log.warning("MailBackup %s/%s is kept for now: cannot delete its archive: %s", namespace, name, error)
+                kept.add(name)
+                continue
             snapshots = await self._delete_volume_snapshots(namespace, name)
             if not await self.ctx.client.delete(MAILBACKUP, namespace, name):
                 continue  # gone already (the index shows deletions late)
             self.ctx.metrics.backups_deleted.inc()
             also = f" and its {snapshots} VolumeSnapshot{'s' * (snapshots != 1)}" if snapshots else ""
+            also += f" and its {archives} archive{'s' * (archives != 1)}" if archives else ""
             await self.ctx.recorder.event(
                 _maildomain(body), "BackupDeleted", f"deleted MailBackup {name}{also}: {item.why}", at=rfc3339(now)
             )
-        gone = {item.backup.name for item in doomed}
+        gone = {item.backup.name for item in doomed} - kept
         return [b for b in backups if b.name not in gone]
+
+    async def _delete_archives(self, namespace: str, domain: str, backup: Backup) -> int:
+        """Delete the archives of an Archive MailBackup on the nodes that wrote them (status.snapshots holds
+        "<pod>:<path>"); how many were there. NodeError when a node cannot be asked."""
+        if backup.method != "Archive":
+            return 0
+        deleted = 0
+        for entry in backup.snapshots:
+            pod = entry.partition(":")[0]
+            ordinal = pod.rpartition("-")[2]
+            if not ordinal.isdigit():
+                continue  # not what the backup runner writes
+            if self._session is None:
+                self._session = aiohttp.ClientSession()
+            base = nodes.url(self.node_url, namespace=namespace, name=domain, ordinal=int(ordinal))
+            deleted += await nodes.delete_archive(self._session, base, backup.name)
+        return deleted
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     async def _delete_volume_snapshots(self, namespace: str, backup: str) -> int:
         """Delete the VolumeSnapshots of a MailBackup (label mailfleet.io/backup). Their owner reference
@@ -525,12 +561,15 @@ def _maildomain(body: Mapping[str, Any]) -> dict[str, Any]:
     return {**dict(body), "apiVersion": api.API_VERSION, "kind": "MailDomain"}
 
 
-async def run(ctx: Context, *, interval: float, clock: Clock = utc_now) -> None:
+async def run(ctx: Context, *, interval: float, clock: Clock = utc_now, node_url: str = nodes.IN_CLUSTER) -> None:
     """A pass every `interval` seconds until cancelled."""
-    scheduler = Scheduler(ctx, clock)
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await scheduler.sweep()
-        except Exception:  # a bug in one pass must not end the schedule
-            log.exception("a pass of the backup schedule failed")
+    scheduler = Scheduler(ctx, clock, node_url=node_url)
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await scheduler.sweep()
+            except Exception:  # a bug in one pass must not end the schedule
+                log.exception("a pass of the backup schedule failed")
+    finally:
+        await scheduler.close()
