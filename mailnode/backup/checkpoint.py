@@ -1,17 +1,23 @@
 """Checkpoint: the consistent hot checkpoint of a running node (docs/backups.md), owned by the Node and
 driven by the admin port.
 
-Two uses, never at the same time (one lock orders them):
+Two uses whose pauses never overlap (one lock orders them):
 
 - `start(hold)` / `end()` (POST and DELETE /snapshot): pause writes through the node's WriteFence, wait
   for those in flight, fold every mailbox index's WAL into its main file and fsync, then keep writes
   paused while the operator cuts a VolumeSnapshot, until `end()` or until the hold runs out (then the
   node resumes by itself, logs a warning and counts it).
-- `stage(dest)` / `staged()` (archives): inside a short pause, copy every index with SQLite's backup
-  API and hard-link the message and queue files into a staging directory under
-  `<data_dir>/.staging/<id>` (the same file system, so links work), then resume at once; the archive
-  is written from the staged copy afterwards, and the copy removed. A stage waits for a snapshot hold
-  to end rather than break into it.
+- `stage(dest)` / `staged()` (archives): a staged copy under `<data_dir>/.staging/<id>` (the same file
+  system, so links work), in two steps. Inside a short pause: pin the store (MailStore.pin), copy every
+  index with SQLite's backup API, hard-link the queue's files (few; the spool unlinks them on delivery)
+  and take the point in time; then writes resume. Outside the pause, while mail flows: hard-link the
+  message files the copied indexes list, a mailbox per Gateway thread, then unpin. The pin keeps every
+  listed file in place meanwhile (expunged files are unlinked at the unpin; folder RENAME and DELETE
+  wait for it), so the copy is exactly the point in time; a listed file missing fails the staging with
+  a StoreError and leaves writes alone. The archive is written from the staged copy afterwards, and
+  the copy removed. `mailnode_checkpoint_pause_seconds` counts the pause only; the log line has both
+  the pause and the whole staging. A stage waits for a snapshot hold to end rather than break into it;
+  the lock orders the pauses only, so a snapshot may pause writes while a staging links its files.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -87,7 +94,17 @@ def _now() -> datetime.datetime:
 
 
 def _tree_bytes(root: Path) -> int:
-    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+    """The bytes of every file under root (os.scandir: four times as fast as Path.rglob on 100,000 files)."""
+    total = 0
+    directories = [str(root)]
+    while directories:
+        with os.scandir(directories.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    directories.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 class Checkpoint:
@@ -225,7 +242,8 @@ class Checkpoint:
 
     async def stage(self, dest: Path) -> Staged:
         """Copy the node's mail into dest (an empty or missing directory on the data directory's file
-        system) inside a short pause. Waits for a snapshot hold to end first."""
+        system): the indexes and the queue inside a short pause, the message files after it (see the
+        module docstring). Waits for a snapshot hold to end first."""
         while True:
             self._check_open()
             hold = self._hold
@@ -236,20 +254,44 @@ class Checkpoint:
                 if self._hold is not None:
                     continue
                 started = await self._pause()
+                # Before writes resume: from here no file a copied index lists is removed or moved.
+                self._store.pin()
                 try:
                     point_in_time = _now()
-                    copied = await self._store.copy_to(dest)
+                    copies = await self._store.copy_indexes(dest)
                     queued = await self._spool.copy_to(dest / "queue")
                 except BaseException as error:
+                    self._resume(started)
+                    await self._store.unpin()
                     self._metrics.checkpoints.labels("failed").inc()
                     log.error("staging failed; writes resumed", extra={"fields": {"error": str(error)}})
                     raise
+                paused = self._resume(started)
+            try:
+                try:
+                    copied = await self._store.link_files(copies)
                 finally:
-                    seconds = self._resume(started)
-                self._metrics.checkpoints.labels("ok").inc()
+                    await self._store.unpin()
+                size = await self._gateway.run(_tree_bytes, dest)
+            except BaseException as error:
+                self._metrics.checkpoints.labels("failed").inc()
+                log.error(
+                    "staging failed while linking the message files (writes were not paused)",
+                    extra={"fields": {"error": str(error)}},
+                )
+                raise
+            self._metrics.checkpoints.labels("ok").inc()
             log.info(
                 "staged a copy for an archive",
-                extra={"fields": {"point_in_time": point_in_time.isoformat(), "paused_seconds": round(seconds, 3)}},
+                extra={
+                    "fields": {
+                        "point_in_time": point_in_time.isoformat(),
+                        "paused_seconds": round(paused, 3),
+                        "staging_seconds": round(max(0.0, self._clock() - started), 3),  # pause to last link
+                        "mailboxes": len(copied),
+                        "messages": sum(u.messages for u in copied.values()),
+                    }
+                },
             )
             return Staged(
                 root=dest,
@@ -257,7 +299,7 @@ class Checkpoint:
                 node=self._node,
                 mailboxes={address: (u.messages, u.bytes) for address, u in copied.items()},
                 queued=queued,
-                bytes=await self._gateway.run(_tree_bytes, dest),
+                bytes=size,
             )
 
     @contextlib.asynccontextmanager

@@ -10,6 +10,10 @@ file (recovery removes files without a row).
 Changes pass the node's WriteFence first (before the mailbox lock): while a checkpoint holds writes
 they wait, and reads go on. Two writes that only serve reads are skipped instead of waiting: a SELECT
 while paused does not move the \\Recent mark, and a FETCH does not save the structure it computed.
+
+While a staged copy pins the store (MailStore.pin), an expunge's unlinks are deferred to the last unpin
+(MailStore.unlink_messages), and a folder RENAME or DELETE waits, before the fence, until no pin is held
+(MailStore.unpinned_writing): no file a staged index lists is removed or moved before it is linked.
 """
 
 from __future__ import annotations
@@ -63,9 +67,11 @@ class Account:
     def switchboard(self) -> changes.Switchboard:
         return self._store.switchboard
 
-    async def _run(self, fn: Callable[[_Mailbox], object], *, fenced: bool = True) -> object:
+    async def _run(self, fn: Callable[[_Mailbox], object], *, fenced: bool = True, moves: bool = False) -> object:
         """Run a change under the mailbox's write lock, in a Gateway thread, once the write fence lets
-        it in (`fenced=False`: a read that needs the lock, such as a SELECT that writes nothing)."""
+        it in (`fenced=False`: a read that needs the lock, such as a SELECT that writes nothing;
+        `moves=True`: a change that moves or removes whole folders, which also waits until the store
+        is not pinned)."""
 
         def locked() -> object:
             mailbox = self._store._open_mailbox(self.address)
@@ -74,7 +80,7 @@ class Account:
 
         if not fenced:
             return await self._store._gateway.run(locked)
-        async with self._store.fence.writing():
+        async with self._store.unpinned_writing() if moves else self._store.fence.writing():
             return await self._store._gateway.run(locked)
 
     async def _read(self, fn: Callable[[index.Index], object]) -> object:
@@ -124,10 +130,11 @@ class Account:
             for rel in paths:
                 path = mailbox.path / rel
                 size += path.stat().st_size if path.exists() else 0
+            # Never while pinned (moves=True), so the whole directory can go now.
             shutil.rmtree(maildir.folder_dir(mailbox.path, name), ignore_errors=True)
             self._store.account_for(self.address, size=-size, count=-len(paths))
 
-        await self._run(delete)
+        await self._run(delete, moves=True)
 
     async def rename_folder(self, old: str, new: str) -> None:
         def rename(mailbox: _Mailbox) -> None:
@@ -161,7 +168,7 @@ class Account:
             mailbox.index.move_paths(moves)
             mailbox.folders.clear()
 
-        await self._run(rename)
+        await self._run(rename, moves=True)
 
     async def subscribe(self, name: str, subscribed: bool) -> None:
         def update(mailbox: _Mailbox) -> None:
@@ -303,10 +310,10 @@ class Account:
     def _expunge_locked(self, mailbox: _Mailbox, name: str, uids: Sequence[int]) -> list[int]:
         removed = mailbox.index.expunge(name, uids)
         size = 0
-        for _, rel in removed:
-            path = mailbox.path / rel
+        paths = [mailbox.path / rel for _, rel in removed]
+        for path in paths:
             size += path.stat().st_size if path.exists() else 0
-            path.unlink(missing_ok=True)
+        self._store.unlink_messages(mailbox, paths)  # now, or at the last unpin while a staging is pinned
         self._store.account_for(self.address, size=-size, count=-len(removed))
         return [uid for uid, _ in removed]
 

@@ -12,10 +12,17 @@ it and a target not on the node with 400 while the node goes on serving; POST /b
 archive and Failed for a partial one, and staging leftovers are removed at start; an archive waits for
 a snapshot's hold; GET /backup and POST /restore are for loopback clients only; the metrics and
 /status follow.
+
+Staging while mail flows (the staging held at its linking step, after writes resumed, by the test):
+SMTP is answered 250 and the archive holds exactly the point in time; an IMAP EXPUNGE completes, the
+archive still holds the expunged message byte for byte and its file goes once the staging is done; a
+folder RENAME waits for the staging and the archive has the folder under its old name; a listed file
+gone missing fails the staging with a clear error while writes go on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import datetime
 import hashlib
@@ -30,6 +37,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -41,8 +49,9 @@ from aiohttp.test_utils import make_mocked_request
 from mailnode.admin.http import BackupOps, build_app
 from mailnode.backup import archive
 from mailnode.metrics import NodeMetrics
+from mailnode.store.mailstore import IndexCopy, MailboxUsage
 from tests.node.conftest import TRACE_BLOCK, NodeFactory, RunningNode, mailbox
-from tests.node.test_checkpoint import call, imap_login
+from tests.node.test_checkpoint import call, imap_login, paused
 from tests.node.test_outbound import submit, wait_for
 
 USER, OTHER, COPY = "user@example.com", "other@example.com", "copy@example.com"
@@ -429,6 +438,25 @@ def test_backup_records_survive_a_restart(node_factory: NodeFactory, tmp_path: P
         again.stop()
 
 
+def test_delete_removes_an_archive_and_its_record(node_factory: NodeFactory, tmp_path: Path) -> None:
+    """DELETE /backups/{name}, what the operator's retention calls: the file goes, the name is unknown after."""
+    node = node_factory(MAILBOXES, smtp={"check_inbound": False}, backup={"dir": str(tmp_path / "archives")})
+    deliver(node, "a")
+    assert call(node, "POST", "/backups", {"name": "old-1"})[0] == 202
+    record = finished(node, "old-1")
+    assert record["state"] == "Completed"
+    (tmp_path / "archives" / "crashed.tar.partial").write_bytes(b"half an archive")  # a failed one, left over
+    status, body = call(node, "DELETE", "/backups/old-1")
+    assert (status, body) == (200, {**record, "deleted": True})
+    assert call(node, "DELETE", "/backups/crashed")[0] == 200
+    assert sorted(p.name for p in (tmp_path / "archives").iterdir()) == []
+    assert call(node, "GET", "/backups/old-1")[0] == 404
+    status, body = call(node, "DELETE", "/backups/old-1")
+    assert (status, body) == (404, {"error": "no backup named 'old-1'"})
+    deliver(node, "b")  # the node goes on serving
+    assert len(node.files.stored(USER)) == 2
+
+
 @pytest.mark.parametrize(
     "body",
     [{"name": "Nightly"}, {"name": "-x"}, {"name": "x-"}, {"name": "a/b"}, {"name": "x" * 254}, {"name": 7}, {}],
@@ -448,6 +476,221 @@ def test_the_longest_names_are_fine(node: RunningNode) -> None:
         assert len(Path(record["path"]).name) == 255 - len(".partial")
         assert archive.verify(Path(record["path"])).messages == 0
     assert len(list((node.files.data_dir / "backups").iterdir())) == 2
+
+
+# -- staging while mail flows ------------------------------------------------------------------------------
+
+
+class HeldStaging:
+    """A GET /backup in a thread whose staging the test holds at its linking step: the indexes are copied,
+    the point in time taken, writes resumed and the store pinned, and no message file is linked yet."""
+
+    def __init__(self, node: RunningNode, monkeypatch: pytest.MonkeyPatch, dest: Path) -> None:
+        self.dest = dest
+        self.linking = threading.Event()  # set once the staging has reached its linking step
+        self._release = threading.Event()
+        self.outcome: list[dict[str, str] | tuple[int, Any]] = []  # the headers, or (status, body) of a failure
+        store = node.node.store
+        link_files = store.link_files
+
+        async def held(copies: list[IndexCopy]) -> dict[str, MailboxUsage]:
+            self.linking.set()
+            await asyncio.get_running_loop().run_in_executor(None, self._release.wait, 60)
+            return await link_files(copies)
+
+        monkeypatch.setattr(store, "link_files", held)
+        self._thread = threading.Thread(target=self._backup, args=(node,))
+        self._thread.start()
+        assert self.linking.wait(60), "the staging did not reach its linking step"
+
+    def _backup(self, node: RunningNode) -> None:
+        try:
+            self.outcome.append(stream_backup(node, self.dest))
+        except urllib.error.HTTPError as error:
+            self.outcome.append((error.code, json.loads(error.read())))
+
+    def release(self) -> None:
+        self._release.set()
+
+    def finish(self) -> dict[str, str] | tuple[int, Any]:
+        """Let the staging link its files; the response's headers, or (status, body) when it failed."""
+        self._release.set()
+        self._thread.join(60)
+        assert not self._thread.is_alive() and len(self.outcome) == 1
+        return self.outcome[0]
+
+
+@pytest.fixture
+def held_staging(
+    node: RunningNode, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[Callable[[], HeldStaging]]:
+    """Starts a HeldStaging of `node` (into tmp_path/archive.tar); released at the end of the test whatever
+    happened, so the node can stop."""
+    started: list[HeldStaging] = []
+
+    def start() -> HeldStaging:
+        started.append(HeldStaging(node, monkeypatch, tmp_path / "archive.tar"))
+        return started[-1]
+
+    yield start
+    for staging in started:
+        staging.release()
+
+
+def pinned(node: RunningNode) -> bool:
+    return node.node.store.pinned
+
+
+def mailbox_dir(node: RunningNode, address: str = USER) -> Path:
+    local, _, domain = address.partition("@")
+    return node.files.data_dir / "mail" / domain / local
+
+
+def message_file(node: RunningNode, tag: str, address: str = USER) -> Path:
+    """The file of the message delivered with this tag."""
+    marker = f"Message-ID: <{tag}@backup.test>".encode()
+    [found] = [
+        f
+        for f in mailbox_dir(node, address).glob("*/*/*")
+        if f.parent.name in ("new", "cur") and marker in f.read_bytes()
+    ]
+    return found
+
+
+def archived_messages(path: Path, address: str = USER, folder: str = "INBOX") -> dict[str, bytes]:
+    """The message members of one folder of an archive: name -> bytes."""
+    local, _, domain = address.partition("@")
+    prefix = f"mail/{domain}/{local}/{folder}/"
+    with tarfile.open(path) as tar:
+        found = {}
+        for member in tar.getmembers():
+            if member.isfile() and member.name.startswith(prefix):
+                extracted = tar.extractfile(member)
+                assert extracted is not None
+                found[member.name] = extracted.read()
+        return found
+
+
+def test_smtp_is_answered_250_while_the_staging_links_and_the_archive_is_the_point_in_time(
+    node: RunningNode, held_staging: Callable[[], HeldStaging], tmp_path: Path
+) -> None:
+    deliver(node, "before-1", "before-2", "before-3")
+    staging = held_staging()
+    assert pinned(node) and not paused(node)
+    with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=10) as client:
+        client.ehlo("remote.test")
+        for tag in ("during-1", "during-2"):
+            assert client.mail("alice@remote.test")[0] == 250
+            assert client.rcpt(USER)[0] == 250
+            assert client.data(message(tag))[0] == 250  # not 451: writes are not paused while linking
+    assert len(node.files.stored(USER)) == 5
+    assert node.metric("mailnode_smtp_messages_rejected_total", listener="smtp", reason="checkpoint") == 0
+
+    headers = staging.finish()
+
+    assert isinstance(headers, dict)
+    summary = archive.verify(tmp_path / "archive.tar")
+    assert summary.messages == int(headers["X-Mailfleet-Messages"]) == 3
+    archived = sorted(without_trace(data) for data in archived_messages(tmp_path / "archive.tar").values())
+    assert archived == sorted(message(tag) for tag in ("before-1", "before-2", "before-3"))
+    assert not pinned(node)
+    assert node.metric("mailnode_checkpoints_total", result="ok") == 1
+    assert node.metric("mailnode_checkpoint_pause_seconds_count") == 1
+
+
+def test_an_expunge_while_the_staging_links_keeps_the_file_for_the_archive(
+    node: RunningNode, client_tls: ssl.SSLContext, held_staging: Callable[[], HeldStaging], tmp_path: Path
+) -> None:
+    deliver(node, "kept", "expunged")
+    expunged = message_file(node, "expunged")
+    original = expunged.read_bytes()
+    staging = held_staging()
+
+    client = imap_login(node, client_tls)
+    try:
+        assert client.select("INBOX")[0] == "OK"
+        assert client.store("2", "+FLAGS", "(\\Deleted)")[0] == "OK"
+        assert client.expunge() == ("OK", [b"2"])  # done at once, not held by the staging
+        assert status_messages(client, "INBOX") == 1
+    finally:
+        client.logout()
+    assert expunged.read_bytes() == original  # kept on disk while the staging is pinned
+
+    headers = staging.finish()
+
+    assert isinstance(headers, dict)
+    assert archive.verify(tmp_path / "archive.tar").messages == 2
+    member = expunged.relative_to(node.files.data_dir).as_posix()
+    assert archived_messages(tmp_path / "archive.tar")[member] == original  # byte for byte
+    assert not expunged.exists()  # gone from the mailbox once the staging was done
+    assert [without_trace(data) for data in node.files.stored(USER)] == [message("kept")]
+
+
+def test_a_folder_rename_waits_for_the_staging(
+    node: RunningNode, client_tls: ssl.SSLContext, held_staging: Callable[[], HeldStaging], tmp_path: Path
+) -> None:
+    filed = [message(f"filed-{n}") for n in range(3)]
+    client = imap_login(node, client_tls)
+    try:
+        assert client.create("Projects")[0] == "OK"
+        for data in filed:
+            assert client.append("Projects", None, None, data)[0] == "OK"
+    finally:
+        client.logout()
+    staging = held_staging()
+
+    renamer = imap_login(node, client_tls)
+    renamed: list[tuple[str, Any]] = []
+    thread = threading.Thread(target=lambda: renamed.append(renamer.rename("Projects", "Renamed")))
+    thread.start()
+    wait_for("the RENAME to wait for the staging", lambda: node.node.store.pin_waiting == 1)
+    assert thread.is_alive() and renamed == []
+    assert (mailbox_dir(node) / "Projects").is_dir()
+    deliver(node, "meanwhile")  # other writes go on
+
+    headers = staging.finish()
+
+    assert isinstance(headers, dict)
+    thread.join(30)
+    assert renamed and renamed[0][0] == "OK", renamed
+    renamer.logout()
+    assert not (mailbox_dir(node) / "Projects").exists()
+    assert sorted(node.files.stored(USER, "Renamed")) == sorted(filed)
+    # The archive has the folder under its old name, with all its messages.
+    assert sorted(archived_messages(tmp_path / "archive.tar", folder="Projects").values()) == sorted(filed)
+    status, body = call(
+        node, "POST", "/restore", {"archive": str(tmp_path / "archive.tar"), "mailbox": USER, "as": COPY}
+    )
+    assert (status, body) == (200, {"mailbox": COPY, "restored": 3, "skipped": 0})
+    client = imap_login(node, client_tls, COPY)
+    try:
+        assert sorted(data for _, _, data in fetch_all(client, "Projects")) == sorted(filed)
+        assert client.select("Renamed")[0] == "NO"
+    finally:
+        client.logout()
+
+
+def test_a_listed_file_gone_missing_fails_the_staging_and_writes_go_on(
+    node: RunningNode, held_staging: Callable[[], HeldStaging]
+) -> None:
+    deliver(node, "one", "two")
+    staging = held_staging()
+    lost = message_file(node, "two")
+    lost.unlink()  # behind the store's back: what the pin rules out
+
+    outcome = staging.finish()
+
+    assert isinstance(outcome, tuple)
+    status, body = outcome
+    assert status == 500
+    rel = lost.relative_to(mailbox_dir(node)).as_posix()
+    assert f"{USER}: the staged index lists {rel}, which is no longer on disk" in body["error"], body
+    assert node.metric("mailnode_checkpoints_total", result="failed") == 1
+    assert node.metric("mailnode_writes_paused") == 0
+    assert not pinned(node)
+    assert not any((node.files.data_dir / ".staging").iterdir())
+    deliver(node, "after")
+    assert len(node.files.stored(USER)) == 2
 
 
 # -- an archive during a snapshot, loopback only ---------------------------------------------------------

@@ -1,6 +1,8 @@
 """The mailbox store on a real file system: group-committed deliveries get unique increasing UIDs and
 agree with the index, folders appear on first use, one failing delivery does not fail its batch
-mates, and recovery after a crash removes exactly what was never acknowledged."""
+mates, recovery after a crash removes exactly what was never acknowledged (and the files a pinned store
+kept for a staging), and a pinned store unlinks expunged files only at the last unpin and holds folder
+renames until then."""
 
 from __future__ import annotations
 
@@ -90,5 +92,44 @@ async def test_recovery_removes_only_what_was_never_committed(tmp_path: Path) ->
         assert reopened.usage("a@example.com").messages == 1
         [stored] = await reopened.deliver([Delivery("a@example.com", b"next\r\n")])
         assert stored.uid == 2  # UIDs are never reused
+    finally:
+        await reopened.close()
+
+
+async def test_a_pinned_store_defers_expunged_files_and_holds_folder_renames(store: MailStore) -> None:
+    expunged, kept = await store.deliver([Delivery("a@example.com", b"one\r\n"), Delivery("a@example.com", b"two\r\n")])
+    account = store.account("a@example.com")
+    await account.create_folder("Projects")
+    store.pin()  # as a staging does, inside its pause
+
+    assert await account.expunge("INBOX", [expunged.uid]) == [expunged.uid]
+    assert [m.uid for m in await account.messages("INBOX")] == [kept.uid]
+    assert expunged.path.exists()  # the row is gone, the file stays until the pin goes
+    rename = asyncio.create_task(account.rename_folder("Projects", "Renamed"))
+    await asyncio.sleep(0)  # the rename runs up to its wait: nothing before it suspends
+    assert store.pin_waiting == 1 and not rename.done()
+
+    await store.unpin()
+    await rename
+    assert not store.pinned
+    assert not expunged.path.exists() and kept.path.exists()
+    assert sorted(f.name for f in await account.folders()) == ["INBOX", "Renamed"]
+    assert store.usage("a@example.com").messages == 1
+
+
+async def test_files_expunged_while_pinned_are_removed_by_recovery(tmp_path: Path) -> None:
+    store = MailStore(tmp_path, gateway=Gateway())
+    await store.open()
+    expunged, kept = await store.deliver([Delivery("a@example.com", b"one\r\n"), Delivery("a@example.com", b"two\r\n")])
+    store.pin()
+    await store.account("a@example.com").expunge("INBOX", [expunged.uid])
+    await store.close()  # the node stopped before the last unpin
+    assert expunged.path.exists()
+
+    reopened = MailStore(tmp_path, gateway=Gateway())
+    await reopened.open()
+    try:
+        assert not expunged.path.exists() and kept.path.exists()
+        assert reopened.usage("a@example.com").messages == 1
     finally:
         await reopened.close()
