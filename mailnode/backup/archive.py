@@ -905,7 +905,7 @@ class _Extraction(_Scan):
         if _syncfs(self._root):
             return
         with concurrent.futures.ThreadPoolExecutor(_FSYNC_THREADS, thread_name_prefix="mailnode-fsync") as pool:
-            for _ in pool.map(_fsync_file, self._written):
+            for _ in pool.map(durable.fsync_file, self._written):
                 pass
             for _ in pool.map(durable.fsync_dir, self._dirs):
                 pass
@@ -933,14 +933,6 @@ def _libc() -> ctypes.CDLL | None:
         return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _refuse_unless_empty(data_dir: Path) -> None:

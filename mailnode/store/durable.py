@@ -43,6 +43,15 @@ def write_synced(path: Path, data: bytes) -> None:
     os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """fsync a file already written (by another handle, or a copy SQLite made)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

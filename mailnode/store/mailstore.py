@@ -441,7 +441,7 @@ class MailStore:
                     db.close()
                 if busy:
                     raise StoreError(f"the index of {mailbox.address} is busy; its WAL was not checkpointed")
-                _fsync_file(mailbox.index.path)
+                durable.fsync_file(mailbox.index.path)
             durable.fsync_dir(mailbox.path)
         return len(mailboxes), messages
 
@@ -557,11 +557,3 @@ def _link_listed(copy: IndexCopy, stop: threading.Event) -> MailboxUsage:
         usage.bytes += int(size)
         usage.messages += 1
     return usage
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

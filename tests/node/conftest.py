@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -261,3 +262,26 @@ def serve_process(tmp_path: Path, tls_files: tuple[Path, Path]) -> Iterator[Call
     yield make
     for proc in made:
         proc.kill()
+
+
+async def refused_from_the_pod_network(app: Any, requests: list[tuple[str, str]]) -> None:
+    """Each (method, path) of `app`, asked from a pod-network address (10.0.0.7), answers 403 with an error
+    that says loopback: what the admin port does for the requests that change or read mail wholesale."""
+    from unittest import mock
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        ("10.0.0.7", 40000) if name == "peername" else default
+    )
+    for method, path in requests:
+        request = make_mocked_request(method, path, app=app, transport=transport)
+        match = await app.router.resolve(request)
+        request._match_info = match
+        response = await match.handler(request)
+        assert isinstance(response, web.Response)
+        assert response.status == 403, (method, path)
+        assert response.text is not None
+        assert "loopback" in json.loads(response.text)["error"]

@@ -43,14 +43,12 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
 
 from mailnode.admin.http import BackupOps, build_app
 from mailnode.backup import archive
 from mailnode.metrics import NodeMetrics
 from mailnode.store.mailstore import IndexCopy, MailboxUsage
-from tests.node.conftest import TRACE_BLOCK, NodeFactory, RunningNode, mailbox
+from tests.node.conftest import TRACE_BLOCK, NodeFactory, RunningNode, mailbox, refused_from_the_pod_network
 from tests.node.test_checkpoint import call, imap_login, paused
 from tests.node.test_outbound import submit, wait_for
 
@@ -708,18 +706,6 @@ async def test_archives_and_restores_are_for_loopback_clients_only() -> None:
     checkpoint, restore = mock.Mock(), mock.AsyncMock()
     ops = BackupOps(checkpoint=checkpoint, jobs=mock.Mock(), restore=restore, max_hold=600)
     app = build_app(metrics=NodeMetrics(), ready=lambda: True, status=dict, backups=ops)
-    transport = mock.Mock()
-    transport.get_extra_info.side_effect = lambda name, default=None: (
-        ("10.0.0.7", 40000) if name == "peername" else default
-    )
-    for method, path in (("GET", "/backup"), ("POST", "/restore")):
-        request = make_mocked_request(method, path, app=app, transport=transport)
-        match = await app.router.resolve(request)
-        request._match_info = match
-        response = await match.handler(request)
-        assert isinstance(response, web.Response)
-        assert response.status == 403
-        assert response.text is not None
-        assert "loopback" in json.loads(response.text)["error"]
+    await refused_from_the_pod_network(app, [("GET", "/backup"), ("POST", "/restore")])
     checkpoint.staged.assert_not_called()
     restore.assert_not_called()

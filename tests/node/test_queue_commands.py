@@ -14,12 +14,10 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
 
 from mailnode.admin.http import build_app, is_loopback
 from mailnode.metrics import NodeMetrics
-from tests.node.conftest import NodeFactory, RunningNode, mailbox
+from tests.node.conftest import NodeFactory, RunningNode, mailbox, refused_from_the_pod_network
 from tests.node.test_outbound import submit, wait_for
 
 
@@ -169,18 +167,6 @@ def test_only_loopback_clients_may_change_the_queue(remote: str | None, allowed:
 async def test_a_change_from_the_pod_network_is_refused() -> None:
     spool = mock.AsyncMock()
     app = build_app(metrics=NodeMetrics(), ready=lambda: True, status=dict, queue=spool)
-    transport = mock.Mock()
-    transport.get_extra_info.side_effect = lambda name, default=None: (
-        ("10.0.0.7", 40000) if name == "peername" else default
-    )
-    for method, path in (("POST", "/queue/1/retry"), ("DELETE", "/queue/1")):
-        request = make_mocked_request(method, path, app=app, transport=transport)
-        match = await app.router.resolve(request)
-        request._match_info = match
-        response = await match.handler(request)
-        assert isinstance(response, web.Response)
-        assert response.status == 403
-        assert response.text is not None
-        assert "loopback" in json.loads(response.text)["error"]
+    await refused_from_the_pod_network(app, [("POST", "/queue/1/retry"), ("DELETE", "/queue/1")])
     spool.retry_now.assert_not_called()
     spool.delete.assert_not_called()
