@@ -18,6 +18,7 @@ from kopf.testing import KopfRunner
 
 from mailfleet import handlers, k8s
 from tests.operator.emulator import RESOURCES, ApiServer
+from tests.operator.fakenode import FakeNode
 
 T = TypeVar("T")
 NAMESPACE = "mail"
@@ -272,3 +273,12 @@ async def finished_backup(
     body["status"] = status
     await client.create(body)
     return await client.patch(MAILBACKUP, NAMESPACE, name, {"status": status}, subresource="status")
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[FakeNode]:
+    """A fake mail node (tests/operator/fakenode.py) on 127.0.0.1: the operator's node_url points at it."""
+    fake = FakeNode()
+    await fake.start()
+    yield fake
+    await fake.stop()

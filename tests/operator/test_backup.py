@@ -46,14 +46,6 @@ from tests.operator.emulator import ApiServer
 from tests.operator.fakenode import STORE_NOT_OPEN, FakeNode
 
 
-@pytest.fixture
-async def node() -> AsyncIterator[FakeNode]:
-    fake = FakeNode()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
 def fast(node: FakeNode, **options: Any) -> dict[str, Any]:
     """Operator options: node 0 of every domain is the fake node; looks and retries without waiting."""
     return {"node_url": node.url, "backup_poll": 0.05, "backup_retry": 0.05, "backup_attempts": 3, **options}

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import AsyncIterator
 from typing import Any
-
-import pytest
 
 from mailfleet import handlers, k8s
 from tests.operator.conftest import (
@@ -334,14 +331,6 @@ async def _stop_schedule() -> None:
 
 
 # -- with the backup runner ------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def node() -> AsyncIterator[FakeNode]:
-    fake = FakeNode()
-    await fake.start()
-    yield fake
-    await fake.stop()
 
 
 async def test_a_scheduled_backup_runs_and_becomes_the_last_backup(api, client, node: FakeNode) -> None:
