@@ -13,7 +13,7 @@ committed, as SMTP stores it), then the node is started (`mailnode serve`) and t
 - backup: `mailnode backup --to FILE` (a consistent archive of the running node, SHA-256 of every message);
   the time writes were paused while it staged its copy is read from the node's metrics;
 - verify: `mailnode verify FILE`;
-- restore: `mailnode restore --from FILE --data-dir EMPTY` (the whole node, every file fsynced) and
+- restore: `mailnode restore --from FILE --data-dir EMPTY` (the whole node, verified, made durable) and
   `mailnode restore --mailbox ... --as ...` (one mailbox into the running node, through its store).
 
 Dovecot gets the same messages in Maildirs (one per mailbox, indexed before the timed run, as a running
@@ -200,7 +200,7 @@ def bench_node(workdir: Path, users: list[str], mail: list[list[bytes]]) -> list
         found = files_under(restored / "mail") - len(users)  # minus one index.sqlite per mailbox
         if found != total:
             raise BenchError(f"the restored data directory holds {found} message files, not {total}")
-        steps.append(Step("restore node (--data-dir)", seconds, total, size, "every file fsynced"))
+        steps.append(Step("restore node (--data-dir)", seconds, total, size, "verified, then one syncfs"))
         one, one_bytes = len(mail[0]), sum(len(m) for m in mail[0])
         seconds, out = mailnode("restore", "--from", str(archive), "--mailbox", users[0], "--as",
                                 f"restored@{DOMAIN}", "--url", url, cwd=workdir)  # fmt: skip
