@@ -256,8 +256,15 @@ def _archive_name(node: str, point_in_time: datetime.datetime) -> str:
 
 
 def _backup(args: argparse.Namespace) -> int:
-    target: Path = args.to
+    target = Path(args.to)
     into_dir = target.is_dir()
+    if not into_dir and args.to.endswith(("/", os.sep)):  # a directory, by its trailing slash: made if missing
+        try:
+            durable.ensure_dir(target)
+        except OSError as error:
+            print(f"mailnode backup: cannot make the directory {target}: {error.strerror}", file=sys.stderr)
+            return 1
+        into_dir = True
     if not into_dir and target.exists():
         print(f"mailnode backup: {target} exists; not overwriting a backup", file=sys.stderr)
         return 1
@@ -408,7 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         queue_commands.add_parser(name, parents=[where], help=text).add_argument("id", help="message id")
     backup = commands.add_parser("backup", parents=[where], help="write a running node's archive to a file")
     backup.add_argument(
-        "--to", type=Path, required=True, help="the archive file (.tar, or .tar.gz / .tgz), or a directory for it"
+        "--to",
+        required=True,
+        help="the archive file (.tar, or .tar.gz / .tgz), or a directory for it (an existing one, or any path"
+        " ending in /)",
     )
     verify = commands.add_parser("verify", help="check an archive: every SHA-256, nothing missing or extra")
     verify.add_argument("file", type=Path)

@@ -120,6 +120,16 @@ def test_backup_verify_and_restore_a_whole_node(
     assert inbox(again, client_tls, OTHER) == [message("four", OTHER)]
 
 
+def test_a_path_ending_in_a_slash_is_a_directory_made_for_the_backup(node: RunningNode, tmp_path: Path) -> None:
+    deliver(node, "one")
+    directory = tmp_path / "new" / "backups"
+    done = mailnode("backup", "--to", f"{directory}/", "--url", url(node))
+    assert done.returncode == 0, done.stderr
+    [written] = directory.iterdir()
+    assert re.fullmatch(rf"mailnode-test-0-{STAMP}\.tar", written.name)
+    assert done.stdout.startswith(f"wrote {written}: ")
+
+
 def test_a_gzip_backup_to_a_file(node: RunningNode, tmp_path: Path) -> None:
     deliver(node, "one")
     target = tmp_path / "node.tar.gz"
