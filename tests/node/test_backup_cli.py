@@ -12,7 +12,6 @@ import imaplib
 import os
 import pty
 import re
-import smtplib
 import ssl
 import subprocess
 import sys
@@ -21,24 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.node.conftest import PASSWORD, TRACE_BLOCK, NodeFactory, RunningNode, mailbox
+from tests.node.conftest import PASSWORD, TRACE_BLOCK, NodeFactory, RunningNode
+from tests.node.test_backup import COPY, MAILBOXES, OTHER, USER, deliver, message
 
-USER, OTHER, COPY = "user@example.com", "other@example.com", "copy@example.com"
-MAILBOXES = [mailbox(USER), mailbox(OTHER), mailbox(COPY)]
 STAMP = r"\d{8}T\d{6}Z"
-
-
-def message(tag: str, recipient: str = USER) -> bytes:
-    return (
-        f"Message-ID: <{tag}@cli.test>\r\nFrom: <alice@remote.test>\r\nTo: <{recipient}>\r\n"
-        f"Subject: cli {tag}\r\n\r\nThe body of {tag}.\r\n"
-    ).encode()
-
-
-def deliver(node: RunningNode, *tags: str, to: str = USER) -> None:
-    with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=10) as client:
-        for tag in tags:
-            client.sendmail("alice@remote.test", [to], message(tag, to))
 
 
 def mailnode(*args: str, stderr: int | None = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
