@@ -38,11 +38,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from bench import common, imap
 from bench.common import DOMAIN, HOST, START_TIMEOUT, BenchError
-from mailnode import passwords
 from mailnode.gateway import Gateway
 from mailnode.store.mailstore import Delivery, MailStore
 
@@ -82,25 +79,6 @@ def mail_bytes(mail: list[list[bytes]]) -> int:
 
 # ---------------------------------------------------------------------------------------------------
 # The node
-
-
-def node_config(workdir: Path, users: list[str]) -> tuple[Path, dict[str, int]]:
-    ports = dict(zip(("smtp", "imap", "http"), common.free_ports(3), strict=True))
-    config = {
-        "node_name": "bench-0",
-        "hostname": DOMAIN,
-        "domains": [{"domain": DOMAIN}],
-        "data_dir": "data",
-        "directory_file": "directory.yaml",
-        "listen": {"host": HOST, **ports},
-        "log_level": "info",
-    }
-    hashed = passwords.hash_password(PASSWORD)
-    mailboxes = [{"address": a, "password_hash": hashed, "quota": 0} for a in [*users, f"restored@{DOMAIN}"]]
-    (workdir / "directory.yaml").write_text(yaml.safe_dump({"mailboxes": mailboxes}), encoding="utf-8")
-    path = workdir / "node.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path, ports
 
 
 async def preload(data_dir: Path, users: list[str], mail: list[list[bytes]]) -> None:
@@ -160,26 +138,18 @@ def files_under(path: Path) -> int:
 
 
 def bench_node(workdir: Path, users: list[str], mail: list[list[bytes]]) -> list[Step]:
-    workdir.mkdir()
-    config, ports = node_config(workdir, users)
+    listeners = ("smtp", "imap", "http")
+    addresses = [*users, f"restored@{DOMAIN}"]
+    config, ports = common.node_files(workdir, listeners=listeners, password=PASSWORD, addresses=addresses)
     total, size = sum(len(m) for m in mail), mail_bytes(mail)
     started = time.monotonic()
     asyncio.run(preload(workdir / "data", users, mail))
     print(f"mailnode: {total} messages stored with MailStore.deliver in {time.monotonic() - started:.1f} s", flush=True)
-    log_file = workdir / "node.log"
-    with log_file.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mailnode", "serve", "--config", str(config)], cwd=workdir,
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    node = common.launch_node(workdir, config, ports)
     url = f"http://{HOST}:{ports['http']}"
-
-    def died() -> str | None:
-        return None if proc.poll() is None else f"mailnode exited {proc.returncode}:\n{common.tail(log_file)}"
-
     steps: list[Step] = []
     try:
-        common.wait_for("mailnode", lambda: common.http_ok(f"{url}/readyz"), timeout=START_TIMEOUT, alive=died)
+        node.wait_ready()
         started = time.monotonic()
         checkpoint = http("POST", f"{url}/snapshot?hold=60")
         answered = time.monotonic() - started
@@ -205,11 +175,11 @@ def bench_node(workdir: Path, users: list[str], mail: list[list[bytes]]) -> list
         seconds, out = mailnode("restore", "--from", str(archive), "--mailbox", users[0], "--as",
                                 f"restored@{DOMAIN}", "--url", url, cwd=workdir)  # fmt: skip
         steps.append(Step(f"restore 1 mailbox (--mailbox, {one})", seconds, one, one_bytes, out.strip()))
-        problems = died()
+        problems = node.died()
         if problems:
             raise BenchError(problems)
     finally:
-        common.stop_process(proc)
+        common.stop_process(node.proc)
     return steps
 
 

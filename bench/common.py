@@ -24,7 +24,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -193,18 +193,17 @@ class Node:
         return run_problems("mailnode", self.died, errors_logged(self.log_file))
 
 
-def start_node(
+def node_files(
     workdir: Path,
     *,
     listeners: tuple[str, ...],
     password: str,
     settings: dict[str, Any] | None = None,
-    preexec_fn: Callable[[], None] | None = None,
-    address: str = RECIPIENT,
-) -> Node:
+    addresses: Sequence[str] = (RECIPIENT,),
+) -> tuple[Path, dict[str, int]]:
     """Make workdir with a node config (`listeners` on free ports, `settings` added) and a directory with
-    one mailbox (`address`, RECIPIENT unless told) of `password`, and start the node there; the caller
-    stops it (stop_process(node.proc))."""
+    the mailboxes `addresses`, all of `password` and without quota; returns the config's path and the
+    ports."""
     workdir.mkdir()
     ports = dict(zip(listeners, free_ports(len(listeners)), strict=True))
     config = {
@@ -217,18 +216,40 @@ def start_node(
         **(settings or {}),
         "log_level": "info",
     }
-    mailbox = {"address": address, "password_hash": passwords.hash_password(password), "quota": 0}  # no limit
-    (workdir / "directory.yaml").write_text(yaml.safe_dump({"mailboxes": [mailbox]}), encoding="utf-8")
+    hashed = passwords.hash_password(password)
+    mailboxes = [{"address": address, "password_hash": hashed, "quota": 0} for address in addresses]  # no limit
+    (workdir / "directory.yaml").write_text(yaml.safe_dump({"mailboxes": mailboxes}), encoding="utf-8")
     path = workdir / "node.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path, ports
+
+
+def launch_node(
+    workdir: Path, config: Path, ports: dict[str, int], *, preexec_fn: Callable[[], None] | None = None
+) -> Node:
+    """Start `mailnode serve` on the config node_files wrote; the caller stops it (stop_process(node.proc))."""
     log_file = workdir / "node.log"
-    argv = [sys.executable, "-m", "mailnode", "serve", "--config", str(path)]
+    argv = [sys.executable, "-m", "mailnode", "serve", "--config", str(config)]
     with log_file.open("wb") as log:
         proc = subprocess.Popen(
             argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=preexec_fn,
         )  # fmt: skip
     return Node(proc, log_file, ports)
+
+
+def start_node(
+    workdir: Path,
+    *,
+    listeners: tuple[str, ...],
+    password: str,
+    settings: dict[str, Any] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+    address: str = RECIPIENT,
+) -> Node:
+    """node_files with one mailbox (`address`, RECIPIENT unless told), then launch_node."""
+    config, ports = node_files(workdir, listeners=listeners, password=password, settings=settings, addresses=[address])
+    return launch_node(workdir, config, ports, preexec_fn=preexec_fn)
 
 
 # ---------------------------------------------------------------------------------------------------
