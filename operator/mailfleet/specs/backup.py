@@ -30,16 +30,7 @@ def snapshot_name(backup_name: str, ordinal: int) -> str:
 
 def backup_owner_reference(backup: api.MailBackup) -> dict[str, Any]:
     """The reference that makes the MailBackup own its VolumeSnapshots (deleted with it)."""
-    if not backup.metadata.uid:
-        raise ValueError(f"MailBackup {backup.metadata.name} has no metadata.uid; it must come from the API server")
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": "MailBackup",
-        "name": backup.metadata.name,
-        "uid": backup.metadata.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    return common.controller_reference(backup)
 
 
 def volume_snapshot(

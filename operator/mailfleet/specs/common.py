@@ -95,18 +95,24 @@ def metadata(domain: api.MailDomain, name: str, *, annotations: dict[str, str] |
     return meta
 
 
-def owner_reference(domain: api.MailDomain) -> dict[str, Any]:
-    """The reference that makes the MailDomain own an object (garbage-collected with it)."""
-    if not domain.metadata.uid:
-        raise ValueError(f"MailDomain {domain.metadata.name} has no metadata.uid; it must come from the API server")
+def controller_reference(resource: api.MailDomain | api.MailBackup) -> dict[str, Any]:
+    """The reference that makes one of our resources own (and control) an object, garbage-collected with it."""
+    kind, meta = resource.kind_name, resource.metadata
+    if not meta.uid:
+        raise ValueError(f"{kind} {meta.name} has no metadata.uid; it must come from the API server")
     return {
         "apiVersion": api.API_VERSION,
-        "kind": "MailDomain",
-        "name": domain.metadata.name,
-        "uid": domain.metadata.uid,
+        "kind": kind,
+        "name": meta.name,
+        "uid": meta.uid,
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def owner_reference(domain: api.MailDomain) -> dict[str, Any]:
+    """The reference that makes the MailDomain own an object (garbage-collected with it)."""
+    return controller_reference(domain)
 
 
 def with_owner(obj: dict[str, Any], domain: api.MailDomain) -> dict[str, Any]:
