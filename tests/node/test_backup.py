@@ -49,7 +49,8 @@ from mailnode.backup import archive
 from mailnode.metrics import NodeMetrics
 from mailnode.store.mailstore import IndexCopy, MailboxUsage
 from tests.node.conftest import TRACE_BLOCK, NodeFactory, RunningNode, mailbox, refused_from_the_pod_network
-from tests.node.test_checkpoint import call, imap_login, paused
+from tests.node.test_checkpoint import call, paused
+from tests.node.test_imap import connect
 from tests.node.test_outbound import submit, wait_for
 
 USER, OTHER, COPY = "user@example.com", "other@example.com", "copy@example.com"
@@ -191,7 +192,7 @@ def check_restored(
     before = point_in_time.timestamp()
     total = 0
     for address in (USER, OTHER):
-        client = imap_login(restored, client_tls, address)
+        client = connect(restored, client_tls, address)
         try:
             fetched = [data for _, _, data in fetch_all(client, "INBOX")]
             on_disk = restored.files.stored(address)
@@ -274,7 +275,7 @@ def archived(node: RunningNode, client_tls: ssl.SSLContext, tmp_path: Path) -> P
     """An archive of user@ with three messages in INBOX (one answered) and one in Projects/2026 (seen,
     flagged, with its own internal date)."""
     deliver(node, "one", "two", "three")
-    client = imap_login(node, client_tls)
+    client = connect(node, client_tls)
     try:
         assert client.create('"Projects/2026"')[0] == "OK"
         date = imaplib.Time2Internaldate(datetime.datetime(2025, 3, 4, 5, 6, 7, tzinfo=datetime.UTC))
@@ -289,7 +290,7 @@ def archived(node: RunningNode, client_tls: ssl.SSLContext, tmp_path: Path) -> P
 
 
 def folders(node: RunningNode, client_tls: ssl.SSLContext, address: str) -> dict[str, list[tuple[bytes, bytes, bytes]]]:
-    client = imap_login(node, client_tls, address)
+    client = connect(node, client_tls, address)
     try:
         return {name: fetch_all(client, name) for name in ("INBOX", "Projects/2026")}
     finally:
@@ -317,7 +318,7 @@ def test_a_mailbox_restored_under_another_name(node: RunningNode, archived: Path
 def test_a_restore_into_the_same_mailbox_brings_back_only_what_is_gone(
     node: RunningNode, archived: Path, client_tls: ssl.SSLContext
 ) -> None:
-    client = imap_login(node, client_tls)
+    client = connect(node, client_tls)
     try:
         client.select("INBOX")
         client.store("2", "+FLAGS", "(\\Deleted)")
@@ -344,7 +345,7 @@ def test_a_corrupted_archive_is_refused(node: RunningNode, archived: Path, clien
 
     assert status == 400
     assert str(archived) in body["error"] and member.name in body["error"], body
-    client = imap_login(node, client_tls, COPY)
+    client = connect(node, client_tls, COPY)
     try:
         assert status_messages(client, "INBOX") == 0  # nothing restored
     finally:
@@ -604,7 +605,7 @@ def test_an_expunge_while_the_staging_links_keeps_the_file_for_the_archive(
     original = expunged.read_bytes()
     staging = held_staging()
 
-    client = imap_login(node, client_tls)
+    client = connect(node, client_tls)
     try:
         assert client.select("INBOX")[0] == "OK"
         assert client.store("2", "+FLAGS", "(\\Deleted)")[0] == "OK"
@@ -628,7 +629,7 @@ def test_a_folder_rename_waits_for_the_staging(
     node: RunningNode, client_tls: ssl.SSLContext, held_staging: Callable[[], HeldStaging], tmp_path: Path
 ) -> None:
     filed = [message(f"filed-{n}") for n in range(3)]
-    client = imap_login(node, client_tls)
+    client = connect(node, client_tls)
     try:
         assert client.create("Projects")[0] == "OK"
         for data in filed:
@@ -637,7 +638,7 @@ def test_a_folder_rename_waits_for_the_staging(
         client.logout()
     staging = held_staging()
 
-    renamer = imap_login(node, client_tls)
+    renamer = connect(node, client_tls)
     renamed: list[tuple[str, Any]] = []
     thread = threading.Thread(target=lambda: renamed.append(renamer.rename("Projects", "Renamed")))
     thread.start()
@@ -660,7 +661,7 @@ def test_a_folder_rename_waits_for_the_staging(
         node, "POST", "/restore", {"archive": str(tmp_path / "archive.tar"), "mailbox": USER, "as": COPY}
     )
     assert (status, body) == (200, {"mailbox": COPY, "restored": 3, "skipped": 0})
-    client = imap_login(node, client_tls, COPY)
+    client = connect(node, client_tls, COPY)
     try:
         assert sorted(data for _, _, data in fetch_all(client, "Projects")) == sorted(filed)
         assert client.select("Renamed")[0] == "NO"

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests.node.conftest import PASSWORD, NodeFactory, RunningNode, mailbox
+from tests.node.test_imap import connect
 from tests.node.test_outbound import submit, wait_for
 
 USER, OTHER = "user@example.com", "other@example.com"
@@ -45,13 +46,6 @@ def call(node: RunningNode, method: str, path: str, body: dict[str, Any] | None 
 def deliver(node: RunningNode, recipient: str = USER, data: bytes = MESSAGE) -> None:
     with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=10) as client:
         client.sendmail("alice@remote.test", [recipient], data)
-
-
-def imap_login(node: RunningNode, client_tls: ssl.SSLContext, user: str = USER) -> imaplib.IMAP4:
-    client = imaplib.IMAP4("127.0.0.1", node.port("imap"), timeout=30)
-    client.starttls(ssl_context=client_tls)
-    client.login(user, PASSWORD)
-    return client
 
 
 def paused(node: RunningNode) -> bool:
@@ -122,7 +116,7 @@ def test_smtp_is_answered_451_while_paused_and_nothing_is_stored(node: RunningNo
 
 def test_imap_append_waits_for_the_checkpoint_while_reads_go_on(node: RunningNode, client_tls: ssl.SSLContext) -> None:
     deliver(node, USER)
-    writer, reader = imap_login(node, client_tls), imap_login(node, client_tls)
+    writer, reader = connect(node, client_tls), connect(node, client_tls)
     assert call(node, "POST", "/snapshot?hold=60")[0] == 200
     appended: list[tuple[str, Any]] = []
     thread = threading.Thread(target=lambda: appended.append(writer.append("INBOX", "(\\Flagged)", None, MESSAGE)))
@@ -281,7 +275,7 @@ def test_a_node_stopping_during_a_hold_lets_waiting_writes_finish(
     node_factory: NodeFactory, client_tls: ssl.SSLContext
 ) -> None:
     node = node_factory([mailbox(USER)])
-    writer = imap_login(node, client_tls)
+    writer = connect(node, client_tls)
     assert call(node, "POST", "/snapshot?hold=600")[0] == 200
     outcome: list[object] = []
 
