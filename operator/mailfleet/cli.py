@@ -1,7 +1,8 @@
 """The `mailfleet` command: `crds` prints the CustomResourceDefinitions (`--write DIR` writes one file per
 CRD, as `make crds` does for crds/); `render` prints the objects the operator would apply for MailDomain,
 Mailbox and Secret files; `local up` runs those files as local mail node processes (mailfleet.local).
-Both read the files through mailfleet.files. `operator` runs the kopf operator (mailfleet.handlers)."""
+Both read the files through mailfleet.files. `operator` runs the kopf operator (mailfleet.handlers) with
+the options declared in mailfleet.options."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import kopf
 
-from mailfleet import crds, files, handlers, local, specs
+from mailfleet import crds, files, handlers, local, options, specs
 
 DEFAULT_IMAGE = specs.common.DEFAULT_IMAGE
 
@@ -68,27 +69,11 @@ def _local_up(args: argparse.Namespace) -> int:
     return local.run(nodes, out=sys.stdout, err=sys.stderr)
 
 
-def _port(value: str) -> int:
-    port = int(value)
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port number (1-65535)")
-    return port
-
-
 def _operator(args: argparse.Namespace) -> int:
-    handlers.configure(
-        handlers.Options(
-            image=args.image,
-            metrics_port=args.metrics_port,
-            resync=args.resync,
-            usage_interval=args.usage_interval,
-            schedule_interval=args.schedule_interval,
-            node_url=args.node_url,
-        )
-    )
+    operator = handlers.Operator(options.from_arguments(args))
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.FULL)
     kopf.run(
-        registry=handlers.registry,
+        registry=operator.registry,
         standalone=True,  # one operator replica (the chart's Deployment); no peering resources needed
         clusterwide=not args.namespace,
         namespaces=args.namespace,
@@ -146,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     up_command.add_argument(
         "--base-port",
         metavar="N",
-        type=_port,
+        type=options.port,
         default=local.DEFAULT_BASE_PORT,
         help=f"node i listens on N+10i to N+10i+5 (default {local.DEFAULT_BASE_PORT})",
     )
@@ -163,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         description=(
             "Run the Mailfleet operator until SIGINT or SIGTERM. It logs in with the pod's service account, "
             "or else with KUBECONFIG (or ~/.kube/config), watches MailDomain and Mailbox resources and the "
-            "objects it owns, and reconciles each MailDomain into its mail nodes. Every option can also be "
-            "set through the environment (MAILFLEET_NODE_IMAGE, MAILFLEET_METRICS_PORT)."
+            "objects it owns, and reconciles each MailDomain into its mail nodes. The options with an "
+            "environment variable ($NAME in their help) take their default from it when it is set."
         ),
     )
     operator_command.add_argument(
@@ -176,50 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         help="watch only this namespace (repeatable; kopf glob patterns such as 'mail-*' allowed); "
         "default: all namespaces",
     )
-    defaults = handlers.Options()
-    operator_command.add_argument("--image", default=defaults.image, help=f"mail node image (default {defaults.image})")
-    operator_command.add_argument(
-        "--metrics-port",
-        type=_port,
-        default=defaults.metrics_port,
-        metavar="PORT",
-        help="serve Prometheus metrics on :PORT/metrics (default: not served)",
-    )
     operator_command.add_argument(
         "--liveness",
         metavar="URL",
         help="kopf's health endpoint, e.g. http://0.0.0.0:8081/healthz (default: none)",
     )
-    operator_command.add_argument(
-        "--resync",
-        metavar="SECONDS",
-        type=float,
-        default=defaults.resync,
-        help=f"reconcile every MailDomain this often, changed or not (default {defaults.resync:.0f})",
-    )
-    operator_command.add_argument(
-        "--usage-interval",
-        metavar="SECONDS",
-        type=float,
-        default=defaults.usage_interval,
-        help="copy each mailbox's usage from its node into the Mailbox status this often; 0: never "
-        f"(default {defaults.usage_interval:.0f})",
-    )
-    operator_command.add_argument(
-        "--schedule-interval",
-        metavar="SECONDS",
-        type=float,
-        default=defaults.schedule_interval,
-        help="look this often for scheduled backups that are due, old backups to delete and stale ones; 0: never "
-        f"(default {defaults.schedule_interval:.0f})",
-    )
-    operator_command.add_argument(
-        "--node-url",
-        metavar="TEMPLATE",
-        default=defaults.node_url,
-        help="where node <ordinal> of a MailDomain answers, with {pod} {ordinal} {service} {namespace} {name} "
-        f"(default {defaults.node_url})",
-    )
+    options.add_arguments(operator_command)
     operator_command.add_argument("--verbose", action="store_true", help="log at debug level")
     args = parser.parse_args(argv)
     if args.command == "operator":

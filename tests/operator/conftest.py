@@ -16,7 +16,8 @@ import pytest
 import yaml
 from kopf.testing import KopfRunner
 
-from mailfleet import handlers, k8s
+from mailfleet import handlers, k8s, options
+from mailfleet.reconcile import schedule
 from tests.operator.emulator import RESOURCES, ApiServer
 from tests.operator.fakenode import FakeNode
 
@@ -59,26 +60,26 @@ async def client(api: ApiServer) -> AsyncIterator[k8s.Client]:
 
 
 @contextlib.asynccontextmanager
-async def run_operator(**options: Any) -> AsyncIterator[KopfRunner]:
+async def run_operator(*, clock: schedule.Clock = schedule.utc_now, **fields: Any) -> AsyncIterator[handlers.Operator]:
     """The operator, running: kopf in its own thread and loop, as `mailfleet operator` would run it.
-    `options`: handlers.Options fields."""
+    `fields`: OperatorOptions fields; `clock`: the backup schedule's (a FakeClock)."""
     defaults: dict[str, Any] = {"image": "mailfleet-test:1", "delay": 0.05, "resync": 300.0, "usage_interval": 0}
-    handlers.configure(handlers.Options(**{**defaults, **options}))
+    operator = handlers.Operator(options.OperatorOptions(**{**defaults, **fields}), clock=clock)
     runner = KopfRunner(
-        ["run", "--standalone", "--all-namespaces", "--verbose"], registry=handlers.registry, timeout=30
+        ["run", "--standalone", "--all-namespaces", "--verbose"], registry=operator.registry, timeout=30
     )
     await asyncio.to_thread(runner.__enter__)
     try:
-        yield runner
+        yield operator
     finally:
         # Joining the thread blocks: do it off this loop, which serves the emulator the operator talks to.
         await asyncio.to_thread(runner.__exit__, None, None, None)
 
 
 @pytest.fixture
-async def operator(api: ApiServer) -> AsyncIterator[KopfRunner]:
-    async with run_operator() as runner:
-        yield runner
+async def operator(api: ApiServer) -> AsyncIterator[handlers.Operator]:
+    async with run_operator() as running:
+        yield running
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], *, within: float = 20.0, what: str = "") -> T:
@@ -94,12 +95,12 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], *, within: float 
         await asyncio.sleep(0.05)
 
 
-async def settled() -> None:
-    """Until the running operator has reconciled and its queue is empty, and still empty a moment later."""
+async def settled(operator: handlers.Operator) -> None:
+    """Until the operator has reconciled and its queue is empty, and still empty a moment later."""
 
     async def done() -> bool:
         try:
-            state = handlers.running()
+            state = operator.running()
         except RuntimeError:  # not logged in yet
             return False
         reconciled = state.ctx.metrics.reconciles.labels("MailDomain", "ok")._value.get()
@@ -107,7 +108,7 @@ async def settled() -> None:
 
     await eventually(done, what="a reconcile, then an empty queue")
     await asyncio.sleep(0.5)  # and no further events that would start another
-    assert len(handlers.running().queue) == 0
+    assert len(operator.running().queue) == 0
 
 
 def secret(name: str, **values: str) -> dict[str, Any]:
@@ -233,7 +234,7 @@ async def phase_of(client: k8s.Client, name: str, phase: str) -> dict[str, Any] 
 
 
 class FakeClock:
-    """The operator's Options.clock: the time (UTC) the test sets; it starts at the real time."""
+    """The operator's clock (run_operator(clock=...)): the time (UTC) the test sets; it starts at the real time."""
 
     def __init__(self) -> None:
         self.now = datetime.datetime.now(datetime.UTC)

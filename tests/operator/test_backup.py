@@ -80,10 +80,10 @@ async def snapshot_controller(client: k8s.Client) -> AsyncIterator[None]:
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def domain_with_claim(client: k8s.Client) -> None:
+async def domain_with_claim(client: k8s.Client, operator: handlers.Operator) -> None:
     """MailDomain example-com, built, and its node's claim (the emulator runs no StatefulSet controller)."""
     await client.create(maildomain())
-    await settled()
+    await settled(operator)
     await client.create(node_claim("data-example-com-0"))
 
 
@@ -91,8 +91,8 @@ async def set_status(client: k8s.Client, kind: k8s.Kind, name: str, status: dict
     await client.patch(kind, NAMESPACE, name, {"status": status}, subresource="status")
 
 
-def backups_counted(method: str, result: str) -> float:
-    return float(handlers.running().ctx.metrics.backups.labels(method, result)._value.get())
+def backups_counted(operator: handlers.Operator, method: str, result: str) -> float:
+    return float(operator.running().ctx.metrics.backups.labels(method, result)._value.get())
 
 
 # -- VolumeSnapshot --------------------------------------------------------------------------------
@@ -100,8 +100,8 @@ def backups_counted(method: str, result: str) -> float:
 
 async def test_the_node_holds_writes_until_its_snapshot_is_cut(api: ApiServer, client, node: FakeNode) -> None:
     serve_backup_kinds(api)
-    async with run_operator(**fast(node)):
-        await domain_with_claim(client)
+    async with run_operator(**fast(node)) as operator:
+        await domain_with_claim(client, operator)
 
         async def at_resume() -> bool:  # the order that matters, seen from the node
             snapshot = await client.get(VOLUMESNAPSHOT, NAMESPACE, "b1-0")
@@ -146,13 +146,13 @@ async def test_the_node_holds_writes_until_its_snapshot_is_cut(api: ApiServer, c
         assert not done["status"].get("error")
         assert node.endpoints() == ["POST /snapshot", "DELETE /snapshot"] and node.holds_expired == 0
         assert [e["reason"] for e in await events(client, "b1")] == ["Started", "Completed"]
-        assert backups_counted("VolumeSnapshot", "completed") == 1
+        assert backups_counted(operator, "VolumeSnapshot", "completed") == 1
 
 
 async def test_two_backups_of_a_domain_take_turns(api: ApiServer, client, node: FakeNode) -> None:
     serve_backup_kinds(api)
-    async with run_operator(**fast(node)), snapshot_controller(client):
-        await domain_with_claim(client)
+    async with run_operator(**fast(node)) as operator, snapshot_controller(client):
+        await domain_with_claim(client, operator)
         await client.create(mailbackup("b1"))
         await client.create(mailbackup("b2"))
         for name in ("b1", "b2"):
@@ -167,11 +167,11 @@ async def test_a_node_refusing_the_checkpoint_fails_the_backup_after_a_few_tries
 ) -> None:
     serve_backup_kinds(api)
     node.refuse_snapshot = (503, "writes in flight did not finish within 30 s")
-    async with run_operator(**fast(node)):
-        await domain_with_claim(client)
+    async with run_operator(**fast(node)) as operator:
+        await domain_with_claim(client, operator)
         await client.create(mailbackup("b1"))
         failed = await eventually(lambda: phase_of(client, "b1", "Failed"))
-        assert backups_counted("VolumeSnapshot", "failed") == 1
+        assert backups_counted(operator, "VolumeSnapshot", "failed") == 1
     error = failed["status"]["error"]
     assert error.startswith(f"node example-com-0: POST {node.url}/snapshot: HTTP 503: ")
     assert error.endswith("writes in flight did not finish within 30 s")
@@ -185,8 +185,8 @@ async def test_a_node_refusing_the_checkpoint_fails_the_backup_after_a_few_tries
 
 async def test_a_snapshot_that_fails_resumes_the_node_and_is_not_kept(api: ApiServer, client, node: FakeNode) -> None:
     serve_backup_kinds(api)
-    async with run_operator(**fast(node)):
-        await domain_with_claim(client)
+    async with run_operator(**fast(node)) as operator:
+        await domain_with_claim(client, operator)
         await client.create(mailbackup("b1"))
         await eventually(lambda: client.get(VOLUMESNAPSHOT, NAMESPACE, "b1-0"), what="VolumeSnapshot b1-0")
         error = {"time": _now(), "message": "Failed to create snapshot: the CSI driver said no"}
@@ -199,8 +199,8 @@ async def test_a_snapshot_that_fails_resumes_the_node_and_is_not_kept(api: ApiSe
 
 async def test_deleting_a_running_backup_resumes_the_node(api: ApiServer, client, node: FakeNode) -> None:
     serve_backup_kinds(api)
-    async with run_operator(**fast(node)):
-        await domain_with_claim(client)
+    async with run_operator(**fast(node)) as operator:
+        await domain_with_claim(client, operator)
         await client.create(mailbackup("b1"))
         await eventually(lambda: client.get(VOLUMESNAPSHOT, NAMESPACE, "b1-0"), what="VolumeSnapshot b1-0")
         assert node.paused
@@ -211,7 +211,7 @@ async def test_deleting_a_running_backup_resumes_the_node(api: ApiServer, client
 
         await eventually(resumed, what="DELETE /snapshot")
         await asyncio.sleep(0.2)
-        backups = handlers.running().backups
+        backups = operator.running().backups
         assert backups is not None and backups.running() == []
     assert node.endpoints() == ["POST /snapshot", "DELETE /snapshot"]
 
@@ -228,10 +228,10 @@ async def test_a_backup_that_cannot_be_taken_fails_before_any_node_is_paused(
     api: ApiServer, client, node: FakeNode, case: str, expected: str
 ) -> None:
     serve_backup_kinds(api, volume_snapshots=case != "no VolumeSnapshot API")
-    async with run_operator(**fast(node)):
+    async with run_operator(**fast(node)) as operator:
         if case != "no MailDomain":
             await client.create(maildomain())
-            await settled()
+            await settled(operator)
         if case == "no VolumeSnapshot API":
             await client.create(node_claim("data-example-com-0"))
         await client.create(mailbackup("b1"))
@@ -249,12 +249,12 @@ async def test_a_backup_that_cannot_be_taken_fails_before_any_node_is_paused(
 
 async def test_an_archive_backup_lists_where_each_node_wrote_it(api: ApiServer, client, node: FakeNode) -> None:
     node.unavailable = 1  # the first call finds the node not ready: tried again
-    async with run_operator(**fast(node)):
+    async with run_operator(**fast(node)) as operator:
         await client.create(maildomain())
-        await settled()
+        await settled(operator)
         await client.create(mailbackup("b1", method="Archive"))
         done = await eventually(lambda: phase_of(client, "b1", "Completed"))
-        assert backups_counted("Archive", "completed") == 1
+        assert backups_counted(operator, "Archive", "completed") == 1
     assert done["status"]["snapshots"] == ["example-com-0:/var/lib/mailnode/backups/b1.tar"]
     assert done["status"]["pointInTime"] == node.archives["b1"]["pointInTime"]
     assert [(c.endpoint, c.status) for c in node.calls[:2]] == [("POST /backups", 503), ("POST /backups", 202)]
@@ -263,9 +263,9 @@ async def test_an_archive_backup_lists_where_each_node_wrote_it(api: ApiServer, 
 
 async def test_an_archive_the_node_fails_fails_the_backup(api: ApiServer, client, node: FakeNode) -> None:
     node.archive_error = "[Errno 28] No space left on device"
-    async with run_operator(**fast(node)):
+    async with run_operator(**fast(node)) as operator:
         await client.create(maildomain())
-        await settled()
+        await settled(operator)
         await client.create(mailbackup("b1", method="Archive"))
         failed = await eventually(lambda: phase_of(client, "b1", "Failed"))
     assert failed["status"]["error"] == "node example-com-0: archive b1 failed: [Errno 28] No space left on device"
@@ -275,9 +275,9 @@ async def test_a_node_that_stays_unavailable_fails_the_backup_with_its_error(
     api: ApiServer, client, node: FakeNode
 ) -> None:
     node.unavailable = 100
-    async with run_operator(**fast(node)):
+    async with run_operator(**fast(node)) as operator:
         await client.create(maildomain())
-        await settled()
+        await settled(operator)
         await client.create(mailbackup("b1", method="Archive"))
         failed = await eventually(lambda: phase_of(client, "b1", "Failed"))
     assert failed["status"]["error"] == f"node example-com-0: POST {node.url}/backups: HTTP 503: {STORE_NOT_OPEN}"
@@ -362,9 +362,9 @@ async def test_a_restored_domain_gets_its_claims_from_the_snapshots_before_its_s
     serve_backup_kinds(api)
     await completed_backup(client)
     storage = {"size": "2Gi", "storageClassName": "fast"}
-    async with run_operator():
+    async with run_operator() as operator:
         await client.create(maildomain(restore={"backupName": "b1"}, storage=storage))
-        await settled()
+        await settled(operator)
         statefulset = await client.get(STATEFULSET, NAMESPACE, "example-com")
 
         # Read at creation only: a StatefulSet deleted later is put back on the claims made, the backup gone.

@@ -7,7 +7,7 @@ from typing import Any
 
 import argon2
 
-from mailfleet import handlers
+from mailfleet import options
 from tests.conftest import cheap_hash
 from tests.operator.conftest import (
     MAILBOX,
@@ -102,7 +102,7 @@ async def test_many_mailbox_changes_make_few_directory_writes(api: ApiServer, cl
     count = 150
     hashed = cheap_hash("shared")
     # The operator's own delay before a changed domain is reconciled (0.2 s), not the tests' short one.
-    async with run_operator(delay=handlers.Options().delay):
+    async with run_operator(delay=options.OperatorOptions().delay) as operator:
         await client.create(maildomain())
         await client.create(secret("shared-password", password=hashed))
         await eventually(lambda: client.get(SECRET, NAMESPACE, "example-com-directory"))
@@ -114,9 +114,9 @@ async def test_many_mailbox_changes_make_few_directory_writes(api: ApiServer, cl
         await eventually(lambda: status_of(client, MAILBOX, f"user{count - 1}", status="True"))
 
         # Each Mailbox's status is written once, when it becomes Served (not again from a stale index).
-        await settled()
+        await settled(operator)
         writes = [w for w in api.writes if w[1:] == ("secrets", "example-com-directory", None)]
-        reconciles = handlers.running().ctx.metrics.reconciles.labels("MailDomain", "ok")._value.get()
+        reconciles = operator.running().ctx.metrics.reconciles.labels("MailDomain", "ok")._value.get()
         # The 150 Mailbox events became a few reconciles of their domain (about ten here; one each
         # without coalescing), and each reconcile wrote the directory at most once.
         assert 1 < len(writes) <= reconciles < count // 3, (len(writes), reconciles)

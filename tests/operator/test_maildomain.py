@@ -195,15 +195,15 @@ async def test_a_restarted_operator_rewrites_nothing(api, client):
     phone = [{"name": "phone", "secretRef": {"name": "bob-password", "key": "phone"}}]
     await client.create(mailbox("bob", "bob@example.com", appPasswords=phone))
     await client.create(maildomain())
-    async with run_operator():
+    async with run_operator() as operator:
         await eventually(lambda: status_of(client, MAILBOX, "alice", status="True", reason="Served"))
         await eventually(lambda: status_of(client, MAILBOX, "bob", status="True", reason="Served"))
         await eventually(lambda: status_of(client, MAILDOMAIN, "example-com", "Degraded", status="False"))
-        await settled()
+        await settled(operator)
     before = len(api.writes)
     built = await directory(client)
 
-    async with run_operator():
-        await settled()
+    async with run_operator() as operator:
+        await settled(operator)
     assert api.writes[before:] == []
     assert await directory(client) == built

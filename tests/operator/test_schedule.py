@@ -80,17 +80,17 @@ async def backup_names(client: k8s.Client) -> list[str]:
     return sorted(b["metadata"]["name"] for b in await client.list(MAILBACKUP, NAMESPACE))
 
 
-def metric(sample: str, **labels: str) -> float | None:
+def metric(operator: handlers.Operator, sample: str, **labels: str) -> float | None:
     """A sample the running operator exposes; None when it has no such series."""
-    value = handlers.running().ctx.metrics.registry.get_sample_value(sample, labels)
+    value = operator.running().ctx.metrics.registry.get_sample_value(sample, labels)
     return None if value is None else float(value)
 
 
-async def metric_is(value: float, sample: str, **labels: str) -> None:
+async def metric_is(operator: handlers.Operator, value: float, sample: str, **labels: str) -> None:
     """Until the sample has the value (the operator sets it just after the status the test looked at)."""
 
     async def probe() -> bool:
-        return metric(sample, **labels) == value
+        return metric(operator, sample, **labels) == value
 
     await eventually(probe, what=f"{sample}{labels} == {value}")
 
@@ -104,7 +104,7 @@ async def healthy(client: k8s.Client, **expected: object) -> dict[str, Any] | No
 
 async def test_a_due_schedule_makes_one_mailbackup(api, client) -> None:
     clock = FakeClock()
-    async with run_operator(**fast(clock)):
+    async with run_operator(**fast(clock)) as operator:
         await client.create(backed_up())
         await eventually(lambda: healthy(client, status="True", reason="BackupsCurrent"), what="BackupsHealthy")
         assert await backup_names(client) == []  # none at creation
@@ -131,7 +131,7 @@ async def test_a_due_schedule_makes_one_mailbackup(api, client) -> None:
         assert not backup["metadata"].get("ownerReferences")  # it outlives its domain
         (event,) = await events(client, "example-com", "BackupScheduled")
         assert name in event["message"] and event["involvedObject"]["kind"] == "MailDomain"
-        await metric_is(1, "mailfleet_operator_scheduled_backups_total")
+        await metric_is(operator, 1, "mailfleet_operator_scheduled_backups_total")
 
 
 async def test_after_missed_times_one_backup_for_the_latest(api, client) -> None:
@@ -184,7 +184,7 @@ async def test_retention_deletes_the_oldest_scheduled_backups_and_their_snapshot
         client, "failed-by-hand", completed_at=by_hand, phase="Failed", error="x", method="VolumeSnapshot"
     )
 
-    async with run_operator(**fast(clock)):
+    async with run_operator(**fast(clock)) as operator:
         await client.create(backed_up(method="VolumeSnapshot", retention={"keepLast": 2}))
         kept = sorted(["by-hand", "failed-by-hand", *scheduled[2:]])
         await eventually(lambda: _names_are(client, kept), what=f"MailBackups {kept}")
@@ -193,7 +193,7 @@ async def test_retention_deletes_the_oldest_scheduled_backups_and_their_snapshot
         deleted = await eventually(lambda: _events(client, "BackupDeleted", 2), what="2 BackupDeleted Events")
         assert sorted(e["message"].split()[2] for e in deleted) == scheduled[:2]
         assert all("and its 1 VolumeSnapshot" in e["message"] and "keepLast" in e["message"] for e in deleted)
-        await metric_is(2, "mailfleet_operator_backups_deleted_total")
+        await metric_is(operator, 2, "mailfleet_operator_backups_deleted_total")
         domain = await eventually(lambda: _last_backup_is(client, scheduled[3]), what="lastBackup")
         assert domain["status"]["lastBackup"] == {
             "name": scheduled[3],
@@ -218,11 +218,11 @@ async def _last_backup_is(client: k8s.Client, name: str) -> dict[str, Any] | Non
 async def test_last_backup_and_backups_healthy_follow_the_backups(api, client) -> None:
     clock = FakeClock()
     key = {"namespace": NAMESPACE, "maildomain": "example-com"}
-    async with run_operator(**fast(clock)):
+    async with run_operator(**fast(clock)) as operator:
         await client.create(backed_up())
         first = await eventually(lambda: healthy(client, status="True", reason="BackupsCurrent"), what="current")
         assert "no backup yet" in condition(first, "BackupsHealthy")["message"]
-        await metric_is(0, "mailfleet_operator_backups_stale", **key)
+        await metric_is(operator, 0, "mailfleet_operator_backups_stale", **key)
 
         # A backup made by hand counts: lastBackup, and the condition names it.
         completed = clock.now - datetime.timedelta(hours=1)
@@ -234,7 +234,7 @@ async def test_last_backup_and_backups_healthy_follow_the_backups(api, client) -
             "completedAt": rfc3339(completed),
         }
         await eventually(lambda: _message_names(client, "manual-1"), what="BackupsHealthy naming manual-1")
-        await metric_is(int(completed.timestamp()), "mailfleet_operator_last_backup_timestamp_seconds", **key)
+        await metric_is(operator, int(completed.timestamp()), "mailfleet_operator_last_backup_timestamp_seconds", **key)
         since = condition(await healthy(client), "BackupsHealthy")["lastTransitionTime"]
 
         # Three days on, nothing newer completed (the scheduled one the runner tries fails): stale.
@@ -243,12 +243,12 @@ async def test_last_backup_and_backups_healthy_follow_the_backups(api, client) -
         found = condition(stale, "BackupsHealthy")
         assert "manual-1" in found["message"] and "two schedule periods (2d)" in found["message"]
         assert found["lastTransitionTime"] == rfc3339(clock.now) != since  # the operator's clock
-        await metric_is(1, "mailfleet_operator_backups_stale", **key)
+        await metric_is(operator, 1, "mailfleet_operator_backups_stale", **key)
 
         # A new completed backup: current again.
         await finished_backup(client, "manual-2", completed_at=clock.now - datetime.timedelta(hours=1))
         await eventually(lambda: healthy(client, status="True", reason="BackupsCurrent"), what="current again")
-        await metric_is(0, "mailfleet_operator_backups_stale", **key)
+        await metric_is(operator, 0, "mailfleet_operator_backups_stale", **key)
 
         # The newest finished one failed: says why.
         await finished_backup(
@@ -281,7 +281,7 @@ async def test_the_volume_snapshot_method_without_the_api(api, client) -> None:
 
 async def test_without_spec_backup_last_backup_only_and_the_domain_reconcile_keeps_the_condition(api, client) -> None:
     clock = FakeClock()
-    async with run_operator(**fast(clock)):
+    async with run_operator(**fast(clock)) as operator:
         await client.create(maildomain())
         await finished_backup(client, "manual-1", completed_at=clock.now - datetime.timedelta(hours=2))
         await eventually(lambda: _last_backup_is(client, "manual-1"), what="lastBackup without spec.backup")
@@ -298,9 +298,9 @@ async def test_without_spec_backup_last_backup_only_and_the_domain_reconcile_kee
         # Once the reconcile of that change is written (it may have read the status before the schedule
         # wrote BackupsHealthy, and put it back as it read it: the schedule's next pass writes it again).
         await eventually(lambda: _observed(client, added["metadata"]["generation"]), what="the reconcile")
-        await settled()  # and no other reconcile under way
+        await settled(operator)  # and no other reconcile under way
         before = condition(await eventually(lambda: healthy(client), what="BackupsHealthy again"), "BackupsHealthy")
-        await _stop_schedule()
+        await _stop_schedule(operator)
         # A domain reconcile (a spec change) writes Ready, Progressing and Degraded, and keeps BackupsHealthy.
         changed = await client.patch(MAILDOMAIN, NAMESPACE, "example-com", {"spec": {"dkim": {"selector": "s2"}}})
         generation = changed["metadata"]["generation"]
@@ -318,9 +318,9 @@ async def _observed(client: k8s.Client, generation: int) -> dict[str, Any] | Non
     return obj if ((obj or {}).get("status") or {}).get("observedGeneration") == generation else None
 
 
-async def _stop_schedule() -> None:
+async def _stop_schedule(operator: handlers.Operator) -> None:
     """Cancel the operator's schedule loop (in the operator's thread), so only a domain reconcile writes."""
-    task = handlers.running().schedule_task
+    task = operator.running().schedule_task
     assert task is not None
     task.get_loop().call_soon_threadsafe(task.cancel)
 
@@ -335,7 +335,7 @@ async def _stop_schedule() -> None:
 
 async def test_a_scheduled_backup_runs_and_becomes_the_last_backup(api, client, node: FakeNode) -> None:
     clock = FakeClock()
-    async with run_operator(**fast(clock, node_url=node.url, backup_poll=0.05)):
+    async with run_operator(**fast(clock, node_url=node.url, backup_poll=0.05)) as operator:
         await client.create(backed_up())
         await eventually(lambda: healthy(client), what="BackupsHealthy")
         due = next_3am(await created_at(client))
@@ -345,7 +345,7 @@ async def test_a_scheduled_backup_runs_and_becomes_the_last_backup(api, client, 
         assert domain["status"]["lastBackup"]["method"] == "Archive"
         await eventually(lambda: _message_names(client, name), what=f"BackupsHealthy naming {name}")
         assert condition(await healthy(client), "BackupsHealthy")["reason"] == "BackupsCurrent"
-        await metric_is(1, "mailfleet_operator_backups_total", method="Archive", result="completed")
+        await metric_is(operator, 1, "mailfleet_operator_backups_total", method="Archive", result="completed")
 
 
 async def test_retention_deletes_archives_on_the_node_and_waits_for_a_node_that_cannot_be_asked(
