@@ -4,6 +4,7 @@ pod contract's ports and paths. Used by the other `mailfleet.specs` modules and 
 from __future__ import annotations
 
 import copy
+import datetime
 import hashlib
 from typing import Any, Final
 
@@ -42,6 +43,11 @@ OPERATOR_LABELS: Final = {"app.kubernetes.io/name": "mailfleet-operator"}
 
 CHECKSUM_ANNOTATION: Final = "mailfleet.io/config-checksum"
 RUN_AS: Final = 10001
+
+
+def rfc3339(at: datetime.datetime) -> str:
+    """A time as Kubernetes writes them (metav1.Time): RFC 3339 in UTC, to the second."""
+    return at.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def namespace(domain: api.MailDomain) -> str:
