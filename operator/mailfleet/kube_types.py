@@ -186,3 +186,10 @@ class MailBackupStatus(TypedDict, total=False):
 class MailBackup(Object, total=False):
     spec: MailBackupSpec
     status: MailBackupStatus
+
+
+# -- what the operator writes ----------------------------------------------------------------------------
+
+# A manifest as the builders in specs/ make it and k8s.apply sends it: plain data, compared with what the
+# API server holds field by field (k8s.contains), so it is not typed further.
+Manifest = dict[str, Any]

@@ -6,7 +6,7 @@ and an Event. Also raised by reconcile/restore.py and reconcile/dkim.py.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
 import pydantic
 
@@ -64,7 +64,7 @@ async def ensure_named_secrets(ctx: Context, domain: api.MailDomain) -> str | No
     return relay.get("username") or None
 
 
-def ensure_directory_fits(directory: dict[str, Any], *, mailboxes: int) -> None:
+def ensure_directory_fits(directory: kube_types.Manifest, *, mailboxes: int) -> None:
     size = sum(len(value) for value in k8s.secret_values(directory).values())
     if size > SECRET_LIMIT:
         raise Refused(
@@ -74,7 +74,7 @@ def ensure_directory_fits(directory: dict[str, Any], *, mailboxes: int) -> None:
         )
 
 
-def ensure_changeable(existing: kube_types.StatefulSet | None, statefulset: dict[str, Any]) -> None:
+def ensure_changeable(existing: kube_types.StatefulSet | None, statefulset: kube_types.Manifest) -> None:
     """The StatefulSet as built may replace the one there (its fixed fields stay as they are)."""
     if existing is not None and (why := k8s.immutable_change(existing, statefulset)):
         raise Refused("ImmutableFieldChanged", why)

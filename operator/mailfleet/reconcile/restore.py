@@ -18,7 +18,7 @@ from mailfleet.specs import backup as backup_specs
 
 async def claims_to_make(
     ctx: Context, domain: api.MailDomain, statefulset: kube_types.StatefulSet | None
-) -> list[dict[str, Any]]:
+) -> list[kube_types.Manifest]:
     """The node claims to make from spec.restore.backupName's VolumeSnapshots, or Refused when they cannot
     be. None once the StatefulSet exists, or when they were made already (the StatefulSet was deleted
     since): the backup may be gone by now, and is not needed."""
@@ -77,7 +77,7 @@ def _same_source(found: kube_types.TypedObjectReference | None, wanted: Mapping[
     return isinstance(found, Mapping) and all(found.get(key) == value for key, value in wanted.items())
 
 
-async def ensure_claims(ctx: Context, body: kube_types.MailDomain, claims: list[dict[str, Any]]) -> None:
+async def ensure_claims(ctx: Context, body: kube_types.MailDomain, claims: list[kube_types.Manifest]) -> None:
     """Make the claims (before the StatefulSet, which then finds them made), each with an Event."""
     for claim in claims:
         try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from mailfleet import api
+from mailfleet import api, kube_types
 from mailfleet.specs import common
 from mailfleet.specs.common import checksum, labels, owner_reference, with_owner
 from mailfleet.specs.network import client_service, dns_records, headless_service, network_policy
@@ -76,17 +76,17 @@ class Rendered:
     """Every object of a domain, by name. `in_apply_order` lists them for callers that apply or print all
     of them; callers that look at one (the directory's size, the StatefulSet's fixed fields) name it."""
 
-    service_account: dict[str, Any]
-    configmap: dict[str, Any]  # the node config
-    directory: dict[str, Any]  # the directory Secret (mailboxes and password hashes)
-    dkim: dict[str, Any] | None  # the DKIM key's Secret, when the key was given
-    headless_service: dict[str, Any]
-    client_service: dict[str, Any]
-    network_policy: dict[str, Any]
-    pod_disruption_budget: dict[str, Any]
-    statefulset: dict[str, Any]
+    service_account: kube_types.Manifest
+    configmap: kube_types.Manifest  # the node config
+    directory: kube_types.Manifest  # the directory Secret (mailboxes and password hashes)
+    dkim: kube_types.Manifest | None  # the DKIM key's Secret, when the key was given
+    headless_service: kube_types.Manifest
+    client_service: kube_types.Manifest
+    network_policy: kube_types.Manifest
+    pod_disruption_budget: kube_types.Manifest
+    statefulset: kube_types.Manifest
 
-    def in_apply_order(self) -> list[dict[str, Any]]:
+    def in_apply_order(self) -> list[kube_types.Manifest]:
         """What is mounted or referenced comes before the StatefulSet that uses it (the field order)."""
         found = (getattr(self, field.name) for field in dataclasses.fields(self))
         return [obj for obj in found if obj is not None]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime
 from typing import Any, Final
 
-from mailfleet import api
+from mailfleet import api, kube_types
 from mailfleet.specs import common, workload
 
 SNAPSHOT_API_VERSION: Final = "snapshot.storage.k8s.io/v1"
@@ -30,7 +30,7 @@ def backup_name(domain_name: str, at: datetime.datetime) -> str:
     return f"{domain_name}-{at.astimezone(datetime.UTC):%Y%m%d%H%M}"
 
 
-def scheduled_backup(namespace: str, domain_name: str, method: str, at: datetime.datetime) -> dict[str, Any]:
+def scheduled_backup(namespace: str, domain_name: str, method: str, at: datetime.datetime) -> kube_types.Manifest:
     """The MailBackup the schedule makes for time `at`. No owner reference: a backup outlives its domain."""
     return {
         "apiVersion": api.API_VERSION,
@@ -61,7 +61,7 @@ def backup_owner_reference(backup: api.MailBackup) -> dict[str, Any]:
 
 def volume_snapshot(
     backup: api.MailBackup, domain: api.MailDomain, ordinal: int, *, point_in_time: str
-) -> dict[str, Any]:
+) -> kube_types.Manifest:
     """The VolumeSnapshot of node `ordinal`'s volume, taken while the node holds writes at `point_in_time`.
     The class is spec.backup.volumeSnapshotClassName, or the cluster's default."""
     spec: dict[str, Any] = {"source": {"persistentVolumeClaimName": claim_name(domain, ordinal)}}
@@ -85,7 +85,7 @@ def volume_snapshot(
     }
 
 
-def restore_claim(domain: api.MailDomain, backup_name: str, ordinal: int) -> dict[str, Any]:
+def restore_claim(domain: api.MailDomain, backup_name: str, ordinal: int) -> kube_types.Manifest:
     """Node `ordinal`'s "data" claim, made from the VolumeSnapshot of the same ordinal of MailBackup
     `backup_name` before the StatefulSet exists (which then uses it instead of making an empty one). It has
     the claim template's spec and no owner: the claims of a StatefulSet outlive it, as Kubernetes does."""

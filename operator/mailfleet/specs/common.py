@@ -8,7 +8,7 @@ import datetime
 import hashlib
 from typing import Any, Final
 
-from mailfleet import api
+from mailfleet import api, kube_types
 
 # DESIGN.md, Pod contract: container ports, and the client Service ports they are published on.
 CONTAINER_PORTS: Final = {
@@ -121,7 +121,7 @@ def owner_reference(domain: api.MailDomain) -> dict[str, Any]:
     return controller_reference(domain)
 
 
-def with_owner(obj: dict[str, Any], domain: api.MailDomain) -> dict[str, Any]:
+def with_owner(obj: kube_types.Manifest, domain: api.MailDomain) -> kube_types.Manifest:
     """A copy of `obj` owned by `domain` (the input is left as it is)."""
     owned = copy.deepcopy(obj)
     owned.setdefault("metadata", {})["ownerReferences"] = [owner_reference(domain)]
