@@ -4,8 +4,9 @@ MailDomain's `spec.backup.schedule` comes due, retention of the scheduled ones, 
 
 The pure part (due times, names, what retention deletes, staleness, the condition) takes `now` and plain
 data, and is tested as functions. `run` applies it every `Options.schedule_interval` seconds; handlers.py
-starts it at login. It creates and deletes MailBackups and reads their status; running them is the backup
-runner's job. Times are UTC, cron schedules too.
+starts it at login. It creates and deletes MailBackups (built by specs/backup.py) and reads their status;
+running them is the backup runner's job. The domain's status is written through reconcile/status.py, the
+one writer, as the `BACKUPS` source. Times are UTC, cron schedules too.
 """
 
 from __future__ import annotations
