@@ -87,7 +87,7 @@ async def domain_with_claim(client: k8s.Client, operator: handlers.Operator) -> 
     await client.create(node_claim("data-example-com-0"))
 
 
-async def set_status(client: k8s.Client, kind: k8s.Kind, name: str, status: dict[str, Any]) -> None:
+async def set_status(client: k8s.Client, kind: k8s.Kind[Any], name: str, status: dict[str, Any]) -> None:
     await client.patch(kind, NAMESPACE, name, {"status": status}, subresource="status")
 
 
