@@ -47,7 +47,8 @@ import pytest
 from mailnode.admin.http import BackupOps, build_app
 from mailnode.backup import archive
 from mailnode.metrics import NodeMetrics
-from mailnode.store.mailstore import IndexCopy, MailboxUsage
+from mailnode.store.mailboxes import MailboxUsage
+from mailnode.store.staging import IndexCopy
 from tests.node.conftest import TRACE_BLOCK, NodeFactory, RunningNode, mailbox, refused_from_the_pod_network
 from tests.node.test_checkpoint import call, paused
 from tests.node.test_imap import connect
@@ -489,15 +490,15 @@ class HeldStaging:
         self.linking = threading.Event()  # set once the staging has reached its linking step
         self._release = threading.Event()
         self.outcome: list[dict[str, str] | tuple[int, Any]] = []  # the headers, or (status, body) of a failure
-        store = node.node.store
-        link_files = store.link_files
+        staging = node.node.store.staging
+        link_files = staging.link_files
 
         async def held(copies: list[IndexCopy]) -> dict[str, MailboxUsage]:
             self.linking.set()
             await asyncio.get_running_loop().run_in_executor(None, self._release.wait, 60)
             return await link_files(copies)
 
-        monkeypatch.setattr(store, "link_files", held)
+        monkeypatch.setattr(staging, "link_files", held)
         self._thread = threading.Thread(target=self._backup, args=(node,))
         self._thread.start()
         assert self.linking.wait(60), "the staging did not reach its linking step"
@@ -537,7 +538,7 @@ def held_staging(
 
 
 def pinned(node: RunningNode) -> bool:
-    return node.node.store.pinned
+    return node.node.store.staging.pinned
 
 
 def mailbox_dir(node: RunningNode, address: str = USER) -> Path:
@@ -642,7 +643,7 @@ def test_a_folder_rename_waits_for_the_staging(
     renamed: list[tuple[str, Any]] = []
     thread = threading.Thread(target=lambda: renamed.append(renamer.rename("Projects", "Renamed")))
     thread.start()
-    wait_for("the RENAME to wait for the staging", lambda: node.node.store.pin_waiting == 1)
+    wait_for("the RENAME to wait for the staging", lambda: node.node.store.staging.pin_waiting == 1)
     assert thread.is_alive() and renamed == []
     assert (mailbox_dir(node) / "Projects").is_dir()
     deliver(node, "meanwhile")  # other writes go on
