@@ -404,6 +404,10 @@ class Reader(_Queries):
         problems = [str(row[0]) for row in self._db.execute("PRAGMA integrity_check")]
         return [] if problems == ["ok"] else problems
 
+    def folder_names(self) -> list[str]:
+        """The folders' names, sorted (the one column every schema version has)."""
+        return [str(row[0]) for row in self._db.execute("SELECT name FROM folders ORDER BY name")]
+
     def files(self) -> list[tuple[str, int]]:
         """(path, size) of every message file, in (folder, uid) order: plain tuples, for 100,000 rows."""
         return self._db.execute(

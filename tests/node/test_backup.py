@@ -2,7 +2,7 @@
 they bring back.
 
 Aspects: GET /backup and POST /backups taken while several SMTP sessions keep delivering, each restored
-whole into an empty data directory (archive.restore_node) and served by a new node: every message
+whole into an empty data directory (noderestore.restore_node) and served by a new node: every message
 acknowledged before the archive's point in time is there exactly once, byte for byte (what IMAP FETCH
 returns and the file on disk, past the node's trace headers), the index agrees with the files, and the
 outbound queue comes back; POST /restore brings one mailbox back under another name (folders, flags,
@@ -45,7 +45,7 @@ from unittest import mock
 import pytest
 
 from mailnode.admin.http import BackupOps, build_app
-from mailnode.backup import archive
+from mailnode.backup import archive, noderestore
 from mailnode.metrics import NodeMetrics
 from mailnode.store.mailboxes import MailboxUsage
 from mailnode.store.staging import IndexCopy
@@ -252,7 +252,7 @@ def test_archives_taken_under_load_restore_every_acknowledged_message(
         else:
             assert (record["messages"], record["mailboxes"]) == (summary.messages, len(summary.mailboxes))
             assert record["bytes"] == path.stat().st_size
-        archive.restore_node(path, tmp_path / f"restored-{number}" / "data")
+        noderestore.restore_node(path, tmp_path / f"restored-{number}" / "data")
         restored = node_factory(MAILBOXES, name=f"restored-{number}", **settings)
         assert check_restored(restored, client_tls, senders, point_in_time) == summary.messages
         assert [m["id"] for m in json.loads(restored.http_get("/queue")[1])] == [queued["id"]]
