@@ -8,7 +8,8 @@ awaits return, so an SMTP `250` always follows a durable file, a durable name an
 
 Crash recovery (`open`): files in tmp/ are removed, and files in new/ or cur/ without an index row
 were renamed but never committed, hence never acknowledged, or were expunged while a staged copy
-pinned the store (mailnode.store.staging); they are removed too. After that the index and the files agree exactly.
+pinned the store (mailnode.store.staging); they are removed too. After that the index and the files
+agree exactly.
 
 Every write passes the node's WriteFence (mailnode.store.fence), so a checkpoint can hold them: a
 batch waits at the fence before it is taken, never while a lock is held.
