@@ -1,8 +1,9 @@
-"""The tar codec of the archives (mailnode.backup.archive): a streaming writer (`TarWriter`, which never
-seeks, so its output may be a pipe) and reader (`Source`, gzip or not, and `TarReader`), each hashing
-members as they pass. Written here rather than with tarfile, whose per-member cost (header parsing and
-building) is most of the time for 100,000 small messages; the reader takes what POSIX tar writers make
-(ustar, pax and GNU long names, gzip) and reports anything else, as every problem, as an ArchiveError.
+"""The tar codec of the archives, used by mailnode.backup.archive and noderestore (and by mailnode.cli
+for gzip): a streaming writer (`TarWriter`, which never seeks, so its output may be a pipe) and reader
+(`Source`, gzip or not, and `TarReader`), each hashing members as they pass. Written here rather than
+with tarfile, whose per-member cost (header parsing and building) is most of the time for 100,000 small
+messages; the reader takes what POSIX tar writers make (ustar, pax and GNU long names, gzip). Every
+problem is an ArchiveError (defined here, where the first ones are met; archive re-exports it).
 Everything here blocks: callers run it in a Gateway thread.
 """
 
