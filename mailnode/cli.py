@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from mailnode import dkim, logs, passwords
-from mailnode.backup import archive
+from mailnode.backup import archive, noderestore, tarcodec
 from mailnode.config import ConfigError, load_node_config
 from mailnode.node import Node
 from mailnode.store import durable
@@ -278,7 +278,7 @@ def _backup(args: argparse.Namespace) -> int:
             final = target if not into_dir else _named_by_headers(target, response)
             unnamed = final or target / f"mailnode-backup-{os.getpid()}.tar"  # named once the archive is in
             partial = unnamed.with_name(f"{unnamed.name}.partial")
-            compress = not into_dir and archive.is_compressed(target)
+            compress = not into_dir and tarcodec.is_compressed(target)
             try:
                 summary = _receive(response, partial, base=base, meter=meter, compress=compress)
                 final = final or target / _archive_name(summary.node, summary.point_in_time)
@@ -331,7 +331,7 @@ def _receive(
         total = 0
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as file:
-        sink = archive.compressing(file) if compress else file
+        sink = tarcodec.compressing(file) if compress else file
         summary = archive.receive(
             cast(BinaryIO, response), cast(BinaryIO, sink), label=f"GET {base}/backup", progress=meter, total=total
         )
@@ -363,7 +363,7 @@ def _restore(args: argparse.Namespace) -> int:
     if args.data_dir is not None:
         meter = _Meter("restored")
         try:
-            summary = archive.restore_node(source, args.data_dir, progress=meter)
+            summary = noderestore.restore_node(source, args.data_dir, progress=meter)
         except (archive.ArchiveError, OSError) as error:
             meter.clear()
             print(f"mailnode restore: {error}", file=sys.stderr)

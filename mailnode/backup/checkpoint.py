@@ -8,7 +8,7 @@ Two uses whose pauses never overlap (one lock orders them):
   paused while the operator cuts a VolumeSnapshot, until `end()` or until the hold runs out (then the
   node resumes by itself, logs a warning and counts it).
 - `stage(dest)` / `staged()` (archives): a staged copy under `<data_dir>/.staging/<id>` (the same file
-  system, so links work), in two steps. Inside a short pause: pin the store (MailStore.pin), copy every
+  system, so links work), in two steps. Inside a short pause: pin the store (Staging.pin), copy every
   index with SQLite's backup API, hard-link the queue's files (few; the spool unlinks them on delivery)
   and take the point in time; then writes resume. Outside the pause, while mail flows: hard-link the
   message files the copied indexes list, a mailbox per Gateway thread, then unpin. The pin keeps every
@@ -186,7 +186,7 @@ class Checkpoint:
                 raise Busy("a checkpoint is already in progress (DELETE /snapshot ends it)")
             started = await self._pause()
             try:
-                mailboxes, messages = await self._store.checkpoint()
+                mailboxes, messages = await self._store.staging.checkpoint()
                 queued = len(await self._spool.list())
             except BaseException as error:
                 self._resume(started)
@@ -255,23 +255,23 @@ class Checkpoint:
                     continue
                 started = await self._pause()
                 # Before writes resume: from here no file a copied index lists is removed or moved.
-                self._store.pin()
+                self._store.staging.pin()
                 try:
                     point_in_time = _now()
-                    copies = await self._store.copy_indexes(dest)
+                    copies = await self._store.staging.copy_indexes(dest)
                     queued = await self._spool.copy_to(dest / "queue")
                 except BaseException as error:
                     self._resume(started)
-                    await self._store.unpin()
+                    await self._store.staging.unpin()
                     self._metrics.checkpoints.labels("failed").inc()
                     log.error("staging failed; writes resumed", extra={"fields": {"error": str(error)}})
                     raise
                 paused = self._resume(started)
             try:
                 try:
-                    copied = await self._store.link_files(copies)
+                    copied = await self._store.staging.link_files(copies)
                 finally:
-                    await self._store.unpin()
+                    await self._store.staging.unpin()
                 size = await self._gateway.run(_tree_bytes, dest)
             except BaseException as error:
                 self._metrics.checkpoints.labels("failed").inc()
