@@ -110,11 +110,11 @@ class NodeConfig(FileModel):
     directory_file: Path
     directory_poll_interval: float = pydantic.Field(1.0, gt=0)
     listen: ListenConfig = ListenConfig()
-    tls: TLSConfig | None = None
     smtp: SMTPConfig = SMTPConfig()
     imap: IMAPConfig = IMAPConfig()
     auth: AuthConfig = AuthConfig()
     backup: BackupConfig = BackupConfig()
+    tls: TLSConfig | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @pydantic.model_validator(mode="after")

@@ -36,9 +36,10 @@ class AppPasswordEntry(FileModel):
 
 
 class MailboxEntry(FileModel):
+    # Field order is the order of the keys in the operator's Secret, one entry a line.
     address: Address
-    display_name: str = ""
     password_hash: PasswordHash
+    display_name: str = ""
     quota: ByteSize = pydantic.Field(0, description="bytes; 0 means no limit")
     aliases: list[Address] = []
     forward_to: list[Address] = []
