@@ -48,9 +48,12 @@ class Error(Message):
 
 def problem(error: pydantic.ValidationError) -> str:
     """A request or an answer that does not fit its model, in one line: "field: reason; ..."."""
-    return "; ".join(
-        f"{'.'.join(str(part) for part in item['loc']) or 'body'}: {item['msg']}" for item in error.errors()
-    )
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        reason = item["msg"].removeprefix("Value error, ")  # the model's own words, from a ValueError
+        problems.append(f"{where}: {reason}" if where else reason)
+    return "; ".join(problems)
 
 
 # -- GET /status ------------------------------------------------------------------------------------------
