@@ -25,24 +25,44 @@ import pydantic
 import yaml
 
 from mailwire.config import (
-    AuthConfig as AuthConfig,
-    BackupConfig as BackupConfig,
-    DKIMConfig as DKIMConfig,
-    DomainConfig as DomainConfig,
-    IMAPConfig as IMAPConfig,
-    ListenConfig as ListenConfig,
-    NodeConfig as NodeConfig,
-    RelayHostConfig as RelayHostConfig,
-    SMTPConfig as SMTPConfig,
-    TLSConfig as TLSConfig,
+    AuthConfig,
+    BackupConfig,
+    DKIMConfig,
+    DomainConfig,
+    IMAPConfig,
+    ListenConfig,
+    NodeConfig,
+    RelayHostConfig,
+    SMTPConfig,
+    TLSConfig,
 )
-from mailwire.directory import (
-    AppPasswordEntry as AppPasswordEntry,
-    DirectoryFile as DirectoryFile,
-    MailboxEntry as MailboxEntry,
-)
-from mailwire.fields import normalize_address as normalize_address
-from mailwire.fields import parse_size as parse_size
+from mailwire.directory import AppPasswordEntry, DirectoryFile, MailboxEntry
+from mailwire.fields import normalize_address, parse_size
+
+# The wire models the node's modules know by these names.
+__all__ = [
+    "AppPasswordEntry",
+    "AuthConfig",
+    "BackupConfig",
+    "ConfigError",
+    "DKIMConfig",
+    "Directory",
+    "DirectoryFile",
+    "DirectoryWatcher",
+    "DomainConfig",
+    "IMAPConfig",
+    "ListenConfig",
+    "MailboxEntry",
+    "NodeConfig",
+    "RelayHostConfig",
+    "Resolution",
+    "SMTPConfig",
+    "TLSConfig",
+    "load_node_config",
+    "normalize_address",
+    "parse_directory",
+    "parse_size",
+]
 
 log = logging.getLogger(__name__)
 

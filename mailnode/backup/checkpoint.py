@@ -33,7 +33,6 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 from mailnode.gateway import Gateway
 from mailnode.metrics import NodeMetrics
