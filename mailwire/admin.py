@@ -195,7 +195,8 @@ class Archive(Message):
     state: Literal["Running", "Completed", "Failed"]
     path: str
     point_in_time: Timestamp | None = pydantic.Field(
-        None, validation_alias=pydantic.AliasChoices("point_in_time", "pointInTime")  # as _was
+        None,
+        validation_alias=pydantic.AliasChoices("point_in_time", "pointInTime"),  # as _was
     )
     mailboxes: int | None = None
     messages: int | None = None
