@@ -153,8 +153,9 @@ QUEUE: Final = pydantic.TypeAdapter(list[QueuedMessage])  # GET /queue: the mess
 
 
 def _was(camel: str, snake: str) -> Any:
-    """A key nodes of 0.1.0 wrote in camelCase: read either spelling, so an operator upgraded before its
-    nodes (the StatefulSet rolls them one by one) still understands the old ones. Written snake_case only."""
+    """A key that nodes built before mailwire wrote in camelCase: read either spelling, so an operator
+    upgraded before its nodes (the StatefulSet rolls them one by one) still understands the old ones.
+    Written snake_case only."""
     return pydantic.Field(validation_alias=pydantic.AliasChoices(snake, camel))
 
 
