@@ -33,13 +33,13 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 from mailnode.gateway import Gateway
 from mailnode.metrics import NodeMetrics
 from mailnode.queue.spool import Spool
 from mailnode.store.fence import FenceTimeout
 from mailnode.store.mailstore import MailStore
+from mailwire import admin
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +139,12 @@ class Checkpoint:
         """True while a POST /snapshot holds writes."""
         return self._hold is not None
 
-    def status(self) -> dict[str, Any]:
-        """The part of /status about checkpoints."""
+    def status(self, *, last: admin.BackupResult | None) -> admin.BackupStatus:
+        """The part of /status about checkpoints, with `last`, the last archive finished (BackupJobs.last)."""
         hold = self._hold
-        return {
-            "paused": self._fence.paused,
-            "hold_until": hold.until.isoformat() if hold else None,
-        }
+        return admin.BackupStatus(
+            paused=self._fence.paused, hold_until=hold.until.isoformat() if hold else None, last=last
+        )
 
     # -- pausing ----------------------------------------------------------------------------------------
 
@@ -174,7 +173,7 @@ class Checkpoint:
 
     # -- POST / DELETE /snapshot ------------------------------------------------------------------------
 
-    async def start(self, hold: float) -> dict[str, Any]:
+    async def start(self, hold: float) -> admin.Checkpoint:
         """Pause writes, checkpoint every index, and keep writes paused for `hold` seconds at most.
         Returns the body of POST /snapshot. Raises Busy, Unavailable, or the store's error (writes are
         resumed then)."""
@@ -203,13 +202,13 @@ class Checkpoint:
             "checkpoint: writes paused",
             extra={"fields": {"point_in_time": point_in_time.isoformat(), "hold": hold, "mailboxes": mailboxes}},
         )
-        return {
-            "pointInTime": point_in_time.isoformat(),
-            "holdUntil": self._hold.until.isoformat(),
-            "mailboxes": mailboxes,
-            "messages": messages,
-            "queued": queued,
-        }
+        return admin.Checkpoint(
+            point_in_time=point_in_time.isoformat(),
+            hold_until=self._hold.until.isoformat(),
+            mailboxes=mailboxes,
+            messages=messages,
+            queued=queued,
+        )
 
     def end(self) -> float:
         """Resume writes (DELETE /snapshot); returns the seconds they were paused. Raises NotHolding."""

@@ -235,7 +235,7 @@ def test_archives_taken_under_load_restore_every_acknowledged_message(
         senders.stop()
 
     streamed_at = datetime.datetime.fromisoformat(headers["X-Mailfleet-Point-In-Time"])
-    written_at = datetime.datetime.fromisoformat(record["pointInTime"])
+    written_at = datetime.datetime.fromisoformat(record["point_in_time"])
     assert streamed_at < written_at
     for number, (path, point_in_time) in enumerate(
         [(tmp_path / "streamed.tar", streamed_at), (Path(record["path"]), written_at)]
@@ -406,7 +406,7 @@ def test_backup_records_survive_a_restart(node_factory: NodeFactory, tmp_path: P
         "name": "nightly-1",
         "state": "Completed",
         "path": str(path),
-        "pointInTime": record["pointInTime"],
+        "point_in_time": record["point_in_time"],
         "mailboxes": 1,
         "messages": 2,
         "bytes": path.stat().st_size,
@@ -707,7 +707,7 @@ def test_an_archive_waits_for_a_snapshot_hold(node: RunningNode, tmp_path: Path)
 async def test_archives_and_restores_are_for_loopback_clients_only() -> None:
     checkpoint, restore = mock.Mock(), mock.AsyncMock()
     ops = BackupOps(checkpoint=checkpoint, jobs=mock.Mock(), restore=restore, max_hold=600)
-    app = build_app(metrics=NodeMetrics(), ready=lambda: True, status=dict, backups=ops)
+    app = build_app(metrics=NodeMetrics(), ready=lambda: True, status=mock.AsyncMock(), backups=ops)
     await refused_from_the_pod_network(app, [("GET", "/backup"), ("POST", "/restore")])
     checkpoint.staged.assert_not_called()
     restore.assert_not_called()
