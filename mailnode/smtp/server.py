@@ -32,6 +32,7 @@ from aiosmtpd.smtp import (
     Envelope,
     LoginPassword,
     Session,
+    TLSSetupException,
     _AuthMechAttr,
     login_always_fail,
 )
@@ -356,6 +357,17 @@ class MailSMTP(SMTP):
             else:
                 status = replies.enhance(status)
         await super().push(status)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A STARTTLS whose handshake never completes is the client's doing (it left, or does not speak
+        TLS): aiosmtpd closes the connection; one info line, not an error with a traceback. Anything
+        else is a bug of ours, logged as aiosmtpd does."""
+        if isinstance(error, TLSSetupException):
+            peer = self.session.peer if self.session is not None else None
+            cause = repr(error.__cause__)
+            log.info("smtp starttls failed", extra={"fields": {"client": peer, "error": cause}})
+            return ""  # not sent: the connection is closed
+        return await super().handle_exception(error)
 
     async def smtp_HELO(self, hostname: str) -> None:
         self._replying_to_hello = True
