@@ -35,6 +35,7 @@ from aiosmtpd.smtp import (
     TLSSetupException,
     _AuthMechAttr,
     login_always_fail,
+    syntax,
 )
 
 from mailnode.auth import Authenticator
@@ -382,6 +383,18 @@ class MailSMTP(SMTP):
             await super().smtp_EHLO(hostname)
         finally:
             self._replying_to_hello = False
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if not arg and self.tls_context is not None:
+            # RFC 3207 §4.2: what a client pipelined after STARTTLS is discarded (aiosmtpd clears it
+            # once TLS is up). Cleared now as well, because a StreamReader holding more than its limit
+            # has paused reading the socket (its flow control), and the TLS layer put in its place
+            # would then never see the handshake nor the client leaving: the session would hang until
+            # the idle timeout. The reader's internals, as aiosmtpd's own reach into them.
+            self._reader._buffer.clear()  # type: ignore[attr-defined]
+            self._reader._maybe_resume_transport()  # type: ignore[attr-defined]
+        await super().smtp_STARTTLS(arg)
 
     async def smtp_AUTH(self, arg: str) -> None:
         if not self.handler.listener.is_submission:
