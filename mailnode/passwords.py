@@ -23,10 +23,6 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
-def is_hash(value: str) -> bool:
-    return value.startswith("$argon2")
-
-
 def verify(password_hash: str | None, password: str) -> bool:
     try:
         return _hasher.verify(password_hash or _dummy_hash(), password) and password_hash is not None

@@ -21,7 +21,7 @@ from mailfleet import api, k8s, kube_types, specs
 from mailfleet.reconcile import conditions
 from mailfleet.reconcile.conditions import Condition
 from mailfleet.reconcile.context import MAILBOX, SECRET, Context, DomainKey, object_key
-from mailfleet.reconcile.passwords import is_hash
+from mailwire.directory import is_password_hash
 
 # Above this many distinct password Secrets a reconcile lists the namespace's Secrets once instead of
 # reading each one.
@@ -82,7 +82,7 @@ async def served(ctx: Context, domain: api.MailDomain) -> Served:
             if source in passwords or source in hashing:
                 continue
             value = secrets[ref.name][ref.key]  # type: ignore[index]  # checked by _problem
-            if is_hash(value):
+            if is_password_hash(value):
                 passwords[source] = value
                 continue
             if previous is None:

@@ -17,9 +17,7 @@ from collections.abc import Callable
 
 import argon2
 
-
-def is_hash(value: str) -> bool:
-    return value.startswith("$argon2")
+from mailwire.directory import is_password_hash
 
 
 class PasswordHasher:
@@ -41,7 +39,7 @@ class PasswordHasher:
 
     def known(self, value: str, *, source: str) -> str | None:
         """The hash of `value` when there is nothing to compute (it is a hash, or was hashed before)."""
-        if is_hash(value):
+        if is_password_hash(value):
             return value
         return self._hashes.get(self._digest(source, value))
 
@@ -51,7 +49,7 @@ class PasswordHasher:
         does not change after a restart, and two operators running for a moment (an upgrade) agree on
         the hash the first one wrote instead of overwriting each other's."""
         known = self.known(value, source=source)
-        if candidate is not None and candidate != known and not is_hash(value):
+        if candidate is not None and candidate != known and not is_password_hash(value):
             async with self._limit:
                 if await asyncio.to_thread(self._verifies, candidate, value):
                     self._hashes[self._digest(source, value)] = candidate
@@ -69,7 +67,7 @@ class PasswordHasher:
     async def _hash(self, value: str, *, source: str) -> str:
         """The hash of `value`, a password from `source` ("namespace/secret/key"): two Secrets holding the
         same plaintext get different salts, so the directory does not show that they are equal."""
-        if is_hash(value):
+        if is_password_hash(value):
             return value
         digest = self._digest(source, value)
         if (known := self._hashes.get(digest)) is not None:
