@@ -11,6 +11,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,10 +24,9 @@ MiB = 1024 * 1024
 
 def rss() -> int:
     """The resident memory of this process, which runs the node in a thread (bytes)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
@@ -135,7 +135,7 @@ def test_large_literals_before_login_do_not_cost_the_node_memory(node: RunningNo
 def test_an_idle_unauthenticated_connection_is_hung_up_on(
     node_factory: NodeFactory, client_tls: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(imap_session, "LOGIN_TIMEOUT", 0.5, raising=False)
+    monkeypatch.setattr(imap_session, "LOGIN_TIMEOUT", 0.5)
     node = node_factory()
     client = Lines(node.port("imap"))
     authenticated = connect(node, client_tls)
