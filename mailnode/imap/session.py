@@ -34,10 +34,9 @@ T = TypeVar("T")
 DELIMITER = "/"
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk", "Archive": "\\Archive"}
 _ANALYSES_KEPT = 20_000  # parsed structures kept in memory, per node
-# Before login a client is anyone: it gets a short timer (RFC 3501 §5.4 asks 30 minutes of the
-# autologout timer, which applies once logged in; Dovecot gives a login process about 3 minutes) and
-# small literals (Dovecot's are a few KiB: LOGIN's astrings; AUTHENTICATE's SASL responses are lines).
-LOGIN_TIMEOUT = 60.0  # seconds from connecting to logging in
+# Before login a client is anyone: it gets a short timer (imap.login_timeout; RFC 3501 §5.4's 30
+# minutes are the autologout timer, once logged in) and small literals (Dovecot's are a few KiB:
+# LOGIN's astrings; AUTHENTICATE's SASL responses are lines, bounded by imap.max_line).
 LOGIN_MAX_LITERAL = 8 * 1024  # bytes of literals in one command before login
 
 
@@ -120,7 +119,6 @@ class Session:
         implicit_tls: bool,
         listener: str,
         analyses: AnalysisCache,
-        login_timeout: float | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
@@ -141,7 +139,7 @@ class Session:
         self._unsubscribe: Callable[[], None] | None = None
         self.wakeup = asyncio.Event()  # set when a change for the selected folder arrives
         self._clock = asyncio.get_running_loop().time
-        self._login_deadline = self._clock() + (LOGIN_TIMEOUT if login_timeout is None else login_timeout)
+        self._login_deadline = self._clock() + config.imap.login_timeout
         self.task: asyncio.Task[Any] | None = None
         peer = writer.get_extra_info("peername")
         self.remote = peer[0] if peer else "unknown"

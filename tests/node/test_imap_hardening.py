@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from mailnode.imap import session as imap_session
 from tests.node.conftest import PASSWORD, NodeFactory, RunningNode
 from tests.node.test_imap import USER, connect
 
@@ -133,10 +132,9 @@ def test_large_literals_before_login_do_not_cost_the_node_memory(node: RunningNo
 
 
 def test_an_idle_unauthenticated_connection_is_hung_up_on(
-    node_factory: NodeFactory, client_tls: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+    node_factory: NodeFactory, client_tls: ssl.SSLContext
 ) -> None:
-    monkeypatch.setattr(imap_session, "LOGIN_TIMEOUT", 0.5)
-    node = node_factory()
+    node = node_factory(imap={"login_timeout": 0.5})
     client = Lines(node.port("imap"))
     authenticated = connect(node, client_tls)
     try:
