@@ -211,10 +211,12 @@ def test_fetch_of_large_messages_to_a_slow_reader_keeps_memory_bounded(
     assert growth < 40 * MiB  # 64 MiB of messages were sent
     typ, fetched = client.fetch("8", "(BODY.PEEK[]<70.9000000> RFC822)")  # streamed as sent
     assert typ == "OK"
-    assert (fetched[0][1], fetched[1][1]) == (data[70:], data)
+    assert [part[1] for part in fetched if isinstance(part, tuple)] == [data[70:], data]
     typ, fetched = client.fetch("8", "(RFC822.HEADER BODY.PEEK[TEXT]<0.20>)")  # read alone, not streamed
     assert typ == "OK"
     header, _, text = data.partition(b"\r\n\r\n")
-    assert fetched[0][1] == header + b"\r\n\r\n"
-    assert fetched[1] == b' BODY[TEXT]<0> "' + text[:20] + b'")'
+    assert fetched == [
+        (b"8 (RFC822.HEADER {%d}" % (len(header) + 4), header + b"\r\n\r\n"),
+        b' BODY[TEXT]<0> "' + text[:20] + b'")',
+    ]
     client.logout()
