@@ -74,6 +74,9 @@ class IMAPConfig(FileModel):
     allow_plaintext_login: bool = False
     # RFC 3501 §5.4: an inactivity timer of at least 30 minutes.
     idle_timeout: float = pydantic.Field(1800.0, gt=0)
+    # Seconds from connecting to logging in (then `* BYE`): a short timer for anyone, the one above for
+    # users (Dovecot gives a login process about 3 minutes; RFC 3501 §5.4 allows it).
+    login_timeout: float = pydantic.Field(60.0, gt=0)
     max_line: ByteSize = pydantic.Field(64 * 1024, ge=1024)
     max_literal: ByteSize = pydantic.Field(64 * 1024 * 1024, ge=1024)  # the largest APPEND
 

@@ -84,6 +84,8 @@ NO_NO_SUCH_QUOTA_ROOT = Response("NO", "NONEXISTENT", "No such quota root")
 NO_SERVERBUG = Response("NO", "SERVERBUG", "Internal error; the administrator can find it in the node log")
 NO_TLS_UNAVAILABLE = Response("NO", None, "TLS is not available (no certificate configured)")
 NO_AUTHENTICATION_FAILED = Response("NO", "AUTHENTICATIONFAILED", "Authentication failed")
+# RFC 5530 UNAVAILABLE: the password was right but the mailbox cannot be opened (full disk, I/O error).
+NO_MAILBOX_UNAVAILABLE = Response("NO", "UNAVAILABLE", "Mailbox temporarily unavailable; try again later")
 NO_LOGIN_BEFORE_TLS = Response("NO", "PRIVACYREQUIRED", "LOGIN is disabled before STARTTLS")
 NO_AUTHENTICATE_BEFORE_TLS = Response("NO", "PRIVACYREQUIRED", "Authentication is disabled before STARTTLS")
 NO_ONLY_PLAIN = Response("NO", "CANNOT", "Only AUTHENTICATE PLAIN is supported")
@@ -119,6 +121,7 @@ BAD_COPY_ARGUMENTS = Response("BAD", None, "{command} needs a sequence set and a
 
 BYE_LOGOUT = Response("BYE", None, "Logging out")
 BYE_AUTOLOGOUT = Response("BYE", None, "Autologout; idle for too long")
+BYE_LOGIN_TIMEOUT = Response("BYE", None, "Autologout; no login in time")
 BYE_LINE_TOO_LONG = Response("BYE", None, "Line too long")
 BYE_TOOBIG = Response("BYE", "TOOBIG", "Literal too large")  # RFC 7888 §4: cannot refuse a LITERAL+
 BYE_SHUTTING_DOWN = Response("BYE", None, "Server shutting down; try again later")

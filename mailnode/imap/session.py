@@ -17,8 +17,8 @@ import contextlib
 import dataclasses
 import logging
 import ssl
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from mailnode.auth import Authenticator
 from mailnode.config import Directory, MailboxEntry, NodeConfig
@@ -29,10 +29,15 @@ from mailnode.store.changes import Change
 from mailnode.store.mailstore import MailStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DELIMITER = "/"
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk", "Archive": "\\Archive"}
 _ANALYSES_KEPT = 20_000  # parsed structures kept in memory, per node
+# Before login a client is anyone: it gets a short timer (imap.login_timeout; RFC 3501 §5.4's 30
+# minutes are the autologout timer, once logged in) and small literals (Dovecot's are a few KiB:
+# LOGIN's astrings; AUTHENTICATE's SASL responses are lines, bounded by imap.max_line).
+LOGIN_MAX_LITERAL = 8 * 1024  # bytes of literals in one command before login
 
 
 @dataclasses.dataclass
@@ -133,6 +138,8 @@ class Session:
         self.condstore = False  # RFC 7162 §3.1: once enabled, FETCH and STORE report MODSEQ
         self._unsubscribe: Callable[[], None] | None = None
         self.wakeup = asyncio.Event()  # set when a change for the selected folder arrives
+        self._clock = asyncio.get_running_loop().time
+        self._login_deadline = self._clock() + config.imap.login_timeout
         self.task: asyncio.Task[Any] | None = None
         peer = writer.get_extra_info("peername")
         self.remote = peer[0] if peer else "unknown"
@@ -180,11 +187,33 @@ class Session:
         return self._tls is not None
 
     async def start_tls(self) -> None:
-        """Upgrade the connection (STARTTLS). RFC 3501 §6.2.1: anything the client sent after
-        STARTTLS before the handshake is discarded."""
+        """Upgrade the connection (STARTTLS). RFC 3501 §6.2.1, RFC 2595 §3.1: anything the client sent
+        after STARTTLS before the handshake is discarded; else a man in the middle could append
+        commands (his own LOGIN) that would run inside the TLS session (CVE-2011-0411's class)."""
         assert self._tls is not None
+        # The bytes already read are in the reader's buffer; no public API drops them (aiosmtpd does
+        # the same). There is no await between this and start_tls pausing the plaintext transport,
+        # so nothing more can slip in; what the kernel still holds is read as TLS and fails the handshake.
+        buffer: bytearray = self._reader._buffer  # type: ignore[attr-defined]
+        buffer.clear()
         await self._writer.start_tls(self._tls)
         self.is_tls = True
+
+    def _time_left(self) -> float:
+        """How long the session may wait for the client: the autologout timer once logged in, else
+        what is left of the login timer."""
+        if self.user is not None:
+            return float(self.config.imap.idle_timeout)
+        return max(0.0, min(self._login_deadline - self._clock(), float(self.config.imap.idle_timeout)))
+
+    async def read_in_time(self, read: Awaitable[T]) -> T:
+        """Await a read from the client, hanging up (`* BYE`) when it takes longer than _time_left."""
+        try:
+            return await asyncio.wait_for(read, self._time_left())
+        except TimeoutError:
+            if self.user is None:
+                raise responses.Hangup(responses.BYE_LOGIN_TIMEOUT) from None
+            raise responses.Hangup(responses.BYE_AUTOLOGOUT) from None
 
     async def readline(self) -> bytes | None:
         """One line without its CRLF; None when the client has gone."""
@@ -207,10 +236,7 @@ class Session:
             self.send(responses.OK_GREETING.line(capabilities=self.capabilities(), hostname=self.config.hostname))
             await self.flush()
             while True:
-                try:
-                    parts = await asyncio.wait_for(self._read_command(), self.config.imap.idle_timeout)
-                except TimeoutError:
-                    raise responses.Hangup(responses.BYE_AUTOLOGOUT) from None
+                parts = await self.read_in_time(self._read_command())
                 if parts is None:
                     return
                 if not await self._execute(parts):
@@ -247,7 +273,8 @@ class Session:
                 return parts
             size, non_synchronizing = marker
             total += size
-            limit = self.config.imap.max_literal
+            # RFC 7889 / RFC 4469 TOOBIG: the limit is refused before reading, before login much smaller.
+            limit = self.config.imap.max_literal if self.user is not None else LOGIN_MAX_LITERAL
             if total > limit:
                 if non_synchronizing:  # RFC 7888 §4: the client sends it anyway; we cannot resync
                     raise responses.Hangup(responses.BYE_TOOBIG)
@@ -291,12 +318,12 @@ class Session:
 
     # -- authenticated --------------------------------------------------------------------------------
 
-    def log_in(self, user: MailboxEntry) -> Account:
-        """Enter the authenticated state as `user` and start hearing about changes to its mailbox."""
+    def log_in(self, user: MailboxEntry, account: Account) -> None:
+        """Enter the authenticated state as `user`, whose mailbox is ready as `account`, and start
+        hearing about changes to it. The last step of a login: nothing after it can fail."""
         self.user = user
-        self.account = self.store.account(user.address)
+        self.account = account
         self._unsubscribe = self.store.switchboard.subscribe(user.address, self._on_change)
-        return self.account
 
     def folder_name(self, arg: protocol.Arg) -> str:
         return protocol.mailbox_arg(arg, DELIMITER)

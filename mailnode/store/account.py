@@ -21,10 +21,11 @@ module does not import mailnode.store.mailstore.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -69,6 +70,19 @@ def _apply(mode: Literal["+", "-", ""], current: str, flags: Iterable[str]) -> s
     else:
         have = given
     return " ".join(sorted(have))
+
+
+class MessageFile:
+    """One message file held open, read in ranges through the Gateway: FETCH streams a large message
+    from it instead of holding it in memory. Open, it stays readable when an expunge unlinks it."""
+
+    def __init__(self, fd: int, size: int, *, gateway: Gateway) -> None:
+        self.size = size
+        self._fd = fd
+        self._gateway = gateway
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self._gateway.run(os.pread, self._fd, length, offset)
 
 
 class Account:
@@ -270,6 +284,29 @@ class Account:
             return [read_one(m, -1 if limits is None else limits[i]) for i, m in enumerate(messages)]
 
         return await self._gateway.run(read)
+
+    @contextlib.asynccontextmanager
+    async def open_message(self, message: index.Message) -> AsyncIterator[MessageFile | None]:
+        """The message's file, open for ranged reads while the block runs; None if it was expunged."""
+        gateway = self._gateway
+        path = maildir.mailbox_dir(self._mailboxes.root, self.address) / message.path
+
+        def open_file() -> tuple[int, int] | None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            return fd, os.fstat(fd).st_size
+
+        opened = await gateway.run(open_file)
+        if opened is None:
+            yield None
+            return
+        fd, size = opened
+        try:
+            yield MessageFile(fd, size, gateway=gateway)
+        finally:
+            os.close(fd)
 
     async def structures(
         self, name: str, messages: Sequence[index.Message], compute: Callable[[bytes], str]

@@ -48,17 +48,24 @@ def _plaintext_refused(session: Session) -> bool:
 
 
 async def _log_in(session: Session, tag: str, username: str, password: str) -> None:
+    """Check the password, make the mailbox ready, then enter the authenticated state: all or nothing,
+    so a LOGIN answered NO leaves the session as it was (not authenticated)."""
     user = await session.authenticator.authenticate(username, password, remote=session.remote, protocol="imap")
     if user is None:
         log.info("imap auth failed", extra={"fields": {"client": session.remote}})
         raise responses.Refused(responses.NO_AUTHENTICATION_FAILED)
-    account = session.log_in(user)
-    # The special-use folders (RFC 6154) exist from the first login on: clients file mail there at once.
-    existing = {f.name for f in await account.folders()}
-    for name in SPECIAL_USE:
-        if name not in existing:
-            with contextlib.suppress(FolderError):
-                await account.create_folder(name)
+    account = session.store.account(user.address)
+    try:
+        # The special-use folders (RFC 6154) exist from the first login on: clients file mail there at once.
+        existing = {f.name for f in await account.folders()}
+        for name in SPECIAL_USE:
+            if name not in existing:
+                with contextlib.suppress(FolderError):
+                    await account.create_folder(name)
+    except Exception:
+        log.exception("imap login could not open the mailbox", extra={"fields": {"user": user.address}})
+        raise responses.Refused(responses.NO_MAILBOX_UNAVAILABLE) from None
+    session.log_in(user, account)
     session.send(responses.OK_LOGGED_IN.line(tag, capabilities=session.capabilities()))
 
 
@@ -82,7 +89,7 @@ async def authenticate(session: Session, command: protocol.Command) -> None:
     else:
         session.send(responses.CONTINUE_AUTHENTICATE)
         await session.flush()
-        line = await session.readline()
+        line = await session.read_in_time(session.readline())  # before login: the login timer runs
         if line is None:
             raise ConnectionError("client went away during AUTHENTICATE")
         response = line.decode("ascii", "replace")

@@ -1,10 +1,15 @@
 """IMAP FETCH and UID FETCH (RFC 3501 §6.4.5, CONDSTORE's CHANGEDSINCE and MODSEQ): reads rows and
 message files in batches through the store, structures through the session's analysis cache, and
 sets \\Seen where the items ask for it. Declared in mailnode.imap.commands.TABLE.
+
+Memory stays bounded per session whatever the client reads (issue 12): small messages go out a batch
+per write, a large one alone, its whole-message literals (BODY[], RFC822) streamed from its file in
+chunks, and every write waits for the transport to drain before the next data is read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Sequence
 
@@ -14,6 +19,19 @@ from mailnode.store.account import Message
 
 _READ_BATCH = 64  # message files read per Gateway trip while answering FETCH
 _SUMMARY_BATCH = 1024  # messages per FETCH response batch when no file is read
+_LARGE = 128 * 1024  # a message larger than this is sent alone, never read with a batch
+_CHUNK = 64 * 1024  # bytes read from a message file per step of a streamed literal
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileRange:
+    """Bytes [start, end) of the message file, sent as they are read (the literal's `{n}` precedes)."""
+
+    start: int
+    end: int
+
+
+Piece = bytes | _FileRange
 
 
 async def fetch(session: Session, command: protocol.Command) -> None:
@@ -50,23 +68,16 @@ async def fetch(session: Session, command: protocol.Command) -> None:
     all_messages = {m.uid: m for m in await session.account.messages(selected.name)} if every else {}
     for start in range(0, len(targets), _READ_BATCH if needs_data else _SUMMARY_BATCH):
         chunk = targets[start : start + (_READ_BATCH if needs_data else _SUMMARY_BATCH)]
-        datas: list[bytes] = []
         if all_messages:
             present = [(s, all_messages[u]) for s, u in chunk if u in all_messages]
-            if needs_data:
-                datas = await session.account.read([m for _, m in present])
-        else:  # rows and files in one Gateway trip
-            loaded = await session.account.load(selected.name, [u for _, u in chunk], data=needs_data)
-            rows = {message.uid: (message, data) for message, data in loaded}
-            present = [(s, rows[u][0]) for s, u in chunk if u in rows]
-            datas = [rows[m.uid][1] or b"" for _, m in present]
+        else:
+            loaded = await session.account.load(selected.name, [u for _, u in chunk], data=False)
+            rows = {message.uid: message for message, _ in loaded}
+            present = [(s, rows[u]) for s, u in chunk if u in rows]
         analyses: dict[int, mime.Analysis] = {}
         if needs_structure:
             analyses = await session.analyses([m for _, m in present])
-            kept = [i for i, (_, m) in enumerate(present) if m.uid in analyses]
-            if len(kept) < len(present):  # expunged by another session while we read
-                present = [present[i] for i in kept]
-                datas = [datas[i] for i in kept] if datas else datas
+            present = [(s, m) for s, m in present if m.uid in analyses]  # the others were expunged meanwhile
         if sets_seen:
             unseen = [m.uid for _, m in present if "\\Seen" not in selected.flags.get(m.uid, "").split()]
             if unseen:
@@ -76,19 +87,71 @@ async def fetch(session: Session, command: protocol.Command) -> None:
                 for message in changed:
                     selected.flags[message.uid] = message.flags
                     selected.modseqs[message.uid] = message.modseq
-        # One write per batch: a write per message would be a send() system call per message.
-        session.write(
-            b"".join(
-                _render(
-                    session, seq, message, items, by_uid, analyses.get(message.uid),
-                    datas[i] if needs_data else None, sets_seen,
-                )
-                for i, (seq, message) in enumerate(present)
-            )
-        )  # fmt: skip
+        small = [m for _, m in present if m.size <= _LARGE] if needs_data else []
+        datas = dict(zip((m.uid for m in small), await session.account.read(small), strict=True)) if small else {}
+        # One write per batch of small messages: a write per message would be a send() system call each.
+        pending: list[bytes] = []
+        for seq, message in present:
+            analysis = analyses.get(message.uid)
+            if not needs_data or message.uid in datas:
+                pieces = _render(session, seq, message, items, by_uid, analysis, datas.get(message.uid), 0, sets_seen)
+                pending.extend(p for p in pieces if isinstance(p, bytes))  # the message was read: no _FileRange
+                continue
+            session.write(b"".join(pending))
+            pending = []
+            await session.flush()
+            await _send_large(session, seq, message, items, by_uid, analysis, sets_seen)
+        session.write(b"".join(pending))
         await session.flush()
     await session.report_changes(expunge=by_uid)
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+def _streams(items: Sequence[protocol.FetchAtt]) -> bool:
+    """Whether every item that needs the message's bytes takes a range of the whole file (BODY[],
+    BODY.PEEK[] with or without <partial>, RFC822): those are streamed from the file."""
+    return all(
+        item.section == "" or item.name == "RFC822"
+        for item in items
+        if item.section is not None or item.name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT")
+    )
+
+
+async def _send_large(
+    session: Session,
+    seq: int,
+    message: Message,
+    items: Sequence[protocol.FetchAtt],
+    by_uid: bool,
+    analysis: mime.Analysis | None,
+    sets_seen: bool,
+) -> None:
+    """One FETCH response for a large message, alone: its whole-message literals read from the file a
+    chunk at a time, each write drained before the next read; other sections from the message read
+    alone (one message in memory at a time)."""
+    assert session.account is not None
+    async with session.account.open_message(message) as file:
+        if file is None:  # expunged by another session meanwhile: left out
+            return
+        data = None if _streams(items) else await file.read(0, file.size)
+        for piece in _render(session, seq, message, items, by_uid, analysis, data, file.size, sets_seen):
+            if isinstance(piece, bytes):
+                session.write(piece)
+                continue
+            for offset in range(piece.start, piece.end, _CHUNK):
+                session.write(await file.read(offset, min(_CHUNK, piece.end - offset)))
+                await session.flush()  # RFC 3501 gives no flow control: the transport's is ours
+        await session.flush()
+
+
+def _whole(data: bytes | None, size: int, offset: int = 0, length: int | None = None) -> list[Piece]:
+    """A range of the whole message as a string: quoted or a literal from `data` when it was read, else
+    a literal to stream from the file (`size` bytes long)."""
+    if data is not None:
+        return [protocol.quote(data[offset:] if length is None else data[offset : offset + length])]
+    start = min(offset, size)
+    end = size if length is None else min(size, offset + length)
+    return [b"{%d}\r\n" % (end - start), _FileRange(start, end)]
 
 
 def _render(
@@ -99,66 +162,74 @@ def _render(
     by_uid: bool,
     analysis: mime.Analysis | None,
     data: bytes | None,
+    size: int,
     sets_seen: bool,
-) -> bytes:
-    """One FETCH response line (RFC 3501 §7.4.2)."""
+) -> list[Piece]:
+    """One FETCH response line (RFC 3501 §7.4.2), as bytes and ranges of the file to stream: `data` is
+    the message when it was read, else whole-message items are ranges of its file of `size` bytes."""
     selected = session.selected
     assert selected is not None
-    out: list[bytes] = []
+    out: list[list[Piece]] = []
     names = [item.name for item in items]
     if by_uid and "UID" not in names:  # RFC 3501 §6.4.8: UID FETCH always reports the UID
-        out.append(f"UID {message.uid}".encode())
+        out.append([f"UID {message.uid}".encode()])
     flags_sent = False
     for item in items:
         name = item.name
         if name == "UID":
-            out.append(f"UID {message.uid}".encode())
+            out.append([f"UID {message.uid}".encode()])
         elif name == "FLAGS":
-            out.append(session.fetch_flags(message.uid).encode())
+            out.append([session.fetch_flags(message.uid).encode()])
             flags_sent = True
         elif name == "INTERNALDATE":
             when = datetime.datetime.fromtimestamp(message.internal_date, datetime.UTC)
-            out.append(f'INTERNALDATE "{protocol.format_datetime(when)}"'.encode())
+            out.append([f'INTERNALDATE "{protocol.format_datetime(when)}"'.encode()])
         elif name == "RFC822.SIZE":
-            out.append(f"RFC822.SIZE {message.size}".encode())
+            out.append([f"RFC822.SIZE {message.size}".encode()])
         elif name == "MODSEQ":
-            out.append(f"MODSEQ ({selected.modseqs.get(message.uid, message.modseq)})".encode())
+            out.append([f"MODSEQ ({selected.modseqs.get(message.uid, message.modseq)})".encode()])
         elif name == "ENVELOPE":
             assert analysis is not None
-            out.append(b"ENVELOPE " + analysis.envelope)
+            out.append([b"ENVELOPE " + analysis.envelope])
         elif name == "BODYSTRUCTURE":
             assert analysis is not None
-            out.append(b"BODYSTRUCTURE " + analysis.bodystructure)
+            out.append([b"BODYSTRUCTURE " + analysis.bodystructure])
         elif name == "BODY" and item.section is None:
             assert analysis is not None
-            out.append(b"BODY " + analysis.body)
+            out.append([b"BODY " + analysis.body])
         elif name == "RFC822":
-            assert data is not None
-            out.append(b"RFC822 " + protocol.quote(data))
+            out.append([b"RFC822 ", *_whole(data, size)])
         elif name in ("RFC822.HEADER", "RFC822.TEXT"):
             assert data is not None and analysis is not None
             body = mime.section(data, analysis, "HEADER" if name == "RFC822.HEADER" else "TEXT") or b""
-            out.append(name.encode() + b" " + protocol.quote(body))
+            out.append([name.encode() + b" " + protocol.quote(body)])
         elif name in ("BODY", "BODY.PEEK"):
-            assert data is not None and item.section is not None
-            if item.section == "":
-                body = data  # the whole message: no structure needed
-            else:
-                assert analysis is not None
-                body = mime.section(data, analysis, item.section, item.fields) or b""
+            assert item.section is not None
             label = f"BODY[{item.section}"
             if item.fields:
                 label += " (" + " ".join(item.fields) + ")"
             label += "]"
+            offset, length = item.partial if item.partial is not None else (0, None)
             if item.partial is not None:
-                offset, length = item.partial
-                body = body[offset : offset + length]
                 label += f"<{offset}>"
-            out.append(label.encode() + b" " + protocol.quote(body))
+            if item.section == "":  # the whole message: no structure needed
+                out.append([label.encode() + b" ", *_whole(data, size, offset, length)])
+                continue
+            assert data is not None and analysis is not None
+            body = mime.section(data, analysis, item.section, item.fields) or b""
+            if item.partial is not None:
+                body = body[offset : offset + (length or 0)]
+            out.append([label.encode() + b" " + protocol.quote(body)])
         else:
             raise responses.Refused(responses.BAD_FETCH_ITEM, item=name)
     if sets_seen and not flags_sent:  # RFC 3501 §6.4.5: a \Seen set by FETCH is reported
-        out.append(session.fetch_flags(message.uid).encode())
+        out.append([session.fetch_flags(message.uid).encode()])
     if session.condstore and "MODSEQ" not in names:
-        out.append(f"MODSEQ ({selected.modseqs.get(message.uid, message.modseq)})".encode())
-    return f"* {seq} FETCH (".encode() + b" ".join(out) + b")\r\n"
+        out.append([f"MODSEQ ({selected.modseqs.get(message.uid, message.modseq)})".encode()])
+    pieces: list[Piece] = [f"* {seq} FETCH (".encode()]
+    for index, item_pieces in enumerate(out):
+        if index:
+            pieces.append(b" ")
+        pieces.extend(item_pieces)
+    pieces.append(b")\r\n")
+    return pieces
