@@ -9,6 +9,7 @@ the new name durable.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import socket
@@ -17,6 +18,14 @@ from pathlib import Path
 
 _counter = itertools.count()
 _host = socket.gethostname().replace("/", "_").replace(":", "_") or "localhost"
+
+
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether a write failed for want of space: the volume is full, or a file-system quota is."""
+    return isinstance(error, OSError) and error.errno in NO_SPACE
 
 
 def unique_name(size: int) -> str:
