@@ -221,6 +221,7 @@ class Account:
             mailbox.folders.discard(name)
             shutil.rmtree(directory, ignore_errors=True)
             self._account_for(self.address, size=-size, count=-len(rows))
+            self._mailboxes.reserve.ensure()
 
         await self._run(delete, moves=True)
 
@@ -420,6 +421,14 @@ class Account:
         def update(mailbox: Mailbox) -> tuple[list[index.Message], list[int]]:
             current = {m.uid: m.flags for m in mailbox.index.messages(name, uids=uids)}
             wanted = [(uid, _apply(mode, current[uid], flags)) for uid in uids if uid in current]
+            try:
+                return mailbox.index.set_flags(name, wanted, unchanged_since=unchanged_since)
+            except Exception as error:
+                # A full disk: give up the space reserve so that users can still mark mail \\Deleted
+                # and expunge it (which makes room, and takes the reserve again).
+                if not _out_of_space(error) or not self._mailboxes.reserve.release():
+                    raise
+            log.warning("disk full: space reserve released", extra={"fields": {"mailbox": self.address}})
             return mailbox.index.set_flags(name, wanted, unchanged_since=unchanged_since)
 
         result = await self._run(update)
@@ -472,6 +481,8 @@ class Account:
         # Now, or at the last unpin while a staging is pinned.
         self._staging.unlink_messages(mailbox, [mailbox.path / rel for _, rel in removed])
         self._account_for(self.address, size=-size, count=-len(removed))
+        if removed:
+            self._mailboxes.reserve.ensure()  # if it was given up, and this made room
 
     async def expunge(self, name: str, uids: Sequence[int], *, origin: object | None = None) -> list[int]:
         """Remove these messages (the caller picks them, e.g. those flagged \\Deleted)."""
