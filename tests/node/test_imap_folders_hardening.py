@@ -183,7 +183,9 @@ def test_a_full_disk_refuses_appends_but_lets_users_read_and_delete(
         assert imap.expunge() == ("OK", [b"1"])
         free = os.statvfs(small_volume)
         assert free.f_bavail * free.f_frsize > 150_000
-        assert imap.append("INBOX", "", imaplib.Time2Internaldate(time.time()), message(4, body=_lines(50_000)))[0] == "OK"
+        assert (
+            imap.append("INBOX", "", imaplib.Time2Internaldate(time.time()), message(4, body=_lines(50_000)))[0] == "OK"
+        )
         assert imap.select("INBOX") == ("OK", [b"3"])
     finally:
         with contextlib.suppress(Exception):
