@@ -117,7 +117,7 @@ def test_control_characters_through_modified_utf7_are_refused(imap: imaplib.IMAP
 
 def test_control_characters_in_a_literal_are_refused(imap: imaplib.IMAP4, node: RunningNode) -> None:
     for raw in (b"a\x00b", b"a\rb", b"a\nb"):
-        imap.literal = raw
+        imap.literal = raw  # type: ignore[assignment]  # imaplib sends bytes literals as they are
         try:
             typ, _data = imap._simple_command("CREATE")
         except imaplib.IMAP4.error:  # imaplib raises for BAD
