@@ -94,6 +94,11 @@ NO_MAILBOX_EXISTS = Response("NO", "ALREADYEXISTS", "Mailbox exists: {mailbox}")
 NO_OVERQUOTA = Response("NO", "OVERQUOTA", "Mailbox is over its quota")
 NO_QUOTA_READONLY = Response("NO", "NOPERM", "Quotas are set on the Mailbox resource, not over IMAP")
 NO_READ_ONLY = Response("NO", "READ-ONLY", "Mailbox is read-only")
+# What the store refuses (RFC 5530 codes): a name it cannot store, one too long, a full volume (Dovecot
+# says OVERQUOTA for a full disk too).
+NO_INVALID_MAILBOX_NAME = Response("NO", "CANNOT", "Invalid mailbox name: {error}")
+NO_MAILBOX_NAME_TOO_LONG = Response("NO", "LIMIT", "Mailbox name too long: {error}")
+NO_DISK_FULL = Response("NO", "OVERQUOTA", "The server's disk is full; expunge some mail to make room")
 
 # -- BAD -----------------------------------------------------------------------------------------------
 

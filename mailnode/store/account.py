@@ -15,6 +15,16 @@ While a staged copy pins the store (Staging.pin), an expunge's unlinks are defer
 (Staging.unlink_messages), and a folder RENAME or DELETE waits, before the fence, until no pin is held
 (Staging.unpinned_writing): no file a staged index lists is removed or moved before it is linked.
 
+Folder names pass maildir.folder_dir's checks before anything is touched (InvalidFolderName,
+FolderNameTooLong). A RENAME is all or nothing: the directories are renamed with a record of what
+moved, then the index is committed in one transaction, and the directories go back if it fails.
+
+A full volume (or file-system quota) makes a change fail with StorageFull and nothing changed, while
+reads go on: SELECT then leaves the \\Recent mark where it is and FETCH does not save structures.
+An EXPUNGE (or DELETE) whose index commit finds no space unlinks the files first and commits again,
+which frees the space; a crash between the two leaves rows without files, which recovery drops
+(Mailbox.recover), so the index and the files still agree.
+
 MailStore makes Accounts (`MailStore.account`) and passes each what it needs of the store, so this
 module does not import mailnode.store.mailstore.
 """
@@ -23,11 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from mailnode.gateway import Gateway
 from mailnode.store import changes, durable, index, maildir
@@ -47,10 +58,34 @@ class AccountFor(Protocol):
 
 Message = index.Message  # what the protocol servers see of a message row
 Folder = index.Folder
+InvalidFolderName = maildir.InvalidFolderName  # empty, an empty, '.' or '..' level, a control character
+FolderNameTooLong = maildir.FolderNameTooLong  # too long for the file system once encoded
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class FolderError(Exception):
     """A folder operation that cannot be done; the message says why (IMAP sends it with NO)."""
+
+
+class StorageFull(Exception):
+    """The volume or a file-system quota is full: the change was not made (reads still work)."""
+
+
+def _out_of_space(error: BaseException) -> bool:
+    return durable.out_of_space(error) or index.out_of_space(error)
+
+
+@contextlib.contextmanager
+def _storage_full_refused() -> Iterator[None]:
+    """Turn the disk's and SQLite's "no space" into StorageFull; other errors pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        if _out_of_space(error):
+            raise StorageFull(str(error)) from error
+        raise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +118,18 @@ class MessageFile:
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self._gateway.run(os.pread, self._fd, length, offset)
+
+
+def _undo_renames(mailbox: Path, moved: Sequence[tuple[Path, Path]]) -> None:
+    """Put renamed directories back, last first; a failure here is logged (recovery cannot guess)."""
+    for source, target in reversed(moved):
+        try:
+            target.rename(source)
+        except OSError:
+            log.exception("could not undo a folder rename", extra={"fields": {"from": str(target), "to": str(source)}})
+    if moved:
+        with contextlib.suppress(OSError):
+            durable.fsync_dir(mailbox)
 
 
 class Account:
@@ -118,10 +165,11 @@ class Account:
             with mailbox.lock:
                 return fn(mailbox)
 
-        if not fenced:
-            return await self._gateway.run(locked)
-        async with self._staging.unpinned_writing() if moves else self._fence.writing():
-            return await self._gateway.run(locked)
+        with _storage_full_refused():
+            if not fenced:
+                return await self._gateway.run(locked)
+            async with self._staging.unpinned_writing() if moves else self._fence.writing():
+                return await self._gateway.run(locked)
 
     async def _read(self, fn: Callable[[index.Index], object]) -> object:
         """Run a query on the mailbox's read connection, beside any change in progress."""
@@ -149,66 +197,117 @@ class Account:
         return result
 
     async def create_folder(self, name: str) -> None:
+        """Create a folder and its missing superiors (RFC 3501 §6.3.3), all or none."""
+
         def create(mailbox: Mailbox) -> None:
+            maildir.check_folder_name(name)
             if mailbox.index.folder(name) is not None:
                 raise FolderError(f"{name} already exists")
-            maildir.ensure_folder(mailbox.path, name)
-            mailbox.index.create_folder(name)
-            mailbox.folders.add(name)
+            levels = name.split(maildir.DELIMITER)
+            missing = [
+                ancestor
+                for ancestor in (maildir.DELIMITER.join(levels[:depth]) for depth in range(1, len(levels) + 1))
+                if mailbox.index.folder(ancestor) is None
+            ]
+            for folder in missing:
+                maildir.ensure_folder(mailbox.path, folder)  # an empty Maildir left by a failure is harmless
+            with mailbox.index.atomic():
+                for folder in missing:
+                    mailbox.index.create_folder(folder)
+            mailbox.folders.update(missing)
 
         await self._run(create)
 
     async def delete_folder(self, name: str) -> None:
         def delete(mailbox: Mailbox) -> None:
+            directory = maildir.folder_dir(mailbox.path, name)
             if name.upper() == maildir.INBOX:
                 raise FolderError("INBOX cannot be deleted")
             if mailbox.index.folder(name) is None:
                 raise FolderError(f"{name} does not exist")
-            paths = mailbox.index.delete_folder(name)
+            rows = mailbox.index.messages(name)
+            size = sum(m.size for m in rows)
+            # Never while pinned (moves=True), so the whole directory can go once the rows are gone.
+            self._commit_freeing(
+                mailbox, [mailbox.path / m.path for m in rows], lambda: mailbox.index.delete_folder(name)
+            )
             mailbox.folders.discard(name)
-            size = 0
-            for rel in paths:
-                path = mailbox.path / rel
-                size += path.stat().st_size if path.exists() else 0
-            # Never while pinned (moves=True), so the whole directory can go now.
-            shutil.rmtree(maildir.folder_dir(mailbox.path, name), ignore_errors=True)
-            self._account_for(self.address, size=-size, count=-len(paths))
+            shutil.rmtree(directory, ignore_errors=True)
+            self._account_for(self.address, size=-size, count=-len(rows))
+            self._mailboxes.reserve.ensure()
 
         await self._run(delete, moves=True)
 
     async def rename_folder(self, old: str, new: str) -> None:
+        """Rename a folder and its children, all or nothing; INBOX as RFC 3501 §6.3.5 says."""
+
         def rename(mailbox: Mailbox) -> None:
+            maildir.check_folder_name(old)
+            maildir.check_folder_name(new)
             if mailbox.index.folder(old) is None:
                 raise FolderError(f"{old} does not exist")
             if mailbox.index.folder(new) is not None:
                 raise FolderError(f"{new} already exists")
             if old.upper() == maildir.INBOX:
-                # RFC 3501 §6.3.5: renaming INBOX moves its messages to the new folder; INBOX stays.
-                maildir.ensure_folder(mailbox.path, new)
-                mailbox.index.create_folder(new)
-                mailbox.folders.add(new)
-                uids = [m.uid for m in mailbox.index.messages(maildir.INBOX)]
-                self._copy_locked(mailbox, maildir.INBOX, uids, new)
-                self._expunge_locked(mailbox, maildir.INBOX, uids)
-                return
-            renames = [
-                (f.name, new + f.name[len(old) :])
-                for f in mailbox.index.folders()
-                if f.name == old or f.name.startswith(old + "/")
-            ]
-            moves: list[tuple[str, str]] = []
-            for before, after in renames:
-                source, target = maildir.folder_dir(mailbox.path, before), maildir.folder_dir(mailbox.path, after)
-                if source.exists():
-                    source.rename(target)
-                old_prefix, new_prefix = f"{source.name}/", f"{target.name}/"
-                moves += [(m.path, new_prefix + m.path[len(old_prefix) :]) for m in mailbox.index.messages(before)]
-            durable.fsync_dir(mailbox.path)
-            mailbox.index.rename_folder(old, new)
-            mailbox.index.move_paths(moves)
-            mailbox.folders.clear()
+                self._rename_inbox_locked(mailbox, new)
+            else:
+                self._rename_locked(mailbox, old, new)
 
         await self._run(rename, moves=True)
+
+    def _rename_locked(self, mailbox: Mailbox, old: str, new: str) -> None:
+        names = [
+            (f.name, new + f.name[len(old) :])
+            for f in mailbox.index.folders()
+            if f.name == old or f.name.startswith(old + maildir.DELIMITER)
+        ]
+        # Every new name checked (and every directory named) before anything moves.
+        dirs = [(maildir.folder_dir(mailbox.path, b), maildir.folder_dir(mailbox.path, a)) for b, a in names]
+        for _, after in names:
+            if mailbox.index.folder(after) is not None:
+                raise FolderError(f"{after} already exists")
+        moved: list[tuple[Path, Path]] = []  # what to undo if a later step fails
+        try:
+            path_moves: list[tuple[str, str]] = []
+            for (before, _), (source, target) in zip(names, dirs, strict=True):
+                if source.exists():
+                    source.rename(target)
+                    moved.append((source, target))
+                old_prefix, new_prefix = f"{source.name}/", f"{target.name}/"
+                path_moves += [(m.path, new_prefix + m.path[len(old_prefix) :]) for m in mailbox.index.messages(before)]
+            durable.fsync_dir(mailbox.path)
+            with mailbox.index.atomic():
+                mailbox.index.rename_folder(old, new)
+                mailbox.index.move_paths(path_moves)
+        except BaseException:
+            _undo_renames(mailbox.path, moved)
+            raise
+        finally:
+            mailbox.folders.clear()
+
+    def _rename_inbox_locked(self, mailbox: Mailbox, new: str) -> None:
+        """RFC 3501 §6.3.5: renaming INBOX moves its messages to a new folder; INBOX stays, empty.
+        One index transaction creates the folder, adds the copies and removes INBOX's rows; on a
+        failure the links and the new directory go again."""
+        directory = maildir.folder_dir(mailbox.path, new)
+        created = not directory.exists()
+        links: list[Path] = []
+        try:
+            maildir.ensure_folder(mailbox.path, new)
+            with mailbox.index.atomic():
+                mailbox.index.create_folder(new)
+                uids = [m.uid for m in mailbox.index.messages(maildir.INBOX)]
+                self._link_copies(mailbox, maildir.INBOX, uids, new, links)
+                removed = mailbox.index.expunge(maildir.INBOX, uids)
+        except BaseException:
+            for link in links:
+                link.unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(directory, ignore_errors=True)
+            mailbox.folders.discard(new)
+            raise
+        mailbox.folders.add(new)
+        self._staging.unlink_messages(mailbox, [mailbox.path / rel for _, rel in removed])
 
     async def subscribe(self, name: str, subscribed: bool) -> None:
         def update(mailbox: Mailbox) -> None:
@@ -231,7 +330,12 @@ class Account:
             if folder is None:
                 return None
             if writes:
-                first_recent = mailbox.index.take_recent(name)
+                try:
+                    first_recent = mailbox.index.take_recent(name)
+                except Exception as error:
+                    if not _out_of_space(error):
+                        raise
+                    first_recent = folder.first_recent  # a full disk: read on, as while writes are paused
             else:
                 first_recent = folder.first_recent if take_recent else folder.uidnext
             with mailbox.read_lock:
@@ -336,7 +440,8 @@ class Account:
 
         result, computed = await self._gateway.run(load)
         if computed and not self._fence.paused:  # a cache: while paused, computed again next time
-            await self._run(save)
+            with contextlib.suppress(StorageFull):  # on a full disk too
+                await self._run(save)
         return result
 
     async def store_flags(
@@ -352,6 +457,14 @@ class Account:
         def update(mailbox: Mailbox) -> tuple[list[index.Message], list[int]]:
             current = {m.uid: m.flags for m in mailbox.index.messages(name, uids=uids)}
             wanted = [(uid, _apply(mode, current[uid], flags)) for uid in uids if uid in current]
+            try:
+                return mailbox.index.set_flags(name, wanted, unchanged_since=unchanged_since)
+            except Exception as error:
+                # A full disk: give up the space reserve so that users can still mark mail \\Deleted
+                # and expunge it (which makes room, and takes the reserve again).
+                if not _out_of_space(error) or not self._mailboxes.reserve.release():
+                    raise
+            log.warning("disk full: space reserve released", extra={"fields": {"mailbox": self.address}})
             return mailbox.index.set_flags(name, wanted, unchanged_since=unchanged_since)
 
         result = await self._run(update)
@@ -370,15 +483,42 @@ class Account:
             )
         return changed, failed
 
-    def _expunge_locked(self, mailbox: Mailbox, name: str, uids: Sequence[int]) -> list[int]:
-        removed = mailbox.index.expunge(name, uids)
-        size = 0
-        paths = [mailbox.path / rel for _, rel in removed]
+    def _commit_freeing(self, mailbox: Mailbox, paths: Sequence[Path], commit: Callable[[], _T]) -> _T:
+        """Commit an index change that removes the rows of these files. When SQLite finds no space for
+        it (a full disk), unlink the files first, which makes room, and commit again: a crash between
+        the two leaves rows without files, which recovery drops, so files and index still agree. Not
+        while a staged copy pins the store: its files must stay."""
+        try:
+            return commit()
+        except Exception as error:
+            if not _out_of_space(error) or self._staging.pinned:
+                raise
+        log.warning(
+            "no space to commit a removal: unlinking the files first", extra={"fields": {"mailbox": self.address}}
+        )
         for path in paths:
-            size += path.stat().st_size if path.exists() else 0
-        self._staging.unlink_messages(mailbox, paths)  # now, or at the last unpin while a staging is pinned
-        self._account_for(self.address, size=-size, count=-len(removed))
+            path.unlink(missing_ok=True)
+        return commit()
+
+    def _expunge_locked(self, mailbox: Mailbox, name: str, uids: Sequence[int]) -> list[int]:
+        rows = mailbox.index.messages(name, uids=uids)
+        removed = self._commit_freeing(
+            mailbox, [mailbox.path / m.path for m in rows], lambda: mailbox.index.expunge(name, uids)
+        )
+        self._forget_files(mailbox, removed, rows)
         return [uid for uid, _ in removed]
+
+    def _forget_files(
+        self, mailbox: Mailbox, removed: Sequence[tuple[int, str]], rows: Sequence[index.Message]
+    ) -> None:
+        """After the rows' removal is committed: unlink their files and count them out of the quota."""
+        gone = {uid for uid, _ in removed}
+        size = sum(m.size for m in rows if m.uid in gone)
+        # Now, or at the last unpin while a staging is pinned.
+        self._staging.unlink_messages(mailbox, [mailbox.path / rel for _, rel in removed])
+        self._account_for(self.address, size=-size, count=-len(removed))
+        if removed:
+            self._mailboxes.reserve.ensure()  # if it was given up, and this made room
 
     async def expunge(self, name: str, uids: Sequence[int], *, origin: object | None = None) -> list[int]:
         """Remove these messages (the caller picks them, e.g. those flagged \\Deleted)."""
@@ -388,19 +528,22 @@ class Account:
             self._publish(changes.Change(name, "expunged", tuple(result), origin=origin))
         return result
 
-    def _copy_locked(self, mailbox: Mailbox, name: str, uids: Sequence[int], dest: str) -> list[tuple[int, int]]:
+    def _link_copies(
+        self, mailbox: Mailbox, name: str, uids: Sequence[int], dest: str, links: list[Path]
+    ) -> tuple[list[tuple[int, int]], int]:
+        """Hard-link the messages into `dest`, fsync its directory and add their rows (in the caller's
+        transaction, if any). Appends each link to `links`, for the caller to remove on a failure.
+        Returns the (source uid, new uid) pairs and the bytes copied."""
         target = mailbox.index.folder(dest)
         if target is None:
             raise FolderError(f"[TRYCREATE] {dest} does not exist")
         target_dir = mailbox.ensure_folder(dest)
         sources = mailbox.index.messages(name, uids=uids)
         rows: list[index.NewMessage] = []
-        size = 0
         for message in sources:
-            source = mailbox.path / message.path
             link = target_dir / "cur" / durable.unique_name(message.size)
-            os.link(source, link)
-            size += message.size
+            os.link(mailbox.path / message.path, link)
+            links.append(link)
             rows.append(
                 index.NewMessage(
                     dest, str(link.relative_to(mailbox.path)), message.size, message.internal_date, message.flags
@@ -408,8 +551,7 @@ class Account:
             )
         durable.fsync_dir(target_dir / "cur")
         new_uids = mailbox.index.add(rows)
-        self._account_for(self.address, size=size, count=len(rows))
-        return list(zip((m.uid for m in sources), new_uids, strict=True))
+        return list(zip((m.uid for m in sources), new_uids, strict=True)), sum(m.size for m in sources)
 
     async def copy(
         self, name: str, uids: Sequence[int], dest: str, *, move: bool = False, origin: object | None = None
@@ -418,11 +560,21 @@ class Account:
         (source uid, new uid) pairs (RFC 4315 COPYUID)."""
 
         def copy(mailbox: Mailbox) -> tuple[int, list[tuple[int, int]], list[int]]:
-            pairs = self._copy_locked(mailbox, name, uids, dest)
-            expunged = self._expunge_locked(mailbox, name, [src for src, _ in pairs]) if move else []
+            links: list[Path] = []
+            rows = mailbox.index.messages(name, uids=uids) if move else []
+            try:
+                with mailbox.index.atomic():  # a MOVE's copy and expunge: one commit
+                    pairs, size = self._link_copies(mailbox, name, uids, dest, links)
+                    removed = mailbox.index.expunge(name, [src for src, _ in pairs]) if move else []
+            except BaseException:
+                for link in links:
+                    link.unlink(missing_ok=True)
+                raise
+            self._account_for(self.address, size=size, count=len(pairs))
+            self._forget_files(mailbox, removed, rows)
             target = mailbox.index.folder(dest)
             assert target is not None
-            return target.uidvalidity, pairs, expunged
+            return target.uidvalidity, pairs, [uid for uid, _ in removed]
 
         result = await self._run(copy)
         assert isinstance(result, tuple)
@@ -438,9 +590,10 @@ class Account:
         status = await self.status(name)
         if status is None:
             raise FolderError(f"[TRYCREATE] {name} does not exist")
-        [stored] = await self._deliver(
-            [Delivery(self.address, data, folder=name, internal_date=internal_date, flags=flags)]
-        )
+        with _storage_full_refused():
+            [stored] = await self._deliver(
+                [Delivery(self.address, data, folder=name, internal_date=internal_date, flags=flags)]
+            )
         return status.folder.uidvalidity, stored.uid
 
     def path(self, message: index.Message) -> Path:

@@ -9,6 +9,7 @@ the new name durable.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import socket
@@ -17,6 +18,14 @@ from pathlib import Path
 
 _counter = itertools.count()
 _host = socket.gethostname().replace("/", "_").replace(":", "_") or "localhost"
+
+
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether a write failed for want of space: the volume is full, or a file-system quota is."""
+    return isinstance(error, OSError) and error.errno in NO_SPACE
 
 
 def unique_name(size: int) -> str:
@@ -88,3 +97,39 @@ def ensure_dir(path: Path) -> bool:
     for created in reversed(missing):
         fsync_dir(created.parent)
     return True
+
+
+class SpaceReserve:
+    """A file holding `size` bytes of the volume back, given up when a full disk would otherwise keep
+    users from deleting mail (marking it \\Deleted needs a little room in the index), and taken again
+    once there is room. Thread-safe enough: its operations are idempotent."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+
+    def ensure(self) -> bool:
+        """Hold the space again if the volume has it; True when the reserve is in place."""
+        if self.path.exists():
+            return True
+        partial = self.path.with_name(self.path.name + ".tmp")
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.size)  # real blocks, not a sparse file
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            partial.rename(self.path)
+        except OSError:
+            partial.unlink(missing_ok=True)
+            return False
+        return True
+
+    def release(self) -> bool:
+        """Give the space back to the volume; False when there was none held."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        return True

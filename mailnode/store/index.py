@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -191,16 +192,31 @@ class Index(_Queries):
                 for statement in _MIGRATIONS[step]:
                     self._db.execute(statement)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._savepoints = itertools.count()
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+    def atomic(self) -> Iterator[sqlite3.Cursor]:
+        """One transaction for every write inside it: all committed, or (on an exception) none. Nested
+        inside another it is a savepoint, so a caller can group the store's writes into one commit."""
         cur = self._db.cursor()
+        if self._db.in_transaction:
+            savepoint = f"s{next(self._savepoints)}"
+            cur.execute(f"SAVEPOINT {savepoint}")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute(f"ROLLBACK TO {savepoint}")
+                cur.execute(f"RELEASE {savepoint}")
+                raise
+            cur.execute(f"RELEASE {savepoint}")
+            return
         cur.execute("BEGIN IMMEDIATE")
         try:
             yield cur
             cur.execute("COMMIT")
         except BaseException:
-            cur.execute("ROLLBACK")
+            if cur.connection.in_transaction:  # a COMMIT that failed (e.g. disk full) may have ended it
+                cur.execute("ROLLBACK")
             raise
 
     def _bump_modseq(self, cur: sqlite3.Cursor, folder_id: int) -> int:
@@ -212,7 +228,7 @@ class Index(_Queries):
         folder = self.folder(name)
         if folder is None:
             raise KeyError(name)
-        with self._transaction() as cur:
+        with self.atomic() as cur:
             paths = [r[0] for r in cur.execute("SELECT path FROM messages WHERE folder_id = ?", (folder.id,))]
             cur.execute("DELETE FROM messages WHERE folder_id = ?", (folder.id,))
             cur.execute("DELETE FROM folders WHERE id = ?", (folder.id,))
@@ -220,15 +236,18 @@ class Index(_Queries):
 
     def rename_folder(self, old: str, new: str) -> None:
         """Rename a folder (the Maildir directory is renamed by the caller first)."""
-        with self._transaction() as cur:
+        with self.atomic() as cur:
             cur.execute("UPDATE folders SET name = ? WHERE name = ?", (new, old))
             prefix = f"{old}/"
-            for row in cur.execute("SELECT id, name FROM folders WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)):
+            children = cur.execute(
+                "SELECT id, name FROM folders WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)
+            ).fetchall()  # all of them first: the UPDATEs below reuse the cursor
+            for row in children:
                 cur.execute("UPDATE folders SET name = ? WHERE id = ?", (new + row[1][len(old) :], row[0]))
 
     def move_paths(self, moves: Iterable[tuple[str, str]]) -> None:
         """Point rows at new file paths (after the caller renamed directories or files)."""
-        with self._transaction() as cur:
+        with self.atomic() as cur:
             cur.executemany("UPDATE messages SET path = ? WHERE path = ?", ((new, old) for old, new in moves))
 
     def set_subscribed(self, name: str, subscribed: bool) -> None:
@@ -241,7 +260,7 @@ class Index(_Queries):
         if row is None:
             raise KeyError(name)
         if row[0] != row[1]:  # only when something arrived since: most SELECTs write nothing
-            with self._transaction() as cur:
+            with self.atomic() as cur:
                 cur.execute("UPDATE folders SET first_recent = ? WHERE name = ?", (row[1], name))
         return int(row[0])
 
@@ -256,7 +275,7 @@ class Index(_Queries):
             raise KeyError(name)
         changed: list[int] = []
         failed: list[int] = []
-        with self._transaction() as cur:
+        with self.atomic() as cur:
             for uid, flags in changes:
                 row = cur.execute(
                     "SELECT flags, modseq FROM messages WHERE folder_id = ? AND uid = ?", (folder.id, uid)
@@ -282,7 +301,7 @@ class Index(_Queries):
         if folder is None:
             raise KeyError(name)
         removed: list[tuple[int, str]] = []
-        with self._transaction() as cur:
+        with self.atomic() as cur:
             for uid in uids:
                 row = cur.execute(
                     "SELECT path FROM messages WHERE folder_id = ? AND uid = ?", (folder.id, uid)
@@ -296,7 +315,7 @@ class Index(_Queries):
 
     def set_structures(self, name: str, structures: dict[int, str]) -> None:
         """Cache parsed structures, all in one transaction (one fsync, not one per message)."""
-        with self._transaction() as cur:
+        with self.atomic() as cur:
             cur.executemany(
                 "UPDATE messages SET structure = ? WHERE uid = ?"
                 " AND folder_id = (SELECT id FROM folders WHERE name = ?)",
@@ -318,9 +337,7 @@ class Index(_Queries):
     def add(self, messages: Iterable[NewMessage]) -> list[int]:
         """Insert messages in one transaction and return their UIDs. The folders must exist."""
         uids = []
-        cur = self._db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
+        with self.atomic() as cur:
             for message in messages:
                 row = cur.execute(
                     "SELECT id, uidnext, highestmodseq FROM folders WHERE name = ?", (message.folder,)
@@ -337,20 +354,11 @@ class Index(_Queries):
                     "UPDATE folders SET uidnext = ?, highestmodseq = ? WHERE id = ?", (uid + 1, modseq, folder_id)
                 )
                 uids.append(uid)
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
         return uids
 
     def forget(self, paths: Iterable[str]) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.executemany("DELETE FROM messages WHERE path = ?", ((p,) for p in paths))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        with self.atomic() as cur:
+            cur.executemany("DELETE FROM messages WHERE path = ?", ((p,) for p in paths))
 
     # -- for staged copies (mailnode.store.staging), with the mailbox's lock held -----------------------
 
@@ -383,6 +391,15 @@ class Index(_Queries):
 
 
 Error = sqlite3.Error
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether SQLite failed for want of disk space (SQLITE_FULL)."""
+    if not isinstance(error, sqlite3.Error):
+        return False
+    return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(error)
+
+
 """What a Reader raises for a file that is not a readable index (its message is SQLite's)."""
 
 

@@ -84,12 +84,17 @@ class Mailbox:
         self.reader.close()
 
 
+RESERVE_BYTES = 1 << 20  # what the space reserve holds back: room for many flag changes
+
+
 class Mailboxes:
     """The mailboxes of the data directory `root` that are open, by address (blocking: called from
-    Gateway threads, any number at once)."""
+    Gateway threads, any number at once), and the volume's space reserve (durable.SpaceReserve),
+    taken when the first mailbox is opened."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.reserve = durable.SpaceReserve(root / "space.reserve", RESERVE_BYTES)
         self._open: dict[str, Mailbox] = {}
         self._lock = threading.Lock()  # guards _open between the writer and readers
 
@@ -98,6 +103,8 @@ class Mailboxes:
         with self._lock:
             mailbox = self._open.get(address)
             if mailbox is None:
+                if not self._open:
+                    self.reserve.ensure()
                 mailbox = Mailbox(address, path or maildir.mailbox_dir(self.root, address))
                 mailbox.ensure_folder(maildir.INBOX)
                 self._open[address] = mailbox

@@ -6,6 +6,10 @@ Layout under the node's data directory:
     mail/<domain>/<local part>/<folder>/{tmp,new,cur}/   one Maildir per folder, INBOX first
 
 Names are percent-encoded so that any address or IMAP folder name maps to one safe path component.
+`folder_dir` is the one gate from a folder name to a path: every folder operation of the store goes
+through it, and it refuses (InvalidFolderName) any name that is empty, has an empty, `.` or `..`
+level, holds a control character, is too long for the file system (FolderNameTooLong), or would be
+the mailbox directory itself or one of its index files.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from pathlib import Path
 from mailnode.store import durable
 
 INBOX = "INBOX"
+DELIMITER = "/"  # the folder hierarchy's separator (IMAP's LIST shows it)
+NAME_MAX = 255  # bytes in one path component (Linux NAME_MAX): a folder's directory name must fit
+_RESERVED = frozenset({"index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "index.sqlite-journal"})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 SPECIAL_FOLDERS = ("Sent", "Drafts", "Trash", "Junk", "Archive")  # created on first use
 SUBDIRS = ("tmp", "new", "cur")
 
@@ -39,8 +47,40 @@ def mailbox_dir(root: Path, address: str) -> Path:
     return root / "mail" / encode_name(domain) / encode_name(local)
 
 
+class InvalidFolderName(ValueError):
+    """A folder name the store refuses; nothing was touched."""
+
+
+class FolderNameTooLong(InvalidFolderName):
+    """A folder name longer than the file system allows once encoded; nothing was touched."""
+
+
+def check_folder_name(name: str) -> str:
+    """The name's directory name (one path component) if the store accepts `name`; raises otherwise."""
+    if not name:
+        raise InvalidFolderName("empty mailbox name")
+    if _CONTROL.search(name):  # NUL, CR, LF...: also when they came through modified UTF-7
+        raise InvalidFolderName("mailbox name holds a control character")
+    levels = name.split(DELIMITER)
+    if any(level in ("", ".", "..") for level in levels):
+        raise InvalidFolderName(f"mailbox name levels must not be empty, '.' or '..': {name}")
+    try:
+        component = encode_name(name)
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for it
+        raise InvalidFolderName("mailbox name is not valid Unicode") from None
+    if len(component.encode()) > NAME_MAX:
+        raise FolderNameTooLong(f"mailbox name too long ({len(component.encode())} bytes on disk, {NAME_MAX} at most)")
+    if component in _RESERVED or component in ("", ".", ".."):
+        raise InvalidFolderName(f"mailbox name is reserved: {name}")
+    return component
+
+
 def folder_dir(mailbox: Path, folder: str) -> Path:
-    return mailbox / encode_name(folder)
+    """The folder's Maildir directory: always one level below `mailbox`, never `mailbox` itself."""
+    path = mailbox / check_folder_name(folder)
+    if path.parent != mailbox:  # cannot happen (the encoding leaves no '/'): the guarantee, checked
+        raise InvalidFolderName(f"mailbox name escapes the mailbox: {folder}")
+    return path
 
 
 def ensure_folder(mailbox: Path, folder: str) -> Path:

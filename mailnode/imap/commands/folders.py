@@ -1,14 +1,35 @@
 """IMAP commands on folders: SELECT and EXAMINE, CLOSE and UNSELECT, CREATE, DELETE, RENAME,
 SUBSCRIBE and UNSUBSCRIBE, LIST and LSUB (with LIST-EXTENDED selection and SPECIAL-USE), STATUS,
 and the QUOTA commands. Declared in mailnode.imap.commands.TABLE.
+
+`store_refusals` turns what the store refuses into NO responses; these commands and those of
+mailnode.imap.commands.store wrap their changes in it.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from mailnode.imap import protocol, responses
 from mailnode.imap.session import DELIMITER, SPECIAL_USE, Selected, Session
+from mailnode.store import account
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+
+
+@contextlib.contextmanager
+def store_refusals() -> Iterator[None]:
+    """RFC 5530 codes for what the store refuses: a folder name it cannot store (CANNOT), one too long
+    for its file system (LIMIT), and a full volume (OVERQUOTA)."""
+    try:
+        yield
+    except account.FolderNameTooLong as error:
+        raise responses.Refused(responses.NO_MAILBOX_NAME_TOO_LONG, error=error) from None
+    except account.InvalidFolderName as error:
+        raise responses.Refused(responses.NO_INVALID_MAILBOX_NAME, error=error) from None
+    except account.StorageFull:
+        raise responses.Refused(responses.NO_DISK_FULL) from None
 
 
 async def select(session: Session, command: protocol.Command) -> None:
@@ -22,7 +43,8 @@ async def select(session: Session, command: protocol.Command) -> None:
     if session.selected is not None:
         session.selected = None
         session.send(responses.OK_CLOSED.line())
-    result = await session.account.select(name, take_recent=not readonly)
+    with store_refusals():
+        result = await session.account.select(name, take_recent=not readonly)
     if result is None:
         raise responses.Refused(responses.NO_NO_SUCH_MAILBOX, mailbox=name)
     folder, messages = result.folder, result.messages
@@ -59,7 +81,8 @@ async def close(session: Session, command: protocol.Command) -> None:
     if not selected.readonly:
         deleted = [u for u in selected.uids if "\\Deleted" in selected.flags.get(u, "").split()]
         if deleted:
-            await session.account.expunge(selected.name, deleted, origin=session)
+            with store_refusals():
+                await session.account.expunge(selected.name, deleted, origin=session)
     session.selected = None
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
 
@@ -73,17 +96,15 @@ async def create(session: Session, command: protocol.Command) -> None:
     assert session.account is not None
     if not command.args:
         raise responses.Refused(responses.BAD_NEEDS_MAILBOX, command=command.name)
-    name = session.folder_name(command.args[0]).rstrip(DELIMITER)
-    if not name or name.upper() == "INBOX":
+    name = session.folder_name(command.args[0])
+    # RFC 3501 §6.3.3: a trailing delimiter declares the intent to create children: the folder is made.
+    name = name.removesuffix(DELIMITER) if name != DELIMITER else name
+    if name.upper() == "INBOX":
         raise responses.Refused(responses.NO_INBOX_EXISTS)
-    existing = {f.name for f in await session.account.folders()}
-    if name in existing:
+    if name in {f.name for f in await session.account.folders()}:
         raise responses.Refused(responses.NO_MAILBOX_EXISTS, mailbox=name)
-    parts = name.split(DELIMITER)
-    for depth in range(1, len(parts) + 1):  # RFC 3501 §6.3.3: create missing superiors
-        ancestor = DELIMITER.join(parts[:depth])
-        if ancestor not in existing:
-            await session.account.create_folder(ancestor)
+    with store_refusals():
+        await session.account.create_folder(name)  # and its missing superiors
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
 
 
@@ -92,9 +113,10 @@ async def delete(session: Session, command: protocol.Command) -> None:
     if not command.args:
         raise responses.Refused(responses.BAD_NEEDS_MAILBOX, command=command.name)
     name = session.folder_name(command.args[0])
+    with store_refusals():
+        await session.account.delete_folder(name)
     if session.selected is not None and session.selected.name == name:
         session.selected = None
-    await session.account.delete_folder(name)
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
 
 
@@ -105,7 +127,8 @@ async def rename(session: Session, command: protocol.Command) -> None:
     old, new = session.folder_name(command.args[0]), session.folder_name(command.args[1])
     if new.upper() == "INBOX":
         raise responses.Refused(responses.NO_INBOX_EXISTS)
-    await session.account.rename_folder(old, new)
+    with store_refusals():
+        await session.account.rename_folder(old, new)
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
 
 
@@ -114,7 +137,8 @@ async def subscribe(session: Session, command: protocol.Command) -> None:
     assert session.account is not None
     if not command.args:
         raise responses.Refused(responses.BAD_NEEDS_MAILBOX, command=command.name)
-    await session.account.subscribe(session.folder_name(command.args[0]), command.name == "SUBSCRIBE")
+    with store_refusals():
+        await session.account.subscribe(session.folder_name(command.args[0]), command.name == "SUBSCRIBE")
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mailnode.imap import protocol, responses
+from mailnode.imap.commands.folders import store_refusals
 from mailnode.imap.session import Session
 
 
@@ -26,14 +27,15 @@ async def store(session: Session, command: protocol.Command) -> None:
     if spec.unchanged_since is not None:
         session.condstore = True
     flags = spec.flags  # validated, system flags in canonical case
-    changed, failed = await session.account.store_flags(
-        selected.name,
-        [u for _, u in targets],
-        mode=spec.mode,
-        flags=flags,
-        unchanged_since=spec.unchanged_since,
-        origin=session,
-    )
+    with store_refusals():
+        changed, failed = await session.account.store_flags(
+            selected.name,
+            [u for _, u in targets],
+            mode=spec.mode,
+            flags=flags,
+            unchanged_since=spec.unchanged_since,
+            origin=session,
+        )
     for message in changed:
         selected.flags[message.uid] = message.flags
         selected.modseqs[message.uid] = message.modseq
@@ -67,9 +69,10 @@ async def copy(session: Session, command: protocol.Command) -> None:
     if not targets:
         session.send(responses.OK_NOTHING_TO_DO.line(command.tag, command=command.name))
         return
-    uidvalidity, pairs = await session.account.copy(
-        selected.name, [u for _, u in targets], dest, move=move, origin=session
-    )
+    with store_refusals():
+        uidvalidity, pairs = await session.account.copy(
+            selected.name, [u for _, u in targets], dest, move=move, origin=session
+        )
     copyuid = {
         "uidvalidity": uidvalidity,
         "sources": _uid_set([s for s, _ in pairs]),
@@ -114,7 +117,8 @@ async def expunge(session: Session, command: protocol.Command) -> None:
             raise responses.Refused(responses.BAD_UID_EXPUNGE_ARGUMENTS)
         candidates = [u for _, u in session.messages_for(protocol.arg_text(command.args[0]), uid=True)]
     deleted = [u for u in candidates if "\\Deleted" in selected.flags.get(u, "").split()]
-    removed = await session.account.expunge(selected.name, deleted, origin=session)
+    with store_refusals():
+        removed = await session.account.expunge(selected.name, deleted, origin=session)
     for uid in removed:
         session.forget(uid)
     await session.report_changes(expunge=True)
@@ -130,8 +134,9 @@ async def append(session: Session, command: protocol.Command) -> None:
     quota = session.user.quota
     if quota and session.store.usage(session.user.address).bytes + len(data) > quota:
         raise responses.Refused(responses.NO_OVERQUOTA)
-    uidvalidity, uid = await session.account.append(
-        name, data, flags=" ".join(sorted(set(flags))), internal_date=internal_date
-    )
+    with store_refusals():
+        uidvalidity, uid = await session.account.append(
+            name, data, flags=" ".join(sorted(set(flags))), internal_date=internal_date
+        )
     await session.report_changes(expunge=True)
     session.send(responses.OK_APPENDUID.line(command.tag, uidvalidity=uidvalidity, uid=uid))
