@@ -90,14 +90,14 @@ def test_relay_tls_renders_only_what_differs_from_the_node_defaults() -> None:
     plain = specs.node_config(example_domain(smtp={"relayHost": "[relay.mail.svc]:25"}))
     assert plain["smtp"]["relay_host"] == {"host": "relay.mail.svc", "port": 25}  # starttls: the node's default
 
-    smtp = {"relayHost": "relay.mail.svc", "relayTLS": "implicit", "relayCASecretRef": {"name": "relay-ca"}}
-    parsed = config.NodeConfig.model_validate(specs.node_config(example_domain(smtp=smtp)))
+    implicit = {"relayHost": "relay.mail.svc", "relayTLS": "implicit", "relayCASecretRef": {"name": "relay-ca"}}
+    parsed = config.NodeConfig.model_validate(specs.node_config(example_domain(smtp=implicit)))
     relay = parsed.smtp.relay_host
     assert relay is not None
     assert (relay.tls, relay.port, str(relay.ca_file)) == ("implicit", 465, "/etc/mailnode/relay-ca/ca.crt")
 
-    smtp = {"relayHost": "relay.mail.svc", "relayTLS": "none", "relayAllowPlaintext": True}
-    relay = config.NodeConfig.model_validate(specs.node_config(example_domain(smtp=smtp))).smtp.relay_host
+    plaintext = {"relayHost": "relay.mail.svc", "relayTLS": "none", "relayAllowPlaintext": True}
+    relay = config.NodeConfig.model_validate(specs.node_config(example_domain(smtp=plaintext))).smtp.relay_host
     assert relay is not None and (relay.tls, relay.allow_plaintext, relay.ca_file) == ("none", True, None)
 
 
