@@ -3,12 +3,15 @@ demand AUTH: STARTTLS verified against a private CA (`ca_file`) delivers, and wi
 stays queued with a certificate error in `mailnode queue list`; implicit TLS (port 465 style) delivers;
 starttls-unverified delivers to a relay with a self-signed certificate; a relay that offers no STARTTLS
 keeps the mail queued rather than getting it (and the password) in clear; `tls: none` without
-`allow_plaintext` is refused by the config loader, naming the field."""
+`allow_plaintext` is refused by the config loader, naming the field; a `ca_file` that is no certificate
+stops `mailnode serve` with exit code 2, naming the field."""
 
 from __future__ import annotations
 
 import datetime
 import ssl
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -215,3 +218,19 @@ def test_plaintext_relay_needs_allow_plaintext(tmp_path: Path) -> None:
     files.config_file.write_text(yaml.safe_dump(config))
     relay = load_node_config(files.config_file).smtp.relay_host
     assert relay is not None and (relay.tls, relay.allow_plaintext) == ("none", True)
+
+
+def test_a_ca_file_that_is_not_a_certificate_stops_the_node_naming_the_field(tmp_path: Path) -> None:
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    relay_host = {"host": "relay.test", "ca_file": str(not_pem)}
+    ports = {name: free_port() for name in ("smtp", "submission", "submissions", "imap", "imaps", "http")}
+    files = write_node_files(tmp_path / "node", mailboxes=[], tls=None, ports=ports, smtp={"relay_host": relay_host})
+    result = subprocess.run(
+        [sys.executable, "-m", "mailnode", "serve", "--config", str(files.config_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"smtp.relay_host.ca_file: cannot load the CA bundle {not_pem}" in result.stderr
