@@ -114,6 +114,11 @@ def load_node_config(path: Path) -> NodeConfig:
     backup = config.backup
     if backup.dir is not None:
         backup = backup.model_copy(update={"dir": rooted(backup.dir)})
+    smtp = config.smtp
+    if (relay := smtp.relay_host) is not None:
+        files = {"password_file": relay.password_file, "ca_file": relay.ca_file}
+        relay = relay.model_copy(update={key: rooted(p) for key, p in files.items() if p is not None})
+        smtp = smtp.model_copy(update={"relay_host": relay})
     return config.model_copy(
         update={
             "data_dir": rooted(config.data_dir),
@@ -121,6 +126,7 @@ def load_node_config(path: Path) -> NodeConfig:
             "tls": tls,
             "domains": domains,
             "backup": backup,
+            "smtp": smtp,
         }
     )
 

@@ -155,7 +155,7 @@ class Node:
                 password = relay.password_file.read_text().strip()
             except OSError as error:
                 raise ConfigError(f"smtp.relay_host.password_file: {error.strerror}") from error
-        return routing.RelayHost(relay.host, relay.port, relay.username, password)
+        return routing.RelayHost(relay.host, relay.port, relay.username, password, tls=relay.tls, ca_file=relay.ca_file)
 
     async def start(self) -> None:
         """Load the directory (an invalid one is fatal here: ConfigError), open the store, listen."""
@@ -170,11 +170,15 @@ class Node:
         for domain, target in smtp_config.transports.items():
             host, _, target_port = target.rpartition(":")
             transports[domain] = (host, int(target_port))
-        self.deliverer = Deliverer(
-            self.spool, hostname=self.config.hostname, resolver=routing.DNSPythonResolver(),
-            relay_host=self._relay_host(), deliver_locally=self._deliver_bounce, metrics=self.metrics,
-            lifetime=smtp_config.queue_lifetime, transports=transports,
-        )  # fmt: skip
+        relay_host = self._relay_host()
+        try:
+            self.deliverer = Deliverer(
+                self.spool, hostname=self.config.hostname, resolver=routing.DNSPythonResolver(),
+                relay_host=relay_host, deliver_locally=self._deliver_bounce, metrics=self.metrics,
+                lifetime=smtp_config.queue_lifetime, transports=transports,
+            )  # fmt: skip
+        except ValueError as error:  # the relay host's CA bundle
+            raise ConfigError(f"smtp.relay_host.ca_file: {error}") from error
         self._deliverer_task = asyncio.create_task(self.deliverer.run(interval=smtp_config.delivery_interval))
         tls = tls_context(self.config)
         listen = self.config.listen

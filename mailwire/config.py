@@ -8,7 +8,7 @@ sizes may be written as "25MiB": it is a file people write too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import pydantic
 
@@ -32,13 +32,42 @@ class TLSConfig(FileModel):
     key_file: Path
 
 
+# How the node secures its connection to the relay host (README "Node config"): STARTTLS or TLS from the
+# first byte (port 465, RFC 8314 §3.3), with the certificate verified; STARTTLS without verification (a
+# relay inside the cluster with a self-signed certificate); or none at all.
+RelayTLS = Literal["starttls", "implicit", "starttls-unverified", "none"]
+RELAY_TLS_VERIFIED: Final = ("starttls", "implicit")
+
+
 class RelayHostConfig(FileModel):
-    """All outbound mail through this host, with STARTTLS (and AUTH when credentials are given)."""
+    """All outbound mail through this host, over TLS as `tls` says (and AUTH when credentials are given)."""
 
     host: str
     port: int = pydantic.Field(587, ge=1, le=65535)
     username: str | None = None
     password_file: Path | None = None  # a file holding the password (a mounted Secret in a pod)
+    tls: RelayTLS = "starttls"
+    ca_file: Path | None = None  # PEM bundle the certificate is verified against instead of the system CAs
+    # `tls: none` sends the mail, and the password of AUTH, in clear: only when this says so as well.
+    allow_plaintext: bool = False
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _implicit_port(cls, data: object) -> object:
+        # RFC 8314 §3.3: implicit TLS submission is port 465, so that is the default port for it
+        if isinstance(data, dict) and data.get("tls") == "implicit" and "port" not in data:
+            return {**data, "port": 465}
+        return data
+
+    @pydantic.model_validator(mode="after")
+    def _tls_consistent(self) -> RelayHostConfig:
+        if self.tls == "none" and not self.allow_plaintext:
+            raise ValueError(
+                "tls: none sends mail (and the relay password) in clear; set allow_plaintext: true to allow it"
+            )
+        if self.ca_file is not None and self.tls not in RELAY_TLS_VERIFIED:
+            raise ValueError(f"ca_file is used only by tls: starttls or implicit, and tls is {self.tls}")
+        return self
 
 
 class SMTPConfig(FileModel):

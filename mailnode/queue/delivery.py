@@ -27,6 +27,7 @@ import aiosmtplib
 from mailnode.metrics import NodeMetrics
 from mailnode.queue import dsn, routing
 from mailnode.queue.spool import QueuedMessage, Spool, expired
+from mailwire import config as wire_config
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,10 @@ class Deliverer:
         timeout: float = 60,
         transports: Mapping[str, tuple[str, int]] | None = None,
     ) -> None:
-        """`port` is the port of every MX destination (a relay host has its own). `tls` is the STARTTLS
+        """`port` is the port of every MX destination (a relay host has its own). `tls` is the MX STARTTLS
         client context; by default MX delivery is opportunistic (TLS when offered, certificate not verified,
-        as Postfix's smtp_tls_security_level=may) and a relay host is verified against the system CAs."""
+        as Postfix's smtp_tls_security_level=may). A relay host is secured as its `tls` says
+        (`relay_tls_context`); raises ValueError when its CA file cannot be loaded."""
         self._spool = spool
         self._hostname = hostname
         self._resolver = resolver
@@ -104,8 +106,13 @@ class Deliverer:
         # domain -> (host, port), as Postfix's transport_maps: mail for these domains skips MX routing
         self._transports = dict(transports or {})
         self._wakeup = asyncio.Event()
-        self._mx_tls = tls or _opportunistic_context()
-        self._relay_tls = tls or ssl.create_default_context()
+        self._mx_tls = tls or _unverified_context()
+        self._relay_tls = relay_tls_context(relay_host) if relay_host is not None else None
+        if relay_host is not None and relay_host.tls not in wire_config.RELAY_TLS_VERIFIED:
+            log.warning(
+                "the relay host's identity is not verified",
+                extra={"fields": {"relay_host": relay_host.host, "tls": relay_host.tls}},
+            )
         self._max_per_domain = max(1, max_per_domain)
         self._connections = asyncio.Semaphore(max(1, max_connections))
         self._lifetime = lifetime
@@ -225,12 +232,16 @@ class Deliverer:
         for destination in destinations:
             port = destination.port if own_port else self._port
             for address in destination.addresses:
+                # RFC 8314 §3.3: implicit TLS starts with the handshake; the host name is the one verified
+                implicit = destination.tls == "implicit"
                 client = aiosmtplib.SMTP(
                     hostname=address,
                     port=port,
                     local_hostname=self._hostname,
                     timeout=self._timeout,
+                    use_tls=implicit,
                     start_tls=False,
+                    tls_context=self._relay_tls if implicit else None,
                 )
                 try:
                     await client.connect()
@@ -240,7 +251,13 @@ class Deliverer:
                 except aiosmtplib.SMTPResponseException as error:
                     last = _ConnectFailed(f"{destination.host}[{address}] said: {_reply(error.code, error.message)}")
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
-                    last = _ConnectFailed(f"4.4.1 connect to {destination.host}[{address}]:{port}: {error}")
+                    where = f"{destination.host}[{address}]:{port}"
+                    if (untrusted := _certificate_error(error)) is not None:
+                        # RFC 3463 X.7.5, as Postfix says it: the mail waits until the certificate is trusted
+                        reason = untrusted.verify_message or str(untrusted)
+                        last = _ConnectFailed(f"4.7.5 TLS certificate of {where} not trusted: {reason}", status="4.7.5")
+                    else:
+                        last = _ConnectFailed(f"4.4.1 connect to {where}: {error}")
                 else:
                     return _Connection(client, destination.host)
                 client.close()
@@ -253,13 +270,20 @@ class Deliverer:
     async def _greet(self, client: aiosmtplib.SMTP, destination: routing.Destination) -> None:
         await _hello(client)
         where = destination.host
-        if client.supports_extension("starttls"):
-            context = self._relay_tls if destination.require_starttls else self._mx_tls
+        policy = destination.tls
+        if policy in ("implicit", "none"):
+            pass  # TLS since the first byte, or plaintext as configured (and allowed)
+        elif client.supports_extension("starttls"):
+            context = self._mx_tls if policy == "opportunistic" else self._relay_tls
             # RFC 3207 §4.2: the server's extensions are forgotten after STARTTLS and asked again
             await client.starttls(server_hostname=destination.host, tls_context=context)
             await _hello(client)
-        elif destination.require_starttls:
-            raise _ConnectFailed(f"4.7.4 {where} does not offer STARTTLS, which it must", status="4.7.4")
+        elif policy != "opportunistic":
+            # never a silent downgrade: RFC 3207 §4 leaves it to the client to insist, and the relay's
+            # credentials must not go in clear. RFC 3463 X.7.4: security features not supported.
+            raise _ConnectFailed(
+                f"4.7.4 {where} does not offer STARTTLS, which smtp.relay_host.tls: {policy} requires", status="4.7.4"
+            )
         if destination.username is not None and destination.password is not None:
             try:
                 await client.login(destination.username, destination.password)
@@ -433,12 +457,38 @@ class Deliverer:
 # -- helpers --------------------------------------------------------------------------------------------
 
 
-def _opportunistic_context() -> ssl.SSLContext:
-    # RFC 7435 opportunistic security: encrypt when offered, do not insist on a valid certificate
+def relay_tls_context(relay: routing.RelayHost) -> ssl.SSLContext | None:
+    """The client context for the relay host: its certificate verified against the system CAs, or only
+    `ca_file` when set, and its name checked (starttls, implicit); not verified at all
+    (starttls-unverified); None for tls: none. Raises ValueError when `ca_file` cannot be loaded."""
+    if relay.tls == "none":
+        return None
+    if relay.tls == "starttls-unverified":
+        return _unverified_context()
+    if relay.ca_file is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=str(relay.ca_file))
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError: not a PEM bundle
+        raise ValueError(f"cannot load the CA bundle {relay.ca_file}: {error}") from error
+
+
+def _unverified_context() -> ssl.SSLContext:
+    # RFC 7435 opportunistic security: encrypt, do not insist on a valid certificate
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _certificate_error(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind a connection error (aiosmtplib wraps it), if any."""
+    seen: BaseException | None = error
+    for _ in range(8):  # a chain is short; the bound guards against a cycle
+        if seen is None or isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _domain(address: str) -> str:

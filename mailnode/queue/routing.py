@@ -11,12 +11,19 @@ import dataclasses
 import ipaddress
 import random
 from collections.abc import Sequence
-from typing import Protocol
+from pathlib import Path
+from typing import Literal, Protocol
 
 import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.resolver
+
+from mailwire import config as wire_config
+
+# How a destination's connection is secured: "opportunistic" for MX delivery (STARTTLS when offered,
+# certificate not checked, RFC 7435), a relay host's smtp.relay_host.tls otherwise.
+TLSPolicy = Literal["opportunistic"] | wire_config.RelayTLS
 
 
 class ResolverError(Exception):
@@ -72,7 +79,10 @@ class RelayHost:
     port: int = 587
     username: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
-    starttls: bool = True  # required, not opportunistic: credentials never go in the clear
+    # Never opportunistic: a downgrade to plaintext would give the credentials away. The config refuses
+    # "none" unless allow_plaintext says so.
+    tls: wire_config.RelayTLS = "starttls"
+    ca_file: Path | None = None  # verify against this PEM bundle instead of the system CAs
 
     def __post_init__(self) -> None:
         if (self.username is None) != (self.password is None):
@@ -89,7 +99,7 @@ class Destination:
     addresses: list[str]
     port: int = 25
     preference: int | None = None  # the MX preference; None for a relay or an implicit MX
-    require_starttls: bool = False  # MX delivery uses STARTTLS when offered (opportunistic)
+    tls: TLSPolicy = "opportunistic"
     username: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
 
@@ -111,7 +121,7 @@ async def route(
                 host=relay_host.host,
                 addresses=[relay_host.host],
                 port=relay_host.port,
-                require_starttls=relay_host.starttls,
+                tls=relay_host.tls,
                 username=relay_host.username,
                 password=relay_host.password,
             )

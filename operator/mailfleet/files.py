@@ -41,13 +41,15 @@ class Loaded:
 @dataclasses.dataclass(frozen=True)
 class ResolvedDomain:
     """A MailDomain with what the builders need from the other files: the Mailboxes of its namespace and
-    their password hashes ("secretName/key" -> hash, see specs.directory), and the relay Secret's values."""
+    their password hashes ("secretName/key" -> hash, see specs.directory), the relay Secret's values and the
+    relay CA bundle (PEM)."""
 
     path: Path
     domain: api.MailDomain
     mailboxes: list[api.Mailbox]
     passwords: dict[str, str]
     relay: dict[str, str] | None
+    relay_ca: str | None = None
 
     @property
     def relay_username(self) -> str | None:
@@ -158,7 +160,17 @@ def resolve(loaded: Loaded, sources: list[Path]) -> list[ResolvedDomain]:
                     f"Secret {relay_ref.name} with the key password is not in the files"
                 )
             relay = secret.values
-        resolved.append(ResolvedDomain(path, domain, mailboxes, hashes, relay))
+        relay_ca = None
+        ca_ref = domain.spec.smtp.relay_ca_secret_ref
+        if domain.spec.smtp.relay_host is not None and ca_ref is not None:
+            secret = loaded.secrets.get((domain_namespace, ca_ref.name))
+            if secret is None or ca_ref.key not in secret.values:
+                raise RenderError(
+                    f"{path}: MailDomain {domain.metadata.name}: spec.smtp.relayCASecretRef: "
+                    f"Secret {ca_ref.name} with the key {ca_ref.key} is not in the files"
+                )
+            relay_ca = secret.values[ca_ref.key]
+        resolved.append(ResolvedDomain(path, domain, mailboxes, hashes, relay, relay_ca))
     return resolved
 
 

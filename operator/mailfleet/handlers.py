@@ -80,6 +80,7 @@ def secrets_of_domains(namespace: str | None, name: str, spec: kopf.Spec, **_: A
     names = [
         (spec.get("tls") or {}).get("secretName"),
         ((spec.get("smtp") or {}).get("relaySecretRef") or {}).get("name"),
+        ((spec.get("smtp") or {}).get("relayCASecretRef") or {}).get("name"),
     ]
     return {(str(namespace), str(secret)): name for secret in names if secret}
 

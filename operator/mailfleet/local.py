@@ -189,6 +189,10 @@ def _write_node(
         password_file = root / "relay" / "password"
         _write(password_file, resolved.relay["password"], mode=0o600)
         relay_host["password_file"] = str(password_file.absolute())
+    if relay_host is not None and resolved.relay_ca is not None:
+        ca_file = root / "relay" / common.RELAY_CA_KEY
+        _write(ca_file, resolved.relay_ca, mode=0o644)
+        relay_host["ca_file"] = str(ca_file.absolute())
 
     (root / "data").mkdir(parents=True, exist_ok=True)
     _write(root / common.DIRECTORY_KEY, directory, mode=0o600)  # password hashes

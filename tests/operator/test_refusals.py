@@ -3,6 +3,7 @@ left behind, and fixing the input is enough for the operator to carry on."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from mailfleet import k8s
@@ -92,6 +93,34 @@ async def test_a_missing_relay_secret_is_named(operator, client):
         "Secret relay (spec.smtp.relaySecretRef) does not exist in namespace mail"
     )
     await _nothing_built(client)
+
+
+async def test_a_missing_relay_ca_secret_is_named_and_waited_for(operator, client, ca):
+    relay = {"relayHost": "[relay.mail.svc]:587", "relayCASecretRef": {"name": "relay-ca"}}
+    await client.create(maildomain(smtp=relay))
+    domain = await _refused(client, "RelayCASecretNotFound")
+    assert condition(domain, "Degraded")["message"] == (
+        "Secret relay-ca (spec.smtp.relayCASecretRef) does not exist in namespace mail"
+    )
+    await _nothing_built(client)
+
+    # A Secret without a certificate under the key is refused for that reason; the right one builds.
+    await client.create(secret("relay-ca", **{"ca.crt": "not a certificate"}))
+    domain = await _refused(client, "RelayCASecretInvalid")
+    assert condition(domain, "Degraded")["message"] == (
+        "Secret relay-ca (spec.smtp.relayCASecretRef) has no PEM certificate under the key ca.crt"
+    )
+    await _nothing_built(client)
+    pem = ca.cert_pem.bytes()
+    await client.patch(SECRET, NAMESPACE, "relay-ca", {"data": {"ca.crt": base64.b64encode(pem).decode()}})
+    statefulset = await eventually(lambda: client.get(STATEFULSET, NAMESPACE, "example-com"), what="the StatefulSet")
+    volumes = statefulset["spec"]["template"]["spec"]["volumes"]
+    assert {
+        "name": "relay-ca",
+        "secret": {"secretName": "relay-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]},
+    } in volumes
+    config = await client.get(CONFIGMAP, NAMESPACE, "example-com-config")
+    assert "ca_file: /etc/mailnode/relay-ca/ca.crt" in config["data"]["node.yaml"]
 
 
 async def test_an_invalid_spec_is_refused_with_the_field(operator, client):

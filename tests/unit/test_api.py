@@ -77,6 +77,18 @@ def test_a_minimal_domain_gets_the_defaults() -> None:
     assert (backup.retention.keep_last, backup.retention.max_age) == (7, None)
 
 
+def test_relay_tls_defaults_to_verified_starttls() -> None:
+    smtp = api.SMTPSpec.model_validate({"relayHost": "[relay.mail.svc]:587", "relayCASecretRef": {"name": "ca"}})
+    assert (smtp.relay_tls, smtp.relay_allow_plaintext) == ("starttls", False)
+    assert smtp.relay_ca_secret_ref == api.CASecretKeySelector(name="ca", key="ca.crt")
+    assert smtp.model_dump(by_alias=True, exclude_defaults=True) == {
+        "relayHost": "[relay.mail.svc]:587",
+        "relayCASecretRef": {"name": "ca"},
+    }
+    plaintext = api.SMTPSpec.model_validate({"relayTLS": "none", "relayAllowPlaintext": True})
+    assert plaintext.relay_tls == "none"
+
+
 @pytest.mark.parametrize(("text", "seconds"), [("30d", 2592000), ("36h", 129600), ("1d12h", 129600), ("90s", 90)])
 def test_durations_are_read_in_seconds(text: str, seconds: int) -> None:
     assert api.duration_seconds(text) == seconds
@@ -104,7 +116,7 @@ def test_yaml_field_names_are_camel_case_and_python_names_work_too() -> None:
     dumped = by_python_name.model_dump(mode="json", by_alias=True, exclude_none=True)
     assert dumped["aliasDomains"] == ["example.net"]
     assert dumped["service"]["externalTrafficPolicy"] == "Local"
-    assert dumped["smtp"] == {"maxMessageSize": "25Mi"}
+    assert dumped["smtp"] == {"maxMessageSize": "25Mi", "relayTLS": "starttls", "relayAllowPlaintext": False}
 
 
 def test_a_resource_round_trips_through_its_dump() -> None:
@@ -186,6 +198,30 @@ MAILBOX = {"address": "alice@example.com", "passwordSecretRef": {"name": "alice-
             {"domainRef": "example-com", "method": "Tarball"},
             "method",
             "'VolumeSnapshot' or 'Archive'",
+        ),
+        (
+            api.MailDomainSpec,
+            {"domain": "example.com", "smtp": {"relayHost": "relay.test", "relayTLS": "tls"}},
+            "smtp.relayTLS",
+            "'starttls', 'implicit', 'starttls-unverified' or 'none'",
+        ),
+        (
+            api.MailDomainSpec,
+            {"domain": "example.com", "smtp": {"relayHost": "relay.test", "relayTLS": "none"}},
+            "smtp",
+            "set relayAllowPlaintext: true to allow it",
+        ),
+        (
+            api.MailDomainSpec,
+            {"domain": "example.com", "smtp": {"relayTLS": "starttls-unverified", "relayCASecretRef": {"name": "c"}}},
+            "smtp",
+            "relayCASecretRef is used only by relayTLS starttls or implicit",
+        ),
+        (
+            api.MailDomainSpec,
+            {"domain": "example.com", "smtp": {"relayCASecretRef": {"name": "c", "key": "a/b"}}},
+            "smtp.relayCASecretRef.key",
+            "not a Secret key",
         ),
         (api.MailBackupSpec, {"method": "Archive"}, "domainRef", "Field required"),
         (api.MailBackupStatus, {"phase": "Done"}, "phase", "'Pending', 'Running', 'Completed' or 'Failed'"),

@@ -64,6 +64,35 @@ def test_node_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     assert config.smtp.max_message_size == 25 * 2**20
 
 
+_RELAY_BASE = "hostname: mail.example.com\ndomains: [{domain: example.com}]\ndata_dir: d\ndirectory_file: f\n"
+
+
+def test_relay_host_tls_defaults_and_relative_files(tmp_path: Path) -> None:
+    relay = load_node_config(
+        _write(tmp_path, _RELAY_BASE + "smtp: {relay_host: {host: r.test, password_file: p, ca_file: ca.pem}}\n")
+    ).smtp.relay_host
+    assert relay is not None
+    assert (relay.tls, relay.port, relay.allow_plaintext) == ("starttls", 587, False)
+    assert (relay.password_file, relay.ca_file) == (tmp_path / "p", tmp_path / "ca.pem")
+    implicit = load_node_config(_write(tmp_path, _RELAY_BASE + "smtp: {relay_host: {host: r.test, tls: implicit}}\n"))
+    assert implicit.smtp.relay_host is not None and implicit.smtp.relay_host.port == 465  # RFC 8314 §3.3
+
+
+@pytest.mark.parametrize(
+    ("relay", "reason"),
+    [
+        ("{host: r.test, tls: none}", "allow_plaintext: true"),
+        ("{host: r.test, tls: tls}", "'starttls', 'implicit', 'starttls-unverified' or 'none'"),
+        ("{host: r.test, tls: starttls-unverified, ca_file: ca.pem}", "ca_file is used only by"),
+    ],
+)
+def test_invalid_relay_tls_names_the_field(tmp_path: Path, relay: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_node_config(_write(tmp_path, _RELAY_BASE + f"smtp: {{relay_host: {relay}}}\n"))
+    assert "smtp.relay_host" in str(caught.value)
+    assert reason in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("text", "field", "reason"),
     [

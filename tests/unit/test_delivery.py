@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from mailnode.metrics import NodeMetrics
-from mailnode.queue import routing
+from mailnode.queue import delivery, routing
 from mailnode.queue.delivery import Deliverer
 from mailnode.queue.spool import Spool, next_delay
 from tests.unit.conftest import FakeClock
@@ -272,9 +271,7 @@ async def test_a_failed_bounce_is_not_bounced(spool, remote, local, clock):
     assert await spool.list() == []  # removed, and nothing new queued
 
 
-async def test_relay_host_gets_all_mail_over_starttls_with_auth(
-    spool, local, clock, ca: trustme.CA, tls_files: tuple[Path, Path]
-):
+async def test_relay_host_gets_all_mail_over_starttls_with_auth(spool, local, clock, ca_file, tls_files):
     cert_file, key_file = tls_files
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_tls.load_cert_chain(cert_file, key_file)
@@ -289,14 +286,12 @@ async def test_relay_host_gets_all_mail_over_starttls_with_auth(
     server, port = await start_remote(
         handler, tls_context=server_tls, require_starttls=True, authenticator=authenticator, auth_required=True
     )
-    client_tls = ssl.create_default_context()
-    ca.configure_trust(client_tls)
-    relay = routing.RelayHost(host="localhost", port=port, username="user", password="pass")
+    relay = routing.RelayHost(host="localhost", port=port, username="user", password="pass", ca_file=ca_file)
     try:
         await spool.enqueue("alice@local.test", ["bob@remote.test", "eve@far.test"], MESSAGE)
         await spool.enqueue("alice@local.test", ["x@nomail.test"], MESSAGE)  # no DNS consulted for a relay
 
-        worker = deliverer(spool, 1, local, clock, relay_host=relay, tls=client_tls)
+        worker = deliverer(spool, 1, local, clock, relay_host=relay)
         assert await worker.run_once() == 3
     finally:
         server.close()
@@ -311,7 +306,7 @@ async def test_relay_host_gets_all_mail_over_starttls_with_auth(
     assert await spool.list() == []
 
 
-async def test_relay_host_that_refuses_the_login_defers(spool, local, clock, tls_files, ca):
+async def test_relay_host_that_refuses_the_login_defers(spool, local, clock, tls_files, ca_file):
     cert_file, key_file = tls_files
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_tls.load_cert_chain(cert_file, key_file)
@@ -323,12 +318,10 @@ async def test_relay_host_that_refuses_the_login_defers(spool, local, clock, tls
         authenticator=lambda *args: AuthResult(success=False, handled=False),
         auth_required=True,
     )
-    client_tls = ssl.create_default_context()
-    ca.configure_trust(client_tls)
-    relay = routing.RelayHost(host="localhost", port=port, username="user", password="wrong")
+    relay = routing.RelayHost(host="localhost", port=port, username="user", password="wrong", ca_file=ca_file)
     try:
         message = await spool.enqueue("alice@local.test", ["bob@remote.test"], MESSAGE)
-        await deliverer(spool, 1, local, clock, relay_host=relay, tls=client_tls).run_once()
+        await deliverer(spool, 1, local, clock, relay_host=relay).run_once()
     finally:
         server.close()
         await server.wait_closed()
@@ -336,6 +329,32 @@ async def test_relay_host_that_refuses_the_login_defers(spool, local, clock, tls
     bob = (await spool.get(message.id)).recipient("bob@remote.test")
     assert (bob.state, bob.attempts) == ("pending", 1)
     assert "refused the login" in bob.last_error
+    assert handler.received == []
+
+
+def test_a_relay_ca_file_that_cannot_be_loaded_is_named(tmp_path: Path) -> None:
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    for ca_file in (tmp_path / "missing.pem", not_pem):
+        with pytest.raises(ValueError, match=f"cannot load the CA bundle {ca_file}"):
+            delivery.relay_tls_context(routing.RelayHost("relay.test", ca_file=ca_file))
+
+
+async def test_a_relay_certificate_the_node_does_not_trust_defers_with_4_7_5(spool, local, clock, tls_files):
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(*tls_files)
+    handler = Remote()
+    server, port = await start_remote(handler, tls_context=server_tls, require_starttls=True)
+    relay = routing.RelayHost(host="localhost", port=port)  # the system CAs: the test CA is not among them
+    try:
+        message = await spool.enqueue("alice@local.test", ["bob@remote.test"], MESSAGE)
+        await deliverer(spool, 1, local, clock, relay_host=relay).run_once()
+    finally:
+        server.close()
+        await server.wait_closed()
+    bob = (await spool.get(message.id)).recipient("bob@remote.test")
+    assert bob.state == "pending"
+    assert bob.last_error.startswith(f"4.7.5 TLS certificate of localhost[localhost]:{port} not trusted: ")
     assert handler.received == []
 
 

@@ -51,7 +51,7 @@ async def test_mx_hosts_in_preference_order_with_a_then_aaaa(resolver: routing.S
         ("mx2.example.net", 20, ["2001:db8::2"], 25),
         ("backup.example.org", 30, ["198.51.100.7", "198.51.100.8"], 25),
     ]
-    assert not any(d.require_starttls or d.username for d in destinations)
+    assert all(d.tls == "opportunistic" and d.username is None for d in destinations)
 
 
 async def test_domain_is_case_and_trailing_dot_insensitive(resolver: routing.StaticResolver) -> None:
@@ -140,13 +140,13 @@ async def test_relay_host_overrides_dns() -> None:
     assert destination.host == "smtp.provider.test"
     assert destination.addresses == ["smtp.provider.test"]
     assert destination.port == 587
-    assert destination.require_starttls
+    assert destination.tls == "starttls"  # required and verified unless configured otherwise
     assert (destination.username, destination.password) == ("user", "hunter2")
     assert "hunter2" not in repr(destination) and "hunter2" not in repr(relay)
 
 
 def test_relay_host_needs_both_credentials_or_neither() -> None:
-    assert routing.RelayHost("smarthost.test", 25, starttls=False).username is None
+    assert routing.RelayHost("smarthost.test", 25, tls="starttls-unverified").username is None
     with pytest.raises(ValueError):
         routing.RelayHost("smarthost.test", username="user")
 

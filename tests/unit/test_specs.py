@@ -86,6 +86,39 @@ def test_node_config_without_tls_and_with_a_relay_host() -> None:
     assert str(relay.password_file) == "/etc/mailnode/relay/password"
 
 
+def test_relay_tls_renders_only_what_differs_from_the_node_defaults() -> None:
+    plain = specs.node_config(example_domain(smtp={"relayHost": "[relay.mail.svc]:25"}))
+    assert plain["smtp"]["relay_host"] == {"host": "relay.mail.svc", "port": 25}  # starttls: the node's default
+
+    implicit = {"relayHost": "relay.mail.svc", "relayTLS": "implicit", "relayCASecretRef": {"name": "relay-ca"}}
+    parsed = config.NodeConfig.model_validate(specs.node_config(example_domain(smtp=implicit)))
+    relay = parsed.smtp.relay_host
+    assert relay is not None
+    assert (relay.tls, relay.port, str(relay.ca_file)) == ("implicit", 465, "/etc/mailnode/relay-ca/ca.crt")
+
+    plaintext = {"relayHost": "relay.mail.svc", "relayTLS": "none", "relayAllowPlaintext": True}
+    relay = config.NodeConfig.model_validate(specs.node_config(example_domain(smtp=plaintext))).smtp.relay_host
+    assert relay is not None and (relay.tls, relay.allow_plaintext, relay.ca_file) == ("none", True, None)
+
+
+def test_the_statefulset_mounts_the_relay_ca_where_the_node_config_names_it() -> None:
+    ref = {"name": "relay-ca", "key": "bundle.pem"}
+    domain = example_domain(smtp={"relayHost": "relay.mail.svc", "relayCASecretRef": ref})
+    pod = specs.statefulset(domain, image="i", config_checksum="abc")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["relay-ca"]["secret"] == {
+        "secretName": "relay-ca",
+        "items": [{"key": "bundle.pem", "path": "ca.crt"}],
+    }
+    assert mounts["relay-ca"]["readOnly"] is True
+    relay = config.NodeConfig.model_validate(specs.node_config(domain)).smtp.relay_host
+    assert relay is not None and relay.ca_file == Path(mounts["relay-ca"]["mountPath"]) / "ca.crt"
+    without_relay = example_domain(smtp={"relayCASecretRef": ref})  # no relay host: nothing to verify
+    pod = specs.statefulset(without_relay, image="i", config_checksum="abc")["spec"]["template"]["spec"]
+    assert "relay-ca" not in {v["name"] for v in pod["volumes"]}
+
+
 def test_directory_is_accepted_by_the_node() -> None:
     domain = example_domain()
     other = api.Mailbox.model_validate(

@@ -340,8 +340,37 @@ class TLSSpec(_Model):
     )
 
 
+RelayTLSMode = Literal["starttls", "implicit", "starttls-unverified", "none"]
+_RELAY_TLS_VERIFIED: Final = ("starttls", "implicit")
+
+
+class CASecretKeySelector(SecretKeySelector):
+    """One key of a Secret in the resource's namespace that holds CA certificates (PEM)."""
+
+    key: SecretKey = pydantic.Field("ca.crt", description="Key in the Secret's data that holds the PEM bundle.")
+
+
 class SMTPSpec(_Model):
     """SMTP settings of the domain's nodes."""
+
+    # The API server refuses what _relay_tls_consistent refuses, so kubectl apply says so at once.
+    model_config = pydantic.ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.relayTLS) || self.relayTLS != 'none' || "
+                    "(has(self.relayAllowPlaintext) && self.relayAllowPlaintext)",
+                    "message": "relayTLS: none sends mail and the relay password in clear; "
+                    "set relayAllowPlaintext: true to allow it",
+                },
+                {
+                    "rule": "!has(self.relayCASecretRef) || !has(self.relayTLS) || "
+                    "self.relayTLS in ['starttls', 'implicit']",
+                    "message": "relayCASecretRef is used only by relayTLS starttls or implicit",
+                },
+            ]
+        }
+    )
 
     max_message_size: Quantity = pydantic.Field(
         "25Mi", description="Largest message accepted, a quantity such as 25Mi (advertised as SIZE, RFC 1870)."
@@ -352,6 +381,39 @@ class SMTPSpec(_Model):
     relay_secret_ref: LocalObjectReference | None = pydantic.Field(
         None, description="A Secret with the keys username and password to authenticate to the relay host."
     )
+    relay_tls: RelayTLSMode = pydantic.Field(
+        "starttls",
+        alias="relayTLS",
+        description=(
+            "How the connection to the relay host is secured: starttls (STARTTLS required, the certificate verified"
+            " against the system CAs or relayCASecretRef, the host name checked), implicit (TLS from the first"
+            " byte, as on port 465, verified likewise), starttls-unverified (STARTTLS required, the certificate not"
+            " verified: a relay with a self-signed certificate inside the cluster) or none (plaintext, only with"
+            " relayAllowPlaintext). A relay that does not offer STARTTLS keeps the mail queued."
+        ),
+    )
+    relay_allow_plaintext: bool = pydantic.Field(
+        False,
+        description="Allow relayTLS: none, which sends mail and the relay password (AUTH) in clear.",
+    )
+    relay_ca_secret_ref: CASecretKeySelector | None = pydantic.Field(
+        None,
+        alias="relayCASecretRef",
+        description=(
+            "A Secret key holding the CA certificates (PEM) the relay host's certificate is verified against,"
+            " instead of the system CAs (relayTLS starttls or implicit): for a relay with a private CA."
+        ),
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _relay_tls_consistent(self) -> SMTPSpec:
+        if self.relay_tls == "none" and not self.relay_allow_plaintext:
+            raise ValueError(
+                "relayTLS: none sends mail and the relay password in clear; set relayAllowPlaintext: true to allow it"
+            )
+        if self.relay_ca_secret_ref is not None and self.relay_tls not in _RELAY_TLS_VERIFIED:
+            raise ValueError(f"relayCASecretRef is used only by relayTLS starttls or implicit, not {self.relay_tls}")
+        return self
 
 
 class DKIMSpec(_Model):

@@ -15,6 +15,7 @@ from mailfleet.reconcile.context import Context
 
 # A Secret holds at most 1 MiB of data (the API server refuses more).
 SECRET_LIMIT: Final = 1024 * 1024
+PEM_CERTIFICATE: Final = "-----BEGIN CERTIFICATE-----"  # RFC 7468 §5
 
 
 class Refused(Exception):
@@ -38,8 +39,8 @@ def ensure_supported(domain: api.MailDomain) -> None:
 
 
 async def ensure_named_secrets(ctx: Context, domain: api.MailDomain) -> str | None:
-    """The TLS and relay Secrets the spec names exist and hold what they must. Returns the relay's user
-    name (None without one)."""
+    """The TLS, relay and relay CA Secrets the spec names exist and hold what they must. Returns the
+    relay's user name (None without one)."""
     namespace = specs.common.namespace(domain)
     if domain.spec.tls is not None:
         name = domain.spec.tls.secret_name
@@ -50,18 +51,37 @@ async def ensure_named_secrets(ctx: Context, domain: api.MailDomain) -> str | No
             )
         if missing := [k for k in ("tls.crt", "tls.key") if not tls.get(k)]:
             raise Refused("TLSSecretInvalid", f"Secret {name} (spec.tls.secretName) has no {' or '.join(missing)}")
-    relay_ref = domain.spec.smtp.relay_secret_ref
-    if domain.spec.smtp.relay_host is None or relay_ref is None:
+    if domain.spec.smtp.relay_host is None:
         return None
-    relay = await k8s.secrets.read(ctx.client, namespace, relay_ref.name)
+    username = await _ensure_relay_secret(ctx, domain.spec.smtp.relay_secret_ref, namespace)
+    await _ensure_relay_ca(ctx, domain.spec.smtp.relay_ca_secret_ref, namespace)
+    return username
+
+
+async def _ensure_relay_secret(ctx: Context, ref: api.LocalObjectReference | None, namespace: str) -> str | None:
+    if ref is None:
+        return None
+    relay = await k8s.secrets.read(ctx.client, namespace, ref.name)
     if relay is None:
         raise Refused(
             "RelaySecretNotFound",
-            f"Secret {relay_ref.name} (spec.smtp.relaySecretRef) does not exist in namespace {namespace}",
+            f"Secret {ref.name} (spec.smtp.relaySecretRef) does not exist in namespace {namespace}",
         )
     if not relay.get("password"):
-        raise Refused("RelaySecretInvalid", f"Secret {relay_ref.name} (spec.smtp.relaySecretRef) has no password")
+        raise Refused("RelaySecretInvalid", f"Secret {ref.name} (spec.smtp.relaySecretRef) has no password")
     return relay.get("username") or None
+
+
+async def _ensure_relay_ca(ctx: Context, ref: api.CASecretKeySelector | None, namespace: str) -> None:
+    """A relay CA the node could not load would hold every outbound message: refused here instead."""
+    if ref is None:
+        return
+    where = f"Secret {ref.name} (spec.smtp.relayCASecretRef)"
+    secret = await k8s.secrets.read(ctx.client, namespace, ref.name)
+    if secret is None:
+        raise Refused("RelayCASecretNotFound", f"{where} does not exist in namespace {namespace}")
+    if PEM_CERTIFICATE not in secret.get(ref.key, ""):
+        raise Refused("RelayCASecretInvalid", f"{where} has no PEM certificate under the key {ref.key}")
 
 
 def ensure_directory_fits(directory: kube_types.Manifest, *, mailboxes: int) -> None:

@@ -30,6 +30,8 @@ TLS_DIR: Final = "/etc/mailnode/tls"
 DKIM_DIR: Final = "/etc/mailnode/dkim"
 DKIM_KEY: Final = "private.pem"
 RELAY_DIR: Final = "/etc/mailnode/relay"
+RELAY_CA_DIR: Final = "/etc/mailnode/relay-ca"  # spec.smtp.relayCASecretRef's key, as RELAY_CA_KEY
+RELAY_CA_KEY: Final = "ca.crt"
 # Where spec.backup.archiveClaimName is mounted (each pod in its own subdirectory of the claim); without
 # a claim the node writes its archives to <data_dir>/backups, on its own volume.
 BACKUP_DIR: Final = "/var/lib/mailnode-backups"

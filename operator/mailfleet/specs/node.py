@@ -52,6 +52,13 @@ def node_config(
             if relay_username is not None:
                 relay["username"] = relay_username
             relay["password_file"] = f"{common.RELAY_DIR}/password"
+        # only what differs from the node's defaults: an unchanged domain keeps an unchanged config (no roll)
+        if spec.smtp.relay_tls != "starttls":
+            relay["tls"] = spec.smtp.relay_tls
+        if spec.smtp.relay_allow_plaintext:
+            relay["allow_plaintext"] = True
+        if spec.smtp.relay_ca_secret_ref is not None:
+            relay["ca_file"] = f"{common.RELAY_CA_DIR}/{common.RELAY_CA_KEY}"
         smtp["relay_host"] = wire_config.RelayHostConfig(**relay)
     fields: dict[str, Any] = {
         "hostname": common.mail_host(domain),

@@ -115,6 +115,10 @@ def _volumes(domain: api.MailDomain) -> tuple[list[dict[str, Any]], list[dict[st
             }
         )
         mounts.append({"name": "relay", "mountPath": common.RELAY_DIR, "readOnly": True})
+    if spec.smtp.relay_host is not None and (ca := spec.smtp.relay_ca_secret_ref) is not None:
+        items = [{"key": ca.key, "path": common.RELAY_CA_KEY}]
+        volumes.append({"name": "relay-ca", "secret": {"secretName": ca.name, "items": items}})
+        mounts.append({"name": "relay-ca", "mountPath": common.RELAY_CA_DIR, "readOnly": True})
     if spec.backup is not None and spec.backup.archive_claim_name is not None:
         volumes.append({"name": "backups", "persistentVolumeClaim": {"claimName": spec.backup.archive_claim_name}})
         # One directory per pod: nodes sharing the claim never write the same <backup>.tar.
