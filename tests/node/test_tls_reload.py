@@ -10,13 +10,13 @@ the served certificate's expiry are on /metrics, its subject and notAfter in /st
 
 from __future__ import annotations
 
-import time
 import datetime
 import functools
 import imaplib
 import json
 import smtplib
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -251,7 +251,6 @@ def test_reloads_and_expiry_on_metrics_and_status(
     code, body = node.http_get("/status")
     assert code == 200
     certificate = json.loads(body)["tls"]
-    assert certificate["subject"] == "CN=B"
+    assert "CN=B" in certificate["subject"].split(",")
     assert certificate["not_after"] == "2031-05-06T00:00:00+00:00"
     assert certificate["last_error"] is None
-
