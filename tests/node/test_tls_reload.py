@@ -3,7 +3,7 @@
 Aspects: once the mounted files change (Kubernetes swaps the volume's `..data` symlink), new
 connections on every TLS listener (submission and IMAP with STARTTLS, submissions and IMAPS with
 implicit TLS) get the new certificate without a restart, while a connection opened before keeps its
-session and goes on working; a broken pair (a key that is not PEM, a key of another certificate) keeps
+session and goes on working; a broken pair (a key file cut short, the key of another certificate) keeps
 the last good certificate served and counts a failure, and a fixed pair is then taken; the reloads and
 the served certificate's expiry are on /metrics, its subject and notAfter in /status.
 """
@@ -215,6 +215,9 @@ def test_broken_pair_keeps_the_last_good_certificate(
     for listener in LISTENERS:
         assert served(node, listener, client) == leaf_der(a), listener
     assert reloads(node, "success") == 0
+    shown = json.loads(node.http_get("/status")[1])["tls"]
+    assert "CN=A" in shown["subject"].split(",")
+    assert "not a usable certificate and key" in shown["last_error"]
     time.sleep(20 * POLL_INTERVAL)
     assert reloads(node, "failure") == 2  # one failure per broken version, not one per poll
 
