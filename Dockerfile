@@ -9,6 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 COPY pyproject.toml README.md /src/
+COPY mailwire /src/mailwire
 COPY mailnode /src/mailnode
 COPY operator/mailfleet /src/operator/mailfleet
 RUN pip install --no-cache-dir /src \

@@ -153,7 +153,7 @@ def bench_node(workdir: Path, users: list[str], mail: list[list[bytes]]) -> list
         started = time.monotonic()
         checkpoint = http("POST", f"{url}/snapshot?hold=60")
         answered = time.monotonic() - started
-        held = http("DELETE", f"{url}/snapshot")["pausedSeconds"]
+        held = http("DELETE", f"{url}/snapshot")["paused_seconds"]
         steps.append(Step("checkpoint (POST /snapshot)", answered, 0, 0,
                           f"writes held {float(held):.3f} s until DELETE; {checkpoint['mailboxes']} indexes"))  # type: ignore[arg-type]  # fmt: skip
         archive = workdir / "node.tar"

@@ -7,7 +7,8 @@ Backups (docs/backups.md, "Commands"): `backup --to FILE|DIR` streams a running 
 file, checking the archive as it arrives; `verify FILE` checks an archive on its own; `restore --from
 FILE --data-dir DIR` restores a whole (stopped) node, and `restore --from FILE --mailbox ADDRESS [--as
 ADDRESS]` one mailbox into the running node (POST /restore). Progress goes to stderr when it is a
-terminal; the archive work itself is mailnode.backup.archive's."""
+terminal; the archive work itself is mailnode.backup.archive's. The admin endpoints' JSON is read and
+written with mailwire.admin's models."""
 
 from __future__ import annotations
 
@@ -25,13 +26,16 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import BinaryIO, Final, TypeVar, cast
+
+import pydantic
 
 from mailnode import dkim, logs, passwords
-from mailnode.backup import archive
+from mailnode.backup import archive, noderestore, tarcodec
 from mailnode.config import ConfigError, load_node_config
 from mailnode.node import Node
 from mailnode.store import durable
+from mailwire import admin
 
 
 async def _serve(config_path: Path) -> int:
@@ -124,11 +128,11 @@ class _AdminError(Exception):
 
 
 def _admin_open(
-    base: str, method: str, path: str, *, body: Any = None, timeout: float = 30
+    base: str, method: str, path: str, *, body: admin.Message | None = None, timeout: float = 30
 ) -> http.client.HTTPResponse:
     """A 2xx answer of the node, for the caller to read (and close). `timeout` bounds each wait for the
     node (connecting, each read), not the whole exchange."""
-    data = None if body is None else json.dumps(body).encode()
+    data = None if body is None else json.dumps(body.to_json()).encode()
     headers = {} if body is None else {"Content-Type": "application/json"}
     request = urllib.request.Request(f"{base}{path}", data=data, headers=headers, method=method)
     try:
@@ -137,8 +141,8 @@ def _admin_open(
     except urllib.error.HTTPError as error:
         answer = error.read()
         try:
-            detail = json.loads(answer)["error"]
-        except (ValueError, KeyError, TypeError):
+            detail = admin.Error.model_validate_json(answer).error
+        except ValueError:  # pydantic.ValidationError too: not the node's {"error"}
             detail = answer.decode(errors="replace").strip() or error.reason
         raise _AdminError(f"{method} {base}{path}: {error.code} {detail}") from error
     except (urllib.error.URLError, OSError) as error:
@@ -146,14 +150,34 @@ def _admin_open(
         raise _AdminError(f"cannot reach the node at {base}: {reason}") from error
 
 
-def _admin_request(base: str, method: str, path: str, *, body: Any = None, timeout: float = 30) -> Any:
+Answer = TypeVar("Answer")
+
+
+def _admin_request(
+    base: str,
+    method: str,
+    path: str,
+    answer: pydantic.TypeAdapter[Answer],
+    *,
+    body: admin.Message | None = None,
+    timeout: float = 30,
+) -> Answer:
+    """The node's answer, read as `answer` (a mailwire.admin model)."""
     try:
         with _admin_open(base, method, path, body=body, timeout=timeout) as response:
-            return json.loads(response.read())
+            data = response.read()
     except (OSError, http.client.HTTPException) as error:
         raise _AdminError(f"{method} {base}{path}: the answer broke off: {error}") from error
-    except ValueError as error:
-        raise _AdminError(f"{method} {base}{path}: not a JSON answer") from error
+    try:
+        return answer.validate_json(data)
+    except pydantic.ValidationError as error:
+        if any(problem["type"] == "json_invalid" for problem in error.errors()):
+            raise _AdminError(f"{method} {base}{path}: not a JSON answer") from error
+        raise _AdminError(f"{method} {base}{path}: an unexpected answer: {admin.problem(error)}") from error
+
+
+_MESSAGE: Final = pydantic.TypeAdapter(admin.QueuedMessage)
+_RESTORED: Final = pydantic.TypeAdapter(admin.Restored)
 
 
 def _age(seconds: float) -> str:
@@ -167,21 +191,21 @@ def _age(seconds: float) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
-def _print_queue(messages: list[dict[str, Any]]) -> None:
+def _print_queue(messages: list[admin.QueuedMessage]) -> None:
     if not messages:
         print("The queue is empty.")
         return
-    id_width = max(len("ID"), *(len(m["id"]) for m in messages))
-    sender_width = max(len("SENDER"), *(len(m["sender"] or "<>") for m in messages))
+    id_width = max(len("ID"), *(len(m.id) for m in messages))
+    sender_width = max(len("SENDER"), *(len(m.sender or "<>") for m in messages))
     print(f"{'ID':<{id_width}}  {'AGE':>7}  {'SENDER':<{sender_width}}  RECIPIENTS")
     indent = " " * (id_width + 2 + 7 + 2 + sender_width + 2)
     for message in messages:
-        age, sender = _age(message["age_seconds"]), message["sender"] or "<>"
-        lead = f"{message['id']:<{id_width}}  {age:>7}  {sender:<{sender_width}}  "
-        for position, r in enumerate(message["recipients"]):
-            line = f"{r['address']}  {r['state']}  attempts={r['attempts']}"
-            if r["last_error"]:
-                line += f"  last error: {r['last_error']}"
+        age, sender = _age(message.age_seconds), message.sender or "<>"
+        lead = f"{message.id:<{id_width}}  {age:>7}  {sender:<{sender_width}}  "
+        for position, r in enumerate(message.recipients):
+            line = f"{r.address}  {r.state}  attempts={r.attempts}"
+            if r.last_error:
+                line += f"  last error: {r.last_error}"
             print((lead if position == 0 else indent) + line)
     print(f"{len(messages)} message(s)")
 
@@ -190,18 +214,18 @@ def _queue(args: argparse.Namespace) -> int:
     try:
         base = _admin_url(args.url, args.config)
         if args.queue_command == "list":
-            messages = _admin_request(base, "GET", "/queue")
+            messages = _admin_request(base, "GET", "/queue", admin.QUEUE)
             if args.json:
-                print(json.dumps(messages, indent=2))
+                print(json.dumps(admin.QUEUE.dump_python(messages, mode="json"), indent=2))
             else:
                 _print_queue(messages)
         elif args.queue_command == "retry":
-            message = _admin_request(base, "POST", f"/queue/{urllib.parse.quote(args.id, safe='')}/retry")
-            pending = sum(1 for r in message["recipients"] if r["state"] == "pending")
-            print(f"{message['id']}: {pending} pending recipient(s) due now")
+            message = _admin_request(base, "POST", f"/queue/{urllib.parse.quote(args.id, safe='')}/retry", _MESSAGE)
+            pending = sum(1 for r in message.recipients if r.state == "pending")
+            print(f"{message.id}: {pending} pending recipient(s) due now")
         else:
-            message = _admin_request(base, "DELETE", f"/queue/{urllib.parse.quote(args.id, safe='')}")
-            print(f"{message['id']}: deleted (no bounce sent)")
+            message = _admin_request(base, "DELETE", f"/queue/{urllib.parse.quote(args.id, safe='')}", _MESSAGE)
+            print(f"{message.id}: deleted (no bounce sent)")
     except _AdminError as error:
         print(f"mailnode queue: {error}", file=sys.stderr)
         return 1
@@ -278,7 +302,7 @@ def _backup(args: argparse.Namespace) -> int:
             final = target if not into_dir else _named_by_headers(target, response)
             unnamed = final or target / f"mailnode-backup-{os.getpid()}.tar"  # named once the archive is in
             partial = unnamed.with_name(f"{unnamed.name}.partial")
-            compress = not into_dir and archive.is_compressed(target)
+            compress = not into_dir and tarcodec.is_compressed(target)
             try:
                 summary = _receive(response, partial, base=base, meter=meter, compress=compress)
                 final = final or target / _archive_name(summary.node, summary.point_in_time)
@@ -312,7 +336,7 @@ def _backup(args: argparse.Namespace) -> int:
 def _named_by_headers(directory: Path, response: http.client.HTTPResponse) -> Path | None:
     """DIR/mailnode-<node>-<time>.tar from the answer's headers, or None to name it after the archive's
     own header once it is in."""
-    node, written = response.headers.get("X-Mailfleet-Node"), response.headers.get("X-Mailfleet-Point-In-Time")
+    node, written = response.headers.get(admin.NODE_HEADER), response.headers.get(admin.POINT_IN_TIME_HEADER)
     try:
         return directory / _archive_name(node, datetime.datetime.fromisoformat(written)) if node and written else None
     except ValueError:
@@ -325,13 +349,13 @@ def _receive(
     """The archive from the node into `partial` (gzipped if `compress`), checked as it arrives, then
     fsynced."""
     try:  # X-Mailfleet-Bytes counts the files; each adds a tar header and on average half a block
-        total = int(response.headers.get("X-Mailfleet-Bytes") or 0)
-        total += 768 * int(response.headers.get("X-Mailfleet-Messages") or 0)
+        total = int(response.headers.get(admin.BYTES_HEADER) or 0)
+        total += 768 * int(response.headers.get(admin.MESSAGES_HEADER) or 0)
     except ValueError:
         total = 0
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as file:
-        sink = archive.compressing(file) if compress else file
+        sink = tarcodec.compressing(file) if compress else file
         summary = archive.receive(
             cast(BinaryIO, response), cast(BinaryIO, sink), label=f"GET {base}/backup", progress=meter, total=total
         )
@@ -363,7 +387,7 @@ def _restore(args: argparse.Namespace) -> int:
     if args.data_dir is not None:
         meter = _Meter("restored")
         try:
-            summary = archive.restore_node(source, args.data_dir, progress=meter)
+            summary = noderestore.restore_node(source, args.data_dir, progress=meter)
         except (archive.ArchiveError, OSError) as error:
             meter.clear()
             print(f"mailnode restore: {error}", file=sys.stderr)
@@ -374,16 +398,15 @@ def _restore(args: argparse.Namespace) -> int:
             f"messages, queue {summary.queued}, point in time {_when(summary)}"
         )
         return 0
-    body = {"archive": str(source.absolute()), "mailbox": args.mailbox, "as": args.as_address or args.mailbox}
+    body = admin.RestoreRequest(
+        archive=str(source.absolute()), mailbox=args.mailbox, as_=args.as_address or args.mailbox
+    )
     try:
         base = _admin_url(args.url, args.config)
-        result = _admin_request(base, "POST", "/restore", body=body, timeout=RESTORE_TIMEOUT)
-        print(f"restored {result['restored']} messages into {result['mailbox']} ({result['skipped']} already there)")
+        result = _admin_request(base, "POST", "/restore", _RESTORED, body=body, timeout=RESTORE_TIMEOUT)
+        print(f"restored {result.restored} messages into {result.mailbox} ({result.skipped} already there)")
     except _AdminError as error:
         print(f"mailnode restore: {error}", file=sys.stderr)
-        return 1
-    except (KeyError, TypeError) as error:
-        print(f"mailnode restore: POST /restore: an answer without {error}", file=sys.stderr)
         return 1
     return 0
 

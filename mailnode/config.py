@@ -1,230 +1,70 @@
-"""Node configuration and the mailbox directory: pydantic models, loading, and hot reload.
+"""Node configuration and the mailbox directory: loading, address resolution, and hot reload.
 
-Owns the two files a node reads besides mail: the node config (YAML, read once at start by
-`mailnode serve`) and the directory (mailboxes, password hashes, aliases), which the operator renders
-into a Secret and which `DirectoryWatcher` reloads whenever it changes, keeping the last good version
-when a new one is invalid. Protocol servers ask `Directory.resolve` and never read these files.
+Owns reading the two files a node reads besides mail: the node config (YAML, read once at start by
+`mailnode serve`; relative paths are relative to the file) and the directory (mailboxes, password
+hashes, aliases), which the operator renders into a Secret and which `DirectoryWatcher` reloads whenever
+it changes, keeping the last good version when a new one is invalid. Protocol servers ask
+`Directory.resolve` and never read these files. The files' shapes are the wire models of
+mailwire.config and mailwire.directory, which the operator builds them from; their names are
+re-exported here for the node's modules.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import decimal
 import gzip
 import hashlib
 import logging
-import re
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Any, Final, Literal
 
 import pydantic
 import yaml
 
-from mailnode import passwords
+from mailwire.config import (
+    AuthConfig,
+    BackupConfig,
+    DKIMConfig,
+    DomainConfig,
+    IMAPConfig,
+    ListenConfig,
+    NodeConfig,
+    RelayHostConfig,
+    SMTPConfig,
+    TLSConfig,
+)
+from mailwire.directory import AppPasswordEntry, DirectoryFile, MailboxEntry
+from mailwire.fields import normalize_address, parse_size
+
+# The wire models the node's modules know by these names.
+__all__ = [
+    "AppPasswordEntry",
+    "AuthConfig",
+    "BackupConfig",
+    "ConfigError",
+    "DKIMConfig",
+    "Directory",
+    "DirectoryFile",
+    "DirectoryWatcher",
+    "DomainConfig",
+    "IMAPConfig",
+    "ListenConfig",
+    "MailboxEntry",
+    "NodeConfig",
+    "RelayHostConfig",
+    "Resolution",
+    "SMTPConfig",
+    "TLSConfig",
+    "load_node_config",
+    "normalize_address",
+    "parse_directory",
+    "parse_size",
+]
 
 log = logging.getLogger(__name__)
-
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "ki": 1024,
-    "kib": 1024,
-    "mi": 1024**2,
-    "mib": 1024**2,
-    "gi": 1024**3,
-    "gib": 1024**3,
-    "ti": 1024**4,
-    "tib": 1024**4,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(value: object) -> int:
-    """Bytes from an int or a size such as "25MiB", "1Gi" (Kubernetes quantity) or "500M"."""
-    if isinstance(value, bool):
-        raise ValueError("a size must be a number of bytes or a string such as '25MiB'")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return value
-    if isinstance(value, str):
-        match = _SIZE_RE.match(value)
-        if match and match.group(2).lower() in _SIZE_UNITS:
-            return int(decimal.Decimal(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-    raise ValueError(f"{value!r} is not a size (examples: 1048576, '25MiB', '1Gi', '500M')")
-
-
-ByteSize = Annotated[int, pydantic.BeforeValidator(parse_size)]
-
-_ADDRESS_RE = re.compile(r"^[^@\s<>]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
-_DOMAIN_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$")
-
-
-def normalize_address(address: str) -> str:
-    """Addresses compare case-insensitively, as Postfix and Dovecot do by default."""
-    return address.strip().lower()
-
-
-def _address(value: str) -> str:
-    value = normalize_address(value)
-    if not _ADDRESS_RE.match(value):
-        raise ValueError(f"{value!r} is not a mail address (local@domain)")
-    return value
-
-
-def _domain(value: str) -> str:
-    value = value.strip().lower().rstrip(".")
-    if not _DOMAIN_RE.match(value):
-        raise ValueError(f"{value!r} is not a domain name")
-    return value
-
-
-Address = Annotated[str, pydantic.AfterValidator(_address)]
-Domain = Annotated[str, pydantic.AfterValidator(_domain)]
-
-
-class _Model(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The node config
-
-
-class ListenConfig(_Model):
-    """Where the listeners bind. A port of 0 lets the kernel choose (tests); `status()` tells which."""
-
-    host: str = "0.0.0.0"
-    smtp: int = pydantic.Field(2525, ge=0, le=65535)
-    submission: int = pydantic.Field(5870, ge=0, le=65535)
-    submissions: int = pydantic.Field(4650, ge=0, le=65535)
-    imap: int = pydantic.Field(1430, ge=0, le=65535)
-    imaps: int = pydantic.Field(9930, ge=0, le=65535)
-    http: int = pydantic.Field(8080, ge=0, le=65535)
-
-
-class TLSConfig(_Model):
-    cert_file: Path
-    key_file: Path
-
-
-class RelayHostConfig(_Model):
-    """All outbound mail through this host, with STARTTLS (and AUTH when credentials are given)."""
-
-    host: str
-    port: int = pydantic.Field(587, ge=1, le=65535)
-    username: str | None = None
-    password_file: Path | None = None  # a file holding the password (a mounted Secret in a pod)
-
-
-class SMTPConfig(_Model):
-    max_message_size: ByteSize = 25 * 1024 * 1024
-    max_recipients: int = pydantic.Field(100, ge=1)
-    # RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes for the next command.
-    idle_timeout: float = pydantic.Field(300.0, gt=0)
-    # Repeated AUTH failures from one client address are answered ever more slowly:
-    # delay = min(auth_failure_delay * 2**(failures-1), auth_failure_delay_max).
-    auth_failure_delay: float = pydantic.Field(0.5, ge=0)
-    auth_failure_delay_max: float = pydantic.Field(16.0, ge=0)
-    # Outbound: a relay host, or per-domain transports ("host:port", like Postfix's transport_maps);
-    # every other domain is routed by its MX records.
-    relay_host: RelayHostConfig | None = None
-    # SPF and DKIM of mail from outside, reported in an Authentication-Results header (never refused)
-    check_inbound: bool = True
-    transports: dict[Domain, str] = {}
-    queue_lifetime: float = pydantic.Field(5 * 86400.0, gt=0, description="seconds before a bounce")
-    delivery_interval: float = pydantic.Field(5.0, gt=0, description="seconds between queue runs")
-
-    @pydantic.field_validator("transports")
-    @classmethod
-    def _transports(cls, value: dict[str, str]) -> dict[str, str]:
-        for domain, target in value.items():
-            host, _, port = target.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"transport of {domain}: {target!r} is not host:port")
-        return value
-
-
-class IMAPConfig(_Model):
-    # RFC 3501 §7.1: LOGIN before TLS exposes the password; allowed only for local development.
-    allow_plaintext_login: bool = False
-    # RFC 3501 §5.4: an inactivity timer of at least 30 minutes.
-    idle_timeout: float = pydantic.Field(1800.0, gt=0)
-    max_line: ByteSize = pydantic.Field(64 * 1024, ge=1024)
-    max_literal: ByteSize = pydantic.Field(64 * 1024 * 1024, ge=1024)  # the largest APPEND
-
-
-class AuthConfig(_Model):
-    # Seconds a successful password check is remembered (0: never), as Dovecot's auth_cache_ttl.
-    cache_ttl: float = pydantic.Field(300.0, ge=0)
-
-
-class BackupConfig(_Model):
-    """Checkpoints and archives (docs/backups.md)."""
-
-    dir: Path | None = None  # where POST /backups writes archives; default <data_dir>/backups
-    # The longest a POST /snapshot may hold writes (its `hold`, 1..max_hold seconds).
-    max_hold: float = pydantic.Field(600.0, ge=1)
-
-
-class DKIMConfig(_Model):
-    selector: str = pydantic.Field("mail", pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?$")
-    key_file: Path  # RSA private key, PEM (`mailnode dkim-keygen`)
-
-
-class DomainConfig(_Model):
-    domain: Domain
-    alias_domains: list[Domain] = []
-    dkim: DKIMConfig | None = None
-
-
-class NodeConfig(_Model):
-    node_name: str = "mailnode-0"
-    hostname: Domain = pydantic.Field(description="The node's mail host name: greeting and Received")
-    domains: list[DomainConfig] = pydantic.Field(min_length=1)
-    data_dir: Path
-    directory_file: Path
-    directory_poll_interval: float = pydantic.Field(1.0, gt=0)
-    listen: ListenConfig = ListenConfig()
-    tls: TLSConfig | None = None
-    smtp: SMTPConfig = SMTPConfig()
-    imap: IMAPConfig = IMAPConfig()
-    auth: AuthConfig = AuthConfig()
-    backup: BackupConfig = BackupConfig()
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-
-    @pydantic.model_validator(mode="after")
-    def _domains_unique(self) -> NodeConfig:
-        seen: set[str] = set()
-        for domain in self.domains:
-            for name in (domain.domain, *domain.alias_domains):
-                if name in seen:
-                    raise ValueError(f"domain {name!r} is listed twice")
-                seen.add(name)
-        return self
-
-    def alias_domain_map(self) -> dict[str, str]:
-        """Every domain the node serves, mapped to its primary domain."""
-        mapping: dict[str, str] = {}
-        for domain in self.domains:
-            mapping[domain.domain] = domain.domain
-            mapping.update((alias, domain.domain) for alias in domain.alias_domains)
-        return mapping
-
-    @property
-    def backup_dir(self) -> Path:
-        return self.backup.dir if self.backup.dir is not None else self.data_dir / "backups"
 
 
 class ConfigError(Exception):
@@ -287,35 +127,6 @@ def load_node_config(path: Path) -> NodeConfig:
 
 # ---------------------------------------------------------------------------------------------------
 # The directory
-
-
-def _password_hash(value: str) -> str:
-    if not passwords.is_hash(value):
-        raise ValueError("expected an argon2 hash such as `mailnode hash-password` prints ($argon2id$...)")
-    return value
-
-
-PasswordHash = Annotated[str, pydantic.AfterValidator(_password_hash)]
-
-
-class AppPasswordEntry(_Model):
-    name: str
-    password_hash: PasswordHash
-
-
-class MailboxEntry(_Model):
-    address: Address
-    display_name: str = ""
-    password_hash: PasswordHash
-    quota: ByteSize = pydantic.Field(0, description="bytes; 0 means no limit")
-    aliases: list[Address] = []
-    forward_to: list[Address] = []
-    suspended: bool = False
-    app_passwords: list[AppPasswordEntry] = []
-
-
-class DirectoryFile(_Model):
-    mailboxes: list[MailboxEntry] = []
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
@@ -34,6 +33,7 @@ from mailnode.smtp import server as smtp
 from mailnode.smtp.inbound import InboundChecker
 from mailnode.store.fence import WriteFence
 from mailnode.store.mailstore import Delivery, MailStore
+from mailwire import admin
 
 log = logging.getLogger(__name__)
 
@@ -304,37 +304,41 @@ class Node:
             archive_path=archive, mailbox=mailbox, target=target,
         )  # fmt: skip
 
-    def usage(self) -> dict[str, Any]:
+    def usage(self) -> admin.Usage:
         """GET /usage: each mailbox of the directory with the bytes and messages it keeps (the operator
         copies them into the Mailbox's status). From memory: the store keeps the totals current."""
         mailboxes = {}
         for entry in self.watcher.current.mailboxes:
             used = self.store.usage(entry.address)
-            mailboxes[entry.address] = {"bytes": used.bytes, "messages": used.messages}
-        return {"mailboxes": mailboxes}
+            mailboxes[entry.address] = admin.MailboxUsage(bytes=used.bytes, messages=used.messages)
+        return admin.Usage(mailboxes=mailboxes)
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> admin.Status:
         directory = self.watcher.current
         queued = await self.spool.list() if self.spool.is_open else []
         oldest = min((m.created for m in queued), default=None)
-        return {
-            "node": self.config.node_name,
-            "hostname": self.config.hostname,
-            "ready": self.ready,
-            "uptime_seconds": round(time.monotonic() - self._started, 1),
-            "domains": [d.model_dump(mode="json") for d in self.config.domains],
-            "listeners": self.ports,
-            "directory": {
-                "version": directory.version,
-                "mailboxes": len(directory.mailboxes),
-                "last_error": self.watcher.last_error,
-            },
-            "store": {"bytes": self.store.total_bytes(), "messages": self.store.total_messages()},
-            "dns_records": self._dkim_records,
-            "queue": {
-                "messages": len(queued),
-                "oldest_age_seconds": 0.0 if oldest is None else round(max(0.0, time.time() - oldest), 1),
-            },
-            "backup": {**self.checkpoint.status(), "last": self.backups.last},
-            "tls": None if self.tls is None else self.tls.status(),
-        }
+        return admin.Status(
+            node=self.config.node_name,
+            hostname=self.config.hostname,
+            ready=self.ready,
+            uptime_seconds=round(time.monotonic() - self._started, 1),
+            domains=self.config.domains,
+            listeners=self.ports,
+            directory=admin.DirectoryStatus(
+                version=directory.version, mailboxes=len(directory.mailboxes), last_error=self.watcher.last_error
+            ),
+            store=admin.StoreStatus(bytes=self.store.total_bytes(), messages=self.store.total_messages()),
+            dns_records=[admin.DNSRecord(**record) for record in self._dkim_records],
+            queue=admin.QueueStatus(
+                messages=len(queued),
+                oldest_age_seconds=0.0 if oldest is None else round(max(0.0, time.time() - oldest), 1),
+            ),
+            backup=self.checkpoint.status(last=self.backups.last),
+            tls=None
+            if self.tls is None
+            else admin.TLSStatus(
+                subject=self.tls.certificate.subject,
+                not_after=self.tls.certificate.not_after.isoformat(),
+                last_error=self.tls.last_error,
+            ),
+        )

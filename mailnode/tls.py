@@ -161,14 +161,6 @@ class ServerTLS:
             self._on_reload(False, error)
         return False
 
-    def status(self) -> dict[str, str | None]:
-        """For /status: what new connections are shown, and why a newer pair is not served."""
-        return {
-            "subject": self.certificate.subject,
-            "not_after": self.certificate.not_after.isoformat(),
-            "last_error": self.last_error,
-        }
-
 
 def _digest(files: tuple[bytes, bytes]) -> str:
     cert, key = files

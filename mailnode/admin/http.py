@@ -1,7 +1,8 @@
 """HTTP endpoints of a node: /healthz, /readyz, /metrics, /status, and the outbound queue.
 
 Kubelet probes /healthz (the process answers) and /readyz (listeners up, store open); Prometheus
-scrapes /metrics; /status is a JSON summary for people and the operator.
+scrapes /metrics; /status is a JSON summary for people and the operator. Every JSON request and answer
+is a model of mailwire.admin (snake_case keys), the ones the operator and `mailnode` parse them with.
 
 The outbound queue, for `mailnode queue` and the operator on call:
 
@@ -39,12 +40,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import prometheus_client
+import pydantic
 from aiohttp import web
 
 from mailnode.backup import checkpoint as checkpoints
 from mailnode.backup import jobs, restore
 from mailnode.metrics import NodeMetrics
 from mailnode.queue.spool import QueuedMessage, UnknownMessage
+from mailwire import admin
 
 log = logging.getLogger(__name__)
 
@@ -88,39 +91,43 @@ def _iso(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="seconds")
 
 
-def message_json(message: QueuedMessage, now: float) -> dict[str, Any]:
+def queued_message(message: QueuedMessage, now: float) -> admin.QueuedMessage:
     """One queued message as GET /queue shows it; `next_attempt` is null once a recipient is no longer
     pending (delivered or failed)."""
-    return {
-        "id": message.id,
-        "sender": message.sender,
-        "created": _iso(message.created),
-        "age_seconds": round(max(0.0, now - message.created), 1),
-        "size": message.size,
-        "recipients": [
-            {
-                "address": r.address,
-                "state": r.state,
-                "attempts": r.attempts,
-                "last_error": r.last_error,
-                "next_attempt": _iso(r.next_attempt) if r.state == "pending" else None,
-            }
+    return admin.QueuedMessage(
+        id=message.id,
+        sender=message.sender,
+        created=_iso(message.created),
+        age_seconds=round(max(0.0, now - message.created), 1),
+        size=message.size,
+        recipients=[
+            admin.QueuedRecipient(
+                address=r.address,
+                state=r.state,
+                attempts=r.attempts,
+                last_error=r.last_error,
+                next_attempt=_iso(r.next_attempt) if r.state == "pending" else None,
+            )
             for r in message.recipients
         ],
-    }
+    )
+
+
+def _answer(model: admin.Message, *, status: int = 200) -> web.Response:
+    return web.json_response(model.to_json(), status=status)
 
 
 def _error(status: int, text: str) -> web.Response:
-    return web.json_response({"error": text}, status=status)
+    return _answer(admin.Error(error=text), status=status)
 
 
 def build_app(
     *,
     metrics: NodeMetrics,
     ready: Callable[[], bool],
-    status: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]],
+    status: Callable[[], Awaitable[admin.Status]],
     queue: QueueOps | None = None,
-    usage: Callable[[], dict[str, Any]] | None = None,
+    usage: Callable[[], admin.Usage] | None = None,
     backups: BackupOps | None = None,
 ) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
@@ -135,14 +142,11 @@ def build_app(
         return web.Response(body=metrics.exposition(), headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
     async def status_view(request: web.Request) -> web.Response:
-        result = status()
-        if not isinstance(result, dict):
-            result = await result
-        return web.json_response(result)
+        return _answer(await status())
 
     async def usage_view(request: web.Request) -> web.Response:
         assert usage is not None
-        return web.json_response(usage())
+        return _answer(usage())
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
@@ -165,7 +169,7 @@ def _add_queue_routes(app: web.Application, queue: QueueOps) -> None:
         except RuntimeError as error:  # the spool is not open (starting or stopping)
             return _error(503, str(error))
         now = time.time()
-        return web.json_response([message_json(m, now) for m in messages])
+        return web.json_response(admin.QUEUE.dump_python([queued_message(m, now) for m in messages], mode="json"))
 
     async def change(request: web.Request, action: Callable[[str], Awaitable[QueuedMessage]]) -> web.Response:
         if not is_loopback(request.remote):
@@ -177,7 +181,7 @@ def _add_queue_routes(app: web.Application, queue: QueueOps) -> None:
             return _error(404, f"no message {id} in the queue")
         except RuntimeError as error:
             return _error(503, str(error))
-        return web.json_response(message_json(message, time.time()))
+        return _answer(queued_message(message, time.time()))
 
     async def retry_view(request: web.Request) -> web.Response:
         return await change(request, queue.retry_now)
@@ -224,7 +228,7 @@ def _add_backup_routes(app: web.Application, ops: BackupOps) -> None:
         except ValueError as error:
             return _error(400, str(error))
         try:
-            return web.json_response(await checkpoint.start(hold))
+            return _answer(await checkpoint.start(hold))
         except checkpoints.Busy as error:
             return _error(409, str(error))
         except checkpoints.Unavailable as error:
@@ -237,7 +241,7 @@ def _add_backup_routes(app: web.Application, ops: BackupOps) -> None:
             seconds = checkpoint.end()
         except checkpoints.NotHolding as error:
             return _error(409, str(error))
-        return web.json_response({"pausedSeconds": round(seconds, 3)})
+        return _answer(admin.Resumed(paused_seconds=round(seconds, 3)))
 
     async def backup_stream(request: web.Request) -> web.StreamResponse:
         if not is_loopback(request.remote):
@@ -250,10 +254,10 @@ def _add_backup_routes(app: web.Application, ops: BackupOps) -> None:
                     headers={
                         "Content-Type": "application/x-tar",
                         "Content-Disposition": f'attachment; filename="mailnode-{staged.node}-{stamp}.tar"',
-                        "X-Mailfleet-Node": staged.node,
-                        "X-Mailfleet-Point-In-Time": staged.point_in_time.isoformat(),
-                        "X-Mailfleet-Messages": str(staged.messages),
-                        "X-Mailfleet-Bytes": str(staged.bytes),
+                        admin.NODE_HEADER: staged.node,
+                        admin.POINT_IN_TIME_HEADER: staged.point_in_time.isoformat(),
+                        admin.MESSAGES_HEADER: str(staged.messages),
+                        admin.BYTES_HEADER: str(staged.bytes),
                     }
                 )
                 await response.prepare(request)
@@ -277,18 +281,19 @@ def _add_backup_routes(app: web.Application, ops: BackupOps) -> None:
 
     async def backups_post(request: web.Request) -> web.Response:
         try:
-            name = (await _json_object(request)).get("name")
-            record, started = await ops.jobs.submit(jobs.check_name(name))
+            # The node's own check first: its message says what a backup name may be.
+            body = admin.BackupRequest(name=jobs.check_name((await _json_object(request)).get("name")))
+            record, started = await ops.jobs.submit(body.name)
         except ValueError as error:  # jobs.InvalidName too
             return _error(400, str(error))
-        return web.json_response(record.to_json(), status=202 if started else 200)
+        return _answer(record.to_wire(), status=202 if started else 200)
 
     async def backups_get(request: web.Request) -> web.Response:
         name = request.match_info["name"]
         record = await ops.jobs.get(name)
         if record is None:
             return _error(404, f"no backup named {name!r}")
-        return web.json_response(record.to_json())
+        return _answer(record.to_wire())
 
     async def backups_delete(request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -298,26 +303,19 @@ def _add_backup_routes(app: web.Application, ops: BackupOps) -> None:
             return _error(409, str(error))
         if record is None:
             return _error(404, f"no backup named {name!r}")
-        return web.json_response({**record.to_json(), "deleted": True})
+        return _answer(admin.DeletedArchive(**record.to_wire().model_dump()))
 
     async def restore_post(request: web.Request) -> web.Response:
         if not is_loopback(request.remote):
             return _error(403, "a restore can be started only from the node itself (loopback)")
         try:
-            body = await _json_object(request)
-            fields = {key: body.get(key) for key in ("archive", "mailbox")}
-            for key, value in fields.items():
-                if not isinstance(value, str) or not value:
-                    raise ValueError(f"{key!r} must be a non-empty string")
-            target = body.get("as") or fields["mailbox"]
-            if not isinstance(target, str):
-                raise ValueError("'as' must be a string")
-            restored = await ops.restore(Path(str(fields["archive"])), str(fields["mailbox"]), target)
+            body = admin.RestoreRequest.model_validate(await _json_object(request))
+            restored = await ops.restore(Path(body.archive), body.mailbox, body.target)
+        except pydantic.ValidationError as error:
+            return _error(400, admin.problem(error))
         except (ValueError, restore.RestoreError) as error:
             return _error(400, str(error))
-        return web.json_response(
-            {"mailbox": restored.mailbox, "restored": restored.restored, "skipped": restored.skipped}
-        )
+        return _answer(admin.Restored(mailbox=restored.mailbox, restored=restored.restored, skipped=restored.skipped))
 
     app.router.add_post("/snapshot", snapshot_start)
     app.router.add_delete("/snapshot", snapshot_end)

@@ -8,7 +8,7 @@ Two uses whose pauses never overlap (one lock orders them):
   paused while the operator cuts a VolumeSnapshot, until `end()` or until the hold runs out (then the
   node resumes by itself, logs a warning and counts it).
 - `stage(dest)` / `staged()` (archives): a staged copy under `<data_dir>/.staging/<id>` (the same file
-  system, so links work), in two steps. Inside a short pause: pin the store (MailStore.pin), copy every
+  system, so links work), in two steps. Inside a short pause: pin the store (Staging.pin), copy every
   index with SQLite's backup API, hard-link the queue's files (few; the spool unlinks them on delivery)
   and take the point in time; then writes resume. Outside the pause, while mail flows: hard-link the
   message files the copied indexes list, a mailbox per Gateway thread, then unpin. The pin keeps every
@@ -33,13 +33,13 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 from mailnode.gateway import Gateway
 from mailnode.metrics import NodeMetrics
 from mailnode.queue.spool import Spool
 from mailnode.store.fence import FenceTimeout
 from mailnode.store.mailstore import MailStore
+from mailwire import admin
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +139,12 @@ class Checkpoint:
         """True while a POST /snapshot holds writes."""
         return self._hold is not None
 
-    def status(self) -> dict[str, Any]:
-        """The part of /status about checkpoints."""
+    def status(self, *, last: admin.BackupResult | None) -> admin.BackupStatus:
+        """The part of /status about checkpoints, with `last`, the last archive finished (BackupJobs.last)."""
         hold = self._hold
-        return {
-            "paused": self._fence.paused,
-            "hold_until": hold.until.isoformat() if hold else None,
-        }
+        return admin.BackupStatus(
+            paused=self._fence.paused, hold_until=hold.until.isoformat() if hold else None, last=last
+        )
 
     # -- pausing ----------------------------------------------------------------------------------------
 
@@ -174,7 +173,7 @@ class Checkpoint:
 
     # -- POST / DELETE /snapshot ------------------------------------------------------------------------
 
-    async def start(self, hold: float) -> dict[str, Any]:
+    async def start(self, hold: float) -> admin.Checkpoint:
         """Pause writes, checkpoint every index, and keep writes paused for `hold` seconds at most.
         Returns the body of POST /snapshot. Raises Busy, Unavailable, or the store's error (writes are
         resumed then)."""
@@ -186,7 +185,7 @@ class Checkpoint:
                 raise Busy("a checkpoint is already in progress (DELETE /snapshot ends it)")
             started = await self._pause()
             try:
-                mailboxes, messages = await self._store.checkpoint()
+                mailboxes, messages = await self._store.staging.checkpoint()
                 queued = len(await self._spool.list())
             except BaseException as error:
                 self._resume(started)
@@ -203,13 +202,13 @@ class Checkpoint:
             "checkpoint: writes paused",
             extra={"fields": {"point_in_time": point_in_time.isoformat(), "hold": hold, "mailboxes": mailboxes}},
         )
-        return {
-            "pointInTime": point_in_time.isoformat(),
-            "holdUntil": self._hold.until.isoformat(),
-            "mailboxes": mailboxes,
-            "messages": messages,
-            "queued": queued,
-        }
+        return admin.Checkpoint(
+            point_in_time=point_in_time.isoformat(),
+            hold_until=self._hold.until.isoformat(),
+            mailboxes=mailboxes,
+            messages=messages,
+            queued=queued,
+        )
 
     def end(self) -> float:
         """Resume writes (DELETE /snapshot); returns the seconds they were paused. Raises NotHolding."""
@@ -255,23 +254,23 @@ class Checkpoint:
                     continue
                 started = await self._pause()
                 # Before writes resume: from here no file a copied index lists is removed or moved.
-                self._store.pin()
+                self._store.staging.pin()
                 try:
                     point_in_time = _now()
-                    copies = await self._store.copy_indexes(dest)
+                    copies = await self._store.staging.copy_indexes(dest)
                     queued = await self._spool.copy_to(dest / "queue")
                 except BaseException as error:
                     self._resume(started)
-                    await self._store.unpin()
+                    await self._store.staging.unpin()
                     self._metrics.checkpoints.labels("failed").inc()
                     log.error("staging failed; writes resumed", extra={"fields": {"error": str(error)}})
                     raise
                 paused = self._resume(started)
             try:
                 try:
-                    copied = await self._store.link_files(copies)
+                    copied = await self._store.staging.link_files(copies)
                 finally:
-                    await self._store.unpin()
+                    await self._store.staging.unpin()
                 size = await self._gateway.run(_tree_bytes, dest)
             except BaseException as error:
                 self._metrics.checkpoints.labels("failed").inc()

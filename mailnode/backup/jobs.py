@@ -33,6 +33,7 @@ from mailnode.backup.checkpoint import Checkpoint, Staged
 from mailnode.gateway import Gateway
 from mailnode.metrics import NodeMetrics
 from mailnode.store import durable
+from mailwire import admin
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +87,17 @@ class Record:
     error: str | None = None
     completed_at: datetime.datetime | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "state": self.state,
-            "path": str(self.path),
-            "pointInTime": self.point_in_time.isoformat() if self.point_in_time else None,
-            "mailboxes": self.mailboxes,
-            "messages": self.messages,
-            "bytes": self.bytes,
-            "error": self.error,
-        }
+    def to_wire(self) -> admin.Archive:
+        return admin.Archive(
+            name=self.name,
+            state=self.state,
+            path=str(self.path),
+            point_in_time=self.point_in_time.isoformat() if self.point_in_time else None,
+            mailboxes=self.mailboxes,
+            messages=self.messages,
+            bytes=self.bytes,
+            error=self.error,
+        )
 
     def complete(self, summary: archive.Summary, size: int, at: datetime.datetime) -> None:
         self.state = "Completed"
@@ -157,7 +158,7 @@ class BackupJobs:
         self._records: dict[str, Record] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancelled = threading.Event()  # set when the node stops: running writers give up
-        self.last: dict[str, Any] | None = None  # the last archive finished (either way), for /status
+        self.last: admin.BackupResult | None = None  # the last archive finished (either way), for /status
 
     # -- POST /backups, GET /backups/{name} -------------------------------------------------------------
 
@@ -314,26 +315,26 @@ class BackupJobs:
         self._metrics.backups.labels("ok").inc()
         self._metrics.backup_last_success.set(at.timestamp())
         self._metrics.backup_bytes.set(size)
-        self.last = {
-            "name": name,  # None: streamed through GET /backup
-            "state": "Completed",
-            "completed_at": at.isoformat(),
-            "point_in_time": point_in_time.isoformat(),
-            "bytes": size,
-            "error": None,
-        }
+        self.last = admin.BackupResult(
+            name=name,  # None: streamed through GET /backup
+            state="Completed",
+            completed_at=at.isoformat(),
+            point_in_time=point_in_time.isoformat(),
+            bytes=size,
+            error=None,
+        )
         return at
 
     def _failed(self, error: str, *, name: str | None) -> None:
         self._metrics.backups.labels("failed").inc()
-        self.last = {
-            "name": name,
-            "state": "Failed",
-            "completed_at": datetime.datetime.now(datetime.UTC).isoformat(),
-            "point_in_time": None,
-            "bytes": None,
-            "error": error,
-        }
+        self.last = admin.BackupResult(
+            name=name,
+            state="Failed",
+            completed_at=datetime.datetime.now(datetime.UTC).isoformat(),
+            point_in_time=None,
+            bytes=None,
+            error=error,
+        )
 
     async def close(self) -> None:
         """Stop running jobs when the node stops: each writer gives up at its next chunk and leaves its

@@ -45,8 +45,12 @@ MAILBOX_DISABLED = Reply(550, "5.2.1", "Mailbox disabled: {address} is not accep
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied: {address} is not a domain of this server")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: {address} is not owned by user {user}")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message too big for system (limit {limit} bytes)")
+# RFC 5321 §4.1.2 (Path syntax); the codes and words are Postfix's.
 BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax: {address}")
 BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax: {address}")
+# RFC 6531 §3.5: a non-ASCII address in a transaction whose MAIL FROM did not say SMTPUTF8.
+NON_ASCII_SENDER = Reply(553, "5.6.7", "Non-ASCII sender address not permitted without SMTPUTF8: {address}")
+NON_ASCII_RECIPIENT = Reply(553, "5.6.7", "Non-ASCII recipient address not permitted without SMTPUTF8: {address}")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 
 _CODE_DEFAULTS = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}

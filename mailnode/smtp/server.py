@@ -32,8 +32,10 @@ from aiosmtpd.smtp import (
     Envelope,
     LoginPassword,
     Session,
+    TLSSetupException,
     _AuthMechAttr,
     login_always_fail,
+    syntax,
 )
 
 from mailnode.auth import Authenticator
@@ -88,14 +90,46 @@ def new_transaction_id() -> str:
 _SIZE_REJECTS = ("552 Error: Too much mail data", "552 Error: message size exceeds fixed maximum message size")
 _LINE_REJECTS = ("500 Line too long (see RFC5321 4.5.3.1.6)",)
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
-# An angle-bracketed path with a plain dot-atom local part: the common case, parsed without the email
-# package's full RFC 5322 parser (which aiosmtpd uses and which costs more than the rest of MAIL).
-_SIMPLE_PATH = re.compile(
-    r"^<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.\x80-\U0010ffff-]+@[A-Za-z0-9.\x80-\U0010ffff-]+)>(.*)$", re.S
-)
 _DATA_END = b".\r\n"
 _DATA_READ_LIMIT = 64 * 1024
-_ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$|^[^@\s]+@\[[0-9a-fA-F.:]+\]$")  # local@domain.tld, local@[ip]
+
+# RFC 5321 §4.1.2, the Path syntax, as RFC 6531 §3.3 extends it when the client says SMTPUTF8: atext,
+# qtextSMTP and sub-domains may then hold UTF8-non-ascii (never a lone surrogate: those stand for bytes
+# that were not UTF-8). No control character, NUL included, fits anywhere.
+_UTF8 = "\u0080-\ud7ff\ue000-\U0010ffff"
+_ATOM = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_UTF8}-]+"
+_DOT_STRING = rf"{_ATOM}(?:\.{_ATOM})*"
+_QUOTED_STRING = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"'  # qtextSMTP / quoted-pairSMTP
+_SUB_DOMAIN = rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9{_UTF8}-]*[A-Za-z0-9{_UTF8}])?"
+_ADDRESS_LITERAL = r"\[(?:IPv6:)?[0-9A-Fa-f.:]+\]"
+# Mailbox = Local-part "@" ( Domain / address-literal ); our policy adds that a domain has a dot in it.
+_MAILBOX = rf"(?:{_DOT_STRING}|{_QUOTED_STRING})@(?:{_SUB_DOMAIN}(?:\.{_SUB_DOMAIN})+|{_ADDRESS_LITERAL})"
+_IS_MAILBOX = re.compile(_MAILBOX)
+# Path = "<" [ A-d-l ":" ] Mailbox ">" (the source route is accepted and ignored, §4.1.1.3 and §C), then
+# the parameters after a space. Between the brackets anything but a bracket is taken here, so that the
+# parameters (SMTPUTF8 among them) still count, and `path_refusal` judges the Mailbox. "<Postmaster>"
+# needs no domain (§4.1.1.3); "<>" is the null reverse-path.
+_ROUTE = rf"@{_SUB_DOMAIN}(?:\.{_SUB_DOMAIN})*"
+_PATH = re.compile(
+    rf"<(?:{_ROUTE}(?:,{_ROUTE})*:)?(?P<mailbox>[^<>]*)>(?P<rest>[ \t].*)?$"
+    # Without angle brackets, as Postfix accepts by default (strict_rfc821_envelopes = no).
+    rf"|(?P<bare>{_MAILBOX})(?P<bare_rest>[ \t].*)?$",
+    re.S,
+)
+
+
+def path_refusal(address: str, *, smtputf8: bool) -> str | None:
+    """Why a path from MAIL FROM or RCPT TO (as `MailSMTP._getaddr` returned it) cannot be taken:
+    "8bit" for a non-ASCII address in a transaction without SMTPUTF8, "syntax" when it breaks the
+    Path syntax; None when it is a Mailbox."""
+    if not smtputf8 and not address.isascii():
+        return "8bit"  # RFC 6531 §3.5: 553 5.6.7, raw 8-bit bytes and UTF-8 alike
+    return None if _IS_MAILBOX.fullmatch(address) else "syntax"
+
+
+def printable(address: str) -> str:
+    """An address fit to quote in a reply: a refused path may hold NUL, controls or bytes that are not UTF-8."""
+    return _UNPRINTABLE.sub("?", address)
 
 
 _Tables = tuple[dict[str, tuple[str, bool]], list[str], list[str]]
@@ -215,10 +249,17 @@ class MailSMTP(SMTP):
         super().connection_lost(error)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        match = _SIMPLE_PATH.match(arg.lstrip())
-        if match:
-            return match.group(1), match.group(2).strip()
-        return super()._getaddr(arg)
+        """(mailbox, parameters) of a MAIL FROM or RCPT TO argument, by RFC 5321 §4.1.2 (in place of
+        aiosmtpd's RFC 5322 parser, which takes "<a@b" as "a@b" and costs more than the rest of MAIL).
+        A path that breaks the syntax comes back whole, with no parameters, so that `SMTPHandler`
+        refuses it with the command's own reply (501 5.1.7 or 501 5.1.3) and the session goes on."""
+        text = arg.strip()
+        match = _PATH.match(text)
+        if match is None:
+            return text, ""
+        if match["bare"] is not None:
+            return match["bare"], (match["bare_rest"] or "").strip()
+        return match["mailbox"] or "<>", (match["rest"] or "").strip()
 
     async def smtp_DATA(self, arg: str) -> None:
         """DATA as aiosmtpd does it, but reading the message in large pieces instead of line by line."""
@@ -318,6 +359,17 @@ class MailSMTP(SMTP):
                 status = replies.enhance(status)
         await super().push(status)
 
+    async def handle_exception(self, error: Exception) -> str:
+        """A STARTTLS whose handshake never completes is the client's doing (it left, or does not speak
+        TLS): aiosmtpd closes the connection; one info line, not an error with a traceback. Anything
+        else is a bug of ours, logged as aiosmtpd does."""
+        if isinstance(error, TLSSetupException):
+            peer = self.session.peer if self.session is not None else None
+            cause = repr(error.__cause__)
+            log.info("smtp starttls failed", extra={"fields": {"client": peer, "error": cause}})
+            return ""  # not sent: the connection is closed
+        return await super().handle_exception(error)
+
     async def smtp_HELO(self, hostname: str) -> None:
         self._replying_to_hello = True
         try:
@@ -331,6 +383,18 @@ class MailSMTP(SMTP):
             await super().smtp_EHLO(hostname)
         finally:
             self._replying_to_hello = False
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if not arg and self.tls_context is not None:
+            # RFC 3207 §4.2: what a client pipelined after STARTTLS is discarded (aiosmtpd clears it
+            # once TLS is up). Cleared now as well, because a StreamReader holding more than its limit
+            # has paused reading the socket (its flow control), and the TLS layer put in its place
+            # would then never see the handshake nor the client leaving: the session would hang until
+            # the idle timeout. The reader's internals, as aiosmtpd's own reach into them.
+            self._reader._buffer.clear()  # type: ignore[attr-defined]
+            self._reader._maybe_resume_transport()  # type: ignore[attr-defined]
+        await super().smtp_STARTTLS(arg)
 
     async def smtp_AUTH(self, arg: str) -> None:
         if not self.handler.listener.is_submission:
@@ -442,9 +506,10 @@ class SMTPHandler:
             return str(CHECKPOINT_IN_PROGRESS)
         if address == "<>":
             address = ""  # the null reverse-path of bounces (RFC 5321 §4.5.5)
-        elif not _ADDRESS.match(address):
+        elif problem := path_refusal(address, smtputf8=envelope.smtp_utf8):
             self.rejected("bad_address")
-            return replies.BAD_SENDER_SYNTAX.format(address=address)
+            refusal = replies.NON_ASCII_SENDER if problem == "8bit" else replies.BAD_SENDER_SYNTAX
+            return refusal.format(address=printable(address))
         if self.listener.is_submission:
             user = session.user
             if user is None:  # aiosmtpd's auth_required stops this earlier; keep the guard
@@ -464,8 +529,9 @@ class SMTPHandler:
     ) -> str:
         if address.lower() == "postmaster":  # RFC 5321 §4.5.1: accepted without a domain
             address = f"postmaster@{self._config.domains[0].domain}"
-        if not _ADDRESS.match(address):
-            return self._refuse(envelope, address, replies.BAD_RECIPIENT_SYNTAX, "bad_address")
+        if problem := path_refusal(address, smtputf8=envelope.smtp_utf8):
+            refusal = replies.NON_ASCII_RECIPIENT if problem == "8bit" else replies.BAD_RECIPIENT_SYNTAX
+            return self._refuse(envelope, printable(address), refusal, "bad_address")
         if len(envelope.rcpt_tos) >= self._config.smtp.max_recipients:
             return self._refuse(envelope, address, replies.TOO_MANY_RECIPIENTS, "too_many_recipients")
         directory = self._directory()

@@ -11,9 +11,12 @@ Changes pass the node's WriteFence first (before the mailbox lock): while a chec
 they wait, and reads go on. Two writes that only serve reads are skipped instead of waiting: a SELECT
 while paused does not move the \\Recent mark, and a FETCH does not save the structure it computed.
 
-While a staged copy pins the store (MailStore.pin), an expunge's unlinks are deferred to the last unpin
-(MailStore.unlink_messages), and a folder RENAME or DELETE waits, before the fence, until no pin is held
-(MailStore.unpinned_writing): no file a staged index lists is removed or moved before it is linked.
+While a staged copy pins the store (Staging.pin), an expunge's unlinks are deferred to the last unpin
+(Staging.unlink_messages), and a folder RENAME or DELETE waits, before the fence, until no pin is held
+(Staging.unpinned_writing): no file a staged index lists is removed or moved before it is linked.
+
+MailStore makes Accounts (`MailStore.account`) and passes each what it needs of the store, so this
+module does not import mailnode.store.mailstore.
 """
 
 from __future__ import annotations
@@ -21,14 +24,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
+from mailnode.gateway import Gateway
 from mailnode.store import changes, durable, index, maildir
+from mailnode.store.fence import WriteFence
+from mailnode.store.mailboxes import Delivery, Mailbox, Mailboxes, Stored
+from mailnode.store.staging import Staging
 
-if TYPE_CHECKING:
-    from mailnode.store.mailstore import MailStore, _Mailbox
+Deliver = Callable[[Sequence[Delivery]], Awaitable[list[Stored]]]
+"""MailStore.deliver: stores messages durably, group-committed with the other deliveries."""
+
+
+class AccountFor(Protocol):
+    """MailStore.account_for: keeps the quota totals in step with a change (negative for removals)."""
+
+    def __call__(self, address: str, *, size: int, count: int) -> None: ...
 
 
 Message = index.Message  # what the protocol servers see of a message row
@@ -59,42 +72,55 @@ def _apply(mode: Literal["+", "-", ""], current: str, flags: Iterable[str]) -> s
 
 
 class Account:
-    def __init__(self, store: MailStore, address: str) -> None:
-        self._store = store
+    def __init__(
+        self,
+        address: str,
+        *,
+        mailboxes: Mailboxes,
+        gateway: Gateway,
+        fence: WriteFence,
+        staging: Staging,
+        switchboard: changes.Switchboard,
+        deliver: Deliver,
+        account_for: AccountFor,
+    ) -> None:
         self.address = address
+        self._mailboxes = mailboxes
+        self._gateway = gateway
+        self._fence = fence
+        self._staging = staging
+        self.switchboard = switchboard
+        self._deliver = deliver
+        self._account_for = account_for
 
-    @property
-    def switchboard(self) -> changes.Switchboard:
-        return self._store.switchboard
-
-    async def _run(self, fn: Callable[[_Mailbox], object], *, fenced: bool = True, moves: bool = False) -> object:
+    async def _run(self, fn: Callable[[Mailbox], object], *, fenced: bool = True, moves: bool = False) -> object:
         """Run a change under the mailbox's write lock, in a Gateway thread, once the write fence lets
         it in (`fenced=False`: a read that needs the lock, such as a SELECT that writes nothing;
         `moves=True`: a change that moves or removes whole folders, which also waits until the store
         is not pinned)."""
 
         def locked() -> object:
-            mailbox = self._store._open_mailbox(self.address)
+            mailbox = self._mailboxes.open(self.address)
             with mailbox.lock:
                 return fn(mailbox)
 
         if not fenced:
-            return await self._store._gateway.run(locked)
-        async with self._store.unpinned_writing() if moves else self._store.fence.writing():
-            return await self._store._gateway.run(locked)
+            return await self._gateway.run(locked)
+        async with self._staging.unpinned_writing() if moves else self._fence.writing():
+            return await self._gateway.run(locked)
 
     async def _read(self, fn: Callable[[index.Index], object]) -> object:
         """Run a query on the mailbox's read connection, beside any change in progress."""
 
         def read() -> object:
-            mailbox = self._store._open_mailbox(self.address)
+            mailbox = self._mailboxes.open(self.address)
             with mailbox.read_lock:
                 return fn(mailbox.reader)
 
-        return await self._store._gateway.run(read)
+        return await self._gateway.run(read)
 
     def _publish(self, change: changes.Change) -> None:
-        self._store.switchboard.publish(self.address, change)
+        self.switchboard.publish(self.address, change)
 
     # -- folders ------------------------------------------------------------------------------------
 
@@ -109,7 +135,7 @@ class Account:
         return result
 
     async def create_folder(self, name: str) -> None:
-        def create(mailbox: _Mailbox) -> None:
+        def create(mailbox: Mailbox) -> None:
             if mailbox.index.folder(name) is not None:
                 raise FolderError(f"{name} already exists")
             maildir.ensure_folder(mailbox.path, name)
@@ -119,7 +145,7 @@ class Account:
         await self._run(create)
 
     async def delete_folder(self, name: str) -> None:
-        def delete(mailbox: _Mailbox) -> None:
+        def delete(mailbox: Mailbox) -> None:
             if name.upper() == maildir.INBOX:
                 raise FolderError("INBOX cannot be deleted")
             if mailbox.index.folder(name) is None:
@@ -132,12 +158,12 @@ class Account:
                 size += path.stat().st_size if path.exists() else 0
             # Never while pinned (moves=True), so the whole directory can go now.
             shutil.rmtree(maildir.folder_dir(mailbox.path, name), ignore_errors=True)
-            self._store.account_for(self.address, size=-size, count=-len(paths))
+            self._account_for(self.address, size=-size, count=-len(paths))
 
         await self._run(delete, moves=True)
 
     async def rename_folder(self, old: str, new: str) -> None:
-        def rename(mailbox: _Mailbox) -> None:
+        def rename(mailbox: Mailbox) -> None:
             if mailbox.index.folder(old) is None:
                 raise FolderError(f"{old} does not exist")
             if mailbox.index.folder(new) is not None:
@@ -171,7 +197,7 @@ class Account:
         await self._run(rename, moves=True)
 
     async def subscribe(self, name: str, subscribed: bool) -> None:
-        def update(mailbox: _Mailbox) -> None:
+        def update(mailbox: Mailbox) -> None:
             if mailbox.index.folder(name) is None:
                 raise FolderError(f"{name} does not exist")
             mailbox.index.set_subscribed(name, subscribed)
@@ -184,9 +210,9 @@ class Account:
         # While writes are paused a SELECT reads on without moving the \Recent mark: the session sees
         # the recent messages, and so may the next one (RFC 3501 §2.3.2: a message the server cannot
         # tell was announced to another session SHOULD be considered recent).
-        writes = take_recent and not self._store.fence.paused
+        writes = take_recent and not self._fence.paused
 
-        def select(mailbox: _Mailbox) -> Selected | None:
+        def select(mailbox: Mailbox) -> Selected | None:
             folder = mailbox.index.folder(name)
             if folder is None:
                 return None
@@ -210,10 +236,10 @@ class Account:
 
     async def load(self, name: str, uids: Sequence[int], *, data: bool) -> list[tuple[index.Message, bytes | None]]:
         """Rows of these UIDs and, with data=True, their files' bytes: one Gateway trip for both."""
-        root = maildir.mailbox_dir(self._store.root, self.address)
+        root = maildir.mailbox_dir(self._mailboxes.root, self.address)
 
         def load() -> list[tuple[index.Message, bytes | None]]:
-            mailbox = self._store._open_mailbox(self.address)
+            mailbox = self._mailboxes.open(self.address)
             with mailbox.read_lock:
                 rows = mailbox.reader.messages(name, uids=uids)
             if not data:
@@ -226,12 +252,12 @@ class Account:
                     continue
             return loaded
 
-        return await self._store._gateway.run(load)
+        return await self._gateway.run(load)
 
     async def read(self, messages: Sequence[index.Message], *, limits: Sequence[int] | None = None) -> list[bytes]:
         """The stored bytes of each message, or its first `limits[i]` bytes (one Gateway trip for all);
         b"" for a message another session expunged meanwhile."""
-        root = maildir.mailbox_dir(self._store.root, self.address)
+        root = maildir.mailbox_dir(self._mailboxes.root, self.address)
 
         def read_one(message: index.Message, limit: int) -> bytes:
             try:
@@ -243,7 +269,7 @@ class Account:
         def read() -> list[bytes]:
             return [read_one(m, -1 if limits is None else limits[i]) for i, m in enumerate(messages)]
 
-        return await self._store._gateway.run(read)
+        return await self._gateway.run(read)
 
     async def structures(
         self, name: str, messages: Sequence[index.Message], compute: Callable[[bytes], str]
@@ -252,7 +278,7 @@ class Account:
         those that have none yet; a message expunged meanwhile is left out. One Gateway trip for all."""
 
         def load() -> tuple[dict[int, str], dict[int, str]]:
-            mailbox = self._store._open_mailbox(self.address)
+            mailbox = self._mailboxes.open(self.address)
             with mailbox.read_lock:
                 cached = mailbox.reader.structures(name, (m.uid for m in messages))
             result: dict[int, str] = {}
@@ -268,11 +294,11 @@ class Account:
                 result[message.uid] = structure
             return result, computed
 
-        def save(mailbox: _Mailbox) -> None:
+        def save(mailbox: Mailbox) -> None:
             mailbox.index.set_structures(name, computed)
 
-        result, computed = await self._store._gateway.run(load)
-        if computed and not self._store.fence.paused:  # a cache: while paused, computed again next time
+        result, computed = await self._gateway.run(load)
+        if computed and not self._fence.paused:  # a cache: while paused, computed again next time
             await self._run(save)
         return result
 
@@ -286,7 +312,7 @@ class Account:
         unchanged_since: int | None = None,
         origin: object | None = None,
     ) -> tuple[list[index.Message], list[int]]:
-        def update(mailbox: _Mailbox) -> tuple[list[index.Message], list[int]]:
+        def update(mailbox: Mailbox) -> tuple[list[index.Message], list[int]]:
             current = {m.uid: m.flags for m in mailbox.index.messages(name, uids=uids)}
             wanted = [(uid, _apply(mode, current[uid], flags)) for uid in uids if uid in current]
             return mailbox.index.set_flags(name, wanted, unchanged_since=unchanged_since)
@@ -307,14 +333,14 @@ class Account:
             )
         return changed, failed
 
-    def _expunge_locked(self, mailbox: _Mailbox, name: str, uids: Sequence[int]) -> list[int]:
+    def _expunge_locked(self, mailbox: Mailbox, name: str, uids: Sequence[int]) -> list[int]:
         removed = mailbox.index.expunge(name, uids)
         size = 0
         paths = [mailbox.path / rel for _, rel in removed]
         for path in paths:
             size += path.stat().st_size if path.exists() else 0
-        self._store.unlink_messages(mailbox, paths)  # now, or at the last unpin while a staging is pinned
-        self._store.account_for(self.address, size=-size, count=-len(removed))
+        self._staging.unlink_messages(mailbox, paths)  # now, or at the last unpin while a staging is pinned
+        self._account_for(self.address, size=-size, count=-len(removed))
         return [uid for uid, _ in removed]
 
     async def expunge(self, name: str, uids: Sequence[int], *, origin: object | None = None) -> list[int]:
@@ -325,7 +351,7 @@ class Account:
             self._publish(changes.Change(name, "expunged", tuple(result), origin=origin))
         return result
 
-    def _copy_locked(self, mailbox: _Mailbox, name: str, uids: Sequence[int], dest: str) -> list[tuple[int, int]]:
+    def _copy_locked(self, mailbox: Mailbox, name: str, uids: Sequence[int], dest: str) -> list[tuple[int, int]]:
         target = mailbox.index.folder(dest)
         if target is None:
             raise FolderError(f"[TRYCREATE] {dest} does not exist")
@@ -345,7 +371,7 @@ class Account:
             )
         durable.fsync_dir(target_dir / "cur")
         new_uids = mailbox.index.add(rows)
-        self._store.account_for(self.address, size=size, count=len(rows))
+        self._account_for(self.address, size=size, count=len(rows))
         return list(zip((m.uid for m in sources), new_uids, strict=True))
 
     async def copy(
@@ -354,7 +380,7 @@ class Account:
         """Copy (or move, RFC 6851) messages into folder `dest`. Returns dest's UIDVALIDITY and the
         (source uid, new uid) pairs (RFC 4315 COPYUID)."""
 
-        def copy(mailbox: _Mailbox) -> tuple[int, list[tuple[int, int]], list[int]]:
+        def copy(mailbox: Mailbox) -> tuple[int, list[tuple[int, int]], list[int]]:
             pairs = self._copy_locked(mailbox, name, uids, dest)
             expunged = self._expunge_locked(mailbox, name, [src for src, _ in pairs]) if move else []
             target = mailbox.index.folder(dest)
@@ -372,15 +398,13 @@ class Account:
 
     async def append(self, name: str, data: bytes, *, flags: str, internal_date: int | None) -> tuple[int, int]:
         """Store a message into an existing folder; returns (UIDVALIDITY, UID) for APPENDUID."""
-        from mailnode.store.mailstore import Delivery  # the module imports this one
-
         status = await self.status(name)
         if status is None:
             raise FolderError(f"[TRYCREATE] {name} does not exist")
-        [stored] = await self._store.deliver(
+        [stored] = await self._deliver(
             [Delivery(self.address, data, folder=name, internal_date=internal_date, flags=flags)]
         )
         return status.folder.uidvalidity, stored.uid
 
     def path(self, message: index.Message) -> Path:
-        return maildir.mailbox_dir(self._store.root, self.address) / message.path
+        return maildir.mailbox_dir(self._mailboxes.root, self.address) / message.path

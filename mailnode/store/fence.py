@@ -9,7 +9,7 @@ have finished; `resume` opens it again.
 The deadlock rule: enter `writing()` before taking any lock (the mailbox's write lock, a queued
 message's lock), and never nest `writing()`. A writer waiting at the gate then holds nothing the
 checkpoint needs, and a writer in flight never waits for the gate. The same holds for the store's pin
-(MailStore.unpinned_writing: folder RENAME and DELETE wait, before the gate, until no staged copy is
+(Staging.unpinned_writing: folder RENAME and DELETE wait, before the gate, until no staged copy is
 being linked).
 """
 

@@ -1,9 +1,13 @@
 """The SQLite index of one mailbox: folders (UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ) and messages (UID,
-file, flags, modseq, internal date, size).
+file, flags, modseq, internal date, size). The only module that knows the schema.
 
-Used only by mailnode.store.mailstore, from the Gateway's threads, one thread at a time per index
-(the store serialises writes). WAL with synchronous=FULL: a commit returns only after the log is on
-disk, so a committed row is as durable as the message file it points to.
+`Index` is a live mailbox's index, used by the store (mailnode.store.mailboxes, account, staging) from
+the Gateway's threads, one thread at a time per index (the store serialises writes). WAL with
+synchronous=FULL: a commit returns only after the log is on disk, so a committed row is as durable as
+the message file it points to.
+
+`Reader` opens an index file that no longer changes (a staged copy, or one extracted from an archive)
+read-only, for the backups (mailnode.backup): the same queries, plus SQLite's integrity check.
 """
 
 from __future__ import annotations
@@ -97,23 +101,12 @@ def _folder(row: tuple[int, str, int, int, int, int, int]) -> Folder:
     )  # fmt: skip
 
 
-class Index:
-    def __init__(self, path: Path) -> None:
+class _Queries:
+    """The queries a live index and a read-only one share."""
+
+    def __init__(self, path: Path, db: sqlite3.Connection) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(f"{path}: index schema {version} is newer than this mailnode ({SCHEMA_VERSION})")
-        if version == 0:
-            self._db.executescript(_SCHEMA)
-        else:
-            for step in range(version, SCHEMA_VERSION):
-                for statement in _MIGRATIONS[step]:
-                    self._db.execute(statement)
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._db = db
 
     def close(self) -> None:
         self._db.close()
@@ -138,6 +131,66 @@ class Index:
             (folder.first_recent, folder.id),
         ).fetchone()
         return FolderStatus(folder, count, unseen, size, recent)
+
+    def structures(self, name: str, uids: Iterable[int]) -> dict[int, str | None]:
+        wanted = sorted(set(uids))
+        result: dict[int, str | None] = {}
+        for start in range(0, len(wanted), _IN_LIMIT):
+            chunk = wanted[start : start + _IN_LIMIT]
+            marks = ",".join("?" * len(chunk))
+            sql = (
+                "SELECT m.uid, m.structure FROM messages m JOIN folders f ON f.id = m.folder_id"
+                f" WHERE f.name = ? AND m.uid IN ({marks})"
+            )
+            result.update(self._db.execute(sql, (name, *chunk)).fetchall())
+        return result
+
+    def messages(self, folder: str | None = None, *, uids: Iterable[int] | None = None) -> list[Message]:
+        """Rows in (folder, uid) order: all, a folder's, or (with a folder) those UIDs of it."""
+        query = (
+            "SELECT f.name, m.uid, m.path, m.flags, m.modseq, m.internal_date, m.size"
+            " FROM messages m JOIN folders f ON f.id = m.folder_id"
+        )
+        if folder is None:
+            return [Message(*row) for row in self._db.execute(query + " ORDER BY f.name, m.uid")]
+        if uids is None:
+            return [Message(*row) for row in self._db.execute(query + " WHERE f.name = ? ORDER BY m.uid", (folder,))]
+        wanted = sorted(set(uids))
+        rows: list[Message] = []
+        for start in range(0, len(wanted), _IN_LIMIT):
+            chunk = wanted[start : start + _IN_LIMIT]
+            marks = ",".join("?" * len(chunk))
+            sql = f"{query} WHERE f.name = ? AND m.uid IN ({marks}) ORDER BY m.uid"
+            rows.extend(Message(*row) for row in self._db.execute(sql, (folder, *chunk)))
+        return rows
+
+    def paths(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT path FROM messages")}
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes, messages) across all folders: what quota counts."""
+        total, count = self._db.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM messages").fetchone()
+        return int(total), int(count)
+
+
+class Index(_Queries):
+    """A live mailbox's index, read and written."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, sqlite3.connect(path, isolation_level=None, check_same_thread=False))
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{path}: index schema {version} is newer than this mailnode ({SCHEMA_VERSION})")
+        if version == 0:
+            self._db.executescript(_SCHEMA)
+        else:
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step]:
+                    self._db.execute(statement)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Cursor]:
@@ -241,19 +294,6 @@ class Index:
                 self._bump_modseq(cur, folder.id)
         return removed
 
-    def structures(self, name: str, uids: Iterable[int]) -> dict[int, str | None]:
-        wanted = sorted(set(uids))
-        result: dict[int, str | None] = {}
-        for start in range(0, len(wanted), _IN_LIMIT):
-            chunk = wanted[start : start + _IN_LIMIT]
-            marks = ",".join("?" * len(chunk))
-            sql = (
-                "SELECT m.uid, m.structure FROM messages m JOIN folders f ON f.id = m.folder_id"
-                f" WHERE f.name = ? AND m.uid IN ({marks})"
-            )
-            result.update(self._db.execute(sql, (name, *chunk)).fetchall())
-        return result
-
     def set_structures(self, name: str, structures: dict[int, str]) -> None:
         """Cache parsed structures, all in one transaction (one fsync, not one per message)."""
         with self._transaction() as cur:
@@ -303,28 +343,6 @@ class Index:
             raise
         return uids
 
-    def messages(self, folder: str | None = None, *, uids: Iterable[int] | None = None) -> list[Message]:
-        """Rows in (folder, uid) order: all, a folder's, or (with a folder) those UIDs of it."""
-        query = (
-            "SELECT f.name, m.uid, m.path, m.flags, m.modseq, m.internal_date, m.size"
-            " FROM messages m JOIN folders f ON f.id = m.folder_id"
-        )
-        if folder is None:
-            return [Message(*row) for row in self._db.execute(query + " ORDER BY f.name, m.uid")]
-        if uids is None:
-            return [Message(*row) for row in self._db.execute(query + " WHERE f.name = ? ORDER BY m.uid", (folder,))]
-        wanted = sorted(set(uids))
-        rows: list[Message] = []
-        for start in range(0, len(wanted), _IN_LIMIT):
-            chunk = wanted[start : start + _IN_LIMIT]
-            marks = ",".join("?" * len(chunk))
-            sql = f"{query} WHERE f.name = ? AND m.uid IN ({marks}) ORDER BY m.uid"
-            rows.extend(Message(*row) for row in self._db.execute(sql, (folder, *chunk)))
-        return rows
-
-    def paths(self) -> set[str]:
-        return {row[0] for row in self._db.execute("SELECT path FROM messages")}
-
     def forget(self, paths: Iterable[str]) -> None:
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -334,7 +352,64 @@ class Index:
             self._db.execute("ROLLBACK")
             raise
 
-    def usage(self) -> tuple[int, int]:
-        """(bytes, messages) across all folders: what quota counts."""
-        total, count = self._db.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM messages").fetchone()
-        return int(total), int(count)
+    # -- for staged copies (mailnode.store.staging), with the mailbox's lock held -----------------------
+
+    def checkpoint_wal(self) -> tuple[int, bool]:
+        """Fold the WAL into the main file (`PRAGMA wal_checkpoint(TRUNCATE)`), on a connection of its
+        own. Returns (messages, done); not done when a reader kept the WAL from being truncated."""
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            messages = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+            busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            db.close()
+        return messages, not busy
+
+    def copy_to(self, target: Path) -> None:
+        """Copy the index into a new file with SQLite's backup API (rows, not files: quick)."""
+        source = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            copy = sqlite3.connect(target, isolation_level=None)
+            try:
+                # No journal, no fsync: a staged copy is thrown away when anything fails (and at start),
+                # and these are the writes inside the pause. The copy is the source's pages, WAL header too.
+                copy.execute("PRAGMA synchronous=OFF")
+                copy.execute("PRAGMA journal_mode=OFF")
+                source.backup(copy)
+            finally:
+                copy.close()
+        finally:
+            source.close()
+
+
+Error = sqlite3.Error
+"""What a Reader raises for a file that is not a readable index (its message is SQLite's)."""
+
+
+class Reader(_Queries):
+    """An index file opened read-only, writing nothing beside it (no -wal or -shm): the file must not
+    change while it is open, which holds for a staged copy and for a file just extracted."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro&immutable=1", uri=True))
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def check(self) -> list[str]:
+        """The problems SQLite's integrity check finds; none for a sound file."""
+        problems = [str(row[0]) for row in self._db.execute("PRAGMA integrity_check")]
+        return [] if problems == ["ok"] else problems
+
+    def folder_names(self) -> list[str]:
+        """The folders' names, sorted (the one column every schema version has)."""
+        return [str(row[0]) for row in self._db.execute("SELECT name FROM folders ORDER BY name")]
+
+    def files(self) -> list[tuple[str, int]]:
+        """(path, size) of every message file, in (folder, uid) order: plain tuples, for 100,000 rows."""
+        return self._db.execute(
+            "SELECT m.path, m.size FROM messages m JOIN folders f ON f.id = m.folder_id ORDER BY f.name, m.uid"
+        ).fetchall()

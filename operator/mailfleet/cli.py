@@ -34,7 +34,7 @@ def render_files(paths: list[Path], *, image: str, dkim_key: Path | None = None)
         domain = resolved.domain
         private_key = files.dkim_key(dkim_key)
         try:
-            objects = specs.render(
+            rendered = specs.render(
                 domain,
                 resolved.mailboxes,
                 resolved.passwords,
@@ -44,7 +44,7 @@ def render_files(paths: list[Path], *, image: str, dkim_key: Path | None = None)
             )
         except ValueError as error:
             raise files.RenderError(f"{resolved.path}: MailDomain {domain.metadata.name}: {error}") from error
-        parts += [specs.dump(obj) for obj in objects]
+        parts += [specs.dump(obj) for obj in rendered.in_apply_order()]
         record = files.dkim_record(private_key, str(dkim_key or "generated DKIM key"))
         comments.append(f"# DNS records to publish for MailDomain {domain.metadata.name}:")
         comments += [f"#   {line}" for line in files.dns_lines(domain, dkim_record=record)]

@@ -24,7 +24,7 @@ from typing import Any, Final
 import aiohttp.web
 import kopf
 
-from mailfleet import k8s, specs
+from mailfleet import k8s, kube_types, specs
 from mailfleet.k8s.events import Recorder
 from mailfleet.metrics import OperatorMetrics
 from mailfleet.options import OperatorOptions
@@ -112,7 +112,7 @@ class IndexView:
         found = self._indices[index]
         return list(found[key]) if key in found else []
 
-    def mailboxes(self, namespace: str | None, mail_domain: str) -> list[Mapping[str, Any]]:
+    def mailboxes(self, namespace: str | None, mail_domain: str) -> list[kube_types.Mailbox]:
         return self._get("mailboxes_by_domain", (namespace, mail_domain.lower()))
 
     def serving(self, namespace: str | None, mail_domain: str) -> list[str]:
@@ -124,7 +124,7 @@ class IndexView:
     def namespaces(self) -> list[str]:
         return sorted(str(namespace) for namespace in self._indices["domains_by_namespace"])
 
-    def backups(self, namespace: str | None, domain_name: str) -> list[Mapping[str, Any]]:
+    def backups(self, namespace: str | None, domain_name: str) -> list[kube_types.MailBackup]:
         return self._get("mailbackups_by_domain", (namespace, domain_name))
 
     def secret_users(self, namespace: str | None, secret: str) -> list[str]:

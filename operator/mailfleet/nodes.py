@@ -1,16 +1,19 @@
 """What the operator asks the mail nodes over their HTTP port (8080; the nodes' NetworkPolicy admits the
 operator's pods, labelled app.kubernetes.io/name: mailfleet-operator, from any namespace): each
 mailbox's usage, for the Mailbox status (reconcile/usage.py); the checkpoint and the archives a
-MailBackup takes (reconcile/backup.py; the endpoints are docs/backups.md's)."""
+MailBackup takes (reconcile/backup.py; the endpoints are docs/backups.md's). Requests and answers are the
+models of mailwire.admin, the ones the node answers with."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiohttp
+import pydantic
+
+from mailwire import admin
 
 # Where node <ordinal> of a MailDomain answers, inside the cluster: the pod's name in its headless Service.
 IN_CLUSTER: Final = "http://{pod}.{service}.{namespace}.svc:8080"
@@ -20,29 +23,12 @@ TIMEOUT: Final = aiohttp.ClientTimeout(total=10)
 SNAPSHOT_TIMEOUT: Final = aiohttp.ClientTimeout(total=45)
 
 
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    bytes: int
-    messages: int
+# What the reconcilers read, by their names here.
+Usage = admin.MailboxUsage
+Checkpoint = admin.Checkpoint  # writes are paused, the node's volume holds `point_in_time`
+Archive = admin.Archive
 
-
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    """A node's answer to POST /snapshot: writes are paused, its volume holds `point_in_time`."""
-
-    point_in_time: str
-    hold_until: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Archive:
-    """A node's record of an archive (POST /backups, GET /backups/<name>)."""
-
-    name: str
-    state: str  # Running, Completed or Failed
-    path: str
-    point_in_time: str | None
-    error: str | None
+Answer = TypeVar("Answer", bound=admin.Message)
 
 
 class NodeError(Exception):
@@ -73,14 +59,15 @@ async def _ask(
     endpoint: str,
     *,
     params: Mapping[str, str] | None = None,
-    body: Mapping[str, Any] | None = None,
+    body: admin.Message | None = None,
     ok: tuple[int, ...] = (200,),
     time_limit: aiohttp.ClientTimeout = TIMEOUT,
 ) -> tuple[int, Any]:
     """(status, JSON answer) of one request; NodeError with the node's {"error"} for any other status."""
     what = f"{method} {endpoint}"
     try:
-        async with session.request(method, endpoint, params=params, json=body, timeout=time_limit) as response:
+        json_body = None if body is None else body.to_json()
+        async with session.request(method, endpoint, params=params, json=json_body, timeout=time_limit) as response:
             text = await response.text()
             status = response.status
     except (aiohttp.ClientError, TimeoutError) as error:
@@ -97,59 +84,43 @@ async def _ask(
     return status, data
 
 
+def _read(model: type[Answer], what: str, data: Mapping[str, Any]) -> Answer:
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as error:
+        raise NodeError(f"{what}: unexpected answer ({admin.problem(error)})") from error
+
+
 async def usage(session: aiohttp.ClientSession, base: str) -> dict[str, Usage]:
     """GET <base>/usage: address -> usage, for every mailbox in the node's directory."""
     endpoint = f"{base.rstrip('/')}/usage"
     _, data = await _ask(session, "GET", endpoint)
-    try:
-        return {
-            str(address): Usage(int(used["bytes"]), int(used["messages"]))
-            for address, used in data["mailboxes"].items()
-        }
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise NodeError(f"GET {endpoint}: unexpected answer ({error})") from error
+    return _read(admin.Usage, f"GET {endpoint}", data).mailboxes
 
 
 async def checkpoint(session: aiohttp.ClientSession, base: str, *, hold: int) -> Checkpoint:
     """POST <base>/snapshot?hold=<hold>: the node pauses writes (until `resume` or the hold runs out)."""
     endpoint = f"{base.rstrip('/')}/snapshot"
     _, data = await _ask(session, "POST", endpoint, params={"hold": str(hold)}, time_limit=SNAPSHOT_TIMEOUT)
-    if not data.get("pointInTime"):
-        raise NodeError(f"POST {endpoint}: no pointInTime in the answer {data!r}")
-    return Checkpoint(str(data["pointInTime"]), str(data.get("holdUntil") or ""))
+    return _read(admin.Checkpoint, f"POST {endpoint}", data)
 
 
 async def resume(session: aiohttp.ClientSession, base: str) -> float | None:
     """DELETE <base>/snapshot: writes resume. The seconds they were paused, or None when the node held
     no checkpoint (409: the hold ran out, or the node restarted)."""
-    status, data = await _ask(session, "DELETE", f"{base.rstrip('/')}/snapshot", ok=(200, 409))
+    endpoint = f"{base.rstrip('/')}/snapshot"
+    status, data = await _ask(session, "DELETE", endpoint, ok=(200, 409))
     if status == 409:
         return None
-    try:
-        return float(data.get("pausedSeconds") or 0.0)
-    except (TypeError, ValueError):
-        return 0.0
-
-
-def _archive(endpoint: str, data: Mapping[str, Any]) -> Archive:
-    state = data.get("state")
-    if state not in ("Running", "Completed", "Failed"):
-        raise NodeError(f"{endpoint}: unexpected archive state {state!r}")
-    return Archive(
-        name=str(data.get("name") or ""),
-        state=str(state),
-        path=str(data.get("path") or ""),
-        point_in_time=str(data["pointInTime"]) if data.get("pointInTime") else None,
-        error=str(data["error"]) if data.get("error") else None,
-    )
+    return _read(admin.Resumed, f"DELETE {endpoint}", data).paused_seconds
 
 
 async def start_archive(session: aiohttp.ClientSession, base: str, name: str) -> Archive:
     """POST <base>/backups {"name"}: the node writes the archive in the background. Posting a name again
     returns its record, so this is safe to repeat."""
     endpoint = f"{base.rstrip('/')}/backups"
-    _, data = await _ask(session, "POST", endpoint, body={"name": name}, ok=(200, 201, 202))
-    return _archive(f"POST {endpoint}", data)
+    _, data = await _ask(session, "POST", endpoint, body=admin.BackupRequest(name=name), ok=(200, 201, 202))
+    return _read(admin.Archive, f"POST {endpoint}", data)
 
 
 async def delete_archive(session: aiohttp.ClientSession, base: str, name: str) -> bool:
@@ -165,4 +136,4 @@ async def archive(session: aiohttp.ClientSession, base: str, name: str) -> Archi
     status, data = await _ask(session, "GET", endpoint, ok=(200, 404))
     if status == 404:
         return None
-    return _archive(f"GET {endpoint}", data)
+    return _read(admin.Archive, f"GET {endpoint}", data)

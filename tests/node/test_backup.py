@@ -2,7 +2,7 @@
 they bring back.
 
 Aspects: GET /backup and POST /backups taken while several SMTP sessions keep delivering, each restored
-whole into an empty data directory (archive.restore_node) and served by a new node: every message
+whole into an empty data directory (noderestore.restore_node) and served by a new node: every message
 acknowledged before the archive's point in time is there exactly once, byte for byte (what IMAP FETCH
 returns and the file on disk, past the node's trace headers), the index agrees with the files, and the
 outbound queue comes back; POST /restore brings one mailbox back under another name (folders, flags,
@@ -45,9 +45,10 @@ from unittest import mock
 import pytest
 
 from mailnode.admin.http import BackupOps, build_app
-from mailnode.backup import archive
+from mailnode.backup import archive, noderestore
 from mailnode.metrics import NodeMetrics
-from mailnode.store.mailstore import IndexCopy, MailboxUsage
+from mailnode.store.mailboxes import MailboxUsage
+from mailnode.store.staging import IndexCopy
 from tests.node.conftest import TRACE_BLOCK, NodeFactory, RunningNode, mailbox, refused_from_the_pod_network
 from tests.node.test_checkpoint import call, paused
 from tests.node.test_imap import connect
@@ -234,7 +235,7 @@ def test_archives_taken_under_load_restore_every_acknowledged_message(
         senders.stop()
 
     streamed_at = datetime.datetime.fromisoformat(headers["X-Mailfleet-Point-In-Time"])
-    written_at = datetime.datetime.fromisoformat(record["pointInTime"])
+    written_at = datetime.datetime.fromisoformat(record["point_in_time"])
     assert streamed_at < written_at
     for number, (path, point_in_time) in enumerate(
         [(tmp_path / "streamed.tar", streamed_at), (Path(record["path"]), written_at)]
@@ -251,7 +252,7 @@ def test_archives_taken_under_load_restore_every_acknowledged_message(
         else:
             assert (record["messages"], record["mailboxes"]) == (summary.messages, len(summary.mailboxes))
             assert record["bytes"] == path.stat().st_size
-        archive.restore_node(path, tmp_path / f"restored-{number}" / "data")
+        noderestore.restore_node(path, tmp_path / f"restored-{number}" / "data")
         restored = node_factory(MAILBOXES, name=f"restored-{number}", **settings)
         assert check_restored(restored, client_tls, senders, point_in_time) == summary.messages
         assert [m["id"] for m in json.loads(restored.http_get("/queue")[1])] == [queued["id"]]
@@ -405,7 +406,7 @@ def test_backup_records_survive_a_restart(node_factory: NodeFactory, tmp_path: P
         "name": "nightly-1",
         "state": "Completed",
         "path": str(path),
-        "pointInTime": record["pointInTime"],
+        "point_in_time": record["point_in_time"],
         "mailboxes": 1,
         "messages": 2,
         "bytes": path.stat().st_size,
@@ -489,15 +490,15 @@ class HeldStaging:
         self.linking = threading.Event()  # set once the staging has reached its linking step
         self._release = threading.Event()
         self.outcome: list[dict[str, str] | tuple[int, Any]] = []  # the headers, or (status, body) of a failure
-        store = node.node.store
-        link_files = store.link_files
+        staging = node.node.store.staging
+        link_files = staging.link_files
 
         async def held(copies: list[IndexCopy]) -> dict[str, MailboxUsage]:
             self.linking.set()
             await asyncio.get_running_loop().run_in_executor(None, self._release.wait, 60)
             return await link_files(copies)
 
-        monkeypatch.setattr(store, "link_files", held)
+        monkeypatch.setattr(staging, "link_files", held)
         self._thread = threading.Thread(target=self._backup, args=(node,))
         self._thread.start()
         assert self.linking.wait(60), "the staging did not reach its linking step"
@@ -537,7 +538,7 @@ def held_staging(
 
 
 def pinned(node: RunningNode) -> bool:
-    return node.node.store.pinned
+    return node.node.store.staging.pinned
 
 
 def mailbox_dir(node: RunningNode, address: str = USER) -> Path:
@@ -642,7 +643,7 @@ def test_a_folder_rename_waits_for_the_staging(
     renamed: list[tuple[str, Any]] = []
     thread = threading.Thread(target=lambda: renamed.append(renamer.rename("Projects", "Renamed")))
     thread.start()
-    wait_for("the RENAME to wait for the staging", lambda: node.node.store.pin_waiting == 1)
+    wait_for("the RENAME to wait for the staging", lambda: node.node.store.staging.pin_waiting == 1)
     assert thread.is_alive() and renamed == []
     assert (mailbox_dir(node) / "Projects").is_dir()
     deliver(node, "meanwhile")  # other writes go on
@@ -706,7 +707,7 @@ def test_an_archive_waits_for_a_snapshot_hold(node: RunningNode, tmp_path: Path)
 async def test_archives_and_restores_are_for_loopback_clients_only() -> None:
     checkpoint, restore = mock.Mock(), mock.AsyncMock()
     ops = BackupOps(checkpoint=checkpoint, jobs=mock.Mock(), restore=restore, max_hold=600)
-    app = build_app(metrics=NodeMetrics(), ready=lambda: True, status=dict, backups=ops)
+    app = build_app(metrics=NodeMetrics(), ready=lambda: True, status=mock.AsyncMock(), backups=ops)
     await refused_from_the_pod_network(app, [("GET", "/backup"), ("POST", "/restore")])
     checkpoint.staged.assert_not_called()
     restore.assert_not_called()

@@ -68,16 +68,16 @@ def test_a_snapshot_answers_its_point_in_time_with_every_index_whole(node: Runni
     status, body = call(node, "POST", "/snapshot?hold=30")
 
     assert status == 200, body
-    point_in_time = datetime.datetime.fromisoformat(body["pointInTime"])
+    point_in_time = datetime.datetime.fromisoformat(body["point_in_time"])
     assert before <= point_in_time <= datetime.datetime.now(datetime.UTC)
-    assert datetime.datetime.fromisoformat(body["holdUntil"]) == point_in_time + datetime.timedelta(seconds=30)
+    assert datetime.datetime.fromisoformat(body["hold_until"]) == point_in_time + datetime.timedelta(seconds=30)
     assert (body["mailboxes"], body["messages"], body["queued"]) == (2, 3, 0)
     assert [f.stat().st_size for f in wal_files] == [0, 0]  # each index whole in its main file
     assert paused(node)
 
     status, body = call(node, "DELETE", "/snapshot")
     assert status == 200
-    assert body["pausedSeconds"] >= 0
+    assert body["paused_seconds"] >= 0
     assert not paused(node)
     deliver(node, USER)  # writes go on
     assert len(node.files.stored(USER)) == 3
@@ -206,7 +206,7 @@ def test_the_hold_is_capped_by_the_config(node_factory: NodeFactory) -> None:
     assert call(node, "POST", "/snapshot?hold=6")[0] == 400
     status, body = call(node, "POST", "/snapshot")  # the default hold (60 s) is capped too
     assert status == 200
-    hold = datetime.datetime.fromisoformat(body["holdUntil"]) - datetime.datetime.fromisoformat(body["pointInTime"])
+    hold = datetime.datetime.fromisoformat(body["hold_until"]) - datetime.datetime.fromisoformat(body["point_in_time"])
     assert hold == datetime.timedelta(seconds=5)
     call(node, "DELETE", "/snapshot")
 
@@ -258,7 +258,7 @@ def test_metrics_and_status_follow_the_checkpoint(node: RunningNode) -> None:
     assert node.metric("mailnode_checkpoints_total", result="ok") == 1
     backup = json.loads(node.http_get("/status")[1])["backup"]
     assert backup["paused"] is True
-    assert backup["hold_until"] == body["holdUntil"]
+    assert backup["hold_until"] == body["hold_until"]
     assert backup["last"] is None
 
     assert call(node, "DELETE", "/snapshot")[0] == 200

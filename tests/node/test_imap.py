@@ -1,7 +1,7 @@
 """The IMAP server driven by imaplib over real sockets: TLS and login, folders (LIST, CREATE, RENAME,
 DELETE, SUBSCRIBE, STATUS, special-use), FETCH items, STORE with CONDSTORE, SEARCH, COPY/MOVE with
 UIDPLUS, EXPUNGE, APPEND, IDLE woken by SMTP delivery, sessions seeing each other's changes, quota,
-and bad input answered with BAD or NO while the session goes on."""
+bad input answered with BAD or NO while the session goes on, and every command of the table dispatched."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from mailnode.imap import commands
 from tests.node.conftest import PASSWORD, NodeFactory, RunningNode, mailbox
 
 CORPUS = Path(__file__).parent.parent / "corpus"
@@ -396,6 +397,24 @@ def test_bad_input_is_answered_and_the_session_goes_on(node: RunningNode, client
         assert reply.startswith(expected), (line, reply)
     assert client.noop()[0] == "OK"
     client.logout()
+
+
+def test_every_declared_command_reaches_its_handler(imap: imaplib.IMAP4) -> None:
+    """The session dispatches through commands.TABLE: no declared command is unknown to it."""
+    # IDLE waits for DONE; LOGOUT, CLOSE and UNSELECT leave the state the others are sent in.
+    leave_out = {"IDLE", "LOGOUT", "CLOSE", "UNSELECT"}
+    imap.select("INBOX")
+    for number, command in enumerate(commands.TABLE.commands):
+        if command.name in leave_out:
+            continue
+        tag = f"d{number}".encode()
+        imap.send(tag + b" " + command.name.encode() + b"\r\n")  # without arguments: BAD, NO or OK
+        reply = imap.readline()
+        while not reply.startswith(tag + b" "):
+            reply = imap.readline()
+        assert b"Unknown command" not in reply, reply
+        assert b"needs a selected mailbox" not in reply, reply  # still selected
+    assert imap.noop()[0] == "OK"
 
 
 def test_overlong_line_ends_the_session(node: RunningNode, client_tls: ssl.SSLContext) -> None:

@@ -166,7 +166,7 @@ def test_only_loopback_clients_may_change_the_queue(remote: str | None, allowed:
 
 async def test_a_change_from_the_pod_network_is_refused() -> None:
     spool = mock.AsyncMock()
-    app = build_app(metrics=NodeMetrics(), ready=lambda: True, status=dict, queue=spool)
+    app = build_app(metrics=NodeMetrics(), ready=lambda: True, status=mock.AsyncMock(), queue=spool)
     await refused_from_the_pod_network(app, [("POST", "/queue/1/retry"), ("DELETE", "/queue/1")])
     spool.retry_now.assert_not_called()
     spool.delete.assert_not_called()

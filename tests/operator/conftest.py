@@ -174,7 +174,7 @@ async def events(client: k8s.Client, name: str, reason: str | None = None) -> li
 
 
 async def status_of(
-    client: k8s.Client, kind: k8s.Kind, name: str, type_: str = "Ready", **expected: object
+    client: k8s.Client, kind: k8s.Kind[Any], name: str, type_: str = "Ready", **expected: object
 ) -> dict[str, Any] | None:
     """The object once its condition `type_` has the expected fields (status, reason), else None."""
     obj = await client.get(kind, NAMESPACE, name)

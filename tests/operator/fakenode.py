@@ -1,5 +1,7 @@
-"""A fake mail node: the admin endpoints a MailBackup uses (docs/backups.md: POST and DELETE /snapshot,
-POST /backups, GET /backups/<name>), over real HTTP on 127.0.0.1, recording every call in order.
+"""A fake mail node: the admin endpoints the operator uses (GET /usage, and docs/backups.md's POST and
+DELETE /snapshot, POST /backups, GET and DELETE /backups/<name>), over real HTTP on 127.0.0.1, recording
+every call in order. It answers with the real node's models (mailwire.admin); tests/node/test_wire_contract.py
+runs the operator's node client against it and against a real node, with the same assertions.
 
 The operator's tests (tests/operator/test_backup.py on kmock, tests/cluster/test_backup.py on a real API
 server) point the operator's node URL at it. Switches make it refuse: `refuse_snapshot` answers every
@@ -20,6 +22,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import aiohttp.web
+import pydantic
+
+from mailwire import admin
 
 STORE_NOT_OPEN = "the store is not open"
 
@@ -53,7 +58,9 @@ class FakeNode:
         self.on_resume: Callable[[], Awaitable[Any]] | None = None
         self.seen_at_resume: list[Any] = []  # what on_resume returned, at each DELETE /snapshot
         self.point_in_time: str | None = None  # of the last checkpoint
-        self.archives: dict[str, dict[str, Any]] = {}
+        # GET /usage; the checkpoints and archives count these mailboxes and messages
+        self.usage: dict[str, admin.MailboxUsage] = {"alice@example.com": admin.MailboxUsage(bytes=2048, messages=2)}
+        self.archives: dict[str, admin.Archive] = {}
         self.holds_expired = 0
         self._hold: asyncio.TimerHandle | None = None
         self._paused_at = 0.0
@@ -69,6 +76,7 @@ class FakeNode:
 
     async def start(self) -> str:
         app = aiohttp.web.Application(middlewares=[self._record])
+        app.router.add_get("/usage", self._usage)
         app.router.add_post("/snapshot", self._checkpoint)
         app.router.add_delete("/snapshot", self._resume)
         app.router.add_post("/backups", self._start_archive)
@@ -103,11 +111,18 @@ class FakeNode:
         self.calls.append(Call(request.method, request.path, dict(request.query), response.status, time.time()))
         return response
 
+    @property
+    def _messages(self) -> int:
+        return sum(used.messages for used in self.usage.values())
+
+    async def _usage(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        return _answer(admin.Usage(mailboxes=self.usage))
+
     async def _checkpoint(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
         if self.refuse_snapshot is not None:
             return _error(*self.refuse_snapshot)
         try:
-            hold = int(request.query.get("hold", "60"))
+            hold = float(request.query.get("hold", "60"))
         except ValueError:
             return _error(400, "hold must be a number of seconds")
         if not 1 <= hold <= self.max_hold:
@@ -117,9 +132,15 @@ class FakeNode:
         self._hold = asyncio.get_running_loop().call_later(hold, self._expire)
         self._paused_at = time.monotonic()
         self.point_in_time = _now()
-        until = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=hold)).isoformat()
-        return aiohttp.web.json_response(
-            {"pointInTime": self.point_in_time, "holdUntil": until, "mailboxes": 1, "messages": 2, "queued": 0}
+        until = datetime.datetime.fromisoformat(self.point_in_time) + datetime.timedelta(seconds=hold)
+        return _answer(
+            admin.Checkpoint(
+                point_in_time=self.point_in_time,
+                hold_until=until.isoformat(),
+                mailboxes=len(self.usage),
+                messages=self._messages,
+                queued=0,
+            )
         )
 
     def _expire(self) -> None:
@@ -135,53 +156,54 @@ class FakeNode:
         if hold is None:  # ran out while on_resume looked
             return _error(409, "no checkpoint in progress")
         hold.cancel()
-        return aiohttp.web.json_response({"pausedSeconds": round(time.monotonic() - self._paused_at, 3)})
+        return _answer(admin.Resumed(paused_seconds=round(time.monotonic() - self._paused_at, 3)))
 
     async def _start_archive(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
-        name = str((await request.json()).get("name") or "")
-        if not name:
-            return _error(400, "name is required")
+        try:
+            name = admin.BackupRequest.model_validate(await request.json()).name
+        except pydantic.ValidationError as error:
+            return _error(400, admin.problem(error))
         if name in self.archives:
-            return aiohttp.web.json_response(self.archives[name])
-        record: dict[str, Any] = {
-            "name": name,
-            "state": "Running",
-            "path": f"{self.backup_dir}/{name}.tar",
-            "pointInTime": _now(),
-            "mailboxes": 1,
-            "messages": 2,
-            "bytes": 0,
-            "error": None,
-        }
+            return _answer(self.archives[name])
+        record = admin.Archive(name=name, state="Running", path=f"{self.backup_dir}/{name}.tar", point_in_time=_now())
         self.archives[name] = record
-        asyncio.get_running_loop().call_later(self.archive_seconds, self._archive_written, record)
-        return aiohttp.web.json_response(record, status=202)
+        asyncio.get_running_loop().call_later(self.archive_seconds, self._archive_written, name)
+        return _answer(record, status=202)
 
-    def _archive_written(self, record: dict[str, Any]) -> None:
+    def _archive_written(self, name: str) -> None:
+        record = self.archives.get(name)
+        if record is None:
+            return
         if self.archive_error is not None:
-            record.update(state="Failed", error=self.archive_error)
+            self.archives[name] = record.model_copy(update={"state": "Failed", "error": self.archive_error})
         else:
-            record.update(state="Completed", bytes=4096)
+            counts = {"mailboxes": len(self.usage), "messages": self._messages, "bytes": 4096}
+            self.archives[name] = record.model_copy(update={"state": "Completed", **counts})
 
     async def _archive(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
-        record = self.archives.get(request.match_info["name"])
+        name = request.match_info["name"]
+        record = self.archives.get(name)
         if record is None:
-            return _error(404, f"no backup {request.match_info['name']}")
-        return aiohttp.web.json_response(record)
+            return _error(404, f"no backup named {name!r}")
+        return _answer(record)
 
     async def _delete_archive(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
         name = request.match_info["name"]
         record = self.archives.get(name)
         if record is None:
             return _error(404, f"no backup named {name!r}")
-        if record["state"] == "Running":
+        if record.state == "Running":
             return _error(409, f"archive {name!r} is being written")
         del self.archives[name]
-        return aiohttp.web.json_response({**record, "deleted": True})
+        return _answer(admin.DeletedArchive(**record.model_dump()))
+
+
+def _answer(model: admin.Message, *, status: int = 200) -> aiohttp.web.Response:
+    return aiohttp.web.json_response(model.to_json(), status=status)
 
 
 def _error(status: int, message: str) -> aiohttp.web.Response:
-    return aiohttp.web.json_response({"error": message}, status=status)
+    return _answer(admin.Error(error=message), status=status)
 
 
 @contextmanager

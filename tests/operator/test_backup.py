@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from mailfleet import handlers, k8s
+from mailwire import admin
 from tests.operator.conftest import (
     CONFIGMAP,
     MAILBACKUP,
@@ -87,7 +88,7 @@ async def domain_with_claim(client: k8s.Client, operator: handlers.Operator) -> 
     await client.create(node_claim("data-example-com-0"))
 
 
-async def set_status(client: k8s.Client, kind: k8s.Kind, name: str, status: dict[str, Any]) -> None:
+async def set_status(client: k8s.Client, kind: k8s.Kind[Any], name: str, status: dict[str, Any]) -> None:
     await client.patch(kind, NAMESPACE, name, {"status": status}, subresource="status")
 
 
@@ -256,7 +257,7 @@ async def test_an_archive_backup_lists_where_each_node_wrote_it(api: ApiServer, 
         done = await eventually(lambda: phase_of(client, "b1", "Completed"))
         assert backups_counted(operator, "Archive", "completed") == 1
     assert done["status"]["snapshots"] == ["example-com-0:/var/lib/mailnode/backups/b1.tar"]
-    assert done["status"]["pointInTime"] == node.archives["b1"]["pointInTime"]
+    assert done["status"]["pointInTime"] == node.archives["b1"].point_in_time
     assert [(c.endpoint, c.status) for c in node.calls[:2]] == [("POST /backups", 503), ("POST /backups", 202)]
     assert set(node.endpoints()[2:]) == {"GET /backups/b1"}
 
@@ -324,7 +325,7 @@ async def test_a_restarted_operator_asks_again_for_a_running_archive(api: ApiSer
     await client.create(maildomain())
     await client.create(mailbackup("b1", method="Archive"))
     await set_status(client, MAILBACKUP, "b1", {"phase": "Running", "startedAt": _now()})
-    node.archives["b1"] = {"name": "b1", "state": "Completed", "path": "/backups/b1.tar", "pointInTime": _now()}
+    node.archives["b1"] = admin.Archive(name="b1", state="Completed", path="/backups/b1.tar", point_in_time=_now())
     async with run_operator(**fast(node)):
         done = await eventually(lambda: phase_of(client, "b1", "Completed"))
     assert done["status"]["snapshots"] == ["example-com-0:/backups/b1.tar"]

@@ -21,6 +21,7 @@ import datetime
 from typing import Any
 
 from mailfleet import handlers, k8s
+from mailwire import admin
 from tests.operator.conftest import (
     MAILBACKUP,
     MAILDOMAIN,
@@ -360,7 +361,7 @@ async def test_retention_deletes_archives_on_the_node_and_waits_for_a_node_that_
     for name, day in zip(scheduled, days, strict=True):
         await finished_backup(client, name, completed_at=day + datetime.timedelta(minutes=5), scheduled=True)
         path = f"{node.backup_dir}/{name}.tar"
-        node.archives[name] = {"name": name, "state": "Completed", "path": path, "pointInTime": rfc3339(day)}
+        node.archives[name] = admin.Archive(name=name, state="Completed", path=path, point_in_time=rfc3339(day))
         snapshots = {"snapshots": [f"example-com-0:{path}"]}
         await client.patch(MAILBACKUP, NAMESPACE, name, {"status": snapshots}, subresource="status")
     node.unavailable = 10**6  # the node answers 503 to everything

@@ -1,4 +1,5 @@
-"""Archives (mailnode.backup.archive) on a real file system, from a staged directory built with the
+"""Archives (mailnode.backup.archive, its tar codec mailnode.backup.tarcodec and the whole-node restore
+mailnode.backup.noderestore) on a real file system, from a staged directory built with the
 store's own Index and Maildir layout: what `write` puts in (members in the documented order, mode 0600,
 the manifest), that `verify` accepts it (plain and gzip, written to a stream that cannot seek) and
 refuses a damaged one naming the member (a flipped byte, truncation, a missing, extra, misplaced or
@@ -24,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailnode.backup import archive
+from mailnode.backup import archive, noderestore, tarcodec
 from mailnode.store import durable, index, maildir
 
 POINT = datetime.datetime(2026, 11, 27, 7, 0, 0, 123456, tzinfo=datetime.UTC)
@@ -95,7 +96,7 @@ def staged(tmp_path: Path) -> Path:
 
 def write(staged: Path, path: Path) -> archive.Summary:
     with path.open("wb") as out:
-        return archive.write(staged, out, node=NODE, point_in_time=POINT, compress=archive.is_compressed(path))
+        return archive.write(staged, out, node=NODE, point_in_time=POINT, compress=tarcodec.is_compressed(path))
 
 
 @pytest.fixture
@@ -258,7 +259,7 @@ def test_gzip_archives_write_verify_and_restore(staged: Path, tmp_path: Path) ->
     summary = write(staged, path)
     assert path.read_bytes()[:2] == b"\x1f\x8b"
     assert archive.verify(path) == summary
-    assert archive.restore_node(path, tmp_path / "data") == summary
+    assert noderestore.restore_node(path, tmp_path / "data") == summary
     assert [m.data for m in archive.mailbox_messages(path, BOB)] == [message(6, 70_000)]
 
 
@@ -402,9 +403,9 @@ def test_restore_node_brings_back_identical_files_and_indexes(
     staged: Path, tar_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: str
 ) -> None:
     if sync != "syncfs":  # as on a system without syncfs(2)
-        monkeypatch.setattr(archive, "_syncfs", lambda path: False)
+        monkeypatch.setattr(noderestore, "_syncfs", lambda path: False)
     data_dir = tmp_path / "data"
-    summary = archive.restore_node(tar_file, data_dir)
+    summary = noderestore.restore_node(tar_file, data_dir)
     assert summary == archive.verify(tar_file)
     restored, original = tree(data_dir), tree(staged)
     del original[maildir.mailbox_dir(Path(), ALICE).as_posix() + "/INBOX/new/1.stray,S=3"]
@@ -436,7 +437,7 @@ def test_restore_node_fills_a_data_dir_a_node_left_empty(tar_file: Path, tmp_pat
     (data_dir / "mail").mkdir(parents=True)
     (data_dir / "queue" / "messages").mkdir(parents=True)
     (data_dir / "queue" / "tmp").mkdir()
-    summary = archive.restore_node(tar_file, data_dir)
+    summary = noderestore.restore_node(tar_file, data_dir)
     assert len(maildir.mailbox_dirs(data_dir)) == len(summary.mailboxes) == 3
     assert sorted(p.name for p in (data_dir / "queue" / "messages").iterdir()) == [
         "0000000000000001.eml",
@@ -452,7 +453,7 @@ def test_restore_node_refuses_a_data_dir_with_mail_and_leaves_it_alone(
     add_mailbox(data_dir, "carol@example.com", {"INBOX": [(message(9), "")]})
     before = tree(data_dir)
     with pytest.raises(archive.ArchiveError, match=re.escape("holds mailbox carol@example.com")):
-        archive.restore_node(tar_file, data_dir)
+        noderestore.restore_node(tar_file, data_dir)
     assert tree(data_dir) == before
 
 
@@ -461,7 +462,7 @@ def test_restore_node_refuses_a_data_dir_with_queued_mail(tar_file: Path, tmp_pa
     add_queued(data_dir, "0000000000000005", message(5))
     before = tree(data_dir)
     with pytest.raises(archive.ArchiveError, match="holds queued mail"):
-        archive.restore_node(tar_file, data_dir)
+        noderestore.restore_node(tar_file, data_dir)
     assert tree(data_dir) == before
 
 
@@ -477,7 +478,7 @@ def test_a_failed_restore_leaves_nothing_behind(tar_file: Path, tmp_path: Path) 
     broken = tmp_path / "broken.tar"
     broken.write_bytes(bytes(damaged))
     with pytest.raises(archive.ArchiveError, match=re.escape(f"member {name}: SHA-256")):
-        archive.restore_node(broken, data_dir)
+        noderestore.restore_node(broken, data_dir)
     assert tree(data_dir) == {"keep.txt": b"the operator's"}
 
     def interrupted(done: int, total: int) -> None:
@@ -485,11 +486,11 @@ def test_a_failed_restore_leaves_nothing_behind(tar_file: Path, tmp_path: Path) 
             raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left"):
-        archive.restore_node(tar_file, data_dir, progress=interrupted)
+        noderestore.restore_node(tar_file, data_dir, progress=interrupted)
     assert tree(data_dir) == {"keep.txt": b"the operator's"}
     fresh = tmp_path / "fresh"
     with pytest.raises(archive.ArchiveError):
-        archive.restore_node(broken, fresh)
+        noderestore.restore_node(broken, fresh)
     assert not fresh.exists()
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from mailfleet import k8s
+from mailfleet import k8s, kube_types
 from mailfleet.k8s.events import Recorder
 from mailfleet.metrics import OperatorMetrics
-from mailfleet.reconcile import conditions, domain
+from mailfleet.reconcile import conditions, mailboxes
 from mailfleet.reconcile.conditions import Condition
 from mailfleet.reconcile.context import Context
 from mailfleet.reconcile.passwords import PasswordHasher
@@ -118,14 +118,17 @@ async def test_a_mailbox_status_is_written_once_though_the_index_still_shows_the
         hasher=PasswordHasher(),
         metrics=OperatorMetrics(),
     )
-    stale = {"metadata": {"name": "alice", "namespace": "mail", "uid": "u1", "generation": 1}, "status": {}}
+    stale: kube_types.Mailbox = {
+        "metadata": {"name": "alice", "namespace": "mail", "uid": "u1", "generation": 1},
+        "status": {},
+    }
     served = Condition("Ready", "True", "Served", "in the directory of MailDomain example-com")
-    await domain.write_mailbox_status(ctx, stale, served)
-    await domain.write_mailbox_status(ctx, stale, served)  # the index has not seen the first write yet
+    await mailboxes.write_status(ctx, stale, served)
+    await mailboxes.write_status(ctx, stale, served)  # the index has not seen the first write yet
     assert len(client.patches) == 1
     assert [event["reason"] for event in client.created] == ["Served"]
     # A new generation is written, and so is a new reason (with its Event).
-    await domain.write_mailbox_status(ctx, {**stale, "metadata": {**stale["metadata"], "generation": 2}}, served)
-    await domain.write_mailbox_status(ctx, stale, Condition("Ready", "False", "SecretNotFound", "gone"))
+    await mailboxes.write_status(ctx, {**stale, "metadata": {**stale["metadata"], "generation": 2}}, served)
+    await mailboxes.write_status(ctx, stale, Condition("Ready", "False", "SecretNotFound", "gone"))
     assert len(client.patches) == 3
     assert [event["reason"] for event in client.created] == ["Served", "SecretNotFound"]

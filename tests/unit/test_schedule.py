@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import copy
 import datetime
-from typing import Any
+from typing import Any, cast
 from unittest import mock
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailfleet import api, k8s
+from mailfleet import api, k8s, kube_types
 from mailfleet.k8s.events import Recorder
 from mailfleet.metrics import OperatorMetrics
-from mailfleet.reconcile import conditions, context, domain, schedule
+from mailfleet.reconcile import conditions, context, schedule, status
+from mailfleet.reconcile.conditions import Condition
 from mailfleet.reconcile.context import Context
 from mailfleet.reconcile.passwords import PasswordHasher
 from mailfleet.reconcile.schedule import Backup
+from mailfleet.specs import backup as backup_specs
+from mailfleet.specs.common import rfc3339
 
 UTC = datetime.UTC
 DAILY_3AM = "0 3 * * *"
@@ -44,11 +47,11 @@ def backup(
     method: str = "Archive",
 ) -> Backup:
     """A MailBackup as the index shows it, read as the schedule reads it."""
-    metadata: dict[str, Any] = {"name": name, "namespace": "mail", "creationTimestamp": "2026-01-01T00:00:00Z"}
+    metadata: kube_types.ObjectMeta = {"name": name, "namespace": "mail", "creationTimestamp": "2026-01-01T00:00:00Z"}
     if scheduled:
-        metadata["labels"] = {schedule.SCHEDULED_LABEL: "true", schedule.DOMAIN_LABEL: "example-com"}
-        metadata["annotations"] = {schedule.SCHEDULED_AT: scheduled_at or completed or "2026-01-01T00:00:00Z"}
-    status: dict[str, Any] = {}
+        metadata["labels"] = {backup_specs.SCHEDULED_LABEL: "true", backup_specs.DOMAIN_LABEL: "example-com"}
+        metadata["annotations"] = {backup_specs.SCHEDULED_AT: scheduled_at or completed or "2026-01-01T00:00:00Z"}
+    status: kube_types.MailBackupStatus = {}
     if phase is not None:
         status["phase"] = phase
     if completed is not None:
@@ -136,14 +139,14 @@ def test_the_period_of_a_weekday_schedule_spans_the_weekend() -> None:
 
 def test_the_name_is_the_domain_and_the_scheduled_minute_in_utc() -> None:
     cet = datetime.timezone(datetime.timedelta(hours=1))
-    assert schedule.backup_name("example-com", at("2026-11-27T07:05:00")) == "example-com-202611270705"
-    assert schedule.backup_name("example-com", datetime.datetime(2026, 11, 27, 8, 5, tzinfo=cet)) == (
+    assert backup_specs.backup_name("example-com", at("2026-11-27T07:05:00")) == "example-com-202611270705"
+    assert backup_specs.backup_name("example-com", datetime.datetime(2026, 11, 27, 8, 5, tzinfo=cet)) == (
         "example-com-202611270705"
     )
 
 
 def test_the_scheduled_mailbackup() -> None:
-    body = schedule.build_backup("mail", "example-com", "VolumeSnapshot", at("2026-11-27T03:00:00"))
+    body = backup_specs.scheduled_backup("mail", "example-com", "VolumeSnapshot", at("2026-11-27T03:00:00"))
     parsed = api.MailBackup.model_validate(body)  # a valid MailBackup
     assert parsed.metadata.name == "example-com-202611270300"
     assert (parsed.spec.domain_ref, parsed.spec.method) == ("example-com", "VolumeSnapshot")
@@ -154,7 +157,7 @@ def test_the_scheduled_mailbackup() -> None:
     }
     assert parsed.metadata.annotations == {"mailfleet.io/scheduled-at": "2026-11-27T03:00:00Z"}
     assert "ownerReferences" not in body["metadata"]  # a backup outlives its domain
-    read = Backup.of(body)
+    read = Backup.of(cast(kube_types.MailBackup, body))  # as the API server returns it
     assert read.scheduled and read.scheduled_at == at("2026-11-27T03:00:00") and not read.finished
 
 
@@ -223,7 +226,7 @@ def backup_sets(draw: st.DrawFn) -> list[Backup]:
                 f"b{i}",
                 scheduled=draw(st.booleans()),
                 phase=phase,
-                completed=schedule.rfc3339(finished) if phase in ("Completed", "Failed") else None,
+                completed=rfc3339(finished) if phase in ("Completed", "Failed") else None,
             )
         )
     return result
@@ -357,8 +360,22 @@ def test_health_of_an_unreadable_schedule() -> None:
     assert (condition.status, condition.reason) == ("False", "InvalidSchedule")
 
 
-def test_the_domain_reconcile_keeps_the_schedules_condition() -> None:
-    assert schedule.CONDITION in domain.SCHEDULE_CONDITIONS
+def test_the_domain_reconcile_and_the_schedule_keep_each_others_conditions() -> None:
+    """One status writer (reconcile/status.py), two sources: each replaces only what it owns."""
+    assert schedule.CONDITION in status.BACKUPS.conditions
+    healthy: kube_types.Condition = {
+        "type": "BackupsHealthy", "status": "True", "reason": "BackupsCurrent", "message": "m",
+        "lastTransitionTime": "T0", "observedGeneration": 1,
+    }  # fmt: skip
+    nodes_ready = Condition("Ready", "True", "NodesReady", "1/1 mail nodes ready")
+    reconciled = status.merged(
+        {"conditions": [healthy]}, status.Report(status.RECONCILE, [nodes_ready]), generation=2, at="T1"
+    )
+    assert [c["type"] for c in reconciled] == ["Ready", "BackupsHealthy"] and reconciled[1] == healthy
+    without_backup = status.merged({"conditions": reconciled}, status.Report(status.BACKUPS, []), generation=2, at="T2")
+    assert without_backup == reconciled[:1]  # spec.backup removed: its condition goes, Ready stays
+    with pytest.raises(ValueError, match="does not own Ready"):
+        status.Report(status.BACKUPS, [nodes_ready])
 
 
 # -- the loop, against a fake API and a fake index ----------------------------------------------------
@@ -375,7 +392,7 @@ class FakeApi:
         self.patches: list[dict[str, Any]] = []
         self.refuse_next_patch = False
 
-    async def list(self, kind: k8s.Kind, namespace: str) -> list[dict[str, Any]]:
+    async def list(self, kind: k8s.Kind[Any], namespace: str) -> list[dict[str, Any]]:
         assert kind is context.MAILDOMAIN
         return [copy.deepcopy(body) for body in self.domains.values()]
 
@@ -388,7 +405,9 @@ class FakeApi:
         self.backups[obj["metadata"]["name"]] = obj
         return obj
 
-    async def patch(self, kind: k8s.Kind, namespace: str, name: str, patch: dict[str, Any], **_: Any) -> dict[str, Any]:
+    async def patch(
+        self, kind: k8s.Kind[Any], namespace: str, name: str, patch: dict[str, Any], **_: Any
+    ) -> dict[str, Any]:
         self.patches.append(copy.deepcopy(patch))
         if self.refuse_next_patch:
             self.refuse_next_patch = False
@@ -402,7 +421,7 @@ class FakeApi:
         self.domains[name]["metadata"]["resourceVersion"] += "1"
         return self.domains[name]
 
-    async def serves(self, kind: k8s.Kind) -> bool:
+    async def serves(self, kind: k8s.Kind[Any]) -> bool:
         return False
 
 
@@ -452,7 +471,7 @@ def domain_body(**backup: Any) -> dict[str, Any]:
 
 
 def raw_backup(name: str, phase: str | None, completed: str | None = None, scheduled: bool = False) -> dict[str, Any]:
-    body = schedule.build_backup("mail", "example-com", "Archive", at("2026-03-01T03:00:00"))
+    body = backup_specs.scheduled_backup("mail", "example-com", "Archive", at("2026-03-01T03:00:00"))
     body["metadata"]["name"] = name
     if not scheduled:
         body["metadata"]["labels"], body["metadata"]["annotations"] = {}, {}

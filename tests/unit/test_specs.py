@@ -192,7 +192,7 @@ def test_a_missing_password_is_named() -> None:
 def rendered(**spec: Any) -> list[dict[str, Any]]:
     return specs.render(
         example_domain(**spec), example_mailboxes(), HASHES, image="mailfleet:test", dkim_private_key="PEM"
-    )
+    ).in_apply_order()
 
 
 def test_every_object_is_named_and_labelled() -> None:

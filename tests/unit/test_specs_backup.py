@@ -88,7 +88,7 @@ def test_an_archive_claim_is_mounted_where_the_node_config_says() -> None:
     # Each pod in its own directory of the claim: two nodes never write the same <backup>.tar.
     assert mount == {"name": "backups", "mountPath": "/var/lib/mailnode-backups", "subPathExpr": "$(POD_NAME)"}
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
-    configmap = next(o for o in specs.render(domain, [], {}, image="i") if o["kind"] == "ConfigMap")
+    configmap = specs.render(domain, [], {}, image="i").configmap
     node = config.NodeConfig.model_validate(yaml.safe_load(configmap["data"]["node.yaml"]))
     assert str(node.backup_dir) == mount["mountPath"]
     # `mailfleet local up` mounts nothing: its node keeps its archives in its own data directory.

@@ -73,7 +73,7 @@ def render(
         image=IMAGE,
         dkim_private_key=DKIM_KEY if dkim else None,
         relay_username=relay_username,
-    )
+    ).in_apply_order()
 
 
 def variants() -> dict[str, list[dict[str, Any]]]:

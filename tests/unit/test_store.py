@@ -100,18 +100,18 @@ async def test_a_pinned_store_defers_expunged_files_and_holds_folder_renames(sto
     expunged, kept = await store.deliver([Delivery("a@example.com", b"one\r\n"), Delivery("a@example.com", b"two\r\n")])
     account = store.account("a@example.com")
     await account.create_folder("Projects")
-    store.pin()  # as a staging does, inside its pause
+    store.staging.pin()  # as a staging does, inside its pause
 
     assert await account.expunge("INBOX", [expunged.uid]) == [expunged.uid]
     assert [m.uid for m in await account.messages("INBOX")] == [kept.uid]
     assert expunged.path.exists()  # the row is gone, the file stays until the pin goes
     rename = asyncio.create_task(account.rename_folder("Projects", "Renamed"))
     await asyncio.sleep(0)  # the rename runs up to its wait: nothing before it suspends
-    assert store.pin_waiting == 1 and not rename.done()
+    assert store.staging.pin_waiting == 1 and not rename.done()
 
-    await store.unpin()
+    await store.staging.unpin()
     await rename
-    assert not store.pinned
+    assert not store.staging.pinned
     assert not expunged.path.exists() and kept.path.exists()
     assert sorted(f.name for f in await account.folders()) == ["INBOX", "Renamed"]
     assert store.usage("a@example.com").messages == 1
@@ -121,7 +121,7 @@ async def test_files_expunged_while_pinned_are_removed_by_recovery(tmp_path: Pat
     store = MailStore(tmp_path, gateway=Gateway())
     await store.open()
     expunged, kept = await store.deliver([Delivery("a@example.com", b"one\r\n"), Delivery("a@example.com", b"two\r\n")])
-    store.pin()
+    store.staging.pin()
     await store.account("a@example.com").expunge("INBOX", [expunged.uid])
     await store.close()  # the node stopped before the last unpin
     assert expunged.path.exists()

@@ -1,7 +1,8 @@
 """A small asynchronous client of the Kubernetes API (aiohttp), for the few kinds the operator manages.
 
 kopf watches; this client reads and writes. It takes kopf's ConnectionInfo (the operator's login handler
-obtains it from the service account or a kubeconfig), so both use the same credentials. JSON merge
+obtains it from the service account or a kubeconfig), so both use the same credentials; it is described
+here by what the client reads of it (`ConnectionInfo`), so that nothing below handlers.py imports kopf. JSON merge
 patches only: they behave the same on a real API server and on the emulator the fast tests use.
 """
 
@@ -11,16 +12,20 @@ import dataclasses
 import json
 import ssl
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, Generic, Protocol, TypeVar, cast
 from urllib.parse import quote
 
 import aiohttp
-import kopf
+
+from mailfleet import kube_types
+
+BodyT = TypeVar("BodyT", bound=Mapping[str, object])
 
 
 @dataclasses.dataclass(frozen=True)
-class Kind:
-    """Where a kind lives in the API: `prefix` is "/api/v1" or "/apis/<group>/<version>"."""
+class Kind(Generic[BodyT]):
+    """Where a kind lives in the API: `prefix` is "/api/v1" or "/apis/<group>/<version>". `BodyT` is the
+    body (mailfleet.kube_types) the client's reads return for it: `Kind[kube_types.Secret]`."""
 
     api_version: str
     kind: str
@@ -32,29 +37,28 @@ class Kind:
         return f"/api/{self.api_version}" if "/" not in self.api_version else f"/apis/{self.api_version}"
 
 
-KINDS: Final = {
-    (kind.api_version, kind.kind): kind
-    for kind in [
-        Kind("v1", "ConfigMap", "configmaps"),
-        Kind("v1", "Secret", "secrets"),
-        Kind("v1", "Service", "services"),
-        Kind("v1", "ServiceAccount", "serviceaccounts"),
-        Kind("v1", "Event", "events"),
-        Kind("v1", "Pod", "pods"),
-        Kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
-        Kind("apps/v1", "StatefulSet", "statefulsets"),
-        Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
-        Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
-        Kind("mailfleet.io/v1alpha1", "MailDomain", "maildomains"),
-        Kind("mailfleet.io/v1alpha1", "Mailbox", "mailboxes"),
-        Kind("mailfleet.io/v1alpha1", "MailBackup", "mailbackups"),
-        # An add-on (the CSI external-snapshotter's CRDs): ask `Client.serves` before using it.
-        Kind("snapshot.storage.k8s.io/v1", "VolumeSnapshot", "volumesnapshots"),
-    ]
-}
+_MANAGED: Final[list[Kind[Any]]] = [
+    Kind("v1", "ConfigMap", "configmaps"),
+    Kind("v1", "Secret", "secrets"),
+    Kind("v1", "Service", "services"),
+    Kind("v1", "ServiceAccount", "serviceaccounts"),
+    Kind("v1", "Event", "events"),
+    Kind("v1", "Pod", "pods"),
+    Kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
+    Kind("apps/v1", "StatefulSet", "statefulsets"),
+    Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
+    Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
+    Kind("mailfleet.io/v1alpha1", "MailDomain", "maildomains"),
+    Kind("mailfleet.io/v1alpha1", "Mailbox", "mailboxes"),
+    Kind("mailfleet.io/v1alpha1", "MailBackup", "mailbackups"),
+    # An add-on (the CSI external-snapshotter's CRDs): ask `Client.serves` before using it.
+    Kind("snapshot.storage.k8s.io/v1", "VolumeSnapshot", "volumesnapshots"),
+]
+KINDS: Final = {(kind.api_version, kind.kind): kind for kind in _MANAGED}
 
 
-def kind_of(api_version: str, kind: str) -> Kind:
+def kind_of(api_version: str, kind: str) -> Kind[Any]:
+    """The kind, for a body type to be given where it is declared: `SECRET: Kind[kube_types.Secret] = ...`."""
     try:
         return KINDS[(api_version, kind)]
     except KeyError:
@@ -77,13 +81,28 @@ class ApiError(Exception):
         return self.status == 409
 
 
+class ConnectionInfo(Protocol):
+    """What the client reads of kopf.ConnectionInfo."""
+
+    @property
+    def server(self) -> str: ...
+    @property
+    def insecure(self) -> bool | None: ...
+    @property
+    def default_namespace(self) -> str | None: ...
+    @property
+    def trust_env(self) -> bool: ...
+    def as_http_headers(self) -> dict[str, str]: ...
+    def as_ssl_context(self) -> ssl.SSLContext: ...
+
+
 MERGE_PATCH: Final = "application/merge-patch+json"
 
 
 class Client:
     """One HTTP session to one API server. `close()` it (or use `async with`)."""
 
-    def __init__(self, info: kopf.ConnectionInfo, *, timeout: float = 30.0) -> None:
+    def __init__(self, info: ConnectionInfo, *, timeout: float = 30.0) -> None:
         self.server = info.server.rstrip("/")
         self._headers = {"Accept": "application/json", **info.as_http_headers()}
         ssl_context: ssl.SSLContext | bool | None = None
@@ -105,7 +124,7 @@ class Client:
         await self.close()
 
     @staticmethod
-    def path(kind: Kind, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+    def path(kind: Kind[Any], namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
         path = kind.prefix
         if kind.namespaced and namespace is not None:
             path += f"/namespaces/{quote(namespace)}"
@@ -145,42 +164,50 @@ class Client:
             result = json.loads(text) if text else {}
             return result if isinstance(result, dict) else {}
 
-    async def serves(self, kind: Kind) -> bool:
+    async def serves(self, kind: Kind[Any]) -> bool:
         """Whether the API server serves this kind now (discovery: GET /apis/<group>/<version>), for the
         kinds of add-ons such as VolumeSnapshot."""
         try:
-            found = await self.request("GET", kind.prefix)
+            found = cast(kube_types.APIResourceList, await self.request("GET", kind.prefix))
         except ApiError as error:
             if error.not_found:
                 return False
             raise
         return any(resource.get("name") == kind.plural for resource in found.get("resources") or [])
 
-    async def get(self, kind: Kind, namespace: str | None, name: str) -> dict[str, Any] | None:
+    async def get(self, kind: Kind[BodyT], namespace: str | None, name: str) -> BodyT | None:
         """The object, or None when it does not exist."""
         try:
-            return await self.request("GET", self.path(kind, namespace, name))
+            return cast(BodyT, await self.request("GET", self.path(kind, namespace, name)))
         except ApiError as error:
             if error.not_found:
                 return None
             raise
 
-    async def list(self, kind: Kind, namespace: str | None) -> list[dict[str, Any]]:
+    async def list(self, kind: Kind[BodyT], namespace: str | None) -> list[BodyT]:
         result = await self.request("GET", self.path(kind, namespace))
-        return list(result.get("items") or [])
+        return cast(list[BodyT], list(result.get("items") or []))
 
     async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         kind = kind_of(obj["apiVersion"], obj["kind"])
         return await self.request("POST", self.path(kind, obj["metadata"].get("namespace")), body=obj)
 
     async def patch(
-        self, kind: Kind, namespace: str | None, name: str, patch: Mapping[str, Any], *, subresource: str | None = None
-    ) -> dict[str, Any]:
-        return await self.request(
+        self,
+        kind: Kind[BodyT],
+        namespace: str | None,
+        name: str,
+        patch: Mapping[str, Any],
+        *,
+        subresource: str | None = None,
+    ) -> BodyT:
+        """A JSON merge patch (RFC 7386); the object as patched."""
+        found = await self.request(
             "PATCH", self.path(kind, namespace, name, subresource), body=patch, content_type=MERGE_PATCH
         )
+        return cast(BodyT, found)
 
-    async def delete(self, kind: Kind, namespace: str | None, name: str) -> bool:
+    async def delete(self, kind: Kind[Any], namespace: str | None, name: str) -> bool:
         """False when it was already gone."""
         try:
             await self.request("DELETE", self.path(kind, namespace, name))

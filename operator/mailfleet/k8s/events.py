@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
+from mailfleet import kube_types
 from mailfleet.k8s.client import ApiError, Client
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ class Recorder:
 
     async def event(
         self,
-        obj: Mapping[str, Any],
+        obj: kube_types.Object,
         reason: str,
         message: str,
         *,

@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 import aiohttp
 import pydantic
 
-from mailfleet import api, k8s, nodes, specs
+from mailfleet import api, k8s, kube_types, nodes, specs
 from mailfleet.reconcile import conditions
 from mailfleet.reconcile.context import (
     MAILBACKUP,
@@ -192,7 +192,8 @@ class Runner:
         except pydantic.ValidationError as error:
             raise Failed(f"MailDomain {name} is invalid: {api.validation_message(error)}") from error
 
-    async def _patch(self, body: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
+    async def _patch(self, body: kube_types.MailBackup, status: Mapping[str, Any]) -> kube_types.MailBackup:
+        """`status`: a merge patch of the status (None removes a field)."""
         meta = body["metadata"]
         try:
             return await self.ctx.client.patch(
@@ -203,7 +204,9 @@ class Runner:
                 raise _Gone() from error
             raise
 
-    async def _finish(self, body: Mapping[str, Any], method: str, taken: Taken | None, failure: Failed | None) -> None:
+    async def _finish(
+        self, body: kube_types.MailBackup, method: str, taken: Taken | None, failure: Failed | None
+    ) -> None:
         at = conditions.now()
         status: dict[str, Any]
         if failure is not None:
@@ -383,7 +386,7 @@ class Runner:
         return asyncio.get_running_loop().time() + seconds
 
 
-def _cut(snapshot: Mapping[str, Any]) -> bool:
+def _cut(snapshot: kube_types.VolumeSnapshot) -> bool:
     status = snapshot.get("status") or {}
     return bool(status.get("creationTime")) or status.get("readyToUse") is True
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Literal
+
+from mailfleet import kube_types
+from mailfleet.specs.common import rfc3339
 
 Status = Literal["True", "False", "Unknown"]
 
@@ -20,12 +23,12 @@ class Condition:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(datetime.datetime.now(datetime.UTC))
 
 
 def merge(
-    current: Iterable[Mapping[str, Any]] | None, wanted: Iterable[Condition], *, generation: int | None, at: str
-) -> list[dict[str, Any]]:
+    current: Iterable[kube_types.Condition] | None, wanted: Iterable[Condition], *, generation: int | None, at: str
+) -> list[kube_types.Condition]:
     """The conditions to write: `wanted` (in its order), keeping each type's lastTransitionTime when
     its status stays the same; types not in `wanted` are dropped."""
     before = {str(c.get("type")): c for c in current or ()}
@@ -35,7 +38,7 @@ def merge(
         transition = at
         if previous is not None and previous.get("status") == condition.status and previous.get("lastTransitionTime"):
             transition = str(previous["lastTransitionTime"])
-        entry: dict[str, Any] = {
+        entry: kube_types.Condition = {
             "type": condition.type,
             "status": condition.status,
             "reason": condition.reason,
@@ -48,10 +51,10 @@ def merge(
     return result
 
 
-def same(current: Iterable[Mapping[str, Any]] | None, merged: list[dict[str, Any]]) -> bool:
+def same(current: Iterable[kube_types.Condition] | None, merged: list[kube_types.Condition]) -> bool:
     """Whether writing `merged` would change nothing."""
-    return [dict(c) for c in current or ()] == merged
+    return list(current or ()) == merged
 
 
-def find(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any] | None:
+def find(conditions: Iterable[kube_types.Condition] | None, type_: str) -> kube_types.Condition | None:
     return next((c for c in conditions or () if c.get("type") == type_), None)

@@ -9,11 +9,11 @@ status does matter: readyReplicas is copied into the MailDomain's status.)
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
-from mailfleet import specs
-from mailfleet.reconcile.context import Context
-from mailfleet.reconcile.domain import domain_not_found, object_key, write_mailbox_status
+from mailfleet import kube_types, specs
+from mailfleet.reconcile import mailboxes
+from mailfleet.reconcile.context import Context, object_key
 
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 
@@ -40,7 +40,9 @@ class Router:
         if self._is_new(event_type, body):
             self.ctx.enqueue((str(meta["namespace"]), str(meta["name"])))
 
-    async def mailbox_changed(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+    async def mailbox_changed(self, event_type: str | None, raw: Mapping[str, Any]) -> None:
+        """`raw`: the Mailbox as kopf hands it over (the API's JSON)."""
+        body = cast(kube_types.Mailbox, raw)
         if not self._is_new(event_type, body):
             return
         namespace = str(body["metadata"]["namespace"])
@@ -54,7 +56,7 @@ class Router:
             return
         mail_domain = specs.node.domain_of((body.get("spec") or {}).get("address"))
         if not self.ctx.view.serving(namespace, mail_domain):
-            await write_mailbox_status(self.ctx, body, domain_not_found(namespace, mail_domain))
+            await mailboxes.write_status(self.ctx, body, mailboxes.domain_not_found(namespace, mail_domain))
 
     def owned_changed(self, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}

@@ -4,8 +4,9 @@ MailDomain's `spec.backup.schedule` comes due, retention of the scheduled ones, 
 
 The pure part (due times, names, what retention deletes, staleness, the condition) takes `now` and plain
 data, and is tested as functions. `run` applies it every `Options.schedule_interval` seconds; handlers.py
-starts it at login. It creates and deletes MailBackups and reads their status; running them is the backup
-runner's job. Times are UTC, cron schedules too.
+starts it at login. It creates and deletes MailBackups (built by specs/backup.py) and reads their status;
+running them is the backup runner's job. The domain's status is written through reconcile/status.py, the
+one writer, as the `BACKUPS` source. Times are UTC, cron schedules too.
 """
 
 from __future__ import annotations
@@ -15,28 +16,24 @@ import contextlib
 import dataclasses
 import datetime
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final
 
 import aiohttp
 import croniter
 import prometheus_client as prom
 import pydantic
 
-from mailfleet import api, k8s, nodes
+from mailfleet import api, k8s, kube_types, nodes
 from mailfleet.reconcile import backup as backup_runner
-from mailfleet.reconcile import conditions
+from mailfleet.reconcile import conditions, status
 from mailfleet.reconcile.conditions import Condition
-from mailfleet.reconcile.context import MAILBACKUP, MAILDOMAIN, VOLUMESNAPSHOT, Context, DomainKey
-from mailfleet.reconcile.domain import object_key
+from mailfleet.reconcile.context import MAILBACKUP, MAILDOMAIN, VOLUMESNAPSHOT, Context, DomainKey, object_key
+from mailfleet.specs import backup as backup_specs
+from mailfleet.specs.common import rfc3339
 
 log = logging.getLogger(__name__)
 
-MANAGED_LABEL: Final = "app.kubernetes.io/managed-by"
-DOMAIN_LABEL: Final = "mailfleet.io/maildomain"
-SCHEDULED_LABEL: Final = "mailfleet.io/scheduled"  # "true" on the MailBackups the schedule made
-SCHEDULED_AT: Final = "mailfleet.io/scheduled-at"  # annotation: the cron time a scheduled MailBackup is for
-BACKUP_LABEL: Final = "mailfleet.io/backup"  # on the VolumeSnapshots of a MailBackup
 CONDITION: Final = "BackupsHealthy"
 
 Clock = Callable[[], datetime.datetime]
@@ -83,15 +80,6 @@ def period(schedule: str, now: datetime.datetime) -> datetime.timedelta:
     return max(following(schedule, at) - at, at - before)
 
 
-def backup_name(domain_name: str, at: datetime.datetime) -> str:
-    """`<maildomain>-<YYYYMMDDHHMM>`, the time in UTC."""
-    return f"{domain_name}-{at.astimezone(datetime.UTC):%Y%m%d%H%M}"
-
-
-def rfc3339(at: datetime.datetime) -> str:
-    return at.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def parse_time(value: object) -> datetime.datetime | None:
     """An RFC 3339 timestamp as a UTC datetime; None when absent or unreadable."""
     if isinstance(value, datetime.datetime):
@@ -125,14 +113,14 @@ class Backup:
     snapshots: tuple[str, ...] = ()  # status.snapshots: VolumeSnapshot names, or "<pod>:<path>" of archives
 
     @classmethod
-    def of(cls, body: Mapping[str, Any]) -> Backup:
+    def of(cls, body: kube_types.MailBackup) -> Backup:
         meta = body.get("metadata") or {}
         spec, status = body.get("spec") or {}, body.get("status") or {}
         return cls(
             name=str(meta.get("name")),
             method=spec.get("method"),
-            scheduled=(meta.get("labels") or {}).get(SCHEDULED_LABEL) == "true",
-            scheduled_at=parse_time((meta.get("annotations") or {}).get(SCHEDULED_AT)),
+            scheduled=(meta.get("labels") or {}).get(backup_specs.SCHEDULED_LABEL) == "true",
+            scheduled_at=parse_time((meta.get("annotations") or {}).get(backup_specs.SCHEDULED_AT)),
             created=parse_time(meta.get("creationTimestamp")),
             phase=status.get("phase"),
             completed_at=parse_time(status.get("completedAt")),
@@ -164,25 +152,6 @@ def newest_completed(backups: Iterable[Backup]) -> Backup | None:
 
 def newest_finished(backups: Iterable[Backup]) -> Backup | None:
     return next(iter(_newest_first(b for b in backups if b.finished)), None)
-
-
-def build_backup(namespace: str, domain_name: str, method: str, at: datetime.datetime) -> dict[str, Any]:
-    """The MailBackup the schedule makes for time `at`. No owner reference: a backup outlives its domain."""
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": "MailBackup",
-        "metadata": {
-            "name": backup_name(domain_name, at),
-            "namespace": namespace,
-            "labels": {
-                MANAGED_LABEL: "mailfleet-operator",
-                DOMAIN_LABEL: domain_name,
-                SCHEDULED_LABEL: "true",
-            },
-            "annotations": {SCHEDULED_AT: rfc3339(at)},
-        },
-        "spec": {"domainRef": domain_name, "method": method},
-    }
 
 
 def since(backups: Iterable[Backup], created: datetime.datetime) -> datetime.datetime:
@@ -285,20 +254,23 @@ def health(
     )
 
 
-def last_backup(backups: Iterable[Backup]) -> dict[str, Any] | None:
+def last_backup(backups: Iterable[Backup]) -> kube_types.LastBackup | None:
     """status.lastBackup: the newest Completed MailBackup of the domain, scheduled or not."""
     last = newest_completed(backups)
     if last is None:
         return None
-    found = {"name": last.name, "method": last.method, "completedAt": rfc3339(last.finished_at)}
-    return {key: value for key, value in found.items() if value is not None}
+    found: kube_types.LastBackup = {"name": last.name}
+    if last.method is not None:
+        found["method"] = last.method
+    found["completedAt"] = rfc3339(last.finished_at)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------
 # The loop
 
 
-def backup_spec(body: Mapping[str, Any]) -> api.BackupSpec | None:
+def backup_spec(body: kube_types.MailDomain) -> api.BackupSpec | None:
     """The MailDomain's spec.backup; None without one. Raises pydantic.ValidationError when it is invalid."""
     raw = (body.get("spec") or {}).get("backup")
     return None if raw is None else api.BackupSpec.model_validate(raw)
@@ -316,7 +288,7 @@ class Scheduler:
     # The BackupsHealthy condition last written, by MailDomain uid: a domain reconcile that read the status
     # before that write puts the older one back (its status patch holds the whole list of conditions);
     # the next pass writes it again, with its lastTransitionTime from here.
-    written: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    written: dict[str, kube_types.Condition] = dataclasses.field(default_factory=dict)
     # The MailDomains with metric series.
     series: set[DomainKey] = dataclasses.field(default_factory=set)
     # Where node <ordinal> of a MailDomain answers (nodes.url): retention deletes archives there.
@@ -352,7 +324,7 @@ class Scheduler:
             self.made = {uid: at for uid, at in self.made.items() if uid in uids}
             self.written = {uid: c for uid, c in self.written.items() if uid in uids}
 
-    async def domain(self, body: Mapping[str, Any], now: datetime.datetime) -> None:
+    async def domain(self, body: kube_types.MailDomain, now: datetime.datetime) -> None:
         """Everything of one MailDomain (a body as listed): a backup when one is due, retention, status."""
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
@@ -381,7 +353,7 @@ class Scheduler:
 
     async def _schedule(
         self,
-        body: Mapping[str, Any],
+        body: kube_types.MailDomain,
         spec: api.BackupSpec,
         backups: list[Backup],
         created: datetime.datetime,
@@ -399,7 +371,7 @@ class Scheduler:
             # A node takes one checkpoint at a time: the backup waits for the next pass after these end.
             log.info("MailDomain %s/%s: a backup is due; waiting for %s to end", namespace, name, ", ".join(busy))
             return
-        backup = build_backup(namespace, name, spec.method, at)
+        backup = backup_specs.scheduled_backup(namespace, name, spec.method, at)
         try:
             await self.ctx.client.create(backup)
         except k8s.ApiError as error:
@@ -418,7 +390,7 @@ class Scheduler:
         )
 
     async def _retain(
-        self, body: Mapping[str, Any], spec: api.BackupSpec, backups: list[Backup], now: datetime.datetime
+        self, body: kube_types.MailDomain, spec: api.BackupSpec, backups: list[Backup], now: datetime.datetime
     ) -> list[Backup]:
         """Delete what retention lets go; the backups that remain."""
         doomed = expired(backups, spec.retention, now)
@@ -475,47 +447,33 @@ class Scheduler:
         deleted = 0
         for obj in await self.ctx.client.list(VOLUMESNAPSHOT, namespace):
             meta = obj.get("metadata") or {}
-            if (meta.get("labels") or {}).get(BACKUP_LABEL) == backup:
+            if (meta.get("labels") or {}).get(backup_specs.BACKUP_LABEL) == backup:
                 deleted += await self.ctx.client.delete(VOLUMESNAPSHOT, namespace, str(meta["name"]))
         return deleted
 
     async def _write_status(
-        self, body: Mapping[str, Any], condition: Condition | None, last: dict[str, Any] | None, now: datetime.datetime
+        self,
+        body: kube_types.MailDomain,
+        condition: Condition | None,
+        last: kube_types.LastBackup | None,
+        now: datetime.datetime,
     ) -> None:
-        """status.lastBackup and the BackupsHealthy condition (removed without spec.backup), by a merge patch
-        when they changed. The patch holds the resourceVersion listed: if a domain reconcile wrote the
-        status meanwhile, the API server refuses it (409), and the next pass writes again from the new one
-        instead of putting back the reconcile's conditions."""
-        meta = body["metadata"]
-        status = body.get("status") or {}
-        current = [dict(c) for c in status.get("conditions") or []]
-        wanted = [c for c in current if c.get("type") != CONDITION]
-        if condition is not None:
-            previous = self.written.get(object_key(body)) or conditions.find(current, CONDITION)
-            merged = conditions.merge(
-                [previous] if previous else [], [condition], generation=meta.get("generation"), at=rfc3339(now)
-            )
-            wanted += merged
-        patch: dict[str, Any] = {}
-        if current != wanted:
-            patch["conditions"] = wanted
-        if status.get("lastBackup") != last:
-            patch["lastBackup"] = last  # None removes it
-        if not patch:
+        """status.lastBackup and the BackupsHealthy condition (removed without spec.backup), through the one
+        status writer, only if the domain is still as listed: if a domain reconcile wrote the status
+        meanwhile, the next pass writes again from the new one instead of putting back the reconcile's
+        older conditions."""
+        uid = object_key(body)
+        report = status.Report(status.BACKUPS, [] if condition is None else [condition], {"lastBackup": last})
+        remembered = [self.written[uid]] if uid in self.written else []
+        written = await status.write(
+            self.ctx, body, report, at=rfc3339(now), remembered=remembered, only_if_unchanged=True
+        )
+        if written is None:
             return
-        precondition = {"metadata": {"resourceVersion": meta["resourceVersion"]}} if meta.get("resourceVersion") else {}
-        try:
-            await self.ctx.client.patch(
-                MAILDOMAIN, meta["namespace"], meta["name"], {**precondition, "status": patch}, subresource="status"
-            )
-        except k8s.ApiError as error:
-            if error.not_found or error.conflict:
-                return  # deleted, or written meanwhile: the next pass sees it as it is
-            raise
-        if condition is not None:
-            self.written[object_key(body)] = wanted[-1]
+        if condition is not None and (entry := conditions.find(written, CONDITION)) is not None:
+            self.written[uid] = entry
         else:
-            self.written.pop(object_key(body), None)
+            self.written.pop(uid, None)
 
     def _metrics(
         self,
@@ -556,9 +514,9 @@ def _remove(gauge: prom.Gauge, key: DomainKey) -> None:
         gauge.remove(*key)
 
 
-def _maildomain(body: Mapping[str, Any]) -> dict[str, Any]:
+def _maildomain(body: kube_types.MailDomain) -> kube_types.MailDomain:
     """An Event's object: a listed item may lack apiVersion and kind."""
-    return {**dict(body), "apiVersion": api.API_VERSION, "kind": "MailDomain"}
+    return {**body, "apiVersion": api.API_VERSION, "kind": "MailDomain"}
 
 
 async def run(ctx: Context, *, interval: float, clock: Clock = utc_now, node_url: str = nodes.IN_CLUSTER) -> None:

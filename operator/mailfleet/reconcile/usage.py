@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 import aiohttp
 
-from mailfleet import k8s, nodes
-from mailfleet.reconcile.context import MAILBOX, Context, DomainKey
-from mailfleet.reconcile.domain import object_key
+from mailfleet import k8s, kube_types, nodes
+from mailfleet.reconcile.context import MAILBOX, Context, DomainKey, object_key
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +37,7 @@ async def collect_domain(ctx: Context, session: aiohttp.ClientSession, template:
     return written
 
 
-async def _write(ctx: Context, body: Mapping[str, Any], used: nodes.Usage) -> bool:
+async def _write(ctx: Context, body: kube_types.Mailbox, used: nodes.Usage) -> bool:
     memory = object_key(body)
     status = body.get("status") or {}
     last = ctx.mailbox_usage.get(memory, (status.get("usedBytes"), status.get("messages")))

@@ -1,19 +1,22 @@
 """Pure builders: resource models (mailfleet.api) and plain values in, Kubernetes objects (dicts) out.
 
 No I/O and no Kubernetes client: reconcile/ reads what the builders need (Secrets, keys), calls them,
-adds owner references (`with_owner`) and applies the result; `mailfleet render` prints it. Split by what
-they build: `node` (the node's config and directory files), `workload` (StatefulSet and what it mounts),
-`network` (Services, NetworkPolicy, DNS records), `common` (names, labels, owner references).
+adds owner references (`Rendered.owned_by`) and applies the result; `mailfleet render` prints it. Split
+by what they build: `node` (the node's config and directory files), `workload` (StatefulSet and what it
+mounts), `network` (Services, NetworkPolicy, DNS records), `backup` (MailBackups, VolumeSnapshots and
+restore claims), `common` (names, labels, owner references). `render` builds every object of a domain
+as one named bundle (`Rendered`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import yaml
 
-from mailfleet import api
+from mailfleet import api, kube_types
 from mailfleet.specs import common
 from mailfleet.specs.common import checksum, labels, owner_reference, with_owner
 from mailfleet.specs.network import client_service, dns_records, headless_service, network_policy
@@ -28,6 +31,7 @@ from mailfleet.specs.workload import (
 )
 
 __all__ = [
+    "Rendered",
     "checksum",
     "client_service",
     "config_map",
@@ -67,6 +71,35 @@ def dump(data: Any) -> str:
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    """Every object of a domain, by name. `in_apply_order` lists them for callers that apply or print all
+    of them; callers that look at one (the directory's size, the StatefulSet's fixed fields) name it."""
+
+    service_account: kube_types.Manifest
+    configmap: kube_types.Manifest  # the node config
+    directory: kube_types.Manifest  # the directory Secret (mailboxes and password hashes)
+    dkim: kube_types.Manifest | None  # the DKIM key's Secret, when the key was given
+    headless_service: kube_types.Manifest
+    client_service: kube_types.Manifest
+    network_policy: kube_types.Manifest
+    pod_disruption_budget: kube_types.Manifest
+    statefulset: kube_types.Manifest
+
+    def in_apply_order(self) -> list[kube_types.Manifest]:
+        """What is mounted or referenced comes before the StatefulSet that uses it (the field order)."""
+        found = (getattr(self, field.name) for field in dataclasses.fields(self))
+        return [obj for obj in found if obj is not None]
+
+    def owned_by(self, domain: api.MailDomain) -> Rendered:
+        """The same objects with the domain as their owner (Kubernetes deletes them with it)."""
+        owned: dict[str, Any] = {
+            field.name: None if (obj := getattr(self, field.name)) is None else with_owner(obj, domain)
+            for field in dataclasses.fields(self)
+        }
+        return dataclasses.replace(self, **owned)
+
+
 def render(
     domain: api.MailDomain,
     mailboxes: list[api.Mailbox],
@@ -75,23 +108,18 @@ def render(
     image: str,
     dkim_private_key: str | None = None,
     relay_username: str | None = None,
-) -> list[dict[str, Any]]:
-    """Every object of the domain, in apply order: what is mounted or referenced comes before the
-    StatefulSet that uses it. The DKIM Secret is included when the key is given (the caller makes it
+) -> Rendered:
+    """Every object of the domain. The DKIM Secret is included when the key is given (the caller makes it
     once and keeps it; a builder makes no keys). `passwords`: see `directory`."""
     config_yaml = dump(node_config(domain, relay_username=relay_username, backup_dir=common.BACKUP_DIR))
-    objects = [
-        service_account(domain),
-        config_map(domain, config_yaml),
-        directory_secret(domain, directory_content(directory(domain, mailboxes, passwords))),
-    ]
-    if dkim_private_key is not None:
-        objects.append(dkim_secret(domain, dkim_private_key))
-    objects += [
-        headless_service(domain),
-        client_service(domain),
-        network_policy(domain),
-        pod_disruption_budget(domain),
-        statefulset(domain, image=image, config_checksum=checksum(config_yaml)),
-    ]
-    return objects
+    return Rendered(
+        service_account=service_account(domain),
+        configmap=config_map(domain, config_yaml),
+        directory=directory_secret(domain, directory_content(directory(domain, mailboxes, passwords))),
+        dkim=None if dkim_private_key is None else dkim_secret(domain, dkim_private_key),
+        headless_service=headless_service(domain),
+        client_service=client_service(domain),
+        network_policy=network_policy(domain),
+        pod_disruption_budget=pod_disruption_budget(domain),
+        statefulset=statefulset(domain, image=image, config_checksum=checksum(config_yaml)),
+    )

@@ -4,10 +4,11 @@ pod contract's ports and paths. Used by the other `mailfleet.specs` modules and 
 from __future__ import annotations
 
 import copy
+import datetime
 import hashlib
 from typing import Any, Final
 
-from mailfleet import api
+from mailfleet import api, kube_types
 
 # DESIGN.md, Pod contract: container ports, and the client Service ports they are published on.
 CONTAINER_PORTS: Final = {
@@ -42,6 +43,11 @@ OPERATOR_LABELS: Final = {"app.kubernetes.io/name": "mailfleet-operator"}
 
 CHECKSUM_ANNOTATION: Final = "mailfleet.io/config-checksum"
 RUN_AS: Final = 10001
+
+
+def rfc3339(at: datetime.datetime) -> str:
+    """A time as Kubernetes writes them (metav1.Time): RFC 3339 in UTC, to the second."""
+    return at.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def namespace(domain: api.MailDomain) -> str:
@@ -115,7 +121,7 @@ def owner_reference(domain: api.MailDomain) -> dict[str, Any]:
     return controller_reference(domain)
 
 
-def with_owner(obj: dict[str, Any], domain: api.MailDomain) -> dict[str, Any]:
+def with_owner(obj: kube_types.Manifest, domain: api.MailDomain) -> kube_types.Manifest:
     """A copy of `obj` owned by `domain` (the input is left as it is)."""
     owned = copy.deepcopy(obj)
     owned.setdefault("metadata", {})["ownerReferences"] = [owner_reference(domain)]

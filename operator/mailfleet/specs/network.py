@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailfleet import api
+from mailfleet import api, kube_types
 from mailfleet.specs import common
 
 
-def client_service(domain: api.MailDomain) -> dict[str, Any]:
+def client_service(domain: api.MailDomain) -> kube_types.Manifest:
     """The Service clients and other mail servers reach: 25, 587, 465, 143, 993 -> the named container ports."""
     service = domain.spec.service
     spec: dict[str, Any] = {
@@ -30,7 +30,7 @@ def client_service(domain: api.MailDomain) -> dict[str, Any]:
     }
 
 
-def headless_service(domain: api.MailDomain) -> dict[str, Any]:
+def headless_service(domain: api.MailDomain) -> kube_types.Manifest:
     """The StatefulSet's governing Service: a stable DNS name per node (N-0.N-headless), ready or not."""
     return {
         "apiVersion": "v1",
@@ -48,7 +48,7 @@ def headless_service(domain: api.MailDomain) -> dict[str, Any]:
     }
 
 
-def network_policy(domain: api.MailDomain) -> dict[str, Any]:
+def network_policy(domain: api.MailDomain) -> kube_types.Manifest:
     """Mail ports are open to anyone (the Internet sends mail; clients log in from anywhere), but the
     HTTP port (health, metrics, usage, and node operations such as the queue) only to pods of the same
     namespace and to the operator's pods in any namespace (it reads each mailbox's usage); the kubelet's

@@ -1,8 +1,10 @@
-"""The two files a mail node reads, as plain dicts: the node config (mailnode.config.NodeConfig) and the
-directory (mailnode.config.DirectoryFile). The operator renders them into a ConfigMap and a Secret.
+"""The two files a mail node reads: the node config (mailwire.config.NodeConfig) and the directory
+(mailwire.directory.DirectoryFile), built as those wire models and dumped to the plain data the
+operator renders into a ConfigMap and a Secret.
 
-The formats are mailnode's; this module does not import mailnode (the operator stays independent of
-the node's code), so tests/unit/test_specs.py checks the output against the node's own models.
+The models are the ones mailnode reads the files with (the operator never imports mailnode; both import
+mailwire), so a field the node does not know cannot be written. Only the fields set here are dumped:
+the node's defaults stay the node's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import yaml
 
 from mailfleet import api
 from mailfleet.specs import common
+from mailwire import config as wire_config
+from mailwire import directory as wire_directory
 
 
 def node_config(
@@ -36,7 +40,8 @@ def node_config(
     spec = domain.spec
     entry: dict[str, Any] = {"domain": spec.domain, "alias_domains": list(spec.alias_domains)}
     if spec.dkim is not None:
-        entry["dkim"] = {"selector": spec.dkim.selector, "key_file": f"{common.DKIM_DIR}/{common.DKIM_KEY}"}
+        key_file = f"{common.DKIM_DIR}/{common.DKIM_KEY}"
+        entry["dkim"] = wire_config.DKIMConfig(selector=spec.dkim.selector, key_file=key_file)
     smtp: dict[str, Any] = {"max_message_size": api.quantity_value(spec.smtp.max_message_size)}
     if spec.smtp.relay_host is not None:
         host, port = _split_relay_host(spec.smtp.relay_host)
@@ -47,20 +52,21 @@ def node_config(
             if relay_username is not None:
                 relay["username"] = relay_username
             relay["password_file"] = f"{common.RELAY_DIR}/password"
-        smtp["relay_host"] = relay
-    config: dict[str, Any] = {
+        smtp["relay_host"] = wire_config.RelayHostConfig(**relay)
+    fields: dict[str, Any] = {
         "hostname": common.mail_host(domain),
-        "domains": [entry],
+        "domains": [wire_config.DomainConfig(**entry)],
         "data_dir": data_dir,
         "directory_file": directory_file,
-        "listen": {"host": "0.0.0.0", **common.CONTAINER_PORTS},
-        "smtp": smtp,
+        "listen": wire_config.ListenConfig(host="0.0.0.0", **common.CONTAINER_PORTS),
+        "smtp": wire_config.SMTPConfig(**smtp),
     }
     if spec.backup is not None and spec.backup.archive_claim_name is not None and backup_dir is not None:
-        config["backup"] = {"dir": backup_dir}
+        fields["backup"] = wire_config.BackupConfig(dir=backup_dir)
     if spec.tls is not None and tls_dir is not None:
-        config["tls"] = {"cert_file": f"{tls_dir}/tls.crt", "key_file": f"{tls_dir}/tls.key"}
-    return config
+        fields["tls"] = wire_config.TLSConfig(cert_file=f"{tls_dir}/tls.crt", key_file=f"{tls_dir}/tls.key")
+    config = wire_config.NodeConfig(**fields)
+    return config.model_dump(mode="json", exclude_unset=True)
 
 
 def _split_relay_host(relay_host: str) -> tuple[str, int | None]:
@@ -103,28 +109,24 @@ def directory(domain: api.MailDomain, mailboxes: list[api.Mailbox], passwords: M
         if spec.address.rpartition("@")[2] not in served:
             continue
         what = f"Mailbox {mailbox.metadata.name} ({spec.address})"
-        entry: dict[str, Any] = {
-            "address": spec.address,
-            "password_hash": _hash(passwords, spec.password_secret_ref, f"{what}: spec.passwordSecretRef"),
-        }
-        # Fields at the node's defaults are left out: a directory of ten thousand mailboxes must fit in
-        # one Secret.
-        optional: dict[str, Any] = {
-            "display_name": spec.display_name or "",
-            "quota": 0 if spec.quota is None else api.quantity_value(spec.quota),
-            "aliases": list(spec.aliases),
-            "forward_to": list(spec.forward_to),
-            "suspended": spec.suspended,
-            "app_passwords": [
-                {
-                    "name": app.name,
-                    "password_hash": _hash(passwords, app.secret_ref, f"{what}: app password {app.name}"),
-                }
+        entry = wire_directory.MailboxEntry(
+            address=spec.address,
+            password_hash=_hash(passwords, spec.password_secret_ref, f"{what}: spec.passwordSecretRef"),
+            display_name=spec.display_name or "",
+            quota=0 if spec.quota is None else api.quantity_value(spec.quota),
+            aliases=list(spec.aliases),
+            forward_to=list(spec.forward_to),
+            suspended=spec.suspended,
+            app_passwords=[
+                wire_directory.AppPasswordEntry(
+                    name=app.name, password_hash=_hash(passwords, app.secret_ref, f"{what}: app password {app.name}")
+                )
                 for app in spec.app_passwords
             ],
-        }
-        entry.update({key: value for key, value in optional.items() if value})
-        entries.append(entry)
+        )
+        # Fields at the node's defaults are left out: a directory of ten thousand mailboxes must fit in
+        # one Secret.
+        entries.append(entry.model_dump(mode="json", exclude_defaults=True))
     return {"mailboxes": entries}
 
 
@@ -179,6 +181,6 @@ def _hash(passwords: Mapping[str, str], selector: api.SecretKeySelector, what: s
     if key not in passwords:
         raise ValueError(f"{what}: no value for Secret {selector.name} key {selector.key}")
     value = passwords[key]
-    if not value.startswith("$argon2"):
+    if not wire_directory.is_password_hash(value):
         raise ValueError(f"{what}: Secret {selector.name} key {selector.key} holds plaintext; hash it first")
     return value

@@ -6,11 +6,11 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from mailfleet import api
+from mailfleet import api, kube_types
 from mailfleet.specs import common
 
 
-def config_map(domain: api.MailDomain, node_config_yaml: str) -> dict[str, Any]:
+def config_map(domain: api.MailDomain, node_config_yaml: str) -> kube_types.Manifest:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -19,7 +19,7 @@ def config_map(domain: api.MailDomain, node_config_yaml: str) -> dict[str, Any]:
     }
 
 
-def directory_secret(domain: api.MailDomain, content: bytes) -> dict[str, Any]:
+def directory_secret(domain: api.MailDomain, content: bytes) -> kube_types.Manifest:
     """The directory holds password hashes, so it is a Secret (mounted as a directory, not with subPath,
     so that the kubelet's updates reach the node, which reloads it). `content`: `node.directory_content`
     (YAML as text, readable with kubectl, or gzip bytes as base64 data)."""
@@ -36,7 +36,7 @@ def directory_secret(domain: api.MailDomain, content: bytes) -> dict[str, Any]:
     return secret
 
 
-def dkim_secret(domain: api.MailDomain, private_key_pem: str) -> dict[str, Any]:
+def dkim_secret(domain: api.MailDomain, private_key_pem: str) -> kube_types.Manifest:
     """The domain's DKIM private key (made once by the caller; a builder makes no keys)."""
     return {
         "apiVersion": "v1",
@@ -47,7 +47,7 @@ def dkim_secret(domain: api.MailDomain, private_key_pem: str) -> dict[str, Any]:
     }
 
 
-def service_account(domain: api.MailDomain) -> dict[str, Any]:
+def service_account(domain: api.MailDomain) -> kube_types.Manifest:
     """The nodes need no Kubernetes API access: no token is mounted."""
     return {
         "apiVersion": "v1",
@@ -57,7 +57,7 @@ def service_account(domain: api.MailDomain) -> dict[str, Any]:
     }
 
 
-def pod_disruption_budget(domain: api.MailDomain) -> dict[str, Any]:
+def pod_disruption_budget(domain: api.MailDomain) -> kube_types.Manifest:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
@@ -134,7 +134,7 @@ def claim_spec(domain: api.MailDomain) -> dict[str, Any]:
     return spec
 
 
-def statefulset(domain: api.MailDomain, *, image: str, config_checksum: str) -> dict[str, Any]:
+def statefulset(domain: api.MailDomain, *, image: str, config_checksum: str) -> kube_types.Manifest:
     """The mail nodes. `config_checksum` (of the rendered node config) goes on the pod template, so a
     config change rolls the pods; the directory is not in it, since nodes reload it in place."""
     spec = domain.spec

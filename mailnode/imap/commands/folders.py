@@ -1,0 +1,197 @@
+"""IMAP commands on folders: SELECT and EXAMINE, CLOSE and UNSELECT, CREATE, DELETE, RENAME,
+SUBSCRIBE and UNSUBSCRIBE, LIST and LSUB (with LIST-EXTENDED selection and SPECIAL-USE), STATUS,
+and the QUOTA commands. Declared in mailnode.imap.commands.TABLE.
+"""
+
+from __future__ import annotations
+
+from mailnode.imap import protocol, responses
+from mailnode.imap.session import DELIMITER, SPECIAL_USE, Selected, Session
+
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+
+
+async def select(session: Session, command: protocol.Command) -> None:
+    """SELECT, and EXAMINE (the same, read-only)."""
+    assert session.account is not None
+    request = protocol.parse_select(command.args)
+    readonly = command.name == "EXAMINE"
+    if request.condstore:  # RFC 7162 §3.2.8: SELECT mailbox (CONDSTORE)
+        session.condstore = True
+    name = request.mailbox
+    if session.selected is not None:
+        session.selected = None
+        session.send(responses.OK_CLOSED.line())
+    result = await session.account.select(name, take_recent=not readonly)
+    if result is None:
+        raise responses.Refused(responses.NO_NO_SUCH_MAILBOX, mailbox=name)
+    folder, messages = result.folder, result.messages
+    selected = Selected(
+        name=folder.name,
+        readonly=readonly,
+        uidvalidity=folder.uidvalidity,
+        uids=[m.uid for m in messages],
+        flags={m.uid: m.flags for m in messages},
+        modseqs={m.uid: m.modseq for m in messages},
+        recent={m.uid for m in messages if m.uid >= result.first_recent},
+        highestmodseq=folder.highestmodseq,
+        uidnext=folder.uidnext,
+    )
+    session.selected = selected
+    session.send(f"* FLAGS ({' '.join(SYSTEM_FLAGS)})")
+    session.send(responses.OK_PERMANENTFLAGS.line(flags=" ".join(SYSTEM_FLAGS)))
+    session.send(f"* {len(selected.uids)} EXISTS")
+    session.send(f"* {len(selected.recent)} RECENT")
+    unseen = next((i + 1 for i, m in enumerate(messages) if "\\Seen" not in m.flags.split()), None)
+    if unseen is not None:
+        session.send(responses.OK_UNSEEN.line(seq=unseen))
+    session.send(responses.OK_UIDVALIDITY.line(uidvalidity=folder.uidvalidity))
+    session.send(responses.OK_UIDNEXT.line(uidnext=folder.uidnext))
+    session.send(responses.OK_HIGHESTMODSEQ.line(modseq=folder.highestmodseq))
+    access = "READ-ONLY" if readonly else "READ-WRITE"
+    session.send(responses.OK_SELECTED.line(command.tag, access=access, command=command.name))
+
+
+async def close(session: Session, command: protocol.Command) -> None:
+    """RFC 3501 §6.4.2: expunge silently (unless read-only), then leave the selected state."""
+    selected = session.selected
+    assert selected is not None and session.account is not None
+    if not selected.readonly:
+        deleted = [u for u in selected.uids if "\\Deleted" in selected.flags.get(u, "").split()]
+        if deleted:
+            await session.account.expunge(selected.name, deleted, origin=session)
+    session.selected = None
+    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+async def unselect(session: Session, command: protocol.Command) -> None:
+    session.selected = None  # RFC 3691: as CLOSE, without the expunge
+    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+async def create(session: Session, command: protocol.Command) -> None:
+    assert session.account is not None
+    if not command.args:
+        raise responses.Refused(responses.BAD_NEEDS_MAILBOX, command=command.name)
+    name = session.folder_name(command.args[0]).rstrip(DELIMITER)
+    if not name or name.upper() == "INBOX":
+        raise responses.Refused(responses.NO_INBOX_EXISTS)
+    existing = {f.name for f in await session.account.folders()}
+    if name in existing:
+        raise responses.Refused(responses.NO_MAILBOX_EXISTS, mailbox=name)
+    parts = name.split(DELIMITER)
+    for depth in range(1, len(parts) + 1):  # RFC 3501 §6.3.3: create missing superiors
+        ancestor = DELIMITER.join(parts[:depth])
+        if ancestor not in existing:
+            await session.account.create_folder(ancestor)
+    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+async def delete(session: Session, command: protocol.Command) -> None:
+    assert session.account is not None
+    if not command.args:
+        raise responses.Refused(responses.BAD_NEEDS_MAILBOX, command=command.name)
+    name = session.folder_name(command.args[0])
+    if session.selected is not None and session.selected.name == name:
+        session.selected = None
+    await session.account.delete_folder(name)
+    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+async def rename(session: Session, command: protocol.Command) -> None:
+    assert session.account is not None
+    if len(command.args) != 2:
+        raise responses.Refused(responses.BAD_RENAME_ARGUMENTS)
+    old, new = session.folder_name(command.args[0]), session.folder_name(command.args[1])
+    if new.upper() == "INBOX":
+        raise responses.Refused(responses.NO_INBOX_EXISTS)
+    await session.account.rename_folder(old, new)
+    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+async def subscribe(session: Session, command: protocol.Command) -> None:
+    """SUBSCRIBE, and UNSUBSCRIBE."""
+    assert session.account is not None
+    if not command.args:
+        raise responses.Refused(responses.BAD_NEEDS_MAILBOX, command=command.name)
+    await session.account.subscribe(session.folder_name(command.args[0]), command.name == "SUBSCRIBE")
+    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+async def list_(session: Session, command: protocol.Command) -> None:
+    """LIST (RFC 3501 §6.3.8, RFC 5258 selection and return options), and LSUB."""
+    assert session.account is not None
+    options = protocol.parse_list_args(command.args)
+    folders = sorted(await session.account.folders(), key=lambda f: (f.name != "INBOX", f.name))  # INBOX first
+    names = {f.name for f in folders}
+    lsub = command.name == "LSUB"
+    subscribed_only = lsub or "SUBSCRIBED" in options.selection
+    for folder in folders if options.patterns else []:
+        if not any(protocol.mailbox_matches(p, folder.name, DELIMITER) for p in options.patterns):
+            continue
+        if subscribed_only and not folder.subscribed:
+            continue
+        if "SPECIAL-USE" in options.selection and folder.name not in SPECIAL_USE:  # RFC 6154 §5.1
+            continue
+        attributes: list[str] = []
+        children = any(n.startswith(folder.name + DELIMITER) for n in names)
+        attributes.append("\\HasChildren" if children else "\\HasNoChildren")  # RFC 3348 CHILDREN
+        if folder.name in SPECIAL_USE and (not lsub):
+            attributes.append(SPECIAL_USE[folder.name])
+        if folder.subscribed and "SUBSCRIBED" in options.returns:
+            attributes.append("\\Subscribed")
+        encoded = protocol.format_mailbox(protocol.encode_mailbox_name(folder.name))
+        session.send(f'* {command.name} ({" ".join(attributes)}) "{DELIMITER}" '.encode() + encoded)
+    if not options.patterns:  # RFC 3501 §6.3.8: an empty pattern asks for the delimiter
+        session.send(f'* {command.name} (\\Noselect) "{DELIMITER}" ""')
+    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+async def status(session: Session, command: protocol.Command) -> None:
+    assert session.account is not None
+    request = protocol.parse_status(command.args)
+    name = request.mailbox
+    found = await session.account.status(name)
+    if found is None:
+        raise responses.Refused(responses.NO_NO_SUCH_MAILBOX, mailbox=name)
+    folder = found.folder
+    values = {
+        "MESSAGES": found.messages,
+        "RECENT": found.recent,
+        "UIDNEXT": folder.uidnext,
+        "UIDVALIDITY": folder.uidvalidity,
+        "UNSEEN": found.unseen,
+        "HIGHESTMODSEQ": folder.highestmodseq,  # RFC 7162 (CONDSTORE)
+        "SIZE": found.size,  # RFC 8438
+    }
+    items = [f"{key} {values[key]}" for key in request.items]
+    encoded = protocol.format_mailbox(protocol.encode_mailbox_name(folder.name))
+    session.send(b"* STATUS " + encoded + f" ({' '.join(items)})".encode())
+    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+def _quota_line(session: Session) -> str:
+    assert session.user is not None
+    used_kib = (session.store.usage(session.user.address).bytes + 1023) // 1024
+    if not session.user.quota:
+        return '* QUOTA "" ()'
+    return f'* QUOTA "" (STORAGE {used_kib} {session.user.quota // 1024})'  # RFC 2087: units of 1024 octets
+
+
+async def getquota(session: Session, command: protocol.Command) -> None:
+    if not command.args or protocol.arg_text(command.args[0]) != "":
+        raise responses.Refused(responses.NO_NO_SUCH_QUOTA_ROOT)
+    session.send(_quota_line(session))
+    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+async def getquotaroot(session: Session, command: protocol.Command) -> None:
+    if not command.args:
+        raise responses.Refused(responses.BAD_NEEDS_MAILBOX, command=command.name)
+    session.send(b"* QUOTAROOT " + protocol.format_mailbox(protocol.arg_text(command.args[0])) + b' ""')
+    session.send(_quota_line(session))
+    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+async def setquota(session: Session, command: protocol.Command) -> None:
+    raise responses.Refused(responses.NO_QUOTA_READONLY)

@@ -1,0 +1,423 @@
+"""One IMAP session per connection (RFC 3501): framing (lines and literals), state, the selected
+folder, caches, and dispatch of each command through mailnode.imap.commands.TABLE. The command
+modules answer commands with what the session offers here; mailnode.imap.server starts sessions.
+
+A session with a folder selected keeps that folder's message sequence (UIDs in order) and flags;
+changes made elsewhere reach it through the store's switchboard and are reported at the points
+RFC 3501 §7 allows: EXISTS, FETCH and EXPUNGE after any command but FETCH/STORE/SEARCH (EXPUNGE
+only then, §7.4.1), and at once during IDLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import contextlib
+import dataclasses
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mailnode.auth import Authenticator
+from mailnode.config import Directory, MailboxEntry, NodeConfig
+from mailnode.imap import mime, protocol, responses, search, table
+from mailnode.metrics import NodeMetrics
+from mailnode.store.account import Account, FolderError, Message
+from mailnode.store.changes import Change
+from mailnode.store.mailstore import MailStore
+
+log = logging.getLogger(__name__)
+
+DELIMITER = "/"
+SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk", "Archive": "\\Archive"}
+_ANALYSES_KEPT = 20_000  # parsed structures kept in memory, per node
+
+
+@dataclasses.dataclass
+class Selected:
+    """The selected folder as this session last reported it to its client."""
+
+    name: str
+    readonly: bool
+    uidvalidity: int
+    uids: list[int]
+    flags: dict[int, str]
+    modseqs: dict[int, int]
+    recent: set[int]
+    highestmodseq: int
+    uidnext: int
+    pending: list[Change] = dataclasses.field(default_factory=list)
+
+    def seq(self, uid: int) -> int:
+        index = bisect.bisect_left(self.uids, uid)
+        if index < len(self.uids) and self.uids[index] == uid:
+            return index + 1
+        return 0
+
+
+class AnalysisCache:
+    """Parsed message structures by (mailbox, file path). A message file never changes, so an entry
+    never goes stale; the least recently used are dropped beyond `size`. One per node, shared by
+    the imap and imaps listeners."""
+
+    def __init__(self, size: int = _ANALYSES_KEPT) -> None:
+        self._size = size
+        self._entries: collections.OrderedDict[tuple[str, str], mime.Analysis] = collections.OrderedDict()
+        self._headers: collections.OrderedDict[tuple[str, str], dict[str, str | None]] = collections.OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def get(self, key: tuple[str, str]) -> mime.Analysis | None:
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[str, str], analysis: mime.Analysis) -> None:
+        self._entries[key] = analysis
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def lock(self, address: str) -> asyncio.Lock:
+        return self._locks.setdefault(address, asyncio.Lock())
+
+    def headers(self, key: tuple[str, str]) -> dict[str, str | None]:
+        """The header field values SEARCH has looked up in this message so far (filled by the caller)."""
+        found = self._headers.get(key)
+        if found is None:
+            found = self._headers[key] = {}
+            if len(self._headers) > self._size:
+                self._headers.popitem(last=False)
+        else:
+            self._headers.move_to_end(key)
+        return found
+
+
+def _analysis_json(data: bytes) -> str:
+    return mime.analyze(data).to_json()
+
+
+class Session:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        commands: table.Table[Session],
+        config: NodeConfig,
+        directory: Callable[[], Directory],
+        store: MailStore,
+        authenticator: Authenticator,
+        metrics: NodeMetrics,
+        tls: ssl.SSLContext | None,
+        implicit_tls: bool,
+        listener: str,
+        analyses: AnalysisCache,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._commands = commands
+        self.config = config
+        self._directory = directory
+        self.store = store
+        self.authenticator = authenticator
+        self._metrics = metrics
+        self._tls = tls
+        self.is_tls = implicit_tls
+        self._listener = listener
+        self.analysis_cache = analyses
+        self.user: MailboxEntry | None = None
+        self.account: Account | None = None
+        self.selected: Selected | None = None
+        self.condstore = False  # RFC 7162 §3.1: once enabled, FETCH and STORE report MODSEQ
+        self._unsubscribe: Callable[[], None] | None = None
+        self.wakeup = asyncio.Event()  # set when a change for the selected folder arrives
+        self.task: asyncio.Task[Any] | None = None
+        peer = writer.get_extra_info("peername")
+        self.remote = peer[0] if peer else "unknown"
+
+    @property
+    def state(self) -> table.State:
+        if self.selected is not None:
+            return table.State.SELECTED
+        if self.user is not None:
+            return table.State.AUTHENTICATED
+        return table.State.NOT_AUTHENTICATED
+
+    def shut_down(self) -> None:
+        """The node is stopping: say so and hang up (commands in progress are not waited for)."""
+        if not self._writer.is_closing():
+            self.send(responses.BYE_SHUTTING_DOWN.line())
+            self._writer.close()
+
+    # -- output ---------------------------------------------------------------------------------------
+
+    def send(self, line: str | bytes) -> None:
+        self._writer.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
+
+    def write(self, data: bytes) -> None:
+        """Send lines already framed (each with its CRLF), in one write."""
+        self._writer.write(data)
+
+    async def flush(self) -> None:
+        await self._writer.drain()
+
+    def capabilities(self) -> str:
+        return " ".join(
+            self._commands.capabilities(
+                authenticated=self.user is not None,
+                tls_active=self.is_tls,
+                tls_available=self._tls is not None,
+                plaintext_login=self.config.imap.allow_plaintext_login,
+            )
+        )
+
+    # -- the connection -------------------------------------------------------------------------------
+
+    @property
+    def tls_available(self) -> bool:
+        return self._tls is not None
+
+    async def start_tls(self) -> None:
+        """Upgrade the connection (STARTTLS). RFC 3501 §6.2.1: anything the client sent after
+        STARTTLS before the handshake is discarded."""
+        assert self._tls is not None
+        await self._writer.start_tls(self._tls)
+        self.is_tls = True
+
+    async def readline(self) -> bytes | None:
+        """One line without its CRLF; None when the client has gone."""
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as error:
+            if not error.partial:
+                return None
+            raise
+        except asyncio.LimitOverrunError:
+            raise responses.Hangup(responses.BYE_LINE_TOO_LONG) from None
+        return line.rstrip(b"\r\n")
+
+    # -- the command loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._metrics.imap_sessions.labels(self._listener).inc()
+        self._metrics.imap_sessions_active.labels(self._listener).inc()
+        try:
+            self.send(responses.OK_GREETING.line(capabilities=self.capabilities(), hostname=self.config.hostname))
+            await self.flush()
+            while True:
+                try:
+                    parts = await asyncio.wait_for(self._read_command(), self.config.imap.idle_timeout)
+                except TimeoutError:
+                    raise responses.Hangup(responses.BYE_AUTOLOGOUT) from None
+                if parts is None:
+                    return
+                if not await self._execute(parts):
+                    return
+        except responses.Hangup as hangup:
+            with contextlib.suppress(ConnectionError):
+                self.send(hangup.line())
+                await self.flush()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            self._metrics.imap_sessions_active.labels(self._listener).dec()
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+
+    async def _read_command(self) -> list[bytes] | None:
+        """One command: its lines and literals (RFC 3501 §4.3, RFC 7888 LITERAL+)."""
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            line = await self.readline()
+            if line is None:
+                return None
+            parts.append(line)
+            total += len(line)
+            try:
+                marker = protocol.literal_marker(line)
+            except protocol.ProtocolError:
+                return parts  # parse_command reports it
+            if marker is None:
+                return parts
+            size, non_synchronizing = marker
+            total += size
+            limit = self.config.imap.max_literal
+            if total > limit:
+                if non_synchronizing:  # RFC 7888 §4: the client sends it anyway; we cannot resync
+                    raise responses.Hangup(responses.BYE_TOOBIG)
+                tag = line.split(b" ", 1)[0].decode("ascii", "replace")
+                self.send(responses.NO_TOOBIG.line(tag, limit=limit))
+                await self.flush()
+                return []
+            if not non_synchronizing:
+                self.send(responses.CONTINUE_LITERAL)
+                await self.flush()
+            parts.append(await self._reader.readexactly(size))
+
+    async def _execute(self, parts: list[bytes]) -> bool:
+        """Run one command. Returns False once the session is over."""
+        if not parts:
+            return True
+        tag = "*"
+        done: bool | None = None
+        try:
+            command = protocol.parse_command(parts)
+            tag = command.tag
+            self._metrics.imap_commands.labels(self._commands.metric_label(command.name)).inc()
+            done = await self._commands.dispatch(command.name, self.state).handler(self, command)
+        except search.BadCharset as error:  # RFC 3501 §6.4.4
+            self.send(responses.NO_BADCHARSET.line(tag, supported=" ".join(error.supported), error=error))
+        except protocol.ProtocolError as error:
+            self.send(responses.BAD_SYNTAX.line(error.tag or tag, error=error))
+        except responses.Refused as refused:
+            self.send(refused.line(tag))
+        except FolderError as error:
+            text = str(error)
+            folder_error = responses.NO_FOLDER if text.startswith("[") else responses.NO_NONEXISTENT
+            self.send(folder_error.line(tag, error=text))
+        except (responses.Hangup, ConnectionError, asyncio.IncompleteReadError):
+            raise
+        except Exception:
+            log.exception("imap command failed", extra={"fields": {"user": self.user and self.user.address}})
+            self.send(responses.NO_SERVERBUG.line(tag))
+        await self.flush()
+        return done is not False
+
+    # -- authenticated --------------------------------------------------------------------------------
+
+    def log_in(self, user: MailboxEntry) -> Account:
+        """Enter the authenticated state as `user` and start hearing about changes to its mailbox."""
+        self.user = user
+        self.account = self.store.account(user.address)
+        self._unsubscribe = self.store.switchboard.subscribe(user.address, self._on_change)
+        return self.account
+
+    def folder_name(self, arg: protocol.Arg) -> str:
+        return protocol.mailbox_arg(arg, DELIMITER)
+
+    def _on_change(self, change: Change) -> None:
+        selected = self.selected
+        if selected is not None and change.folder == selected.name:
+            selected.pending.append(change)
+            self.wakeup.set()
+
+    # -- selected ---------------------------------------------------------------------------------------
+
+    async def analyses(self, messages: Sequence[Message]) -> dict[int, mime.Analysis]:
+        """The MIME analysis of each message: from memory, else from the index cache, else parsed now."""
+        assert self.selected is not None and self.account is not None and self.user is not None
+        cache = self.analysis_cache
+        result: dict[int, mime.Analysis] = {}
+
+        def collect() -> list[Message]:
+            missing: list[Message] = []
+            for message in messages:
+                found = cache.get((address, message.path))
+                if found is None:
+                    missing.append(message)
+                else:
+                    result[message.uid] = found
+            return missing
+
+        address = self.user.address
+        missing = collect()
+        if not missing:
+            return result
+        # One session at a time fills a mailbox's misses; sessions that wait find them filled.
+        async with cache.lock(address):
+            missing = collect()
+            if missing:
+                stored = await self.account.structures(self.selected.name, missing, _analysis_json)
+                for message in missing:
+                    if message.uid not in stored:
+                        continue  # expunged meanwhile: the caller leaves it out
+                    try:
+                        analysis = mime.Analysis.from_json(stored[message.uid])
+                    except ValueError:  # cached by an older mailnode: parse again
+                        analysis = mime.analyze((await self.account.read([message]))[0])
+                    cache.put((address, message.path), analysis)
+                    result[message.uid] = analysis
+        return result
+
+    async def report_changes(self, *, expunge: bool) -> None:
+        """Tell the client what changed in the selected folder since it last heard (RFC 3501 §7)."""
+        selected = self.selected
+        if selected is None or not selected.pending:
+            return
+        assert self.account is not None
+        pending, selected.pending = selected.pending, []
+        kept: list[Change] = []
+        added: list[int] = []
+        for change in pending:
+            if change.kind == "added":
+                added.extend(uid for uid in change.uids if uid not in selected.flags)
+            elif change.kind == "flags" and change.origin is not self:
+                for uid, flags, modseq in zip(change.uids, change.flags, change.modseqs, strict=True):
+                    seq = selected.seq(uid)
+                    if seq:
+                        selected.flags[uid] = flags
+                        selected.modseqs[uid] = modseq
+                        self.send(f"* {seq} FETCH ({self.fetch_flags(uid)} UID {uid})")
+            elif change.kind == "expunged" and change.origin is not self:
+                if expunge:
+                    for uid in change.uids:
+                        self.forget(uid)
+                else:
+                    kept.append(change)
+        if added:
+            new = await self.account.messages(selected.name, uids=added)
+            for message in new:
+                if message.uid not in selected.flags:
+                    bisect.insort(selected.uids, message.uid)
+                    selected.flags[message.uid] = message.flags
+                    selected.modseqs[message.uid] = message.modseq
+                    if not selected.readonly:
+                        selected.recent.add(message.uid)
+            self.send(f"* {len(selected.uids)} EXISTS")
+            self.send(f"* {len(selected.recent)} RECENT")
+        selected.pending = kept + selected.pending
+
+    def forget(self, uid: int) -> None:
+        """Drop an expunged message from the sequence and tell the client (RFC 3501 §7.4.1)."""
+        selected = self.selected
+        assert selected is not None
+        seq = selected.seq(uid)
+        if seq:
+            del selected.uids[seq - 1]
+            selected.flags.pop(uid, None)
+            selected.modseqs.pop(uid, None)
+            selected.recent.discard(uid)
+            self.send(f"* {seq} EXPUNGE")
+
+    def fetch_flags(self, uid: int) -> str:
+        """The FLAGS item of a FETCH response (with MODSEQ once CONDSTORE is on)."""
+        selected = self.selected
+        assert selected is not None
+        flags = selected.flags.get(uid, "").split()
+        if uid in selected.recent:
+            flags.append("\\Recent")
+        text = f"FLAGS ({' '.join(flags)})"
+        if self.condstore:
+            text += f" MODSEQ ({selected.modseqs.get(uid, 0)})"
+        return text
+
+    def messages_for(self, sequence: str, *, uid: bool) -> list[tuple[int, int]]:
+        """(seq, uid) pairs that a sequence set or UID set names, in order."""
+        selected = self.selected
+        assert selected is not None
+        numbers = protocol.parse_sequence_set(sequence)
+        uids = selected.uids
+        if uid:
+            largest = uids[-1] if uids else 0
+            return [(selected.seq(u), u) for u in numbers.iter(uids, largest)]
+        count = len(uids)
+        result = [(n, uids[n - 1]) for n in numbers.iter(range(1, count + 1), count)]
+        if not result:  # RFC 3501 §9 seq-number: a number beyond the mailbox is an error
+            raise responses.Refused(responses.BAD_NO_SUCH_MESSAGE)
+        return result

@@ -1,0 +1,120 @@
+"""The open mailboxes of a node and the values the store's modules share: `Mailbox` (a mailbox's
+directory, its index connections and locks), `Mailboxes` (the table of them, opened on first use),
+`Delivery`, `Stored` and `MailboxUsage`.
+
+Used by MailStore (delivery, recovery), Account (IMAP's changes) and Staging (pins, staged copies),
+which all import this module and none of which imports another's: MailStore passes Account and Staging
+what they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+
+from mailnode.store import durable, index, maildir
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """One message for one mailbox folder. `data` is the whole message as stored (CRLF lines)."""
+
+    address: str
+    data: bytes
+    folder: str = maildir.INBOX
+    internal_date: int | None = None
+    flags: str = ""  # space-separated IMAP flags (APPEND may set them)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    address: str
+    folder: str
+    uid: int
+    path: Path
+
+
+@dataclasses.dataclass
+class MailboxUsage:
+    bytes: int = 0
+    messages: int = 0
+
+
+class Mailbox:
+    """An open mailbox: its directory and its index (used under `lock`, from Gateway threads)."""
+
+    def __init__(self, address: str, path: Path) -> None:
+        self.address = address
+        self.path = path
+        durable.ensure_dir(path)
+        self.index = index.Index(path / "index.sqlite")
+        self.lock = threading.RLock()  # one thread at a time uses the index connection (and writes)
+        # A second connection for reads: in WAL mode they run beside a write that waits for its fsync.
+        self.reader = index.Index(path / "index.sqlite")
+        self.read_lock = threading.Lock()
+        self.folders: set[str] = set()
+
+    def ensure_folder(self, name: str) -> Path:
+        if name not in self.folders:
+            with self.lock:
+                maildir.ensure_folder(self.path, name)
+                self.index.create_folder(name)
+                self.folders.add(name)
+        return maildir.folder_dir(self.path, name)
+
+    def recover(self) -> tuple[int, int, int]:
+        """Make files and index agree after a crash: returns (tmp removed, orphans removed, rows dropped).
+        Orphans are files in new/ or cur/ without a row: deliveries renamed but never committed, and the
+        files of expunged messages whose unlink a pinned store deferred (Staging.pin) when the node
+        stopped before the last pin went."""
+        tmp_removed = maildir.clear_tmp(self.path)
+        on_disk = maildir.message_files(self.path)
+        indexed = self.index.paths()
+        orphans = on_disk - indexed
+        for rel in orphans:
+            (self.path / rel).unlink(missing_ok=True)
+        missing = indexed - on_disk
+        if missing:
+            self.index.forget(missing)
+        return tmp_removed, len(orphans), len(missing)
+
+    def close(self) -> None:
+        self.index.close()
+        self.reader.close()
+
+
+class Mailboxes:
+    """The mailboxes of the data directory `root` that are open, by address (blocking: called from
+    Gateway threads, any number at once)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._open: dict[str, Mailbox] = {}
+        self._lock = threading.Lock()  # guards _open between the writer and readers
+
+    def open(self, address: str, path: Path | None = None) -> Mailbox:
+        """The mailbox, opened (and its directory, index and INBOX made) on first use."""
+        with self._lock:
+            mailbox = self._open.get(address)
+            if mailbox is None:
+                mailbox = Mailbox(address, path or maildir.mailbox_dir(self.root, address))
+                mailbox.ensure_folder(maildir.INBOX)
+                self._open[address] = mailbox
+            return mailbox
+
+    def existing(self, address: str) -> Mailbox | None:
+        """The mailbox if it is open or on disk, without making one."""
+        if address not in self._open and not maildir.mailbox_dir(self.root, address).exists():
+            return None
+        return self.open(address)
+
+    def all(self) -> list[Mailbox]:
+        with self._lock:
+            return list(self._open.values())
+
+    def close(self) -> None:
+        with self._lock:
+            for mailbox in self._open.values():
+                mailbox.close()
+            self._open.clear()

@@ -1,0 +1,140 @@
+"""The node config (node.yaml, README "Node config"): every setting a mail node reads at start.
+
+mailnode.config loads it from a file (relative paths, error messages); the operator's
+mailfleet.specs.node builds it for a MailDomain and dumps it into the ConfigMap. Keys are snake_case and
+sizes may be written as "25MiB": it is a file people write too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+
+from mailwire.fields import ByteSize, Domain, FileModel
+
+
+class ListenConfig(FileModel):
+    """Where the listeners bind. A port of 0 lets the kernel choose (tests); `status()` tells which."""
+
+    host: str = "0.0.0.0"
+    smtp: int = pydantic.Field(2525, ge=0, le=65535)
+    submission: int = pydantic.Field(5870, ge=0, le=65535)
+    submissions: int = pydantic.Field(4650, ge=0, le=65535)
+    imap: int = pydantic.Field(1430, ge=0, le=65535)
+    imaps: int = pydantic.Field(9930, ge=0, le=65535)
+    http: int = pydantic.Field(8080, ge=0, le=65535)
+
+
+class TLSConfig(FileModel):
+    cert_file: Path
+    key_file: Path
+
+
+class RelayHostConfig(FileModel):
+    """All outbound mail through this host, with STARTTLS (and AUTH when credentials are given)."""
+
+    host: str
+    port: int = pydantic.Field(587, ge=1, le=65535)
+    username: str | None = None
+    password_file: Path | None = None  # a file holding the password (a mounted Secret in a pod)
+
+
+class SMTPConfig(FileModel):
+    max_message_size: ByteSize = 25 * 1024 * 1024
+    max_recipients: int = pydantic.Field(100, ge=1)
+    # RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes for the next command.
+    idle_timeout: float = pydantic.Field(300.0, gt=0)
+    # Repeated AUTH failures from one client address are answered ever more slowly:
+    # delay = min(auth_failure_delay * 2**(failures-1), auth_failure_delay_max).
+    auth_failure_delay: float = pydantic.Field(0.5, ge=0)
+    auth_failure_delay_max: float = pydantic.Field(16.0, ge=0)
+    # Outbound: a relay host, or per-domain transports ("host:port", like Postfix's transport_maps);
+    # every other domain is routed by its MX records.
+    relay_host: RelayHostConfig | None = None
+    # SPF and DKIM of mail from outside, reported in an Authentication-Results header (never refused)
+    check_inbound: bool = True
+    transports: dict[Domain, str] = {}
+    queue_lifetime: float = pydantic.Field(5 * 86400.0, gt=0, description="seconds before a bounce")
+    delivery_interval: float = pydantic.Field(5.0, gt=0, description="seconds between queue runs")
+
+    @pydantic.field_validator("transports")
+    @classmethod
+    def _transports(cls, value: dict[str, str]) -> dict[str, str]:
+        for domain, target in value.items():
+            host, _, port = target.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"transport of {domain}: {target!r} is not host:port")
+        return value
+
+
+class IMAPConfig(FileModel):
+    # RFC 3501 §7.1: LOGIN before TLS exposes the password; allowed only for local development.
+    allow_plaintext_login: bool = False
+    # RFC 3501 §5.4: an inactivity timer of at least 30 minutes.
+    idle_timeout: float = pydantic.Field(1800.0, gt=0)
+    max_line: ByteSize = pydantic.Field(64 * 1024, ge=1024)
+    max_literal: ByteSize = pydantic.Field(64 * 1024 * 1024, ge=1024)  # the largest APPEND
+
+
+class AuthConfig(FileModel):
+    # Seconds a successful password check is remembered (0: never), as Dovecot's auth_cache_ttl.
+    cache_ttl: float = pydantic.Field(300.0, ge=0)
+
+
+class BackupConfig(FileModel):
+    """Checkpoints and archives (docs/backups.md)."""
+
+    dir: Path | None = None  # where POST /backups writes archives; default <data_dir>/backups
+    # The longest a POST /snapshot may hold writes (its `hold`, 1..max_hold seconds).
+    max_hold: float = pydantic.Field(600.0, ge=1)
+
+
+class DKIMConfig(FileModel):
+    selector: str = pydantic.Field("mail", pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?$")
+    key_file: Path  # RSA private key, PEM (`mailnode dkim-keygen`)
+
+
+class DomainConfig(FileModel):
+    domain: Domain
+    alias_domains: list[Domain] = []
+    dkim: DKIMConfig | None = None
+
+
+class NodeConfig(FileModel):
+    node_name: str = "mailnode-0"
+    hostname: Domain = pydantic.Field(description="The node's mail host name: greeting and Received")
+    domains: list[DomainConfig] = pydantic.Field(min_length=1)
+    data_dir: Path
+    directory_file: Path
+    directory_poll_interval: float = pydantic.Field(1.0, gt=0)
+    listen: ListenConfig = ListenConfig()
+    smtp: SMTPConfig = SMTPConfig()
+    imap: IMAPConfig = IMAPConfig()
+    auth: AuthConfig = AuthConfig()
+    backup: BackupConfig = BackupConfig()
+    tls: TLSConfig | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @pydantic.model_validator(mode="after")
+    def _domains_unique(self) -> NodeConfig:
+        seen: set[str] = set()
+        for domain in self.domains:
+            for name in (domain.domain, *domain.alias_domains):
+                if name in seen:
+                    raise ValueError(f"domain {name!r} is listed twice")
+                seen.add(name)
+        return self
+
+    def alias_domain_map(self) -> dict[str, str]:
+        """Every domain the node serves, mapped to its primary domain."""
+        mapping: dict[str, str] = {}
+        for domain in self.domains:
+            mapping[domain.domain] = domain.domain
+            mapping.update((alias, domain.domain) for alias in domain.alias_domains)
+        return mapping
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.backup.dir if self.backup.dir is not None else self.data_dir / "backups"

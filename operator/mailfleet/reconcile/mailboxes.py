@@ -1,0 +1,301 @@
+"""A domain's Mailboxes: which go into its directory (with their hashed passwords), and each one's verdict,
+the Ready condition written to its status (with an Event when its reason changes).
+
+`served` is the reconcile of a domain's Mailboxes (reconcile/domain.py); `write_verdicts` writes what it
+found. A Mailbox that cannot be served (its Secret is missing, its address is taken) is left out of the
+directory and told so in its own status; it does not hold back the others. `domain_not_ready`,
+`domain_gone` and `domain_not_found` say why no directory holds a Mailbox (reconcile/domain.py,
+reconcile/routing.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Mapping
+from typing import Final
+
+import pydantic
+
+from mailfleet import api, k8s, kube_types, specs
+from mailfleet.reconcile import conditions
+from mailfleet.reconcile.conditions import Condition
+from mailfleet.reconcile.context import MAILBOX, SECRET, Context, DomainKey, object_key
+from mailfleet.reconcile.passwords import is_hash
+
+# Above this many distinct password Secrets a reconcile lists the namespace's Secrets once instead of
+# reading each one.
+LIST_SECRETS_ABOVE: Final = 20
+STATUS_WRITES: Final = 16  # concurrent Mailbox status writes
+
+
+@dataclasses.dataclass
+class Verdict:
+    body: kube_types.Mailbox
+    condition: Condition
+
+
+@dataclasses.dataclass
+class Served:
+    accepted: list[api.Mailbox]
+    passwords: dict[str, str]  # "secretName/key" -> argon2 hash
+    verdicts: list[Verdict]
+
+
+async def served(ctx: Context, domain: api.MailDomain) -> Served:
+    """The domain's Mailboxes: which go into the directory (with their hashed passwords) and what each
+    one's Ready condition says."""
+    namespace = specs.common.namespace(domain)
+    mail_domains = specs.node.domains_of(domain)
+    bodies = [body for mail_domain in sorted(mail_domains) for body in ctx.view.mailboxes(namespace, mail_domain)]
+    # Who keeps an address claimed twice: the Mailbox already served with it, else the first created.
+    bodies.sort(
+        key=lambda b: (
+            (conditions.find((b.get("status") or {}).get("conditions"), "Ready") or {}).get("status") != "True",
+            str(b["metadata"].get("creationTimestamp") or ""),
+            str(b["metadata"]["name"]),
+        )
+    )
+
+    parsed = [(body, *_parse(ctx, body)) for body in bodies]
+    refs = {ref.name for _, m, _ in parsed if m is not None for ref in _refs(m)}
+    secrets = await _password_secrets(ctx, namespace, refs)
+
+    accepted: list[api.Mailbox] = []
+    passwords: dict[str, str] = {}
+    verdicts: list[Verdict] = []
+    taken: dict[str, str] = {}  # address or alias -> Mailbox name
+    hashing: dict[str, asyncio.Task[str]] = {}
+    previous: dict[tuple[str, str], str] | None = None  # the directory's hashes now, read when needed
+    for body, mailbox, invalid in parsed:
+        if mailbox is None:
+            verdicts.append(Verdict(body, Condition("Ready", "False", "InvalidSpec", invalid)))
+            continue
+        problem = _problem(mailbox, domain, mail_domains, taken, secrets)
+        if problem is not None:
+            verdicts.append(Verdict(body, Condition("Ready", "False", *problem)))
+            continue
+        for address in (mailbox.spec.address, *mailbox.spec.aliases):
+            taken[address.lower()] = mailbox.metadata.name
+        for ref in _refs(mailbox):
+            source = specs.password_key(ref)
+            if source in passwords or source in hashing:
+                continue
+            value = secrets[ref.name][ref.key]  # type: ignore[index]  # checked by _problem
+            if is_hash(value):
+                passwords[source] = value
+                continue
+            if previous is None:
+                previous = await _previous_hashes(ctx, domain)
+            candidate = previous.get((mailbox.spec.address.lower(), _app_name(mailbox, ref)))
+            known = ctx.hasher.known(value, source=f"{namespace}/{source}")
+            if known is not None and candidate in (None, known):
+                passwords[source] = known
+                continue
+            hashing[source] = asyncio.ensure_future(
+                ctx.hasher.hash(value, source=f"{namespace}/{source}", candidate=candidate)
+            )
+        accepted.append(mailbox)
+        verdicts.append(
+            Verdict(
+                body, Condition("Ready", "True", "Served", f"in the directory of MailDomain {domain.metadata.name}")
+            )
+        )
+    if hashing:
+        await asyncio.gather(*hashing.values())
+    passwords.update({source: task.result() for source, task in hashing.items()})
+    return Served(accepted, passwords, verdicts)
+
+
+def _app_name(mailbox: api.Mailbox, ref: api.SecretKeySelector) -> str:
+    """ "" for the password, else the app password's name."""
+    if ref is mailbox.spec.password_secret_ref:
+        return ""
+    return next(app.name for app in mailbox.spec.app_passwords if app.secret_ref is ref)
+
+
+async def _previous_hashes(ctx: Context, domain: api.MailDomain) -> dict[tuple[str, str], str]:
+    """The hashes the domain's directory Secret holds now: (address, "" or app password name) -> hash."""
+    secret = await ctx.client.get(SECRET, specs.common.namespace(domain), specs.common.directory_name(domain))
+    content = k8s.secret_values(secret or {}).get(specs.common.DIRECTORY_KEY, b"")
+    try:
+        found: dict[tuple[str, str], str] = {}
+        for entry in specs.node.read_directory(content):
+            address = str(entry["address"]).lower()
+            found[(address, "")] = str(entry["password_hash"])
+            for app in entry.get("app_passwords") or []:
+                found[(address, str(app["name"]))] = str(app["password_hash"])
+        return found
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}  # unreadable (edited by hand?): every plaintext is hashed anew, and the Secret rewritten
+
+
+def _parse(ctx: Context, body: kube_types.Mailbox) -> tuple[api.Mailbox | None, str]:
+    """The Mailbox model, or None and why it is invalid; remembered per uid and generation (a reconcile
+    of a large domain would otherwise validate every Mailbox again)."""
+    key = (object_key(body), body["metadata"].get("generation"))
+    if (known := ctx.parsed_mailboxes.get(key[0])) is not None and known[0] == key[1]:
+        return known[1], known[2]
+    try:
+        result: tuple[api.Mailbox | None, str] = (api.Mailbox.model_validate(body), "")
+    except pydantic.ValidationError as error:
+        result = (None, api.validation_message(error))
+    ctx.parsed_mailboxes[key[0]] = (key[1], *result)
+    return result
+
+
+def _refs(mailbox: api.Mailbox) -> list[api.SecretKeySelector]:
+    return [mailbox.spec.password_secret_ref, *(app.secret_ref for app in mailbox.spec.app_passwords)]
+
+
+def _problem(
+    mailbox: api.Mailbox,
+    domain: api.MailDomain,
+    mail_domains: set[str],
+    taken: Mapping[str, str],
+    secrets: Mapping[str, Mapping[str, str] | None],
+) -> tuple[str, str] | None:
+    """(reason, message) when the Mailbox cannot be served, else None."""
+    spec = mailbox.spec
+    for address in (spec.address, *spec.aliases):
+        if (owner := taken.get(address.lower())) is not None:
+            return "AddressConflict", f"{address} is already an address or alias of Mailbox {owner}"
+    for alias in spec.aliases:
+        alias_domain = specs.node.domain_of(alias)
+        if alias_domain not in mail_domains:
+            return (
+                "AliasNotServed",
+                f"alias {alias}: MailDomain {domain.metadata.name} does not serve {alias_domain} "
+                "(add it to its spec.aliasDomains)",
+            )
+    fields = [("spec.passwordSecretRef", spec.password_secret_ref)] + [
+        (f"spec.appPasswords[{app.name}].secretRef", app.secret_ref) for app in spec.app_passwords
+    ]
+    for field, ref in fields:
+        values = secrets.get(ref.name)
+        if values is None:
+            return "SecretNotFound", f"Secret {ref.name} ({field}) does not exist"
+        if not values.get(ref.key):
+            return "SecretKeyNotFound", f"Secret {ref.name} ({field}) has no key {ref.key}"
+    return None
+
+
+async def _password_secrets(ctx: Context, namespace: str, names: set[str]) -> dict[str, dict[str, str] | None]:
+    if len(names) > LIST_SECRETS_ABOVE:
+        found: dict[str, dict[str, str] | None] = dict.fromkeys(names)
+        for obj in await ctx.client.list(SECRET, namespace):
+            if (name := obj["metadata"]["name"]) in names:
+                found[name] = k8s.secrets.strings(obj)
+        return found
+    ordered = sorted(names)
+    values = await asyncio.gather(*(k8s.secrets.read(ctx.client, namespace, name) for name in ordered))
+    return dict(zip(ordered, values, strict=True))
+
+
+# -- verdicts into statuses ---------------------------------------------------------------------------
+
+
+async def write_verdicts(ctx: Context, verdicts: list[Verdict]) -> None:
+    """Write each Mailbox's Ready condition that changed, a few at once."""
+    limit = asyncio.Semaphore(STATUS_WRITES)
+    at = conditions.now()
+
+    async def one(verdict: Verdict, change: _StatusChange) -> None:
+        async with limit:
+            await _write_status(ctx, verdict.body, verdict.condition, change)
+
+    changed = [(v, change) for v in verdicts if (change := _status_change(ctx, v.body, v.condition, at)) is not None]
+    await asyncio.gather(*(one(v, change) for v, change in changed))
+
+
+@dataclasses.dataclass(frozen=True)
+class _StatusChange:
+    conditions: list[kube_types.Condition]  # to write
+    announce: bool  # the Ready status or reason changed: post an Event
+
+
+def _status_change(ctx: Context, body: kube_types.Mailbox, condition: Condition, at: str) -> _StatusChange | None:
+    """What to write to the Mailbox's status, or None when it says this already. What was last written is
+    remembered: the indexes lag behind the operator's own writes, and comparing with a stale copy would
+    write the same status (and post the same Event) twice."""
+    status = ctx.mailbox_statuses.get(object_key(body)) or body.get("status") or {}
+    generation = body["metadata"].get("generation")
+    merged = conditions.merge(status.get("conditions"), [condition], generation=generation, at=at)
+    if conditions.same(status.get("conditions"), merged) and status.get("observedGeneration") == generation:
+        return None
+    previous = conditions.find(status.get("conditions"), "Ready")
+    announce = previous is None or (previous.get("status"), previous.get("reason")) != (
+        condition.status,
+        condition.reason,
+    )
+    return _StatusChange(merged, announce)
+
+
+async def write_status(ctx: Context, body: kube_types.Mailbox, condition: Condition) -> None:
+    """Write a Mailbox's Ready condition when it changed, with an Event when its reason did."""
+    change = _status_change(ctx, body, condition, conditions.now())
+    if change is not None:
+        await _write_status(ctx, body, condition, change)
+
+
+async def _write_status(ctx: Context, body: kube_types.Mailbox, condition: Condition, change: _StatusChange) -> None:
+    meta = body["metadata"]
+    written: kube_types.MailboxStatus = {"conditions": change.conditions}
+    if (generation := meta.get("generation")) is not None:
+        written["observedGeneration"] = generation
+    try:
+        await ctx.client.patch(MAILBOX, meta["namespace"], meta["name"], {"status": written}, subresource="status")
+    except k8s.ApiError as error:
+        if error.not_found:
+            return
+        raise
+    ctx.mailbox_statuses[object_key(body)] = written
+    if change.announce:
+        full: kube_types.Mailbox = {**body, "apiVersion": api.API_VERSION, "kind": "Mailbox"}
+        await ctx.recorder.event(
+            full,
+            condition.reason,
+            condition.message,
+            type="Normal" if condition.status == "True" else "Warning",
+            at=conditions.now(),
+        )
+
+
+# -- Mailboxes no directory holds ---------------------------------------------------------------------
+
+
+async def domain_not_ready(ctx: Context, body: kube_types.MailDomain, message: str) -> None:
+    """The MailDomain `body` was refused: its Mailboxes are in no directory the operator writes now."""
+    meta, spec = body["metadata"], body.get("spec") or {}
+    mail_domains = {str(d).lower() for d in [spec.get("domain"), *(spec.get("aliasDomains") or [])] if d}
+    not_ready = Condition(
+        "Ready", "False", "DomainNotReady", f"MailDomain {meta['name']} cannot be reconciled: {message}"
+    )
+    verdicts = [
+        Verdict(mailbox, not_ready)
+        for mail_domain in sorted(mail_domains)
+        for mailbox in ctx.view.mailboxes(str(meta["namespace"]), mail_domain)
+    ]
+    await write_verdicts(ctx, verdicts)
+
+
+async def domain_gone(ctx: Context, key: DomainKey) -> None:
+    """The MailDomain was deleted (Kubernetes removes what it owned): its Mailboxes have no domain now,
+    unless another MailDomain serves theirs."""
+    namespace, name = key
+    for mail_domain in sorted(ctx.served.pop(key, set())):
+        # The index may not have seen the deletion yet (this reconcile can run on another event, after
+        # the API server forgot the MailDomain but before its watch event came): it does not count.
+        if [other for other in ctx.view.serving(namespace, mail_domain) if other != name]:
+            continue
+        for body in ctx.view.mailboxes(namespace, mail_domain):
+            await write_status(ctx, body, domain_not_found(namespace, mail_domain))
+
+
+def domain_not_found(namespace: str, mail_domain: str) -> Condition:
+    return Condition(
+        "Ready",
+        "False",
+        "DomainNotFound",
+        f"no MailDomain in namespace {namespace} serves {mail_domain} (as spec.domain or spec.aliasDomains)",
+    )
