@@ -63,6 +63,18 @@ class NodeMetrics:
         self.directory_mailboxes = prom.Gauge(
             "mailnode_directory_mailboxes", "Mailboxes in the directory now in force", registry=r
         )
+        # Server TLS (mailnode.tls): certificates renewed in the mounted Secret are taken without a restart
+        self.tls_reloads = prom.Counter(
+            "mailnode_tls_reloads",
+            "Changed TLS certificate files loaded (success) or refused, the last good pair kept (failure)",
+            ["result"],
+            registry=r,
+        )
+        self.tls_certificate_expiry = prom.Gauge(
+            "mailnode_tls_certificate_expiry_timestamp_seconds",
+            "Unix time the certificate served to new connections expires (its notAfter)",
+            registry=r,
+        )
         self.store_bytes = prom.Gauge("mailnode_store_size_bytes", "Bytes of mail held in the store", registry=r)
         self.store_messages = prom.Gauge("mailnode_store_messages", "Messages held in the store", registry=r)
         self.ready = prom.Gauge("mailnode_ready", "1 once the listeners are up and the store is open", registry=r)
@@ -114,6 +126,7 @@ class NodeMetrics:
             self.delivery_attempts.labels(result)
         for result in ("success", "failure"):
             self.directory_reloads.labels(result)
+            self.tls_reloads.labels(result)
         self.directory_last_reload_ok.set(1)
 
     def track_store(self, *, size: Callable[[], float], messages: Callable[[], float]) -> None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
-from mailnode import dkim
+from mailnode import dkim, tls
 from mailnode.admin import http
 from mailnode.auth import Authenticator
 from mailnode.backup import restore
@@ -38,17 +38,14 @@ from mailwire import admin
 log = logging.getLogger(__name__)
 
 
-def tls_context(config: NodeConfig) -> ssl.SSLContext | None:
-    if config.tls is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.tls.cert_file, config.tls.key_file)
-    return context
-
-
 class Node:
     def __init__(
-        self, config: NodeConfig, *, gateway: Gateway | None = None, metrics: NodeMetrics | None = None
+        self,
+        config: NodeConfig,
+        *,
+        gateway: Gateway | None = None,
+        metrics: NodeMetrics | None = None,
+        tls_poll_interval: float = 5.0,
     ) -> None:
         self.config = config
         # Many store threads: most of their time is spent waiting (fsync, the mailbox write lock), and
@@ -62,6 +59,14 @@ class Node:
             domains=config.alias_domain_map(),
             poll_interval=config.directory_poll_interval,
             on_reload=self._directory_reloaded,
+        )
+        # Seconds between looks at the certificate files: cert-manager renews weeks ahead of expiry,
+        # and the kubelet itself takes up to a minute to update a mounted Secret.
+        self._tls_poll_interval = tls_poll_interval
+        self.tls = (
+            None
+            if config.tls is None
+            else tls.ServerTLS(config.tls.cert_file, config.tls.key_file, on_reload=self._tls_reloaded)
         )
         # Password hashing is slow on purpose: it gets threads of its own, so a burst of logins
         # never queues mail reads and writes behind it.
@@ -95,7 +100,7 @@ class Node:
         self._imap_sessions: list[set[imap.Session]] = []
         self._analyses = imap.AnalysisCache()  # shared by the imap and imaps listeners
         self._runner: web.AppRunner | None = None
-        self._watch_task: asyncio.Task[None] | None = None
+        self._watch_tasks: list[asyncio.Task[None]] = []
         self._started = time.monotonic()
         self.ready = False
         self._dkim_records: list[dict[str, str]] = []
@@ -104,6 +109,11 @@ class Node:
         self.metrics.directory_reloads.labels("success" if ok else "failure").inc()
         self.metrics.directory_last_reload_ok.set(1 if ok else 0)
         self.metrics.directory_mailboxes.set(len(self.watcher.current.mailboxes))
+
+    def _tls_reloaded(self, ok: bool, error: str | None) -> None:
+        self.metrics.tls_reloads.labels("success" if ok else "failure").inc()
+        if self.tls is not None:
+            self.metrics.tls_certificate_expiry.set(self.tls.certificate.not_after.timestamp())
 
     def _load_dkim_records(self) -> list[dict[str, str]]:
         records = []
@@ -160,6 +170,10 @@ class Node:
     async def start(self) -> None:
         """Load the directory (an invalid one is fatal here: ConfigError), open the store, listen."""
         self._dkim_records = await self.gateway.run(self._load_dkim_records)
+        if self.tls is not None:  # an unusable certificate is fatal at start: ConfigError
+            await self.gateway.run(self.tls.load_initial)
+            self.metrics.tls_certificate_expiry.set(self.tls.certificate.not_after.timestamp())
+        context = None if self.tls is None else self.tls.context
         await self.gateway.run(self.watcher.load_initial)
         self.metrics.directory_mailboxes.set(len(self.watcher.current.mailboxes))
         await self.gateway.run(self.checkpoint.clear_staging)
@@ -180,14 +194,13 @@ class Node:
         except ValueError as error:  # the relay host's CA bundle
             raise ConfigError(f"smtp.relay_host.ca_file: {error}") from error
         self._deliverer_task = asyncio.create_task(self.deliverer.run(interval=smtp_config.delivery_interval))
-        tls = tls_context(self.config)
         listen = self.config.listen
         for listener, port in (
             (smtp.Listener.MX, listen.smtp),
             (smtp.Listener.SUBMISSION, listen.submission),
             (smtp.Listener.SUBMISSIONS, listen.submissions),
         ):
-            if listener.is_submission and tls is None:
+            if listener.is_submission and context is None:
                 log.warning(
                     "no TLS certificate configured: submission listener not started (AUTH needs TLS)",
                     extra={"fields": {"listener": listener.value}},
@@ -206,18 +219,18 @@ class Node:
                 queued=self.deliverer.wake,
             )
             server = await smtp.start_listener(
-                listener=listener, handler=handler, config=self.config, host=listen.host, port=port, tls=tls
+                listener=listener, handler=handler, config=self.config, host=listen.host, port=port, tls=context
             )
             self._servers.append(server)
             self._handlers.append(handler)
             self.ports[listener.value] = server.sockets[0].getsockname()[1]
         for name, port, implicit in (("imap", listen.imap, False), ("imaps", listen.imaps, True)):
-            if implicit and tls is None:
+            if implicit and context is None:
                 log.warning("no TLS certificate configured: imaps listener not started")
                 continue
             imap_server, sessions = await imap.start_listener(
                 config=self.config, directory=lambda: self.watcher.current, store=self.store,
-                authenticator=self.authenticator, metrics=self.metrics, host=listen.host, port=port, tls=tls,
+                authenticator=self.authenticator, metrics=self.metrics, host=listen.host, port=port, tls=context,
                 implicit_tls=implicit, analyses=self._analyses,
             )  # fmt: skip
             self._servers.append(imap_server)
@@ -231,15 +244,20 @@ class Node:
             backups=backups,
         )  # fmt: skip
         self._runner, self.ports["http"] = await http.start(app, host=listen.host, port=listen.http)
-        self._watch_task = asyncio.create_task(self._watch_directory())
+        watched: list[tuple[Callable[[], object], float]] = [(self.watcher.check, self.config.directory_poll_interval)]
+        if self.tls is not None:
+            watched.append((self.tls.check, self._tls_poll_interval))
+        self._watch_tasks = [asyncio.create_task(self._poll(check, interval)) for check, interval in watched]
         self.ready = True
         self.metrics.ready.set(1)
         log.info("node ready", extra={"fields": {"node": self.config.node_name, "ports": self.ports}})
 
-    async def _watch_directory(self) -> None:
+    async def _poll(self, check: Callable[[], object], interval: float) -> None:
+        """Run a file watcher's `check` (the directory, the certificate) every `interval` seconds, on
+        the Gateway: it reads files."""
         while True:
-            await asyncio.sleep(self.config.directory_poll_interval)
-            await self.gateway.run(self.watcher.check)
+            await asyncio.sleep(interval)
+            await self.gateway.run(check)
 
     async def stop(self, *, grace: float = 10.0) -> None:
         """Stop listening; give SMTP transactions in progress `grace` seconds to finish (their 250 is
@@ -251,8 +269,8 @@ class Node:
             self.checkpoint.end()
         for server in self._servers:
             server.close()
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        for task in self._watch_tasks:
+            task.cancel()
         connections = [c for handler in self._handlers for c in handler.connections]
         deadline = time.monotonic() + grace
         while any(not c.is_idle() for c in connections) and time.monotonic() < deadline:
@@ -320,4 +338,11 @@ class Node:
                 oldest_age_seconds=0.0 if oldest is None else round(max(0.0, time.time() - oldest), 1),
             ),
             backup=self.checkpoint.status(last=self.backups.last),
+            tls=None
+            if self.tls is None
+            else admin.TLSStatus(
+                subject=self.tls.certificate.subject,
+                not_after=self.tls.certificate.not_after.isoformat(),
+                last_error=self.tls.last_error,
+            ),
         )

@@ -100,6 +100,14 @@ class BackupStatus(Message):
     last: BackupResult | None
 
 
+class TLSStatus(Message):
+    """The certificate a node shows new connections (mailnode.tls reloads it when the files change)."""
+
+    subject: str  # RFC 4514
+    not_after: Timestamp
+    last_error: str | None  # why the last changed pair was refused (the node keeps the last good one)
+
+
 class Status(Message):
     node: str
     hostname: str
@@ -112,6 +120,7 @@ class Status(Message):
     dns_records: list[DNSRecord]
     queue: QueueStatus
     backup: BackupStatus
+    tls: TLSStatus | None = None  # None: no certificate configured
 
 
 # -- GET /usage -------------------------------------------------------------------------------------------
