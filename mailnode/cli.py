@@ -1,7 +1,9 @@
 """The `mailnode` command: `serve --config FILE` runs a node; `hash-password` prints an argon2id hash
 of a password read from standard input; `dkim-keygen` and `dkim-record` make a domain's DKIM key and
 print the DNS record to publish; `queue list | retry ID | delete ID` show and change a running node's
-outbound queue through its admin HTTP endpoints (which accept changes only from loopback).
+outbound queue through its admin HTTP endpoints (which accept changes only from loopback, with the
+domain's internal token: read from the node config's internal.token_file, or --token-file). The node
+config is --config, else $MAILNODE_CONFIG (set in the node's pods, so `kubectl exec` needs no options).
 
 Backups (docs/backups.md, "Commands"): `backup --to FILE|DIR` streams a running node's GET /backup into a
 file, checking the archive as it arrives; `verify FILE` checks an archive on its own; `restore --from
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import getpass
 import http.client
@@ -32,7 +35,7 @@ import pydantic
 
 from mailnode import dkim, logs, passwords
 from mailnode.backup import archive, noderestore, tarcodec
-from mailnode.config import ConfigError, load_node_config
+from mailnode.config import ConfigError, load_node_config, read_internal_token, read_token_file
 from mailnode.node import Node
 from mailnode.store import durable
 from mailwire import admin
@@ -107,20 +110,37 @@ def _dkim_record(domain: str, selector: str, key_file: Path) -> int:
 
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8080"
+# The node config the commands that talk to a running node read when --config is not given.
+CONFIG_ENV: Final = "MAILNODE_CONFIG"
 
 
-def _admin_url(url: str | None, config_path: Path | None) -> str:
-    """The running node's admin base URL: --url, else the config's listen.host and listen.http (a
-    wildcard host means this machine's loopback), else DEFAULT_ADMIN_URL."""
-    if url:
-        return url.rstrip("/")
-    if config_path is None:
-        return DEFAULT_ADMIN_URL
-    listen = load_node_config(config_path).listen
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """A running node's admin port: its base URL, and the internal token its changes need (None: the
+    node has none, and accepts changes from loopback clients only)."""
+
+    base: str
+    token: str | None
+
+
+def _admin_target(args: argparse.Namespace) -> _Target:
+    """--url, else the config's listen.host and listen.http (a wildcard host means this machine's
+    loopback), else DEFAULT_ADMIN_URL; the token of --token-file, else the config's internal.token_file.
+    The config is --config, else $MAILNODE_CONFIG."""
+    config_path = args.config or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    config = None if config_path is None else load_node_config(config_path)
+    token = read_token_file(args.token_file, what="--token-file") if args.token_file is not None else None
+    if token is None and config is not None:
+        token = read_internal_token(config)
+    if args.url:
+        return _Target(args.url.rstrip("/"), token)
+    if config is None:
+        return _Target(DEFAULT_ADMIN_URL, token)
+    listen = config.listen
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(listen.host, listen.host)
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{listen.http}"
+    return _Target(f"http://{host}:{listen.http}", token)
 
 
 class _AdminError(Exception):
@@ -128,12 +148,15 @@ class _AdminError(Exception):
 
 
 def _admin_open(
-    base: str, method: str, path: str, *, body: admin.Message | None = None, timeout: float = 30
+    target: _Target, method: str, path: str, *, body: admin.Message | None = None, timeout: float = 30
 ) -> http.client.HTTPResponse:
     """A 2xx answer of the node, for the caller to read (and close). `timeout` bounds each wait for the
     node (connecting, each read), not the whole exchange."""
+    base = target.base
     data = None if body is None else json.dumps(body.to_json()).encode()
     headers = {} if body is None else {"Content-Type": "application/json"}
+    if target.token is not None:
+        headers["Authorization"] = f"Bearer {target.token}"  # RFC 6750 §2.1
     request = urllib.request.Request(f"{base}{path}", data=data, headers=headers, method=method)
     try:
         response: http.client.HTTPResponse = urllib.request.urlopen(request, timeout=timeout)
@@ -154,7 +177,7 @@ Answer = TypeVar("Answer")
 
 
 def _admin_request(
-    base: str,
+    target: _Target,
     method: str,
     path: str,
     answer: pydantic.TypeAdapter[Answer],
@@ -163,8 +186,9 @@ def _admin_request(
     timeout: float = 30,
 ) -> Answer:
     """The node's answer, read as `answer` (a mailwire.admin model)."""
+    base = target.base
     try:
-        with _admin_open(base, method, path, body=body, timeout=timeout) as response:
+        with _admin_open(target, method, path, body=body, timeout=timeout) as response:
             data = response.read()
     except (OSError, http.client.HTTPException) as error:
         raise _AdminError(f"{method} {base}{path}: the answer broke off: {error}") from error
@@ -212,19 +236,19 @@ def _print_queue(messages: list[admin.QueuedMessage]) -> None:
 
 def _queue(args: argparse.Namespace) -> int:
     try:
-        base = _admin_url(args.url, args.config)
+        target = _admin_target(args)
         if args.queue_command == "list":
-            messages = _admin_request(base, "GET", "/queue", admin.QUEUE)
+            messages = _admin_request(target, "GET", "/queue", admin.QUEUE)
             if args.json:
                 print(json.dumps(admin.QUEUE.dump_python(messages, mode="json"), indent=2))
             else:
                 _print_queue(messages)
         elif args.queue_command == "retry":
-            message = _admin_request(base, "POST", f"/queue/{urllib.parse.quote(args.id, safe='')}/retry", _MESSAGE)
+            message = _admin_request(target, "POST", f"/queue/{urllib.parse.quote(args.id, safe='')}/retry", _MESSAGE)
             pending = sum(1 for r in message.recipients if r.state == "pending")
             print(f"{message.id}: {pending} pending recipient(s) due now")
         else:
-            message = _admin_request(base, "DELETE", f"/queue/{urllib.parse.quote(args.id, safe='')}", _MESSAGE)
+            message = _admin_request(target, "DELETE", f"/queue/{urllib.parse.quote(args.id, safe='')}", _MESSAGE)
             print(f"{message.id}: deleted (no bounce sent)")
     except _AdminError as error:
         print(f"mailnode queue: {error}", file=sys.stderr)
@@ -295,10 +319,11 @@ def _backup(args: argparse.Namespace) -> int:
     if not into_dir and not target.parent.is_dir():
         print(f"mailnode backup: no directory {target.parent}", file=sys.stderr)
         return 1
-    base = _admin_url(args.url, args.config)
+    node = _admin_target(args)
+    base = node.base
     meter = _Meter("received")
     try:
-        with _admin_open(base, "GET", "/backup", timeout=BACKUP_TIMEOUT) as response:
+        with _admin_open(node, "GET", "/backup", timeout=BACKUP_TIMEOUT) as response:
             final = target if not into_dir else _named_by_headers(target, response)
             unnamed = final or target / f"mailnode-backup-{os.getpid()}.tar"  # named once the archive is in
             partial = unnamed.with_name(f"{unnamed.name}.partial")
@@ -402,8 +427,8 @@ def _restore(args: argparse.Namespace) -> int:
         archive=str(source.absolute()), mailbox=args.mailbox, as_=args.as_address or args.mailbox
     )
     try:
-        base = _admin_url(args.url, args.config)
-        result = _admin_request(base, "POST", "/restore", _RESTORED, body=body, timeout=RESTORE_TIMEOUT)
+        target = _admin_target(args)
+        result = _admin_request(target, "POST", "/restore", _RESTORED, body=body, timeout=RESTORE_TIMEOUT)
         print(f"restored {result.restored} messages into {result.mailbox} ({result.skipped} already there)")
     except _AdminError as error:
         print(f"mailnode restore: {error}", file=sys.stderr)
@@ -429,9 +454,18 @@ def main(argv: list[str] | None = None) -> int:
     queue = commands.add_parser("queue", help="list, retry or delete messages in a running node's outbound queue")
     queue_commands = queue.add_subparsers(dest="queue_command", required=True)
     where = argparse.ArgumentParser(add_help=False)
-    target = where.add_mutually_exclusive_group()
-    target.add_argument("--config", "-c", type=Path, help="node config (YAML): the admin port is listen.http")
-    target.add_argument("--url", help=f"the node's admin URL (default {DEFAULT_ADMIN_URL})")
+    where.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        help=f"node config (YAML): admin port listen.http, token internal.token_file (default ${CONFIG_ENV})",
+    )
+    where.add_argument("--url", help=f"the node's admin URL (default: the config's, else {DEFAULT_ADMIN_URL})")
+    where.add_argument(
+        "--token-file",
+        type=Path,
+        help="the domain's internal token, for a node that --url names (Secret <domain>-internal)",
+    )
     queue_list = queue_commands.add_parser("list", parents=[where], help="show the queued messages")
     queue_list.add_argument("--json", action="store_true", help="print GET /queue as JSON")
     for name, text in (("retry", "try a message's pending recipients now"), ("delete", "drop a message, no bounce")):
@@ -454,8 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--mailbox", help="restore this mailbox of the archive into the running node")
     restore.add_argument("--as", dest="as_address", help="into this mailbox of the node (default: --mailbox)")
     args = parser.parse_args(argv)
-    if args.command == "restore" and args.data_dir is not None and (args.as_address or args.url or args.config):
-        restore.error("--as, --url and --config go with --mailbox")
+    if (
+        args.command == "restore"
+        and args.data_dir is not None
+        and (args.as_address or args.url or args.config or args.token_file)
+    ):
+        restore.error("--as, --url, --config and --token-file go with --mailbox")
     if args.command in ("queue", "backup", "restore"):
         run = {"queue": _queue, "backup": _backup, "restore": _restore}[args.command]
         try:

@@ -30,6 +30,7 @@ from mailwire.config import (
     DKIMConfig,
     DomainConfig,
     IMAPConfig,
+    InternalConfig,
     ListenConfig,
     NodeConfig,
     RelayHostConfig,
@@ -51,6 +52,7 @@ __all__ = [
     "DirectoryWatcher",
     "DomainConfig",
     "IMAPConfig",
+    "InternalConfig",
     "ListenConfig",
     "MailboxEntry",
     "NodeConfig",
@@ -62,6 +64,8 @@ __all__ = [
     "normalize_address",
     "parse_directory",
     "parse_size",
+    "read_internal_token",
+    "read_token_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -119,6 +123,9 @@ def load_node_config(path: Path) -> NodeConfig:
         files = {"password_file": relay.password_file, "ca_file": relay.ca_file}
         relay = relay.model_copy(update={key: rooted(p) for key, p in files.items() if p is not None})
         smtp = smtp.model_copy(update={"relay_host": relay})
+    internal = config.internal
+    if internal.token_file is not None:
+        internal = internal.model_copy(update={"token_file": rooted(internal.token_file)})
     return config.model_copy(
         update={
             "data_dir": rooted(config.data_dir),
@@ -127,8 +134,29 @@ def load_node_config(path: Path) -> NodeConfig:
             "domains": domains,
             "backup": backup,
             "smtp": smtp,
+            "internal": internal,
         }
     )
+
+
+def read_internal_token(config: NodeConfig) -> str | None:
+    """The domain's internal token from `internal.token_file`, or None when the config names no file.
+    Read by the node at start and by the `mailnode` commands that change a running node."""
+    path = config.internal.token_file
+    return None if path is None else read_token_file(path, what="internal.token_file")
+
+
+def read_token_file(path: Path, *, what: str) -> str:
+    """A token file's text without the surrounding white space (people write files with a final
+    newline). ConfigError, naming `what`, for a file that cannot be read or is empty."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{what}: {path}: cannot read: {reason}") from error
+    if not token:
+        raise ConfigError(f"{what}: {path} is empty")
+    return token
 
 
 # ---------------------------------------------------------------------------------------------------

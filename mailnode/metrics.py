@@ -119,6 +119,15 @@ class NodeMetrics:
         self.backup_bytes = prom.Gauge(
             "mailnode_backup_bytes", "Size in bytes of the last archive completed", registry=r
         )
+        # The admin port (mailnode.admin.http): requests that change state, refused
+        self.admin_refused = prom.Counter(
+            "mailnode_admin_requests_refused",
+            "Admin requests refused: not from loopback where required, no or a wrong internal token",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("not_loopback", "missing_token", "wrong_token"):
+            self.admin_refused.labels(reason)
         for result in ("ok", "failed"):
             self.checkpoints.labels(result)
             self.backups.labels(result)

@@ -22,7 +22,7 @@ from mailnode.auth import Authenticator
 from mailnode.backup import restore
 from mailnode.backup.checkpoint import Checkpoint
 from mailnode.backup.jobs import BackupJobs
-from mailnode.config import ConfigError, DirectoryWatcher, NodeConfig
+from mailnode.config import ConfigError, DirectoryWatcher, NodeConfig, read_internal_token
 from mailnode.gateway import Gateway
 from mailnode.imap import server as imap
 from mailnode.metrics import NodeMetrics
@@ -174,6 +174,9 @@ class Node:
             await self.gateway.run(self.tls.load_initial)
             self.metrics.tls_certificate_expiry.set(self.tls.certificate.not_after.timestamp())
         context = None if self.tls is None else self.tls.context
+        internal_token = await self.gateway.run(read_internal_token, self.config)
+        if internal_token is None:
+            log.warning("no internal token (internal.token_file): the admin port accepts changes from loopback only")
         await self.gateway.run(self.watcher.load_initial)
         self.metrics.directory_mailboxes.set(len(self.watcher.current.mailboxes))
         await self.gateway.run(self.checkpoint.clear_staging)
@@ -241,7 +244,7 @@ class Node:
         )
         app = http.build_app(
             metrics=self.metrics, ready=lambda: self.ready, status=self.status, queue=self.spool, usage=self.usage,
-            backups=backups,
+            backups=backups, internal_token=internal_token,
         )  # fmt: skip
         self._runner, self.ports["http"] = await http.start(app, host=listen.host, port=listen.http)
         watched: list[tuple[Callable[[], object], float]] = [(self.watcher.check, self.config.directory_poll_interval)]

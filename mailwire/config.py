@@ -123,6 +123,16 @@ class BackupConfig(FileModel):
     max_hold: float = pydantic.Field(600.0, ge=1)
 
 
+class InternalConfig(FileModel):
+    """The domain's internal credential (DESIGN.md "Clustering"): one token per MailDomain, which the
+    operator keeps in the `<maildomain>-internal` Secret and mounts into every node of the domain. The
+    admin port requires it (`Authorization: Bearer`) for every request that changes state; later, LMTP
+    and the IMAP proxy between nodes carry it too. Without it (a bare `mailnode serve` for development)
+    those requests are accepted from loopback clients only."""
+
+    token_file: Path | None = None  # a file holding the token (a mounted Secret in a pod)
+
+
 class DKIMConfig(FileModel):
     selector: str = pydantic.Field("mail", pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?$")
     key_file: Path  # RSA private key, PEM (`mailnode dkim-keygen`)
@@ -146,6 +156,7 @@ class NodeConfig(FileModel):
     imap: IMAPConfig = IMAPConfig()
     auth: AuthConfig = AuthConfig()
     backup: BackupConfig = BackupConfig()
+    internal: InternalConfig = InternalConfig()
     tls: TLSConfig | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

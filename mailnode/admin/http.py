@@ -7,12 +7,10 @@ is a model of mailwire.admin (snake_case keys), the ones the operator and `mailn
 The outbound queue, for `mailnode queue` and the operator on call:
 
     GET    /queue             every queued message, oldest first (JSON)
-    POST   /queue/{id}/retry  make the message's pending recipients due now
-    DELETE /queue/{id}        drop the message, whatever its recipients' state, without a bounce
+    POST   /queue/{id}/retry  make the message's pending recipients due now (loopback)
+    DELETE /queue/{id}        drop the message, whatever its recipients' state, without a bounce (loopback)
 
-An unknown id answers 404 `{"error": ...}`. The admin port listens on the pod network in Kubernetes,
-so the two requests that change state are accepted only from loopback clients (127.0.0.0/8, ::1):
-anyone else gets 403 `{"error": ...}`; run `mailnode queue` inside the pod (`kubectl exec`).
+An unknown id answers 404 `{"error": ...}`.
 
 Checkpoints and archives, as docs/backups.md specifies them (the operator calls the first five from
 its own pod; the last two read or write mail wholesale and are for loopback clients only):
@@ -24,12 +22,22 @@ its own pod; the last two read or write mail wholesale and are for loopback clie
     DELETE /backups/{name}     remove that archive (retention; 409 while it is being written)
     GET    /backup             a fresh archive, streamed (loopback)
     POST   /restore            one mailbox from an archive in the pod into a mailbox of the node (loopback)
+
+Who may do what (`Guard`): the port listens on the pod network, so every request that changes state
+(or streams all of the mail: GET /backup) needs the domain's internal token, `Authorization: Bearer
+<token>` (RFC 6750 §2.1), which the operator sends and `mailnode` reads from the node config; the ones
+marked loopback must come from the node itself as well (127.0.0.0/8, ::1: `kubectl exec`). A node
+without a token (`internal.token_file` unset: a bare `mailnode serve` for development) accepts them
+from loopback clients only. Refusals answer 401 (no or a wrong token) or 403 (not from loopback) with
+`{"error": ...}`, counted in mailnode_admin_requests_refused_total{reason}. The probes, /metrics,
+/status, /usage, GET /queue and GET /backups/{name} only read, and stay open.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hmac
 import ipaddress
 import json
 import logging
@@ -37,11 +45,11 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import prometheus_client
 import pydantic
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from mailnode.backup import checkpoint as checkpoints
 from mailnode.backup import jobs, restore
@@ -87,6 +95,74 @@ def is_loopback(remote: str | None) -> bool:
     return address.is_loopback
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# RFC 6750 §3: a 401 names the scheme the client must use; `error="invalid_token"` when it sent a wrong one.
+_CHALLENGE: Final = 'Bearer realm="mailnode"'
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (RFC 6750 §2.1; the scheme name is
+    case-insensitive, RFC 9110 §11.1), or None for no header or another scheme."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Guard:
+    """Who may make a request that changes the node: `token` is the domain's internal token (None: the
+    node has none, and accepts such requests from loopback clients only). Refusals are counted by reason."""
+
+    token: str | None
+    metrics: NodeMetrics
+
+    def __call__(self, handler: Handler, *, loopback_only: str | None = None) -> Handler:
+        """`handler`, answered only for a request `refusal` lets through. `loopback_only`: the route is for
+        loopback clients whatever their token, and this says so to others."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            refused = self.refusal(request, loopback_only=loopback_only)
+            return refused if refused is not None else await handler(request)
+
+        return guarded
+
+    def refusal(self, request: web.Request, *, loopback_only: str | None = None) -> web.Response | None:
+        loopback = is_loopback(request.remote)
+        if loopback_only is not None and not loopback:
+            return self._refuse(403, "not_loopback", loopback_only)
+        if self.token is None:
+            if loopback:
+                return None
+            return self._refuse(
+                403,
+                "not_loopback",
+                "this node has no internal token (internal.token_file): it accepts changes only from itself (loopback)",
+            )
+        presented = bearer_token(request.headers.get(hdrs.AUTHORIZATION))
+        if presented is None:
+            return self._refuse(
+                401,
+                "missing_token",
+                "this request changes the node: send the domain's internal token (Authorization: Bearer; "
+                "`mailnode` reads it from the node config's internal.token_file)",
+                challenge=_CHALLENGE,
+            )
+        # Constant time: how long the comparison takes says nothing about how much of the token was right.
+        if not hmac.compare_digest(presented.encode(), self.token.encode()):
+            return self._refuse(
+                401, "wrong_token", "the internal token is wrong", challenge=f'{_CHALLENGE}, error="invalid_token"'
+            )
+        return None
+
+    def _refuse(self, status: int, reason: str, text: str, *, challenge: str | None = None) -> web.Response:
+        self.metrics.admin_refused.labels(reason).inc()
+        response = _error(status, text)
+        if challenge is not None:
+            response.headers[hdrs.WWW_AUTHENTICATE] = challenge
+        return response
+
+
 def _iso(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="seconds")
 
@@ -129,7 +205,11 @@ def build_app(
     queue: QueueOps | None = None,
     usage: Callable[[], admin.Usage] | None = None,
     backups: BackupOps | None = None,
+    internal_token: str | None = None,
 ) -> web.Application:
+    """The admin app; `internal_token`: see `Guard`."""
+    guard = Guard(internal_token, metrics)
+
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -156,13 +236,13 @@ def build_app(
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/status", status_view)
     if queue is not None:
-        _add_queue_routes(app, queue)
+        _add_queue_routes(app, queue, guard)
     if backups is not None:
-        _add_backup_routes(app, backups)
+        _add_backup_routes(app, backups, guard)
     return app
 
 
-def _add_queue_routes(app: web.Application, queue: QueueOps) -> None:
+def _add_queue_routes(app: web.Application, queue: QueueOps, guard: Guard) -> None:
     async def list_view(request: web.Request) -> web.Response:
         try:
             messages = await queue.list()
@@ -172,8 +252,6 @@ def _add_queue_routes(app: web.Application, queue: QueueOps) -> None:
         return web.json_response(admin.QUEUE.dump_python([queued_message(m, now) for m in messages], mode="json"))
 
     async def change(request: web.Request, action: Callable[[str], Awaitable[QueuedMessage]]) -> web.Response:
-        if not is_loopback(request.remote):
-            return _error(403, "the queue can be changed only from the node itself (loopback)")
         id = request.match_info["id"]
         try:
             message = await action(id)
@@ -189,9 +267,10 @@ def _add_queue_routes(app: web.Application, queue: QueueOps) -> None:
     async def delete_view(request: web.Request) -> web.Response:
         return await change(request, queue.delete)
 
+    only_here = "the queue can be changed only from the node itself (loopback)"
     app.router.add_get("/queue", list_view)
-    app.router.add_post("/queue/{id}/retry", retry_view)
-    app.router.add_delete("/queue/{id}", delete_view)
+    app.router.add_post("/queue/{id}/retry", guard(retry_view, loopback_only=only_here))
+    app.router.add_delete("/queue/{id}", guard(delete_view, loopback_only=only_here))
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
@@ -219,7 +298,7 @@ def _hold(request: web.Request, max_hold: float) -> float:
     return hold
 
 
-def _add_backup_routes(app: web.Application, ops: BackupOps) -> None:
+def _add_backup_routes(app: web.Application, ops: BackupOps, guard: Guard) -> None:
     checkpoint = ops.checkpoint
 
     async def snapshot_start(request: web.Request) -> web.Response:
@@ -244,8 +323,6 @@ def _add_backup_routes(app: web.Application, ops: BackupOps) -> None:
         return _answer(admin.Resumed(paused_seconds=round(seconds, 3)))
 
     async def backup_stream(request: web.Request) -> web.StreamResponse:
-        if not is_loopback(request.remote):
-            return _error(403, "archives can be streamed only to the node itself (loopback): use kubectl port-forward")
         response: web.StreamResponse | None = None
         try:
             async with checkpoint.staged() as staged:
@@ -306,8 +383,6 @@ def _add_backup_routes(app: web.Application, ops: BackupOps) -> None:
         return _answer(admin.DeletedArchive(**record.to_wire().model_dump()))
 
     async def restore_post(request: web.Request) -> web.Response:
-        if not is_loopback(request.remote):
-            return _error(403, "a restore can be started only from the node itself (loopback)")
         try:
             body = admin.RestoreRequest.model_validate(await _json_object(request))
             restored = await ops.restore(Path(body.archive), body.mailbox, body.target)
@@ -317,13 +392,15 @@ def _add_backup_routes(app: web.Application, ops: BackupOps) -> None:
             return _error(400, str(error))
         return _answer(admin.Restored(mailbox=restored.mailbox, restored=restored.restored, skipped=restored.skipped))
 
-    app.router.add_post("/snapshot", snapshot_start)
-    app.router.add_delete("/snapshot", snapshot_end)
-    app.router.add_get("/backup", backup_stream)
-    app.router.add_post("/backups", backups_post)
+    app.router.add_post("/snapshot", guard(snapshot_start))
+    app.router.add_delete("/snapshot", guard(snapshot_end))
+    stream_here = "archives can be streamed only to the node itself (loopback): use kubectl port-forward"
+    app.router.add_get("/backup", guard(backup_stream, loopback_only=stream_here))
+    app.router.add_post("/backups", guard(backups_post))
     app.router.add_get("/backups/{name}", backups_get)
-    app.router.add_delete("/backups/{name}", backups_delete)
-    app.router.add_post("/restore", restore_post)
+    app.router.add_delete("/backups/{name}", guard(backups_delete))
+    restore_here = "a restore can be started only from the node itself (loopback)"
+    app.router.add_post("/restore", guard(restore_post, loopback_only=restore_here))
 
 
 async def start(app: web.Application, *, host: str, port: int) -> tuple[web.AppRunner, int]:

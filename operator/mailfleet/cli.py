@@ -12,7 +12,7 @@ from pathlib import Path
 
 import kopf
 
-from mailfleet import crds, files, handlers, local, options, specs
+from mailfleet import crds, files, handlers, keys, local, options, specs
 
 DEFAULT_IMAGE = specs.common.DEFAULT_IMAGE
 
@@ -41,6 +41,7 @@ def render_files(paths: list[Path], *, image: str, dkim_key: Path | None = None)
                 image=image,
                 dkim_private_key=private_key,
                 relay_username=resolved.relay_username,
+                internal_token=keys.new_internal_token(),  # made for each run, like a DKIM key not given
             )
         except ValueError as error:
             raise files.RenderError(f"{resolved.path}: MailDomain {domain.metadata.name}: {error}") from error

@@ -27,7 +27,7 @@ import kopf
 from mailfleet import k8s, kube_types, specs
 from mailfleet.k8s.events import Recorder
 from mailfleet.metrics import OperatorMetrics
-from mailfleet.options import OperatorOptions
+from mailfleet.options import OperatorOptions, own_namespace
 from mailfleet.reconcile import backup, domain, schedule, usage
 from mailfleet.reconcile.context import Context, DomainKey
 from mailfleet.reconcile.passwords import PasswordHasher
@@ -234,6 +234,12 @@ class Operator:
         options = self.options
         metrics = OperatorMetrics()
         client = k8s.Client(info)
+        operator_namespace = own_namespace(options)
+        if operator_namespace is None:
+            log.warning(
+                "the operator's namespace is not known (--operator-namespace, $MAILFLEET_OPERATOR_NAMESPACE): the "
+                "nodes' NetworkPolicies admit it only from their own namespaces, not from another"
+            )
         ctx = Context(
             client=client,
             recorder=Recorder(client),
@@ -241,6 +247,7 @@ class Operator:
             image=options.image,
             hasher=PasswordHasher(on_hash=metrics.passwords_hashed.inc),
             metrics=metrics,
+            operator_namespace=operator_namespace,
         )
 
         async def work(key: DomainKey) -> None:

@@ -1,9 +1,11 @@
 """DKIM keys: the private key the nodes sign with (kept in the domain's `<name>-dkim` Secret) and the TXT
-record that publishes its public half (RFC 6376 §3.6.1)."""
+record that publishes its public half (RFC 6376 §3.6.1); and the domain's internal token (kept in its
+`<name>-internal` Secret)."""
 
 from __future__ import annotations
 
 import base64
+import secrets
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -15,6 +17,11 @@ def new_dkim_key() -> str:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
     ).decode()
+
+
+def new_internal_token() -> str:
+    """32 random bytes, as URL-safe base64 text (an HTTP header carries it: RFC 6750 §2.1's b64token)."""
+    return secrets.token_urlsafe(32)
 
 
 def dkim_record(private_key_pem: str) -> str:

@@ -2,8 +2,9 @@
 127.0.0.1, with the node config and directory the operator's builders make (mailfleet.specs), so what
 runs here is what a cluster runs. Called by cli.py; `make run` and the tests in tests/e2e use it.
 
-`prepare` writes everything a node needs under the state directory (certificates and DKIM keys are made
-once and kept, so clients and DNS records stay valid across restarts); `run` starts the processes, waits
+`prepare` writes everything a node needs under the state directory (certificates, DKIM keys and the
+internal token are made once and kept, so clients, DNS records and `mailnode queue --config` stay valid
+across restarts); `run` starts the processes, waits
 until they are ready, and stops them all on SIGINT or SIGTERM, or when one of them dies. The node is
 started as a program, never imported: the operator does not depend on the node's code.
 """
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mailfleet import api, files, specs
+from mailfleet import api, files, keys, specs
 from mailfleet.specs import common
 
 DEFAULT_BASE_PORT: Final = 20000
@@ -156,12 +157,15 @@ def _write_node(
     domain = resolved.domain
     root = state_dir / domain.metadata.name
     absolute = root.absolute()
+    token_file = absolute / "internal" / common.INTERNAL_KEY
+    _internal_token(token_file)
     config = specs.node_config(
         domain,
         data_dir=str(absolute / "data"),
         directory_file=str(absolute / common.DIRECTORY_KEY),
         tls_dir=None,
         relay_username=resolved.relay_username,
+        internal_token_file=str(token_file),
     )
     node_ports = ports(base_port, index)
     config = {"node_name": f"{domain.metadata.name}-0", **config, "listen": {"host": HOST, **node_ports}}
@@ -198,6 +202,13 @@ def _write_node(
     _write(root / common.DIRECTORY_KEY, directory, mode=0o600)  # password hashes
     _write(root / common.CONFIG_KEY, specs.dump(config), mode=0o644)
     return Node(index, domain, root, node_ports, tls_source, files.dns_lines(domain, dkim_record=dkim_record))
+
+
+def _internal_token(token_file: Path) -> None:
+    """The domain's internal token, as the operator keeps it in the <name>-internal Secret: made on the
+    first run and kept (the node requires it for changes; `mailnode queue --config` reads it)."""
+    if not token_file.exists():
+        _write(token_file, keys.new_internal_token() + "\n", mode=0o600)
 
 
 def _dkim_record(key_file: Path) -> str:

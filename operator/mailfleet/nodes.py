@@ -1,8 +1,10 @@
 """What the operator asks the mail nodes over their HTTP port (8080; the nodes' NetworkPolicy admits the
-operator's pods, labelled app.kubernetes.io/name: mailfleet-operator, from any namespace): each
-mailbox's usage, for the Mailbox status (reconcile/usage.py); the checkpoint and the archives a
-MailBackup takes (reconcile/backup.py; the endpoints are docs/backups.md's). Requests and answers are the
-models of mailwire.admin, the ones the node answers with."""
+operator's pods, labelled app.kubernetes.io/name: mailfleet-operator, from the operator's namespace):
+each mailbox's usage, for the Mailbox status (reconcile/usage.py); the checkpoint and the archives a
+MailBackup takes (reconcile/backup.py) and retention deletes (reconcile/schedule.py; the endpoints are
+docs/backups.md's). Requests and answers are the models of mailwire.admin, the ones the node answers
+with. Every request carries the domain's internal token (`token`: its `<maildomain>-internal` Secret,
+read by the caller), which the node requires of every change."""
 
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ async def _ask(
     method: str,
     endpoint: str,
     *,
+    token: str,
     params: Mapping[str, str] | None = None,
     body: admin.Message | None = None,
     ok: tuple[int, ...] = (200,),
@@ -67,7 +70,10 @@ async def _ask(
     what = f"{method} {endpoint}"
     try:
         json_body = None if body is None else body.to_json()
-        async with session.request(method, endpoint, params=params, json=json_body, timeout=time_limit) as response:
+        headers = {"Authorization": f"Bearer {token}"}  # RFC 6750 §2.1
+        async with session.request(
+            method, endpoint, params=params, json=json_body, headers=headers, timeout=time_limit
+        ) as response:
             text = await response.text()
             status = response.status
     except (aiohttp.ClientError, TimeoutError) as error:
@@ -91,49 +97,53 @@ def _read(model: type[Answer], what: str, data: Mapping[str, Any]) -> Answer:
         raise NodeError(f"{what}: unexpected answer ({admin.problem(error)})") from error
 
 
-async def usage(session: aiohttp.ClientSession, base: str) -> dict[str, Usage]:
+async def usage(session: aiohttp.ClientSession, base: str, *, token: str) -> dict[str, Usage]:
     """GET <base>/usage: address -> usage, for every mailbox in the node's directory."""
     endpoint = f"{base.rstrip('/')}/usage"
-    _, data = await _ask(session, "GET", endpoint)
+    _, data = await _ask(session, "GET", endpoint, token=token)
     return _read(admin.Usage, f"GET {endpoint}", data).mailboxes
 
 
-async def checkpoint(session: aiohttp.ClientSession, base: str, *, hold: int) -> Checkpoint:
+async def checkpoint(session: aiohttp.ClientSession, base: str, *, token: str, hold: int) -> Checkpoint:
     """POST <base>/snapshot?hold=<hold>: the node pauses writes (until `resume` or the hold runs out)."""
     endpoint = f"{base.rstrip('/')}/snapshot"
-    _, data = await _ask(session, "POST", endpoint, params={"hold": str(hold)}, time_limit=SNAPSHOT_TIMEOUT)
+    _, data = await _ask(
+        session, "POST", endpoint, token=token, params={"hold": str(hold)}, time_limit=SNAPSHOT_TIMEOUT
+    )
     return _read(admin.Checkpoint, f"POST {endpoint}", data)
 
 
-async def resume(session: aiohttp.ClientSession, base: str) -> float | None:
+async def resume(session: aiohttp.ClientSession, base: str, *, token: str) -> float | None:
     """DELETE <base>/snapshot: writes resume. The seconds they were paused, or None when the node held
     no checkpoint (409: the hold ran out, or the node restarted)."""
     endpoint = f"{base.rstrip('/')}/snapshot"
-    status, data = await _ask(session, "DELETE", endpoint, ok=(200, 409))
+    status, data = await _ask(session, "DELETE", endpoint, token=token, ok=(200, 409))
     if status == 409:
         return None
     return _read(admin.Resumed, f"DELETE {endpoint}", data).paused_seconds
 
 
-async def start_archive(session: aiohttp.ClientSession, base: str, name: str) -> Archive:
+async def start_archive(session: aiohttp.ClientSession, base: str, name: str, *, token: str) -> Archive:
     """POST <base>/backups {"name"}: the node writes the archive in the background. Posting a name again
     returns its record, so this is safe to repeat."""
     endpoint = f"{base.rstrip('/')}/backups"
-    _, data = await _ask(session, "POST", endpoint, body=admin.BackupRequest(name=name), ok=(200, 201, 202))
+    _, data = await _ask(
+        session, "POST", endpoint, token=token, body=admin.BackupRequest(name=name), ok=(200, 201, 202)
+    )
     return _read(admin.Archive, f"POST {endpoint}", data)
 
 
-async def delete_archive(session: aiohttp.ClientSession, base: str, name: str) -> bool:
+async def delete_archive(session: aiohttp.ClientSession, base: str, name: str, *, token: str) -> bool:
     """DELETE <base>/backups/<name>: the node removes the archive file. False when the node knows no such
     archive (deleted already); NodeError when it cannot (409 while it is being written)."""
-    status, _ = await _ask(session, "DELETE", f"{base.rstrip('/')}/backups/{name}", ok=(200, 404))
+    status, _ = await _ask(session, "DELETE", f"{base.rstrip('/')}/backups/{name}", token=token, ok=(200, 404))
     return status == 200
 
 
-async def archive(session: aiohttp.ClientSession, base: str, name: str) -> Archive | None:
+async def archive(session: aiohttp.ClientSession, base: str, name: str, *, token: str) -> Archive | None:
     """GET <base>/backups/<name>: the archive's record, or None when the node knows no such name."""
     endpoint = f"{base.rstrip('/')}/backups/{name}"
-    status, data = await _ask(session, "GET", endpoint, ok=(200, 404))
+    status, data = await _ask(session, "GET", endpoint, token=token, ok=(200, 404))
     if status == 404:
         return None
     return _read(admin.Archive, f"GET {endpoint}", data)

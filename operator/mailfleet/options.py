@@ -9,12 +9,16 @@ import argparse
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Final, TypeVar
 
 from mailfleet import nodes, specs
 from mailfleet.reconcile import backup
 
 T = TypeVar("T")
+
+# Where Kubernetes tells a pod its own namespace (with its service account token).
+SERVICE_ACCOUNT_NAMESPACE: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def port(value: str) -> int:
@@ -77,6 +81,14 @@ class OperatorOptions:
         metavar="TEMPLATE",
         help="where node <ordinal> of a MailDomain answers, with {pod} {ordinal} {service} {namespace} {name}",
     )
+    operator_namespace: str | None = _flag(
+        None,
+        env="MAILFLEET_OPERATOR_NAMESPACE",
+        metavar="NAMESPACE",
+        parse=str,
+        shown_default="the operator pod's own",
+        help="the namespace the operator runs in: the nodes' NetworkPolicy admits the operator's pods from there",
+    )
 
     metrics_host: str = "0.0.0.0"
     workers: int = 4  # reconciles at a time
@@ -85,6 +97,17 @@ class OperatorOptions:
     backup_poll: float = backup.Settings.poll  # seconds between looks at a VolumeSnapshot or an archive
     backup_attempts: int = backup.Settings.attempts  # tries of a node that does not answer
     backup_retry: float = backup.Settings.retry  # seconds before the second try, doubled for each next one
+
+
+def own_namespace(options: OperatorOptions, *, path: Path = SERVICE_ACCOUNT_NAMESPACE) -> str | None:
+    """The operator's namespace: --operator-namespace, else the one its pod runs in (read from `path`),
+    else None (run outside a cluster without the option)."""
+    if options.operator_namespace:
+        return options.operator_namespace
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _flags() -> list[tuple[dataclasses.Field[Any], Flag]]:

@@ -23,7 +23,7 @@ import prometheus_client as prom
 import pytest
 import yaml
 
-from mailfleet import api, cli, k8s
+from mailfleet import api, cli, k8s, options
 from mailfleet.metrics import OperatorMetrics
 from mailfleet.specs import common
 from mailnode.metrics import NodeMetrics
@@ -172,8 +172,11 @@ def test_the_operator_deployment() -> None:
     assert "--metrics-port=9090" in container["args"]
     assert f"--liveness={LIVENESS}" in container["args"]
     assert not [arg for arg in container["args"] if arg.startswith("--namespace")]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     assert env["MAILFLEET_NODE_IMAGE"] == container["image"]
+    # The operator's namespace, from the downward API: the nodes' NetworkPolicies admit it from there.
+    assert env["MAILFLEET_OPERATOR_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert set(env) <= set(options.environment_variables())  # each one an option of `mailfleet operator`
     liveness_port = int(LIVENESS.split(":")[2].split("/")[0])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"health": liveness_port, "metrics": 9090}
@@ -200,7 +203,7 @@ def test_watched_namespaces_and_node_image() -> None:
     ]
     assert not [a for a in container["args"] if a.startswith("--metrics-port")]
     assert [p["name"] for p in container["ports"]] == ["health"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["MAILFLEET_NODE_IMAGE"] == "registry.example.com/mailfleet-node:0.1.0-node"
     assert container["image"] == "ghcr.io/mailfleet/mailfleet:0.1.0"
     assert the(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "mail-operator"

@@ -54,6 +54,9 @@ def test_a_backup_and_a_restore_on_a_real_api_server(control_plane: ControlPlane
             env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)}, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
+            # The fake node's token, in the Secret the operator keeps and sends it from.
+            plane.kubectl("-n", NAMESPACE, "create", "secret", "generic", "example-com-internal",
+                          f"--from-literal=token={node.token}")  # fmt: skip
             _apply(plane, "apiVersion: mailfleet.io/v1alpha1\nkind: MailDomain\nmetadata: {name: example-com}\n"
                           "spec: {domain: example.com}\n")  # fmt: skip
             _until(lambda: _get(plane, "-n", NAMESPACE, "statefulset", "example-com"), "the StatefulSet")

@@ -177,7 +177,7 @@ def test_refusals(backup: Path, node: RunningNode, tmp_path: Path) -> None:
 
     mixed = mailnode("restore", "--from", str(backup), "--data-dir", str(tmp_path / "d"), "--as", COPY)
     assert mixed.returncode == 2
-    assert "--as, --url and --config go with --mailbox" in mixed.stderr
+    assert "--as, --url, --config and --token-file go with --mailbox" in mixed.stderr
     neither = mailnode("restore", "--from", str(backup))
     assert neither.returncode == 2
 

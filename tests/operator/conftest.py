@@ -19,7 +19,7 @@ from kopf.testing import KopfRunner
 from mailfleet import handlers, k8s, options
 from mailfleet.reconcile import schedule
 from tests.operator.emulator import RESOURCES, ApiServer
-from tests.operator.fakenode import FakeNode
+from tests.operator.fakenode import FakeNode, internal_secret
 
 T = TypeVar("T")
 NAMESPACE = "mail"
@@ -277,9 +277,12 @@ async def finished_backup(
 
 
 @pytest.fixture
-async def node() -> AsyncIterator[FakeNode]:
-    """A fake mail node (tests/operator/fakenode.py) on 127.0.0.1: the operator's node_url points at it."""
+async def node(client: k8s.Client) -> AsyncIterator[FakeNode]:
+    """A fake mail node (tests/operator/fakenode.py) on 127.0.0.1: the operator's node_url points at it.
+    Its token is in MailDomain example-com's internal Secret, made before the domain (the operator keeps
+    the token it finds there), as the nodes of a cluster have the token of their domain's Secret."""
     fake = FakeNode()
+    await client.create(internal_secret("example-com", fake.token, namespace=NAMESPACE))
     await fake.start()
     yield fake
     await fake.stop()

@@ -3,6 +3,10 @@ DELETE /snapshot, POST /backups, GET and DELETE /backups/<name>), over real HTTP
 every call in order. It answers with the real node's models (mailwire.admin); tests/node/test_wire_contract.py
 runs the operator's node client against it and against a real node, with the same assertions.
 
+Like the node, it requires the domain's internal token (`token`, `Authorization: Bearer`) of every
+request that changes state, and answers 401 without it or with another; the tests put the same token in
+the domain's `<maildomain>-internal` Secret, which the operator keeps and reads it from.
+
 The operator's tests (tests/operator/test_backup.py on kmock, tests/cluster/test_backup.py on a real API
 server) point the operator's node URL at it. Switches make it refuse: `refuse_snapshot` answers every
 checkpoint with an error, `unavailable` answers the next N calls 503, `archive_error` fails the archives.
@@ -13,6 +17,7 @@ Kubernetes API from there (is the VolumeSnapshot there, is it cut?), which is th
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import datetime
 import threading
@@ -27,6 +32,7 @@ import pydantic
 from mailwire import admin
 
 STORE_NOT_OPEN = "the store is not open"
+TOKEN = "fake-node-internal-token-0123456789abcdefABCDEF"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +54,10 @@ def _now() -> str:
 
 
 class FakeNode:
-    def __init__(self, *, backup_dir: str = "/var/lib/mailnode/backups", max_hold: int = 60) -> None:
-        self.backup_dir, self.max_hold = backup_dir, max_hold
+    def __init__(
+        self, *, backup_dir: str = "/var/lib/mailnode/backups", max_hold: int = 60, token: str = TOKEN
+    ) -> None:
+        self.backup_dir, self.max_hold, self.token = backup_dir, max_hold, token
         self.calls: list[Call] = []
         self.refuse_snapshot: tuple[int, str] | None = None  # (HTTP status, error) for every POST /snapshot
         self.unavailable = 0  # answer this many next calls 503, as a node whose store is not open yet
@@ -103,9 +111,12 @@ class FakeNode:
         request: aiohttp.web.Request,
         handler: Callable[[aiohttp.web.Request], Awaitable[aiohttp.web.StreamResponse]],
     ) -> aiohttp.web.StreamResponse:
-        if self.unavailable > 0:
+        changes = request.method not in ("GET", "HEAD")
+        if changes and request.headers.get("Authorization") != f"Bearer {self.token}":
+            response: aiohttp.web.StreamResponse = _error(401, "no or a wrong internal token")
+        elif self.unavailable > 0:
             self.unavailable -= 1
-            response: aiohttp.web.StreamResponse = _error(503, STORE_NOT_OPEN)
+            response = _error(503, STORE_NOT_OPEN)
         else:
             response = await handler(request)
         self.calls.append(Call(request.method, request.path, dict(request.query), response.status, time.time()))
@@ -204,6 +215,17 @@ def _answer(model: admin.Message, *, status: int = 200) -> aiohttp.web.Response:
 
 def _error(status: int, message: str) -> aiohttp.web.Response:
     return _answer(admin.Error(error=message), status=status)
+
+
+def internal_secret(domain: str, token: str, *, namespace: str) -> dict[str, Any]:
+    """MailDomain `domain`'s internal Secret holding `token`: what the operator finds and keeps."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": f"{domain}-internal", "namespace": namespace},
+        "type": "Opaque",
+        "data": {"token": base64.b64encode(token.encode()).decode()},
+    }
 
 
 @contextmanager

@@ -3,6 +3,7 @@ drift: kopf running for real against the emulated API server (see conftest.py)."
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import argon2
@@ -34,6 +35,7 @@ OWNED = [
     ("v1", "ConfigMap", "example-com-config"),
     ("v1", "Secret", "example-com-directory"),
     ("v1", "Secret", "example-com-dkim"),
+    ("v1", "Secret", "example-com-internal"),
     ("v1", "Service", "example-com-headless"),
     ("v1", "Service", "example-com"),
     ("networking.k8s.io/v1", "NetworkPolicy", "example-com"),
@@ -135,6 +137,37 @@ async def test_a_spec_change_updates_the_config_and_rolls_the_pods(operator, cli
     )
     assert domain["status"]["observedGeneration"] == 2
     assert await eventually(lambda: events(client, "example-com", "Updated"))
+
+
+async def test_the_internal_token_is_made_once_and_kept(operator, client):
+    await client.create(maildomain())
+    made = await eventually(lambda: client.get(SECRET, NAMESPACE, "example-com-internal"), what="the internal Secret")
+    token = k8s.secret_values(made)["token"]
+    assert len(base64.urlsafe_b64decode(token + b"=")) == 32  # 32 random bytes
+    config = await client.get(CONFIGMAP, NAMESPACE, "example-com-config")
+    assert yaml.safe_load(config["data"]["node.yaml"])["internal"] == {"token_file": "/etc/mailnode/internal/token"}
+    sts = await eventually(lambda: client.get(STATEFULSET, NAMESPACE, "example-com"))
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["internal"]["secret"] == {"secretName": "example-com-internal"}
+
+    await client.patch(MAILDOMAIN, NAMESPACE, "example-com", {"spec": {"smtp": {"maxMessageSize": "30Mi"}}})
+    await eventually(
+        lambda: status_of(client, MAILDOMAIN, "example-com", "Degraded", status="False", observedGeneration=2)
+    )
+    assert k8s.secret_values(await client.get(SECRET, NAMESPACE, "example-com-internal"))["token"] == token
+
+
+async def test_a_token_already_in_the_secret_is_kept(operator, client):
+    await client.create(secret("example-com-internal", token="chosen-by-the-admin"))
+    domain = await client.create(maildomain())
+
+    async def owned() -> dict[str, Any] | None:
+        found = await client.get(SECRET, NAMESPACE, "example-com-internal")
+        return found if (found or {}).get("metadata", {}).get("ownerReferences") else None
+
+    adopted = await eventually(owned, what="the internal Secret owned by its MailDomain")
+    assert adopted["metadata"]["ownerReferences"][0]["uid"] == domain["metadata"]["uid"]
+    assert k8s.secret_values(adopted)["token"] == b"chosen-by-the-admin"
 
 
 async def test_drift_is_repaired(operator, client):

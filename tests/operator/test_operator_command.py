@@ -63,7 +63,7 @@ async def test_the_operator_command_reconciles_and_serves_metrics(api, client, t
         assert 'mailfleet_operator_managed_objects{kind="Mailbox"} 2.0' in lines
         assert 'mailfleet_operator_managed_objects{kind="MailDomain"} 1.0' in lines
         assert 'mailfleet_operator_managed_objects{kind="StatefulSet"} 1.0' in lines
-        assert 'mailfleet_operator_managed_objects{kind="Secret"} 2.0' in lines  # directory, DKIM key
+        assert 'mailfleet_operator_managed_objects{kind="Secret"} 3.0' in lines  # directory, DKIM key, internal token
         assert 'mailfleet_operator_managed_objects{kind="Service"} 2.0' in lines  # client, headless
         assert any(
             line.startswith('mailfleet_operator_object_writes_total{action="created",kind="StatefulSet"} 1.0')

@@ -5,6 +5,7 @@ a bad value refused by name. The options reach the operator as one OperatorOptio
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ FLAGS_AND_ENV = [
     ("--usage-interval", "MAILFLEET_USAGE_INTERVAL"),
     ("--schedule-interval", "MAILFLEET_SCHEDULE_INTERVAL"),
     ("--node-url", "MAILFLEET_NODE_URL"),
+    ("--operator-namespace", "MAILFLEET_OPERATOR_NAMESPACE"),
 ]
 
 
@@ -52,6 +54,22 @@ def test_help_lists_every_option_with_its_environment_variable(capsys: pytest.Ca
     assert options.environment_variables() == [env for _, env in FLAGS_AND_ENV]
     assert f"(default {specs.common.DEFAULT_IMAGE}; $MAILFLEET_NODE_IMAGE)" in text
     assert "(default 300; $MAILFLEET_RESYNC)" in text
+
+
+def test_the_operator_namespace_from_the_flag_the_environment_or_the_pod(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    nowhere = tmp_path / "missing"
+    assert options.own_namespace(operator_options([], monkeypatch), path=nowhere) is None  # outside a cluster
+    pod_file = tmp_path / "namespace"
+    pod_file.write_text("mail-ops\n")  # what Kubernetes mounts with the service account token
+    assert options.own_namespace(operator_options([], monkeypatch), path=pod_file) == "mail-ops"
+    monkeypatch.setenv("MAILFLEET_OPERATOR_NAMESPACE", "mailfleet-system")  # the chart's downward API
+    from_env = operator_options([], monkeypatch)
+    assert from_env.operator_namespace == "mailfleet-system"
+    assert options.own_namespace(from_env, path=pod_file) == "mailfleet-system"
+    from_flag = operator_options(["--operator-namespace", "ops"], monkeypatch)
+    assert options.own_namespace(from_flag, path=pod_file) == "ops"
 
 
 def test_without_flags_or_environment_the_declared_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

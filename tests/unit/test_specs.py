@@ -222,21 +222,32 @@ def test_a_missing_password_is_named() -> None:
 # -- the Kubernetes objects ----------------------------------------------------------------------------
 
 
+INTERNAL_TOKEN = "internal-token-of-the-test"
+OPERATOR_NAMESPACE = "mailfleet-system"
+
+
 def rendered(**spec: Any) -> list[dict[str, Any]]:
     return specs.render(
-        example_domain(**spec), example_mailboxes(), HASHES, image="mailfleet:test", dkim_private_key="PEM"
+        example_domain(**spec),
+        example_mailboxes(),
+        HASHES,
+        image="mailfleet:test",
+        dkim_private_key="PEM",
+        internal_token=INTERNAL_TOKEN,
+        operator_namespace=OPERATOR_NAMESPACE,
     ).in_apply_order()
 
 
 def test_every_object_is_named_and_labelled() -> None:
     objects = rendered()
     assert [o["kind"] for o in objects] == [
-        "ServiceAccount", "ConfigMap", "Secret", "Secret", "Service", "Service", "NetworkPolicy",
+        "ServiceAccount", "ConfigMap", "Secret", "Secret", "Secret", "Service", "Service", "NetworkPolicy",
         "PodDisruptionBudget", "StatefulSet",
     ]  # fmt: skip
     names = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert {("StatefulSet", "example-com"), ("Service", "example-com"), ("Service", "example-com-headless")} <= names
     assert {("ConfigMap", "example-com-config"), ("Secret", "example-com-directory")} <= names
+    assert ("Secret", "example-com-internal") in names
     for obj in objects:
         assert obj["apiVersion"] and obj["metadata"]["namespace"] == "mail"
         assert obj["metadata"]["labels"] == LABELS
@@ -273,9 +284,11 @@ def test_the_statefulset_mounts_what_the_node_config_names() -> None:
     assert volumes["tls"]["secret"]["secretName"] == "mail-example-com-tls"
     assert volumes["config"]["configMap"]["name"] == "example-com-config"
     assert volumes["directory"]["secret"]["secretName"] == "example-com-directory"
+    assert volumes["internal"]["secret"]["secretName"] == "example-com-internal"
     assert volumes["tmp"] == {"name": "tmp", "emptyDir": {}} and mounts["tmp"] == "/tmp"
     node = config.NodeConfig.model_validate(specs.node_config(domain))
     assert str(node.data_dir) == mounts["data"] == "/var/lib/mailnode"
+    assert str(node.internal.token_file) == f"{mounts['internal']}/token"
     for path in (
         node.directory_file,
         node.tls and node.tls.cert_file,
@@ -364,7 +377,7 @@ def test_render_prints_the_objects_of_the_examples() -> None:
     result = mailfleet("render", "-f", "examples/maildomain.yaml", "-f", "examples/mailboxes.yaml")
     assert result.returncode == 0, result.stderr
     objects = [o for o in yaml.safe_load_all(result.stdout) if o is not None]
-    assert len(objects) == 9
+    assert len(objects) == 10
     for obj in objects:
         assert obj["apiVersion"] and obj["kind"] and obj["metadata"]["name"] and obj["metadata"]["namespace"]
     directory = by_kind(objects, "Secret", "example-com-directory")["stringData"]["directory.yaml"]
@@ -409,7 +422,36 @@ def test_the_http_port_is_open_to_the_namespace_and_the_operator_only() -> None:
         "smtp", "submission", "submissions", "imap", "imaps"
     }  # fmt: skip
     assert http["ports"] == [{"port": "http", "protocol": "TCP"}]
+    # The operator's pods by their labels AND their namespace, by the label only the API server sets: a
+    # pod that gives itself the operator's labels elsewhere is not admitted.
     assert http["from"] == [
         {"podSelector": {}},
-        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "mailfleet-operator"}}},
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": OPERATOR_NAMESPACE}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "mailfleet-operator"}},
+        },
     ]
+
+
+def test_without_the_operator_namespace_no_pod_elsewhere_is_admitted() -> None:
+    policy = specs.network_policy(example_domain(), operator_namespace=None)
+    _, http = policy["spec"]["ingress"]
+    assert http["from"] == [{"podSelector": {}}]  # the domain's namespace only (the operator too, if it runs there)
+
+
+def test_the_internal_token_is_a_secret_the_nodes_mount_and_the_config_names() -> None:
+    objects = rendered()
+    secret = by_kind(objects, "Secret", "example-com-internal")
+    assert secret["stringData"] == {"token": INTERNAL_TOKEN} and secret["type"] == "Opaque"
+    sts = by_kind(objects, "StatefulSet")
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    node = config.NodeConfig.model_validate(yaml.safe_load(by_kind(objects, "ConfigMap")["data"]["node.yaml"]))
+    assert str(node.internal.token_file) == "/etc/mailnode/internal/token"
+    # `kubectl exec <pod> -- mailnode queue retry ID` finds the config, and so the token.
+    assert {"name": "MAILNODE_CONFIG", "value": "/etc/mailnode/config/node.yaml"} in container["env"]
+    # A new token (its Secret deleted and made again) rolls the nodes, which read it at start.
+    checksum = sts["spec"]["template"]["metadata"]["annotations"]["mailfleet.io/config-checksum"]
+    other = specs.render(
+        example_domain(), example_mailboxes(), HASHES, image="mailfleet:test", internal_token="another token"
+    ).statefulset
+    assert other["spec"]["template"]["metadata"]["annotations"]["mailfleet.io/config-checksum"] != checksum

@@ -100,7 +100,7 @@ def test_without_an_archive_claim_archives_stay_on_the_node_volume() -> None:
         sts = specs.statefulset(domain, image="i", config_checksum="c")
         container = _node_container(sts)
         assert "backups" not in {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]}
-        assert "env" not in container
+        assert "POD_NAME" not in {e["name"] for e in container["env"]}
         rendered = specs.node_config(domain)
         assert "backup" not in rendered
         node = config.NodeConfig.model_validate(rendered)

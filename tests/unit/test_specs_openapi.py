@@ -73,6 +73,8 @@ def render(
         image=IMAGE,
         dkim_private_key=DKIM_KEY if dkim else None,
         relay_username=relay_username,
+        internal_token="internal-token",
+        operator_namespace="mailfleet-system",
     ).in_apply_order()
 
 

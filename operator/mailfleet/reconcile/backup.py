@@ -23,7 +23,7 @@ import aiohttp
 import pydantic
 
 from mailfleet import api, k8s, kube_types, nodes, specs
-from mailfleet.reconcile import conditions
+from mailfleet.reconcile import conditions, internal
 from mailfleet.reconcile.context import (
     MAILBACKUP,
     MAILDOMAIN,
@@ -163,6 +163,10 @@ class Runner:
             except pydantic.ValidationError as error:
                 raise Failed(f"invalid MailBackup: {api.validation_message(error)}") from error
             domain = await self._domain(namespace, backup.spec.domain_ref)
+            try:
+                token = await internal.for_nodes(self.ctx.client, namespace, domain.metadata.name)
+            except nodes.NodeError as error:
+                raise Failed(str(error)) from error
             async with self._locks.setdefault((namespace, domain.metadata.name), asyncio.Lock()):
                 if resuming:
                     log.info("MailBackup %s/%s: resuming (%s)", namespace, name, method)
@@ -175,9 +179,9 @@ class Runner:
                         at=conditions.now(),
                     )
                 if backup.spec.method == "VolumeSnapshot":
-                    taken = await self._volume_snapshots(backup, domain, resuming=resuming)
+                    taken = await self._volume_snapshots(backup, domain, token, resuming=resuming)
                 else:
-                    taken = await self._archives(backup, domain)
+                    taken = await self._archives(backup, domain, token)
         except Failed as failure:
             await self._finish(body, method, None, failure)
             return
@@ -231,14 +235,16 @@ class Runner:
 
     # -- The VolumeSnapshot method ------------------------------------------------------------------
 
-    async def _volume_snapshots(self, backup: api.MailBackup, domain: api.MailDomain, *, resuming: bool) -> Taken:
+    async def _volume_snapshots(
+        self, backup: api.MailBackup, domain: api.MailDomain, token: str, *, resuming: bool
+    ) -> Taken:
         client, namespace = self.ctx.client, specs.common.namespace(domain)
         if not await client.serves(VOLUMESNAPSHOT):
             raise Failed(SNAPSHOT_API_MISSING)
         names = [backup_specs.snapshot_name(backup.metadata.name, i) for i in range(domain.spec.replicas)]
         try:
             points = [
-                await self._snapshot_node(backup, domain, ordinal, resuming=resuming)
+                await self._snapshot_node(backup, domain, ordinal, token, resuming=resuming)
                 for ordinal in range(domain.spec.replicas)
             ]
             for name in names:
@@ -254,7 +260,7 @@ class Runner:
         return Taken(_earliest(points), names)
 
     async def _snapshot_node(
-        self, backup: api.MailBackup, domain: api.MailDomain, ordinal: int, *, resuming: bool
+        self, backup: api.MailBackup, domain: api.MailDomain, ordinal: int, token: str, *, resuming: bool
     ) -> str:
         """Node `ordinal`'s volume, cut while the node holds writes: the node's point in time."""
         client, namespace = self.ctx.client, specs.common.namespace(domain)
@@ -275,9 +281,9 @@ class Runner:
         base = nodes.url(self.settings.node_url, namespace=namespace, name=domain.metadata.name, ordinal=ordinal)
         pod = f"{specs.common.statefulset_name(domain)}-{ordinal}"
         if resuming:
-            await self._resume(pod, base)  # a hold the operator that stopped may have left
+            await self._resume(pod, base, token)  # a hold the operator that stopped may have left
         hold = self.settings.hold
-        checkpoint = await self._node(pod, lambda: nodes.checkpoint(self.session, base, hold=hold))
+        checkpoint = await self._node(pod, lambda: nodes.checkpoint(self.session, base, token=token, hold=hold))
         deadline = self._after(hold - HOLD_MARGIN)
         try:
             await client.create(
@@ -285,7 +291,7 @@ class Runner:
             )
             await self._until_snapshot(namespace, name, ready=False, deadline=deadline)
         finally:
-            await self._resume(pod, base)
+            await self._resume(pod, base, token)
         return checkpoint.point_in_time
 
     async def _until_snapshot(self, namespace: str, name: str, *, ready: bool, deadline: float) -> None:
@@ -316,11 +322,11 @@ class Runner:
                 raise Failed(f"VolumeSnapshot {name}, left uncut by an earlier attempt, is still being deleted")
             await asyncio.sleep(self.settings.poll)
 
-    async def _resume(self, pod: str, base: str) -> None:
+    async def _resume(self, pod: str, base: str, token: str) -> None:
         """DELETE /snapshot, a few quick tries; a node that does not answer resumes when its hold runs out."""
         for attempt in range(3):
             try:
-                paused = await nodes.resume(self.session, base)
+                paused = await nodes.resume(self.session, base, token=token)
                 log.info("node %s resumed writes (paused %s s)", pod, "?" if paused is None else f"{paused:.2f}")
                 return
             except nodes.NodeError as error:
@@ -331,25 +337,25 @@ class Runner:
 
     # -- The Archive method ---------------------------------------------------------------------------
 
-    async def _archives(self, backup: api.MailBackup, domain: api.MailDomain) -> Taken:
+    async def _archives(self, backup: api.MailBackup, domain: api.MailDomain, token: str) -> Taken:
         namespace = specs.common.namespace(domain)
         snapshots, points = [], []
         for ordinal in range(domain.spec.replicas):
             base = nodes.url(self.settings.node_url, namespace=namespace, name=domain.metadata.name, ordinal=ordinal)
             pod = f"{specs.common.statefulset_name(domain)}-{ordinal}"
-            record = await self._archive_node(pod, base, backup.metadata.name)
+            record = await self._archive_node(pod, base, backup.metadata.name, token)
             snapshots.append(f"{pod}:{record.path}")
             points.append(record.point_in_time)
         return Taken(_earliest(points), snapshots)
 
-    async def _archive_node(self, pod: str, base: str, name: str) -> nodes.Archive:
+    async def _archive_node(self, pod: str, base: str, name: str, token: str) -> nodes.Archive:
         """The node's archive `name`, once written."""
 
         async def start() -> nodes.Archive:
-            return await nodes.start_archive(self.session, base, name)
+            return await nodes.start_archive(self.session, base, name, token=token)
 
         async def look() -> nodes.Archive | None:
-            return await nodes.archive(self.session, base, name)
+            return await nodes.archive(self.session, base, name, token=token)
 
         record = await self._node(pod, start)
         deadline = self._after(self.settings.timeout)

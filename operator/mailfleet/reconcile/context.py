@@ -60,6 +60,9 @@ class Context:
     hasher: PasswordHasher
     metrics: OperatorMetrics
     queue: WorkQueue[DomainKey] | None = None
+    # The namespace the operator runs in: the nodes' NetworkPolicy admits the operator's pods from there
+    # (None: not known, so only from the domain's own namespace).
+    operator_namespace: str | None = None
     # The DNS domains each MailDomain served at its last reconcile: when it is deleted, its Mailboxes
     # are told their domain is gone.
     served: dict[DomainKey, set[str]] = dataclasses.field(default_factory=dict)

@@ -16,7 +16,7 @@ import asyncio
 import time
 
 from mailfleet import kube_types, specs
-from mailfleet.reconcile import checks, conditions, dkim, mailboxes, objects, restore, status
+from mailfleet.reconcile import checks, conditions, dkim, internal, mailboxes, objects, restore, status
 from mailfleet.reconcile.checks import Refused
 from mailfleet.reconcile.context import MAILDOMAIN, STATEFULSET, Context, DomainKey
 
@@ -58,13 +58,21 @@ async def _reconcile(ctx: Context, body: kube_types.MailDomain) -> None:
     existing = await ctx.client.get(STATEFULSET, key[0], specs.common.statefulset_name(domain))
     claims = await restore.claims_to_make(ctx, domain, existing)
     served = await mailboxes.served(ctx, domain)
+    internal_token = await internal.token(ctx, domain)  # made now when it has no Secret yet: applied below
     rendered = specs.render(
-        domain, served.accepted, served.passwords, image=ctx.image, relay_username=relay_username
+        domain,
+        served.accepted,
+        served.passwords,
+        image=ctx.image,
+        relay_username=relay_username,
+        internal_token=internal_token,
+        operator_namespace=ctx.operator_namespace,
     ).owned_by(domain)
     checks.ensure_directory_fits(rendered.directory, mailboxes=len(served.accepted))
     checks.ensure_changeable(existing, rendered.statefulset)
 
-    # Build: the DKIM key first (made once, kept in its Secret), the restore claims, then the objects.
+    # Build: the DKIM key first (made once, kept in its Secret), the restore claims, then the objects (the
+    # internal token's Secret among them).
     dkim_record = await dkim.ensure_key(ctx, domain, body) if domain.spec.dkim is not None else None
     await restore.ensure_claims(ctx, body, claims)
     statefulset = await objects.ensure_applied(ctx, body, rendered, mailboxes=len(served.accepted))

@@ -26,7 +26,7 @@ import pydantic
 
 from mailfleet import api, k8s, kube_types, nodes
 from mailfleet.reconcile import backup as backup_runner
-from mailfleet.reconcile import conditions, status
+from mailfleet.reconcile import conditions, internal, status
 from mailfleet.reconcile.conditions import Condition
 from mailfleet.reconcile.context import MAILBACKUP, MAILDOMAIN, VOLUMESNAPSHOT, Context, DomainKey, object_key
 from mailfleet.specs import backup as backup_specs
@@ -422,6 +422,7 @@ class Scheduler:
         "<pod>:<path>"); how many were there. NodeError when a node cannot be asked."""
         if backup.method != "Archive":
             return 0
+        token = await internal.for_nodes(self.ctx.client, namespace, domain)
         deleted = 0
         for entry in backup.snapshots:
             pod = entry.partition(":")[0]
@@ -431,7 +432,7 @@ class Scheduler:
             if self._session is None:
                 self._session = aiohttp.ClientSession()
             base = nodes.url(self.node_url, namespace=namespace, name=domain, ordinal=int(ordinal))
-            deleted += await nodes.delete_archive(self._session, base, backup.name)
+            deleted += await nodes.delete_archive(self._session, base, backup.name, token=token)
         return deleted
 
     async def close(self) -> None:

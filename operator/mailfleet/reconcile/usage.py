@@ -10,6 +10,7 @@ import logging
 import aiohttp
 
 from mailfleet import k8s, kube_types, nodes
+from mailfleet.reconcile import internal
 from mailfleet.reconcile.context import MAILBOX, Context, DomainKey, object_key
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ async def collect(ctx: Context, session: aiohttp.ClientSession, template: str) -
 async def collect_domain(ctx: Context, session: aiohttp.ClientSession, template: str, key: DomainKey) -> int:
     """Ask the domain's node and write the Mailbox statuses that changed; returns how many."""
     namespace, name = key
-    found = await nodes.usage(session, nodes.url(template, namespace=namespace, name=name))
+    token = await internal.for_nodes(ctx.client, namespace, name)
+    found = await nodes.usage(session, nodes.url(template, namespace=namespace, name=name), token=token)
     written = 0
     for mail_domain in sorted(ctx.served.get(key, set())):
         for body in ctx.view.mailboxes(namespace, mail_domain):

@@ -25,6 +25,7 @@ from mailfleet.specs.workload import (
     config_map,
     directory_secret,
     dkim_secret,
+    internal_secret,
     pod_disruption_budget,
     service_account,
     statefulset,
@@ -42,6 +43,7 @@ __all__ = [
     "dns_records",
     "dump",
     "headless_service",
+    "internal_secret",
     "labels",
     "network_policy",
     "node_config",
@@ -80,6 +82,7 @@ class Rendered:
     configmap: kube_types.Manifest  # the node config
     directory: kube_types.Manifest  # the directory Secret (mailboxes and password hashes)
     dkim: kube_types.Manifest | None  # the DKIM key's Secret, when the key was given
+    internal: kube_types.Manifest | None  # the internal token's Secret, when the token was given
     headless_service: kube_types.Manifest
     client_service: kube_types.Manifest
     network_policy: kube_types.Manifest
@@ -108,18 +111,22 @@ def render(
     image: str,
     dkim_private_key: str | None = None,
     relay_username: str | None = None,
+    internal_token: str | None = None,
+    operator_namespace: str | None = None,
 ) -> Rendered:
-    """Every object of the domain. The DKIM Secret is included when the key is given (the caller makes it
-    once and keeps it; a builder makes no keys). `passwords`: see `directory`."""
+    """Every object of the domain. The DKIM and internal Secrets are included when the key and the token
+    are given (the caller makes them once and keeps them; a builder makes no keys). `passwords`: see
+    `directory`; `operator_namespace`: see `network_policy`."""
     config_yaml = dump(node_config(domain, relay_username=relay_username, backup_dir=common.BACKUP_DIR))
     return Rendered(
         service_account=service_account(domain),
         configmap=config_map(domain, config_yaml),
         directory=directory_secret(domain, directory_content(directory(domain, mailboxes, passwords))),
         dkim=None if dkim_private_key is None else dkim_secret(domain, dkim_private_key),
+        internal=None if internal_token is None else internal_secret(domain, internal_token),
         headless_service=headless_service(domain),
         client_service=client_service(domain),
-        network_policy=network_policy(domain),
+        network_policy=network_policy(domain, operator_namespace=operator_namespace),
         pod_disruption_budget=pod_disruption_budget(domain),
-        statefulset=statefulset(domain, image=image, config_checksum=checksum(config_yaml)),
+        statefulset=statefulset(domain, image=image, config_checksum=checksum(config_yaml + (internal_token or ""))),
     )

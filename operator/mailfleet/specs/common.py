@@ -32,6 +32,12 @@ DKIM_KEY: Final = "private.pem"
 RELAY_DIR: Final = "/etc/mailnode/relay"
 RELAY_CA_DIR: Final = "/etc/mailnode/relay-ca"  # spec.smtp.relayCASecretRef's key, as RELAY_CA_KEY
 RELAY_CA_KEY: Final = "ca.crt"
+# The domain's internal credential (DESIGN.md "Clustering"): the <name>-internal Secret's token, which
+# the nodes require on their admin port (and later on LMTP and the IMAP proxy between nodes).
+INTERNAL_DIR: Final = "/etc/mailnode/internal"
+INTERNAL_KEY: Final = "token"
+# Set in the node container: `kubectl exec <pod> -- mailnode queue ...` finds the config, and its token.
+CONFIG_ENV: Final = "MAILNODE_CONFIG"
 # Where spec.backup.archiveClaimName is mounted (each pod in its own subdirectory of the claim); without
 # a claim the node writes its archives to <data_dir>/backups, on its own volume.
 BACKUP_DIR: Final = "/var/lib/mailnode-backups"
@@ -40,8 +46,10 @@ BACKUP_DIR: Final = "/var/lib/mailnode-backups"
 DEFAULT_IMAGE: Final = "ghcr.io/mailfleet/mailfleet:latest"
 
 # The labels of the operator's own pods (the Helm chart sets them): the nodes' NetworkPolicy lets them
-# reach the HTTP port.
+# reach the HTTP port, from the operator's namespace only, told by the label the API server sets on every
+# namespace (nobody can set it on another one, unlike a pod label).
 OPERATOR_LABELS: Final = {"app.kubernetes.io/name": "mailfleet-operator"}
+NAMESPACE_NAME_LABEL: Final = "kubernetes.io/metadata.name"
 
 CHECKSUM_ANNOTATION: Final = "mailfleet.io/config-checksum"
 RUN_AS: Final = 10001
@@ -80,6 +88,13 @@ def directory_name(domain: api.MailDomain) -> str:
 
 def dkim_name(domain: api.MailDomain) -> str:
     return f"{domain.metadata.name}-dkim"
+
+
+def internal_name(domain: api.MailDomain | str) -> str:
+    """The Secret of the domain's internal token; `domain` may be the MailDomain's name alone (the
+    operator's node clients know no more)."""
+    name = domain if isinstance(domain, str) else domain.metadata.name
+    return f"{name}-internal"
 
 
 def selector_labels(domain: api.MailDomain) -> dict[str, str]:

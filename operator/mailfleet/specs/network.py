@@ -48,13 +48,25 @@ def headless_service(domain: api.MailDomain) -> kube_types.Manifest:
     }
 
 
-def network_policy(domain: api.MailDomain) -> kube_types.Manifest:
+def network_policy(domain: api.MailDomain, *, operator_namespace: str | None) -> kube_types.Manifest:
     """Mail ports are open to anyone (the Internet sends mail; clients log in from anywhere), but the
     HTTP port (health, metrics, usage, and node operations such as the queue) only to pods of the same
-    namespace and to the operator's pods in any namespace (it reads each mailbox's usage); the kubelet's
-    probes are not subject to NetworkPolicy. A Prometheus in another namespace needs its own policy next
-    to this one (policies add up). Egress is left open: nodes deliver mail to any MX."""
+    namespace and to the operator's pods in `operator_namespace` (it reads each mailbox's usage and takes
+    backups): the namespace by the label the API server sets on it, which no one can put on another
+    namespace, as anyone who may create a pod can give it the operator's labels. Without
+    `operator_namespace` the operator is admitted only as a pod of the domain's own namespace (the caller
+    says so). Changes on the HTTP port need the domain's internal token as well (the node checks it).
+    The kubelet's probes are not subject to NetworkPolicy. A Prometheus in another namespace needs its own
+    policy next to this one (policies add up). Egress is left open: nodes deliver mail to any MX."""
     mail_ports = [{"port": name, "protocol": "TCP"} for name in common.SERVICE_PORTS]
+    peers: list[dict[str, Any]] = [{"podSelector": {}}]
+    if operator_namespace is not None:
+        peers.append(
+            {
+                "namespaceSelector": {"matchLabels": {common.NAMESPACE_NAME_LABEL: operator_namespace}},
+                "podSelector": {"matchLabels": common.OPERATOR_LABELS},
+            }
+        )
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -64,13 +76,7 @@ def network_policy(domain: api.MailDomain) -> kube_types.Manifest:
             "policyTypes": ["Ingress"],
             "ingress": [
                 {"ports": mail_ports},
-                {
-                    "from": [
-                        {"podSelector": {}},
-                        {"namespaceSelector": {}, "podSelector": {"matchLabels": common.OPERATOR_LABELS}},
-                    ],
-                    "ports": [{"port": "http", "protocol": "TCP"}],
-                },
+                {"from": peers, "ports": [{"port": "http", "protocol": "TCP"}]},
             ],
         },
     }

@@ -31,12 +31,14 @@ def node_config(
     tls_dir: str | None = common.TLS_DIR,
     relay_username: str | None = None,
     backup_dir: str | None = None,
+    internal_token_file: str = f"{common.INTERNAL_DIR}/{common.INTERNAL_KEY}",
 ) -> dict[str, Any]:
     """The node config of the domain's nodes. `tls_dir` is where the TLS Secret is mounted (no TLS when
     spec.tls is unset, whatever tls_dir says); `relay_username` comes from spec.smtp.relaySecretRef's
     Secret, which the caller reads (the password stays in the Secret, mounted as a file); `backup_dir` is
     where spec.backup.archiveClaimName is mounted (the StatefulSet mounts it at common.BACKUP_DIR; None, or no
-    claim: the node's own <data_dir>/backups)."""
+    claim: the node's own <data_dir>/backups); `internal_token_file` is where the internal Secret's token is
+    (the StatefulSet mounts it at common.INTERNAL_DIR)."""
     spec = domain.spec
     entry: dict[str, Any] = {"domain": spec.domain, "alias_domains": list(spec.alias_domains)}
     if spec.dkim is not None:
@@ -67,6 +69,7 @@ def node_config(
         "directory_file": directory_file,
         "listen": wire_config.ListenConfig(host="0.0.0.0", **common.CONTAINER_PORTS),
         "smtp": wire_config.SMTPConfig(**smtp),
+        "internal": wire_config.InternalConfig(token_file=internal_token_file),
     }
     if spec.backup is not None and spec.backup.archive_claim_name is not None and backup_dir is not None:
         fields["backup"] = wire_config.BackupConfig(dir=backup_dir)

@@ -1,5 +1,6 @@
-"""The mail nodes themselves: the StatefulSet, the ConfigMap and Secrets it mounts, its ServiceAccount and
-PodDisruptionBudget. Pure builders, called by `mailfleet.specs.render` and reconcile/."""
+"""The mail nodes themselves: the StatefulSet, the ConfigMap and Secrets it mounts (directory, DKIM key,
+internal token), its ServiceAccount and PodDisruptionBudget. Pure builders, called by
+`mailfleet.specs.render` and reconcile/."""
 
 from __future__ import annotations
 
@@ -47,6 +48,18 @@ def dkim_secret(domain: api.MailDomain, private_key_pem: str) -> kube_types.Mani
     }
 
 
+def internal_secret(domain: api.MailDomain, token: str) -> kube_types.Manifest:
+    """The domain's internal token (made once by the caller and kept: the nodes require it of the operator
+    and, later, of each other), mounted into every node as a file."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": common.metadata(domain, common.internal_name(domain)),
+        "type": "Opaque",
+        "stringData": {common.INTERNAL_KEY: token},
+    }
+
+
 def service_account(domain: api.MailDomain) -> kube_types.Manifest:
     """The nodes need no Kubernetes API access: no token is mounted."""
     return {
@@ -89,12 +102,14 @@ def _volumes(domain: api.MailDomain) -> tuple[list[dict[str, Any]], list[dict[st
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": common.config_name(domain)}},
         {"name": "directory", "secret": {"secretName": common.directory_name(domain)}},
+        {"name": "internal", "secret": {"secretName": common.internal_name(domain)}},
         {"name": "tmp", "emptyDir": {}},  # the root filesystem is read-only
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "data", "mountPath": common.DATA_DIR},
         {"name": "config", "mountPath": common.CONFIG_DIR, "readOnly": True},
         {"name": "directory", "mountPath": common.DIRECTORY_DIR, "readOnly": True},
+        {"name": "internal", "mountPath": common.INTERNAL_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
     spec = domain.spec
@@ -139,14 +154,20 @@ def claim_spec(domain: api.MailDomain) -> dict[str, Any]:
 
 
 def statefulset(domain: api.MailDomain, *, image: str, config_checksum: str) -> kube_types.Manifest:
-    """The mail nodes. `config_checksum` (of the rendered node config) goes on the pod template, so a
-    config change rolls the pods; the directory is not in it, since nodes reload it in place."""
+    """The mail nodes. `config_checksum` (of the rendered node config and the internal token, which the
+    nodes read at start) goes on the pod template, so a change of either rolls the pods; the directory is
+    not in it, since nodes reload it in place."""
     spec = domain.spec
     volumes, mounts = _volumes(domain)
+    config_file = f"{common.CONFIG_DIR}/{common.CONFIG_KEY}"
+    env: list[dict[str, Any]] = [{"name": common.CONFIG_ENV, "value": config_file}]
+    if any(mount.get("subPathExpr") for mount in mounts):
+        env.append({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     container: dict[str, Any] = {
         "name": "mailnode",
         "image": image,
-        "command": ["mailnode", "serve", "--config", f"{common.CONFIG_DIR}/{common.CONFIG_KEY}"],
+        "command": ["mailnode", "serve", "--config", config_file],
+        "env": env,
         "ports": [
             {"name": name, "containerPort": port, "protocol": "TCP"} for name, port in common.CONTAINER_PORTS.items()
         ],
@@ -166,8 +187,6 @@ def statefulset(domain: api.MailDomain, *, image: str, config_checksum: str) -> 
     }
     if resources := _resources(spec.resources):
         container["resources"] = resources
-    if any(mount.get("subPathExpr") for mount in mounts):
-        container["env"] = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
