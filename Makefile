@@ -58,13 +58,14 @@ chart: bootstrap ## helm lint --strict the chart (charts/mailfleet) and render i
 	done
 
 .PHONY: bench
-bench: ## benchmarks: the node against Postfix (SMTP in and out), Dovecot (IMAP, backups) and tar on this machine (not a test)
+bench: ## benchmarks: the node against Postfix (SMTP in and out), Dovecot (IMAP, backups) and tar on this machine, then 10^6 fuzzed inputs (not a test)
 	@scripts/bootstrap --bench
 	$(PY) -m bench.smtp
 	$(PY) -m bench.imap
 	$(PY) -m bench.outbound
 	$(PY) -m bench.operator
 	$(PY) -m bench.backup
+	$(PY) -m bench.fuzz
 
 .PHONY: clean
 clean: ## remove the virtualenv, caches and local run state
