@@ -295,7 +295,7 @@ class _Doorman(asyncio.BufferedProtocol):
             # As HAProxy's accept-proxy: a PROXY listener takes nothing from elsewhere.
             self._door.gate.refused(UNTRUSTED_PROXY)
             log.info("connection from an untrusted proxy", extra={"fields": self._fields(client)})
-            transport.abort()
+            transport.close()
         else:
             self._timer = asyncio.get_running_loop().call_later(proxy.timeout, self._header_timeout, client)
 
@@ -317,7 +317,7 @@ class _Doorman(asyncio.BufferedProtocol):
             self._cancel_timer()
             self._door.gate.refused(PROXY_HEADER)
             log.info("bad PROXY protocol header", extra={"fields": {**self._fields(peer), "error": str(error)}})
-            self._transport.abort()
+            self._transport.close()
             return
         self._cancel_timer()
         client = peer if header.source is None else Client(*header.source)
@@ -332,7 +332,7 @@ class _Doorman(asyncio.BufferedProtocol):
         self._door.gate.refused(PROXY_HEADER)
         log.info("no PROXY protocol header in time", extra={"fields": self._fields(client)})
         if self._transport is not None:
-            self._transport.abort()
+            self._transport.close()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -347,7 +347,7 @@ class _Doorman(asyncio.BufferedProtocol):
             transport = await loop.start_tls(self._transport, self, self._door.tls, server_side=True)
         except (OSError, TimeoutError) as error:
             log.info("TLS handshake failed", extra={"fields": {**self._fields(client), "error": str(error)}})
-            self._transport.abort()
+            self._transport.close()
             return
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
