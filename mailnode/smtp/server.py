@@ -383,9 +383,9 @@ class MailSMTP(SMTP):
         TLS): aiosmtpd closes the connection; one info line, not an error with a traceback. Anything
         else is a bug of ours, logged as aiosmtpd does."""
         if isinstance(error, TLSSetupException):
-            peer = self.session.peer if self.session is not None else None
+            client = self.mail_session().client_ip if self.session is not None else None
             cause = repr(error.__cause__)
-            log.info("smtp starttls failed", extra={"fields": {"client": peer, "error": cause}})
+            log.info("smtp starttls failed", extra={"fields": {"client": client, "error": cause}})
             return ""  # not sent: the connection is closed
         return await super().handle_exception(error)
 
