@@ -34,6 +34,18 @@ class NodeMetrics:
         self.received_bytes = prom.Counter(
             "mailnode_smtp_received_bytes", "Bytes of message data accepted", ["listener"], registry=r
         )
+        # mailnode.listener: the connection gate of every client listener
+        self.connections_refused = prom.Counter(
+            "mailnode_connections_refused",
+            "Connections refused before the protocol spoke: per_client or total limit reached, "
+            "untrusted_proxy (no PROXY header allowed from there), proxy_header (bad or missing header)",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.connections_open = prom.Gauge(
+            "mailnode_connections_open", "Client connections open now, as the connection gate counts them",
+            ["listener"], registry=r,
+        )  # fmt: skip
         self.imap_sessions = prom.Counter(
             "mailnode_imap_sessions", "IMAP connections accepted", ["listener"], registry=r
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from mailnode import dkim, tls
+from mailnode import listener as door
 from mailnode.admin import http
 from mailnode.auth import Authenticator
 from mailnode.backup import restore
@@ -198,6 +200,13 @@ class Node:
             raise ConfigError(f"smtp.relay_host.ca_file: {error}") from error
         self._deliverer_task = asyncio.create_task(self.deliverer.run(interval=smtp_config.delivery_interval))
         listen = self.config.listen
+        gates = self._connection_gates(tls=context is not None)
+        proxy = None
+        if listen.proxy_protocol.enabled:
+            proxy = door.ProxyPolicy(
+                trusted=[ipaddress.ip_network(str(n)) for n in listen.proxy_protocol.trusted],
+                timeout=listen.proxy_protocol.timeout,
+            )
         for listener, port in (
             (smtp.Listener.MX, listen.smtp),
             (smtp.Listener.SUBMISSION, listen.submission),
@@ -222,8 +231,9 @@ class Node:
                 queued=self.deliverer.wake,
             )
             server = await smtp.start_listener(
-                listener=listener, handler=handler, config=self.config, host=listen.host, port=port, tls=context
-            )
+                listener=listener, handler=handler, config=self.config, host=listen.host, port=port, tls=context,
+                gate=gates[listener.value], proxy=proxy,
+            )  # fmt: skip
             self._servers.append(server)
             self._handlers.append(handler)
             self.ports[listener.value] = server.sockets[0].getsockname()[1]
@@ -234,7 +244,7 @@ class Node:
             imap_server, sessions = await imap.start_listener(
                 config=self.config, directory=lambda: self.watcher.current, store=self.store,
                 authenticator=self.authenticator, metrics=self.metrics, host=listen.host, port=port, tls=context,
-                implicit_tls=implicit, analyses=self._analyses,
+                implicit_tls=implicit, analyses=self._analyses, gate=gates[name], proxy=proxy,
             )  # fmt: skip
             self._servers.append(imap_server)
             self._imap_sessions.append(sessions)
@@ -254,6 +264,29 @@ class Node:
         self.ready = True
         self.metrics.ready.set(1)
         log.info("node ready", extra={"fields": {"node": self.config.node_name, "ports": self.ports}})
+
+    def _connection_gates(self, *, tls: bool) -> dict[str, door.ConnectionGate]:
+        """One gate per client listener, their totals fitted to the file descriptors the process may
+        hold, so that a flood of idle connections leaves room for the store and the health checks."""
+        limits = self.config.listen.limits
+        wanted = {name: limits.smtp for name in ("smtp", "submission", "submissions")}
+        wanted.update({name: limits.imap for name in ("imap", "imaps")})
+        if not tls:  # these listeners do not start without a certificate
+            for name in ("submission", "submissions", "imaps"):
+                del wanted[name]
+        fd_limit = door.raise_fd_limit()
+        totals = door.fit_totals({name: limit.total for name, limit in wanted.items()}, fd_limit=fd_limit)
+        fields = {"fd_limit": fd_limit, "reserve": door.FD_RESERVE, "totals": totals}
+        if totals != {name: limit.total for name, limit in wanted.items()}:
+            log.warning("connection limits lowered to fit the file descriptor limit", extra={"fields": fields})
+        else:
+            log.info("connection limits", extra={"fields": fields})
+        return {
+            name: door.ConnectionGate(
+                listener=name, total=totals[name], per_client=min(limit.per_client, totals[name]), metrics=self.metrics
+            )
+            for name, limit in wanted.items()
+        }
 
     async def _poll(self, check: Callable[[], object], interval: float) -> None:
         """Run a file watcher's `check` (the directory, the certificate) every `interval` seconds, on

@@ -15,6 +15,37 @@ import pydantic
 from mailwire.fields import ByteSize, Domain, FileModel
 
 
+class ConnectionLimit(FileModel):
+    """Open connections of one listener: `total`, and `per_client` from one client address (IPv6: /64)."""
+
+    total: int = pydantic.Field(1000, ge=1)
+    per_client: int = pydantic.Field(20, ge=1)
+
+
+class ConnectionLimits(FileModel):
+    """Per listener (each SMTP and each IMAP listener has its own count), as Postfix's
+    smtpd_client_connection_count_limit and Dovecot's mail_max_userip_connections."""
+
+    smtp: ConnectionLimit = ConnectionLimit()
+    imap: ConnectionLimit = ConnectionLimit(per_client=50)
+
+
+class ProxyProtocolConfig(FileModel):
+    """PROXY protocol v1/v2 on the SMTP and IMAP listeners (behind HAProxy, AWS NLB, ...): every
+    connection must come from a `trusted` range and open with a header, whose client address the node
+    uses from then on."""
+
+    enabled: bool = False
+    trusted: list[pydantic.IPvAnyNetwork] = []
+    timeout: float = pydantic.Field(5.0, gt=0, description="seconds to wait for the header")
+
+    @pydantic.model_validator(mode="after")
+    def _trusted_when_enabled(self) -> ProxyProtocolConfig:
+        if self.enabled and not self.trusted:
+            raise ValueError("proxy_protocol.trusted: at least one range when enabled")
+        return self
+
+
 class ListenConfig(FileModel):
     """Where the listeners bind. A port of 0 lets the kernel choose (tests); `status()` tells which."""
 
@@ -25,6 +56,8 @@ class ListenConfig(FileModel):
     imap: int = pydantic.Field(1430, ge=0, le=65535)
     imaps: int = pydantic.Field(9930, ge=0, le=65535)
     http: int = pydantic.Field(8080, ge=0, le=65535)
+    limits: ConnectionLimits = ConnectionLimits()
+    proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
 
 
 class TLSConfig(FileModel):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from mailnode import listener as door
 from mailnode.auth import Authenticator
 from mailnode.config import Directory, NodeConfig
 from mailnode.imap import commands
@@ -19,6 +20,33 @@ from mailnode.metrics import NodeMetrics
 from mailnode.store.mailstore import MailStore
 
 __all__ = ["AnalysisCache", "Session", "start_listener"]
+
+# The connection gate's refusals (mailnode.listener), instead of the greeting: RFC 3501 §7.1.5 lets a
+# server send BYE and close at once; RFC 5530 §3 UNAVAILABLE: temporary, try again later.
+TOO_MANY_FROM_CLIENT = b"* BYE [UNAVAILABLE] Too many connections from your address\r\n"
+TOO_MANY_CONNECTIONS = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
+
+
+def refusal(reason: str) -> bytes:
+    return TOO_MANY_FROM_CLIENT if reason == door.PER_CLIENT else TOO_MANY_CONNECTIONS
+
+
+class _Connection(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, giving the client's place at the gate back when the connection ends."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        *,
+        client: door.Client,
+    ) -> None:
+        super().__init__(reader, serve)
+        self.client = client
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.closed()
+        super().connection_lost(exc)
 
 
 async def start_listener(
@@ -33,26 +61,31 @@ async def start_listener(
     tls: ssl.SSLContext | None,
     implicit_tls: bool,
     analyses: AnalysisCache,
+    gate: door.ConnectionGate,
+    proxy: door.ProxyPolicy | None = None,
 ) -> tuple[asyncio.Server, set[Session]]:
-    """Serve IMAP (STARTTLS) or IMAPS (implicit TLS). Returns the server and the set of live sessions."""
+    """Serve IMAP (STARTTLS) or IMAPS (implicit TLS) behind `gate` (and the PROXY protocol when `proxy`
+    is given). Returns the server and the set of live sessions."""
     sessions: set[Session] = set()
     listener = "imaps" if implicit_tls else "imap"
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session = Session(
-            reader, writer, commands=commands.TABLE, config=config, directory=directory, store=store,
-            authenticator=authenticator, metrics=metrics, tls=tls, implicit_tls=implicit_tls, listener=listener,
-            analyses=analyses,
-        )  # fmt: skip
-        session.task = asyncio.current_task()
-        sessions.add(session)
-        try:
-            await session.run()
-        finally:
-            sessions.discard(session)
+    def connection(client: door.Client) -> _Connection:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            session = Session(
+                reader, writer, commands=commands.TABLE, config=config, directory=directory, store=store,
+                authenticator=authenticator, metrics=metrics, tls=tls, implicit_tls=implicit_tls, listener=listener,
+                analyses=analyses, remote=client.host,
+            )  # fmt: skip
+            session.task = asyncio.current_task()
+            sessions.add(session)
+            try:
+                await session.run()
+            finally:
+                sessions.discard(session)
 
-    server = await asyncio.start_server(
-        serve, host=host, port=port, ssl=tls if implicit_tls else None, reuse_address=True, backlog=512,
-        limit=config.imap.max_line,
-    )  # fmt: skip
-    return server, sessions
+        return _Connection(asyncio.StreamReader(limit=config.imap.max_line), serve, client=client)
+
+    entrance = door.Door(
+        gate=gate, protocol=connection, refusal=refusal, proxy=proxy, tls=tls if implicit_tls else None
+    )
+    return await door.serve(entrance, host=host, port=port), sessions

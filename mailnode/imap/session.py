@@ -119,6 +119,7 @@ class Session:
         implicit_tls: bool,
         listener: str,
         analyses: AnalysisCache,
+        remote: str,
     ) -> None:
         self._reader = reader
         self._writer = writer
@@ -141,8 +142,7 @@ class Session:
         self._clock = asyncio.get_running_loop().time
         self._login_deadline = self._clock() + config.imap.login_timeout
         self.task: asyncio.Task[Any] | None = None
-        peer = writer.get_extra_info("peername")
-        self.remote = peer[0] if peer else "unknown"
+        self.remote = remote  # the client's address (mailnode.listener.Client: a PROXY header's, else the peer)
 
     @property
     def state(self) -> table.State:

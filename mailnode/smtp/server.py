@@ -38,6 +38,7 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
+from mailnode import listener as door
 from mailnode.auth import Authenticator
 from mailnode.config import Directory, MailboxEntry, NodeConfig
 from mailnode.metrics import NodeMetrics
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 # docs/backups.md: the reply while a checkpoint holds writes (RFC 3463 4.3.0: other mail system status).
 CHECKPOINT_IN_PROGRESS = replies.Reply(451, "4.3.0", "Checkpoint in progress, try again shortly")
+# The connection gate's refusals (mailnode.listener), as the greeting: RFC 5321 §3.1 lets a server
+# answer 421 instead of 220 and close; RFC 3463 4.7.0: other security or policy status.
+TOO_MANY_FROM_CLIENT = replies.Reply(421, "4.7.0", "Too many connections from your address")
+TOO_MANY_CONNECTIONS = replies.Reply(421, "4.7.0", "Too many connections, try again later")
 
 
 class Listener(enum.StrEnum):
@@ -68,6 +73,12 @@ class MailSession(Session):
         super().__init__(loop)
         self.user: MailboxEntry | None = None
         self.tls = False
+
+    @property
+    def client_ip(self) -> str:
+        """The client's address: the one a PROXY header carried, else the socket's peer. It is what
+        throttling, SPF, the logs and the Received header use."""
+        return str(self.peer[0]) if self.peer else "unknown"
 
 
 class MailEnvelope(Envelope):
@@ -166,6 +177,7 @@ class MailSMTP(SMTP):
         tls_context: ssl.SSLContext | None,
         timeout: float,
         auth_required: bool,
+        client: door.Client | None = None,
     ) -> None:
         # What aiosmtpd 1.4's SMTP.__init__ does for these settings, without its introspection:
         # it runs inspect.getmembers() on the connection and the handler and dir() on both, for every
@@ -218,6 +230,7 @@ class MailSMTP(SMTP):
         self._replying_to_hello = False
         self._greeted = False  # RFC 2034 §3: the greeting carries no enhanced code
         self._counted = False
+        self.client = client  # None: the socket's peer (a connection made without mailnode.listener)
 
     def _create_session(self) -> MailSession:
         return MailSession(self.loop)
@@ -234,7 +247,11 @@ class MailSMTP(SMTP):
         return self.implicit_tls or self._tls_protocol is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
+        super().connection_made(transport)  # a new session, after STARTTLS too (RFC 3207 §4.2)
+        if self.client is None:
+            self.client = door.Client.of_transport(transport)
+        # aiosmtpd stores the transport's (host, port) tuple here, though it types `peer` as a str.
+        self.mail_session().peer = self.client.peername  # type: ignore[assignment]
         self.mail_session().tls = self.is_tls()
         if not self._counted:  # called again after STARTTLS
             self._counted = True
@@ -246,6 +263,8 @@ class MailSMTP(SMTP):
             self.handler.session_closed(self)
             if self.envelope is not None:
                 self.handler.end_transaction(self.session, self.envelope, "aborted: connection closed")
+        if self.client is not None:
+            self.client.closed()
         super().connection_lost(error)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -364,9 +383,9 @@ class MailSMTP(SMTP):
         TLS): aiosmtpd closes the connection; one info line, not an error with a traceback. Anything
         else is a bug of ours, logged as aiosmtpd does."""
         if isinstance(error, TLSSetupException):
-            peer = self.session.peer if self.session is not None else None
+            client = self.mail_session().client_ip if self.session is not None else None
             cause = repr(error.__cause__)
-            log.info("smtp starttls failed", extra={"fields": {"client": peer, "error": cause}})
+            log.info("smtp starttls failed", extra={"fields": {"client": client, "error": cause}})
             return ""  # not sent: the connection is closed
         return await super().handle_exception(error)
 
@@ -476,7 +495,7 @@ class SMTPHandler:
         fields = {
             "id": envelope.id,
             "listener": self.listener.value,
-            "client": session.peer[0] if session.peer else None,
+            "client": session.client_ip,
             "user": session.user.address if session.user else None,
             "from": envelope.mail_from,
             "recipients": list(envelope.rcpt_tos),
@@ -599,7 +618,7 @@ class SMTPHandler:
         return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", errors="surrogateescape")
         results = b""
         if self._check_inbound is not None and not self.listener.is_submission:
-            ip = session.peer[0] if session.peer else "unknown"
+            ip = session.client_ip
             try:
                 results = await self._check_inbound(ip, session.host_name or "unknown", sender, content)
             except Exception:  # a check that breaks must not lose the message
@@ -639,7 +658,7 @@ class SMTPHandler:
         """The Received header (RFC 5321 §4.4; "with" keywords from RFC 3848). Return-Path is added
         only at final delivery, into a mailbox."""
         helo = _UNPRINTABLE.sub("", session.host_name or "unknown")[:255] or "unknown"
-        ip = session.peer[0] if session.peer else "unknown"
+        ip = session.client_ip
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
         if session.tls:
             protocol += "S"
@@ -689,7 +708,7 @@ class SMTPHandler:
 
     async def _login(self, server: MailSMTP, login: bytes, password: bytes) -> AuthResult:
         session = server.mail_session()
-        remote = session.peer[0] if session.peer else "unknown"
+        remote = session.client_ip
         user = await self._authenticator.authenticate(
             login.decode("utf-8", "replace"), password.decode("utf-8", "replace"), remote=remote, protocol="smtp"
         )
@@ -700,6 +719,12 @@ class SMTPHandler:
         return AuthResult(success=True, auth_data=LoginPassword(login, b""))
 
 
+def refusal(reason: str) -> bytes:
+    """The line a client the connection gate refuses reads (mailnode.listener)."""
+    reply = TOO_MANY_FROM_CLIENT if reason == door.PER_CLIENT else TOO_MANY_CONNECTIONS
+    return f"{reply}\r\n".encode()
+
+
 async def start_listener(
     *,
     listener: Listener,
@@ -708,11 +733,14 @@ async def start_listener(
     host: str,
     port: int,
     tls: ssl.SSLContext | None,
+    gate: door.ConnectionGate,
+    proxy: door.ProxyPolicy | None = None,
 ) -> asyncio.Server:
+    """Serve one SMTP listener behind `gate` (and the PROXY protocol when `proxy` is given)."""
     implicit = listener is Listener.SUBMISSIONS
     loop = asyncio.get_running_loop()
 
-    def factory() -> MailSMTP:
+    def factory(client: door.Client) -> MailSMTP:
         return MailSMTP(
             handler,
             implicit_tls=implicit,
@@ -722,8 +750,8 @@ async def start_listener(
             timeout=config.smtp.idle_timeout,
             auth_required=listener.is_submission,
             loop=loop,
+            client=client,
         )
 
-    return await loop.create_server(
-        factory, host=host, port=port, ssl=tls if implicit else None, reuse_address=True, backlog=512
-    )
+    entrance = door.Door(gate=gate, protocol=factory, refusal=refusal, proxy=proxy, tls=tls if implicit else None)
+    return await door.serve(entrance, host=host, port=port)

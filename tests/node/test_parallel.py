@@ -99,7 +99,11 @@ def test_hundred_parallel_mx_sessions(node: RunningNode) -> None:
 
     def session(n: int, barrier: threading.Barrier) -> Sent:
         sent: Sent = {}
-        with smtplib.SMTP("127.0.0.1", port, local_hostname=f"client{n}.test", timeout=60) as conn:
+        # a hundred MX clients, each from its own address (one address gets 20: listen.limits.smtp)
+        source = (f"127.0.1.{n + 1}", 0)
+        with smtplib.SMTP(
+            "127.0.0.1", port, local_hostname=f"client{n}.test", timeout=60, source_address=source
+        ) as conn:
             assert conn.ehlo()[0] == 250
             barrier.wait()
             for k in range(per_session):

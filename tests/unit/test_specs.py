@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import argon2
+import pydantic
 import pytest
 import yaml
 
@@ -117,6 +118,21 @@ def test_the_statefulset_mounts_the_relay_ca_where_the_node_config_names_it() ->
     without_relay = example_domain(smtp={"relayCASecretRef": ref})  # no relay host: nothing to verify
     pod = specs.statefulset(without_relay, image="i", config_checksum="abc")["spec"]["template"]["spec"]
     assert "relay-ca" not in {v["name"] for v in pod["volumes"]}
+
+
+def test_proxy_protocol_renders_into_the_node_config() -> None:
+    off = specs.node_config(example_domain())
+    assert "proxy_protocol" not in off["listen"]  # the node's default: off
+    domain = example_domain(service={"proxyProtocol": {"enabled": True, "trustedRanges": ["10.1.2.3/8", "fd00::/8"]}})
+    rendered = specs.node_config(domain)
+    assert rendered["listen"]["proxy_protocol"] == {"enabled": True, "trusted": ["10.0.0.0/8", "fd00::/8"]}
+    parsed = config.NodeConfig.model_validate(rendered).listen.proxy_protocol
+    assert parsed.enabled and [str(n) for n in parsed.trusted] == ["10.0.0.0/8", "fd00::/8"]
+
+
+def test_proxy_protocol_needs_trusted_ranges() -> None:
+    with pytest.raises(pydantic.ValidationError, match="trustedRanges: at least one range"):
+        example_domain(service={"proxyProtocol": {"enabled": True}})
 
 
 def test_directory_is_accepted_by_the_node() -> None:

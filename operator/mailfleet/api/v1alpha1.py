@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import decimal
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Hashable, Sequence
@@ -44,6 +45,7 @@ QUANTITY_PATTERN = (
 SCHEDULE_PATTERN = r"^(@(annually|yearly|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$"
 RELAY_HOST_PATTERN = r"^(\[[A-Za-z0-9.:-]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?$"  # Postfix relayhost: [host]:port
 DURATION_PATTERN = r"^([0-9]+[smhd])+$"  # 30d, 36h, 1d12h: a Go duration, with days
+CIDR_PATTERN = r"^[0-9A-Fa-f.:]+/[0-9]{1,3}$"  # 10.0.0.0/8, 2001:db8::/32 (ipaddress checks the rest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +84,21 @@ SecretKey = Annotated[str, _Matches(SECRET_KEY_PATTERN, "a Secret key", "passwor
 Schedule = Annotated[str, _Matches(SCHEDULE_PATTERN, "a cron schedule (five fields or @daily)", "0 3 * * *", 100)]
 RelayHost = Annotated[str, _Matches(RELAY_HOST_PATTERN, "a relay host", "[smtp.example.net]:587", 260)]
 Duration = Annotated[str, _Matches(DURATION_PATTERN, "a duration in s, m, h and d", "30d", 32)]
+
+
+def _check_cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an address range in CIDR notation (for example '10.0.0.0/8')") from None
+    return value
+
+
+CIDR = Annotated[
+    str,
+    _Matches(CIDR_PATTERN, "an address range in CIDR notation", "10.0.0.0/8", 49),
+    pydantic.AfterValidator(_check_cidr),
+]
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -314,6 +331,34 @@ ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 TrafficPolicy = Literal["Cluster", "Local"]
 
 
+class ProxyProtocolSpec(_Model):
+    """The PROXY protocol (v1 and v2, as HAProxy, AWS NLB and most cloud load balancers send it) on the
+    SMTP and IMAP ports: the client address it carries is the one the nodes use for throttling, SPF,
+    logs and the Received header."""
+
+    enabled: bool = pydantic.Field(
+        False,
+        description=(
+            "Expect a PROXY protocol header on every SMTP and IMAP connection. Turn it on only together with "
+            "the load balancer's own setting: a connection without a header is closed."
+        ),
+    )
+    trusted_ranges: list[CIDR] = pydantic.Field(
+        default_factory=list,
+        description=(
+            "Source address ranges (CIDR) of the load balancers allowed to send the header; connections from "
+            "anywhere else are closed. Required when enabled."
+        ),
+        json_schema_extra=_SET,
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _ranges_when_enabled(self) -> ProxyProtocolSpec:
+        if self.enabled and not self.trusted_ranges:
+            raise ValueError("trustedRanges: at least one range when the PROXY protocol is enabled")
+        return self
+
+
 class ServiceSpec(_Model):
     """The Service that clients and other mail servers reach (ports 25, 587, 465, 143, 993)."""
 
@@ -327,6 +372,20 @@ class ServiceSpec(_Model):
             "Local keeps the client's address visible to SMTP (needed for logging and rate limits); Cluster "
             "spreads load over every node. Applies to NodePort and LoadBalancer Services only."
         ),
+    )
+    proxy_protocol: ProxyProtocolSpec = pydantic.Field(
+        default_factory=ProxyProtocolSpec,
+        description="PROXY protocol from the load balancer in front of the Service (off by default).",
+        json_schema_extra={
+            "default": {},
+            # the API server's half of ProxyProtocolSpec's own check
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!self.enabled || (has(self.trustedRanges) && size(self.trustedRanges) > 0)",
+                    "message": "trustedRanges: at least one range when the PROXY protocol is enabled",
+                }
+            ],
+        },
     )
 
 

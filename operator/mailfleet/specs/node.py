@@ -10,6 +10,7 @@ the node's defaults stay the node's.
 from __future__ import annotations
 
 import gzip
+import ipaddress
 import json
 import zlib
 from collections.abc import Mapping
@@ -67,7 +68,7 @@ def node_config(
         "domains": [wire_config.DomainConfig(**entry)],
         "data_dir": data_dir,
         "directory_file": directory_file,
-        "listen": wire_config.ListenConfig(host="0.0.0.0", **common.CONTAINER_PORTS),
+        "listen": wire_config.ListenConfig(host="0.0.0.0", **common.CONTAINER_PORTS, **_proxy_protocol(domain)),
         "smtp": wire_config.SMTPConfig(**smtp),
         "internal": wire_config.InternalConfig(token_file=internal_token_file),
     }
@@ -77,6 +78,16 @@ def node_config(
         fields["tls"] = wire_config.TLSConfig(cert_file=f"{tls_dir}/tls.crt", key_file=f"{tls_dir}/tls.key")
     config = wire_config.NodeConfig(**fields)
     return config.model_dump(mode="json", exclude_unset=True)
+
+
+def _proxy_protocol(domain: api.MailDomain) -> dict[str, Any]:
+    """spec.service.proxyProtocol as the listen section's proxy_protocol (nothing when it is off)."""
+    proxy = domain.spec.service.proxy_protocol
+    if not proxy.enabled:
+        return {}
+    # strict=False: "10.1.2.3/8" means 10.0.0.0/8, as HAProxy reads it
+    trusted = [str(ipaddress.ip_network(cidr, strict=False)) for cidr in proxy.trusted_ranges]
+    return {"proxy_protocol": {"enabled": True, "trusted": trusted}}
 
 
 def _split_relay_host(relay_host: str) -> tuple[str, int | None]:
