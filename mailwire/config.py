@@ -56,6 +56,10 @@ class ListenConfig(FileModel):
     imap: int = pydantic.Field(1430, ge=0, le=65535)
     imaps: int = pydantic.Field(9930, ge=0, le=65535)
     http: int = pydantic.Field(8080, ge=0, le=65535)
+    # Internal (clustering): never on the client Service; started only when `cluster.peers` names more
+    # than one node, and they require the internal credential (`internal.token_file`).
+    lmtp: int = pydantic.Field(2424, ge=0, le=65535)  # mail handed over by the peers (RFC 2033)
+    imap_proxy: int = pydantic.Field(1431, ge=0, le=65535)  # IMAP sessions proxied by the peers
     limits: ConnectionLimits = ConnectionLimits()
     proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
 
@@ -166,6 +170,27 @@ class InternalConfig(FileModel):
     token_file: Path | None = None  # a file holding the token (a mounted Secret in a pod)
 
 
+class PeerConfig(FileModel):
+    """One node of the domain as the other nodes reach it: `<sts>-<i>.<sts>-headless.<ns>.svc` in a
+    cluster, 127.0.0.1 and that node's ports under `mailfleet local up`."""
+
+    host: str
+    lmtp: int = pydantic.Field(2424, ge=1, le=65535)
+    imap_proxy: int = pydantic.Field(1431, ge=1, le=65535)
+    http: int = pydantic.Field(8080, ge=1, le=65535)
+
+
+class ClusterConfig(FileModel):
+    """The nodes that together serve the domain (DESIGN.md "Clustering"). Each mailbox has one home
+    ordinal (the directory's `home`, chosen by the operator); a node never computes placement itself.
+    `peers` lists every node by ordinal, this one included; empty or one entry: a node alone."""
+
+    ordinal: int | None = pydantic.Field(
+        None, ge=0, description="this node's ordinal; unset: the number ending $POD_NAME (a StatefulSet pod), else 0"
+    )
+    peers: list[PeerConfig] = []
+
+
 class DKIMConfig(FileModel):
     selector: str = pydantic.Field("mail", pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?$")
     key_file: Path  # RSA private key, PEM (`mailnode dkim-keygen`)
@@ -190,6 +215,7 @@ class NodeConfig(FileModel):
     auth: AuthConfig = AuthConfig()
     backup: BackupConfig = BackupConfig()
     internal: InternalConfig = InternalConfig()
+    cluster: ClusterConfig = ClusterConfig()
     tls: TLSConfig | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -45,6 +45,9 @@ class MailboxEntry(FileModel):
     forward_to: list[Address] = []
     suspended: bool = False
     app_passwords: list[AppPasswordEntry] = []
+    # The ordinal of the node that stores this mailbox (DESIGN.md "Clustering"), chosen by the operator
+    # by rendezvous hashing; every other node hands its mail over LMTP and proxies its IMAP sessions there.
+    home: int = pydantic.Field(0, ge=0)
 
 
 class DirectoryFile(FileModel):
