@@ -6,6 +6,7 @@ text; and SEARCH's own CHARSET argument accepts the text charsets mail uses and 
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import threading
 from collections.abc import Callable, Iterator
@@ -47,10 +48,8 @@ def connect(node: RunningNode) -> Iterator[Callable[[], imaplib.IMAP4]]:
 
     yield make
     for client in clients:
-        try:
+        with contextlib.suppress(imaplib.IMAP4.error, OSError):
             client.logout()
-        except (imaplib.IMAP4.error, OSError):
-            pass
 
 
 def append(client: imaplib.IMAP4, *messages: bytes) -> None:
@@ -107,7 +106,7 @@ def test_a_search_over_its_budget_is_answered_no_limit(
     client.select("INBOX")
     client.store("2", "+FLAGS", "\\Flagged")
     assert client.search(None, "TEXT", "needle") == ("OK", [b"1 2 3"])  # within the usual budget
-    monkeypatch.setattr(search_command, "CPU_BUDGET", 1e-6, raising=False)
+    monkeypatch.setattr(search_command, "CPU_BUDGET", 1e-6)
     typ, data = client.search(None, "TEXT", "needle")
     assert (typ, data) == ("NO", [b"[LIMIT] Search took too long"])
     assert client.response("SEARCH") == ("SEARCH", [None])  # no partial result
@@ -139,9 +138,10 @@ def test_search_charset_argument(connect: Callable[[], imaplib.IMAP4]) -> None:
     append(client, large_message(1, size=100, needle="Grüße aus Köln"))
     client.select("INBOX")
     # RFC 3501 §6.4.4: the strings are in the charset CHARSET names.
-    client.literal = "Köln".encode("latin-1")
+    # imaplib sends its `literal` as the last argument; typeshed has it as str, but it must be bytes.
+    client.literal = "Köln".encode("latin-1")  # type: ignore[assignment]
     assert client.search("ISO-8859-1", "BODY") == ("OK", [b"1"])
-    client.literal = "Grüße".encode()
+    client.literal = "Grüße".encode()  # type: ignore[assignment]
     assert client.search("UTF-8", "BODY") == ("OK", [b"1"])
     assert client.search("KOI8-R", "ALL") == ("OK", [b"1"])
     for charset in ("PUNYCODE", "X-BOGUS", "BASE64_CODEC"):
