@@ -8,15 +8,14 @@ each session the node must have greeted it, answered with well-formed status lin
 greet a fresh connection, log in, SELECT INBOX, FETCH, and answer /healthz.
 MAILFLEET_FUZZ_EXAMPLES sets the number of sessions (100 by default).
 
-The runner is this file's own (tests/node/fuzz.py serves the SMTP fuzz test the same way)."""
+The runner is this file's own, for it waits for each command's answer as a lock-step IMAP client does;
+the error log and the number of examples are tests/node/fuzz.py's."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import imaplib
-import logging
-import os
 import re
 import socket
 import struct
@@ -29,11 +28,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailnode.imap import commands
+from tests.node import fuzz
 from tests.node.conftest import PASSWORD, RunningNode, mailbox, write_node_files
 
 USER = "user@example.com"
 CORPUS = Path(__file__).parent.parent / "corpus"
-EXAMPLES = int(os.environ.get("MAILFLEET_FUZZ_EXAMPLES", "100"))
 
 
 @pytest.fixture(scope="module")
@@ -152,28 +151,10 @@ def response_lines(received: bytes) -> list[bytes]:
     return lines
 
 
-class ErrorLog(logging.Handler):
-    """Log records at ERROR and above, from every logger of this process, while installed."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def take(self) -> list[str]:
-        taken, self.records = self.records, []
-        formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
-        return [formatter.format(record) for record in taken]
-
-
 @pytest.fixture(scope="module")
-def errors() -> Iterator[ErrorLog]:
-    log = ErrorLog()
-    logging.getLogger().addHandler(log)
-    yield log
-    logging.getLogger().removeHandler(log)
+def errors() -> Iterator[fuzz.ErrorLog]:
+    with fuzz.ErrorLog() as log:
+        yield log
 
 
 # -- what a session is made of ----------------------------------------------------------------------
@@ -321,13 +302,13 @@ def node_is_well(node: RunningNode) -> None:
 
 
 @settings(
-    max_examples=EXAMPLES,
+    max_examples=fuzz.examples(),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(session=sessions)
 def test_the_node_survives_any_imap_session(
-    live_node: RunningNode, errors: ErrorLog, session: tuple[str, list[Step], str]
+    live_node: RunningNode, errors: fuzz.ErrorLog, session: tuple[str, list[Step], str]
 ) -> None:
     state, played, ending = session
     transcript = run_session(live_node.port("imap"), [*PREFIXES[state], *played, *ENDINGS[ending]])
