@@ -329,8 +329,7 @@ def test_the_node_survives_any_imap_session(
             line.decode("utf-8")
     assert transcript.reset or transcript.closed_by_node, "the node kept a half-closed session open"
     node_is_well(live_node)
-    # Known, see test_a_rename_onto_a_name_with_children_is_refused: remove this once it passes.
-    assert [error for error in errors.take() if "Directory not empty" not in error] == []
+    assert errors.take() == []
 
 
 def test_the_runner_sees_a_well_session(live_node: RunningNode) -> None:
@@ -373,12 +372,9 @@ def test_a_missing_folder_is_named_in_7_bit(live_node: RunningNode) -> None:
     assert refused[0].isascii(), refused[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store/account.py: RENAME onto a name whose child folder exists raises OSError (Directory not "
-    "empty) from os.rename: logged as a traceback, answered NO [SERVERBUG] (found by the fuzz test)",
-)
 def test_a_rename_onto_a_name_with_children_is_refused(live_node: RunningNode, errors: fuzz.ErrorLog) -> None:
+    # Found by the fuzz test: os.rename raised "Directory not empty", logged with its traceback and
+    # answered NO [SERVERBUG] (fixed by RENAME all or nothing, harden-folders).
     errors.take()
     played = [b"CREATE R/Deep", b"CREATE R", b"RENAME R R2", b"DELETE R2", b"CREATE R/Deep", b"RENAME R R2"]
     steps = [LOGIN, *(Send(b"r%d %s\r\n" % (n, command), b"r%d" % n) for n, command in enumerate(played))]
