@@ -11,10 +11,12 @@ email package parses parameters (with RFC 2231), addresses and encoded words (RF
 from __future__ import annotations
 
 import binascii
+import codecs
 import dataclasses
 import email.header
 import email.message
 import email.utils
+import functools
 import json
 import re
 import urllib.parse
@@ -759,13 +761,55 @@ def _transfer_decode(body: bytes, encoding: str) -> bytes:
     return body
 
 
+# --- Charsets ---
+
+# The charsets we decode: the text charsets mail uses, by their IANA names (as MIME declares them and as
+# BADCHARSET lists them, RFC 3501 §6.4.4). Whatever else Python can decode is not text: punycode and idna
+# (punycode decoding is quadratic: 23 s for a megabyte), rot13, base64_codec, zlib_codec, bz2_codec, uu_codec,
+# hex_codec, unicode_escape, raw_unicode_escape... A charset outside this list is unknown, and its text is
+# read as undeclared 8-bit text is, as Dovecot reads a charset it does not know.
+TEXT_CHARSETS: tuple[str, ...] = (
+    "US-ASCII", "UTF-8", "UTF-16", "UTF-16BE", "UTF-16LE", "UTF-32", "UTF-32BE", "UTF-32LE", "UTF-7",
+    "ISO-8859-1", "ISO-8859-2", "ISO-8859-3", "ISO-8859-4", "ISO-8859-5", "ISO-8859-6", "ISO-8859-7",
+    "ISO-8859-8", "ISO-8859-9", "ISO-8859-10", "ISO-8859-11", "ISO-8859-13", "ISO-8859-14", "ISO-8859-15",
+    "ISO-8859-16",
+    "WINDOWS-1250", "WINDOWS-1251", "WINDOWS-1252", "WINDOWS-1253", "WINDOWS-1254", "WINDOWS-1255",
+    "WINDOWS-1256", "WINDOWS-1257", "WINDOWS-1258", "WINDOWS-874",
+    "KOI8-R", "KOI8-U", "IBM437", "IBM850", "IBM852", "IBM866", "MACINTOSH", "TIS-620",
+    "ISO-2022-JP", "ISO-2022-JP-1", "ISO-2022-JP-2", "ISO-2022-JP-3", "ISO-2022-JP-2004", "SHIFT_JIS",
+    "SHIFT_JIS-2004", "WINDOWS-31J", "EUC-JP", "EUC-JIS-2004",
+    "ISO-2022-KR", "EUC-KR", "KS_C_5601-1987", "CP949",
+    "GB2312", "GBK", "GB18030", "HZ-GB-2312", "BIG5", "BIG5-HKSCS", "CP950",
+)  # fmt: skip
+_PYTHON_NAMES = {"WINDOWS-874": "cp874", "WINDOWS-31J": "cp932"}  # IANA names Python's codecs do not know
+# Canonical codec names (codecs.lookup(...).name): an alias is accepted when it leads to one of these.
+_TEXT_CODECS = frozenset(codecs.lookup(_PYTHON_NAMES.get(name, name)).name for name in TEXT_CHARSETS)
+# RFC 2978 §2.3 mime-charset characters; IANA names are at most 40 characters.
+_CHARSET_NAME = re.compile(r"[A-Za-z0-9!#$%&'+\-^_`{}~]{1,40}")
+
+
+@functools.lru_cache(maxsize=256)
+def text_codec(charset: str) -> str | None:
+    """The Python codec that decodes `charset` (a MIME charset name, in any case, or an alias Python knows),
+    or None if it names no charset of TEXT_CHARSETS."""
+    name = charset.strip()
+    if not _CHARSET_NAME.fullmatch(name):
+        return None
+    # Punctuation runs made one hyphen first: codecs.lookup caches every spelling it resolves, and
+    # "utf--8", "utf---8"... would each take a cache entry.
+    name = re.sub(r"[^A-Z0-9]+", "-", name.upper()).strip("-")
+    try:
+        codec = codecs.lookup(_PYTHON_NAMES.get(name, name)).name
+    except LookupError:
+        return None
+    return codec if codec in _TEXT_CODECS else None
+
+
 def _decode_charset(octets: bytes, charset: str) -> str:
-    if charset.strip().lower() not in ("", "us-ascii", "ascii"):
-        try:
-            return octets.decode(charset.strip(), "replace")
-        except (LookupError, UnicodeError, ValueError, TypeError):  # unknown, or not a text codec
-            pass
-    return _decode_unlabelled(octets)
+    codec = text_codec(charset) if charset else None
+    if codec is None or codec == "ascii":  # unknown, not text, or 7-bit that often holds 8-bit
+        return _decode_unlabelled(octets)
+    return octets.decode(codec, "replace")
 
 
 def _decode_unlabelled(octets: bytes) -> str:

@@ -1,8 +1,9 @@
 """IMAP SEARCH (RFC 3501 §6.4.4, MODSEQ from RFC 7162 §3.1.5): the criteria parsed into a tree, and that tree
 evaluated against one message.
 
-Pure: `mailnode.imap.server` parses a SEARCH or UID SEARCH once with `parse_search`, asks `needs_content` whether
-message files must be read at all, and calls `evaluate` for each message through a `SearchTarget` it implements.
+Pure: `mailnode.imap.commands.search` parses a SEARCH or UID SEARCH once with `parse_search`, asks `needs_content`
+whether message files must be read at all, and calls `evaluate` for each message through a `SearchTarget` it
+implements.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import datetime
 from collections.abc import Callable, Iterator
 from typing import Literal, Protocol, TypeAlias, assert_never
 
-from mailnode.imap import protocol
+from mailnode.imap import mime, protocol
 from mailnode.imap.protocol import Arg, ProtocolError
 
 MAX_DEPTH = 100  # NOT, OR and parentheses nested in one search; the parser and evaluator recurse once per level
@@ -249,9 +250,10 @@ _MODSEQ_ENTRY_TYPES = frozenset({"PRIV", "SHARED", "ALL"})  # RFC 7162 §7 entry
 
 
 class _Parser:
-    def __init__(self, args: list[Arg]) -> None:
+    def __init__(self, args: list[Arg], *, codec: str = "utf-8") -> None:
         self._args = args
         self._at = 0
+        self.codec = codec  # what the search strings are in (dates, flags and field names are ASCII)
 
     def done(self) -> bool:
         return self._at >= len(self._args)
@@ -266,6 +268,15 @@ class _Parser:
     def text(self, what: str) -> str:
         return protocol.arg_text(self.take(what))
 
+    def string(self, what: str) -> str:
+        """A search string, in the charset CHARSET named."""
+        if self.codec == "utf-8":
+            return self.text(what)
+        try:
+            return protocol.arg_bytes(self.take(what)).decode(self.codec)
+        except UnicodeDecodeError:
+            raise ProtocolError(f"{what} is not valid in the charset named") from None
+
     def keys(self, depth: int) -> list[SearchKey]:
         keys = []
         while not self.done():
@@ -277,7 +288,7 @@ class _Parser:
             raise ProtocolError("search criteria nested too deeply")
         arg = self.take("search key")
         if isinstance(arg, protocol.ParenList):
-            group = _Parser(arg.items).keys(depth + 1)
+            group = _Parser(arg.items, codec=self.codec).keys(depth + 1)
             if not group:
                 raise ProtocolError("empty search group")
             return group[0] if len(group) == 1 else And(tuple(group))
@@ -290,7 +301,7 @@ class _Parser:
         if name in _FLAG_KEYS:
             return _FLAG_KEYS[name]
         if name in _HEADER_KEYS:
-            return Header(_HEADER_KEYS[name], self.text(f"{name} string"))
+            return Header(_HEADER_KEYS[name], self.string(f"{name} string"))
         if name in _DATE_KEYS:
             sent, op = _DATE_KEYS[name]
             date = protocol.parse_date(self.text(f"{name} date"))
@@ -299,7 +310,7 @@ class _Parser:
             field = protocol.arg_text(self.take("header field name"))
             if not field or not field.isascii() or not field.isprintable() or ":" in field or " " in field:
                 raise ProtocolError("invalid header field name")
-            return Header(field, self.text("HEADER string"))
+            return Header(field, self.string("HEADER string"))
         if name in ("KEYWORD", "UNKEYWORD"):
             keyword = protocol.parse_flag(self.take(f"{name} flag"))
             if keyword.startswith("\\"):
@@ -309,9 +320,9 @@ class _Parser:
             size = protocol.arg_number(self.take(f"{name} size"))
             return Size("larger" if name == "LARGER" else "smaller", size)
         if name == "BODY":
-            return Body(self.text("BODY string"))
+            return Body(self.string("BODY string"))
         if name == "TEXT":
-            return Text(self.text("TEXT string"))
+            return Text(self.string("TEXT string"))
         if name == "UID":
             return Uid(protocol.parse_sequence_set(protocol.arg_atom(self.take("UID set"))))
         if name == "NOT":
@@ -335,15 +346,18 @@ class _Parser:
         return ModSeq(protocol.arg_number(arg, maximum=protocol.MODSEQ_MAX))
 
 
-def parse_search(args: list[Arg], *, charset_ok: tuple[str, ...] = ("US-ASCII", "UTF-8")) -> SearchKey:
-    """The arguments of SEARCH or UID SEARCH: `[CHARSET name] key...`. Strings are read as UTF-8 (US-ASCII is a
-    subset). An unknown charset raises BadCharset."""
+def parse_search(args: list[Arg]) -> SearchKey:
+    """The arguments of SEARCH or UID SEARCH: `[CHARSET name] key...`. RFC 3501 §6.4.4: the search strings
+    are in that charset, one of mime.TEXT_CHARSETS (the charsets messages are decoded from), else BadCharset;
+    without CHARSET they are read as UTF-8 (US-ASCII is a subset)."""
     parser = _Parser(args)
     if args and isinstance(args[0], protocol.Atom) and args[0].value.upper() == "CHARSET":
         parser.take("CHARSET")
         charset = parser.text("charset name")
-        if charset.upper() not in {name.upper() for name in charset_ok}:
-            raise BadCharset(charset, charset_ok)
+        codec = mime.text_codec(charset)
+        if codec is None:
+            raise BadCharset(charset, mime.TEXT_CHARSETS)
+        parser.codec = codec
     keys = parser.keys(0)
     if not keys:
         raise ProtocolError("missing search criteria")

@@ -267,9 +267,9 @@ def test_search(imap: imaplib.IMAP4, node: RunningNode) -> None:
     assert imap.uid("SEARCH", "BODY", "pears") == ("OK", [b"2 3"])
     with pytest.raises(imaplib.IMAP4.error, match="unknown search key"):
         imap.search(None, "BOGUS")
-    typ, data = imap.search("KOI8-R", "ALL")
+    typ, data = imap.search("X-BOGUS", "ALL")
     assert typ == "NO"
-    assert data[0].startswith(b"[BADCHARSET (US-ASCII UTF-8)]")
+    assert data[0].startswith(b"[BADCHARSET (US-ASCII UTF-8 ")
 
 
 # -- copy, move, expunge, append ---------------------------------------------------------------------

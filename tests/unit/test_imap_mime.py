@@ -8,6 +8,8 @@
   parameter, garbage parameters, no empty line after the header, header only, empty message);
 - SEARCH text: header values with encoded words decoded, bodies with transfer encodings and charsets
   (ISO-8859-1, windows-1252, Shift_JIS, base64, undeclared 8-bit) decoded;
+- charsets: only text charsets are decoded (by name or alias); every other codec Python has (punycode,
+  rot13, zlib_codec...) is an unknown charset, and a punycode part is read as plain text;
 - the JSON cache form round-trips and refuses what it did not write;
 - on arbitrary bytes and mutated corpus messages: analysis never fails, offsets nest, and the replies
   parse by the RFC 3501 grammar and agree with the part tree; nesting and part counts are bounded.
@@ -16,6 +18,11 @@
 from __future__ import annotations
 
 import base64
+import codecs
+import encodings
+import encodings.aliases
+import encodings.punycode
+import pkgutil
 import re
 from pathlib import Path
 
@@ -481,6 +488,82 @@ def test_text_for_search_tolerates_broken_bodies() -> None:
         b"--b--\r\n"
     )
     assert mime.text_for_search(data, mime.analyze(data)) == "été\nnot rot13\nété"
+
+
+# --- Charsets ---
+
+# Codecs Python has that are not text charsets: transforms of bytes, escapes, IDNA's punycode.
+NOT_TEXT = [
+    "punycode", "idna", "rot13", "rot_13", "zlib_codec", "zlib", "base64_codec", "base64", "uu_codec", "uu",
+    "bz2_codec", "bz2", "hex_codec", "hex", "quopri_codec", "quoted-printable", "unicode_escape",
+    "raw_unicode_escape", "escape_codec", "string_escape", "undefined", "charmap", "mbcs", "oem", "palmos",
+]  # fmt: skip
+EVERY_CODEC_NAME = sorted(
+    set(encodings.aliases.aliases)
+    | set(encodings.aliases.aliases.values())
+    | {module.name for module in pkgutil.iter_modules(encodings.__path__)}
+    | set(NOT_TEXT)
+)
+
+
+@pytest.mark.parametrize("name", NOT_TEXT)
+def test_codecs_that_are_not_text_are_unknown_charsets(name: str) -> None:
+    assert mime.text_codec(name) is None
+    assert mime.text_codec(name.upper()) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "codec"),
+    [
+        ("us-ascii", "ascii"), ("UTF-8", "utf-8"), ("utf8", "utf-8"), ("utf--8", "utf-8"), ("latin1", "iso8859-1"),
+        ("ISO_8859-15", "iso8859-15"), ("windows-1252", "cp1252"), ("windows-874", "cp874"), ("koi8-r", "koi8-r"),
+        ("ISO-2022-JP", "iso2022_jp"), ("Shift_JIS", "shift_jis"), ("ks_c_5601-1987", "euc_kr"),
+        ("gb2312", "gb2312"), ("Big5", "big5"), ("utf-16le", "utf-16-le"), ("UTF-7", "utf-7"),
+    ],
+)  # fmt: skip
+def test_text_charsets_by_name_and_alias(name: str, codec: str) -> None:
+    assert mime.text_codec(name) == codec
+
+
+@pytest.mark.parametrize("name", mime.TEXT_CHARSETS)
+def test_every_listed_charset_is_a_text_codec(name: str) -> None:
+    codec = mime.text_codec(name)
+    assert codec is not None
+    assert codecs.lookup(codec)._is_text_encoding
+
+
+@pytest.mark.parametrize("name", EVERY_CODEC_NAME)
+def test_every_codec_python_has_is_refused_or_safe(name: str) -> None:
+    # Safe: a text codec that decodes any bytes (errors replaced) into at most one character per byte,
+    # so hostile input neither raises nor expands.
+    codec = mime.text_codec(name)
+    if codec is None:
+        return
+    assert name.lower() not in NOT_TEXT
+    assert codecs.lookup(codec)._is_text_encoding
+    hostile = bytes(range(256)) * 16 + b"+AGEAYgBj-\x1b$B\x1b(J~{~}" * 8
+    text = hostile.decode(codec, "replace")
+    assert len(text) <= len(hostile)
+
+
+@given(st.text(max_size=60))
+def test_any_charset_name_resolves_or_is_unknown(name: str) -> None:
+    codec = mime.text_codec(name)
+    assert codec is None or codecs.lookup(codec)._is_text_encoding
+
+
+def test_a_punycode_part_is_read_as_undeclared_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Decoding a megabyte as punycode took 23 s on the event loop; it must not be tried at all.
+    def refuse(*args: object) -> str:
+        raise AssertionError("decoded as punycode")
+
+    monkeypatch.setattr(encodings.punycode, "punycode_decode", refuse)
+    body = b"b" * (1024 * 1024) + b"\r\nneedle\r\n"
+    data = b"Subject: =?punycode?q?bbbb?=\r\nContent-Type: text/plain; charset=punycode\r\n\r\n" + body
+    analysis = mime.analyze(data)
+    assert mime.text_for_search(data, analysis) == body.decode()
+    assert mime.header_value(data, analysis, "subject") == "bbbb"
+    assert mime.text_codec("punycode") is None
 
 
 # --- The cache form ---

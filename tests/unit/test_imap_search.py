@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailnode.imap import protocol, search
+from mailnode.imap import mime, protocol, search
 from mailnode.imap.protocol import ProtocolError
 from mailnode.imap.search import (
     All,
@@ -88,7 +88,7 @@ def keys(text: bytes | str) -> search.SearchKey:
     return search.parse_search(protocol.parse_command([b"a SEARCH " + parts[0], *parts[1:]]).args)
 
 
-def matches(text: str, message: Message | None = None) -> bool:
+def matches(text: bytes | str, message: Message | None = None) -> bool:
     return search.evaluate(keys(text), message or Message())
 
 
@@ -282,14 +282,29 @@ def test_strings_are_utf8_with_or_without_charset() -> None:
         search.parse_search([protocol.Atom("SUBJECT"), protocol.String(b"\xff")])
 
 
-def test_bad_charset() -> None:
+def test_strings_are_in_the_charset_named() -> None:
+    # RFC 3501 §6.4.4: CHARSET says what the strings are in; any text charset messages are decoded from.
+    message = Message(headers={"Subject": "Réunion à Genève"}, body="Привет из Москвы")
+    assert keys(b"CHARSET ISO-8859-1 SUBJECT {7}\r\nR\xe9union") == Header("Subject", "Réunion")
+    assert matches(b"CHARSET latin1 SUBJECT {6}\r\n" + "genève".encode("latin-1"), message)
+    assert keys(b"CHARSET KOI8-R BODY {6}\r\n" + "Москва".encode("koi8-r")) == Body("Москва")
+    assert keys(b"CHARSET UTF-16BE TEXT {4}\r\n" + "Жд".encode("utf-16-be")) == Text("Жд")
+    # Only the search strings: dates, keywords and header names stay ASCII.
+    assert keys(b"CHARSET UTF-16 SINCE 1-Feb-1994 HEADER X-A {4}\r\n\xff\xfeA\x00") == And(
+        (InternalDate("since", datetime.date(1994, 2, 1)), Header("X-A", "A"))
+    )
+    with pytest.raises(ProtocolError, match="not valid in the charset"):
+        keys(b"CHARSET ISO-2022-JP TEXT {2}\r\n\x1b$")
+
+
+@pytest.mark.parametrize("charset", ["PUNYCODE", "idna", "rot13", "base64_codec", "zlib", "X-BOGUS", "UTF-8\x00"])
+def test_bad_charset(charset: str) -> None:
     with pytest.raises(search.BadCharset) as caught:
-        keys("CHARSET ISO-8859-1 SUBJECT x")
-    assert caught.value.supported == ("US-ASCII", "UTF-8")
+        search.parse_search([protocol.Atom("CHARSET"), protocol.String(charset.encode()), protocol.Atom("ALL")])
+    assert caught.value.supported == mime.TEXT_CHARSETS
+    assert caught.value.supported[:2] == ("US-ASCII", "UTF-8")
     assert isinstance(caught.value, ProtocolError)
-    assert caught.value.message == "unsupported charset ISO-8859-1"
-    args = protocol.parse_command([b"a SEARCH CHARSET ISO-8859-1 ALL"]).args
-    assert search.parse_search(args, charset_ok=("ISO-8859-1",)) == All()
+    assert caught.value.message == f"unsupported charset {charset}"
 
 
 # -- malformed and hostile ------------------------------------------------------------------------------

@@ -1,18 +1,35 @@
 """IMAP SEARCH and UID SEARCH (RFC 3501 §6.4.4, CONDSTORE's MODSEQ key): evaluates the keys that
 mailnode.imap.search parses against each message, reading files only for keys that need content,
 in batches. Declared in mailnode.imap.commands.TABLE.
+
+Keys that read message text (headers, BODY, TEXT) are evaluated in a thread of the search Gateway, so
+that decoding megabytes never holds the event loop, within a CPU budget per command: a search that
+spends it is answered `NO [LIMIT]` (RFC 5530), with no partial result, which a client could take for
+the whole answer. Flags, UIDs, sizes and dates are evaluated on the loop.
 """
 
 from __future__ import annotations
 
 import datetime
 import email.utils
+import time
 
+from mailnode import gateway
 from mailnode.imap import mime, protocol, responses, search
 from mailnode.imap.session import Selected, Session
 from mailnode.store.account import Message
 
 _SEARCH_BATCH = 256  # messages (headers or whole) read per Gateway trip while answering SEARCH
+# CPU seconds one SEARCH may spend decoding and matching message text (reading files is not counted).
+# Read at each search: a constant for now, to become a setting of the node.
+CPU_BUDGET = 10.0
+# Threads of their own, as password hashing has: searches spending their budget never queue the store's
+# reads and writes, and at most two run at once in a node process, whatever the number of sessions.
+_GATEWAY = gateway.Gateway(workers=2)
+
+
+class _OverBudget(Exception):
+    pass
 
 
 class _Target:
@@ -28,7 +45,7 @@ class _Target:
         headers: dict[str, str | None],
     ) -> None:
         self._selected = selected
-        self._message = message
+        self.message = message
         self.seq = seq
         self.uid = message.uid
         self.size = message.size
@@ -39,16 +56,16 @@ class _Target:
     # The rest is computed only when the search asks for it.
     @property
     def flags(self) -> frozenset[str]:
-        flags = frozenset(self._selected.flags.get(self.uid, self._message.flags).split())
+        flags = frozenset(self._selected.flags.get(self.uid, self.message.flags).split())
         return flags | {"\\Recent"} if self.uid in self._selected.recent else flags
 
     @property
     def internal_date(self) -> datetime.datetime:
-        return datetime.datetime.fromtimestamp(self._message.internal_date, datetime.UTC)
+        return datetime.datetime.fromtimestamp(self.message.internal_date, datetime.UTC)
 
     @property
     def modseq(self) -> int:
-        return self._selected.modseqs.get(self.uid, self._message.modseq)
+        return self._selected.modseqs.get(self.uid, self.message.modseq)
 
     @property
     def largest_seq(self) -> int:
@@ -89,6 +106,22 @@ class _Target:
             return None
 
 
+def _evaluate(
+    key: search.SearchKey, targets: list[_Target], *, spent: float, budget: float
+) -> tuple[list[_Target], float]:
+    """In a search thread: the targets that match, and the CPU time spent with those of earlier batches.
+    Raises _OverBudget when the budget is spent before the last target is decided (a single message costs
+    what its size does: the charsets decoded are linear, mime.TEXT_CHARSETS)."""
+    start = time.thread_time()
+    matched = []
+    for target in targets:
+        if spent + time.thread_time() - start > budget:
+            raise _OverBudget
+        if search.evaluate(key, target):
+            matched.append(target)
+    return matched, spent + time.thread_time() - start
+
+
 async def search_(session: Session, command: protocol.Command) -> None:
     """SEARCH, and UID SEARCH."""
     selected = session.selected
@@ -99,6 +132,7 @@ async def search_(session: Session, command: protocol.Command) -> None:
     by_uid_map = {m.uid: m for m in messages}
     ordered = [(i + 1, by_uid_map[u]) for i, u in enumerate(selected.uids) if u in by_uid_map]
     hits: list[tuple[int, Message]] = []
+    spent = 0.0  # CPU seconds spent on message text so far
     content = search.needs_content(key)
     body = search.needs_body(key)
     fields = search.header_fields(key)
@@ -124,10 +158,18 @@ async def search_(session: Session, command: protocol.Command) -> None:
                 read = await session.account.read(wanted, limits=limits)
                 for position, contents in zip(unread, read, strict=True):
                     datas[position] = contents
-        for (seq, message), data, known in zip(chunk, datas, headers, strict=True):
-            analysis = analyses.get(message.uid)
-            if search.evaluate(key, _Target(selected, seq, message, data, analysis, known)):
-                hits.append((seq, message))
+        targets = [
+            _Target(selected, seq, message, data, analyses.get(message.uid), known)
+            for (seq, message), data, known in zip(chunk, datas, headers, strict=True)
+        ]
+        if content:
+            try:
+                matched, spent = await _GATEWAY.run(_evaluate, key, targets, spent=spent, budget=CPU_BUDGET)
+            except _OverBudget:
+                raise responses.Refused(responses.NO_SEARCH_LIMIT) from None
+        else:
+            matched = [target for target in targets if search.evaluate(key, target)]
+        hits += [(target.seq, target.message) for target in matched]
     numbers = [str(m.uid if by_uid else seq) for seq, m in hits]
     line = "* SEARCH" + "".join(f" {n}" for n in numbers)
     if search.referenced_modseq(key) and hits:  # RFC 7162: the highest MODSEQ of the hits

@@ -1,0 +1,384 @@
+"""IMAP fuzzing at the socket: hypothesis plays sessions against one live node, logged in or not, with
+a folder selected or not: commands drawn from mailnode.imap.commands.TABLE (and names that are not
+in it) with valid, broken and random arguments (sequence sets, mailbox names, flag lists, FETCH items,
+SEARCH keys, quoted strings with escapes), literals {n} and {n+} (RFC 7888) of the declared size or
+not, pipelined bursts, over-long lines, NUL and 8-bit bytes, and abrupt disconnects (TCP RST). After
+each session the node must have greeted it, answered with well-formed status lines (7-bit text, RFC
+3501 §9), closed its side when the client did, written no error or traceback to its log, and still
+greet a fresh connection, log in, SELECT INBOX, FETCH, and answer /healthz.
+MAILFLEET_FUZZ_EXAMPLES sets the number of sessions (100 by default).
+
+The runner is this file's own, for it waits for each command's answer as a lock-step IMAP client does;
+the error log and the number of examples are tests/node/fuzz.py's."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import imaplib
+import re
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mailnode.imap import commands
+from tests.node import fuzz
+from tests.node.conftest import PASSWORD, RunningNode, mailbox, write_node_files
+
+USER = "user@example.com"
+CORPUS = Path(__file__).parent.parent / "corpus"
+
+
+@pytest.fixture(scope="module")
+def live_node(tmp_path_factory: pytest.TempPathFactory, tls_files: tuple[Path, Path]) -> Iterator[RunningNode]:
+    files = write_node_files(
+        tmp_path_factory.mktemp("fuzz-imap"),
+        mailboxes=[mailbox(USER), mailbox("small@example.com", quota=2000)],
+        tls=tls_files,
+        imap={"allow_plaintext_login": True, "max_line": 8192, "max_literal": 64 * 1024},
+    )
+    node = RunningNode(files)
+    yield node
+    node.stop()
+
+
+# -- the runner --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Send:
+    """Bytes written in one go: one command, or a pipelined burst. With `tag`, the client then waits (a
+    little) for that command's tagged answer or a continuation request, as a lock-step client does."""
+
+    data: bytes
+    tag: bytes | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Reset:
+    """An abrupt disconnect (TCP RST): nothing more is sent or read."""
+
+
+Step = Send | Reset
+
+
+@dataclasses.dataclass
+class Transcript:
+    received: bytes
+    reset: bool  # the session ended with our Reset
+    closed_by_node: bool  # after our half-close, the node closed its side too (it did not hang)
+
+
+def run_session(port: int, steps: list[Step], *, timeout: float = 20.0, wait: float = 3.0) -> Transcript:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    received = bytearray()
+    arrived = threading.Condition()
+
+    def read() -> None:
+        try:
+            while chunk := sock.recv(65536):
+                with arrived:
+                    received.extend(chunk)
+                    arrived.notify_all()
+        except OSError:  # reset by the node after it closed with our bytes unread, or by our Reset
+            pass
+        with arrived:
+            arrived.notify_all()
+
+    def answered(tag: bytes, since: int) -> bool:
+        # A line of the answer: starting at `since`, or after a line end. Whether it came is all
+        # that matters: an IDLE or AUTHENTICATE that waits for more counts as answered by its "+".
+        new = bytes(received[max(since - 2, 0) :])
+        return not reader.is_alive() or any(
+            re.search(rb"(?:^|\r\n)" + re.escape(prefix), new) for prefix in (tag + b" ", b"+ ")
+        )
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        for step in steps:
+            if isinstance(step, Reset):
+                with contextlib.suppress(OSError):  # not connected any more: the node closed first
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.shutdown(socket.SHUT_RD)  # wakes the reader (closing does not); nothing goes out yet
+                reader.join(timeout)
+                sock.close()  # with a zero linger time: RST
+                return Transcript(bytes(received), reset=True, closed_by_node=False)
+            since = len(received)
+            try:
+                sock.sendall(step.data)
+            except OSError:  # the node has closed (LOGOUT, a refused literal+, a line too long)
+                break
+            if step.tag is not None:
+                tag = step.tag
+                with arrived:  # not an assertion: a command the node must wait on (an open literal) waits
+                    if not arrived.wait_for(lambda: answered(tag, since), wait):  # noqa: B023
+                        unanswered.append(step.data[:80])
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        reader.join(timeout)
+        return Transcript(bytes(received), reset=False, closed_by_node=not reader.is_alive())
+    finally:
+        sock.close()
+
+
+unanswered: list[bytes] = []  # commands waited on in vain (not an error: how long a run takes)
+
+_LITERAL_END = re.compile(rb"\{(\d+)\+?\}$")
+
+
+def response_lines(received: bytes) -> list[bytes]:
+    """The first line of each response the node sent, literals (and the lines they continue) skipped."""
+    lines = []
+    pos = 0
+    while (end := received.find(b"\r\n", pos)) >= 0:
+        line = received[pos:end]
+        lines.append(line)
+        pos = end + 2
+        while (literal := _LITERAL_END.search(line)) and pos < len(received):
+            pos += int(literal[1])
+            end = received.find(b"\r\n", pos)
+            if end < 0:
+                return lines
+            line = received[pos:end]
+            pos = end + 2
+    return lines
+
+
+@pytest.fixture(scope="module")
+def errors() -> Iterator[fuzz.ErrorLog]:
+    with fuzz.ErrorLog() as log:
+        yield log
+
+
+# -- what a session is made of ----------------------------------------------------------------------
+
+NAMES = sorted(name.encode() for name in commands.TABLE.by_name)
+OTHER_NAMES = [b"UID", b"UID BOGUS", b"UID NOOP", b"X-FUZZ", b"", b"DONE", b"*", b"noop", b"uid fetch", b"Select"]
+SEQUENCES = [b"1", b"2:4", b"1:*", b"*", b"*:1", b"0", b"1,3,5", b"4294967295", b"4294967296", b"1:", b":", b","]
+MAILBOXES = [
+    b"INBOX", b"inbox", b"Archive", b"Sent", b"Trash", b"Fuzz", b"Fuzz/Deep", b'"a b"', b'""', b'"\\\\"', b"NIL",
+    b"&AOk-t&AOk-", b"&-", b"&bogus", b"a%b*", b"Fuzz/", b"/", b"INBOX/child", b'"\\"x"',
+]  # fmt: skip
+FLAGS = [b"(\\Seen)", b"(\\Deleted)", b"(\\Seen \\Flagged $Label)", b"()", b"(\\Bogus)", b"(\\Recent)", b"\\Seen",
+         b"(\\\\)", b"((nested))", b"(\\*)", b"($" + b"k" * 300 + b")"]  # fmt: skip
+FETCH_ITEMS = [
+    b"FLAGS", b"(FLAGS UID)", b"ALL", b"FAST", b"FULL", b"ENVELOPE", b"BODYSTRUCTURE", b"BODY", b"RFC822",
+    b"RFC822.HEADER", b"RFC822.TEXT", b"RFC822.SIZE", b"INTERNALDATE", b"BODY[]", b"BODY.PEEK[]", b"BODY[HEADER]",
+    b"BODY[TEXT]", b"BODY[1]", b"BODY[1.2.3]", b"BODY[2.MIME]", b"BODY[HEADER.FIELDS (From Subject)]",
+    b"BODY[HEADER.FIELDS.NOT (To)]", b"BODY[]<0.10>", b"BODY[]<10.0>", b"BODY[]<4294967295.4294967295>",
+    b"BODY[0]", b"BODY[1.0]", b"BODY[MIME]", b"BINARY[1]", b"MODSEQ", b"(CHANGEDSINCE 1)", b"(CHANGEDSINCE 0)",
+    b"BODY[HEADER.FIELDS ()]", b"BODY[HEADER.FIELDS (]", b"BODY[", b"(UID", b"UID)", b"(BODY[1]<0.5> UID X)",
+]  # fmt: skip
+SEARCH_KEYS = [
+    b"ALL", b"TEXT", b"BODY", b"SUBJECT", b"FROM", b"HEADER", b"X-Foo", b"OR", b"NOT", b"(", b")", b"CHARSET",
+    b"UTF-8", b"ISO-8859-1", b"UTF-16", b"PUNYCODE", b"SINCE", b"1-Feb-1994", b"31-Feb-2024", b"1-Foo-1994",
+    b"LARGER", b"SMALLER", b"100", b"UID", b"MODSEQ", b'"/flags/\\\\seen"', b"all", b"KEYWORD", b"$x", b"NEW",
+    b"OLD", b"RECENT", b"SENTON", b"ON", b"BEFORE", b"UNSEEN", b"DELETED", b"-1", b"99999999999999999999",
+]  # fmt: skip
+OTHER_ARGS = [
+    b"+FLAGS", b"-FLAGS", b"FLAGS", b"+FLAGS.SILENT", b"FLAGS.SILENT", b"(UNCHANGEDSINCE 3)", b"(UNCHANGEDSINCE 0)",
+    b"(MESSAGES RECENT UIDNEXT UIDVALIDITY UNSEEN HIGHESTMODSEQ)", b"(BOGUS)", b"()", b'""', b'"*"', b'"%"',
+    b'"INBOX*"', b"(SUBSCRIBED)", b"(SPECIAL-USE)", b"RETURN", b"(CHILDREN)", b"(SPECIAL-USE SUBSCRIBED)",
+    b"(REMOTE)", b"(STORAGE 10)", b"(STORAGE 99999999999999999)", b"(MESSAGE 5)", b"ROOT", b"CONDSTORE",
+    b"QRESYNC", b"UTF8=ACCEPT", b'("name" "fuzz" "version" "1")', b'("name")', b'(("a"))', b"PLAIN", b"LOGIN",
+    b"AHVzZXJAZXhhbXBsZS5jb20AY29ycmVjdCBob3JzZSBiYXR0ZXJ5IHN0YXBsZQ==", b"=", b"user@example.com",
+    b'"correct horse battery staple"', b'"17-Jul-1996 02:44:25 -0700"', b'"31-Feb-1996 99:99:99 +9999"', b"NIL",
+    b"(", b")", b"[", b"]", b"{", b"}", b"\\", b'"', b'"unterminated', b'"esc\\"aped"', b'"8bit \xc3\xa9"',
+    b'"nul\x00"', b"\x00", b"\xff\xfe", b"~{", b"{1}", b"{-1}", b"{99999999999}", b"{4294967296+}",
+]  # fmt: skip
+ATOMS = SEQUENCES + MAILBOXES + FLAGS + FETCH_ITEMS + SEARCH_KEYS + OTHER_ARGS
+MESSAGE = b"From: a@remote.test\r\nSubject: fuzz\r\nContent-Type: text/plain; charset=punycode\r\n\r\nbbbb\r\n"
+# Well-formed commands, so that the deep paths are reached.
+VALID = [
+    b"SELECT INBOX", b"EXAMINE INBOX (CONDSTORE)", b"FETCH 1:* (FLAGS BODYSTRUCTURE ENVELOPE)",
+    b"UID FETCH 1:* (BODY.PEEK[1] BODY[HEADER.FIELDS (Subject)])", b"SEARCH TEXT bbbb", b"UID SEARCH OR SEEN NEW",
+    b"SEARCH CHARSET UTF-8 BODY fuzz", b"STORE 1 +FLAGS (\\Seen $Fuzz)", b"UID STORE 1:* -FLAGS (\\Deleted)",
+    b"COPY 1 Fuzz", b"UID MOVE 2 Fuzz", b"EXPUNGE", b"UID EXPUNGE 3", b"CREATE Fuzz/Deep", b"RENAME Fuzz Fuzz2",
+    b"DELETE Fuzz2", b'LIST "" "*"', b'LSUB "" "*"', b"STATUS INBOX (MESSAGES UNSEEN UIDNEXT)", b"SUBSCRIBE Fuzz",
+    b"GETQUOTAROOT INBOX", b'GETQUOTA ""', b"ENABLE CONDSTORE", b"NAMESPACE", b"ID NIL", b"CHECK", b"CLOSE",
+    b"UNSELECT", b"NOOP", b"CAPABILITY", b"IDLE\r\nDONE", b"APPEND Fuzz (\\Seen) {%d+}\r\n" % len(MESSAGE) + MESSAGE,
+    b"LOGIN user@example.com \"correct horse battery staple\"",
+    b"AUTHENTICATE PLAIN AHVzZXJAZXhhbXBsZS5jb20AY29ycmVjdCBob3JzZSBiYXR0ZXJ5IHN0YXBsZQ==",
+]  # fmt: skip
+
+
+@st.composite
+def literals(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """A literal {n} or {n+} (RFC 7888); (bytes, whether its declared size is its real one)."""
+    content = draw(st.sampled_from([b"", b"INBOX", b"x\r\ny", MESSAGE, b"\x00\xff"]) | st.binary(max_size=40))
+    size = len(content)
+    honest = draw(st.integers(0, 5)) > 0
+    if not honest:
+        size = draw(st.sampled_from([size + 1, size + 100, max(size - 1, 0), 70_000, 10**12]))
+    plus = b"+" if draw(st.booleans()) else b""
+    return b"{%d%s}\r\n" % (size, plus) + content, honest
+
+
+@st.composite
+def commands_(draw: st.DrawFn) -> tuple[bytes, bytes, bool]:
+    """One command line (with its literals): (bytes, tag, whether it is complete and honest)."""
+    tag = draw(st.sampled_from([b"a1", b"T2", b"x.y", b"*", b"+", b"", b"a(b", b'"q"', b"t\xff", b"t\x00"]))
+    honest = tag in (b"a1", b"T2", b"x.y")  # a tag the node can answer with (the others get "* BAD")
+    kind = draw(st.sampled_from(["valid", "table", "table", "other", "noise"]))
+    if kind == "valid":
+        return tag + b" " + draw(st.sampled_from(VALID)) + b"\r\n", tag, honest
+    if kind == "noise":
+        return draw(st.binary(max_size=80)) + b"\r\n", tag, False
+    name = draw(st.sampled_from(NAMES if kind == "table" else OTHER_NAMES))
+    pieces = [tag, name]
+    for _ in range(draw(st.integers(0, 6))):
+        choice = draw(st.integers(0, 9))
+        if choice < 6:
+            pieces.append(draw(st.sampled_from(ATOMS)))
+        elif choice < 8:
+            text = draw(st.text(max_size=12)).encode().replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+            pieces.append(b'"' + text.replace(b"\r", b"").replace(b"\n", b"") + b'"')
+        elif choice == 8:
+            literal, fair = draw(literals())
+            pieces.append(literal)
+            honest = honest and fair
+        else:
+            pieces.append(draw(st.binary(max_size=12)).replace(b"\n", b""))
+    separator = draw(st.sampled_from([b" ", b" ", b" ", b"  ", b""]))
+    honest = honest and separator != b""  # the tag and the name run together: "* BAD"
+    end = draw(st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n"]))
+    return separator.join(pieces) + end, tag, honest
+
+
+@st.composite
+def steps(draw: st.DrawFn) -> Step:
+    kind = draw(st.sampled_from(["command", "command", "command", "burst", "long", "bare-cr"]))
+    if kind == "command":
+        data, tag, honest = draw(commands_())
+        return Send(data, tag if honest else None)
+    if kind == "burst":  # pipelining: the node answers in order, whatever arrives in one segment
+        return Send(b"".join(command for command, _, _ in draw(st.lists(commands_(), min_size=2, max_size=6))))
+    if kind == "long":  # past max_line (8192 here): BYE, the line cannot be read
+        length = draw(st.sampled_from([8000, 8200, 70_000]))
+        return Send(b"L1 NOOP " + b"y" * length + b"\r\n", b"L1")
+    return Send(b"C1 NOOP\rC2 NOOP\r\n")
+
+
+LOGIN = Send(b'P1 LOGIN user@example.com "correct horse battery staple"\r\n', b"P1")
+SELECT = Send(b"P2 SELECT INBOX\r\n", b"P2")
+PREFIXES: dict[str, list[Step]] = {"not authenticated": [], "authenticated": [LOGIN], "selected": [LOGIN, SELECT]}
+ENDINGS: dict[str, list[Step]] = {"half-close": [], "logout": [Send(b"Z1 LOGOUT\r\n", b"Z1")], "reset": [Reset()]}
+sessions = st.tuples(
+    st.sampled_from(sorted(PREFIXES)),
+    st.lists(steps(), min_size=1, max_size=8),
+    st.sampled_from(["half-close", "half-close", "logout", "reset"]),
+)
+
+
+# -- the property -----------------------------------------------------------------------------------
+
+_KNOWN_TOOBIG_ECHO = re.compile(rb" NO \[TOOBIG\] Literal too large \(limit \d+ bytes\)$")
+_STATUS = re.compile(rb"^(\S+) (OK|NO|BAD|BYE|PREAUTH)\b")
+_RESPONSE = re.compile(rb"^(\* |\+ |\+$|\S+ (OK|NO|BAD)\b)")
+
+
+def node_is_well(node: RunningNode) -> None:
+    client = imaplib.IMAP4("127.0.0.1", node.port("imap"), timeout=20)  # reads the greeting
+    try:
+        assert client.welcome.startswith(b"* OK ")
+        client.login(USER, PASSWORD)
+        typ, selected = client.select("INBOX")
+        assert typ == "OK", selected
+        if int(selected[0] or 0) < 3:  # the fuzzer may have expunged or moved them
+            assert client.append("INBOX", None, None, (CORPUS / "nested.eml").read_bytes())[0] == "OK"
+            client.select("INBOX")
+        typ, fetched = client.fetch("1:*", "(UID FLAGS BODYSTRUCTURE)")
+        assert typ == "OK" and fetched[0] is not None, fetched
+    finally:
+        with contextlib.suppress(imaplib.IMAP4.error, OSError):
+            client.logout()
+    assert node.http_get("/healthz")[0] == 200
+
+
+@settings(
+    max_examples=fuzz.examples(),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(session=sessions)
+def test_the_node_survives_any_imap_session(
+    live_node: RunningNode, errors: fuzz.ErrorLog, session: tuple[str, list[Step], str]
+) -> None:
+    state, played, ending = session
+    transcript = run_session(live_node.port("imap"), [*PREFIXES[state], *played, *ENDINGS[ending]])
+    lines = response_lines(transcript.received)
+    if not transcript.reset or lines:
+        assert lines and lines[0].startswith(b"* OK "), transcript.received[:200]
+    for line in lines:
+        if _KNOWN_TOOBIG_ECHO.search(line):
+            # A refused literal is answered with whatever came first on its line as the tag (empty, 8-bit,
+            # NUL): known, see test_a_refused_literal_is_answered_with_a_valid_tag.
+            continue
+        assert _RESPONSE.match(line), line
+        if _STATUS.match(line):
+            # RFC 3501 §9: resp-text is TEXT-CHAR, 7-bit without NUL. Two 8-bit echoes are known (the xfail
+            # tests below), so this asks for less: no NUL, and whatever is echoed sent as UTF-8.
+            assert b"\x00" not in line, line
+            line.decode("utf-8")
+    assert transcript.reset or transcript.closed_by_node, "the node kept a half-closed session open"
+    node_is_well(live_node)
+    assert errors.take() == []
+
+
+def test_the_runner_sees_a_well_session(live_node: RunningNode) -> None:
+    # The property above holds for what this runner reads: a plain session is greeted, answered in
+    # order, literals skipped, and closed by the node after LOGOUT.
+    node_is_well(live_node)  # which leaves messages in INBOX
+    transcript = run_session(
+        live_node.port("imap"),
+        [LOGIN, SELECT, Send(b"F1 FETCH 1 (BODY.PEEK[HEADER])\r\n", b"F1"), Send(b"Z1 LOGOUT\r\n", b"Z1")],
+    )
+    lines = response_lines(transcript.received)
+    assert lines[0].startswith(b"* OK ")
+    assert any(line.startswith(b"P1 OK") for line in lines)
+    assert any(line.startswith(b"* 1 FETCH (BODY[HEADER] {") for line in lines)
+    assert lines[-2:] == [b"* BYE Logging out", b"Z1 OK LOGOUT completed"]
+    assert transcript.closed_by_node
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="session.py answers a literal over max_literal with the line's first word as tag, valid or not "
+    "(empty, NUL, 8-bit made U+FFFD): found by the fuzz test; the session's owner fixes it",
+)
+def test_a_refused_literal_is_answered_with_a_valid_tag(live_node: RunningNode) -> None:
+    sent = [b"t\xff APPEND {70000}\r\n", b" APPEND {70000}\r\n", b"a(b APPEND {70000}\r\n", b"t\x00 APPEND {70000}\r\n"]
+    transcript = run_session(live_node.port("imap"), [LOGIN, *(Send(data) for data in sent)])
+    refused = [line for line in response_lines(transcript.received) if b"TOOBIG" in line]
+    assert refused == [b"* NO [TOOBIG] Literal too large (limit 65536 bytes)"] * 4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a FolderError's text holds the folder name decoded from modified UTF-7 (RFC 3501 §5.1.3) and "
+    "the session sends it as UTF-8: 8-bit in a status line (found by the fuzz test; store/session owners fix it)",
+)
+def test_a_missing_folder_is_named_in_7_bit(live_node: RunningNode) -> None:
+    transcript = run_session(live_node.port("imap"), [LOGIN, Send(b"a1 SELECT &AOk-t&AOk-\r\n", b"a1")])
+    refused = [line for line in response_lines(transcript.received) if line.startswith(b"a1 ")]
+    assert len(refused) == 1 and refused[0].startswith(b"a1 NO [NONEXISTENT] ")
+    assert refused[0].isascii(), refused[0]
+
+
+def test_a_rename_onto_a_name_with_children_is_refused(live_node: RunningNode, errors: fuzz.ErrorLog) -> None:
+    # Found by the fuzz test: os.rename raised "Directory not empty", logged with its traceback and
+    # answered NO [SERVERBUG] (fixed by RENAME all or nothing, harden-folders).
+    errors.take()
+    played = [b"CREATE R/Deep", b"CREATE R", b"RENAME R R2", b"DELETE R2", b"CREATE R/Deep", b"RENAME R R2"]
+    steps = [LOGIN, *(Send(b"r%d %s\r\n" % (n, command), b"r%d" % n) for n, command in enumerate(played))]
+    transcript = run_session(live_node.port("imap"), [*steps, Send(b"Z1 LOGOUT\r\n", b"Z1")])
+    answers = [line for line in response_lines(transcript.received) if line.startswith(b"r")]
+    assert errors.take() == []
+    assert answers[-1].startswith(b"r5 NO ") and b"SERVERBUG" not in answers[-1], answers
