@@ -16,8 +16,10 @@ While a staged copy pins the store (Staging.pin), an expunge's unlinks are defer
 (Staging.unpinned_writing): no file a staged index lists is removed or moved before it is linked.
 
 Folder names pass maildir.folder_dir's checks before anything is touched (InvalidFolderName,
-FolderNameTooLong). A RENAME is all or nothing: the directories are renamed with a record of what
-moved, then the index is committed in one transaction, and the directories go back if it fails.
+FolderNameTooLong). A RENAME is all or nothing, and survives a crash: a journal of the directory moves
+is made durable first (Mailbox.journal_renames), the directories are renamed, the index is committed
+in one transaction, and the journal goes; if the commit fails the directories go back at once, and
+after a crash recovery moves them to match whatever the index holds (Mailbox.settle_renames).
 
 A full volume (or file-system quota) makes a change fail with StorageFull and nothing changed, while
 reads go on: SELECT then leaves the \\Recent mark where it is and FETCH does not save structures.
@@ -118,18 +120,6 @@ class MessageFile:
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self._gateway.run(os.pread, self._fd, length, offset)
-
-
-def _undo_renames(mailbox: Path, moved: Sequence[tuple[Path, Path]]) -> None:
-    """Put renamed directories back, last first; a failure here is logged (recovery cannot guess)."""
-    for source, target in reversed(moved):
-        try:
-            target.rename(source)
-        except OSError:
-            log.exception("could not undo a folder rename", extra={"fields": {"from": str(target), "to": str(source)}})
-    if moved:
-        with contextlib.suppress(OSError):
-            durable.fsync_dir(mailbox)
 
 
 class Account:
@@ -266,24 +256,36 @@ class Account:
         for _, after in names:
             if mailbox.index.folder(after) is not None:
                 raise FolderError(f"{after} already exists")
-        moved: list[tuple[Path, Path]] = []  # what to undo if a later step fails
+        mailbox.settle_renames()  # a rename whose undo failed earlier is finished first
+        moves = [(source, target) for source, target in dirs if source.exists()]
+        path_moves: list[tuple[str, str]] = []
+        for (before, _), (source, target) in zip(names, dirs, strict=True):
+            old_prefix, new_prefix = f"{source.name}/", f"{target.name}/"
+            path_moves += [(m.path, new_prefix + m.path[len(old_prefix) :]) for m in mailbox.index.messages(before)]
+        # The journal is durable before the first directory moves: a crash from here on is settled by
+        # recovery (Mailbox.settle_renames), which moves the directories to match the index.
+        mailbox.journal_renames(old, new, moves)
         try:
-            path_moves: list[tuple[str, str]] = []
-            for (before, _), (source, target) in zip(names, dirs, strict=True):
-                if source.exists():
-                    source.rename(target)
-                    moved.append((source, target))
-                old_prefix, new_prefix = f"{source.name}/", f"{target.name}/"
-                path_moves += [(m.path, new_prefix + m.path[len(old_prefix) :]) for m in mailbox.index.messages(before)]
+            for source, target in moves:
+                source.rename(target)
             durable.fsync_dir(mailbox.path)
             with mailbox.index.atomic():
                 mailbox.index.rename_folder(old, new)
                 mailbox.index.move_paths(path_moves)
-        except BaseException:
-            _undo_renames(mailbox.path, moved)
+        except Exception:
+            # The index did not commit: settling moves the directories back, now rather than at the next
+            # start. If that fails too, the journal stays for the next rename or start to settle.
+            try:
+                mailbox.settle_renames()
+            except Exception:
+                log.exception("could not undo a folder rename", extra={"fields": {"from": old, "to": new}})
             raise
         finally:
             mailbox.folders.clear()
+        try:
+            mailbox.end_renames()
+        except OSError:  # the rename is done; a journal left behind is settled (a no-op) later
+            log.exception("could not remove the rename journal", extra={"fields": {"from": old, "to": new}})
 
     def _rename_inbox_locked(self, mailbox: Mailbox, new: str) -> None:
         """RFC 3501 §6.3.5: renaming INBOX moves its messages to a new folder; INBOX stays, empty.

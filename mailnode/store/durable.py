@@ -84,6 +84,28 @@ def write_new(tmp_dir: Path, final_dir: Path, data: bytes) -> Path:
     return final_path
 
 
+def replace_synced(path: Path, data: bytes) -> None:
+    """Put `data` at `path` (a small record such as a journal) durably, replacing any file there: it is
+    written to `<path>.tmp`, fsynced, renamed over `path`, and the directory fsynced. After a crash
+    `path` holds the old contents or the new ones, whole; a `<path>.tmp` left over is garbage."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.unlink(missing_ok=True)
+    write_synced(partial, data)
+    try:
+        partial.rename(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def remove_synced(path: Path) -> None:
+    """Remove `path` (and a `<path>.tmp` left by replace_synced) and make the removal durable."""
+    path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
 def ensure_dir(path: Path) -> bool:
     """Create a directory (and parents) durably. Returns True if it had to be created."""
     if path.is_dir():
