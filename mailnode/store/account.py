@@ -33,8 +33,10 @@ module does not import mailnode.store.mailstore.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -45,7 +47,7 @@ from typing import Literal, Protocol, TypeVar
 from mailnode.gateway import Gateway
 from mailnode.store import changes, durable, index, maildir
 from mailnode.store.fence import WriteFence
-from mailnode.store.mailboxes import Delivery, Mailbox, Mailboxes, Stored
+from mailnode.store.mailboxes import Delivery, Mailbox, Mailboxes, Spooled, Stored
 from mailnode.store.staging import Staging
 
 Deliver = Callable[[Sequence[Delivery]], Awaitable[list[Stored]]]
@@ -120,6 +122,75 @@ class MessageFile:
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self._gateway.run(os.pread, self._fd, length, offset)
+
+
+class MessageSpool:
+    """A message received in chunks (APPEND's literal, RFC 3501 §6.3.11) into a file under the
+    mailbox's INBOX/tmp/, so the session holds one chunk at a time, not the message; `Account.append`
+    fsyncs it and the delivery path renames it into place. Each write runs in a Gateway thread and is
+    not cut off by a cancelled caller (the descriptor is closed only after it). A volume that fills up
+    raises StorageFull and removes the file; `discard` removes it in any case once the command is over
+    (a no-op once delivered), and a crash leaves it in tmp/, which recovery empties."""
+
+    def __init__(self, path: Path, fd: int, *, gateway: Gateway) -> None:
+        self.path = path
+        self.size = 0
+        self._fd: int | None = fd
+        self._gateway = gateway
+        self._writing: asyncio.Future[None] | None = None
+
+    async def write(self, chunk: bytes) -> None:
+        if self._fd is None:
+            raise ValueError("the spool is closed")
+        self._writing = asyncio.ensure_future(self._gateway.run(durable.write_all, self._fd, chunk))
+        try:
+            with _storage_full_refused():
+                await asyncio.shield(self._writing)
+        except StorageFull:
+            await self.discard()
+            raise
+        self.size += len(chunk)
+
+    async def _settled(self) -> int | None:
+        """The descriptor, once no write is running on it (None if closed)."""
+        if self._writing is not None:
+            with contextlib.suppress(Exception):
+                await self._writing
+            self._writing = None
+        return self._fd
+
+    async def finish(self) -> Spooled:
+        """fsync and close the file: the message as delivery takes it."""
+        fd = await self._settled()
+        if fd is None:
+            raise ValueError("the spool is closed")
+        self._fd = None
+        try:
+            with _storage_full_refused():
+                await self._gateway.run(_sync_and_close, fd)
+        except BaseException:
+            await self._gateway.run(functools.partial(self.path.unlink, missing_ok=True))
+            raise
+        return Spooled(self.path, self.size)
+
+    async def discard(self) -> None:
+        """Close and remove the file, if still there (after delivery it is not)."""
+        fd = await self._settled()
+        self._fd = None
+        await self._gateway.run(_close_and_unlink, fd, self.path)
+
+
+def _sync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _close_and_unlink(fd: int | None, path: Path) -> None:
+    if fd is not None:
+        os.close(fd)
+    path.unlink(missing_ok=True)
 
 
 class Account:
@@ -587,15 +658,35 @@ class Account:
             self._publish(changes.Change(name, "expunged", tuple(expunged), origin=origin))
         return uidvalidity, pairs
 
-    async def append(self, name: str, data: bytes, *, flags: str, internal_date: int | None) -> tuple[int, int]:
-        """Store a message into an existing folder; returns (UIDVALIDITY, UID) for APPENDUID."""
+    async def spool(self) -> MessageSpool:
+        """A file under the mailbox's INBOX/tmp/ to receive a large message into, chunk by chunk, then
+        `append` it (any folder: the rename stays in the mailbox's file system). The caller discards it."""
+
+        def create() -> tuple[Path, int]:
+            mailbox = self._mailboxes.open(self.address)
+            path = mailbox.ensure_folder(maildir.INBOX) / "tmp" / durable.unique_name(0)
+            return path, durable.create_new(path)
+
+        with _storage_full_refused():
+            path, fd = await self._gateway.run(create)
+        return MessageSpool(path, fd, gateway=self._gateway)
+
+    async def append(
+        self, name: str, message: bytes | MessageSpool, *, flags: str, internal_date: int | None
+    ) -> tuple[int, int]:
+        """Store a message (its bytes, or a spool it was received into) into an existing folder, durably
+        (file and directory fsynced, index committed); returns (UIDVALIDITY, UID) for APPENDUID."""
         status = await self.status(name)
         if status is None:
             raise FolderError(f"[TRYCREATE] {name} does not exist")
-        with _storage_full_refused():
-            [stored] = await self._deliver(
-                [Delivery(self.address, data, folder=name, internal_date=internal_date, flags=flags)]
+        if isinstance(message, MessageSpool):
+            delivery = Delivery(
+                self.address, b"", folder=name, internal_date=internal_date, flags=flags, spooled=await message.finish()
             )
+        else:
+            delivery = Delivery(self.address, message, folder=name, internal_date=internal_date, flags=flags)
+        with _storage_full_refused():
+            [stored] = await self._deliver([delivery])
         return status.folder.uidvalidity, stored.uid
 
     def path(self, message: index.Message) -> Path:

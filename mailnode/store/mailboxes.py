@@ -30,14 +30,29 @@ RENAME_JOURNAL = ".rename.journal"
 
 
 @dataclasses.dataclass(frozen=True)
+class Spooled:
+    """A message already written and fsynced to a file under the mailbox's tmp/ (a large APPEND,
+    received in chunks: Account.spool); delivery renames the file into place."""
+
+    path: Path
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Delivery:
-    """One message for one mailbox folder. `data` is the whole message as stored (CRLF lines)."""
+    """One message for one mailbox folder. `data` is the whole message as stored (CRLF lines), unless
+    it is `spooled` to a file already."""
 
     address: str
     data: bytes
     folder: str = maildir.INBOX
     internal_date: int | None = None
     flags: str = ""  # space-separated IMAP flags (APPEND may set them)
+    spooled: Spooled | None = None
+
+    @property
+    def size(self) -> int:
+        return self.spooled.size if self.spooled is not None else len(self.data)
 
 
 @dataclasses.dataclass(frozen=True)

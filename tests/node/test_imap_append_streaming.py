@@ -27,8 +27,9 @@ MiB = 1024 * 1024
 
 def _message(size: int) -> bytes:
     head = b"From: big@remote.test\r\nTo: " + USER.encode() + b"\r\nSubject: big\r\n\r\n"
-    line_count = (size - len(head)) // 80
-    return head + b"".join(b"%08d " % n + bytes([0x41 + n % 26]) * 69 + b"\r\n" for n in range(line_count))
+    line_count, rest = divmod(size - len(head), 80)
+    lines = b"".join(b"%08d " % n + bytes([0x41 + n % 26]) * 69 + b"\r\n" for n in range(line_count))
+    return head + lines + b"z" * rest  # exactly `size` bytes
 
 
 def _tmp(node: RunningNode, address: str = USER) -> Path:
@@ -106,9 +107,7 @@ def test_an_append_cut_off_mid_literal_leaves_no_file_in_tmp(node: RunningNode, 
     assert node.files.stored(USER) == []
 
 
-def test_an_append_over_quota_is_refused_before_the_continuation(
-    node: RunningNode, client_tls: ssl.SSLContext
-) -> None:
+def test_an_append_over_quota_is_refused_before_the_continuation(node: RunningNode, client_tls: ssl.SSLContext) -> None:
     client = _login(node, client_tls, "small@example.com")  # a quota of 2000 bytes
     try:
         client.send(b"a1 APPEND INBOX {100000}\r\n")
