@@ -16,6 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -24,7 +25,7 @@ from mailnode.auth import Authenticator
 from mailnode.config import Directory, MailboxEntry, NodeConfig
 from mailnode.imap import mime, protocol, responses, search, table
 from mailnode.metrics import NodeMetrics
-from mailnode.store.account import Account, FolderError, Message
+from mailnode.store.account import Account, FolderError, Message, MessageSpool, StorageFull
 from mailnode.store.changes import Change
 from mailnode.store.mailstore import MailStore
 
@@ -38,6 +39,23 @@ _ANALYSES_KEPT = 20_000  # parsed structures kept in memory, per node
 # minutes are the autologout timer, once logged in) and small literals (Dovecot's are a few KiB:
 # LOGIN's astrings; AUTHENTICATE's SASL responses are lines, bounded by imap.max_line).
 LOGIN_MAX_LITERAL = 8 * 1024  # bytes of literals in one command before login
+# After login, an APPEND's message literal larger than a chunk is not held in memory: it streams to a
+# file of the store's (Account.spool), a chunk at a time, so a session's memory is bounded by the chunk.
+APPEND_CHUNK = 64 * 1024
+_APPEND = re.compile(rb"[^ ]+ APPEND ", re.IGNORECASE)
+_MARKER = re.compile(rb"\{[0-9]+\+?\}\Z")
+
+
+@dataclasses.dataclass
+class AppendLiteral:
+    """An APPEND's message literal received into a store spool instead of the command's parts (where
+    an empty literal stands for it), or thrown away as it arrived because it is `refused` (over
+    quota, or the disk filled up): the session keeps the connection in step either way."""
+
+    position: int  # its index in the command's parts
+    spool: MessageSpool | None
+    refused: responses.Response | None = None
+    last: bool = False  # the command ended right after it, as a message literal does
 
 
 @dataclasses.dataclass
@@ -143,6 +161,7 @@ class Session:
         self._login_deadline = self._clock() + config.imap.login_timeout
         self.task: asyncio.Task[Any] | None = None
         self.remote = remote  # the client's address (mailnode.listener.Client: a PROXY header's, else the peer)
+        self.append_literal: AppendLiteral | None = None  # the command's streamed APPEND message
 
     @property
     def state(self) -> table.State:
@@ -236,11 +255,14 @@ class Session:
             self.send(responses.OK_GREETING.line(capabilities=self.capabilities(), hostname=self.config.hostname))
             await self.flush()
             while True:
-                parts = await self.read_in_time(self._read_command())
-                if parts is None:
-                    return
-                if not await self._execute(parts):
-                    return
+                try:
+                    parts = await self.read_in_time(self._read_command())
+                    if parts is None:
+                        return
+                    if not await self._execute(parts):
+                        return
+                finally:
+                    await self._drop_append_literal()
         except responses.Hangup as hangup:
             with contextlib.suppress(ConnectionError):
                 self.send(hangup.line())
@@ -270,6 +292,8 @@ class Session:
             except protocol.ProtocolError:
                 return parts  # parse_command reports it
             if marker is None:
+                if self.append_literal is not None:
+                    self.append_literal.last = self.append_literal.position == len(parts) - 2 and not line.strip()
                 return parts
             size, non_synchronizing = marker
             total += size
@@ -282,10 +306,69 @@ class Session:
                 self.send(responses.NO_TOOBIG.line(tag, limit=limit))
                 await self.flush()
                 return []
+            streamed = self._streams_append(parts[0], size)
+            # RFC 3501 §7.5: a synchronising literal the command will refuse is refused before the `+`.
+            refusal = responses.NO_OVERQUOTA if streamed and self.over_quota(size) else None
+            if refusal is not None and not non_synchronizing:
+                self.send(refusal.line(line.split(b" ", 1)[0].decode("ascii", "replace")))
+                await self.flush()
+                return []
             if not non_synchronizing:
                 self.send(responses.CONTINUE_LITERAL)
                 await self.flush()
-            parts.append(await self._reader.readexactly(size))
+            if streamed:
+                parts[-1] = _MARKER.sub(b"{0}", line)  # an empty literal stands for the message
+                parts.append(b"")
+                await self._stream_append(len(parts) - 1, size, refusal)
+            else:
+                parts.append(await self._reader.readexactly(size))
+
+    def _streams_append(self, first_line: bytes, size: int) -> bool:
+        """Whether this literal is an APPEND's message to stream to disk: logged in, larger than a
+        chunk (a mailbox name or date-time never is), the command's first such literal."""
+        return (
+            self.account is not None
+            and size > APPEND_CHUNK
+            and self.append_literal is None
+            and _APPEND.match(first_line) is not None
+        )
+
+    async def _stream_append(self, position: int, size: int, refusal: responses.Response | None) -> None:
+        """Read `size` bytes of literal a chunk at a time into a store spool (or, refused, nowhere)."""
+        assert self.account is not None
+        literal = self.append_literal = AppendLiteral(position, None, refusal)
+        if refusal is None:
+            try:
+                literal.spool = await self.account.spool()
+            except StorageFull:
+                literal.refused = responses.NO_DISK_FULL
+        remaining = size
+        while remaining:
+            chunk = await self._reader.read(min(APPEND_CHUNK, remaining))
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"", remaining)
+            remaining -= len(chunk)
+            if literal.spool is not None:
+                try:
+                    await literal.spool.write(chunk)
+                except StorageFull:  # the spool removed its file; the rest is read and thrown away
+                    literal.spool, literal.refused = None, responses.NO_DISK_FULL
+
+    async def _drop_append_literal(self) -> None:
+        """After each command, and when the session ends: the streamed message's file goes, unless the
+        APPEND delivered it (then there is none)."""
+        literal, self.append_literal = self.append_literal, None
+        if literal is not None and literal.spool is not None:
+            try:
+                await literal.spool.discard()
+            except Exception:  # recovery empties tmp/ at the next start
+                log.exception("could not remove an APPEND's spool", extra={"fields": {"path": str(literal.spool.path)}})
+
+    def over_quota(self, size: int) -> bool:
+        """Whether a message of `size` bytes would take the user's mailbox over its quota."""
+        assert self.user is not None
+        quota = self.user.quota
+        return bool(quota) and self.store.usage(self.user.address).bytes + size > quota
 
     async def _execute(self, parts: list[bytes]) -> bool:
         """Run one command. Returns False once the session is over."""

@@ -16,8 +16,10 @@ While a staged copy pins the store (Staging.pin), an expunge's unlinks are defer
 (Staging.unpinned_writing): no file a staged index lists is removed or moved before it is linked.
 
 Folder names pass maildir.folder_dir's checks before anything is touched (InvalidFolderName,
-FolderNameTooLong). A RENAME is all or nothing: the directories are renamed with a record of what
-moved, then the index is committed in one transaction, and the directories go back if it fails.
+FolderNameTooLong). A RENAME is all or nothing, and survives a crash: a journal of the directory moves
+is made durable first (Mailbox.journal_renames), the directories are renamed, the index is committed
+in one transaction, and the journal goes; if the commit fails the directories go back at once, and
+after a crash recovery moves them to match whatever the index holds (Mailbox.settle_renames).
 
 A full volume (or file-system quota) makes a change fail with StorageFull and nothing changed, while
 reads go on: SELECT then leaves the \\Recent mark where it is and FETCH does not save structures.
@@ -31,8 +33,10 @@ module does not import mailnode.store.mailstore.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -43,7 +47,7 @@ from typing import Literal, Protocol, TypeVar
 from mailnode.gateway import Gateway
 from mailnode.store import changes, durable, index, maildir
 from mailnode.store.fence import WriteFence
-from mailnode.store.mailboxes import Delivery, Mailbox, Mailboxes, Stored
+from mailnode.store.mailboxes import Delivery, Mailbox, Mailboxes, Spooled, Stored
 from mailnode.store.staging import Staging
 
 Deliver = Callable[[Sequence[Delivery]], Awaitable[list[Stored]]]
@@ -120,16 +124,73 @@ class MessageFile:
         return await self._gateway.run(os.pread, self._fd, length, offset)
 
 
-def _undo_renames(mailbox: Path, moved: Sequence[tuple[Path, Path]]) -> None:
-    """Put renamed directories back, last first; a failure here is logged (recovery cannot guess)."""
-    for source, target in reversed(moved):
+class MessageSpool:
+    """A message received in chunks (APPEND's literal, RFC 3501 §6.3.11) into a file under the
+    mailbox's INBOX/tmp/, so the session holds one chunk at a time, not the message; `Account.append`
+    fsyncs it and the delivery path renames it into place. Each write runs in a Gateway thread and is
+    not cut off by a cancelled caller (the descriptor is closed only after it). A volume that fills up
+    raises StorageFull and removes the file; `discard` removes it in any case once the command is over
+    (a no-op once delivered), and a crash leaves it in tmp/, which recovery empties."""
+
+    def __init__(self, path: Path, fd: int, *, gateway: Gateway) -> None:
+        self.path = path
+        self.size = 0
+        self._fd: int | None = fd
+        self._gateway = gateway
+        self._writing: asyncio.Future[None] | None = None
+
+    async def write(self, chunk: bytes) -> None:
+        if self._fd is None:
+            raise ValueError("the spool is closed")
+        self._writing = asyncio.ensure_future(self._gateway.run(durable.write_all, self._fd, chunk))
         try:
-            target.rename(source)
-        except OSError:
-            log.exception("could not undo a folder rename", extra={"fields": {"from": str(target), "to": str(source)}})
-    if moved:
-        with contextlib.suppress(OSError):
-            durable.fsync_dir(mailbox)
+            with _storage_full_refused():
+                await asyncio.shield(self._writing)
+        except StorageFull:
+            await self.discard()
+            raise
+        self.size += len(chunk)
+
+    async def _settled(self) -> int | None:
+        """The descriptor, once no write is running on it (None if closed)."""
+        if self._writing is not None:
+            with contextlib.suppress(Exception):
+                await self._writing
+            self._writing = None
+        return self._fd
+
+    async def finish(self) -> Spooled:
+        """fsync and close the file: the message as delivery takes it."""
+        fd = await self._settled()
+        if fd is None:
+            raise ValueError("the spool is closed")
+        self._fd = None
+        try:
+            with _storage_full_refused():
+                await self._gateway.run(_sync_and_close, fd)
+        except BaseException:
+            await self._gateway.run(functools.partial(self.path.unlink, missing_ok=True))
+            raise
+        return Spooled(self.path, self.size)
+
+    async def discard(self) -> None:
+        """Close and remove the file, if still there (after delivery it is not)."""
+        fd = await self._settled()
+        self._fd = None
+        await self._gateway.run(_close_and_unlink, fd, self.path)
+
+
+def _sync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _close_and_unlink(fd: int | None, path: Path) -> None:
+    if fd is not None:
+        os.close(fd)
+    path.unlink(missing_ok=True)
 
 
 class Account:
@@ -266,24 +327,36 @@ class Account:
         for _, after in names:
             if mailbox.index.folder(after) is not None:
                 raise FolderError(f"{after} already exists")
-        moved: list[tuple[Path, Path]] = []  # what to undo if a later step fails
+        mailbox.settle_renames()  # a rename whose undo failed earlier is finished first
+        moves = [(source, target) for source, target in dirs if source.exists()]
+        path_moves: list[tuple[str, str]] = []
+        for (before, _), (source, target) in zip(names, dirs, strict=True):
+            old_prefix, new_prefix = f"{source.name}/", f"{target.name}/"
+            path_moves += [(m.path, new_prefix + m.path[len(old_prefix) :]) for m in mailbox.index.messages(before)]
+        # The journal is durable before the first directory moves: a crash from here on is settled by
+        # recovery (Mailbox.settle_renames), which moves the directories to match the index.
+        mailbox.journal_renames(old, new, moves)
         try:
-            path_moves: list[tuple[str, str]] = []
-            for (before, _), (source, target) in zip(names, dirs, strict=True):
-                if source.exists():
-                    source.rename(target)
-                    moved.append((source, target))
-                old_prefix, new_prefix = f"{source.name}/", f"{target.name}/"
-                path_moves += [(m.path, new_prefix + m.path[len(old_prefix) :]) for m in mailbox.index.messages(before)]
+            for source, target in moves:
+                source.rename(target)
             durable.fsync_dir(mailbox.path)
             with mailbox.index.atomic():
                 mailbox.index.rename_folder(old, new)
                 mailbox.index.move_paths(path_moves)
-        except BaseException:
-            _undo_renames(mailbox.path, moved)
+        except Exception:
+            # The index did not commit: settling moves the directories back, now rather than at the next
+            # start. If that fails too, the journal stays for the next rename or start to settle.
+            try:
+                mailbox.settle_renames()
+            except Exception:
+                log.exception("could not undo a folder rename", extra={"fields": {"from": old, "to": new}})
             raise
         finally:
             mailbox.folders.clear()
+        try:
+            mailbox.end_renames()
+        except OSError:  # the rename is done; a journal left behind is settled (a no-op) later
+            log.exception("could not remove the rename journal", extra={"fields": {"from": old, "to": new}})
 
     def _rename_inbox_locked(self, mailbox: Mailbox, new: str) -> None:
         """RFC 3501 §6.3.5: renaming INBOX moves its messages to a new folder; INBOX stays, empty.
@@ -585,15 +658,35 @@ class Account:
             self._publish(changes.Change(name, "expunged", tuple(expunged), origin=origin))
         return uidvalidity, pairs
 
-    async def append(self, name: str, data: bytes, *, flags: str, internal_date: int | None) -> tuple[int, int]:
-        """Store a message into an existing folder; returns (UIDVALIDITY, UID) for APPENDUID."""
+    async def spool(self) -> MessageSpool:
+        """A file under the mailbox's INBOX/tmp/ to receive a large message into, chunk by chunk, then
+        `append` it (any folder: the rename stays in the mailbox's file system). The caller discards it."""
+
+        def create() -> tuple[Path, int]:
+            mailbox = self._mailboxes.open(self.address)
+            path = mailbox.ensure_folder(maildir.INBOX) / "tmp" / durable.unique_name(0)
+            return path, durable.create_new(path)
+
+        with _storage_full_refused():
+            path, fd = await self._gateway.run(create)
+        return MessageSpool(path, fd, gateway=self._gateway)
+
+    async def append(
+        self, name: str, message: bytes | MessageSpool, *, flags: str, internal_date: int | None
+    ) -> tuple[int, int]:
+        """Store a message (its bytes, or a spool it was received into) into an existing folder, durably
+        (file and directory fsynced, index committed); returns (UIDVALIDITY, UID) for APPENDUID."""
         status = await self.status(name)
         if status is None:
             raise FolderError(f"[TRYCREATE] {name} does not exist")
-        with _storage_full_refused():
-            [stored] = await self._deliver(
-                [Delivery(self.address, data, folder=name, internal_date=internal_date, flags=flags)]
+        if isinstance(message, MessageSpool):
+            delivery = Delivery(
+                self.address, b"", folder=name, internal_date=internal_date, flags=flags, spooled=await message.finish()
             )
+        else:
+            delivery = Delivery(self.address, message, folder=name, internal_date=internal_date, flags=flags)
+        with _storage_full_refused():
+            [stored] = await self._deliver([delivery])
         return status.folder.uidvalidity, stored.uid
 
     def path(self, message: index.Message) -> Path:

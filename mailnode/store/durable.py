@@ -36,14 +36,24 @@ def unique_name(size: int) -> str:
     return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}.{_host},S={size}"
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of `data` to `fd` (os.write may write less than it was given)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def create_new(path: Path) -> int:
+    """Create `path` (which must not exist) for writing; returns the descriptor."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
 def write_synced(path: Path, data: bytes) -> None:
     """Create `path` (which must not exist), write `data` and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = create_new(path)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -75,13 +85,41 @@ def write_new(tmp_dir: Path, final_dir: Path, data: bytes) -> Path:
     name = unique_name(len(data))
     tmp_path = tmp_dir / name
     write_synced(tmp_path, data)
-    final_path = final_dir / name
+    return move_new(tmp_path, final_dir, len(data))
+
+
+def move_new(tmp_path: Path, final_dir: Path, size: int) -> Path:
+    """Rename a file written and fsynced under tmp/ (of any folder of the same mailbox) into final_dir
+    under a new unique name; on failure the tmp file is removed. The caller fsyncs final_dir."""
+    final_path = final_dir / unique_name(size)
     try:
         tmp_path.rename(final_path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
     return final_path
+
+
+def replace_synced(path: Path, data: bytes) -> None:
+    """Put `data` at `path` (a small record such as a journal) durably, replacing any file there: it is
+    written to `<path>.tmp`, fsynced, renamed over `path`, and the directory fsynced. After a crash
+    `path` holds the old contents or the new ones, whole; a `<path>.tmp` left over is garbage."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.unlink(missing_ok=True)
+    write_synced(partial, data)
+    try:
+        partial.rename(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def remove_synced(path: Path) -> None:
+    """Remove `path` (and a `<path>.tmp` left by replace_synced) and make the removal durable."""
+    path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def ensure_dir(path: Path) -> bool:

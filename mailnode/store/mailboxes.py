@@ -2,6 +2,10 @@
 directory, its index connections and locks), `Mailboxes` (the table of them, opened on first use),
 `Delivery`, `Stored` and `MailboxUsage`.
 
+A folder RENAME's directory moves are journalled here (`journal_renames`, `settle_renames`,
+`end_renames`): the journal is durable before the first directory moves and goes after the index
+commit, so recovery can put the directories where the index says they are.
+
 Used by MailStore (delivery, recovery), Account (IMAP's changes) and Staging (pins, staged copies),
 which all import this module and none of which imports another's: MailStore passes Account and Staging
 what they need.
@@ -10,21 +14,45 @@ what they need.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from mailnode.store import durable, index, maildir
 
+log = logging.getLogger(__name__)
+
+# In the mailbox directory, beside the folders: a leading dot, which maildir.encode_name never gives a
+# folder's directory, so no folder name can collide with it.
+RENAME_JOURNAL = ".rename.journal"
+
+
+@dataclasses.dataclass(frozen=True)
+class Spooled:
+    """A message already written and fsynced to a file under the mailbox's tmp/ (a large APPEND,
+    received in chunks: Account.spool); delivery renames the file into place."""
+
+    path: Path
+    size: int
+
 
 @dataclasses.dataclass(frozen=True)
 class Delivery:
-    """One message for one mailbox folder. `data` is the whole message as stored (CRLF lines)."""
+    """One message for one mailbox folder. `data` is the whole message as stored (CRLF lines), unless
+    it is `spooled` to a file already."""
 
     address: str
     data: bytes
     folder: str = maildir.INBOX
     internal_date: int | None = None
     flags: str = ""  # space-separated IMAP flags (APPEND may set them)
+    spooled: Spooled | None = None
+
+    @property
+    def size(self) -> int:
+        return self.spooled.size if self.spooled is not None else len(self.data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +95,9 @@ class Mailbox:
         """Make files and index agree after a crash: returns (tmp removed, orphans removed, rows dropped).
         Orphans are files in new/ or cur/ without a row: deliveries renamed but never committed, and the
         files of expunged messages whose unlink a pinned store deferred (Staging.pin) when the node
-        stopped before the last pin went."""
+        stopped before the last pin went. A rename journal is settled first, so the moved directories
+        are where the index's paths point before files and rows are compared."""
+        self.settle_renames()
         tmp_removed = maildir.clear_tmp(self.path)
         on_disk = maildir.message_files(self.path)
         indexed = self.index.paths()
@@ -78,6 +108,41 @@ class Mailbox:
         if missing:
             self.index.forget(missing)
         return tmp_removed, len(orphans), len(missing)
+
+    # -- the rename journal (under `lock`) -----------------------------------------------------------------
+
+    def journal_renames(self, old: str, new: str, moves: Sequence[tuple[Path, Path]]) -> None:
+        """Record, durably, the directory renames (source, target; both in this directory) that a RENAME
+        of folder `old` to `new` is about to make. Call before the first of them."""
+        record = {"old": old, "new": new, "moves": [[source.name, target.name] for source, target in moves]}
+        durable.replace_synced(self.path / RENAME_JOURNAL, json.dumps(record).encode())
+
+    def end_renames(self) -> None:
+        """The index committed the rename: the journal goes."""
+        durable.remove_synced(self.path / RENAME_JOURNAL)
+
+    def settle_renames(self) -> bool:
+        """Finish a journalled rename that was cut short (a crash, or an undo that failed): the index,
+        committed or not, says which names hold, and the directories are moved to match it, forward if
+        it holds the new folder name, back otherwise. Then the journal goes. False if there was none."""
+        journal = self.path / RENAME_JOURNAL
+        if not journal.exists():
+            return False
+        record = json.loads(journal.read_bytes())
+        moves = [(self.path / source, self.path / target) for source, target in record["moves"]]
+        forward = self.index.folder(record["old"]) is None and self.index.folder(record["new"]) is not None
+        steps = list(moves) if forward else [(t, s) for s, t in reversed(moves)]
+        for here, there in steps:
+            if here.exists() and not there.exists():
+                here.rename(there)
+        durable.fsync_dir(self.path)
+        durable.remove_synced(journal)
+        self.folders.clear()
+        log.warning(
+            "settled a folder rename cut short",
+            extra={"fields": {"mailbox": self.address, "from": record["old"], "to": record["new"], "forward": forward}},
+        )
+        return True
 
     def close(self) -> None:
         self.index.close()

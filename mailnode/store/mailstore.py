@@ -151,7 +151,7 @@ class MailStore:
                         future.set_exception(result)
                         continue
                     for stored, delivery in zip(result, deliveries, strict=True):
-                        self.account_for(stored.address, size=len(delivery.data), count=1)
+                        self.account_for(stored.address, size=delivery.size, count=1)
                         self.switchboard.publish(stored.address, changes.Change(stored.folder, "added", (stored.uid,)))
                     future.set_result(result)
         finally:
@@ -170,7 +170,10 @@ class MailStore:
                 for delivery in deliveries:
                     mailbox = self.mailboxes.open(delivery.address)
                     folder = mailbox.ensure_folder(delivery.folder)
-                    path = durable.write_new(folder / "tmp", folder / "new", delivery.data)
+                    if delivery.spooled is not None:  # written and fsynced already (Account.spool)
+                        path = durable.move_new(delivery.spooled.path, folder / "new", delivery.spooled.size)
+                    else:
+                        path = durable.write_new(folder / "tmp", folder / "new", delivery.data)
                     files.append((mailbox, delivery, path))
                     dirs.add(folder / "new")
                 outcome.append([])
@@ -196,7 +199,7 @@ class MailStore:
                 index.NewMessage(
                     folder=d.folder,
                     path=str(p.relative_to(mailbox.path)),
-                    size=len(d.data),
+                    size=d.size,
                     internal_date=d.internal_date or now,
                     flags=d.flags,
                 )

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from mailnode.imap import protocol, responses
 from mailnode.imap.commands.folders import store_refusals
 from mailnode.imap.session import Session
+from mailnode.store.account import MessageSpool
 
 
 async def store(session: Session, command: protocol.Command) -> None:
@@ -126,17 +127,27 @@ async def expunge(session: Session, command: protocol.Command) -> None:
 
 
 async def append(session: Session, command: protocol.Command) -> None:
-    """APPEND (RFC 3501 §6.3.11), refused over the mailbox's quota."""
+    """APPEND (RFC 3501 §6.3.11), refused over the mailbox's quota. A large message literal was
+    streamed into a store spool by the session (session.append_literal); MULTIAPPEND (RFC 3502) is
+    not offered, so the message must be the command's last argument."""
     assert session.account is not None and session.user is not None
     request = protocol.parse_append(command.args)
-    name, flags, data = request.mailbox, request.flags, request.message
-    internal_date = int(request.internal_date.timestamp()) if request.internal_date else None
-    quota = session.user.quota
-    if quota and session.store.usage(session.user.address).bytes + len(data) > quota:
+    literal = session.append_literal
+    message: bytes | MessageSpool = request.message
+    if literal is not None:
+        if not literal.last:
+            raise protocol.ProtocolError("the message must be the last argument (MULTIAPPEND is not supported)")
+        if literal.refused is not None:
+            raise responses.Refused(literal.refused)
+        assert literal.spool is not None
+        message = literal.spool
+    size = message.size if isinstance(message, MessageSpool) else len(message)
+    if session.over_quota(size):
         raise responses.Refused(responses.NO_OVERQUOTA)
+    internal_date = int(request.internal_date.timestamp()) if request.internal_date else None
     with store_refusals():
         uidvalidity, uid = await session.account.append(
-            name, data, flags=" ".join(sorted(set(flags))), internal_date=internal_date
+            request.mailbox, message, flags=" ".join(sorted(set(request.flags))), internal_date=internal_date
         )
     await session.report_changes(expunge=True)
     session.send(responses.OK_APPENDUID.line(command.tag, uidvalidity=uidvalidity, uid=uid))
