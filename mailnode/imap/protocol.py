@@ -797,6 +797,20 @@ def encode_mailbox_name(name: str) -> str:
     return "".join(out)
 
 
+def command_tag(line: bytes) -> str:
+    """The tag a command line opens with, for a reply made before the command is parsed; `*` (untagged)
+    when its first word is no tag a reply may carry (RFC 3501 §9 tag: ASTRING-CHAR except "+")."""
+    word = line.split(b" ", 1)[0]
+    return word.decode("ascii") if _TAG.fullmatch(word) else "*"
+
+
+def seven_bit(text: str) -> str:
+    """A status line's text as RFC 3501 §9 allows it (TEXT-CHAR: 7-bit, no CR, LF or NUL): what is not
+    printable ASCII, such as a folder name the store echoes, written in modified UTF-7 (§5.1.3), as the
+    client wrote the name."""
+    return text if all(0x20 <= ord(char) <= 0x7E for char in text) else encode_mailbox_name(text)
+
+
 def decode_mailbox_name(text: str) -> str:
     """The name a modified UTF-7 mailbox name stands for; refuses anything RFC 3501 §5.1.3 does not allow: non-ASCII,
     unterminated or non-canonical shifts, null shifts (`-&`), printable ASCII in base64, broken UTF-16."""

@@ -302,15 +302,14 @@ class Session:
             if total > limit:
                 if non_synchronizing:  # RFC 7888 §4: the client sends it anyway; we cannot resync
                     raise responses.Hangup(responses.BYE_TOOBIG)
-                tag = line.split(b" ", 1)[0].decode("ascii", "replace")
-                self.send(responses.NO_TOOBIG.line(tag, limit=limit))
+                self.send(responses.NO_TOOBIG.line(protocol.command_tag(parts[0]), limit=limit))
                 await self.flush()
                 return []
             streamed = self._streams_append(parts[0], size)
             # RFC 3501 §7.5: a synchronising literal the command will refuse is refused before the `+`.
             refusal = responses.NO_OVERQUOTA if streamed and self.over_quota(size) else None
             if refusal is not None and not non_synchronizing:
-                self.send(refusal.line(line.split(b" ", 1)[0].decode("ascii", "replace")))
+                self.send(refusal.line(protocol.command_tag(parts[0])))
                 await self.flush()
                 return []
             if not non_synchronizing:
@@ -384,13 +383,13 @@ class Session:
         except search.BadCharset as error:  # RFC 3501 §6.4.4
             self.send(responses.NO_BADCHARSET.line(tag, supported=" ".join(error.supported), error=error))
         except protocol.ProtocolError as error:
-            self.send(responses.BAD_SYNTAX.line(error.tag or tag, error=error))
-        except responses.Refused as refused:
-            self.send(refused.line(tag))
+            self.send(protocol.seven_bit(responses.BAD_SYNTAX.line(error.tag or tag, error=error)))
+        except responses.Refused as refused:  # their texts may name a folder: 7-bit, as the client named it
+            self.send(protocol.seven_bit(refused.line(tag)))
         except FolderError as error:
             text = str(error)
             folder_error = responses.NO_FOLDER if text.startswith("[") else responses.NO_NONEXISTENT
-            self.send(folder_error.line(tag, error=text))
+            self.send(protocol.seven_bit(folder_error.line(tag, error=text)))
         except (responses.Hangup, ConnectionError, asyncio.IncompleteReadError):
             raise
         except Exception:
