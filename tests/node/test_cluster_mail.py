@@ -26,7 +26,10 @@ from tests.node.conftest import DOMAIN, NodeFactory, RunningNode, free_port, mai
 from tests.node.test_outbound import wait_for
 
 TOKEN = "internal-token-of-example-com"
-MESSAGE = b"From: alice@example.com\r\nSubject: hello\r\n\r\nA message that is longer than a hundred bytes, so that it never fits the quota of full@example.com.\r\n"
+MESSAGE = (
+    b"From: alice@example.com\r\nSubject: hello\r\n\r\n"
+    b"A message longer than a hundred bytes, so that it never fits the quota of full@example.com.\r\n"
+)
 MAILBOXES = [
     mailbox(f"alice@{DOMAIN}", home=0),
     mailbox(f"bob@{DOMAIN}", home=1, aliases=[f"robert@{DOMAIN}"]),
