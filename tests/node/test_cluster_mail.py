@@ -76,7 +76,9 @@ def cluster(node_factory: NodeFactory, tmp_path: Path) -> Any:
         node.stop()
 
 
-def send(node: RunningNode, recipients: list[str], data: bytes = MESSAGE, sender: str = "sender@remote.test") -> dict:
+def send(
+    node: RunningNode, recipients: list[str], data: bytes = MESSAGE, sender: str = "sender@remote.test"
+) -> dict[str, tuple[int, bytes]]:
     with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=30) as client:
         return client.sendmail(sender, recipients, data)
 
