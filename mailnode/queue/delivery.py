@@ -214,9 +214,10 @@ class Deliverer:
         message = job.message
         by_home: dict[int, list[str]] = collections.defaultdict(list)
         for address in job.addresses:
-            stored = handoff.ordinal_of(message.recipient(address).route)
+            stored = handoff.ordinal_of(message.recipient(address).route) or 0  # run_once took only node routes
+            # the home the directory names now: the mailbox may have moved since it was queued
             current = self._handoffs.home_of(address) if self._handoffs is not None else None
-            by_home[current if current is not None else stored or 0].append(address)
+            by_home[stored if current is None else current].append(address)
         data = await self._spool.read(message.id)
         for home, addresses in by_home.items():
             if self._handoffs is None:  # a queue from a clustered run opened by a node alone
