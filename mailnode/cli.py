@@ -228,6 +228,8 @@ def _print_queue(messages: list[admin.QueuedMessage]) -> None:
         lead = f"{message.id:<{id_width}}  {age:>7}  {sender:<{sender_width}}  "
         for position, r in enumerate(message.recipients):
             line = f"{r.address}  {r.state}  attempts={r.attempts}"
+            if r.home is not None:
+                line += f"  to node {r.home}"
             if r.last_error:
                 line += f"  last error: {r.last_error}"
             print((lead if position == 0 else indent) + line)

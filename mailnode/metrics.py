@@ -101,6 +101,32 @@ class NodeMetrics:
             registry=r,
         )
         self.bounces = prom.Counter("mailnode_bounces", "Bounce messages sent for undeliverable mail", registry=r)
+        # Clustering: mail handed between the nodes of a domain (mailnode.smtp.lmtp, mailnode.queue.handoff)
+        self.lmtp_deliveries = prom.Counter(
+            "mailnode_lmtp_deliveries",
+            "Recipients of mail handed over by a peer node (LMTP), by result: delivered (stored here), "
+            "refused (a 5xx reply), deferred (a 4xx reply)",
+            ["result"],
+            registry=r,
+        )
+        self.lmtp_refused = prom.Counter(
+            "mailnode_lmtp_refused",
+            "LMTP commands refused for want of the internal credential: no_auth (none given), wrong_token",
+            ["reason"],
+            registry=r,
+        )
+        self.handoffs = prom.Counter(
+            "mailnode_handoffs",
+            "Recipients homed on another node, as SMTP handed them over before its 250: delivered (the home "
+            "stored it), queued (home down or slow: the queue retries), refused (the home said no: a bounce)",
+            ["result"],
+            registry=r,
+        )
+        self.handoff_queue_messages = prom.Gauge(
+            "mailnode_handoff_queue_messages",
+            "Messages in the queue waiting to be handed to their home node",
+            registry=r,
+        )
         # Checkpoints and backups (mailnode.backup)
         self.checkpoints = prom.Counter(
             "mailnode_checkpoints",
@@ -140,6 +166,12 @@ class NodeMetrics:
         )
         for reason in ("not_loopback", "missing_token", "wrong_token"):
             self.admin_refused.labels(reason)
+        for result in ("delivered", "refused", "deferred"):
+            self.lmtp_deliveries.labels(result)
+        for reason in ("no_auth", "wrong_token"):
+            self.lmtp_refused.labels(reason)
+        for result in ("delivered", "queued", "refused"):
+            self.handoffs.labels(result)
         for result in ("ok", "failed"):
             self.checkpoints.labels(result)
             self.backups.labels(result)

@@ -3,6 +3,9 @@ stopped together. `mailnode serve` runs one; tests start several in one process 
 
 One WriteFence is shared by the store and the outbound queue, so the node's Checkpoint can hold every
 write at once; archives are written on a Gateway of their own (mailnode.backup).
+
+Clustered (`cluster.peers` lists more than one node), the node also listens for LMTP from its peers
+(mailnode.smtp.lmtp) and hands mail for mailboxes homed elsewhere to them (mailnode.queue.handoff).
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from mailnode.auth import Authenticator
 from mailnode.backup import restore
 from mailnode.backup.checkpoint import Checkpoint
 from mailnode.backup.jobs import BackupJobs
+from mailnode.cluster import Cluster
 from mailnode.config import ConfigError, DirectoryWatcher, NodeConfig, read_internal_token
 from mailnode.gateway import Gateway
 from mailnode.imap import server as imap
 from mailnode.metrics import NodeMetrics
-from mailnode.queue import routing
+from mailnode.queue import handoff, routing
 from mailnode.queue.delivery import Deliverer
 from mailnode.queue.spool import Spool
+from mailnode.smtp import lmtp
 from mailnode.smtp import server as smtp
 from mailnode.smtp.inbound import InboundChecker
 from mailnode.store.fence import WriteFence
@@ -54,6 +59,14 @@ class Node:
         # a read must not queue behind writes that wait.
         self.gateway = gateway or Gateway(workers=16)
         self.metrics = metrics or NodeMetrics()
+        # Resolved once (the ordinal may come from $POD_NAME); an ordinal outside the peers fails start.
+        self._cluster_error: str | None = None
+        try:
+            self.cluster = Cluster.from_config(config.cluster)
+        except ValueError as error:
+            self._cluster_error = str(error)
+            self.cluster = Cluster(ordinal=0, peers=())
+        self.handoffs: handoff.Handoff | None = None  # set at start when clustered
         self.fence = WriteFence()  # every durable write passes it; a checkpoint pauses it
         self.store = MailStore(config.data_dir, gateway=self.gateway, fence=self.fence)
         self.watcher = DirectoryWatcher(
@@ -154,6 +167,10 @@ class Node:
         resolution = self.watcher.current.resolve(address)
         if resolution.mailbox is None:
             return False
+        if not self.cluster.is_home(resolution.mailbox):  # the sender's home takes it, through the queue
+            route = handoff.route_to(resolution.mailbox.home)
+            await self.spool.enqueue("", [resolution.mailbox.address], message, route=route)
+            return True
         await self.store.deliver([Delivery(resolution.mailbox.address, b"Return-Path: <>\r\n" + message)])
         return True
 
@@ -177,8 +194,17 @@ class Node:
             self.metrics.tls_certificate_expiry.set(self.tls.certificate.not_after.timestamp())
         context = None if self.tls is None else self.tls.context
         internal_token = await self.gateway.run(read_internal_token, self.config)
+        if self._cluster_error is not None:
+            raise ConfigError(f"cluster: {self._cluster_error}")
+        if internal_token is None and self.cluster.clustered:
+            raise ConfigError("cluster.peers lists several nodes: internal.token_file must name the internal token")
         if internal_token is None:
             log.warning("no internal token (internal.token_file): the admin port accepts changes from loopback only")
+        elif self.cluster.clustered:
+            self.handoffs = handoff.Handoff(
+                cluster=self.cluster, directory=lambda: self.watcher.current, token=internal_token,
+                hostname=self.config.hostname,
+            )  # fmt: skip
         await self.gateway.run(self.watcher.load_initial)
         self.metrics.directory_mailboxes.set(len(self.watcher.current.mailboxes))
         await self.gateway.run(self.checkpoint.clear_staging)
@@ -194,7 +220,7 @@ class Node:
             self.deliverer = Deliverer(
                 self.spool, hostname=self.config.hostname, resolver=routing.DNSPythonResolver(),
                 relay_host=relay_host, deliver_locally=self._deliver_bounce, metrics=self.metrics,
-                lifetime=smtp_config.queue_lifetime, transports=transports,
+                lifetime=smtp_config.queue_lifetime, transports=transports, handoffs=self.handoffs,
             )  # fmt: skip
         except ValueError as error:  # the relay host's CA bundle
             raise ConfigError(f"smtp.relay_host.ca_file: {error}") from error
@@ -229,6 +255,8 @@ class Node:
                 sign=self._sign,
                 check_inbound=self._check_inbound if self.config.smtp.check_inbound else None,
                 queued=self.deliverer.wake,
+                cluster=self.cluster,
+                handoffs=self.handoffs,
             )
             server = await smtp.start_listener(
                 listener=listener, handler=handler, config=self.config, host=listen.host, port=port, tls=context,
@@ -237,6 +265,8 @@ class Node:
             self._servers.append(server)
             self._handlers.append(handler)
             self.ports[listener.value] = server.sockets[0].getsockname()[1]
+        if self.handoffs is not None and internal_token is not None:
+            await self._start_lmtp(token=internal_token, gate=gates["lmtp"])
         for name, port, implicit in (("imap", listen.imap, False), ("imaps", listen.imaps, True)):
             if implicit and context is None:
                 log.warning("no TLS certificate configured: imaps listener not started")
@@ -265,12 +295,28 @@ class Node:
         self.metrics.ready.set(1)
         log.info("node ready", extra={"fields": {"node": self.config.node_name, "ports": self.ports}})
 
+    async def _start_lmtp(self, *, token: str, gate: door.ConnectionGate) -> None:
+        """The internal LMTP listener: mail for the mailboxes homed here, from the peer nodes."""
+        handler = lmtp.LMTPHandler(
+            token=token, config=self.config, directory=lambda: self.watcher.current, store=self.store,
+            authenticator=self.authenticator, metrics=self.metrics, cluster=self.cluster,
+        )  # fmt: skip
+        listen = self.config.listen
+        server = await lmtp.start_listener(
+            handler=handler, config=self.config, host=listen.host, port=listen.lmtp, gate=gate
+        )
+        self._servers.append(server)
+        self._handlers.append(handler)
+        self.ports["lmtp"] = server.sockets[0].getsockname()[1]
+
     def _connection_gates(self, *, tls: bool) -> dict[str, door.ConnectionGate]:
         """One gate per client listener, their totals fitted to the file descriptors the process may
         hold, so that a flood of idle connections leaves room for the store and the health checks."""
         limits = self.config.listen.limits
         wanted = {name: limits.smtp for name in ("smtp", "submission", "submissions")}
         wanted.update({name: limits.imap for name in ("imap", "imaps")})
+        if self.cluster.clustered:
+            wanted["lmtp"] = limits.smtp
         if not tls:  # these listeners do not start without a certificate
             for name in ("submission", "submissions", "imaps"):
                 del wanted[name]

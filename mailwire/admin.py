@@ -147,6 +147,7 @@ class QueuedRecipient(Message):
     attempts: int
     last_error: str
     next_attempt: Timestamp | None  # None once the recipient is no longer pending
+    home: int | None = None  # a hand-off to the mailbox's home node (clustering): its ordinal
 
 
 class QueuedMessage(Message):

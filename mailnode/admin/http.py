@@ -54,6 +54,7 @@ from aiohttp import hdrs, web
 from mailnode.backup import checkpoint as checkpoints
 from mailnode.backup import jobs, restore
 from mailnode.metrics import NodeMetrics
+from mailnode.queue import handoff
 from mailnode.queue.spool import QueuedMessage, UnknownMessage
 from mailwire import admin
 
@@ -183,6 +184,7 @@ def queued_message(message: QueuedMessage, now: float) -> admin.QueuedMessage:
                 attempts=r.attempts,
                 last_error=r.last_error,
                 next_attempt=_iso(r.next_attempt) if r.state == "pending" else None,
+                home=handoff.ordinal_of(r.route),
             )
             for r in message.recipients
         ],

@@ -7,6 +7,11 @@ Per pass: one route per domain, at most `max_per_domain` connections per domain 
 all; a connection carries several messages (RSET between them). A recipient is recorded delivered right
 after the remote `250`, before anything else happens, so a restart never delivers it twice (RFC 5321 §6.1:
 the worst case is the rare duplicate when the connection drops between the end of DATA and the reply).
+
+Recipients routed `node:<ordinal>` are hand-offs to the mailbox's home node (a home that was down or
+slow when SMTP took the message): they go over LMTP through `mailnode.queue.handoff`, to the home the
+directory names at the time of the attempt (a mailbox may have moved meanwhile), on a short retry
+schedule, and they expire only after `handoff_lifetime`: a peer that restarts never causes a bounce.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from datetime import UTC, datetime
 import aiosmtplib
 
 from mailnode.metrics import NodeMetrics
-from mailnode.queue import dsn, routing
+from mailnode.queue import dsn, handoff, routing
 from mailnode.queue.spool import QueuedMessage, Spool, expired
 from mailwire import config as wire_config
 
@@ -35,6 +40,19 @@ log = logging.getLogger(__name__)
 MESSAGES_PER_CONNECTION = 10
 
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
+# Retries of a hand-off to a peer node: a restarting pod is back within a minute or two, so the first
+# retries come sooner than the outbound schedule's (mailnode.queue.spool.RETRY_DELAYS); then every 5 min.
+HANDOFF_RETRY_DELAYS: tuple[float, ...] = (10.0, 30.0, 60.0, 120.0, 300.0)
+# A hand-off is not given up on before this (30 days): the home is one of our own nodes, and mail for it
+# bounces only if it is gone for good (an operator's mistake that `mailnode queue list` shows).
+HANDOFF_LIFETIME = 30 * 86400.0
+
+
+def handoff_delay(attempts: int) -> float:
+    """Seconds before the next hand-off attempt after `attempts` failed ones."""
+    return HANDOFF_RETRY_DELAYS[min(max(attempts, 1), len(HANDOFF_RETRY_DELAYS)) - 1]
+
+
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
@@ -90,11 +108,14 @@ class Deliverer:
         lifetime: float = 5 * 86400,
         timeout: float = 60,
         transports: Mapping[str, tuple[str, int]] | None = None,
+        handoffs: handoff.Handoff | None = None,
+        handoff_lifetime: float = HANDOFF_LIFETIME,
     ) -> None:
         """`port` is the port of every MX destination (a relay host has its own). `tls` is the MX STARTTLS
         client context; by default MX delivery is opportunistic (TLS when offered, certificate not verified,
         as Postfix's smtp_tls_security_level=may). A relay host is secured as its `tls` says
-        (`relay_tls_context`); raises ValueError when its CA file cannot be loaded."""
+        (`relay_tls_context`); raises ValueError when its CA file cannot be loaded. `handoffs` delivers the
+        recipients routed to a home node (a clustered node's; None: a node alone)."""
         self._spool = spool
         self._hostname = hostname
         self._resolver = resolver
@@ -116,6 +137,8 @@ class Deliverer:
         self._max_per_domain = max(1, max_per_domain)
         self._connections = asyncio.Semaphore(max(1, max_connections))
         self._lifetime = lifetime
+        self._handoffs = handoffs
+        self._handoff_lifetime = max(lifetime, handoff_lifetime)
         self._timeout = timeout
         # The failures of this process's attempts, with the remote host: a bounce made after a restart
         # rebuilds them from the spool's last_error, without the host.
@@ -149,10 +172,15 @@ class Deliverer:
         """One pass over the due recipients; returns how many recipients were attempted."""
         now = self._clock()
         groups: dict[str, dict[str, _Job]] = collections.defaultdict(dict)
+        handoffs: dict[str, _Job] = {}
         attempted = 0
         for message in await self._spool.due(now):
             for recipient in message.pending:
                 if recipient.next_attempt > now:
+                    continue
+                if handoff.ordinal_of(recipient.route) is not None:
+                    handoffs.setdefault(message.id, _Job(message, [])).addresses.append(recipient.address)
+                    attempted += 1
                     continue
                 key = "" if self._relay_host is not None else _domain(recipient.address)
                 job = groups[key].setdefault(message.id, _Job(message, []))
@@ -160,8 +188,11 @@ class Deliverer:
                 attempted += 1
         domains = list(groups)
         results = await asyncio.gather(
-            *(self._deliver_domain(domain, list(groups[domain].values())) for domain in domains), return_exceptions=True
+            *(self._deliver_domain(domain, list(groups[domain].values())) for domain in domains),
+            *(self._hand_off(job) for job in handoffs.values()),
+            return_exceptions=True,
         )
+        domains += [f"(hand-off of {id})" for id in handoffs]
         for domain, result in zip(domains, results, strict=True):
             # one domain's trouble (a spool write that failed) must not keep the others' outcomes from counting
             if isinstance(result, Exception):
@@ -175,6 +206,31 @@ class Deliverer:
         await self._finish_all()
         await self._update_gauges()
         return attempted
+
+    # -- hand-offs to the home nodes ----------------------------------------------------------------------
+
+    async def _hand_off(self, job: _Job) -> None:
+        """One queued message to the homes of its due hand-off recipients, each home in one LMTP session."""
+        message = job.message
+        by_home: dict[int, list[str]] = collections.defaultdict(list)
+        for address in job.addresses:
+            stored = handoff.ordinal_of(message.recipient(address).route) or 0  # run_once took only node routes
+            # the home the directory names now: the mailbox may have moved since it was queued
+            current = self._handoffs.home_of(address) if self._handoffs is not None else None
+            by_home[stored if current is None else current].append(address)
+        data = await self._spool.read(message.id)
+        for home, addresses in by_home.items():
+            if self._handoffs is None:  # a queue from a clustered run opened by a node alone
+                answers = dict.fromkeys(addresses, handoff.Answer(451, "451 4.3.0 this node is not clustered"))
+            else:
+                async with self._connections:
+                    answers = await self._handoffs.send(home, sender=message.sender, recipients=addresses, data=data)
+            where = f"node {home}"
+            for address in addresses:
+                answer = answers[address]
+                result = "delivered" if answer.delivered else "failed" if answer.permanent else "deferred"
+                outcome = _Outcome(result, answer.status, f"{where}: {answer.text}", where)
+                await self._record(message, address, outcome, destination=where, handoff=True)
 
     # -- one domain ---------------------------------------------------------------------------------
 
@@ -359,18 +415,24 @@ class Deliverer:
 
     # -- outcomes -------------------------------------------------------------------------------------
 
-    async def _record(self, message: QueuedMessage, address: str, outcome: _Outcome, *, destination: str) -> None:
-        if outcome.result == "deferred" and expired(message, self._clock(), self._lifetime):
+    async def _record(
+        self, message: QueuedMessage, address: str, outcome: _Outcome, *, destination: str, handoff: bool = False
+    ) -> None:
+        lifetime = self._handoff_lifetime if handoff else self._lifetime
+        if outcome.result == "deferred" and expired(message, self._clock(), lifetime):
             outcome = _Outcome(
                 "failed", EXPIRED_STATUS, f"{EXPIRED_STATUS} delivery time expired; last error: {outcome.reply}"
             )
+        next_attempt = None
+        if handoff and outcome.result == "deferred":
+            next_attempt = self._clock() + handoff_delay(message.recipient(address).attempts + 1)
         await self._spool.record_attempt(
             message.id,
             address,
             delivered=outcome.result == "delivered",
             permanent=outcome.result == "failed",
             error=outcome.reply,
-            next_attempt=None,
+            next_attempt=next_attempt,
         )
         if outcome.result == "failed":
             failure = dsn.Failure(address, outcome.status, outcome.reply, outcome.remote_mta)
@@ -450,11 +512,17 @@ class Deliverer:
             return
         messages = await self._spool.list()
         self._metrics.queue_messages.set(len(messages))
+        self._metrics.handoff_queue_messages.set(sum(1 for m in messages if is_handoff(m)))
         oldest = min((m.created for m in messages), default=None)
         self._metrics.queue_oldest_age.set(0 if oldest is None else max(0.0, self._clock() - oldest))
 
 
 # -- helpers --------------------------------------------------------------------------------------------
+
+
+def is_handoff(message: QueuedMessage) -> bool:
+    """A message waiting to be handed to a home node (a pending recipient routed `node:<ordinal>`)."""
+    return any(handoff.ordinal_of(r.route) is not None for r in message.pending)
 
 
 def relay_tls_context(relay: routing.RelayHost) -> ssl.SSLContext | None:

@@ -79,6 +79,9 @@ class Recipient:
     attempts: int = 0
     last_error: str = ""  # the last reply or error text recorded for this recipient
     next_attempt: float = 0.0  # unix time; meaningful while pending
+    # "" (outbound: by the address's domain, or the relay host), or "node:<ordinal>": a hand-off to the
+    # mailbox's home node over LMTP (mailnode.queue.handoff).
+    route: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,10 +242,10 @@ class Spool:
 
     # -- enqueue -------------------------------------------------------------------------------------
 
-    async def enqueue(self, sender: str, recipients: Sequence[str], data: bytes) -> QueuedMessage:
+    async def enqueue(self, sender: str, recipients: Sequence[str], data: bytes, *, route: str = "") -> QueuedMessage:
         """Queue a message durably, or raise. Returns only after the message file, its envelope and
-        their directory are fsynced; every recipient is due at once. Duplicate addresses are merged.
-        Concurrent calls share fsyncs."""
+        their directory are fsynced; every recipient is due at once, on `route` (see Recipient).
+        Duplicate addresses are merged. Concurrent calls share fsyncs."""
         self._check_open()
         addresses = builtins.list(dict.fromkeys(recipients))
         if not addresses:
@@ -252,7 +255,7 @@ class Spool:
         message = QueuedMessage(
             id=id,
             sender=sender,
-            recipients=tuple(Recipient(address, next_attempt=now) for address in addresses),
+            recipients=tuple(Recipient(address, next_attempt=now, route=route) for address in addresses),
             created=now,
             size=len(data),
             path=self._dir / f"{id}.eml",
@@ -513,6 +516,7 @@ def _from_json(raw: Any, directory: Path) -> QueuedMessage:
                 attempts=_typed(r["attempts"], int),
                 last_error=_typed(r["last_error"], str),
                 next_attempt=float(r["next_attempt"]),
+                route=_typed(r.get("route", ""), str),  # absent in envelopes written before clustering
             )
         )
     id = _typed(raw["id"], str)

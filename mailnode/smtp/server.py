@@ -7,6 +7,12 @@ the store. A `250` after DATA is sent only once `MailStore.deliver` has returned
 disk, fsynced, and indexed. While a checkpoint holds the store's writes (docs/backups.md), MAIL FROM
 and the end of DATA are answered `451 4.3.0` and nothing is stored: the client retries, as after any
 4xx, and no SMTP session waits on the pause.
+
+In a cluster (DESIGN.md "Clustering") the handler accepts mail for every mailbox of the domain: a
+recipient homed on another node is handed to its home over LMTP before the `250` (mailnode.queue.handoff),
+or put in this node's queue, routed to that home, when the home is down or slow; a permanent refusal by
+the home becomes a bounce from the queue, as Postfix does after its queue. The policy for a recipient
+(`_admit`) is the same code for SMTP and for the internal LMTP listener (mailnode.smtp.lmtp).
 """
 
 from __future__ import annotations
@@ -40,8 +46,10 @@ from aiosmtpd.smtp import (
 
 from mailnode import listener as door
 from mailnode.auth import Authenticator
+from mailnode.cluster import Cluster
 from mailnode.config import Directory, MailboxEntry, NodeConfig
 from mailnode.metrics import NodeMetrics
+from mailnode.queue import handoff
 from mailnode.queue.spool import Spool
 from mailnode.smtp import replies
 from mailnode.store.mailstore import Delivery, MailStore
@@ -54,15 +62,24 @@ CHECKPOINT_IN_PROGRESS = replies.Reply(451, "4.3.0", "Checkpoint in progress, tr
 # answer 421 instead of 220 and close; RFC 3463 4.7.0: other security or policy status.
 TOO_MANY_FROM_CLIENT = replies.Reply(421, "4.7.0", "Too many connections from your address")
 TOO_MANY_CONNECTIONS = replies.Reply(421, "4.7.0", "Too many connections, try again later")
+# A peer handed over mail for a mailbox this node's directory homes elsewhere: the two directories
+# differ for a moment (a move); temporary, so the peer's queue retries with its directory reloaded.
+NOT_HOMED_HERE = replies.Reply(451, "4.3.0", "{address} is not stored on this node; try again later")
 
 
 class Listener(enum.StrEnum):
     MX = "smtp"
     SUBMISSION = "submission"
     SUBMISSIONS = "submissions"
+    LMTP = "lmtp"  # internal: mail handed over by the peer nodes (mailnode.smtp.lmtp)
 
     @property
     def is_submission(self) -> bool:
+        return self in (Listener.SUBMISSION, Listener.SUBMISSIONS)
+
+    @property
+    def takes_auth(self) -> bool:
+        """AUTH is offered: users on submission, the internal credential on LMTP; never on the MX port."""
         return self is not Listener.MX
 
 
@@ -88,6 +105,7 @@ class MailEnvelope(Envelope):
         super().__init__()
         self.declared_size = 0
         self.targets: dict[str, MailboxEntry] = {}
+        self.accepted: list[tuple[str, MailboxEntry]] = []  # each accepted RCPT of a mailbox, in order
         self.remote: list[str] = []  # recipients in other domains (submission only): the outbound queue
         self.rejected: list[tuple[str, str]] = []
         self.id = ""
@@ -288,6 +306,7 @@ class MailSMTP(SMTP):
         if not self.envelope.rcpt_tos:
             await self.push("503 Error: need RCPT command")
             return
+        recipients = len(self.envelope.rcpt_tos)
         if arg:
             await self.push("501 Syntax: DATA")
             return
@@ -298,12 +317,12 @@ class MailSMTP(SMTP):
             self.handler.rejected("message_too_big")
             self.handler.end_transaction(self.session, self.envelope, status, too_big)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
-            await self.push(status)
+            await self.push_after_data(status, recipients)
             return
         # RFC 5321 §4.5.3.1.6: a line is at most 1000 octets with its CRLF (+1 for a transparent dot).
         if max(map(len, content.split(b"\r\n"))) > self.line_length_limit - 2:
             self._set_post_data_state()  # type: ignore[no-untyped-call]
-            await self.push(str(replies.LINE_TOO_LONG))
+            await self.push_after_data(str(replies.LINE_TOO_LONG), recipients)
             return
         # RFC 5321 §4.5.2: a leading dot on a line is transparent.
         content = content.replace(b"\r\n.", b"\r\n")
@@ -313,7 +332,11 @@ class MailSMTP(SMTP):
         status = await self._call_handler_hook("DATA")
         # The envelope is reset before the reply is written: is_idle() relies on that order.
         self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push("250 OK" if status is MISSING else status)
+        await self.push_after_data("250 OK" if status is MISSING else status, recipients)
+
+    async def push_after_data(self, status: str, recipients: int) -> None:
+        """The reply to the end of DATA: one for the message in SMTP (LMTP answers per recipient)."""
+        await self.push(status)
 
     async def _read_data(self) -> tuple[bytes, int]:
         """Read up to the terminating CRLF.CRLF. Returns (raw data with its final CRLF, 0), or
@@ -416,7 +439,7 @@ class MailSMTP(SMTP):
         await super().smtp_STARTTLS(arg)
 
     async def smtp_AUTH(self, arg: str) -> None:
-        if not self.handler.listener.is_submission:
+        if not self.handler.listener.takes_auth:
             await self.push(str(replies.AUTH_NOT_HERE))
             return
         await super().smtp_AUTH(arg)
@@ -447,11 +470,17 @@ class SMTPHandler:
         check_inbound: Callable[[str, str, str, bytes], Awaitable[bytes]] | None = None,
         queued: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        cluster: Cluster | None = None,
+        handoffs: handoff.Handoff | None = None,
     ) -> None:
         """`spool` takes submitted mail for other domains (and remote forward_to targets); `sign(domain,
         message)` returns the DKIM-Signature header for mail from that domain, or b"" without a key;
         `check_inbound(ip, helo, sender, message)` returns the Authentication-Results header for mail
-        arriving on the MX listener."""
+        arriving on the MX listener. `cluster` says which mailboxes are stored here (None: all);
+        `handoffs`, given with the spool, takes mail for the mailboxes homed elsewhere; without it such
+        a recipient is refused (NOT_HOMED_HERE), as the LMTP listener does."""
+        if handoffs is not None and spool is None:
+            raise ValueError("hand-offs need the spool: what a home cannot take now waits there")
         self.listener = listener
         self._config = config
         self._directory = directory
@@ -463,6 +492,8 @@ class SMTPHandler:
         self._check_inbound = check_inbound
         self._queued = queued  # told after each enqueue: the delivery worker starts at once
         self._clock = clock
+        self._cluster = cluster
+        self._handoffs = handoffs
         self.connections: set[MailSMTP] = set()
 
     # -- bookkeeping ---------------------------------------------------------------------------------
@@ -511,7 +542,7 @@ class SMTPHandler:
         self, server: MailSMTP, session: MailSession, envelope: MailEnvelope, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
-        if not self.listener.is_submission:
+        if not self.listener.takes_auth:
             responses = [r for r in responses if not r[4:].startswith("AUTH")]
         # RFC 2920 PIPELINING and RFC 2034 ENHANCEDSTATUSCODES, which aiosmtpd supports but does not say.
         return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
@@ -565,14 +596,35 @@ class SMTPHandler:
         mailbox = resolution.mailbox
         if mailbox is None:
             return self._refuse(envelope, address, replies.MAILBOX_UNKNOWN, "unknown_mailbox")
-        if mailbox.suspended:
-            return self._refuse(envelope, address, replies.MAILBOX_DISABLED, "mailbox_disabled")
-        if self._over_quota(mailbox, envelope.declared_size):
-            return self._refuse(envelope, address, replies.MAILBOX_FULL, "over_quota")
+        if (refused := self._admit(envelope, address, mailbox, envelope.declared_size)) is not None:
+            return refused
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         envelope.targets[mailbox.address] = mailbox
+        envelope.accepted.append((address, mailbox))
         return str(replies.RECIPIENT_OK)
+
+    # RFC 3463 X.2.2. SMTP answers a full mailbox 452 (temporary: the client's queue retries); the LMTP
+    # listener (mailnode.smtp.lmtp) answers 552.
+    quota_reply = replies.MAILBOX_FULL
+
+    def _admit(self, envelope: MailEnvelope, address: str, mailbox: MailboxEntry, size: int) -> str | None:
+        """The policy for a recipient that is a mailbox of the directory, the same for SMTP and LMTP:
+        not suspended; stored here (or, with hand-offs, at its home, which answers for its own quota at
+        DATA); not over quota with `size` more bytes. The refusal text, counted, or None."""
+        if mailbox.suspended:
+            return self._refuse(envelope, address, replies.MAILBOX_DISABLED, "mailbox_disabled")
+        if not self.is_here(mailbox):
+            if self._handoffs is not None:
+                return None
+            return self._refuse(envelope, address, NOT_HOMED_HERE, "not_homed_here")
+        if self._over_quota(mailbox, size):
+            return self._refuse(envelope, address, self.quota_reply, "over_quota")
+        return None
+
+    def is_here(self, mailbox: MailboxEntry) -> bool:
+        """The mailbox is stored on this node (every mailbox, on a node alone)."""
+        return self._cluster is None or self._cluster.is_home(mailbox)
 
     def _over_quota(self, mailbox: MailboxEntry, incoming: int) -> bool:
         if not mailbox.quota:
@@ -601,16 +653,19 @@ class SMTPHandler:
         size = len(content)
         mailboxes = list(envelope.targets.values())
         for mailbox in mailboxes:
-            if self._over_quota(mailbox, size):
-                reply = self._refuse(envelope, mailbox.address, replies.MAILBOX_FULL, "over_quota")
+            # a home elsewhere answers for its own quota, in its LMTP reply
+            if self.is_here(mailbox) and self._over_quota(mailbox, size):
+                reply = self._refuse(envelope, mailbox.address, self.quota_reply, "over_quota")
                 self.end_transaction(session, envelope, reply, size)
                 return reply
         directory = self._directory()
         targets = {m.address: m for m in mailboxes}
+        forwarded: set[str] = set()  # forward_to targets: dropped, not bounced, when they cannot take it
         forward_local, forward_remote = self._forward_targets(directory, mailboxes)
         for forward in forward_local:
-            if forward.address not in targets and not self._over_quota(forward, size):
+            if forward.address not in targets and not (self.is_here(forward) and self._over_quota(forward, size)):
                 targets[forward.address] = forward
+                forwarded.add(forward.address)
         remote = list(dict.fromkeys([*envelope.remote, *forward_remote])) if self._spool is not None else []
         single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
         received = self._received_header(session, envelope, single)
@@ -623,15 +678,36 @@ class SMTPHandler:
                 results = await self._check_inbound(ip, session.host_name or "unknown", sender, content)
             except Exception:  # a check that breaks must not lose the message
                 log.exception("inbound checks failed", extra={"fields": {"id": envelope.id}})
-        deliveries = [Delivery(address=address, data=return_path + results + received + content) for address in targets]
-        # Checked after the last await before the store: a transaction ending now would wait for the
-        # checkpoint's whole hold; the client retries after a 451 instead.
+        # What a home node stores (it adds only Return-Path): the trace headers are added once, here.
+        traced = results + received + content
+        here = [address for address, mailbox in targets.items() if self.is_here(mailbox)]
+        away: dict[int, list[str]] = {}
+        for address, mailbox in targets.items():
+            if not self.is_here(mailbox):
+                away.setdefault(mailbox.home, []).append(address)
+        deliveries = [Delivery(address=address, data=return_path + traced) for address in here]
+        # Checked after the last await before the store (the hand-offs aside: once a home has the
+        # message, the store and queue writes below wait out a checkpoint rather than refuse it): a
+        # transaction ending now would wait for the checkpoint's whole hold; the client retries after a 451.
         if self._store.fence.paused:
             self.rejected("checkpoint")
             reply = str(CHECKPOINT_IN_PROGRESS)
             self.end_transaction(session, envelope, reply, size)
             return reply
         started = time.perf_counter()
+        handed, waiting, refused = await self._hand_off(away, sender=sender, data=traced)
+        bounced = {address: answer for address, answer in refused.items() if address not in forwarded}
+        for address in refused.keys() - bounced.keys():
+            log.info(
+                "forward target refused by its home; dropped",
+                extra={"fields": {"id": envelope.id, "target": address, "reply": refused[address].text}},
+            )
+        if bounced and not (deliveries or remote or handed or waiting):
+            # Nothing was taken: the client hears the home's refusal itself, and no bounce is needed.
+            first = next(iter(bounced.values()))
+            self.rejected("refused_by_home")
+            self.end_transaction(session, envelope, first.text, size)
+            return first.text
         try:
             if deliveries:
                 await self._store.deliver(deliveries)
@@ -641,6 +717,7 @@ class SMTPHandler:
                 signature = self._sign(sender.rpartition("@")[2], outbound) if sender else b""
                 await self._spool.enqueue(sender, remote, signature + outbound)
                 self._queued()
+            await self._queue_hand_offs(sender, traced, waiting=waiting, bounced=bounced, targets=targets)
         except Exception as error:
             log.exception("delivery failed", extra={"fields": {"id": envelope.id, "error": str(error)}})
             self.rejected("store_error")
@@ -653,6 +730,65 @@ class SMTPHandler:
         reply = replies.DELIVERED.format(id=envelope.id)
         self.end_transaction(session, envelope, reply, size)
         return reply
+
+    async def _hand_off(
+        self, away: dict[int, list[str]], *, sender: str, data: bytes
+    ) -> tuple[list[str], dict[int, list[str]], dict[str, handoff.Answer]]:
+        """Give the message to each home node of `away` (ordinal -> mailbox addresses), at once.
+        Returns (stored by their home, {home: addresses to queue for it}, {address: permanent refusal})."""
+        handed: list[str] = []
+        waiting: dict[int, list[str]] = {}
+        refused: dict[str, handoff.Answer] = {}
+        if not away or self._handoffs is None:
+            return handed, waiting, refused
+        homes = list(away)
+        outcomes = await asyncio.gather(
+            *(self._handoffs.send(home, sender=sender, recipients=away[home], data=data) for home in homes)
+        )
+        for home, answers in zip(homes, outcomes, strict=True):
+            for address, answer in answers.items():
+                if answer.delivered:
+                    handed.append(address)
+                    self._metrics.handoffs.labels("delivered").inc()
+                elif answer.permanent:
+                    refused[address] = answer
+                    self._metrics.handoffs.labels("refused").inc()
+                else:
+                    waiting.setdefault(home, []).append(address)
+                    self._metrics.handoffs.labels("queued").inc()
+                    log.info(
+                        "home node did not take the message now; queued for it",
+                        extra={"fields": {"home": home, "recipient": address, "reply": answer.text}},
+                    )
+        return handed, waiting, refused
+
+    async def _queue_hand_offs(
+        self,
+        sender: str,
+        data: bytes,
+        *,
+        waiting: dict[int, list[str]],
+        bounced: dict[str, handoff.Answer],
+        targets: dict[str, MailboxEntry],
+    ) -> None:
+        """Queue what the homes could not take now (the queue's worker retries), and the recipients they
+        refused for good, recorded failed so that the worker sends the sender one RFC 3464 bounce."""
+        if self._spool is None:
+            return
+        for home, addresses in waiting.items():
+            await self._spool.enqueue(sender, addresses, data, route=handoff.route_to(home))
+        refusals: dict[int, list[str]] = {}
+        for address in bounced:
+            refusals.setdefault(targets[address].home, []).append(address)
+        for home, addresses in refusals.items():
+            message = await self._spool.enqueue(sender, addresses, data, route=handoff.route_to(home))
+            for address in addresses:
+                error = f"node {home}: {bounced[address].text}"
+                await self._spool.record_attempt(
+                    message.id, address, delivered=False, permanent=True, error=error, next_attempt=None
+                )
+        if waiting or refusals:
+            self._queued()
 
     def _received_header(self, session: MailSession, envelope: MailEnvelope, recipient: str | None) -> bytes:
         """The Received header (RFC 5321 §4.4; "with" keywords from RFC 3848). Return-Path is added

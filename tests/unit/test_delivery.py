@@ -18,7 +18,7 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from mailnode.metrics import NodeMetrics
-from mailnode.queue import delivery, routing
+from mailnode.queue import delivery, handoff, routing
 from mailnode.queue.delivery import Deliverer
 from mailnode.queue.spool import Spool, next_delay
 from tests.unit.conftest import FakeClock
@@ -408,3 +408,50 @@ async def test_run_goes_on_after_a_failed_pass_and_stops_when_cancelled(spool, r
         await task
     assert passes >= 3
     assert handler.received == [("alice@local.test", ["bob@remote.test"], MESSAGE)]
+
+
+# -- hand-offs to a home node (clustering) -------------------------------------------------------------
+
+
+class FakeHandoff:
+    """mailnode.queue.handoff.Handoff as the worker sees it: the home is down until `up` is set."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.sent: list[tuple[int, str, list[str], bytes]] = []
+        self.homes: dict[str, int] = {}
+
+    def home_of(self, address: str) -> int | None:
+        return self.homes.get(address)
+
+    async def send(self, home: int, *, sender: str, recipients: list[str], data: bytes) -> dict[str, Any]:
+        if not self.up:
+            return dict.fromkeys(recipients, handoff.Answer(421, "421 4.4.1 cannot connect to node 1"))
+        self.sent.append((home, sender, recipients, data))
+        return dict.fromkeys(recipients, handoff.Answer(250, "250 2.0.0 Ok: stored"))
+
+
+async def test_a_hand_off_waits_for_its_home_past_the_queue_lifetime_then_arrives_once(spool, local, clock):
+    home = FakeHandoff()
+    metrics = NodeMetrics()
+    worker = deliverer(spool, 1, local, clock, handoffs=home, lifetime=3600, metrics=metrics)
+    await spool.enqueue("alice@local.test", ["bob@local.test"], MESSAGE, route=handoff.route_to(1))
+
+    assert await worker.run_once() == 1
+    [message] = await spool.list()
+    assert message.recipients[0].next_attempt == clock.now + delivery.HANDOFF_RETRY_DELAYS[0]
+    assert "mailnode_handoff_queue_messages 1.0" in metrics.exposition().decode()
+    clock.now += 2 * 86400  # the home down for two days, far past the outbound lifetime
+    assert await worker.run_once() == 1
+    [message] = await spool.list()
+    assert message.pending and local.delivered == []  # no bounce
+
+    home.up = True
+    home.homes["bob@local.test"] = 2  # moved meanwhile: the directory's home now wins over the route
+    clock.now += 3600
+    await worker.run_once()
+    assert home.sent == [(2, "alice@local.test", ["bob@local.test"], MESSAGE)]
+    assert await spool.list() == []
+    await worker.run_once()
+    assert len(home.sent) == 1
+    assert "mailnode_handoff_queue_messages 0.0" in metrics.exposition().decode()
