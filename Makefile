@@ -61,6 +61,7 @@ chart: bootstrap ## helm lint --strict the chart (charts/mailfleet) and render i
 bench: ## benchmarks: the node against Postfix (SMTP in and out), Dovecot (IMAP, backups) and tar on this machine, then 10^6 fuzzed inputs (not a test)
 	@scripts/bootstrap --bench
 	$(PY) -m bench.smtp
+	$(PY) -m bench.cluster
 	$(PY) -m bench.imap
 	$(PY) -m bench.outbound
 	$(PY) -m bench.operator

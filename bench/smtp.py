@@ -68,15 +68,15 @@ def count_files(*directories: Path) -> int:
 # The load
 
 
-def send(server: str, port: int, load: Load, *, timeout: float, progress: bool) -> float:
-    """Run smtp-source against 127.0.0.1:port; seconds from its start until it finished.
+def send(server: str, port: int, load: Load, *, timeout: float, progress: bool, recipient: str = RECIPIENT) -> float:
+    """Run smtp-source against 127.0.0.1:port (to `recipient`); seconds from its start until it finished.
 
     smtp-source greets with HELO (plain SMTP: no ESMTP, no pipelining; it has no option for either) and
     opens one connection per message (no -d), as Postfix's own benchmarks use it. It exits non-zero when
     a reply is not the expected 2xx/3xx.
     """
     argv = [tool("smtp-source"), "-s", str(load.sessions), "-m", str(load.messages), "-l", str(load.size)]
-    argv += ["-f", SENDER, "-t", RECIPIENT, f"{HOST}:{port}"]
+    argv += ["-f", SENDER, "-t", recipient, f"{HOST}:{port}"]
     if progress:
         argv.insert(1, "-c")
     started = time.monotonic()
