@@ -534,7 +534,18 @@ class MailDomainSpec(_Model):
         description="More domains whose mail goes to the same mailboxes (user@alias goes to user@domain).",
         json_schema_extra=_SET,
     )
-    replicas: int = pydantic.Field(1, ge=1, description="Number of mail nodes.")
+    replicas: int = pydantic.Field(
+        1,
+        ge=1,
+        le=16,
+        description=(
+            "Number of mail nodes (1 to 16). With more than one, each mailbox is stored on one of them (its "
+            "home, shown in the Mailbox's status.node) and every node serves every mailbox. Fixed once the "
+            "domain is created, until mailbox moves exist: a change is refused (MoveNotSupported). Each node "
+            "keeps its volume when the domain is deleted or scaled down (the StatefulSet's claim retention "
+            "policy is Retain): delete the claims data-<name>-<i> yourself once the mail is no longer needed."
+        ),
+    )
     storage: StorageSpec = _object(StorageSpec, "The volume of each mail node.")
     resources: ResourceRequirements = pydantic.Field(
         default_factory=ResourceRequirements, description="CPU and memory of each mail node container."
@@ -669,6 +680,14 @@ class MailboxStatus(_Status):
     observed_generation: int | None = pydantic.Field(None, ge=0, description=_OBSERVED_GENERATION)
     used_bytes: int | None = pydantic.Field(None, ge=0, description="Total size of the mail kept, in bytes.")
     messages: int | None = pydantic.Field(None, ge=0, description="Number of messages kept.")
+    node: str | None = pydantic.Field(
+        None,
+        description=(
+            "The pod that stores the mailbox (its home, <maildomain>-<ordinal>), chosen by the operator and "
+            "recorded in the domain's directory; every other node of the domain hands its mail and IMAP "
+            "sessions there. Unset while the mailbox is in no directory."
+        ),
+    )
 
 
 class Mailbox(Resource):
@@ -681,6 +700,7 @@ class Mailbox(Resource):
         PrinterColumn("Address", "string", ".spec.address", "The mailbox's address."),
         PrinterColumn("Quota", "string", ".spec.quota", "Largest total size of the mail kept."),
         PrinterColumn("Used", "integer", ".status.usedBytes", "Bytes of mail kept."),
+        PrinterColumn("Node", "string", ".status.node", "The pod that stores the mailbox."),
         _ready(),
         _age(),
     )
