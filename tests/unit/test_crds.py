@@ -328,7 +328,7 @@ def schema_errors(schema: dict[str, Any], value: Any, path: str = "") -> list[st
 
 
 def _resources() -> list[dict[str, Any]]:
-    documents = load_examples("maildomain.yaml", "mailboxes.yaml")
+    documents = load_examples("maildomain.yaml", "mailboxes.yaml", "cluster.yaml")
     return [doc for doc in documents if doc["apiVersion"] == api.API_VERSION]
 
 
