@@ -7,6 +7,7 @@ refused with MoveNotSupported, leaving the StatefulSet as it was."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from typing import Any
 
@@ -79,7 +80,7 @@ async def test_a_domain_of_three_nodes_is_built_and_each_mailbox_shows_its_node(
         address = f"{name}@example.com"
         home = entries[address].get("home", 0)
         assert home == placement.rendezvous(address, 3)
-        shown = await eventually(lambda name=name: _node_shown(client, name), what=f"{name}'s node")
+        shown = await eventually(functools.partial(_node_shown, client, name), what=f"{name}'s node")
         assert shown == f"example-com-{home}"
     assert len({entry.get("home", 0) for entry in entries.values()}) > 1  # six mailboxes, not all on one node
 

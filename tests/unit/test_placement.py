@@ -21,7 +21,7 @@ def test_a_home_is_stable_across_processes_and_case() -> None:
     # another interpreter, with another hash seed: Python's hash() would differ, sha256 does not
     code = (
         "from mailfleet.specs import placement;"
-        f"print([placement.rendezvous(f'user{{i}}@example.com', 5) for i in range(50)])"
+        "print([placement.rendezvous(f'user{i}@example.com', 5) for i in range(50)])"
     )
     there = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123"}
