@@ -68,19 +68,19 @@ def node_config(
         "domains": [wire_config.DomainConfig(**entry)],
         "data_dir": data_dir,
         "directory_file": directory_file,
-        "listen": wire_config.ListenConfig(host="0.0.0.0", **common.CONTAINER_PORTS, **_proxy_protocol(domain)),
+        "listen": wire_config.ListenConfig(
+            host="0.0.0.0", **common.CONTAINER_PORTS, **_internal_ports(domain), **_proxy_protocol(domain)
+        ),
         "smtp": wire_config.SMTPConfig(**smtp),
         "internal": wire_config.InternalConfig(token_file=internal_token_file),
     }
     if common.clustered(domain):
         # DESIGN.md "Clustering": every node by ordinal, this one included; `cluster.ordinal` stays unset,
         # each pod takes it from $POD_NAME (the StatefulSet sets it), so one ConfigMap serves them all.
-        internal = {"lmtp": common.INTERNAL_PORTS["lmtp"], "imap_proxy": common.INTERNAL_PORTS["imap-proxy"]}
-        fields["listen"] = wire_config.ListenConfig(
-            host="0.0.0.0", **common.CONTAINER_PORTS, **internal, **_proxy_protocol(domain)
-        )
         peers = [
-            wire_config.PeerConfig(host=common.pod_host(domain, i), http=common.CONTAINER_PORTS["http"], **internal)
+            wire_config.PeerConfig(
+                host=common.pod_host(domain, i), http=common.CONTAINER_PORTS["http"], **_internal_ports(domain)
+            )
             for i in range(domain.spec.replicas)
         ]
         fields["cluster"] = wire_config.ClusterConfig(peers=peers)
@@ -90,6 +90,13 @@ def node_config(
         fields["tls"] = wire_config.TLSConfig(cert_file=f"{tls_dir}/tls.crt", key_file=f"{tls_dir}/tls.key")
     config = wire_config.NodeConfig(**fields)
     return config.model_dump(mode="json", exclude_unset=True)
+
+
+def _internal_ports(domain: api.MailDomain) -> dict[str, int]:
+    """The internal ports as the config names them (lmtp, imap_proxy), for a domain of several nodes."""
+    if not common.clustered(domain):
+        return {}
+    return {name.replace("-", "_"): port for name, port in common.INTERNAL_PORTS.items()}
 
 
 def _proxy_protocol(domain: api.MailDomain) -> dict[str, Any]:
