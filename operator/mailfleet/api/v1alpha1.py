@@ -378,10 +378,12 @@ class ServiceSpec(_Model):
         description="PROXY protocol from the load balancer in front of the Service (off by default).",
         json_schema_extra={
             "default": {},
-            # the API server's half of ProxyProtocolSpec's own check
+            # the API server's half of ProxyProtocolSpec's own check; has(): the API server also checks the
+            # rule against the default {} itself, which has no `enabled` (defaults inside it are not applied)
             "x-kubernetes-validations": [
                 {
-                    "rule": "!self.enabled || (has(self.trustedRanges) && size(self.trustedRanges) > 0)",
+                    "rule": "!has(self.enabled) || !self.enabled || "
+                    "(has(self.trustedRanges) && size(self.trustedRanges) > 0)",
                     "message": "trustedRanges: at least one range when the PROXY protocol is enabled",
                 }
             ],
