@@ -162,6 +162,7 @@ class MailboxStatus(TypedDict, total=False):
     observedGeneration: int
     usedBytes: int
     messages: int
+    node: str | None  # None in a merge patch removes it
 
 
 class Mailbox(Object, total=False):

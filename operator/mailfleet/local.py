@@ -11,6 +11,7 @@ started as a program, never imported: the operator does not depend on the node's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import ipaddress
@@ -39,6 +40,8 @@ DEFAULT_STATE_DIR: Final = Path(".mailfleet-local")
 # DESIGN.md, `mailfleet local up`: node i listens on base + 10*i + these offsets.
 PORT_STRIDE: Final = 10
 PORT_OFFSETS: Final = {"smtp": 0, "submission": 1, "submissions": 2, "imap": 3, "imaps": 4, "http": 5}
+# Those of a node of several (replicas > 1): the peers hand mail and IMAP sessions over on these.
+INTERNAL_PORT_OFFSETS: Final = {"lmtp": 6, "imap_proxy": 7}
 PORT_USES: Final = {
     "smtp": "MX (STARTTLS)",
     "submission": "submission (STARTTLS, AUTH)",
@@ -46,6 +49,8 @@ PORT_USES: Final = {
     "imap": "IMAP (STARTTLS)",
     "imaps": "IMAP (implicit TLS)",
     "http": "/healthz /readyz /metrics /status",
+    "lmtp": "internal: mail handed over by the peers (LMTP)",
+    "imap_proxy": "internal: IMAP sessions proxied by the peers",
 }
 HOST: Final = "127.0.0.1"
 
@@ -63,30 +68,39 @@ class LocalError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Node:
-    """One local mail node: the MailDomain's only replica, with its files under `root`."""
+    """One local mail node: replica `ordinal` of its MailDomain, the `index`-th node of the run (its
+    ports), with the domain's shared files (directory, token, keys) under `root` and its own (config,
+    data, log) under `own`: `root` itself for a domain of one node, as before clustering."""
 
     index: int
+    ordinal: int
     domain: api.MailDomain
     root: Path  # STATE/<MailDomain name>
+    own: Path  # root, or root/node-<ordinal> for a domain of several nodes
     ports: dict[str, int]
     tls: str  # where the certificate comes from, for people
     dns_records: list[str]
 
     @property
     def config_file(self) -> Path:
-        return self.root / common.CONFIG_KEY
+        return self.own / common.CONFIG_KEY
 
     @property
     def log_file(self) -> Path:
-        return self.root / "node.log"
+        return self.own / "node.log"
 
     @property
     def title(self) -> str:
-        return f"node {self.index} (MailDomain {self.domain.metadata.name})"
+        if not common.clustered(self.domain):
+            return f"node {self.index} (MailDomain {self.domain.metadata.name})"
+        return f"node {self.index} (MailDomain {self.domain.metadata.name}, ordinal {self.ordinal})"
 
 
-def ports(base_port: int, index: int) -> dict[str, int]:
-    return {name: base_port + PORT_STRIDE * index + offset for name, offset in PORT_OFFSETS.items()}
+def ports(base_port: int, index: int, *, internal: bool = False) -> dict[str, int]:
+    """Node `index`'s ports (DESIGN.md, `mailfleet local up`), with the internal ones of a domain of
+    several nodes when `internal`."""
+    offsets = {**PORT_OFFSETS, **(INTERNAL_PORT_OFFSETS if internal else {})}
+    return {name: base_port + PORT_STRIDE * index + offset for name, offset in offsets.items()}
 
 
 # -- files ---------------------------------------------------------------------------------------------
@@ -97,33 +111,39 @@ def prepare(paths: list[Path], *, base_port: int, state_dir: Path) -> list[Node]
     `state_dir`; start nothing. The files are checked completely before anything is written, so refused
     input leaves the state directory as it was. Raises files.RenderError or LocalError."""
     loaded = files.load(paths)
-    for path, domain in loaded.domains:
-        if (reason := common.unsupported(domain)) is not None:
-            raise files.RenderError(f"{path}: MailDomain {domain.metadata.name}: {reason}")
     _check_names(loaded)
-    last_port = base_port + PORT_STRIDE * (len(loaded.domains) - 1) + max(PORT_OFFSETS.values())
+    nodes = sum(domain.spec.replicas for _, domain in loaded.domains)
+    last_port = base_port + PORT_STRIDE * (nodes - 1) + max(INTERNAL_PORT_OFFSETS.values())
     if base_port < 1 or last_port > 65535:
         raise LocalError(f"--base-port {base_port}: the last node would listen on {last_port}, above 65535")
     resolved = files.resolve(loaded, paths)
     given_tls = [files.tls_secret(loaded, r) for r in resolved]
-    directories = [_directory(r) for r in resolved]
+    directories = [_directory(r, state_dir=state_dir) for r in resolved]
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         self_signed = [common.mail_host(r.domain) for r, tls in zip(resolved, given_tls, strict=True) if tls is None]
         cert_file = _self_signed_certificate(state_dir / "tls", self_signed) if self_signed else None
-        return [
-            _write_node(index, r, tls, directory, state_dir=state_dir, base_port=base_port, self_signed=cert_file)
-            for index, (r, tls, directory) in enumerate(zip(resolved, given_tls, directories, strict=True))
-        ]
+        written: list[Node] = []
+        for r, tls, directory in zip(resolved, given_tls, directories, strict=True):
+            written += _write_domain(
+                len(written), r, tls, directory, state_dir=state_dir, base_port=base_port, self_signed=cert_file
+            )
+        return written
     except OSError as error:
         raise LocalError(f"{error.filename or state_dir}: cannot write: {error.strerror}") from error
 
 
-def _directory(resolved: files.ResolvedDomain) -> str:
-    """directory.yaml, as the operator puts it in the domain's directory Secret."""
+def _directory(resolved: files.ResolvedDomain, *, state_dir: Path) -> str:
+    """directory.yaml, as the operator puts it in the domain's directory Secret: each mailbox keeps the
+    home the directory of the last run recorded (the operator reads its Secret back the same way)."""
     domain = resolved.domain
+    recorded: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):  # no earlier run, or a file edited by hand
+        previous = (state_dir / domain.metadata.name / common.DIRECTORY_KEY).read_bytes()
+        recorded = specs.node.recorded_homes(specs.node.read_directory(previous))
     try:
-        return specs.dump(specs.directory(domain, resolved.mailboxes, resolved.passwords))
+        placed = specs.homes(domain, resolved.mailboxes, recorded=recorded)
+        return specs.dump(specs.directory(domain, resolved.mailboxes, resolved.passwords, placed=placed))
     except ValueError as error:
         raise files.RenderError(f"{resolved.path}: MailDomain {domain.metadata.name}: {error}") from error
 
@@ -142,8 +162,8 @@ def _check_names(loaded: files.Loaded) -> None:
         seen[name] = path
 
 
-def _write_node(
-    index: int,
+def _write_domain(
+    first_index: int,
     resolved: files.ResolvedDomain,
     tls: tuple[str, str] | None,
     directory: str,
@@ -151,24 +171,24 @@ def _write_node(
     state_dir: Path,
     base_port: int,
     self_signed: Path | None,
-) -> Node:
-    """The node's files, as the pod would see them mounted, with paths into the state directory and the
-    node's ports on 127.0.0.1 instead of the pod contract's."""
+) -> list[Node]:
+    """The files of the domain's nodes, as the pods would see them mounted, with paths into the state
+    directory and the nodes' ports on 127.0.0.1 instead of the pod contract's. The nodes share the
+    directory, the internal token and the keys, as the pods share the Secrets; each has its own config
+    and data, as each pod has its own ordinal and volume."""
     domain = resolved.domain
     root = state_dir / domain.metadata.name
     absolute = root.absolute()
     token_file = absolute / "internal" / common.INTERNAL_KEY
     _internal_token(token_file)
+    clustered = common.clustered(domain)
     config = specs.node_config(
         domain,
-        data_dir=str(absolute / "data"),
         directory_file=str(absolute / common.DIRECTORY_KEY),
         tls_dir=None,
         relay_username=resolved.relay_username,
         internal_token_file=str(token_file),
     )
-    node_ports = ports(base_port, index)
-    config = {"node_name": f"{domain.metadata.name}-0", **config, "listen": {"host": HOST, **node_ports}}
 
     if tls is None:
         assert self_signed is not None  # prepare makes it for every domain without a TLS Secret
@@ -198,10 +218,29 @@ def _write_node(
         _write(ca_file, resolved.relay_ca, mode=0o644)
         relay_host["ca_file"] = str(ca_file.absolute())
 
-    (root / "data").mkdir(parents=True, exist_ok=True)
     _write(root / common.DIRECTORY_KEY, directory, mode=0o600)  # password hashes
-    _write(root / common.CONFIG_KEY, specs.dump(config), mode=0o644)
-    return Node(index, domain, root, node_ports, tls_source, files.dns_lines(domain, dkim_record=dkim_record))
+    indexes = range(first_index, first_index + domain.spec.replicas)
+    all_ports = [ports(base_port, index, internal=clustered) for index in indexes]
+    if clustered:
+        # DESIGN.md "Clustering": every node by ordinal, this one included, as the operator lists the pods
+        peers = [{"host": HOST, "lmtp": p["lmtp"], "imap_proxy": p["imap_proxy"], "http": p["http"]} for p in all_ports]
+        config["cluster"] = {"peers": peers}
+    nodes: list[Node] = []
+    dns_records = files.dns_lines(domain, dkim_record=dkim_record)
+    for ordinal, (index, node_ports) in enumerate(zip(indexes, all_ports, strict=True)):
+        own = root / f"node-{ordinal}" if clustered else root
+        node_config = {
+            "node_name": common.pod_name(domain, ordinal),
+            **config,
+            "data_dir": str(own.absolute() / "data"),
+            "listen": {"host": HOST, **node_ports},
+        }
+        if clustered:
+            node_config["cluster"] = {"ordinal": ordinal, **config["cluster"]}
+        (own / "data").mkdir(parents=True, exist_ok=True)
+        _write(own / common.CONFIG_KEY, specs.dump(node_config), mode=0o644)
+        nodes.append(Node(index, ordinal, domain, root, own, node_ports, tls_source, dns_records))
+    return nodes
 
 
 def _internal_token(token_file: Path) -> None:
@@ -306,8 +345,9 @@ def run(nodes: list[Node], *, out: TextIO, err: TextIO, ready_timeout: float = R
     """Run the nodes in the foreground until SIGINT or SIGTERM (exit 0 once every node has stopped) or
     until a node dies or never gets ready (reported on `err`, the others stopped, exit 1)."""
     for node in nodes:
-        out.write(f"DNS records to publish for MailDomain {node.domain.metadata.name}:\n")
-        out.writelines(f"  {line}\n" for line in node.dns_records)
+        if node.ordinal == 0:  # once per domain
+            out.write(f"DNS records to publish for MailDomain {node.domain.metadata.name}:\n")
+            out.writelines(f"  {line}\n" for line in node.dns_records)
     out.flush()
     stop = threading.Event()
 
@@ -418,7 +458,10 @@ def _print_node(node: Node, *, out: TextIO) -> None:
     for name, port in node.ports.items():
         out.write(f"  {name:<12} {HOST}:{port:<6} {PORT_USES[name]}\n")
     out.write(f"  {'tls':<12} {node.tls}\n")
-    out.write(f"  {'files':<12} {node.root} (log: {node.log_file})\n")
+    if common.clustered(node.domain):
+        out.write(f"  {'files':<12} {node.own} (shared: {node.root}; log: {node.log_file})\n")
+    else:
+        out.write(f"  {'files':<12} {node.root} (log: {node.log_file})\n")
 
 
 def _stop(processes: list[tuple[Node, subprocess.Popen[bytes]]], *, err: TextIO) -> bool:

@@ -1,9 +1,11 @@
 """The chart and the operator on a real API server: helm installs the chart, kubectl applies the examples,
-`mailfleet operator` (out of the cluster, with a kubeconfig) builds the domain; the API server's own
-validation, status subresource, generation and garbage collector are the judges."""
+`mailfleet operator` (out of the cluster, with a kubeconfig) builds the domains (example.com of one node,
+example.org of three, whose Mailboxes show their node; a replicas change is MoveNotSupported); the API
+server's own validation, status subresource, generation and garbage collector are the judges."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from mailfleet.specs import placement
 from tests.cluster.conftest import BIN, ROOT, ControlPlane
 
 
@@ -31,6 +34,11 @@ def _until(probe: Callable[[], Any], what: str, within: float = 60) -> Any:
 def _get(plane: ControlPlane, *args: str) -> dict[str, Any] | None:
     result = plane.kubectl("get", "-o", "json", *args, check=False)
     return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def _node_of(plane: ControlPlane, mailbox: str) -> str | None:
+    """status.node of the Mailbox, once written."""
+    return ((_get(plane, "-n", "mail", "mbx", mailbox) or {}).get("status") or {}).get("node")
 
 
 def _condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
@@ -54,7 +62,8 @@ def test_the_chart_and_the_operator_on_a_real_api_server(control_plane: ControlP
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=mail.example.com",
          "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
     )  # fmt: skip
-    plane.kubectl("-n", "mail", "create", "secret", "tls", "mail-example-com-tls", f"--cert={cert}", f"--key={key}")
+    for tls in ("mail-example-com-tls", "mail-example-org-tls"):  # examples/cluster.yaml's domain: example.org
+        plane.kubectl("-n", "mail", "create", "secret", "tls", tls, f"--cert={cert}", f"--key={key}")
     plane.kubectl("-n", "mail", "apply", "-f", str(ROOT / "examples"))
 
     # The CRD schema refuses a bad address with the message kubectl shows.
@@ -90,6 +99,30 @@ def test_the_chart_and_the_operator_on_a_real_api_server(control_plane: ControlP
             "alice Served",
         )
         assert alice
+
+        # A domain of three nodes (examples/cluster.yaml): the API server takes the StatefulSet as built, and
+        # each Mailbox's status names the pod that stores it, which `kubectl get mbx` shows.
+        sts = _until(lambda: _get(plane, "-n", "mail", "statefulset", "example-org"), "the StatefulSet of three")
+        assert sts["spec"]["replicas"] == 3 and sts["spec"]["podManagementPolicy"] == "OrderedReady"
+        assert sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+        spread = sts["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        assert {c["topologyKey"] for c in spread} == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+        for name in ("carol", "dave", "erin"):
+            home = placement.rendezvous(f"{name}@example.org", 3)
+            node = _until(functools.partial(_node_of, plane, name), f"{name}'s node")
+            assert node == f"example-org-{home}"
+        table = plane.kubectl("-n", "mail", "get", "mbx", "carol").stdout
+        assert "NODE" in table and f"example-org-{placement.rendezvous('carol@example.org', 3)}" in table
+        # Another number of nodes would need mailbox moves: refused, the StatefulSet left as it is.
+        plane.kubectl("-n", "mail", "patch", "md", "example-org", "--type=merge", "-p", '{"spec": {"replicas": 4}}')
+        _until(
+            lambda: (
+                _condition(_get(plane, "-n", "mail", "md", "example-org"), "Degraded").get("reason")
+                == "MoveNotSupported"
+            ),
+            "MoveNotSupported",
+        )
+        assert (_get(plane, "-n", "mail", "statefulset", "example-org") or {})["spec"]["replicas"] == 3
 
         # A spec change bumps generation; observedGeneration follows (through the status subresource).
         plane.kubectl("-n", "mail", "patch", "md", "example-com", "--type=merge", "-p",

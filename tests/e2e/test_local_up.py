@@ -5,8 +5,10 @@ STARTTLS, trusting the certificate local up made; the plaintext passwords and ap
 examples/mailboxes.yaml log in; SIGTERM stops every node (exit 0, no node process left, ports closed); a
 restart keeps the mail, the certificate and the DKIM key; a TLS Secret in the files is served instead of a
 self-signed certificate; a node that dies, or cannot start because a port is taken, ends the run with
-exit 1 and says which; bad input (replicas > 1, a missing password Secret, a Secret of the wrong type) is
-refused with one line naming the file and the field, before anything is written.
+exit 1 and says which; a domain of three replicas runs three nodes, each on its own ports, config and
+data, with the others as its peers and the same directory; bad input (more than 16 replicas, a missing
+password Secret, a Secret of the wrong type) is refused with one line naming the file and the field,
+before anything is written.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,8 +35,7 @@ import pytest
 import trustme
 import yaml
 
-from mailfleet import api
-from mailfleet.specs import common
+from mailfleet.specs import placement
 
 ROOT = Path(__file__).parents[2]
 EXAMPLES = ROOT / "examples"
@@ -51,14 +53,16 @@ def example_password(secret: str, key: str) -> str:
     return str(document["stringData"][key])
 
 
-def free_base_port() -> int:
-    """A base N with N..N+5 free on 127.0.0.1, below the kernel's ephemeral range (32768 and up) so that no
-    outgoing connection takes one meanwhile, and away from 20000, where `make run` may be running."""
+def free_base_port(*, nodes: int = 1) -> int:
+    """A base N with the ports of `nodes` nodes free on 127.0.0.1 (N..N+5, N+10..N+17, ...), below the
+    kernel's ephemeral range (32768 and up) so that no outgoing connection takes one meanwhile, and away
+    from 20000, where `make run` may be running."""
+    offsets = range(len(PORT_NAMES)) if nodes == 1 else [10 * i + o for i in range(nodes) for o in range(8)]
     for _ in range(100):
         base = random.randrange(21000, 32000, 10)
         with contextlib.ExitStack() as stack:
             try:
-                for offset in range(len(PORT_NAMES)):
+                for offset in offsets:
                     sock = stack.enter_context(socket.socket())
                     sock.bind(("127.0.0.1", base + offset))
             except OSError:
@@ -301,17 +305,56 @@ def test_a_taken_port_is_reported(local_up: Callable[..., LocalUp]) -> None:
     assert "address already in use" in errors  # the node's own message, from its log
 
 
-def test_more_than_one_replica_is_refused(tmp_path: Path) -> None:
+def test_a_domain_of_three_replicas_runs_three_nodes(local_up: Callable[..., LocalUp]) -> None:
+    base = free_base_port(nodes=3)
+    up = local_up("examples/cluster.yaml", base=base)
+    output = up.wait_ready()
+    assert len(up.node_pids) == 3
+    root = up.state / "example-org"
+    peers = [
+        {"host": "127.0.0.1", "lmtp": base + 10 * i + 6, "imap_proxy": base + 10 * i + 7, "http": base + 10 * i + 5}
+        for i in range(3)
+    ]
+    for ordinal in range(3):
+        title = f"node {ordinal} (MailDomain example-org, ordinal {ordinal})"
+        assert title in output
+        for offset in range(8):  # the client ports and the internal ones, in the printed table
+            assert f"127.0.0.1:{base + 10 * ordinal + offset}" in output
+        with urllib.request.urlopen(f"http://127.0.0.1:{base + 10 * ordinal + 5}/readyz", timeout=5) as ready:
+            assert ready.status == 200
+        config = yaml.safe_load((root / f"node-{ordinal}" / "node.yaml").read_text())
+        assert config["cluster"] == {"ordinal": ordinal, "peers": peers}
+        assert config["node_name"] == f"example-org-{ordinal}"
+        assert config["data_dir"] == str((root / f"node-{ordinal}" / "data").absolute())
+        # one directory and one internal token for the three, as the pods share the Secrets
+        assert config["directory_file"] == str((root / "directory.yaml").absolute())
+        assert config["internal"]["token_file"] == str((root / "internal" / "token").absolute())
+    assert output.count("DNS records to publish for MailDomain example-org") == 1
+    homes = {e["address"]: e.get("home", 0) for e in yaml.safe_load((root / "directory.yaml").read_text())["mailboxes"]}
+    assert homes == {
+        a: placement.rendezvous(a, 3) for a in ("carol@example.org", "dave@example.org", "erin@example.org")
+    }
+
+    up.process.send_signal(signal.SIGTERM)
+    assert up.wait() == 0, up.errors()
+    assert up.output().endswith("stopped 3 mail nodes\n")
+    for pid in up.node_pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_more_than_sixteen_replicas_is_refused(tmp_path: Path) -> None:
     (document,) = example_documents("maildomain.yaml")
-    document["spec"]["replicas"] = 2
+    document["spec"]["replicas"] = 17
     path = tmp_path / "maildomain.yaml"
     path.write_text(yaml.safe_dump(document))
     state = tmp_path / "state"
     result = run_local_up("-f", str(path), "-f", "examples/mailboxes.yaml", "--state-dir", str(state))
     assert result.returncode == 1
-    reason = common.unsupported(api.MailDomain.model_validate(document))
-    assert reason is not None
-    assert result.stderr == f"mailfleet local up: error: {path}: MailDomain example-com: {reason}\n"
+    assert result.stderr.startswith(
+        f"mailfleet local up: error: {path}: MailDomain example-com: invalid: spec.replicas:"
+    )
+    assert "16" in result.stderr and len(result.stderr.splitlines()) == 1
     assert result.stdout == "" and not state.exists()
 
 

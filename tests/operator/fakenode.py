@@ -82,7 +82,7 @@ class FakeNode:
     def endpoints(self, *, ok_only: bool = False) -> list[str]:
         return [call.endpoint for call in self.calls if not ok_only or call.status < 300]
 
-    async def start(self) -> str:
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         app = aiohttp.web.Application(middlewares=[self._record])
         app.router.add_get("/usage", self._usage)
         app.router.add_post("/snapshot", self._checkpoint)
@@ -92,10 +92,10 @@ class FakeNode:
         app.router.add_delete("/backups/{name}", self._delete_archive)
         self._runner = aiohttp.web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = aiohttp.web.TCPSite(self._runner, host, port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{host}:{port}"
         return self.url
 
     async def stop(self) -> None:

@@ -1,11 +1,15 @@
-"""A Mailbox's status shows what its mailbox keeps (usedBytes, messages), as a real mail node counts it."""
+"""A Mailbox's status shows what its mailbox keeps (usedBytes, messages), as a real mail node counts it;
+in a domain of three nodes, as its home counts it (every node is asked)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import smtplib
 from typing import Any
 
+from mailfleet.specs import placement
+from mailwire import admin
 from tests.node.conftest import NodeFactory
 from tests.node.conftest import mailbox as directory_entry
 from tests.node.conftest import node_factory as node_factory  # the fixture: a real node
@@ -19,6 +23,9 @@ from tests.operator.conftest import (
     secret,
     status_of,
 )
+from tests.operator.fakenode import FakeNode, internal_secret
+
+PEOPLE = ("alice", "bob", "carol", "dave", "erin", "frank")
 
 
 async def test_mailbox_usage_reaches_its_status(api, client, node_factory: NodeFactory) -> None:
@@ -52,3 +59,35 @@ async def test_mailbox_usage_reaches_its_status(api, client, node_factory: NodeF
 async def _usage(client: Any, name: str, expected: tuple[int, int]) -> bool:
     status = ((await client.get(MAILBOX, NAMESPACE, name)) or {}).get("status") or {}
     return (status.get("usedBytes"), status.get("messages")) == expected
+
+
+async def test_usage_of_a_domain_of_three_comes_from_each_mailboxs_home(api, client) -> None:
+    # Three fake nodes, one per ordinal, on 127.0.<ordinal>.1 and one port (the template has {ordinal});
+    # each answers for every address with its own figures, so a status shows which node it came from.
+    fakes = [FakeNode() for _ in range(3)]
+    await client.create(internal_secret("example-com", fakes[0].token, namespace=NAMESPACE))
+    url = await fakes[0].start()
+    port = int(url.rpartition(":")[2])
+    for ordinal, fake in enumerate(fakes):
+        if ordinal:
+            await fake.start(host=f"127.0.{ordinal}.1", port=port)
+        fake.usage = {
+            f"{name}@example.com": admin.MailboxUsage(bytes=1000 * (ordinal + 1), messages=ordinal + 1)
+            for name in PEOPLE
+        }
+    try:
+        async with run_operator(node_url=f"http://127.0.{{ordinal}}.1:{port}", usage_interval=0.1):
+            await client.create(secret("password", password="pw"))
+            await client.create(maildomain(replicas=3))
+            for name in PEOPLE:
+                await client.create(mailbox(name, f"{name}@example.com", "password"))
+            for name in PEOPLE:
+                home = placement.rendezvous(f"{name}@example.com", 3)
+                await eventually(
+                    functools.partial(_usage, client, name, (1000 * (home + 1), home + 1)),
+                    what=f"{name}'s usage from node {home}",
+                )
+        assert all("GET /usage" in fake.endpoints() for fake in fakes)  # every node was asked
+    finally:
+        for fake in fakes:
+            await fake.stop()

@@ -186,7 +186,12 @@ def test_nested_objects_default_to_empty_so_their_fields_get_defaults() -> None:
         assert spec[name]["default"] == {}, name
     assert spec["storage"]["properties"]["size"]["default"] == "1Gi"
     assert spec["service"]["properties"]["externalTrafficPolicy"]["default"] == "Local"
-    assert spec["replicas"] == {"description": "Number of mail nodes.", "type": "integer", "default": 1, "minimum": 1}
+    replicas = spec["replicas"]
+    assert {k: replicas[k] for k in ("type", "default", "minimum", "maximum")} == {
+        "type": "integer", "default": 1, "minimum": 1, "maximum": 16,
+    }  # fmt: skip
+    assert replicas["description"].startswith("Number of mail nodes (1 to 16).")
+    assert "MoveNotSupported" in replicas["description"] and "Retain" in replicas["description"]
 
 
 def test_quantities_are_int_or_string() -> None:
@@ -262,7 +267,7 @@ def test_the_expected_columns() -> None:
              for kind, crd in ALL.items()}  # fmt: skip
     assert names == {
         "MailDomain": ["Domain", "Ready", "Replicas", "Mailboxes", "Age"],
-        "Mailbox": ["Address", "Quota", "Used", "Ready", "Age"],
+        "Mailbox": ["Address", "Quota", "Used", "Node", "Ready", "Age"],
         "MailBackup": ["Domain", "Method", "Phase", "Completed", "Age"],
     }
 
@@ -297,6 +302,8 @@ def schema_errors(schema: dict[str, Any], value: Any, path: str = "") -> list[st
                 errors.append(f"{where}: {value!r} is not a date-time")
     if isinstance(value, int) and not isinstance(value, bool) and value < schema.get("minimum", value):
         errors.append(f"{where}: {value} is less than {schema['minimum']}")
+    if isinstance(value, int) and not isinstance(value, bool) and value > schema.get("maximum", value):
+        errors.append(f"{where}: {value} is more than {schema['maximum']}")
     if isinstance(value, dict):
         for name in schema.get("required", []):
             if name not in value:
@@ -321,7 +328,7 @@ def schema_errors(schema: dict[str, Any], value: Any, path: str = "") -> list[st
 
 
 def _resources() -> list[dict[str, Any]]:
-    documents = load_examples("maildomain.yaml", "mailboxes.yaml")
+    documents = load_examples("maildomain.yaml", "mailboxes.yaml", "cluster.yaml")
     return [doc for doc in documents if doc["apiVersion"] == api.API_VERSION]
 
 
@@ -337,6 +344,8 @@ AGREEMENT = [
     ("MailDomain", DOMAIN),
     ("MailDomain", {**DOMAIN, "replicas": 0}),
     ("MailDomain", {**DOMAIN, "replicas": 3}),
+    ("MailDomain", {**DOMAIN, "replicas": 16}),
+    ("MailDomain", {**DOMAIN, "replicas": 17}),
     ("MailDomain", {**DOMAIN, "replicas": "3"}),
     ("MailDomain", {"domain": "Example.com"}),
     ("MailDomain", {"domain": "example"}),

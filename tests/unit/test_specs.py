@@ -283,6 +283,7 @@ def test_the_statefulset_runs_locked_down_nodes() -> None:
     assert security["seccompProfile"] == {"type": "RuntimeDefault"}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
         "smtp": 2525, "submission": 5870, "submissions": 4650, "imap": 1430, "imaps": 9930, "http": 8080,
+        "lmtp": 2424, "imap-proxy": 1431,  # two nodes: the internal ports between them
     }  # fmt: skip
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}

@@ -105,6 +105,10 @@ def variants() -> dict[str, list[dict[str, Any]]]:
                 },
             )
         ),
+        "cluster-of-three": render(example_domain(replicas=3)),
+        "cluster-of-three-archives": render(
+            example_domain(replicas=3, backup={"schedule": "0 3 * * *", "method": "Archive", "archiveClaimName": "a"})
+        ),
         "clusterip": render(
             example_domain(replicas=1, service={"type": "ClusterIP", "annotations": {"example.com/team": "mail"}})
         ),

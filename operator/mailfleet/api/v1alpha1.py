@@ -378,10 +378,12 @@ class ServiceSpec(_Model):
         description="PROXY protocol from the load balancer in front of the Service (off by default).",
         json_schema_extra={
             "default": {},
-            # the API server's half of ProxyProtocolSpec's own check
+            # the API server's half of ProxyProtocolSpec's own check; has(): the API server also checks the
+            # rule against the default {} itself, which has no `enabled` (defaults inside it are not applied)
             "x-kubernetes-validations": [
                 {
-                    "rule": "!self.enabled || (has(self.trustedRanges) && size(self.trustedRanges) > 0)",
+                    "rule": "!has(self.enabled) || !self.enabled || "
+                    "(has(self.trustedRanges) && size(self.trustedRanges) > 0)",
                     "message": "trustedRanges: at least one range when the PROXY protocol is enabled",
                 }
             ],
@@ -534,7 +536,18 @@ class MailDomainSpec(_Model):
         description="More domains whose mail goes to the same mailboxes (user@alias goes to user@domain).",
         json_schema_extra=_SET,
     )
-    replicas: int = pydantic.Field(1, ge=1, description="Number of mail nodes.")
+    replicas: int = pydantic.Field(
+        1,
+        ge=1,
+        le=16,
+        description=(
+            "Number of mail nodes (1 to 16). With more than one, each mailbox is stored on one of them (its "
+            "home, shown in the Mailbox's status.node) and every node serves every mailbox. Fixed once the "
+            "domain is created, until mailbox moves exist: a change is refused (MoveNotSupported). Each node "
+            "keeps its volume when the domain is deleted or scaled down (the StatefulSet's claim retention "
+            "policy is Retain): delete the claims data-<name>-<i> yourself once the mail is no longer needed."
+        ),
+    )
     storage: StorageSpec = _object(StorageSpec, "The volume of each mail node.")
     resources: ResourceRequirements = pydantic.Field(
         default_factory=ResourceRequirements, description="CPU and memory of each mail node container."
@@ -669,6 +682,14 @@ class MailboxStatus(_Status):
     observed_generation: int | None = pydantic.Field(None, ge=0, description=_OBSERVED_GENERATION)
     used_bytes: int | None = pydantic.Field(None, ge=0, description="Total size of the mail kept, in bytes.")
     messages: int | None = pydantic.Field(None, ge=0, description="Number of messages kept.")
+    node: str | None = pydantic.Field(
+        None,
+        description=(
+            "The pod that stores the mailbox (its home, <maildomain>-<ordinal>), chosen by the operator and "
+            "recorded in the domain's directory; every other node of the domain hands its mail and IMAP "
+            "sessions there. Unset while the mailbox is in no directory."
+        ),
+    )
 
 
 class Mailbox(Resource):
@@ -681,6 +702,7 @@ class Mailbox(Resource):
         PrinterColumn("Address", "string", ".spec.address", "The mailbox's address."),
         PrinterColumn("Quota", "string", ".spec.quota", "Largest total size of the mail kept."),
         PrinterColumn("Used", "integer", ".status.usedBytes", "Bytes of mail kept."),
+        PrinterColumn("Node", "string", ".status.node", "The pod that stores the mailbox."),
         _ready(),
         _age(),
     )

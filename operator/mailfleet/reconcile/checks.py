@@ -33,9 +33,20 @@ def parse(body: kube_types.MailDomain) -> api.MailDomain:
         raise Refused("InvalidSpec", api.validation_message(error)) from error
 
 
-def ensure_supported(domain: api.MailDomain) -> None:
-    if (problem := specs.common.unsupported(domain)) is not None:
-        raise Refused("Unsupported", problem)
+def ensure_same_replicas(domain: api.MailDomain, existing: kube_types.StatefulSet | None) -> None:
+    """spec.replicas is fixed once the StatefulSet exists: another number of nodes would need mailboxes
+    moved between them (DESIGN.md "Clustering"), which the operator cannot do yet. The StatefulSet is
+    left as it is, serving every mailbox where it is."""
+    if existing is None:
+        return
+    running = (existing.get("spec") or {}).get("replicas")
+    if running is not None and running != domain.spec.replicas:
+        raise Refused(
+            "MoveNotSupported",
+            f"spec.replicas changed from {running} to {domain.spec.replicas}: the number of mail nodes of a "
+            "domain cannot change until mailbox moves exist (each mailbox is stored on one node); "
+            f"set replicas: {running} again",
+        )
 
 
 async def ensure_named_secrets(ctx: Context, domain: api.MailDomain) -> str | None:

@@ -66,6 +66,9 @@ class Context:
     # The DNS domains each MailDomain served at its last reconcile: when it is deleted, its Mailboxes
     # are told their domain is gone.
     served: dict[DomainKey, set[str]] = dataclasses.field(default_factory=dict)
+    # Each MailDomain's number of nodes and its mailboxes' homes (lower-case address -> ordinal), as its
+    # last reconcile wrote them into the directory: usage asks each mailbox's home (reconcile/usage.py).
+    placement: dict[DomainKey, tuple[int, dict[str, int]]] = dataclasses.field(default_factory=dict)
     # The status last written to each Mailbox (by uid): the indexes show the operator's own writes late.
     mailbox_statuses: dict[str, kube_types.MailboxStatus] = dataclasses.field(default_factory=dict)
     # The usage last written to each Mailbox's status (by uid): bytes, messages.

@@ -30,6 +30,7 @@ async def reconcile(ctx: Context, key: DomainKey) -> None:
         body = await ctx.client.get(MAILDOMAIN, namespace, name)
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             ctx.owned.pop(key, None)
+            ctx.placement.pop(key, None)
             await mailboxes.domain_gone(ctx, key)
             result = "ok"
             return
@@ -53,9 +54,9 @@ async def _reconcile(ctx: Context, body: kube_types.MailDomain) -> None:
     ctx.served[key] = specs.node.domains_of(domain)
 
     # Observe and check: anything below may refuse the domain; nothing is written yet.
-    checks.ensure_supported(domain)
     relay_username = await checks.ensure_named_secrets(ctx, domain)
     existing = await ctx.client.get(STATEFULSET, key[0], specs.common.statefulset_name(domain))
+    checks.ensure_same_replicas(domain, existing)
     claims = await restore.claims_to_make(ctx, domain, existing)
     served = await mailboxes.served(ctx, domain)
     internal_token = await internal.token(ctx, domain)  # made now when it has no Secret yet: applied below
@@ -67,6 +68,7 @@ async def _reconcile(ctx: Context, body: kube_types.MailDomain) -> None:
         relay_username=relay_username,
         internal_token=internal_token,
         operator_namespace=ctx.operator_namespace,
+        placed=served.homes,
     ).owned_by(domain)
     checks.ensure_directory_fits(rendered.directory, mailboxes=len(served.accepted))
     checks.ensure_changeable(existing, rendered.statefulset)
@@ -77,6 +79,7 @@ async def _reconcile(ctx: Context, body: kube_types.MailDomain) -> None:
     await restore.ensure_claims(ctx, body, claims)
     statefulset = await objects.ensure_applied(ctx, body, rendered, mailboxes=len(served.accepted))
     ctx.owned[key] = objects.kinds(rendered, dkim=dkim_record is not None)
+    ctx.placement[key] = (domain.spec.replicas, served.homes)
 
     # Status: the domain's, then each Mailbox's.
     report = status.reconciled(domain, statefulset, mailboxes=len(served.accepted), dkim_record=dkim_record)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 
 import pydantic
 
@@ -29,10 +30,24 @@ LIST_SECRETS_ABOVE: Final = 20
 STATUS_WRITES: Final = 16  # concurrent Mailbox status writes
 
 
+class Node(enum.Enum):
+    KEEP = "keep"  # a Verdict that leaves status.node as it is
+
+
 @dataclasses.dataclass
 class Verdict:
     body: kube_types.Mailbox
     condition: Condition
+    # status.node: the home's pod name, None for a mailbox in no directory (removed), or left as it is
+    # (a refused domain: its StatefulSet still serves the mailbox where it was)
+    node: str | Node | None = None
+
+
+@dataclasses.dataclass
+class _Found:
+    accepted: list[api.Mailbox]
+    passwords: dict[str, str]
+    verdicts: list[Verdict]
 
 
 @dataclasses.dataclass
@@ -40,11 +55,26 @@ class Served:
     accepted: list[api.Mailbox]
     passwords: dict[str, str]  # "secretName/key" -> argon2 hash
     verdicts: list[Verdict]
+    homes: dict[str, int]  # lower-case address -> home ordinal, of the accepted
 
 
 async def served(ctx: Context, domain: api.MailDomain) -> Served:
-    """The domain's Mailboxes: which go into the directory (with their hashed passwords) and what each
-    one's Ready condition says."""
+    """The domain's Mailboxes: which go into the directory (with their hashed passwords and homes) and
+    what each one's Ready condition and node say."""
+    found = await _served(ctx, domain)
+    # DESIGN.md "Clustering": the directory, not the hash, is the truth. A mailbox keeps the home the
+    # current directory records for it (read back: an operator restart rewrites nothing); a new one is
+    # placed by rendezvous hashing. One node: every home is 0, nothing to read.
+    recorded = await _recorded_homes(ctx, domain) if specs.common.clustered(domain) else {}
+    homes = specs.homes(domain, found.accepted, recorded=recorded)
+    for verdict in found.verdicts:
+        if verdict.condition.status == "True":
+            address = str(verdict.body["spec"]["address"]).lower()
+            verdict.node = specs.common.pod_name(domain, homes[address])
+    return Served(found.accepted, found.passwords, found.verdicts, homes)
+
+
+async def _served(ctx: Context, domain: api.MailDomain) -> _Found:
     namespace = specs.common.namespace(domain)
     mail_domains = specs.node.domains_of(domain)
     bodies = [body for mail_domain in sorted(mail_domains) for body in ctx.view.mailboxes(namespace, mail_domain)]
@@ -104,7 +134,7 @@ async def served(ctx: Context, domain: api.MailDomain) -> Served:
     if hashing:
         await asyncio.gather(*hashing.values())
     passwords.update({source: task.result() for source, task in hashing.items()})
-    return Served(accepted, passwords, verdicts)
+    return _Found(accepted, passwords, verdicts)
 
 
 def _app_name(mailbox: api.Mailbox, ref: api.SecretKeySelector) -> str:
@@ -114,13 +144,25 @@ def _app_name(mailbox: api.Mailbox, ref: api.SecretKeySelector) -> str:
     return next(app.name for app in mailbox.spec.app_passwords if app.secret_ref is ref)
 
 
-async def _previous_hashes(ctx: Context, domain: api.MailDomain) -> dict[tuple[str, str], str]:
-    """The hashes the domain's directory Secret holds now: (address, "" or app password name) -> hash."""
+async def _directory_now(ctx: Context, domain: api.MailDomain) -> list[dict[str, Any]]:
+    """The entries of the domain's directory Secret as it is now; ValueError when it is unreadable."""
     secret = await ctx.client.get(SECRET, specs.common.namespace(domain), specs.common.directory_name(domain))
     content = k8s.secret_values(secret or {}).get(specs.common.DIRECTORY_KEY, b"")
+    return specs.node.read_directory(content)
+
+
+async def _recorded_homes(ctx: Context, domain: api.MailDomain) -> dict[str, int]:
+    try:
+        return specs.node.recorded_homes(await _directory_now(ctx, domain))
+    except ValueError:
+        return {}  # unreadable (edited by hand?): placed by rendezvous again, as when it was first written
+
+
+async def _previous_hashes(ctx: Context, domain: api.MailDomain) -> dict[tuple[str, str], str]:
+    """The hashes the domain's directory Secret holds now: (address, "" or app password name) -> hash."""
     try:
         found: dict[tuple[str, str], str] = {}
-        for entry in specs.node.read_directory(content):
+        for entry in await _directory_now(ctx, domain):
             address = str(entry["address"]).lower()
             found[(address, "")] = str(entry["password_hash"])
             for app in entry.get("app_passwords") or []:
@@ -204,7 +246,9 @@ async def write_verdicts(ctx: Context, verdicts: list[Verdict]) -> None:
         async with limit:
             await _write_status(ctx, verdict.body, verdict.condition, change)
 
-    changed = [(v, change) for v in verdicts if (change := _status_change(ctx, v.body, v.condition, at)) is not None]
+    changed = [
+        (v, change) for v in verdicts if (change := _status_change(ctx, v.body, v.condition, v.node, at)) is not None
+    ]
     await asyncio.gather(*(one(v, change) for v, change in changed))
 
 
@@ -212,28 +256,37 @@ async def write_verdicts(ctx: Context, verdicts: list[Verdict]) -> None:
 class _StatusChange:
     conditions: list[kube_types.Condition]  # to write
     announce: bool  # the Ready status or reason changed: post an Event
+    node: str | Node | None  # status.node
 
 
-def _status_change(ctx: Context, body: kube_types.Mailbox, condition: Condition, at: str) -> _StatusChange | None:
+def _status_change(
+    ctx: Context, body: kube_types.Mailbox, condition: Condition, node: str | Node | None, at: str
+) -> _StatusChange | None:
     """What to write to the Mailbox's status, or None when it says this already. What was last written is
     remembered: the indexes lag behind the operator's own writes, and comparing with a stale copy would
     write the same status (and post the same Event) twice."""
     status = ctx.mailbox_statuses.get(object_key(body)) or body.get("status") or {}
     generation = body["metadata"].get("generation")
     merged = conditions.merge(status.get("conditions"), [condition], generation=generation, at=at)
-    if conditions.same(status.get("conditions"), merged) and status.get("observedGeneration") == generation:
+    same_node = node is Node.KEEP or status.get("node") == node
+    if (
+        conditions.same(status.get("conditions"), merged)
+        and status.get("observedGeneration") == generation
+        and same_node
+    ):
         return None
     previous = conditions.find(status.get("conditions"), "Ready")
     announce = previous is None or (previous.get("status"), previous.get("reason")) != (
         condition.status,
         condition.reason,
     )
-    return _StatusChange(merged, announce)
+    return _StatusChange(merged, announce, node)
 
 
 async def write_status(ctx: Context, body: kube_types.Mailbox, condition: Condition) -> None:
-    """Write a Mailbox's Ready condition when it changed, with an Event when its reason did."""
-    change = _status_change(ctx, body, condition, conditions.now())
+    """Write a Mailbox's Ready condition when it changed, with an Event when its reason did; the
+    Mailbox is in no directory (status.node removed)."""
+    change = _status_change(ctx, body, condition, None, conditions.now())
     if change is not None:
         await _write_status(ctx, body, condition, change)
 
@@ -243,13 +296,19 @@ async def _write_status(ctx: Context, body: kube_types.Mailbox, condition: Condi
     written: kube_types.MailboxStatus = {"conditions": change.conditions}
     if (generation := meta.get("generation")) is not None:
         written["observedGeneration"] = generation
+    if change.node is not Node.KEEP:
+        written["node"] = change.node  # None removes it (a merge patch)
     try:
         await ctx.client.patch(MAILBOX, meta["namespace"], meta["name"], {"status": written}, subresource="status")
     except k8s.ApiError as error:
         if error.not_found:
             return
         raise
-    ctx.mailbox_statuses[object_key(body)] = written
+    previous = ctx.mailbox_statuses.get(object_key(body)) or body.get("status") or {}
+    remembered: kube_types.MailboxStatus = {**written}
+    if change.node is Node.KEEP and "node" in previous:
+        remembered["node"] = previous["node"]
+    ctx.mailbox_statuses[object_key(body)] = remembered
     if change.announce:
         full: kube_types.Mailbox = {**body, "apiVersion": api.API_VERSION, "kind": "Mailbox"}
         await ctx.recorder.event(
@@ -272,7 +331,7 @@ async def domain_not_ready(ctx: Context, body: kube_types.MailDomain, message: s
         "Ready", "False", "DomainNotReady", f"MailDomain {meta['name']} cannot be reconciled: {message}"
     )
     verdicts = [
-        Verdict(mailbox, not_ready)
+        Verdict(mailbox, not_ready, Node.KEEP)
         for mail_domain in sorted(mail_domains)
         for mailbox in ctx.view.mailboxes(str(meta["namespace"]), mail_domain)
     ]

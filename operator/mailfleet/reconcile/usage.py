@@ -1,6 +1,6 @@
 """Mailbox usage: what each mailbox keeps, as its node counts it, copied into the Mailbox's status
-(usedBytes, messages: the Used column of `kubectl get mbx`). A pass asks node 0 of every MailDomain
-and writes only the statuses that changed."""
+(usedBytes, messages: the Used column of `kubectl get mbx`). A pass asks every node of every MailDomain,
+takes each mailbox's figures from its home's answer, and writes only the statuses that changed."""
 
 from __future__ import annotations
 
@@ -26,14 +26,29 @@ async def collect(ctx: Context, session: aiohttp.ClientSession, template: str) -
 
 
 async def collect_domain(ctx: Context, session: aiohttp.ClientSession, template: str, key: DomainKey) -> int:
-    """Ask the domain's node and write the Mailbox statuses that changed; returns how many."""
+    """Ask each node of the domain and write the Mailbox statuses that changed; returns how many. A node
+    that does not answer (restarting) leaves its mailboxes' figures as they were; the others' are still
+    written. NodeError when no node answered."""
     namespace, name = key
+    replicas, homes = ctx.placement.get(key, (1, {}))
     token = await internal.for_nodes(ctx.client, namespace, name)
-    found = await nodes.usage(session, nodes.url(template, namespace=namespace, name=name), token=token)
+    answers: dict[int, dict[str, nodes.Usage]] = {}
+    failures: list[nodes.NodeError] = []
+    for ordinal in range(replicas):
+        endpoint = nodes.url(template, namespace=namespace, name=name, ordinal=ordinal)
+        try:
+            answers[ordinal] = await nodes.usage(session, endpoint, token=token)
+        except nodes.NodeError as error:
+            log.info("no usage from node %d of MailDomain %s/%s: %s", ordinal, namespace, name, error)
+            failures.append(error)
+    if not answers and failures:
+        raise failures[0]
     written = 0
     for mail_domain in sorted(ctx.served.get(key, set())):
         for body in ctx.view.mailboxes(namespace, mail_domain):
-            used = found.get(str((body.get("spec") or {}).get("address", "")).lower())
+            address = str((body.get("spec") or {}).get("address", "")).lower()
+            # DESIGN.md "Clustering": usage is asked of each mailbox's home, the only node that stores it
+            used = answers.get(homes.get(address, 0), {}).get(address)
             if used is not None and await _write(ctx, body, used):
                 written += 1
     return written

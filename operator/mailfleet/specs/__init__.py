@@ -4,8 +4,8 @@ No I/O and no Kubernetes client: reconcile/ reads what the builders need (Secret
 adds owner references (`Rendered.owned_by`) and applies the result; `mailfleet render` prints it. Split
 by what they build: `node` (the node's config and directory files), `workload` (StatefulSet and what it
 mounts), `network` (Services, NetworkPolicy, DNS records), `backup` (MailBackups, VolumeSnapshots and
-restore claims), `common` (names, labels, owner references). `render` builds every object of a domain
-as one named bundle (`Rendered`).
+restore claims), `placement` (each mailbox's home node), `common` (names, labels, owner references).
+`render` builds every object of a domain as one named bundle (`Rendered`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 import yaml
 
 from mailfleet import api, kube_types
-from mailfleet.specs import common
+from mailfleet.specs import common, placement
 from mailfleet.specs.common import checksum, labels, owner_reference, with_owner
 from mailfleet.specs.network import client_service, dns_records, headless_service, network_policy
-from mailfleet.specs.node import directory, directory_content, node_config, password_key
+from mailfleet.specs.node import directory, directory_content, homes, node_config, password_key
 from mailfleet.specs.workload import (
     config_map,
     directory_secret,
@@ -43,12 +43,14 @@ __all__ = [
     "dns_records",
     "dump",
     "headless_service",
+    "homes",
     "internal_secret",
     "labels",
     "network_policy",
     "node_config",
     "owner_reference",
     "password_key",
+    "placement",
     "pod_disruption_budget",
     "render",
     "service_account",
@@ -113,15 +115,17 @@ def render(
     relay_username: str | None = None,
     internal_token: str | None = None,
     operator_namespace: str | None = None,
+    placed: Mapping[str, int] | None = None,
 ) -> Rendered:
     """Every object of the domain. The DKIM and internal Secrets are included when the key and the token
     are given (the caller makes them once and keeps them; a builder makes no keys). `passwords`: see
-    `directory`; `operator_namespace`: see `network_policy`."""
+    `directory`; `operator_namespace`: see `network_policy`; `placed`: each mailbox's home (`node.homes`,
+    by rendezvous alone when None)."""
     config_yaml = dump(node_config(domain, relay_username=relay_username, backup_dir=common.BACKUP_DIR))
     return Rendered(
         service_account=service_account(domain),
         configmap=config_map(domain, config_yaml),
-        directory=directory_secret(domain, directory_content(directory(domain, mailboxes, passwords))),
+        directory=directory_secret(domain, directory_content(directory(domain, mailboxes, passwords, placed=placed))),
         dkim=None if dkim_private_key is None else dkim_secret(domain, dkim_private_key),
         internal=None if internal_token is None else internal_secret(domain, internal_token),
         headless_service=headless_service(domain),

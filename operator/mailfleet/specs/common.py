@@ -19,6 +19,9 @@ CONTAINER_PORTS: Final = {
     "imaps": 9930,
     "http": 8080,
 }
+# Internal (clustering, replicas > 1 only): declared on the container and the headless Service, never on
+# the client Service; the NetworkPolicy admits them from the domain's own pods only.
+INTERNAL_PORTS: Final = {"lmtp": 2424, "imap-proxy": 1431}
 SERVICE_PORTS: Final = {"smtp": 25, "submission": 587, "submissions": 465, "imap": 143, "imaps": 993}
 
 DATA_DIR: Final = "/var/lib/mailnode"
@@ -97,6 +100,22 @@ def internal_name(domain: api.MailDomain | str) -> str:
     return f"{name}-internal"
 
 
+def clustered(domain: api.MailDomain) -> bool:
+    """More than one node: the internal ports, the peers, the spread and the ordered start exist only then,
+    so a one-node domain's objects stay as they were before clustering (no roll on an operator upgrade)."""
+    return domain.spec.replicas > 1
+
+
+def pod_name(domain: api.MailDomain, ordinal: int) -> str:
+    """The StatefulSet's pod of `ordinal` (Mailbox.status.node)."""
+    return f"{statefulset_name(domain)}-{ordinal}"
+
+
+def pod_host(domain: api.MailDomain, ordinal: int) -> str:
+    """The pod's DNS name in the headless Service, as the other nodes reach it."""
+    return f"{pod_name(domain, ordinal)}.{headless_name(domain)}.{namespace(domain)}.svc"
+
+
 def selector_labels(domain: api.MailDomain) -> dict[str, str]:
     """The labels a selector matches on: few and never changing, since a StatefulSet's selector is immutable."""
     return {"app.kubernetes.io/name": "mailnode", "app.kubernetes.io/instance": domain.metadata.name}
@@ -148,14 +167,3 @@ def with_owner(obj: kube_types.Manifest, domain: api.MailDomain) -> kube_types.M
 def checksum(text: str) -> str:
     """A short digest of rendered content, put on the pod template so that a change rolls the pods."""
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def unsupported(domain: api.MailDomain) -> str | None:
-    """Why this MailDomain cannot be built yet (a message for its condition and for `mailfleet local up`),
-    or None. The CRD accepts these values; the operator refuses them until the feature exists."""
-    if domain.spec.replicas > 1:
-        return (
-            f"spec.replicas is {domain.spec.replicas}: a domain runs on one mail node until clustering exists; "
-            "set replicas: 1"
-        )
-    return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from mailfleet import api, kube_types
-from mailfleet.specs import common
+from mailfleet.specs import common, workload
 
 
 def client_service(domain: api.MailDomain) -> kube_types.Manifest:
@@ -31,7 +31,8 @@ def client_service(domain: api.MailDomain) -> kube_types.Manifest:
 
 
 def headless_service(domain: api.MailDomain) -> kube_types.Manifest:
-    """The StatefulSet's governing Service: a stable DNS name per node (N-0.N-headless), ready or not."""
+    """The StatefulSet's governing Service: a stable DNS name per node (N-0.N-headless), ready or not, by
+    which the nodes of a clustered domain reach each other (its internal ports too)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -42,7 +43,7 @@ def headless_service(domain: api.MailDomain) -> kube_types.Manifest:
             "selector": common.selector_labels(domain),
             "ports": [
                 {"name": name, "port": port, "targetPort": name, "protocol": "TCP"}
-                for name, port in common.CONTAINER_PORTS.items()
+                for name, port in workload.container_ports(domain).items()
             ],
         },
     }
@@ -56,6 +57,7 @@ def network_policy(domain: api.MailDomain, *, operator_namespace: str | None) ->
     namespace, as anyone who may create a pod can give it the operator's labels. Without
     `operator_namespace` the operator is admitted only as a pod of the domain's own namespace (the caller
     says so). Changes on the HTTP port need the domain's internal token as well (the node checks it).
+    A clustered domain's internal ports (LMTP, IMAP proxy) admit its own pods only.
     The kubelet's probes are not subject to NetworkPolicy. A Prometheus in another namespace needs its own
     policy next to this one (policies add up). Egress is left open: nodes deliver mail to any MX."""
     mail_ports = [{"port": name, "protocol": "TCP"} for name in common.SERVICE_PORTS]
@@ -67,6 +69,19 @@ def network_policy(domain: api.MailDomain, *, operator_namespace: str | None) ->
                 "podSelector": {"matchLabels": common.OPERATOR_LABELS},
             }
         )
+    ingress: list[dict[str, Any]] = [
+        {"ports": mail_ports},
+        {"from": peers, "ports": [{"port": "http", "protocol": "TCP"}]},
+    ]
+    if common.clustered(domain):
+        # DESIGN.md "Clustering": mail handed over and IMAP sessions proxied between the domain's own
+        # nodes only (they carry the internal token as well).
+        ingress.append(
+            {
+                "from": [{"podSelector": {"matchLabels": common.selector_labels(domain)}}],
+                "ports": [{"port": name, "protocol": "TCP"} for name in common.INTERNAL_PORTS],
+            }
+        )
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -74,10 +89,7 @@ def network_policy(domain: api.MailDomain, *, operator_namespace: str | None) ->
         "spec": {
             "podSelector": {"matchLabels": common.selector_labels(domain)},
             "policyTypes": ["Ingress"],
-            "ingress": [
-                {"ports": mail_ports},
-                {"from": peers, "ports": [{"port": "http", "protocol": "TCP"}]},
-            ],
+            "ingress": ingress,
         },
     }
 

@@ -19,7 +19,7 @@ from typing import Any, Final
 import yaml
 
 from mailfleet import api
-from mailfleet.specs import common
+from mailfleet.specs import common, placement
 from mailwire import config as wire_config
 from mailwire import directory as wire_directory
 
@@ -68,16 +68,35 @@ def node_config(
         "domains": [wire_config.DomainConfig(**entry)],
         "data_dir": data_dir,
         "directory_file": directory_file,
-        "listen": wire_config.ListenConfig(host="0.0.0.0", **common.CONTAINER_PORTS, **_proxy_protocol(domain)),
+        "listen": wire_config.ListenConfig(
+            host="0.0.0.0", **common.CONTAINER_PORTS, **_internal_ports(domain), **_proxy_protocol(domain)
+        ),
         "smtp": wire_config.SMTPConfig(**smtp),
         "internal": wire_config.InternalConfig(token_file=internal_token_file),
     }
+    if common.clustered(domain):
+        # DESIGN.md "Clustering": every node by ordinal, this one included; `cluster.ordinal` stays unset,
+        # each pod takes it from $POD_NAME (the StatefulSet sets it), so one ConfigMap serves them all.
+        peers = [
+            wire_config.PeerConfig(
+                host=common.pod_host(domain, i), http=common.CONTAINER_PORTS["http"], **_internal_ports(domain)
+            )
+            for i in range(domain.spec.replicas)
+        ]
+        fields["cluster"] = wire_config.ClusterConfig(peers=peers)
     if spec.backup is not None and spec.backup.archive_claim_name is not None and backup_dir is not None:
         fields["backup"] = wire_config.BackupConfig(dir=backup_dir)
     if spec.tls is not None and tls_dir is not None:
         fields["tls"] = wire_config.TLSConfig(cert_file=f"{tls_dir}/tls.crt", key_file=f"{tls_dir}/tls.key")
     config = wire_config.NodeConfig(**fields)
     return config.model_dump(mode="json", exclude_unset=True)
+
+
+def _internal_ports(domain: api.MailDomain) -> dict[str, int]:
+    """The internal ports as the config names them (lmtp, imap_proxy), for a domain of several nodes."""
+    if not common.clustered(domain):
+        return {}
+    return {name.replace("-", "_"): port for name, port in common.INTERNAL_PORTS.items()}
 
 
 def _proxy_protocol(domain: api.MailDomain) -> dict[str, Any]:
@@ -118,17 +137,47 @@ def password_key(selector: api.SecretKeySelector) -> str:
     return f"{selector.name}/{selector.key}"
 
 
-def directory(domain: api.MailDomain, mailboxes: list[api.Mailbox], passwords: Mapping[str, str]) -> dict[str, Any]:
-    """The directory file of the domain: its mailboxes (address in the domain or an alias domain), sorted
-    by address. `passwords` maps "secretName/key" to argon2 hashes: the caller hashes plaintext values
-    (slow on purpose, so not in a pure builder). Raises ValueError naming the mailbox for a missing or
-    unhashed password."""
+def served_mailboxes(domain: api.MailDomain, mailboxes: list[api.Mailbox]) -> list[api.Mailbox]:
+    """The mailboxes the domain's directory holds (address in the domain or an alias domain), by address."""
     served = domains_of(domain)
+    return [m for m in sorted(mailboxes, key=lambda m: m.spec.address) if m.spec.address.rpartition("@")[2] in served]
+
+
+def homes(
+    domain: api.MailDomain, mailboxes: list[api.Mailbox], *, recorded: Mapping[str, int] | None = None
+) -> dict[str, int]:
+    """The home ordinal of each mailbox the directory holds, by lower-case address: the one `recorded` in
+    the current directory (`recorded_homes`), else by rendezvous hashing (specs.placement)."""
+    addresses = [m.spec.address for m in served_mailboxes(domain, mailboxes)]
+    return placement.homes(addresses, domain.spec.replicas, recorded=recorded or {})
+
+
+def recorded_homes(entries: list[dict[str, Any]]) -> dict[str, int]:
+    """address -> home of a directory's entries (`read_directory`); a missing home is ordinal 0."""
+    found: dict[str, int] = {}
+    for entry in entries:
+        home = entry.get("home", 0)
+        if isinstance(entry.get("address"), str) and isinstance(home, int) and not isinstance(home, bool):
+            found[entry["address"].lower()] = home
+    return found
+
+
+def directory(
+    domain: api.MailDomain,
+    mailboxes: list[api.Mailbox],
+    passwords: Mapping[str, str],
+    *,
+    placed: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """The directory file of the domain: its mailboxes (`served_mailboxes`), with their homes (`placed`,
+    from `homes`; None: placed by rendezvous alone). `passwords` maps "secretName/key" to argon2 hashes:
+    the caller hashes plaintext values (slow on purpose, so not in a pure builder). Raises ValueError
+    naming the mailbox for a missing or unhashed password."""
+    if placed is None:
+        placed = homes(domain, mailboxes)
     entries = []
-    for mailbox in sorted(mailboxes, key=lambda m: m.spec.address):
+    for mailbox in served_mailboxes(domain, mailboxes):
         spec = mailbox.spec
-        if spec.address.rpartition("@")[2] not in served:
-            continue
         what = f"Mailbox {mailbox.metadata.name} ({spec.address})"
         entry = wire_directory.MailboxEntry(
             address=spec.address,
@@ -144,6 +193,7 @@ def directory(domain: api.MailDomain, mailboxes: list[api.Mailbox], passwords: M
                 )
                 for app in spec.app_passwords
             ],
+            home=placed[spec.address.lower()],
         )
         # Fields at the node's defaults are left out: a directory of ten thousand mailboxes must fit in
         # one Secret.

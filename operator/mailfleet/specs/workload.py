@@ -79,6 +79,11 @@ def pod_disruption_budget(domain: api.MailDomain) -> kube_types.Manifest:
     }
 
 
+def container_ports(domain: api.MailDomain) -> dict[str, int]:
+    """The node container's named ports: the pod contract's, and the internal ones of a clustered domain."""
+    return {**common.CONTAINER_PORTS, **(common.INTERNAL_PORTS if common.clustered(domain) else {})}
+
+
 def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": "http"},
@@ -160,8 +165,10 @@ def statefulset(domain: api.MailDomain, *, image: str, config_checksum: str) -> 
     spec = domain.spec
     volumes, mounts = _volumes(domain)
     config_file = f"{common.CONFIG_DIR}/{common.CONFIG_KEY}"
+    clustered = common.clustered(domain)
     env: list[dict[str, Any]] = [{"name": common.CONFIG_ENV, "value": config_file}]
-    if any(mount.get("subPathExpr") for mount in mounts):
+    # A node of several takes its ordinal from its pod's name (the config leaves cluster.ordinal unset).
+    if clustered or any(mount.get("subPathExpr") for mount in mounts):
         env.append({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     container: dict[str, Any] = {
         "name": "mailnode",
@@ -169,7 +176,7 @@ def statefulset(domain: api.MailDomain, *, image: str, config_checksum: str) -> 
         "command": ["mailnode", "serve", "--config", config_file],
         "env": env,
         "ports": [
-            {"name": name, "containerPort": port, "protocol": "TCP"} for name, port in common.CONTAINER_PORTS.items()
+            {"name": name, "containerPort": port, "protocol": "TCP"} for name, port in container_ports(domain).items()
         ],
         "livenessProbe": _probe("/healthz", period=10, failures=3),
         "readinessProbe": _probe("/readyz", period=5, failures=2),
@@ -187,42 +194,63 @@ def statefulset(domain: api.MailDomain, *, image: str, config_checksum: str) -> 
     }
     if resources := _resources(spec.resources):
         container["resources"] = resources
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": common.statefulset_name(domain),
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": common.RUN_AS,
+            "runAsGroup": common.RUN_AS,
+            "fsGroup": common.RUN_AS,  # the claim's files belong to the node's group
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    sts_spec: dict[str, Any] = {
+        "replicas": spec.replicas,
+        "serviceName": common.headless_name(domain),
+        "podManagementPolicy": "Parallel",  # one node: nothing to order
+        "selector": {"matchLabels": common.selector_labels(domain)},
+        "template": {
+            "metadata": {
+                "labels": common.labels(domain),
+                "annotations": {common.CHECKSUM_ANNOTATION: config_checksum},
+            },
+            "spec": pod_spec,
+        },
+        "volumeClaimTemplates": [
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "data"},
+                "spec": claim_spec(domain),
+            }
+        ],
+    }
+    if clustered:
+        # Nodes apart, one host and one zone each as far as they go (a node down takes its mailboxes'
+        # storage with it until it is back), but never left unscheduled for it.
+        pod_spec["topologySpreadConstraints"] = [
+            {
+                "maxSkew": 1,
+                "topologyKey": key,
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": common.selector_labels(domain)},
+            }
+            for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
+        ]
+        # Started and rolled one at a time, each ready before the next (with the PodDisruptionBudget, at
+        # most one home is away at once). Fixed at creation, as replicas is (a change is refused).
+        sts_spec["podManagementPolicy"] = "OrderedReady"
+        sts_spec["updateStrategy"] = {"type": "RollingUpdate"}
+        # A node's volume holds the only copy of its mailboxes: deleting the domain or scaling down never
+        # deletes it (the MailDomain's spec.replicas description says so).
+        sts_spec["persistentVolumeClaimRetentionPolicy"] = {"whenDeleted": "Retain", "whenScaled": "Retain"}
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
         "metadata": common.metadata(domain, common.statefulset_name(domain)),
-        "spec": {
-            "replicas": spec.replicas,
-            "serviceName": common.headless_name(domain),
-            "podManagementPolicy": "Parallel",  # nodes do not depend on each other to start
-            "selector": {"matchLabels": common.selector_labels(domain)},
-            "template": {
-                "metadata": {
-                    "labels": common.labels(domain),
-                    "annotations": {common.CHECKSUM_ANNOTATION: config_checksum},
-                },
-                "spec": {
-                    "serviceAccountName": common.statefulset_name(domain),
-                    "automountServiceAccountToken": False,
-                    "terminationGracePeriodSeconds": 30,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": common.RUN_AS,
-                        "runAsGroup": common.RUN_AS,
-                        "fsGroup": common.RUN_AS,  # the claim's files belong to the node's group
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [container],
-                    "volumes": volumes,
-                },
-            },
-            "volumeClaimTemplates": [
-                {
-                    "apiVersion": "v1",
-                    "kind": "PersistentVolumeClaim",
-                    "metadata": {"name": "data"},
-                    "spec": claim_spec(domain),
-                }
-            ],
-        },
+        "spec": sts_spec,
     }
