@@ -45,6 +45,7 @@ class Refusal(Exception):
 
 class Proxy:
     def __init__(self, *, cluster: Cluster, token: str, metrics: NodeMetrics, connect_timeout: float = 5.0) -> None:
+        """`token`: the domain's internal token; `connect_timeout`: how long a home may take to take a login."""
         self.cluster = cluster
         self._token = token
         self._metrics = metrics
@@ -80,7 +81,7 @@ class Proxy:
         answer the client's login with (its CAPABILITY is the home's, after login)."""
         try:
             return await asyncio.wait_for(self._connect(user), self._connect_timeout)
-        except (Unavailable, TimeoutError, OSError, UnknownPeer, asyncio.IncompleteReadError) as error:
+        except (Unavailable, TimeoutError, OSError, ValueError, UnknownPeer, asyncio.IncompleteReadError) as error:
             self._metrics.imap_proxy_logins.labels("unavailable").inc()
             reason = str(error) or type(error).__name__
             fields = {"user": user.address, "home": user.home, "error": reason}
