@@ -115,6 +115,27 @@ class NodeMetrics:
             ["reason"],
             registry=r,
         )
+        # Clustering: IMAP sessions proxied to their mailbox's home (mailnode.imap.proxy)
+        self.imap_proxied_sessions = prom.Gauge(
+            "mailnode_imap_proxied_sessions",
+            "IMAP sessions logged in here and relayed now to their mailbox's home node",
+            registry=r,
+        )
+        self.imap_proxy_logins = prom.Counter(
+            "mailnode_imap_proxy_logins",
+            "Logins of mailboxes homed on another node, by result: proxied (the home took the session), "
+            "unavailable (home down, slow or refusing: the client got NO [UNAVAILABLE])",
+            ["result"],
+            registry=r,
+        )
+        self.imap_proxy_refused = prom.Counter(
+            "mailnode_imap_proxy_refused",
+            "Logins refused on the internal IMAP port: login (LOGIN, never accepted there), not_internal "
+            "(a user's own credentials), wrong_token (no or a wrong internal token), not_home (the mailbox "
+            "is not homed here)",
+            ["reason"],
+            registry=r,
+        )
         self.handoffs = prom.Counter(
             "mailnode_handoffs",
             "Recipients homed on another node, as SMTP handed them over before its 250: delivered (the home "
@@ -172,6 +193,10 @@ class NodeMetrics:
             self.lmtp_refused.labels(reason)
         for result in ("delivered", "queued", "refused"):
             self.handoffs.labels(result)
+        for result in ("proxied", "unavailable"):
+            self.imap_proxy_logins.labels(result)
+        for reason in ("login", "not_internal", "wrong_token", "not_home"):
+            self.imap_proxy_refused.labels(reason)
         for result in ("ok", "failed"):
             self.checkpoints.labels(result)
             self.backups.labels(result)

@@ -5,7 +5,9 @@ One WriteFence is shared by the store and the outbound queue, so the node's Chec
 write at once; archives are written on a Gateway of their own (mailnode.backup).
 
 Clustered (`cluster.peers` lists more than one node), the node also listens for LMTP from its peers
-(mailnode.smtp.lmtp) and hands mail for mailboxes homed elsewhere to them (mailnode.queue.handoff).
+(mailnode.smtp.lmtp) and hands mail for mailboxes homed elsewhere to them (mailnode.queue.handoff);
+it listens for the IMAP sessions its peers proxy (`listen.imap_proxy`) and proxies the sessions of
+mailboxes homed elsewhere to them (mailnode.imap.proxy).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mailnode.backup.jobs import BackupJobs
 from mailnode.cluster import Cluster
 from mailnode.config import ConfigError, DirectoryWatcher, NodeConfig, read_internal_token
 from mailnode.gateway import Gateway
+from mailnode.imap import proxy as imap_proxy
 from mailnode.imap import server as imap
 from mailnode.metrics import NodeMetrics
 from mailnode.queue import handoff, routing
@@ -67,6 +70,7 @@ class Node:
             self._cluster_error = str(error)
             self.cluster = Cluster(ordinal=0, peers=())
         self.handoffs: handoff.Handoff | None = None  # set at start when clustered
+        self.imap_proxy: imap_proxy.Proxy | None = None  # likewise
         self.fence = WriteFence()  # every durable write passes it; a checkpoint pauses it
         self.store = MailStore(config.data_dir, gateway=self.gateway, fence=self.fence)
         self.watcher = DirectoryWatcher(
@@ -205,6 +209,7 @@ class Node:
                 cluster=self.cluster, directory=lambda: self.watcher.current, token=internal_token,
                 hostname=self.config.hostname,
             )  # fmt: skip
+            self.imap_proxy = imap_proxy.Proxy(cluster=self.cluster, token=internal_token, metrics=self.metrics)
         await self.gateway.run(self.watcher.load_initial)
         self.metrics.directory_mailboxes.set(len(self.watcher.current.mailboxes))
         await self.gateway.run(self.checkpoint.clear_staging)
@@ -275,10 +280,13 @@ class Node:
                 config=self.config, directory=lambda: self.watcher.current, store=self.store,
                 authenticator=self.authenticator, metrics=self.metrics, host=listen.host, port=port, tls=context,
                 implicit_tls=implicit, analyses=self._analyses, gate=gates[name], proxy=proxy,
+                cluster=self.imap_proxy,
             )  # fmt: skip
             self._servers.append(imap_server)
             self._imap_sessions.append(sessions)
             self.ports[name] = imap_server.sockets[0].getsockname()[1]
+        if self.imap_proxy is not None:
+            await self._start_imap_proxy(gate=gates["imap_proxy"])
         backups = http.BackupOps(
             checkpoint=self.checkpoint, jobs=self.backups, restore=self.restore, max_hold=self.config.backup.max_hold
         )
@@ -309,6 +317,19 @@ class Node:
         self._handlers.append(handler)
         self.ports["lmtp"] = server.sockets[0].getsockname()[1]
 
+    async def _start_imap_proxy(self, *, gate: door.ConnectionGate) -> None:
+        """The internal IMAP listener: sessions of the mailboxes homed here, proxied by the peer nodes
+        (no TLS: the client's ended at the peer; no PROXY protocol: peers connect directly)."""
+        listen = self.config.listen
+        server, sessions = await imap.start_listener(
+            config=self.config, directory=lambda: self.watcher.current, store=self.store,
+            authenticator=self.authenticator, metrics=self.metrics, host=listen.host, port=listen.imap_proxy,
+            tls=None, implicit_tls=False, analyses=self._analyses, gate=gate, cluster=self.imap_proxy, internal=True,
+        )  # fmt: skip
+        self._servers.append(server)
+        self._imap_sessions.append(sessions)
+        self.ports["imap_proxy"] = server.sockets[0].getsockname()[1]
+
     def _connection_gates(self, *, tls: bool) -> dict[str, door.ConnectionGate]:
         """One gate per client listener, their totals fitted to the file descriptors the process may
         hold, so that a flood of idle connections leaves room for the store and the health checks."""
@@ -317,6 +338,7 @@ class Node:
         wanted.update({name: limits.imap for name in ("imap", "imaps")})
         if self.cluster.clustered:
             wanted["lmtp"] = limits.smtp
+            wanted["imap_proxy"] = limits.imap
         if not tls:  # these listeners do not start without a certificate
             for name in ("submission", "submissions", "imaps"):
                 del wanted[name]

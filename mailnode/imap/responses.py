@@ -87,6 +87,8 @@ NO_TLS_UNAVAILABLE = Response("NO", None, "TLS is not available (no certificate 
 NO_AUTHENTICATION_FAILED = Response("NO", "AUTHENTICATIONFAILED", "Authentication failed")
 # RFC 5530 UNAVAILABLE: the password was right but the mailbox cannot be opened (full disk, I/O error).
 NO_MAILBOX_UNAVAILABLE = Response("NO", "UNAVAILABLE", "Mailbox temporarily unavailable; try again later")
+# RFC 5530 UNAVAILABLE: the password was right but the mailbox's home node (clustering) cannot be reached.
+NO_HOME_UNAVAILABLE = Response("NO", "UNAVAILABLE", "Mailbox's node unavailable; try again later")
 NO_LOGIN_BEFORE_TLS = Response("NO", "PRIVACYREQUIRED", "LOGIN is disabled before STARTTLS")
 NO_AUTHENTICATE_BEFORE_TLS = Response("NO", "PRIVACYREQUIRED", "Authentication is disabled before STARTTLS")
 NO_ONLY_PLAIN = Response("NO", "CANNOT", "Only AUTHENTICATE PLAIN is supported")
@@ -130,4 +132,7 @@ BYE_AUTOLOGOUT = Response("BYE", None, "Autologout; idle for too long")
 BYE_LOGIN_TIMEOUT = Response("BYE", None, "Autologout; no login in time")
 BYE_LINE_TOO_LONG = Response("BYE", None, "Line too long")
 BYE_TOOBIG = Response("BYE", "TOOBIG", "Literal too large")  # RFC 7888 §4: cannot refuse a LITERAL+
-BYE_SHUTTING_DOWN = Response("BYE", None, "Server shutting down; try again later")
+# RFC 5530 UNAVAILABLE: temporary; a client reconnects (to another node of a cluster, or this one, back).
+BYE_SHUTTING_DOWN = Response("BYE", "UNAVAILABLE", "Server shutting down; try again later")
+# A proxied session whose home node went away without a BYE of its own (mailnode.imap.proxy).
+BYE_HOME_UNAVAILABLE = Response("BYE", "UNAVAILABLE", "The mailbox's node is unavailable; reconnect later")

@@ -2,7 +2,8 @@
 one mailnode.imap.session.Session per connection, dispatching through mailnode.imap.commands.TABLE
 (IDLE, UIDPLUS, MOVE, SPECIAL-USE, NAMESPACE, ID, ENABLE, LITERAL+, SASL-IR, UNSELECT, CHILDREN,
 LIST-EXTENDED (basic), QUOTA, CONDSTORE). mailnode.node starts the listeners and keeps the sessions
-(Session and AnalysisCache are named here for it).
+(Session and AnalysisCache are named here for it). Clustered, it also starts the internal listener
+(`internal=True`, `listen.imap_proxy`) on which peers log in the sessions they proxy (mailnode.imap.proxy).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mailnode import listener as door
 from mailnode.auth import Authenticator
 from mailnode.config import Directory, NodeConfig
 from mailnode.imap import commands
+from mailnode.imap.proxy import Proxy
 from mailnode.imap.session import AnalysisCache, Session
 from mailnode.metrics import NodeMetrics
 from mailnode.store.mailstore import MailStore
@@ -63,18 +65,22 @@ async def start_listener(
     analyses: AnalysisCache,
     gate: door.ConnectionGate,
     proxy: door.ProxyPolicy | None = None,
+    cluster: Proxy | None = None,
+    internal: bool = False,
 ) -> tuple[asyncio.Server, set[Session]]:
     """Serve IMAP (STARTTLS) or IMAPS (implicit TLS) behind `gate` (and the PROXY protocol when `proxy`
-    is given). Returns the server and the set of live sessions."""
+    is given); with `cluster`, sessions of mailboxes homed elsewhere are proxied to their home. With
+    `internal`, the internal port (no TLS: `tls` None), whose only login is a peer's master login.
+    Returns the server and the set of live sessions."""
     sessions: set[Session] = set()
-    listener = "imaps" if implicit_tls else "imap"
+    listener = "imap_proxy" if internal else "imaps" if implicit_tls else "imap"
 
     def connection(client: door.Client) -> _Connection:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             session = Session(
                 reader, writer, commands=commands.TABLE, config=config, directory=directory, store=store,
                 authenticator=authenticator, metrics=metrics, tls=tls, implicit_tls=implicit_tls, listener=listener,
-                analyses=analyses, remote=client.host,
+                analyses=analyses, remote=client.host, cluster=cluster, internal=internal,
             )  # fmt: skip
             session.task = asyncio.current_task()
             sessions.add(session)

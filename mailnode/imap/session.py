@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from mailnode.auth import Authenticator
 from mailnode.config import Directory, MailboxEntry, NodeConfig
-from mailnode.imap import mime, protocol, responses, search, table
+from mailnode.imap import mime, protocol, proxy, responses, search, table
 from mailnode.metrics import NodeMetrics
 from mailnode.store.account import Account, FolderError, Message, MessageSpool, StorageFull
 from mailnode.store.changes import Change
@@ -138,7 +138,12 @@ class Session:
         listener: str,
         analyses: AnalysisCache,
         remote: str,
+        cluster: proxy.Proxy | None = None,
+        internal: bool = False,
     ) -> None:
+        """`cluster`: given when the node is clustered (a login whose home is another node is proxied
+        there). `internal`: the session is on the internal port, whose only way in is a peer's master
+        login (mailnode.imap.proxy), without TLS."""
         self._reader = reader
         self._writer = writer
         self._commands = commands
@@ -162,6 +167,8 @@ class Session:
         self.task: asyncio.Task[Any] | None = None
         self.remote = remote  # the client's address (mailnode.listener.Client: a PROXY header's, else the peer)
         self.append_literal: AppendLiteral | None = None  # the command's streamed APPEND message
+        self.cluster = cluster
+        self.internal = internal
 
     @property
     def state(self) -> table.State:
@@ -195,11 +202,21 @@ class Session:
                 authenticated=self.user is not None,
                 tls_active=self.is_tls,
                 tls_available=self._tls is not None,
-                plaintext_login=self.config.imap.allow_plaintext_login,
+                plaintext_login=self.config.imap.allow_plaintext_login or self.internal,
             )
         )
 
     # -- the connection -------------------------------------------------------------------------------
+
+    def directory(self) -> Directory:
+        """The directory in force now."""
+        return self._directory()
+
+    async def relay(self, upstream: proxy.Upstream) -> None:
+        """Proxied (the mailbox's home is another node): from now on the client talks to the home through
+        this connection; returns when either side has closed."""
+        await self.flush()
+        await upstream.relay(self._reader, self._writer)
 
     @property
     def tls_available(self) -> bool:

@@ -24,7 +24,7 @@ from tests.node.conftest import DOMAIN, ServeProcess, free_port, mailbox, write_
 
 TOKEN = "internal-token-of-example-com"
 HOMES = {f"user{i}@{DOMAIN}": i for i in range(3)}
-LISTENERS = ("smtp", "submission", "submissions", "imap", "imaps", "http", "lmtp")
+LISTENERS = ("smtp", "submission", "submissions", "imap", "imaps", "http", "lmtp", "imap_proxy")
 STREAM_SECONDS = 3.0  # before the kill, while the node is down, and after it is back
 _MESSAGE_ID = re.compile(rb"\r\nMessage-ID: <([^<>\r\n]+)>\r\n")
 
@@ -67,7 +67,7 @@ def start_cluster(tmp_path: Path, tls_files: tuple[Path, Path]) -> list[ServePro
     token_file = tmp_path / "internal-token"
     token_file.write_text(TOKEN + "\n")
     ports = [{name: free_port() for name in LISTENERS} for _ in range(3)]
-    peers = [{"host": "127.0.0.1", "lmtp": p["lmtp"], "http": p["http"]} for p in ports]
+    peers = [{"host": "127.0.0.1", "lmtp": p["lmtp"], "imap_proxy": p["imap_proxy"], "http": p["http"]} for p in ports]
     mailboxes = [mailbox(address, home=home) for address, home in HOMES.items()]
     nodes = []
     for i in range(3):

@@ -46,14 +46,18 @@ class Cluster:
         self.token_file.write_text(TOKEN + "\n")
         self.lmtp = [free_port() for _ in range(size)]
         self.http = [free_port() for _ in range(size)]
-        peers = [{"host": "127.0.0.1", "lmtp": self.lmtp[i], "http": self.http[i]} for i in range(size)]
+        self.imap_proxy = [free_port() for _ in range(size)]
+        peers = [
+            {"host": "127.0.0.1", "lmtp": self.lmtp[i], "imap_proxy": self.imap_proxy[i], "http": self.http[i]}
+            for i in range(size)
+        ]
         self.nodes: list[RunningNode] = []
         for i in range(size):
             self.nodes.append(
                 factory(
                     MAILBOXES,
                     name=f"node{i}",
-                    listen={"lmtp": self.lmtp[i], "http": self.http[i]},
+                    listen={"lmtp": self.lmtp[i], "imap_proxy": self.imap_proxy[i], "http": self.http[i]},
                     cluster={"ordinal": i, "peers": peers},
                     internal={"token_file": str(self.token_file)},
                     smtp={"delivery_interval": 0.1, "check_inbound": True},

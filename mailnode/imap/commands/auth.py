@@ -1,5 +1,9 @@
 """IMAP commands about the connection and the login: CAPABILITY, ID, LOGOUT, STARTTLS, LOGIN,
 AUTHENTICATE (PLAIN, with SASL-IR), ENABLE and NAMESPACE. Declared in mailnode.imap.commands.TABLE.
+
+Clustered, a login is where a session finds its mailbox's home (DESIGN.md "Clustering"): homed on another
+node, the session is proxied there once the password was checked here (mailnode.imap.proxy); on the
+internal port the only login is a peer's master login (AUTHENTICATE PLAIN with the internal credential).
 """
 
 from __future__ import annotations
@@ -9,7 +13,8 @@ import binascii
 import contextlib
 import logging
 
-from mailnode.imap import protocol, responses
+from mailnode.config import MailboxEntry
+from mailnode.imap import protocol, proxy, responses
 from mailnode.imap.session import DELIMITER, SPECIAL_USE, Session
 from mailnode.store.account import FolderError
 
@@ -44,16 +49,50 @@ async def starttls(session: Session, command: protocol.Command) -> None:
 
 
 def _plaintext_refused(session: Session) -> bool:
-    return not session.is_tls and not session.config.imap.allow_plaintext_login
+    # The internal port has no TLS: the NetworkPolicy admits only the domain's own pods to it.
+    return not session.is_tls and not session.internal and not session.config.imap.allow_plaintext_login
 
 
-async def _log_in(session: Session, tag: str, username: str, password: str) -> None:
-    """Check the password, make the mailbox ready, then enter the authenticated state: all or nothing,
-    so a LOGIN answered NO leaves the session as it was (not authenticated)."""
+async def _log_in(session: Session, tag: str, username: str, password: str) -> bool | None:
+    """Check the password, then either proxy the session to its mailbox's home (another node), or make
+    the mailbox ready here and enter the authenticated state: all or nothing, so a LOGIN answered NO
+    leaves the session as it was (not authenticated). False once a proxied session is over."""
     user = await session.authenticator.authenticate(username, password, remote=session.remote, protocol="imap")
     if user is None:
         log.info("imap auth failed", extra={"fields": {"client": session.remote}})
         raise responses.Refused(responses.NO_AUTHENTICATION_FAILED)
+    if session.cluster is not None and not session.cluster.is_home(user):
+        return await _proxy(session, session.cluster, tag, user)
+    await _open_mailbox(session, tag, user)
+    return None
+
+
+async def _proxy(session: Session, cluster: proxy.Proxy, tag: str, user: MailboxEntry) -> bool:
+    """Log in at the home and relay the session there until either side closes. The client hears the
+    home's answer to the login, so its CAPABILITY is the home's own."""
+    try:
+        upstream = await cluster.connect(user)
+    except proxy.Unavailable:
+        raise responses.Refused(responses.NO_HOME_UNAVAILABLE) from None
+    log.info("imap session proxied", extra={"fields": {"user": user.address, "home": user.home}})
+    session.write(upstream.logged_in(tag) + b"\r\n")
+    await session.relay(upstream)
+    return False
+
+
+async def _log_in_internal(session: Session, tag: str, authzid: str, authcid: str, password: str) -> None:
+    """The internal port: a peer's master login (RFC 4616 §2: it acts as the authorization identity,
+    a mailbox homed here); the user's password was checked by the peer."""
+    assert session.cluster is not None  # the internal port listens only when clustered
+    try:
+        user = session.cluster.admit(session.directory(), authzid=authzid, authcid=authcid, password=password)
+    except proxy.Refusal:
+        raise responses.Refused(responses.NO_AUTHENTICATION_FAILED) from None
+    await _open_mailbox(session, tag, user)
+
+
+async def _open_mailbox(session: Session, tag: str, user: MailboxEntry) -> None:
+    """Make the mailbox of a user whose login succeeded ready, then enter the authenticated state."""
     account = session.store.account(user.address)
     try:
         # The special-use folders (RFC 6154) exist from the first login on: clients file mail there at once.
@@ -69,16 +108,20 @@ async def _log_in(session: Session, tag: str, username: str, password: str) -> N
     session.send(responses.OK_LOGGED_IN.line(tag, capabilities=session.capabilities()))
 
 
-async def login(session: Session, command: protocol.Command) -> None:
+async def login(session: Session, command: protocol.Command) -> bool | None:
+    if session.internal:  # the internal port knows no passwords: only the master login
+        assert session.cluster is not None
+        session.cluster.refused("login")
+        raise responses.Refused(responses.NO_AUTHENTICATION_FAILED)
     if _plaintext_refused(session):
         raise responses.Refused(responses.NO_LOGIN_BEFORE_TLS)
     args = command.args
     if len(args) != 2:
         raise responses.Refused(responses.BAD_LOGIN_ARGUMENTS)
-    await _log_in(session, command.tag, protocol.arg_text(args[0]), protocol.arg_text(args[1]))
+    return await _log_in(session, command.tag, protocol.arg_text(args[0]), protocol.arg_text(args[1]))
 
 
-async def authenticate(session: Session, command: protocol.Command) -> None:
+async def authenticate(session: Session, command: protocol.Command) -> bool | None:
     args = command.args
     if not args or protocol.arg_text(args[0]).upper() != "PLAIN":
         raise responses.Refused(responses.NO_ONLY_PLAIN)
@@ -102,7 +145,11 @@ async def authenticate(session: Session, command: protocol.Command) -> None:
     fields = decoded.split(b"\0")  # RFC 4616 §2
     if len(fields) != 3:
         raise responses.Refused(responses.BAD_PLAIN_FIELDS)
-    await _log_in(session, command.tag, fields[1].decode("utf-8", "replace"), fields[2].decode("utf-8", "replace"))
+    authzid, authcid, password = (field.decode("utf-8", "replace") for field in fields)
+    if session.internal:
+        await _log_in_internal(session, command.tag, authzid, authcid, password)
+        return None
+    return await _log_in(session, command.tag, authcid, password)
 
 
 async def enable(session: Session, command: protocol.Command) -> None:
