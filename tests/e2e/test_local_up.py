@@ -6,7 +6,9 @@ examples/mailboxes.yaml log in; SIGTERM stops every node (exit 0, no node proces
 restart keeps the mail, the certificate and the DKIM key; a TLS Secret in the files is served instead of a
 self-signed certificate; a node that dies, or cannot start because a port is taken, ends the run with
 exit 1 and says which; a domain of three replicas runs three nodes, each on its own ports, config and
-data, with the others as its peers and the same directory; bad input (more than 16 replicas, a missing
+data, with the others as its peers and the same directory, and every node serves every mailbox (mail
+sent with swaks through node 0 is stored at its home only and read back byte for byte through node 2 with
+imaplib and mbsync); bad input (more than 16 replicas, a missing
 password Secret, a Secret of the wrong type) is refused with one line naming the file and the field,
 before anything is written.
 """
@@ -36,11 +38,14 @@ import trustme
 import yaml
 
 from mailfleet.specs import placement
+from tests.conftest import require_tool
+from tests.node.test_imap_clients import normalized
 
 ROOT = Path(__file__).parents[2]
 EXAMPLES = ROOT / "examples"
 EXAMPLE_FILES = ("examples/maildomain.yaml", "examples/mailboxes.yaml")
 PORT_NAMES = ("smtp", "submission", "submissions", "imap", "imaps", "http")
+CLUSTER_MAILBOXES = ("carol@example.org", "dave@example.org", "erin@example.org", "heidi@example.org")
 
 
 def example_documents(name: str) -> list[dict[str, Any]]:
@@ -331,9 +336,7 @@ def test_a_domain_of_three_replicas_runs_three_nodes(local_up: Callable[..., Loc
         assert config["internal"]["token_file"] == str((root / "internal" / "token").absolute())
     assert output.count("DNS records to publish for MailDomain example-org") == 1
     homes = {e["address"]: e.get("home", 0) for e in yaml.safe_load((root / "directory.yaml").read_text())["mailboxes"]}
-    assert homes == {
-        a: placement.rendezvous(a, 3) for a in ("carol@example.org", "dave@example.org", "erin@example.org")
-    }
+    assert homes == {a: placement.rendezvous(a, 3) for a in CLUSTER_MAILBOXES}
 
     up.process.send_signal(signal.SIGTERM)
     assert up.wait() == 0, up.errors()
@@ -341,6 +344,62 @@ def test_a_domain_of_three_replicas_runs_three_nodes(local_up: Callable[..., Loc
     for pid in up.node_pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_every_node_of_three_serves_every_mailbox(local_up: Callable[..., LocalUp], tmp_path: Path) -> None:
+    # swaks through node 0's MX to a mailbox of each home; each read back byte for byte through node 2's IMAP,
+    # with imaplib and with mbsync (proxied to the home, except for node 2's own mailbox).
+    swaks, mbsync = require_tool("swaks"), require_tool("mbsync")
+    base = free_base_port(nodes=3)
+    up = local_up("examples/cluster.yaml", base=base)
+    up.wait_ready()
+    root = up.state / "example-org"
+    homes = {address: placement.rendezvous(address, 3) for address in CLUSTER_MAILBOXES}
+    assert set(homes.values()) == {0, 1, 2}
+    ca_file = up.state / "tls" / "cert.pem"
+    for address in CLUSTER_MAILBOXES:
+        token = uuid.uuid4().hex
+        sent = subprocess.run(
+            [swaks, "--server", f"127.0.0.1:{base}", "--helo", "swaks.test", "--from", "zoe@elsewhere.test",
+             "--to", address, "--header", f"Subject: {token}", "--body", f"for {address} {token}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        local = address.split("@")[0]
+        stored = [
+            [f.read_bytes() for f in sorted((root / f"node-{i}/data/mail/example.org/{local}/INBOX/new").glob("*"))]
+            for i in range(3)
+        ]
+        assert [len(files) for files in stored] == [1 if i == homes[address] else 0 for i in range(3)], address
+        context = ssl.create_default_context(cafile=str(ca_file))
+        imap = imaplib.IMAP4("localhost", base + 20 + PORT_NAMES.index("imap"))
+        imap.starttls(ssl_context=context)
+        imap.login(address, example_password_of(address))
+        assert inbox(imap) == stored[homes[address]]  # byte for byte, as the home stored it
+        imap.logout()
+
+    dave = "dave@example.org"
+    assert homes["heidi@example.org"] == 2 and homes[dave] != 2  # heidi was read at her home, dave proxied
+    near = tmp_path / "mbsync"
+    near.mkdir()
+    config = tmp_path / "mbsyncrc"
+    config.write_text(
+        f'IMAPAccount node2\nHost localhost\nPort {base + 23}\nUser {dave}\nPass "{example_password_of(dave)}"\n'
+        f"SSLType STARTTLS\nCertificateFile {ca_file}\n\nIMAPStore remote\nAccount node2\n\n"
+        f"MaildirStore local\nPath {near}/\nInbox {near}/INBOX\n\n"
+        "Channel sync\nFar :remote:\nNear :local:\nPatterns INBOX\nCreate Near\nSyncState *\n"
+    )
+    synced = subprocess.run([mbsync, "-c", str(config), "-a"], capture_output=True, text=True, timeout=120)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    pulled = [f.read_bytes() for sub in ("new", "cur") for f in (near / "INBOX" / sub).glob("*")]
+    home = root / f"node-{homes[dave]}/data/mail/example.org/dave/INBOX"
+    at_home = [f.read_bytes() for sub in ("new", "cur") for f in (home / sub).glob("*")]
+    assert len(pulled) == 1 and [normalized(pulled[0])] == [m.replace(b"\r\n", b"\n") for m in at_home]
+
+
+def example_password_of(address: str) -> str:
+    (secret,) = [d for d in example_documents("cluster.yaml") if d["kind"] == "Secret"]
+    return str(secret["stringData"][address.split("@")[0]])
 
 
 def test_more_than_sixteen_replicas_is_refused(tmp_path: Path) -> None:

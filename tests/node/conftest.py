@@ -192,6 +192,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports below the kernel's ephemeral range (32768 and up), so that neither a
+    listener bound to port 0 nor an outgoing connection takes one before the server it is meant for binds
+    it (as can happen to a port from free_port()): for servers that must know each other's ports up front."""
+    import random
+    import socket
+
+    ports: list[int] = []
+    with contextlib.ExitStack() as stack:
+        while len(ports) < count:
+            port = random.randrange(20000, 32000)
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            if port not in ports:
+                ports.append(port)
+    return ports
+
+
 @pytest.fixture
 def refusing_port() -> Iterator[int]:
     """A port that refuses connections for the whole test: bound (so nothing else can take it, as a

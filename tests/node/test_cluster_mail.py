@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.node.conftest import DOMAIN, NodeFactory, RunningNode, free_port, mailbox
+from tests.node.conftest import DOMAIN, NodeFactory, RunningNode, free_ports, mailbox
 from tests.node.test_outbound import wait_for
 
 TOKEN = "internal-token-of-example-com"
@@ -44,9 +44,8 @@ class Cluster:
     def __init__(self, factory: NodeFactory, tmp_path: Path, size: int) -> None:
         self.token_file = tmp_path / "internal-token"
         self.token_file.write_text(TOKEN + "\n")
-        self.lmtp = [free_port() for _ in range(size)]
-        self.http = [free_port() for _ in range(size)]
-        self.imap_proxy = [free_port() for _ in range(size)]
+        ports = free_ports(3 * size)  # known to the peers up front: below the range port 0 draws from
+        self.lmtp, self.http, self.imap_proxy = ports[:size], ports[size : 2 * size], ports[2 * size :]
         peers = [
             {"host": "127.0.0.1", "lmtp": self.lmtp[i], "imap_proxy": self.imap_proxy[i], "http": self.http[i]}
             for i in range(size)
