@@ -26,8 +26,8 @@ from pathlib import Path
 
 SCHEMA_VERSION = 3
 _IN_LIMIT = 500  # UIDs per `IN (...)` query, well under SQLite's parameter limit
-# Longer than a peer's queue keeps retrying a hand-off (mailnode.queue.delivery.HANDOFF_LIFETIME).
-HANDOFF_MEMORY = 14 * 24 * 3600
+# Longer than a peer's queue keeps retrying a hand-off (mailnode.queue.delivery.HANDOFF_LIFETIME, 30 days).
+HANDOFF_MEMORY = 40 * 24 * 3600
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS folders (
