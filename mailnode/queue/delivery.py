@@ -223,8 +223,12 @@ class Deliverer:
             if self._handoffs is None:  # a queue from a clustered run opened by a node alone
                 answers = dict.fromkeys(addresses, handoff.Answer(451, "451 4.3.0 this node is not clustered"))
             else:
+                # the id of the attempt made before SMTP's 250, else one of this queue entry's own
+                id = message.handoff or self._handoffs.id_for(f"q{message.id}")
                 async with self._connections:
-                    answers = await self._handoffs.send(home, sender=message.sender, recipients=addresses, data=data)
+                    answers = await self._handoffs.send(
+                        home, sender=message.sender, recipients=addresses, data=data, id=id
+                    )
             where = f"node {home}"
             for address in addresses:
                 answer = answers[address]

@@ -3,6 +3,13 @@
 hands off before it answers DATA; the delivery worker (mailnode.queue.delivery) retries, from the
 queue, what the home could not take then (route `node:<ordinal>`).
 
+Every hand-off carries an id, the same for the attempt before SMTP's 250 and for each retry from the
+queue (`Handoff.id_for`, kept in the spool entry): the first line of what is sent is the internal header
+`X-Mailfleet-Handoff: <id>`, which the home's LMTP listener takes off (`untag`) and records with the
+message, so that a retry of a hand-off it stored before (its 250 lost in a crash) is stored once only.
+Only that first line is read, and only on the internal LMTP port: a client's own header of that name
+lies below the accepting node's trace headers and is mail like any other.
+
 `Handoff.send` never raises for the network: every recipient gets an `Answer`, a synthesised 4xx when
 the home could not be reached, timed out, or broke off before answering for it.
 """
@@ -13,6 +20,7 @@ import asyncio
 import base64
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Sequence
 
 from mailnode.cluster import INTERNAL_USER, Cluster, UnknownPeer
@@ -22,6 +30,24 @@ log = logging.getLogger(__name__)
 
 ROUTE_PREFIX = "node:"  # a queued recipient's route to its home: "node:1"
 DEFAULT_TIMEOUT = 10.0  # seconds per step; then the message waits in the queue
+
+
+HEADER = b"X-Mailfleet-Handoff"
+_TAG = re.compile(rb"X-Mailfleet-Handoff:[ \t]*([0-9A-Za-z._-]{1,80})\r?\n", re.IGNORECASE)
+
+
+def tag(id: str, data: bytes) -> bytes:
+    """The message as handed to its home: the hand-off header on top."""
+    return HEADER + b": " + id.encode("ascii") + b"\r\n" + data
+
+
+def untag(data: bytes) -> tuple[str | None, bytes]:
+    """(the hand-off id, the message without its header) when the first line is the hand-off header,
+    else (None, the message as is)."""
+    match = _TAG.match(data)
+    if match is None:
+        return None, data
+    return match.group(1).decode("ascii"), data[match.end() :]
 
 
 def route_to(ordinal: int) -> str:
@@ -90,9 +116,18 @@ class Handoff:
         resolution = self._directory().resolve(address)
         return None if resolution.mailbox is None else resolution.mailbox.home
 
-    async def send(self, home: int, *, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Answer]:
+    def id_for(self, local: str) -> str:
+        """A hand-off id unique in the cluster: this node's ordinal and an id unique on this node (an
+        SMTP transaction's, a queued message's)."""
+        return f"{self.cluster.ordinal}.{local}"
+
+    async def send(
+        self, home: int, *, sender: str, recipients: Sequence[str], data: bytes, id: str
+    ) -> dict[str, Answer]:
         """One LMTP transaction with node `home`: an Answer per recipient (RFC 2033 §4.2), 250 meaning
-        the home has it on disk. `sender` is "" for the null reverse-path."""
+        the home has it on disk, now or from an earlier attempt with the same hand-off `id`. `sender`
+        is "" for the null reverse-path."""
+        data = tag(id, data)
         try:
             peer = self.cluster.peer(home)
         except UnknownPeer as error:

@@ -94,6 +94,9 @@ class QueuedMessage:
     created: float
     size: int
     path: Path  # the message file
+    # The cluster hand-off id its first attempt used (mailnode.queue.handoff.Handoff.id_for): every
+    # retry sends the same, so the home stores it once. "" when not queued after a direct attempt.
+    handoff: str = ""
 
     @property
     def pending(self) -> tuple[Recipient, ...]:
@@ -242,9 +245,12 @@ class Spool:
 
     # -- enqueue -------------------------------------------------------------------------------------
 
-    async def enqueue(self, sender: str, recipients: Sequence[str], data: bytes, *, route: str = "") -> QueuedMessage:
+    async def enqueue(
+        self, sender: str, recipients: Sequence[str], data: bytes, *, route: str = "", handoff: str = ""
+    ) -> QueuedMessage:
         """Queue a message durably, or raise. Returns only after the message file, its envelope and
-        their directory are fsynced; every recipient is due at once, on `route` (see Recipient).
+        their directory are fsynced; every recipient is due at once, on `route` (see Recipient), with
+        the hand-off id of an attempt already made (see QueuedMessage).
         Duplicate addresses are merged. Concurrent calls share fsyncs."""
         self._check_open()
         addresses = builtins.list(dict.fromkeys(recipients))
@@ -259,6 +265,7 @@ class Spool:
             created=now,
             size=len(data),
             path=self._dir / f"{id}.eml",
+            handoff=handoff,
         )
         loop = asyncio.get_running_loop()
         item = _Enqueue(message, data, loop.create_future())
@@ -497,6 +504,7 @@ def _to_json(message: QueuedMessage) -> dict[str, Any]:
         "created": message.created,
         "size": message.size,
         "recipients": [dataclasses.asdict(r) for r in message.recipients],
+        "handoff": message.handoff,
     }
 
 
@@ -527,6 +535,7 @@ def _from_json(raw: Any, directory: Path) -> QueuedMessage:
         created=float(raw["created"]),
         size=_typed(raw["size"], int),
         path=directory / f"{id}.eml",
+        handoff=_typed(raw.get("handoff", ""), str),  # absent in envelopes written before hand-off ids
     )
 
 

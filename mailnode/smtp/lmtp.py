@@ -13,6 +13,10 @@ answered at RCPT; after DATA, one reply per accepted recipient (RFC 2033 §4.2),
 store has the message fsynced. The message arrives with the accepting node's trace headers; the home
 adds Return-Path only (final delivery, RFC 5321 §4.4), and does not expand forward_to (the accepting
 node already gave each target its own copy).
+
+The accepting node's hand-off id comes as the first line, `X-Mailfleet-Handoff:` (mailnode.queue.handoff):
+taken off here, never stored, and given to the store, which stores a hand-off once per mailbox and
+answers a retry of one it has as delivered (DESIGN.md "Clustering": every 250 arrives exactly once).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword, syntax
 from mailnode import listener as door
 from mailnode.cluster import INTERNAL_USER
 from mailnode.config import NodeConfig
+from mailnode.queue import handoff
 from mailnode.smtp import replies
 from mailnode.smtp.server import (
     CHECKPOINT_IN_PROGRESS,
@@ -105,7 +110,7 @@ class LMTPHandler(SMTPHandler):
         return AuthResult(success=False, handled=False)  # 535 5.7.8
 
     async def handle_DATA(self, server: MailSMTP, session: MailSession, envelope: MailEnvelope) -> str:
-        content: bytes = envelope.original_content or b""
+        hand_off_id, content = handoff.untag(envelope.original_content or b"")
         size = len(content)
         if self._store.fence.paused:
             self.rejected("checkpoint")
@@ -118,7 +123,9 @@ class LMTPHandler(SMTPHandler):
             if mailbox.address not in answers:
                 refused = self._admit(envelope, address, mailbox, size)  # quota, now with the real size
                 answers[mailbox.address] = refused or ""
-        deliveries = [Delivery(address=a, data=data) for a, answer in answers.items() if not answer]
+        deliveries = [
+            Delivery(address=a, data=data, handoff=hand_off_id) for a, answer in answers.items() if not answer
+        ]
         started = time.perf_counter()
         if deliveries:
             try:

@@ -695,7 +695,10 @@ class SMTPHandler:
             self.end_transaction(session, envelope, reply, size)
             return reply
         started = time.perf_counter()
-        handed, waiting, refused = await self._hand_off(away, sender=sender, data=traced)
+        # One hand-off id for this message, kept with it in the queue: a retry of what the home stored
+        # before (its 250 lost in a crash) is not stored again.
+        hand_off_id = self._handoffs.id_for(envelope.id) if self._handoffs is not None else ""
+        handed, waiting, refused = await self._hand_off(away, sender=sender, data=traced, id=hand_off_id)
         bounced = {address: answer for address, answer in refused.items() if address not in forwarded}
         for address in refused.keys() - bounced.keys():
             log.info(
@@ -717,7 +720,9 @@ class SMTPHandler:
                 signature = self._sign(sender.rpartition("@")[2], outbound) if sender else b""
                 await self._spool.enqueue(sender, remote, signature + outbound)
                 self._queued()
-            await self._queue_hand_offs(sender, traced, waiting=waiting, bounced=bounced, targets=targets)
+            await self._queue_hand_offs(
+                sender, traced, waiting=waiting, bounced=bounced, targets=targets, id=hand_off_id
+            )
         except Exception as error:
             log.exception("delivery failed", extra={"fields": {"id": envelope.id, "error": str(error)}})
             self.rejected("store_error")
@@ -732,7 +737,7 @@ class SMTPHandler:
         return reply
 
     async def _hand_off(
-        self, away: dict[int, list[str]], *, sender: str, data: bytes
+        self, away: dict[int, list[str]], *, sender: str, data: bytes, id: str
     ) -> tuple[list[str], dict[int, list[str]], dict[str, handoff.Answer]]:
         """Give the message to each home node of `away` (ordinal -> mailbox addresses), at once.
         Returns (stored by their home, {home: addresses to queue for it}, {address: permanent refusal})."""
@@ -743,7 +748,7 @@ class SMTPHandler:
             return handed, waiting, refused
         homes = list(away)
         outcomes = await asyncio.gather(
-            *(self._handoffs.send(home, sender=sender, recipients=away[home], data=data) for home in homes)
+            *(self._handoffs.send(home, sender=sender, recipients=away[home], data=data, id=id) for home in homes)
         )
         for home, answers in zip(homes, outcomes, strict=True):
             for address, answer in answers.items():
@@ -770,13 +775,14 @@ class SMTPHandler:
         waiting: dict[int, list[str]],
         bounced: dict[str, handoff.Answer],
         targets: dict[str, MailboxEntry],
+        id: str,
     ) -> None:
         """Queue what the homes could not take now (the queue's worker retries), and the recipients they
         refused for good, recorded failed so that the worker sends the sender one RFC 3464 bounce."""
         if self._spool is None:
             return
         for home, addresses in waiting.items():
-            await self._spool.enqueue(sender, addresses, data, route=handoff.route_to(home))
+            await self._spool.enqueue(sender, addresses, data, route=handoff.route_to(home), handoff=id)
         refusals: dict[int, list[str]] = {}
         for address in bounced:
             refusals.setdefault(targets[address].home, []).append(address)

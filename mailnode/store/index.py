@@ -6,6 +6,10 @@ the Gateway's threads, one thread at a time per index (the store serialises writ
 synchronous=FULL: a commit returns only after the log is on disk, so a committed row is as durable as
 the message file it points to.
 
+`handoffs` holds the ids of the cluster hand-offs this mailbox has stored (DESIGN.md "Clustering"),
+committed in the same transaction as their message rows: a peer's retry of a hand-off already stored
+is recognised, and stored no second time (`deliver`). Ids older than HANDOFF_MEMORY are pruned.
+
 `Reader` opens an index file that no longer changes (a staged copy, or one extracted from an archive)
 read-only, for the backups (mailnode.backup): the same queries, plus SQLite's integrity check.
 """
@@ -20,8 +24,10 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _IN_LIMIT = 500  # UIDs per `IN (...)` query, well under SQLite's parameter limit
+# Longer than a peer's queue keeps retrying a hand-off (mailnode.queue.delivery.HANDOFF_LIFETIME, 30 days).
+HANDOFF_MEMORY = 40 * 24 * 3600
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS folders (
@@ -44,6 +50,10 @@ CREATE TABLE IF NOT EXISTS messages (
     structure     TEXT,
     PRIMARY KEY (folder_id, uid)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS handoffs (
+    id TEXT    PRIMARY KEY,
+    at INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 
 # Each step brings an index from version n to n + 1.
@@ -52,6 +62,7 @@ _MIGRATIONS = {
         "ALTER TABLE folders ADD COLUMN first_recent INTEGER NOT NULL DEFAULT 1",
         "ALTER TABLE messages ADD COLUMN structure TEXT",  # cached MIME analysis (mailnode.imap.mime)
     ],
+    2: ["CREATE TABLE IF NOT EXISTS handoffs (id TEXT PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID"],
 }
 
 
@@ -82,6 +93,7 @@ class NewMessage:
     size: int
     internal_date: int
     flags: str = ""
+    handoff: str | None = None  # the cluster hand-off that brings it (see `Index.deliver`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +367,26 @@ class Index(_Queries):
                 )
                 uids.append(uid)
         return uids
+
+    def deliver(self, messages: Iterable[NewMessage], *, now: int) -> list[int | None]:
+        """`add`, in one transaction with recording each message's hand-off id: None for a message
+        whose hand-off this mailbox has stored before (or earlier in this call), which is not added.
+        Prunes the ids older than HANDOFF_MEMORY."""
+        wanted = list(messages)
+        with self.atomic() as cur:
+            fresh: list[NewMessage] = []
+            for message in wanted:
+                if message.handoff is not None:
+                    known = cur.execute("SELECT 1 FROM handoffs WHERE id = ?", (message.handoff,)).fetchone()
+                    if known is not None:
+                        continue
+                    cur.execute("INSERT INTO handoffs (id, at) VALUES (?, ?)", (message.handoff, now))
+                fresh.append(message)
+            if len(fresh) < len(wanted) or any(m.handoff is not None for m in fresh):
+                cur.execute("DELETE FROM handoffs WHERE at < ?", (now - HANDOFF_MEMORY,))
+            uids = iter(self.add(fresh))  # nested: a savepoint of this transaction
+        added = {id(message) for message in fresh}
+        return [next(uids) if id(message) in added else None for message in wanted]
 
     def forget(self, paths: Iterable[str]) -> None:
         with self.atomic() as cur:

@@ -49,6 +49,8 @@ class Delivery:
     internal_date: int | None = None
     flags: str = ""  # space-separated IMAP flags (APPEND may set them)
     spooled: Spooled | None = None
+    # A cluster hand-off's id (mailnode.queue.handoff): stored at most once per mailbox.
+    handoff: str | None = None
 
     @property
     def size(self) -> int:
@@ -59,8 +61,10 @@ class Delivery:
 class Stored:
     address: str
     folder: str
-    uid: int
+    uid: int  # 0 when duplicate
     path: Path
+    # The hand-off was stored here before: nothing new was stored, and the delivery counts as done.
+    duplicate: bool = False
 
 
 @dataclasses.dataclass

@@ -11,6 +11,11 @@ were renamed but never committed, hence never acknowledged, or were expunged whi
 pinned the store (mailnode.store.staging); they are removed too. After that the index and the files
 agree exactly.
 
+A delivery with a cluster hand-off id (`Delivery.handoff`) that its mailbox has stored before is
+answered as delivered (`Stored.duplicate`) without a second copy: the id is recorded in the same index
+transaction as the message row (mailnode.store.index), so a home that crashes before its LMTP 250
+reaches the peer stores the peer's retry no second time.
+
 Every write passes the node's WriteFence (mailnode.store.fence), so a checkpoint can hold them: a
 batch waits at the fence before it is taken, never while a lock is held.
 
@@ -151,6 +156,8 @@ class MailStore:
                         future.set_exception(result)
                         continue
                     for stored, delivery in zip(result, deliveries, strict=True):
+                        if stored.duplicate:
+                            continue
                         self.account_for(stored.address, size=delivery.size, count=1)
                         self.switchboard.publish(stored.address, changes.Change(stored.folder, "added", (stored.uid,)))
                     future.set_result(result)
@@ -202,12 +209,13 @@ class MailStore:
                     size=d.size,
                     internal_date=d.internal_date or now,
                     flags=d.flags,
+                    handoff=d.handoff,
                 )
                 for _, _, d, p in items
             ]
             try:
                 with mailbox.lock:
-                    uids = mailbox.index.add(rows)
+                    uids = mailbox.index.deliver(rows, now=now)
             except Exception as error:
                 log.exception("index commit failed", extra={"fields": {"mailbox": address, "error": str(error)}})
                 for call_no, _, _, path in items:
@@ -215,7 +223,11 @@ class MailStore:
                     outcome[call_no] = error
                 continue
             for (call_no, pos, d, p), uid in zip(items, uids, strict=True):
-                results[(call_no, pos)] = Stored(address, d.folder, uid, p)
+                if uid is None:  # a hand-off stored before: its new file has no row, and goes
+                    p.unlink(missing_ok=True)  # (or, after a crash, recovery removes it)
+                    results[(call_no, pos)] = Stored(address, d.folder, 0, p, duplicate=True)
+                else:
+                    results[(call_no, pos)] = Stored(address, d.folder, uid, p)
         for call_no, files in enumerate(written):
             if not isinstance(outcome[call_no], BaseException):
                 outcome[call_no] = [results[(call_no, pos)] for pos in range(len(files))]

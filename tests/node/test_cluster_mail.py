@@ -196,6 +196,33 @@ def test_lmtp_answers_each_recipient_after_data(cluster: Cluster) -> None:
     assert node1.metric("mailnode_lmtp_deliveries_total", result="refused") == 1
 
 
+def test_a_hand_off_sent_twice_is_stored_once(cluster: Cluster) -> None:
+    """A peer that never heard the 250 (the home crashed after its commit) sends the hand-off again
+    under the same id: the home answers 250 and keeps one copy, without the internal header."""
+    node1 = cluster.nodes[1]
+    tagged = b"X-Mailfleet-Handoff: 0.18c2f3a9b01fe2d7\r\n" + MESSAGE
+    for _ in range(2):
+        with lmtp(cluster.lmtp[1]) as client:
+            assert auth(client, TOKEN)[0] == 235
+            assert client.docmd("MAIL", "FROM:<sender@remote.test>")[0] == 250
+            assert client.docmd("RCPT", f"TO:<bob@{DOMAIN}>")[0] == 250
+            assert client.docmd("DATA")[0] == 354
+            client.send(tagged + b".\r\n")
+            assert client.getreply()[0] == 250
+    assert node1.files.stored(f"bob@{DOMAIN}") == [b"Return-Path: <sender@remote.test>\r\n" + MESSAGE]
+
+
+def test_a_hand_off_header_from_a_client_does_not_suppress_mail(cluster: Cluster) -> None:
+    """The header is read only as the first line on the internal port: a client's own, sent over SMTP
+    twice, lies below the accepting node's trace headers and suppresses nothing."""
+    node0, node1, _ = cluster.nodes
+    smuggled = b"X-Mailfleet-Handoff: 0.18c2f3a9b01fe2d7\r\n" + MESSAGE
+    assert send(node0, [f"bob@{DOMAIN}"], smuggled) == {}
+    assert send(node0, [f"bob@{DOMAIN}"], smuggled) == {}
+    stored = node1.files.stored(f"bob@{DOMAIN}")
+    assert len(stored) == 2 and all(smuggled in message for message in stored)
+
+
 def test_a_recipient_its_home_refuses_is_bounced_when_others_were_taken(cluster: Cluster) -> None:
     node0, node1, _ = cluster.nodes
     assert send(node0, [f"bob@{DOMAIN}", f"full@{DOMAIN}"], sender=f"alice@{DOMAIN}") == {}

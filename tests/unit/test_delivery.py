@@ -420,11 +420,16 @@ class FakeHandoff:
         self.up = False
         self.sent: list[tuple[int, str, list[str], bytes]] = []
         self.homes: dict[str, int] = {}
+        self.ids: list[str] = []  # the hand-off id of every attempt
+
+    def id_for(self, local: str) -> str:
+        return f"0.{local}"
 
     def home_of(self, address: str) -> int | None:
         return self.homes.get(address)
 
-    async def send(self, home: int, *, sender: str, recipients: list[str], data: bytes) -> dict[str, Any]:
+    async def send(self, home: int, *, sender: str, recipients: list[str], data: bytes, id: str) -> dict[str, Any]:
+        self.ids.append(id)
         if not self.up:
             return dict.fromkeys(recipients, handoff.Answer(421, "421 4.4.1 cannot connect to node 1"))
         self.sent.append((home, sender, recipients, data))
@@ -435,10 +440,11 @@ async def test_a_hand_off_waits_for_its_home_past_the_queue_lifetime_then_arrive
     home = FakeHandoff()
     metrics = NodeMetrics()
     worker = deliverer(spool, 1, local, clock, handoffs=home, lifetime=3600, metrics=metrics)
-    await spool.enqueue("alice@local.test", ["bob@local.test"], MESSAGE, route=handoff.route_to(1))
+    await spool.enqueue("alice@local.test", ["bob@local.test"], MESSAGE, route=handoff.route_to(1), handoff="0.tx1")
 
     assert await worker.run_once() == 1
     [message] = await spool.list()
+    assert message.handoff == "0.tx1"
     assert message.recipients[0].next_attempt == clock.now + delivery.HANDOFF_RETRY_DELAYS[0]
     assert "mailnode_handoff_queue_messages 1.0" in metrics.exposition().decode()
     clock.now += 2 * 86400  # the home down for two days, far past the outbound lifetime
@@ -454,4 +460,16 @@ async def test_a_hand_off_waits_for_its_home_past_the_queue_lifetime_then_arrive
     assert await spool.list() == []
     await worker.run_once()
     assert len(home.sent) == 1
+    assert home.ids == ["0.tx1"] * 3  # every retry names the hand-off its first attempt made
     assert "mailnode_handoff_queue_messages 0.0" in metrics.exposition().decode()
+
+
+async def test_a_hand_off_queued_without_an_attempt_uses_one_id_of_its_own(spool, local, clock):
+    home = FakeHandoff()
+    worker = deliverer(spool, 1, local, clock, handoffs=home)
+    queued = await spool.enqueue("alice@local.test", ["bob@local.test"], MESSAGE, route=handoff.route_to(1))
+    await worker.run_once()
+    clock.now += 3600
+    home.up = True
+    await worker.run_once()
+    assert home.ids == [f"0.q{queued.id}"] * 2

@@ -79,18 +79,21 @@ async def test_enqueue_round_trip_survives_reopen(spool: Spool, gateway: Gateway
 async def test_a_hand_off_route_survives_reopen_and_old_envelopes_read_without_one(
     spool: Spool, gateway: Gateway, clock: FakeClock
 ) -> None:
-    handed = await spool.enqueue("a@example.com", ["b@example.com"], b"data", route="node:1")
+    handed = await spool.enqueue("a@example.com", ["b@example.com"], b"data", route="node:1", handoff="0.tx")
     outbound = await spool.enqueue("a@example.com", ["c@example.net"], b"data")
     envelope = spool.root / "messages" / f"{outbound.id}.json"
     raw = json.loads(envelope.read_bytes())
     for recipient in raw["recipients"]:
         del recipient["route"]  # as written before clustering
+    del raw["handoff"]  # as written before hand-off ids
     envelope.write_text(json.dumps(raw))
 
     spool = await reopen(spool, gateway, clock)
     by_id = {m.id: m for m in await spool.list()}
     assert by_id[handed.id].recipients[0].route == "node:1"
+    assert by_id[handed.id].handoff == "0.tx"
     assert by_id[outbound.id].recipients[0].route == ""
+    assert by_id[outbound.id].handoff == ""
     await spool.close()
 
 

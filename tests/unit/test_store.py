@@ -133,3 +133,22 @@ async def test_files_expunged_while_pinned_are_removed_by_recovery(tmp_path: Pat
         assert reopened.usage("a@example.com").messages == 1
     finally:
         await reopened.close()
+
+
+async def test_a_hand_off_delivered_twice_is_stored_once(store: MailStore, tmp_path: Path) -> None:
+    """DESIGN.md "Clustering": a peer that retries a hand-off whose 250 it never heard (the home stored
+    it, then crashed) must not make a second copy; the retry is answered as delivered."""
+    message = b"Subject: once\r\n\r\nbody\r\n"
+    [first] = await store.deliver([Delivery("a@example.com", message, handoff="1.abc")])
+    [again] = await store.deliver([Delivery("a@example.com", message, handoff="1.abc")])
+    assert again.duplicate and not first.duplicate
+    [other] = await store.deliver([Delivery("b@example.com", message, handoff="1.abc")])  # per mailbox
+    assert not other.duplicate
+    rows = _index_rows(tmp_path / "mail/example.com/a/index.sqlite")
+    assert [row[1] for row in rows] == [first.uid]
+    assert len(list((tmp_path / "mail/example.com/a/INBOX/new").iterdir())) == 1
+    assert store.usage("a@example.com").messages == 1
+    # the same id twice in one batch: one copy too
+    both = await asyncio.gather(*(store.deliver([Delivery("c@example.com", message, handoff="2.x")]) for _ in range(2)))
+    assert sorted(r[0].duplicate for r in both) == [False, True]
+    assert len(_index_rows(tmp_path / "mail/example.com/c/index.sqlite")) == 1
