@@ -193,12 +193,15 @@ async def _previous_hashes(directory: _DirectoryNow) -> dict[tuple[str, str], st
 
 def _parse(ctx: Context, body: kube_types.Mailbox) -> tuple[api.Mailbox | None, str]:
     """The Mailbox model, or None and why it is invalid; remembered per uid and generation (a reconcile
-    of a large domain would otherwise validate every Mailbox again)."""
+    of a large domain would otherwise validate every Mailbox again). Without its status: a status change
+    keeps the generation, so a remembered model's status would be stale anyway (the reconcile reads the
+    status from the body), and it would be a third of the memory ten thousand models hold."""
     key = (object_key(body), body["metadata"].get("generation"))
     if (known := ctx.parsed_mailboxes.get(key[0])) is not None and known[0] == key[1]:
         return known[1], known[2]
+    without_status = {field: value for field, value in body.items() if field != "status"}
     try:
-        result: tuple[api.Mailbox | None, str] = (api.Mailbox.model_validate(body), "")
+        result: tuple[api.Mailbox | None, str] = (api.Mailbox.model_validate(without_status), "")
     except pydantic.ValidationError as error:
         result = (None, api.validation_message(error))
     ctx.parsed_mailboxes[key[0]] = (key[1], *result)
