@@ -6,10 +6,11 @@ process, over real HTTP on 127.0.0.1); the operator is `mailfleet operator --nam
 of its own logging in with a kubeconfig, as a user would run it outside a cluster. One MailDomain
 (example.com) is created and reconciled first, with `--replicas` nodes (one run for each number, "1,3"
 by default: on three, each mailbox's home is recorded in the directory and named in its status.node);
-then each Mailbox is applied with its own password Secret, `--concurrency` requests at a time. The Secrets hold argon2id hashes, which the operator uses as
-they are (made here with cheap argon2 parameters, so that making ten thousand takes a second; the hash
-strings have the usual lengths). A second, smaller run (`--plaintext`) puts plaintext in the Secrets, so
-the operator hashes every password itself with argon2's default parameters: its hashing throughput.
+then each Mailbox is applied with its own password Secret, `--concurrency` requests at a time. The
+Secrets hold argon2id hashes, which the operator uses as they are (made here with cheap argon2
+parameters, so that making ten thousand takes a second; the hash strings have the usual lengths). A
+last, smaller run (`--plaintext`) puts plaintext in the Secrets, so the operator hashes every password
+itself with argon2's default parameters: its hashing throughput.
 
 Measured from the first Mailbox applied: until the directory Secret (gzip-compressed YAML above 256 KiB)
 holds every address, and until every Mailbox's status says Ready=True (reason Served); also the writes
