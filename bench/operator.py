@@ -4,16 +4,21 @@ Kubernetes API, and how long `mailfleet operator` takes to serve them all.
 The API is kmock's emulator as the operator's tests use it (`tests.operator.emulator.ApiServer`, in this
 process, over real HTTP on 127.0.0.1); the operator is `mailfleet operator --namespace mail`, a process
 of its own logging in with a kubeconfig, as a user would run it outside a cluster. One MailDomain
-(example.com) is created and reconciled first; then each Mailbox is applied with its own password
-Secret, `--concurrency` requests at a time. The Secrets hold argon2id hashes, which the operator uses as
-they are (made here with cheap argon2 parameters, so that making ten thousand takes a second; the hash
-strings have the usual lengths). A second, smaller run (`--plaintext`) puts plaintext in the Secrets, so
-the operator hashes every password itself with argon2's default parameters: its hashing throughput.
+(example.com) is created and reconciled first, with `--replicas` nodes (one run for each number, "1,3"
+by default: on three, each mailbox's home is recorded in the directory and named in its status.node);
+then each Mailbox is applied with its own password Secret, `--concurrency` requests at a time. The
+Secrets hold argon2id hashes, which the operator uses as they are (made here with cheap argon2
+parameters, so that making ten thousand takes a second; the hash strings have the usual lengths). A
+last, smaller run (`--plaintext`) puts plaintext in the Secrets, so the operator hashes every password
+itself with argon2's default parameters: its hashing throughput.
 
 Measured from the first Mailbox applied: until the directory Secret (gzip-compressed YAML above 256 KiB)
 holds every address, and until every Mailbox's status says Ready=True (reason Served); also the writes
 to the directory Secret, the operator's reconciles (from its /metrics), its peak memory (VmHWM), its CPU
-time, the directory's size against the 1 MiB a Secret may hold, and the API requests by client.
+time, the directory's size against the 1 MiB a Secret may hold, the homes by ordinal, the API requests by
+client and the load average. The runs are then shown side by side with issue 14's goals. It is a problem
+when a Ready Mailbox names no home in status.node, or another than the directory records, or when the
+homes are not spread over every ordinal.
 There is no Postfix or Dovecot equivalent for this one. Everything lives in one temporary directory,
 removed at the end; the operator is stopped with SIGTERM and must exit 0.
 """
@@ -62,6 +67,10 @@ POLL = 0.2  # seconds between looks at the emulator's write log
 REFETCH = 2.0  # seconds between fetches of the directory when no write was seen (a write may land late)
 SETTLE_TIMEOUT = 60.0  # seconds for the operator's queue to drain once everything is served
 STOP_TIMEOUT = 30.0  # seconds for the operator to exit after SIGTERM (a pod's grace period)
+# The goals of issue 14 for 10,000 Mailboxes on a three-node domain, shown next to the figures (missing one
+# is reported, not a failure: the figures depend on the machine).
+GOAL_AFTER_APPLY = 20.0  # seconds from the last Mailbox applied until the directory holds them all
+GOAL_PEAK_MIB = 200  # the operator's peak memory
 
 MAILDOMAIN = k8s.kind_of("mailfleet.io/v1alpha1", "MailDomain")
 MAILBOX = k8s.kind_of("mailfleet.io/v1alpha1", "Mailbox")
@@ -75,6 +84,7 @@ CHEAP_HASHER = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 @dataclasses.dataclass(frozen=True)
 class Load:
     mailboxes: int
+    replicas: int  # the MailDomain's nodes (spec.replicas): above one, the mailboxes are spread over them
     plaintext: bool  # Secrets hold plaintext (the operator hashes) instead of argon2id hashes
     concurrency: int
     timeout: float
@@ -89,6 +99,7 @@ class Result:
     directory_writes: int = 0  # writes to the directory Secret after the first Mailbox
     directory_bytes: int = 0  # the Secret's data (gzip when compressed)
     directory_yaml_bytes: int = 0  # the YAML inside
+    homes: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)  # entries by home
     compressed: bool = False
     peak_kib: int = 0  # the operator's VmHWM
     rest_kib: int = 0  # its VmRSS once the empty domain was reconciled, before the load
@@ -97,6 +108,7 @@ class Result:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     requests: collections.Counter[tuple[str, str]] = dataclasses.field(default_factory=collections.Counter)
     exit_code: int | None = None
+    load_average: str = ""  # the machine's, once every Mailbox was served
     problems: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -147,12 +159,12 @@ def write_kubeconfig(path: Path, server: str) -> None:
 # The objects
 
 
-def maildomain() -> dict[str, Any]:
+def maildomain(replicas: int) -> dict[str, Any]:
     return {
         "apiVersion": "mailfleet.io/v1alpha1",
         "kind": "MailDomain",
         "metadata": {"name": DOMAIN_NAME, "namespace": NAMESPACE},
-        "spec": {"domain": MAIL_DOMAIN, "replicas": 1, "dkim": {"selector": "mail"}},
+        "spec": {"domain": MAIL_DOMAIN, "replicas": replicas, "dkim": {"selector": "mail"}},
     }
 
 
@@ -206,9 +218,9 @@ def directory_content(secret: dict[str, Any]) -> tuple[bytes, bytes]:
     return data, specs.node.directory_text(data)
 
 
-def directory_addresses(data: bytes) -> set[str]:
-    """The addresses in the directory Secret's data."""
-    return {str(entry["address"]) for entry in specs.node.read_directory(data)}
+def directory_homes(data: bytes) -> dict[str, int]:
+    """address -> home ordinal of the directory Secret's data (a missing home is ordinal 0)."""
+    return specs.node.recorded_homes(specs.node.read_directory(data))
 
 
 def directory_count(text: bytes) -> int:
@@ -346,6 +358,8 @@ class Watcher:
         self.fetched_writes, self.fetched_at, self.fetched_version = -1, 0.0, ""
         self.listed_at = 0.0
         self.shown = -1
+        self.homes: dict[str, int] = {}  # the complete directory's address -> home
+        self.nodes: dict[str, str | None] = {}  # Mailbox name -> status.node, once every one was Ready
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -382,11 +396,13 @@ class Watcher:
             )
         if entries < len(self.expected):
             return
-        held = directory_addresses(data)
-        if held >= self.expected:
+        homes = directory_homes(data)
+        if (held := set(homes)) >= self.expected:
             self.result.directory_seconds = at
             self.result.directory_bytes, self.result.directory_yaml_bytes = len(data), len(text)
             self.result.compressed = data.startswith(specs.node.GZIP_MAGIC)
+            self.homes = homes
+            self.result.homes = collections.Counter(homes.values())
             if extra := held - self.expected:
                 self.result.problems.append(f"the directory holds {len(extra)} addresses never applied")
 
@@ -403,6 +419,35 @@ class Watcher:
         print(f"  {at:7.1f} s  statuses: {ready} of {len(self.names)} Mailboxes Ready (Served)", flush=True)
         if ready == len(self.names):
             self.result.ready_seconds = at
+            self.nodes = {str(obj["metadata"]["name"]): (obj.get("status") or {}).get("node") for obj in listed}
+
+    def check_placement(self) -> None:
+        """Every served Mailbox names its home in status.node (the StatefulSet's pod `<name>-<ordinal>`), the
+        one the directory records for its address; the homes are spread over every ordinal of the domain
+        (rendezvous hashing: each holds about 1/replicas of them)."""
+        if not self.homes or not self.nodes:
+            return
+        replicas, problems = self.result.load.replicas, self.result.problems
+        unset = [name for name, node in self.nodes.items() if not node]
+        if unset:
+            problems.append(f"{len(unset)} Ready Mailboxes have no status.node (e.g. {', '.join(sorted(unset)[:3])})")
+        elsewhere = [
+            name
+            for name, node in self.nodes.items()
+            if node and node.rpartition("-")[2] != str(self.homes.get(f"{name}@{MAIL_DOMAIN}"))
+        ]
+        if elsewhere:
+            problems.append(
+                f"{len(elsewhere)} Mailboxes' status.node is not the home their directory entry records "
+                f"(e.g. {', '.join(sorted(elsewhere)[:3])})"
+            )
+        homes = self.result.homes
+        if outside := sorted(set(homes) - set(range(replicas))):
+            problems.append(f"the directory records homes {outside}, not ordinals of a {replicas}-node domain")
+        fair = len(self.homes) / replicas
+        if thin := [ordinal for ordinal in range(replicas) if homes[ordinal] < fair / 2]:
+            spread = ", ".join(f"{ordinal}: {homes[ordinal]}" for ordinal in range(replicas))
+            problems.append(f"the homes are not spread over the {replicas} ordinals ({spread}); {thin} hold too few")
 
     async def follow(self, operator: Operator) -> None:
         """Until the directory holds every address and every Mailbox is Ready, or the timeout."""
@@ -423,6 +468,7 @@ class Watcher:
                 await self._check_ready()
             await asyncio.sleep(POLL)
         self._read_writes()
+        self.check_placement()
 
 
 async def settle(operator: Operator) -> dict[str, float]:
@@ -449,7 +495,7 @@ async def bench(workdir: Path, load: Load, values: list[str]) -> Result:
         info = kopf.ConnectionInfo(server=server, token=BENCH_TOKEN)
         try:
             async with k8s.Client(info, timeout=300) as client:
-                await client.create(maildomain())
+                await client.create(maildomain(load.replicas))
 
                 async def reconciled() -> bool:
                     domain = await client.get(MAILDOMAIN, NAMESPACE, DOMAIN_NAME)
@@ -469,6 +515,7 @@ async def bench(workdir: Path, load: Load, values: list[str]) -> Result:
                     await following
                 finally:
                     following.cancel()
+                result.load_average = load_average()
                 result.operator_cpu = operator.cpu_seconds() - cpu_before
                 result.bench_cpu = time.process_time() - bench_before
                 result.metrics = await settle(operator)
@@ -515,12 +562,22 @@ def by_label(metrics: dict[str, float], prefix: str, label: str) -> list[tuple[s
     return found
 
 
+def after_apply(result: Result, at: float | None) -> float | None:
+    """Seconds from the last Mailbox applied until `at` (seconds from the first)."""
+    return None if at is None or result.apply_seconds is None else max(at - result.apply_seconds, 0.0)
+
+
+def describe(load: Load) -> str:
+    label = "plaintext (the operator hashes)" if load.plaintext else "argon2id hashes"
+    nodes = "1 node" if load.replicas == 1 else f"{load.replicas} nodes"
+    return f"{load.mailboxes} Mailboxes on a domain of {nodes} (replicas: {load.replicas}), Secrets holding {label}"
+
+
 def report(result: Result) -> None:
     load, metrics = result.load, result.metrics
     n = load.mailboxes
-    label = "plaintext (the operator hashes)" if load.plaintext else "argon2id hashes"
     print()
-    print(f"{n} Mailboxes, Secrets holding {label}")
+    print(describe(load))
     rows: list[tuple[str, str, str]] = [
         ("applied (Secret + Mailbox each)", seconds(result.apply_seconds), per_second(n, result.apply_seconds)),
         ("directory holds every address", seconds(result.directory_seconds), per_second(n, result.directory_seconds)),
@@ -529,6 +586,14 @@ def report(result: Result) -> None:
     print(f"  {'from the first Mailbox applied until':<36} {'seconds':>9} {'mailboxes':>10}")
     for name, shown, rate in rows:
         print(f"  {name:<36} {shown:>9} {rate:>10}")
+    print(
+        f"  from the last Mailbox applied until the directory held every address "
+        f"{seconds(after_apply(result, result.directory_seconds))}, every Mailbox was Ready "
+        f"{seconds(after_apply(result, result.ready_seconds))}"
+    )
+    if result.homes:
+        spread = ", ".join(f"{ordinal}: {count}" for ordinal, count in sorted(result.homes.items()))
+        print(f"  the directory's homes by ordinal: {spread}")
     reconciles = metric_sum(metrics, "mailfleet_operator_reconciles_total")
     results = ", ".join(
         f"{result} {value:.0f}" for result, value in by_label(metrics, "mailfleet_operator_reconciles_total", "result")
@@ -564,7 +629,7 @@ def report(result: Result) -> None:
     busy = f" over {wall:.1f} s" if wall else ""
     print(
         f"  CPU{busy}: operator {result.operator_cpu:.1f} s, this process (emulated API and client) "
-        f"{result.bench_cpu:.1f} s"
+        f"{result.bench_cpu:.1f} s; load average {result.load_average or '-'}"
     )
     for token, who in ((BENCH_TOKEN, "bench"), (OPERATOR_TOKEN, "operator")):
         counts = sorted(((c, w) for (t, w), c in result.requests.items() if t == token), reverse=True)
@@ -578,22 +643,74 @@ def report(result: Result) -> None:
 # The command
 
 
+def summary(results: list[Result]) -> None:
+    """The runs with argon2id hashes side by side (one column per number of nodes), with the goals."""
+    shown = [result for result in results if not result.load.plaintext]
+    if not shown:
+        return
+
+    def goal(value: float | None, limit: float) -> str:
+        return "" if value is None else (" (met)" if value <= limit else " (missed)")
+
+    columns = [f"replicas: {result.load.replicas}" for result in shown]
+    rows: list[tuple[str, list[str], str]] = [
+        ("directory complete, after the last apply", [
+            seconds(after_apply(r, r.directory_seconds)) + goal(after_apply(r, r.directory_seconds), GOAL_AFTER_APPLY)
+            for r in shown
+        ], f"<= {GOAL_AFTER_APPLY:.0f} s"),
+        ("every Mailbox Ready, after the last apply", [
+            seconds(after_apply(r, r.ready_seconds)) for r in shown
+        ], ""),
+        ("operator peak memory (VmHWM)", [
+            f"{r.peak_kib / 1024:.0f} MiB" + goal(r.peak_kib / 1024 if r.peak_kib else None, GOAL_PEAK_MIB)
+            for r in shown
+        ], f"<= {GOAL_PEAK_MIB} MiB"),
+        ("directory Secret", [
+            f"{r.directory_bytes / 1024:.0f} KiB" if r.directory_bytes else "-" for r in shown
+        ], f"<= {SECRET_LIMIT // 1024} KiB"),
+        ("homes by ordinal", [
+            "/".join(str(r.homes[o]) for o in range(r.load.replicas)) if r.homes else "-" for r in shown
+        ], ""),
+    ]  # fmt: skip
+    width = max(len(c) for c in columns + [value for _, values, _ in rows for value in values]) + 2
+    print(f"\n{shown[0].load.mailboxes} Mailboxes (argon2id hashes), by the MailDomain's number of nodes")
+    print(f"  {'':<42}" + "".join(f"{c:>{width}}" for c in columns) + f"  {'goal'}")
+    for name, values, limit in rows:
+        print(f"  {name:<42}" + "".join(f"{v:>{width}}" for v in values) + f"  {limit}".rstrip())
+
+
+def replica_counts(text: str) -> list[int]:
+    """`--replicas`: positive numbers separated by commas ("1,3")."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"not positive numbers separated by commas: {text!r}")
+    return counts
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.operator",
         description="Mailboxes applied to kmock's emulated Kubernetes API: how long `mailfleet operator` takes "
         "to put them all in the directory Secret and mark them Ready, and its peak memory.",
-        epilog="Defaults come from BENCH_OPERATOR_MAILBOXES, BENCH_OPERATOR_PLAINTEXT, BENCH_OPERATOR_CONCURRENCY "
-        "and BENCH_OPERATOR_TIMEOUT when set.",
+        epilog="Defaults come from BENCH_OPERATOR_MAILBOXES, BENCH_OPERATOR_REPLICAS, BENCH_OPERATOR_PLAINTEXT, "
+        "BENCH_OPERATOR_CONCURRENCY and BENCH_OPERATOR_TIMEOUT when set.",
     )
     parser.add_argument(
         "--mailboxes", type=common.non_negative, default=common.env_default("BENCH_OPERATOR_MAILBOXES", "10000"),
         help="Mailboxes whose Secrets hold argon2id hashes; 0: skip this run (10000)",
     )  # fmt: skip
     parser.add_argument(
+        "--replicas", type=replica_counts, default=common.env_default("BENCH_OPERATOR_REPLICAS", "1,3"),
+        help="the MailDomain's nodes: one run of --mailboxes for each number, shown side by side (1,3)",
+    )  # fmt: skip
+    parser.add_argument(
         "--plaintext", type=common.non_negative, metavar="N",
         default=common.env_default("BENCH_OPERATOR_PLAINTEXT", "200"),
-        help="Mailboxes of a second run whose Secrets hold plaintext, hashed by the operator; 0: skip it (200)",
+        help="Mailboxes of a last run whose Secrets hold plaintext, hashed by the operator (on a domain of the "
+        "first --replicas); 0: skip it (200)",
     )  # fmt: skip
     parser.add_argument(
         "--concurrency", type=common.positive, default=common.env_default("BENCH_OPERATOR_CONCURRENCY", "16"),
@@ -607,16 +724,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: the machine may be shared, and the figures depend on it."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
 def versions() -> str:
     return ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("kopf", "kmock"))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runs = [
-        Load(args.mailboxes, plaintext=False, concurrency=args.concurrency, timeout=args.timeout),
-        Load(args.plaintext, plaintext=True, concurrency=args.concurrency, timeout=args.timeout),
-    ]
+    options = {"concurrency": args.concurrency, "timeout": args.timeout}
+    runs = [Load(args.mailboxes, replicas, plaintext=False, **options) for replicas in args.replicas]
+    runs.append(Load(args.plaintext, args.replicas[0], plaintext=True, **options))
     runs = [load for load in runs if load.mailboxes]
     print("operator: Mailboxes applied to the emulated Kubernetes API (kmock) and served by `mailfleet operator`")
     print("no Postfix/Dovecot equivalent: a mail server has no operator; the figures stand alone")
@@ -630,10 +752,9 @@ def main(argv: list[str] | None = None) -> int:
                     run_dir.mkdir()
                     started = time.monotonic()
                     values = passwords(load.mailboxes, plaintext=load.plaintext)
-                    what = "plaintext" if load.plaintext else "argon2id hashes"
                     print(
-                        f"\n{load.mailboxes} Mailboxes, their Secrets holding {what} (made in "
-                        f"{time.monotonic() - started:.1f} s), {load.concurrency} requests at a time",
+                        f"\n{describe(load)} (made in {time.monotonic() - started:.1f} s), "
+                        f"{load.concurrency} requests at a time; load average {load_average()}",
                         flush=True,
                     )
                     results.append(asyncio.run(bench(run_dir, load, values)))
@@ -641,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
             return common.interrupted(interrupt)
     for result in results:
         report(result)
+    summary(results)
+    print(f"load average at the end: {load_average()} (the other processes of this machine share its cores)")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"\nthis process (emulated API, client): peak {peak / 1024:.0f} MiB")
     return common.outcome([problem for result in results for problem in result.problems])

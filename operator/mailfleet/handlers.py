@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -44,17 +45,32 @@ MANAGED: Final = {"app.kubernetes.io/managed-by": "mailfleet-operator"}
 
 
 def _snapshot(body: kopf.Body) -> dict[str, Any]:
+    """What the reconcile reads of an object: its kind, some metadata, its spec and status (not its
+    managedFields, annotations, ...). The strings that repeat from object to object (the namespace, the
+    status's conditions: ten thousand Mailboxes say "Ready", "True", "Served" and the same message) are
+    held once, not once an object as the watch's JSON decoder made them."""
     meta = body.metadata
     return {
-        "apiVersion": body.get("apiVersion"),
-        "kind": body.get("kind"),
-        "metadata": {
-            key: copy.deepcopy(meta.get(key))
+        "apiVersion": _shared(body.get("apiVersion")),
+        "kind": _shared(body.get("kind")),
+        "metadata": {  # scalars; the name, uid and resourceVersion are each object's own
+            key: _shared(meta.get(key)) if key in ("namespace", "creationTimestamp") else meta.get(key)
             for key in ("name", "namespace", "uid", "generation", "creationTimestamp", "resourceVersion")
         },
         "spec": copy.deepcopy(dict(body.spec)),
-        "status": copy.deepcopy(dict(body.status)),
+        "status": _shared(dict(body.status)),  # a copy
     }
+
+
+def _shared(value: Any) -> Any:
+    """A copy of `value` (JSON: mappings, lists, scalars) with its strings interned."""
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return {_shared(key): _shared(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shared(item) for item in value]
+    return value
 
 
 def mailboxes_by_domain(namespace: str | None, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:

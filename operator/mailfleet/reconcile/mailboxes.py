@@ -61,11 +61,12 @@ class Served:
 async def served(ctx: Context, domain: api.MailDomain) -> Served:
     """The domain's Mailboxes: which go into the directory (with their hashed passwords and homes) and
     what each one's Ready condition and node say."""
-    found = await _served(ctx, domain)
+    directory = _DirectoryNow(ctx, domain)
+    found = await _served(ctx, domain, directory)
     # DESIGN.md "Clustering": the directory, not the hash, is the truth. A mailbox keeps the home the
     # current directory records for it (read back: an operator restart rewrites nothing); a new one is
     # placed by rendezvous hashing. One node: every home is 0, nothing to read.
-    recorded = await _recorded_homes(ctx, domain) if specs.common.clustered(domain) else {}
+    recorded = await _recorded_homes(directory) if specs.common.clustered(domain) else {}
     homes = specs.homes(domain, found.accepted, recorded=recorded)
     for verdict in found.verdicts:
         if verdict.condition.status == "True":
@@ -74,7 +75,7 @@ async def served(ctx: Context, domain: api.MailDomain) -> Served:
     return Served(found.accepted, found.passwords, found.verdicts, homes)
 
 
-async def _served(ctx: Context, domain: api.MailDomain) -> _Found:
+async def _served(ctx: Context, domain: api.MailDomain, directory: _DirectoryNow) -> _Found:
     namespace = specs.common.namespace(domain)
     mail_domains = specs.node.domains_of(domain)
     bodies = [body for mail_domain in sorted(mail_domains) for body in ctx.view.mailboxes(namespace, mail_domain)]
@@ -116,7 +117,7 @@ async def _served(ctx: Context, domain: api.MailDomain) -> _Found:
                 passwords[source] = value
                 continue
             if previous is None:
-                previous = await _previous_hashes(ctx, domain)
+                previous = await _previous_hashes(directory)
             candidate = previous.get((mailbox.spec.address.lower(), _app_name(mailbox, ref)))
             known = ctx.hasher.known(value, source=f"{namespace}/{source}")
             if known is not None and candidate in (None, known):
@@ -144,25 +145,43 @@ def _app_name(mailbox: api.Mailbox, ref: api.SecretKeySelector) -> str:
     return next(app.name for app in mailbox.spec.app_passwords if app.secret_ref is ref)
 
 
-async def _directory_now(ctx: Context, domain: api.MailDomain) -> list[dict[str, Any]]:
-    """The entries of the domain's directory Secret as it is now; ValueError when it is unreadable."""
-    secret = await ctx.client.get(SECRET, specs.common.namespace(domain), specs.common.directory_name(domain))
-    content = k8s.secret_values(secret or {}).get(specs.common.DIRECTORY_KEY, b"")
-    return specs.node.read_directory(content)
+class _DirectoryNow:
+    """The entries of the domain's directory Secret as it is now, read once per reconcile when first
+    needed (the homes and the hashes of plaintext passwords both come from it: one GET, one parse of ten
+    thousand entries, not two)."""
+
+    def __init__(self, ctx: Context, domain: api.MailDomain) -> None:
+        self._ctx, self._domain = ctx, domain
+        self._read: list[dict[str, Any]] | ValueError | None = None
+
+    async def entries(self) -> list[dict[str, Any]]:
+        """ValueError when it is unreadable."""
+        if self._read is None:
+            domain = self._domain
+            namespace, name = specs.common.namespace(domain), specs.common.directory_name(domain)
+            secret = await self._ctx.client.get(SECRET, namespace, name)
+            content = k8s.secret_values(secret or {}).get(specs.common.DIRECTORY_KEY, b"")
+            try:
+                self._read = specs.node.read_directory(content)
+            except ValueError as error:
+                self._read = error
+        if isinstance(self._read, ValueError):
+            raise self._read
+        return self._read
 
 
-async def _recorded_homes(ctx: Context, domain: api.MailDomain) -> dict[str, int]:
+async def _recorded_homes(directory: _DirectoryNow) -> dict[str, int]:
     try:
-        return specs.node.recorded_homes(await _directory_now(ctx, domain))
+        return specs.node.recorded_homes(await directory.entries())
     except ValueError:
         return {}  # unreadable (edited by hand?): placed by rendezvous again, as when it was first written
 
 
-async def _previous_hashes(ctx: Context, domain: api.MailDomain) -> dict[tuple[str, str], str]:
+async def _previous_hashes(directory: _DirectoryNow) -> dict[tuple[str, str], str]:
     """The hashes the domain's directory Secret holds now: (address, "" or app password name) -> hash."""
     try:
         found: dict[tuple[str, str], str] = {}
-        for entry in await _directory_now(ctx, domain):
+        for entry in await directory.entries():
             address = str(entry["address"]).lower()
             found[(address, "")] = str(entry["password_hash"])
             for app in entry.get("app_passwords") or []:
@@ -174,12 +193,15 @@ async def _previous_hashes(ctx: Context, domain: api.MailDomain) -> dict[tuple[s
 
 def _parse(ctx: Context, body: kube_types.Mailbox) -> tuple[api.Mailbox | None, str]:
     """The Mailbox model, or None and why it is invalid; remembered per uid and generation (a reconcile
-    of a large domain would otherwise validate every Mailbox again)."""
+    of a large domain would otherwise validate every Mailbox again). Without its status: a status change
+    keeps the generation, so a remembered model's status would be stale anyway (the reconcile reads the
+    status from the body), and it would be a third of the memory ten thousand models hold."""
     key = (object_key(body), body["metadata"].get("generation"))
     if (known := ctx.parsed_mailboxes.get(key[0])) is not None and known[0] == key[1]:
         return known[1], known[2]
+    without_status = {field: value for field, value in body.items() if field != "status"}
     try:
-        result: tuple[api.Mailbox | None, str] = (api.Mailbox.model_validate(body), "")
+        result: tuple[api.Mailbox | None, str] = (api.Mailbox.model_validate(without_status), "")
     except pydantic.ValidationError as error:
         result = (None, api.validation_message(error))
     ctx.parsed_mailboxes[key[0]] = (key[1], *result)

@@ -238,12 +238,38 @@ def directory_text(content: bytes) -> bytes:
 def read_directory(content: bytes) -> list[dict[str, Any]]:
     """The mailbox entries of a directory file as `directory_content` wrote it. Raises ValueError for a
     file that is not one (edited by hand, say)."""
+    text = directory_text(content)
+    if (entries := _read_lines(text)) is not None:
+        return entries
     try:
-        entries = (yaml.load(directory_text(content), Loader=_YAML_LOADER) or {}).get("mailboxes") or []
+        entries = (yaml.load(text, Loader=_YAML_LOADER) or {}).get("mailboxes") or []
     except (yaml.YAMLError, AttributeError) as error:
         raise ValueError(f"not a directory file: {error}") from error
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
         raise ValueError("not a directory file: mailboxes is not a list of mappings")
+    return entries
+
+
+_HEADER: Final = b"mailboxes:\n"
+
+
+def _read_lines(text: bytes) -> list[dict[str, Any]] | None:
+    """The entries of a file in exactly the form `directory_content` writes, one JSON object a line, read
+    with json: some twenty times faster than YAML (over two seconds for ten thousand mailboxes, which a
+    clustered domain's reconcile reads back for their homes). None for any other form (YAML reads it)."""
+    if not text.startswith(_HEADER):
+        return None
+    entries: list[dict[str, Any]] = []
+    for line in text[len(_HEADER) :].splitlines():  # a JSON string holds no raw line break
+        if not line.startswith(b"- {"):
+            return None
+        try:
+            entry = json.loads(line[2:])
+        except ValueError:
+            return None
+        if not isinstance(entry, dict):
+            return None
+        entries.append(entry)
     return entries
 
 
