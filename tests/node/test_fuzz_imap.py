@@ -8,18 +8,14 @@ each session the node must have greeted it, answered with well-formed status lin
 greet a fresh connection, log in, SELECT INBOX, FETCH, and answer /healthz.
 MAILFLEET_FUZZ_EXAMPLES sets the number of sessions (100 by default).
 
-The runner is this file's own, for it waits for each command's answer as a lock-step IMAP client does;
-the error log and the number of examples are tests/node/fuzz.py's."""
+The runner, the error log and the number of examples are tests/node/fuzz.py's; a step with a tag waits
+for that command's answer, as a lock-step IMAP client does."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import imaplib
 import re
-import socket
-import struct
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,88 +43,6 @@ def live_node(tmp_path_factory: pytest.TempPathFactory, tls_files: tuple[Path, P
     yield node
     node.stop()
 
-
-# -- the runner --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Send:
-    """Bytes written in one go: one command, or a pipelined burst. With `tag`, the client then waits (a
-    little) for that command's tagged answer or a continuation request, as a lock-step client does."""
-
-    data: bytes
-    tag: bytes | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Reset:
-    """An abrupt disconnect (TCP RST): nothing more is sent or read."""
-
-
-Step = Send | Reset
-
-
-@dataclasses.dataclass
-class Transcript:
-    received: bytes
-    reset: bool  # the session ended with our Reset
-    closed_by_node: bool  # after our half-close, the node closed its side too (it did not hang)
-
-
-def run_session(port: int, steps: list[Step], *, timeout: float = 20.0, wait: float = 3.0) -> Transcript:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    received = bytearray()
-    arrived = threading.Condition()
-
-    def read() -> None:
-        try:
-            while chunk := sock.recv(65536):
-                with arrived:
-                    received.extend(chunk)
-                    arrived.notify_all()
-        except OSError:  # reset by the node after it closed with our bytes unread, or by our Reset
-            pass
-        with arrived:
-            arrived.notify_all()
-
-    def answered(tag: bytes, since: int) -> bool:
-        # A line of the answer: starting at `since`, or after a line end. Whether it came is all
-        # that matters: an IDLE or AUTHENTICATE that waits for more counts as answered by its "+".
-        new = bytes(received[max(since - 2, 0) :])
-        return not reader.is_alive() or any(
-            re.search(rb"(?:^|\r\n)" + re.escape(prefix), new) for prefix in (tag + b" ", b"+ ")
-        )
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        for step in steps:
-            if isinstance(step, Reset):
-                with contextlib.suppress(OSError):  # not connected any more: the node closed first
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    sock.shutdown(socket.SHUT_RD)  # wakes the reader (closing does not); nothing goes out yet
-                reader.join(timeout)
-                sock.close()  # with a zero linger time: RST
-                return Transcript(bytes(received), reset=True, closed_by_node=False)
-            since = len(received)
-            try:
-                sock.sendall(step.data)
-            except OSError:  # the node has closed (LOGOUT, a refused literal+, a line too long)
-                break
-            if step.tag is not None:
-                tag = step.tag
-                with arrived:  # not an assertion: a command the node must wait on (an open literal) waits
-                    if not arrived.wait_for(lambda: answered(tag, since), wait):  # noqa: B023
-                        unanswered.append(step.data[:80])
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
-        reader.join(timeout)
-        return Transcript(bytes(received), reset=False, closed_by_node=not reader.is_alive())
-    finally:
-        sock.close()
-
-
-unanswered: list[bytes] = []  # commands waited on in vain (not an error: how long a run takes)
 
 _LITERAL_END = re.compile(rb"\{(\d+)\+?\}$")
 
@@ -253,23 +167,27 @@ def commands_(draw: st.DrawFn) -> tuple[bytes, bytes, bool]:
 
 
 @st.composite
-def steps(draw: st.DrawFn) -> Step:
+def steps(draw: st.DrawFn) -> fuzz.Step:
     kind = draw(st.sampled_from(["command", "command", "command", "burst", "long", "bare-cr"]))
     if kind == "command":
         data, tag, honest = draw(commands_())
-        return Send(data, tag if honest else None)
+        return fuzz.Send(data, tag if honest else None)
     if kind == "burst":  # pipelining: the node answers in order, whatever arrives in one segment
-        return Send(b"".join(command for command, _, _ in draw(st.lists(commands_(), min_size=2, max_size=6))))
+        return fuzz.Send(b"".join(command for command, _, _ in draw(st.lists(commands_(), min_size=2, max_size=6))))
     if kind == "long":  # past max_line (8192 here): BYE, the line cannot be read
         length = draw(st.sampled_from([8000, 8200, 70_000]))
-        return Send(b"L1 NOOP " + b"y" * length + b"\r\n", b"L1")
-    return Send(b"C1 NOOP\rC2 NOOP\r\n")
+        return fuzz.Send(b"L1 NOOP " + b"y" * length + b"\r\n", b"L1")
+    return fuzz.Send(b"C1 NOOP\rC2 NOOP\r\n")
 
 
-LOGIN = Send(b'P1 LOGIN user@example.com "correct horse battery staple"\r\n', b"P1")
-SELECT = Send(b"P2 SELECT INBOX\r\n", b"P2")
-PREFIXES: dict[str, list[Step]] = {"not authenticated": [], "authenticated": [LOGIN], "selected": [LOGIN, SELECT]}
-ENDINGS: dict[str, list[Step]] = {"half-close": [], "logout": [Send(b"Z1 LOGOUT\r\n", b"Z1")], "reset": [Reset()]}
+LOGIN = fuzz.Send(b'P1 LOGIN user@example.com "correct horse battery staple"\r\n', b"P1")
+SELECT = fuzz.Send(b"P2 SELECT INBOX\r\n", b"P2")
+PREFIXES: dict[str, list[fuzz.Step]] = {"not authenticated": [], "authenticated": [LOGIN], "selected": [LOGIN, SELECT]}
+ENDINGS: dict[str, list[fuzz.Step]] = {
+    "half-close": [],
+    "logout": [fuzz.Send(b"Z1 LOGOUT\r\n", b"Z1")],
+    "reset": [fuzz.Reset()],
+}
 sessions = st.tuples(
     st.sampled_from(sorted(PREFIXES)),
     st.lists(steps(), min_size=1, max_size=8),
@@ -308,10 +226,10 @@ def node_is_well(node: RunningNode) -> None:
 )
 @given(session=sessions)
 def test_the_node_survives_any_imap_session(
-    live_node: RunningNode, errors: fuzz.ErrorLog, session: tuple[str, list[Step], str]
+    live_node: RunningNode, errors: fuzz.ErrorLog, session: tuple[str, list[fuzz.Step], str]
 ) -> None:
     state, played, ending = session
-    transcript = run_session(live_node.port("imap"), [*PREFIXES[state], *played, *ENDINGS[ending]])
+    transcript = fuzz.run_session(live_node.port("imap"), [*PREFIXES[state], *played, *ENDINGS[ending]])
     lines = response_lines(transcript.received)
     if not transcript.reset or lines:
         assert lines and lines[0].startswith(b"* OK "), transcript.received[:200]
@@ -329,9 +247,9 @@ def test_the_runner_sees_a_well_session(live_node: RunningNode) -> None:
     # The property above holds for what this runner reads: a plain session is greeted, answered in
     # order, literals skipped, and closed by the node after LOGOUT.
     node_is_well(live_node)  # which leaves messages in INBOX
-    transcript = run_session(
+    transcript = fuzz.run_session(
         live_node.port("imap"),
-        [LOGIN, SELECT, Send(b"F1 FETCH 1 (BODY.PEEK[HEADER])\r\n", b"F1"), Send(b"Z1 LOGOUT\r\n", b"Z1")],
+        [LOGIN, SELECT, fuzz.Send(b"F1 FETCH 1 (BODY.PEEK[HEADER])\r\n", b"F1"), fuzz.Send(b"Z1 LOGOUT\r\n", b"Z1")],
     )
     lines = response_lines(transcript.received)
     assert lines[0].startswith(b"* OK ")
@@ -344,13 +262,13 @@ def test_the_runner_sees_a_well_session(live_node: RunningNode) -> None:
 def test_a_refused_literal_is_answered_with_a_valid_tag(live_node: RunningNode) -> None:
     # Found by the fuzz test: the line's first word was echoed as the tag, empty, 8-bit or NUL.
     sent = [b"t\xff APPEND {70000}\r\n", b" APPEND {70000}\r\n", b"a(b APPEND {70000}\r\n", b"t\x00 APPEND {70000}\r\n"]
-    transcript = run_session(live_node.port("imap"), [LOGIN, *(Send(data) for data in sent)])
+    transcript = fuzz.run_session(live_node.port("imap"), [LOGIN, *(fuzz.Send(data) for data in sent)])
     refused = [line for line in response_lines(transcript.received) if b"TOOBIG" in line]
     assert refused == [b"* NO [TOOBIG] Literal too large (limit 65536 bytes)"] * 4
 
 
 def test_a_missing_folder_is_named_in_7_bit(live_node: RunningNode) -> None:
-    transcript = run_session(live_node.port("imap"), [LOGIN, Send(b"a1 SELECT &AOk-t&AOk-\r\n", b"a1")])
+    transcript = fuzz.run_session(live_node.port("imap"), [LOGIN, fuzz.Send(b"a1 SELECT &AOk-t&AOk-\r\n", b"a1")])
     refused = [line for line in response_lines(transcript.received) if line.startswith(b"a1 ")]
     assert len(refused) == 1 and refused[0].startswith(b"a1 NO [NONEXISTENT] ")
     # Found by the fuzz test: the name came back decoded, "été" in UTF-8, in a status line.
@@ -362,8 +280,8 @@ def test_a_rename_onto_a_name_with_children_is_refused(live_node: RunningNode, e
     # answered NO [SERVERBUG] (fixed by RENAME all or nothing, harden-folders).
     errors.take()
     played = [b"CREATE R/Deep", b"CREATE R", b"RENAME R R2", b"DELETE R2", b"CREATE R/Deep", b"RENAME R R2"]
-    steps = [LOGIN, *(Send(b"r%d %s\r\n" % (n, command), b"r%d" % n) for n, command in enumerate(played))]
-    transcript = run_session(live_node.port("imap"), [*steps, Send(b"Z1 LOGOUT\r\n", b"Z1")])
+    steps = [LOGIN, *(fuzz.Send(b"r%d %s\r\n" % (n, command), b"r%d" % n) for n, command in enumerate(played))]
+    transcript = fuzz.run_session(live_node.port("imap"), [*steps, fuzz.Send(b"Z1 LOGOUT\r\n", b"Z1")])
     answers = [line for line in response_lines(transcript.received) if line.startswith(b"r")]
     assert errors.take() == []
     assert answers[-1].startswith(b"r5 NO ") and b"SERVERBUG" not in answers[-1], answers
