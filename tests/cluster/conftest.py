@@ -52,7 +52,7 @@ class ControlPlane:
             f"--cert-dir={root / 'certs'}", "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={root / 'sa.pub'}", f"--service-account-signing-key-file={root / 'sa.key'}",
             f"--token-auth-file={root / 'tokens.csv'}", "--authorization-mode=RBAC",
-            "--service-cluster-ip-range=10.96.0.0/16",
+            "--service-cluster-ip-range=10.96.0.0/16", "--kubelet-preferred-address-types=InternalIP",
             f"--endpoint-reconciler-type={'none' if address == '127.0.0.1' else 'lease'}",
         )  # fmt: skip
         self.kubeconfig.write_text(

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import tarfile
@@ -123,7 +124,8 @@ class Node:
         self._lock = LOCK.open("wb")
         fcntl.flock(self._lock, fcntl.LOCK_EX)  # one node per machine: the bridge and iptables are global
         self._netns_before = self._netns()
-        self._cleanup_network()  # a run killed before its teardown leaves these behind
+        self._cleanup_iptables()  # a run killed before its teardown leaves these behind
+        self._cleanup_network()
         _sh("ip", "link", "add", BRIDGE, "type", "bridge")
         _sh("ip", "addr", "add", f"{NODE_IP}/24", "dev", BRIDGE)
         _sh("ip", "link", "set", BRIDGE, "up")
@@ -156,7 +158,7 @@ class Node:
         self.dns = self._run(
             "dnsmasq", "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
             f"--addn-hosts={self.hosts}", f"--listen-address={NODE_IP}", "--bind-interfaces",
-            "--except-interface=lo", "--local=/cluster.local/", f"--pid-file={self.root / 'dns' / 'pid'}",
+            "--except-interface=lo", "--local=/#/", f"--pid-file={self.root / 'dns' / 'pid'}",
             "--user=root", "--log-facility=-",
         )  # fmt: skip
 
@@ -213,6 +215,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                             "ipam": {
                                 "type": "host-local",
                                 "ranges": [[{"subnet": SUBNET, "gateway": NODE_IP}]],
+                                # Service ClusterIPs are off the pod subnet: through the node (kube-proxy)
+                                "routes": [{"dst": "0.0.0.0/0", "gw": NODE_IP}],
                                 "dataDir": str(d / "ipam"),
                             },
                         },
@@ -369,6 +373,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         for netns in self._netns() - self._netns_before:
             _sh("ip", "netns", "delete", netns, check=False)
         _sh(self.node_binaries / "kube-proxy", "--cleanup", check=False)
+        self._cleanup_iptables()
         self._cleanup_network()
         self._remove_cgroups()
         if self._lock is not None:
@@ -414,6 +419,24 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
     def _netns() -> set[str]:
         result = _sh("ip", "netns", "list", check=False)
         return {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+
+    @staticmethod
+    def _cleanup_iptables() -> None:
+        """What `kube-proxy --cleanup` leaves: kubelet's KUBE-FIREWALL, KUBE-KUBELET-CANARY and
+        KUBE-IPTABLES-HINT chains and the INPUT/OUTPUT jumps to them (the lock makes every KUBE- chain ours)."""
+        for command in ("iptables", "ip6tables"):
+            for table in ("filter", "nat", "mangle"):
+                rules = _sh(command, "-t", table, "-S", check=False).stdout.splitlines()
+                for rule in rules:
+                    words = shlex.split(rule)
+                    builtin = words[:1] == ["-A"] and not words[1].startswith("KUBE-")
+                    if builtin and "-j" in words and words[words.index("-j") + 1].startswith("KUBE-"):
+                        _sh(command, "-t", table, "-D", *words[1:], check=False)
+                chains = [rule.split()[1] for rule in rules if rule.startswith("-N KUBE-")]
+                for chain in chains:
+                    _sh(command, "-t", table, "-F", chain, check=False)
+                for chain in chains:
+                    _sh(command, "-t", table, "-X", chain, check=False)
 
     @staticmethod
     def _cleanup_network() -> None:
