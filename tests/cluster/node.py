@@ -19,6 +19,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -38,6 +39,7 @@ NODE_IP = "10.244.0.1"  # on the bridge: the node's address, the pods' gateway, 
 NODE_NAME = "mailfleet-node"
 PAUSE_IMAGE = "localhost/mailfleet/pause:v1"
 LOCK = Path("/run/lock/mailfleet-node.lock")
+KUBELET_HOST_DIR = Path("/var/lib/kubelet")
 
 
 def image_archive(
@@ -117,6 +119,7 @@ class Node:
         self.hosts = root / "dns" / "hosts"
         self._lock: IO[bytes] | None = None
         self._netns_before: set[str] = set()
+        self._kubelet_dir_before = True
 
     # -- start ------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -124,6 +127,8 @@ class Node:
         self._lock = LOCK.open("wb")
         fcntl.flock(self._lock, fcntl.LOCK_EX)  # one node per machine: the bridge and iptables are global
         self._netns_before = self._netns()
+        # kubelet's device manager always makes its socket here, whatever --root-dir says
+        self._kubelet_dir_before = KUBELET_HOST_DIR.exists()
         self._cleanup_iptables()  # a run killed before its teardown leaves these behind
         self._cleanup_network()
         _sh("ip", "link", "add", BRIDGE, "type", "bridge")
@@ -271,6 +276,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                     "imageGCLowThresholdPercent": 99,
                     "serializeImagePulls": False,
                     "volumePluginDir": str(d / "volume-plugins"),
+                    "podLogsDir": str(d / "pod-logs"),  # not /var/log/pods, which would outlive the run
                 },
                 indent=1,
             )
@@ -376,6 +382,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         self._cleanup_iptables()
         self._cleanup_network()
         self._remove_cgroups()
+        if not self._kubelet_dir_before:
+            shutil.rmtree(KUBELET_HOST_DIR, ignore_errors=True)
         if self._lock is not None:
             self._lock.close()
 
