@@ -1,10 +1,12 @@
 """Tier 4 of DESIGN.md: a real control plane on 127.0.0.1, kine (in memory) + kube-apiserver +
 kube-controller-manager v1.37.2, built by scripts/build-control-plane (cached per machine), driven with
-the real kubectl and helm. `make e2e-cluster` runs these tests alone; `make test` runs them with the rest
-(a cold build of the control plane takes about 15 minutes once per machine)."""
+the real kubectl and helm; the `node` fixture adds a node that runs pods (node.py, scripts/build-node).
+`make e2e-cluster` runs these tests alone; `make test` runs them with the rest (a cold build of the control
+plane takes about 15 minutes once per machine, the node's about 3 more)."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import subprocess
 import sys
@@ -109,37 +111,35 @@ class ControlPlane:
 
 
 @pytest.fixture(scope="session")
-def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    built = subprocess.run([str(ROOT / "scripts" / "build-control-plane")], capture_output=True, text=True, check=False)
-    if built.returncode != 0:
-        pytest.fail(f"scripts/build-control-plane failed:\n{built.stderr[-3000:]}")
+def control_plane(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[ControlPlane]:
+    binaries = _built(pytestconfig, "build-control-plane")
     plane = ControlPlane(tmp_path_factory.mktemp("control-plane"))
     try:
-        plane.start(Path(built.stdout.strip()))
+        plane.start(binaries)
         yield plane
     finally:
         plane.stop()
     assert all(p.returncode is not None for p in plane.processes)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped when tests/cluster ends: the later tiers run without kubelet's load
 def node(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Node]:
     """A single-node cluster that runs pods (tests/cluster/node.py), its own control plane on the node's
     address; the tests that need no pods use `control_plane` above, which starts in seconds."""
     from tests.cluster.node import running_node
 
-    # A cold build takes minutes: its progress goes to the terminal, not into pytest's capture.
-    with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-        binaries = _built("build-control-plane")
-        node_binaries = _built("build-node")
+    binaries = _built(pytestconfig, "build-control-plane")
+    node_binaries = _built(pytestconfig, "build-node")
     with running_node(tmp_path_factory.mktemp("node"), binaries=binaries, node_binaries=node_binaries) as started:
         yield started
 
 
-def _built(script: str) -> Path:
-    """Run scripts/`script` (cached per machine; a cold build prints its progress on our stderr) and return the
-    directory it prints."""
-    built = subprocess.run([str(ROOT / "scripts" / script)], stdout=subprocess.PIPE, text=True, check=False)
+def _built(pytestconfig: pytest.Config, script: str) -> Path:
+    """Run scripts/`script` (cached per machine) and return the directory it prints. A cold build takes
+    minutes: its progress goes to the terminal, not into pytest's capture."""
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        built = subprocess.run([str(ROOT / "scripts" / script)], stdout=subprocess.PIPE, text=True, check=False)
     if built.returncode != 0:
         pytest.fail(f"scripts/{script} failed (exit {built.returncode}); its log is above")
     return Path(built.stdout.strip())
