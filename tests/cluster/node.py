@@ -39,6 +39,7 @@ NODE_IP = "10.244.0.1"  # on the bridge: the node's address, the pods' gateway, 
 NODE_NAME = "mailfleet-node"
 PAUSE_IMAGE = "localhost/mailfleet/pause:v1"
 LOCK = Path("/run/lock/mailfleet-node.lock")
+STATE = Path("/run/lock/mailfleet-node.json")  # what a run started, for the next one if it was killed
 KUBELET_HOST_DIR = Path("/var/lib/kubelet")
 
 
@@ -103,6 +104,35 @@ def until(probe: Callable[[], Any], what: str, *, within: float, log: Path | Non
     return result
 
 
+def _started(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/PID/stat), which tells it from a later one with its PID."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _kill_shims(socket: Path) -> None:
+    """containerd-shim-runc-v2 processes outlive containerd (they are meant to); a node's name its socket."""
+    mine = str(socket).encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if mine in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
+def _unmount(root: Path) -> None:
+    """Unmount everything under root (overlay rootfs, shm, kubelet's tmpfs volumes), deepest first."""
+    prefix = str(root) + "/"
+    with Path("/proc/self/mountinfo").open() as mountinfo:
+        points = [line.split()[4] for line in mountinfo]
+    for point in sorted({p for p in points if p.startswith(prefix)}, key=len, reverse=True):
+        _sh("umount", "--lazy", point, check=False)
+
+
 class Node:
     """The cluster: `plane` (kubectl, kubeconfig), `address` (the node's IP, where ClusterIPs and pods are
     reachable from the host), import_image(), dns_record()."""
@@ -126,16 +156,18 @@ class Node:
         LOCK.parent.mkdir(parents=True, exist_ok=True)
         self._lock = LOCK.open("wb")
         fcntl.flock(self._lock, fcntl.LOCK_EX)  # one node per machine: the bridge and iptables are global
+        self._clean_after_killed_run()
         self._netns_before = self._netns()
         # kubelet's device manager always makes its socket here, whatever --root-dir says
         self._kubelet_dir_before = KUBELET_HOST_DIR.exists()
-        self._cleanup_iptables()  # a run killed before its teardown leaves these behind
-        self._cleanup_network()
         _sh("ip", "link", "add", BRIDGE, "type", "bridge")
         _sh("ip", "addr", "add", f"{NODE_IP}/24", "dev", BRIDGE)
         _sh("ip", "link", "set", BRIDGE, "up")
         self.plane.root.mkdir()
-        self.plane.start(self.binaries, address=NODE_IP)
+        try:
+            self.plane.start(self.binaries, address=NODE_IP)
+        finally:
+            self._record()
         self._start_dns()
         self._start_containerd()
         pause = self.root / "images" / "pause.tar"
@@ -152,7 +184,39 @@ class Node:
         log = (self.root / f"{name}.log").open("wb")
         process = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(process)
+        self._record()
         return process
+
+    def _record(self) -> None:
+        pids = [p.pid for p in [*self.plane.processes, *self.processes]]
+        state = {
+            "root": str(self.root),
+            "processes": {p: _started(p) for p in pids},
+            "netns": sorted(self._netns_before),
+            "kubelet_dir": self._kubelet_dir_before,
+        }
+        STATE.write_text(json.dumps(state))
+
+    def _clean_after_killed_run(self) -> None:
+        """A run killed before its teardown (SIGKILL, a lost machine session) leaves its processes (each in
+        its own process group), shims, mounts, chains and bridge: stop them before starting anew."""
+        if STATE.exists():
+            state = json.loads(STATE.read_text())
+            for pid, started in state["processes"].items():
+                if started is not None and _started(int(pid)) == started:  # the same process, not a reused PID
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(int(pid), signal.SIGKILL)
+            old = Path(state["root"])
+            _kill_shims(old / "containerd" / "containerd.sock")
+            _unmount(old)
+            # containerd's CRI names its pods' network namespaces cni-*; only a node makes them, one at a time
+            for netns in self._netns() - set(state["netns"]):
+                if netns.startswith("cni-"):
+                    _sh("ip", "netns", "delete", netns, check=False)
+            if not state["kubelet_dir"]:
+                shutil.rmtree(KUBELET_HOST_DIR, ignore_errors=True)
+        self._cleanup_iptables()
+        self._cleanup_network()
 
     def _start_dns(self) -> None:
         """dnsmasq on the node's address, local only (no upstream: every answer is immediate), names from
@@ -374,8 +438,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         for process in reversed(self.processes):
             self._terminate(process)
         self.plane.stop()
-        self._kill_shims()
-        self._unmount()
+        _kill_shims(self.socket)
+        _unmount(self.root)
         for netns in self._netns() - self._netns_before:
             _sh("ip", "netns", "delete", netns, check=False)
         _sh(self.node_binaries / "kube-proxy", "--cleanup", check=False)
@@ -384,6 +448,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         self._remove_cgroups()
         if not self._kubelet_dir_before:
             shutil.rmtree(KUBELET_HOST_DIR, ignore_errors=True)
+        STATE.unlink(missing_ok=True)
         if self._lock is not None:
             self._lock.close()
 
@@ -404,24 +469,6 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-
-    def _kill_shims(self) -> None:
-        """containerd-shim-runc-v2 processes outlive containerd (they are meant to); ours name our socket."""
-        mine = str(self.socket).encode()
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            with contextlib.suppress(OSError):
-                if mine in (proc / "cmdline").read_bytes():
-                    os.kill(int(proc.name), signal.SIGKILL)
-
-    def _unmount(self) -> None:
-        """Unmount everything under root (overlay rootfs, shm, kubelet's tmpfs volumes), deepest first."""
-        prefix = str(self.root) + "/"
-        with Path("/proc/self/mountinfo").open() as mountinfo:
-            points = [line.split()[4] for line in mountinfo]
-        for point in sorted({p for p in points if p.startswith(prefix)}, key=len, reverse=True):
-            _sh("umount", "--lazy", point, check=False)
 
     @staticmethod
     def _netns() -> set[str]:
