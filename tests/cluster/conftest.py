@@ -57,10 +57,11 @@ class ControlPlane:
             "--service-cluster-ip-range=10.96.0.0/16", "--kubelet-preferred-address-types=InternalIP",
             f"--endpoint-reconciler-type={'none' if address == '127.0.0.1' else 'lease'}",
         )  # fmt: skip
+        self.server = f"https://{address}:{api}"
         self.kubeconfig.write_text(
             "apiVersion: v1\nkind: Config\n"
             "clusters: [{name: cp, cluster: "
-            f"{{server: 'https://{address}:{api}', insecure-skip-tls-verify: true}}}}]\n"
+            f"{{server: '{self.server}', insecure-skip-tls-verify: true}}}}]\n"
             f"users: [{{name: admin, user: {{token: '{self.token}'}}}}]\n"
             "contexts: [{name: cp, context: {cluster: cp, user: admin}}]\ncurrent-context: cp\n"
         )

@@ -21,9 +21,12 @@ import os
 import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import tarfile
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -133,9 +136,68 @@ def _unmount(root: Path) -> None:
         _sh("umount", "--lazy", point, check=False)
 
 
+class ServiceNames(threading.Thread):
+    """The records of Kubernetes' DNS specification that the chart needs, kept in a dnsmasq hosts file: a
+    Service's `<svc>.<ns>.svc.cluster.local` (its ClusterIP, or for a headless one its pods' IPs) and a pod's
+    `<hostname>.<subdomain>.<ns>.svc.cluster.local` (a StatefulSet's pods behind its headless Service, which
+    the operator reaches). Polls the API server every second and SIGHUPs dnsmasq when they change."""
+
+    def __init__(self, *, plane: ControlPlane, hosts: Path, dns: subprocess.Popen[bytes]) -> None:
+        super().__init__(name="service-names", daemon=True)
+        self.plane, self.hosts, self.dns = plane, hosts, dns
+        self.stopping = threading.Event()
+        self._tls = ssl.create_default_context()
+        self._tls.check_hostname, self._tls.verify_mode = False, ssl.CERT_NONE  # like the tests' kubeconfig
+
+    def run(self) -> None:
+        written = ""
+        while not self.stopping.wait(1.0):
+            try:
+                records = self._records()
+            except (OSError, ValueError, KeyError):
+                continue  # the API server starting or stopping: the next round
+            if records != written:
+                self.hosts.write_text(records)
+                self.dns.send_signal(signal.SIGHUP)
+                written = records
+
+    def _list(self, path: str) -> list[dict[str, Any]]:
+        request = urllib.request.Request(
+            self.plane.server + path, headers={"Authorization": f"Bearer {self.plane.token}"}
+        )
+        with urllib.request.urlopen(request, context=self._tls, timeout=10) as response:
+            return list(json.load(response)["items"])
+
+    def _records(self) -> str:
+        services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in self._list("/api/v1/services")}
+        lines: list[str] = []
+        for pod in self._list("/api/v1/pods"):
+            meta, spec, status = pod["metadata"], pod["spec"], pod.get("status", {})
+            ip, namespace = status.get("podIP"), meta["namespace"]
+            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+            if not ip or meta.get("deletionTimestamp"):
+                continue
+            for (ns, name), service in services.items():
+                selector = service["spec"].get("selector")
+                if ns != namespace or service["spec"].get("clusterIP") != "None" or not selector:
+                    continue
+                if not (ready or service["spec"].get("publishNotReadyAddresses")):
+                    continue
+                if selector.items() <= meta.get("labels", {}).items():
+                    lines.append(f"{ip} {name}.{ns}.svc.cluster.local")
+                    if spec.get("hostname") and spec.get("subdomain") == name:
+                        lines.append(f"{ip} {spec['hostname']}.{name}.{ns}.svc.cluster.local")
+        for (ns, name), service in services.items():
+            cluster_ip = service["spec"].get("clusterIP")
+            if cluster_ip and cluster_ip != "None":
+                lines.append(f"{cluster_ip} {name}.{ns}.svc.cluster.local")
+        return "".join(f"{line}\n" for line in sorted(lines))
+
+
 class Node:
     """The cluster: `plane` (kubectl, kubeconfig), `address` (the node's IP, where ClusterIPs and pods are
-    reachable from the host), import_image(), dns_record()."""
+    reachable from the host), import_image(), dns_record(); Services and StatefulSet pods get their DNS names
+    (ServiceNames)."""
 
     def __init__(self, root: Path, *, binaries: Path, node_binaries: Path) -> None:
         self.root = root
@@ -150,6 +212,7 @@ class Node:
         self._lock: IO[bytes] | None = None
         self._netns_before: set[str] = set()
         self._kubelet_dir_before = True
+        self.service_names: ServiceNames | None = None
 
     # -- start ------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -222,14 +285,18 @@ class Node:
         """dnsmasq on the node's address, local only (no upstream: every answer is immediate), names from
         `hosts` (dns_record() adds to it)."""
         self.hosts.parent.mkdir()
-        self.hosts.write_text("10.96.0.1 kubernetes.default.svc.cluster.local\n")  # the first of the Service range
+        self.hosts.write_text("")
+        services = self.hosts.parent / "services"
+        services.write_text("")
         (self.root / "dns" / "resolv.conf").write_text(f"nameserver {NODE_IP}\n")
         self.dns = self._run(
             "dnsmasq", "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
-            f"--addn-hosts={self.hosts}", f"--listen-address={NODE_IP}", "--bind-interfaces",
-            "--except-interface=lo", "--local=/#/", f"--pid-file={self.root / 'dns' / 'pid'}",
+            f"--addn-hosts={self.hosts}", f"--addn-hosts={services}", f"--listen-address={NODE_IP}",
+            "--bind-interfaces", "--except-interface=lo", "--local=/#/", f"--pid-file={self.root / 'dns' / 'pid'}",
             "--user=root", "--log-facility=-",
         )  # fmt: skip
+        self.service_names = ServiceNames(plane=self.plane, hosts=services, dns=self.dns)
+        self.service_names.start()
 
     def dns_record(self, name: str, address: str) -> None:
         """Make `name` resolve to `address` for the pods (dnsmasq rereads its hosts file on SIGHUP)."""
@@ -435,6 +502,9 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                 self.plane.kubectl("delete", "statefulsets,deployments,replicasets,pods", "--all", "--all-namespaces",
                                    "--wait=false", check=False)  # fmt: skip
                 until(self._no_sandboxes, "the pods' sandboxes gone", within=120)
+        if self.service_names is not None:
+            self.service_names.stopping.set()
+            self.service_names.join()
         for process in reversed(self.processes):
             self._terminate(process)
         self.plane.stop()

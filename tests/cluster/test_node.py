@@ -1,11 +1,12 @@
 """Pods on the real single-node cluster (tests/cluster/node.py): a StatefulSet of one busybox httpd pod on a
-PersistentVolume becomes Ready, its ClusterIP Service answers the host through kube-proxy, the pod resolves a
-name through the node's DNS at once and reaches the API server with its ServiceAccount token through the
-`kubernetes` Service, and a deleted pod comes back with the same volume. The image is made here from Debian's
-busybox-static, without a registry."""
+PersistentVolume becomes Ready, its ClusterIP Service answers the host through kube-proxy, the pod resolves
+names through the node's DNS at once (its Service's and its own among them) and reaches the API server with
+its ServiceAccount token through the `kubernetes` Service, and a deleted pod comes back with the same volume.
+The image is made here from Debian's busybox-static, without a registry."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import ssl
@@ -76,6 +77,10 @@ def _ready_pod(node: Node, name: str) -> dict[str, Any] | None:
     return pod if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions) else None
 
 
+def _resolves(node: Node, name: str, address: str) -> bool:
+    return address in node.plane.kubectl("exec", "web-0", "--", "nslookup", name, check=False).stdout
+
+
 def _fetch(url: str) -> str | None:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -117,6 +122,13 @@ def test_a_statefulset_pod_serves_through_its_service_and_comes_back_with_its_vo
     # and fail), and the API server is reachable through the `kubernetes` Service the operator pod will use.
     lookup = node.plane.kubectl("exec", "web-0", "--", "nslookup", "probe.mailfleet.test", check=False)
     assert lookup.returncode == 0 and "10.244.0.77" in lookup.stdout, lookup.stdout + lookup.stderr
+    # The names of Kubernetes' DNS that the operator uses (a StatefulSet pod's, behind the headless Service).
+    names = {
+        "web.default.svc.cluster.local": service["spec"]["clusterIP"],
+        "web-0.web-pods.default.svc.cluster.local": first["status"]["podIP"],
+    }
+    for name, address in names.items():
+        until(functools.partial(_resolves, node, name, address), f"{name} in the pods' DNS", within=60)
     resolv = node.plane.kubectl("exec", "web-0", "--", "cat", "/etc/resolv.conf").stdout
     assert f"nameserver {node.address}" in resolv
     kubernetes = _get(node, "service", "kubernetes")
