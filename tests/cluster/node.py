@@ -511,7 +511,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         _kill_shims(self.socket)
         _unmount(self.root)
         for netns in self._netns() - self._netns_before:
-            _sh("ip", "netns", "delete", netns, check=False)
+            if netns.startswith("cni-"):  # containerd's CRI names its pods' so; others are not ours
+                _sh("ip", "netns", "delete", netns, check=False)
         _sh(self.node_binaries / "kube-proxy", "--cleanup", check=False)
         self._cleanup_iptables()
         self._cleanup_network()
