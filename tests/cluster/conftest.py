@@ -1,20 +1,26 @@
 """Tier 4 of DESIGN.md: a real control plane on 127.0.0.1, kine (in memory) + kube-apiserver +
 kube-controller-manager v1.37.2, built by scripts/build-control-plane (cached per machine), driven with
-the real kubectl and helm. `make e2e-cluster` runs these tests alone; `make test` runs them with the rest
-(a cold build of the control plane takes about 15 minutes once per machine)."""
+the real kubectl and helm; the `node` fixture adds a node that runs pods (node.py, scripts/build-node).
+`make e2e-cluster` runs these tests alone; `make test` runs them with the rest (a cold build of the control
+plane takes about 15 minutes once per machine, the node's about 3 more)."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.node.conftest import free_port
+
+if TYPE_CHECKING:
+    from tests.cluster.node import Node
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -27,7 +33,10 @@ class ControlPlane:
         self.kubeconfig = root / "kubeconfig"
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self, binaries: Path) -> None:
+    def start(self, binaries: Path, *, address: str = "127.0.0.1") -> None:
+        """`address`: where the API server listens and what it advertises. 127.0.0.1 for the tests without
+        pods; tests/cluster/node.py gives the node's bridge address, which pods reach, and then the endpoint
+        reconciler publishes it as the `kubernetes` Service's endpoint."""
         root = self.root
         subprocess.run(["openssl", "genrsa", "-out", root / "sa.key", "2048"], check=True, capture_output=True)
         subprocess.run(
@@ -41,16 +50,18 @@ class ControlPlane:
                   "--endpoint", "memory://")  # fmt: skip
         self._run(
             "kube-apiserver", binaries / "kube-apiserver", f"--etcd-servers=http://127.0.0.1:{etcd}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api}",
+            f"--bind-address={address}", f"--advertise-address={address}", f"--secure-port={api}",
             f"--cert-dir={root / 'certs'}", "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={root / 'sa.pub'}", f"--service-account-signing-key-file={root / 'sa.key'}",
             f"--token-auth-file={root / 'tokens.csv'}", "--authorization-mode=RBAC",
-            "--service-cluster-ip-range=10.96.0.0/16", "--endpoint-reconciler-type=none",
+            "--service-cluster-ip-range=10.96.0.0/16", "--kubelet-preferred-address-types=InternalIP",
+            f"--endpoint-reconciler-type={'none' if address == '127.0.0.1' else 'lease'}",
         )  # fmt: skip
+        self.server = f"https://{address}:{api}"
         self.kubeconfig.write_text(
             "apiVersion: v1\nkind: Config\n"
             "clusters: [{name: cp, cluster: "
-            f"{{server: 'https://127.0.0.1:{api}', insecure-skip-tls-verify: true}}}}]\n"
+            f"{{server: '{self.server}', insecure-skip-tls-verify: true}}}}]\n"
             f"users: [{{name: admin, user: {{token: '{self.token}'}}}}]\n"
             "contexts: [{name: cp, context: {cluster: cp, user: admin}}]\ncurrent-context: cp\n"
         )
@@ -101,14 +112,35 @@ class ControlPlane:
 
 
 @pytest.fixture(scope="session")
-def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    built = subprocess.run([str(ROOT / "scripts" / "build-control-plane")], capture_output=True, text=True, check=False)
-    if built.returncode != 0:
-        pytest.fail(f"scripts/build-control-plane failed:\n{built.stderr[-3000:]}")
+def control_plane(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[ControlPlane]:
+    binaries = _built(pytestconfig, "build-control-plane")
     plane = ControlPlane(tmp_path_factory.mktemp("control-plane"))
     try:
-        plane.start(Path(built.stdout.strip()))
+        plane.start(binaries)
         yield plane
     finally:
         plane.stop()
     assert all(p.returncode is not None for p in plane.processes)
+
+
+@pytest.fixture(scope="package")  # stopped when tests/cluster ends: the later tiers run without kubelet's load
+def node(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Node]:
+    """A single-node cluster that runs pods (tests/cluster/node.py), its own control plane on the node's
+    address; the tests that need no pods use `control_plane` above, which starts in seconds."""
+    from tests.cluster.node import running_node
+
+    binaries = _built(pytestconfig, "build-control-plane")
+    node_binaries = _built(pytestconfig, "build-node")
+    with running_node(tmp_path_factory.mktemp("node"), binaries=binaries, node_binaries=node_binaries) as started:
+        yield started
+
+
+def _built(pytestconfig: pytest.Config, script: str) -> Path:
+    """Run scripts/`script` (cached per machine) and return the directory it prints. A cold build takes
+    minutes: its progress goes to the terminal, not into pytest's capture."""
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        built = subprocess.run([str(ROOT / "scripts" / script)], stdout=subprocess.PIPE, text=True, check=False)
+    if built.returncode != 0:
+        pytest.fail(f"scripts/{script} failed (exit {built.returncode}); its log is above")
+    return Path(built.stdout.strip())
