@@ -108,7 +108,7 @@ def test_config_runs_the_operator_as_the_pods_user(manifest: dict[str, Any], con
     version = next(
         line.split('"')[1] for line in (ROOT / "pyproject.toml").read_text().splitlines() if line.startswith("version")
     )
-    assert manifest["RepoTags"] == [f"mailfleet:{version}"]
+    assert manifest["RepoTags"] == [f"docker.io/library/mailfleet:{version}"]  # `mailfleet:VERSION`, as runtimes name it
     assert config["Entrypoint"] == ["mailfleet"] and config["Cmd"] == ["operator"]
     assert config["User"] == f"{common.RUN_AS}:{common.RUN_AS}"
     assert config["WorkingDir"] == common.DATA_DIR
