@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,9 @@ def container(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def test_config_runs_the_operator_as_the_pods_user(manifest: dict[str, Any], config: dict[str, Any]) -> None:
-    version = next(
-        line.split('"')[1] for line in (ROOT / "pyproject.toml").read_text().splitlines() if line.startswith("version")
-    )
-    assert manifest["RepoTags"] == [f"docker.io/library/mailfleet:{version}"]  # `mailfleet:VERSION`, as runtimes name it
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    # mailfleet:VERSION, as runtimes name it (the name `ctr images import` and `docker load` give it)
+    assert manifest["RepoTags"] == [f"docker.io/library/mailfleet:{version}"]
     assert config["Entrypoint"] == ["mailfleet"] and config["Cmd"] == ["operator"]
     assert config["User"] == f"{common.RUN_AS}:{common.RUN_AS}"
     assert config["WorkingDir"] == common.DATA_DIR
