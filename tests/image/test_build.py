@@ -13,6 +13,7 @@ import subprocess
 import tarfile
 import tomllib
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,19 @@ def _need_root() -> None:
         pytest.skip(message)
 
 
+def _uncaptured(request: pytest.FixtureRequest) -> AbstractContextManager[object]:
+    """Output that goes to the terminal as it happens, not into pytest's capture (none with -s)."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    return nullcontext() if capture is None else capture.global_and_fixture_disabled()
+
+
 @pytest.fixture(scope="module")
 def archive(request: pytest.FixtureRequest) -> Path:
     require_tool("buildah")
     require_tool("mmdebstrap")
     _need_root()
-    # A cold build takes minutes: its progress goes to the terminal as it happens, not into a capture.
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
+    # A cold build takes minutes: its progress (stderr) is shown while it runs.
+    with _uncaptured(request):
         built = subprocess.run(
             [str(ROOT / "scripts" / "build-image")], stdout=subprocess.PIPE, text=True, timeout=BUILD_TIMEOUT
         )
@@ -137,6 +143,6 @@ def test_small_without_build_tools(container: Container, archive: Path, request:
     dev = container.run("python3", "-c", "import pytest")  # no [dev] extras
     assert dev.returncode != 0
     size = archive.stat().st_size  # the layers uncompressed, as a runtime stores them
-    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+    with _uncaptured(request):
         print(f"\ntests/image: the image weighs {size / 1e6:.0f} MB uncompressed ({archive.name})")
     assert size < SIZE_LIMIT
