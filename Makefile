@@ -49,6 +49,10 @@ e2e-cluster: bootstrap ## the chart and the operator on a real control plane (ki
 	scripts/build-control-plane >/dev/null
 	$(BIN)/pytest -q tests/cluster
 
+.PHONY: image
+image: bootstrap ## build the container image with buildah on a local Debian base (cached); prints the docker-archive path
+	scripts/build-image
+
 .PHONY: chart
 chart: bootstrap ## helm lint --strict the chart (charts/mailfleet) and render it with each tests/chart/values file
 	$(BIN)/helm lint --strict charts/mailfleet

@@ -1,11 +1,13 @@
-"""The Dockerfile (it cannot be built here; these are the contracts it must keep): the two console
-scripts of pyproject.toml, `mailfleet operator` by default, the command the StatefulSets run
-(mailfleet.specs.workload) available, the non-root uid the pods run as (specs.common.RUN_AS), the data
-directory the volume is mounted at, and .dockerignore letting in exactly what the install needs."""
+"""The Dockerfile's text, held to the code (tests/image builds it and checks the same inside the image):
+the two console scripts of pyproject.toml, `mailfleet operator` by default, the command the StatefulSets
+run (mailfleet.specs.workload) available, the non-root uid the pods run as (specs.common.RUN_AS), the data
+directory the volume is mounted at, a base that is a build argument pinned by digest by default, and
+.dockerignore letting in exactly what the install needs."""
 
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 
@@ -39,9 +41,22 @@ def test_runs_as_the_pods_user_with_the_data_directory() -> None:
     assert user == f"{common.RUN_AS}:{common.RUN_AS}"
     (run,) = [r for r in instruction("RUN") if "useradd" in r]
     assert f"--uid {common.RUN_AS}" in run and f"install -d -o {common.RUN_AS}" in run and common.DATA_DIR in run
-    (base,) = instruction("FROM")
-    assert base == "python:3.11-slim"
     assert "pip install --no-cache-dir /src" in run and "[dev]" not in DOCKERFILE
+
+
+def test_base_is_a_build_argument_pinned_by_digest() -> None:
+    (base,) = instruction("FROM")
+    assert base == "${BASE}"
+    (default,) = [arg for arg in instruction("ARG") if arg.startswith("BASE=")]
+    assert re.fullmatch(r"BASE=python:3\.11-slim@sha256:[0-9a-f]{64}", default)
+
+
+def test_installs_into_a_virtualenv_on_path() -> None:
+    # Debian's python3 is externally managed (PEP 668): the same RUN must work on both kinds of base.
+    (run,) = [r for r in instruction("RUN") if "pip install" in r]
+    assert run.startswith("python3 -m venv /opt/mailfleet ")
+    (env,) = instruction("ENV")
+    assert "PATH=/opt/mailfleet/bin:$PATH" in env.split()
 
 
 def test_dockerignore_admits_what_the_copies_need() -> None:
