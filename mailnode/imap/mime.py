@@ -33,7 +33,34 @@ MAX_ADDRESSES = 1000
 _QUOTED_MAX = 1000
 # The email package's parameter parser is quadratic in the number of ";"; no honest Content-Type is longer.
 _PARAMS_MAX = 8192
-_JSON_VERSION = 1
+_JSON_VERSION = 2  # 2: repeated address fields merged, MISSING_DOMAIN, Dovecot's line counts (1 is redone)
+
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+class LineEnds:
+    """A message's bytes as IMAP stores them: every bare LF made CRLF (RFC 5322 §2.1: lines end in CRLF;
+    RFC 3501 §6.3.11 APPENDs a message in that form, and Dovecot stores and serves a bare-LF APPEND with
+    CRLF, its RFC822.SIZE counting them). Fed chunk by chunk (a streamed APPEND), it remembers whether
+    the last chunk ended in CR so a CRLF split between two chunks stays one line end."""
+
+    def __init__(self) -> None:
+        self._after_cr = False
+
+    def convert(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return chunk
+        converted = _BARE_LF.sub(b"\r\n", chunk)
+        if self._after_cr and chunk.startswith(b"\n"):
+            converted = converted[1:]  # that LF ended the CR of the last chunk: it was no bare LF
+        self._after_cr = chunk.endswith(b"\r")
+        return converted
+
+
+def crlf(message: bytes) -> bytes:
+    """The whole message with CRLF line ends (see LineEnds)."""
+    return LineEnds().convert(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +243,7 @@ def _entity(
         encoding=mime.encoding,
         parts=tuple(child.part for child in children),
     )
-    envelope = _envelope(data, first) if message else None
+    envelope = _envelope(data, fields, first) if message else None
     if children and content_type.startswith("multipart/"):
         bodystructure = _multipart(mime, [c.bodystructure for c in children], content_type, extended=True)
         body = _multipart(mime, [c.body for c in children], content_type, extended=False)
@@ -444,11 +471,10 @@ def _param_list(params: Sequence[tuple[str, str]]) -> bytes:
 
 
 def _count_lines(data: bytes, start: int, end: int) -> int:
-    """Lines in [start, end): each line terminator ends one, and a last line without one counts too."""
-    lines = data.count(b"\n", start, end)
-    if end > start and data[end - 1] != 0x0A:
-        lines += 1
-    return lines
+    """Lines in [start, end): the line terminators. A last line without one is not counted, as Dovecot
+    counts: a part's last line loses its CRLF to the boundary that follows (RFC 2046 §5.1.1), so counting
+    it would make every part but the last one line longer than the same text alone."""
+    return data.count(b"\n", start, end)
 
 
 def _extension(mime: _Mime) -> bytes:
@@ -496,26 +522,32 @@ def _multipart(mime: _Mime, children: Sequence[bytes], content_type: str, *, ext
     return rendered + b")"
 
 
-def _envelope(data: bytes, first: dict[str, _Field]) -> bytes:
+def _envelope(data: bytes, fields: Sequence[_Field], first: dict[str, _Field]) -> bytes:
     """RFC 3501 §7.4.2 ENVELOPE. Values are raw (encoded words are the client's to decode); absent or empty
     fields are NIL."""
 
     def raw(name: str) -> bytes | None:
         return _first(data, first, name) or None
 
-    sender_from = _addresses(raw("from"))
+    def addresses(name: str) -> bytes:
+        # A repeated address field (Cc: and CC:, which RFC 5322 §3.6 forbids but mailers write) is read as
+        # one list of all their addresses, as Dovecot does: the first alone would hide recipients.
+        values = [value for field in fields if field.name == name and (value := _value(data, field))]
+        return _addresses(b", ".join(values) if values else None)
+
+    sender_from = addresses("from")
     # RFC 3501 §7.4.2: an absent or empty Sender or Reply-To is given the value of From.
-    sender = _addresses(raw("sender"))
-    reply_to = _addresses(raw("reply-to"))
+    sender = addresses("sender")
+    reply_to = addresses("reply-to")
     items = [
         _nstring(raw("date")),
         _nstring(raw("subject")),
         sender_from,
         sender_from if sender == b"NIL" else sender,
         sender_from if reply_to == b"NIL" else reply_to,
-        _addresses(raw("to")),
-        _addresses(raw("cc")),
-        _addresses(raw("bcc")),
+        addresses("to"),
+        addresses("cc"),
+        addresses("bcc"),
         _nstring(raw("in-reply-to")),
         _nstring(raw("message-id")),
     ]
@@ -602,7 +634,9 @@ def _mailboxes(text: str) -> list[bytes]:
             continue
         local, at, host = address.rpartition("@")
         if not at:
-            local, host = address, ""  # RFC 3501: a NIL host would mean a group; "" says missing
+            # RFC 3501 §7.4.2: a NIL host would mean a group; Dovecot (and clients that read its answers)
+            # write MISSING_DOMAIN, as RFC 5322 §3.4.1 requires a domain and the local part alone says too little.
+            local, host = address, "MISSING_DOMAIN"
         rendered.append(
             b"(" + (_text(name) if name else b"NIL") + b" NIL " + _text(_unquote(local)) + b" " + _text(host) + b")"
         )
@@ -629,13 +663,14 @@ def section(data: bytes, analysis: Analysis, spec: str, fields: Sequence[str] = 
     numbers, text = _parse_spec(spec)
     message = analysis.root
     if numbers:
-        part = _find_part(analysis.root, numbers)
-        if part is None:
+        found = _find_part(analysis.root, numbers)
+        if found is None:
             return None
+        part, itself = found
         if text == "":
             return data[part.body_start : part.end]
         if text == "MIME":
-            return data[part.header_start : part.body_start]
+            return None if itself else data[part.header_start : part.body_start]
         # HEADER and TEXT after part numbers address a message/rfc822 part's encapsulated message.
         if part.content_type != "message/rfc822" or not part.parts:
             return None
@@ -663,12 +698,18 @@ def _parse_spec(spec: str) -> tuple[list[int], str]:
     return numbers, text
 
 
-def _find_part(root: Part, numbers: Sequence[int]) -> Part | None:
+def _find_part(root: Part, numbers: Sequence[int]) -> tuple[Part, bool] | None:
     """RFC 3501 §6.4.5: part numbers index a multipart's children; a message that is not multipart has
-    one part, 1, its body; a number after a message/rfc822 part indexes its encapsulated message."""
+    one part, 1, its body; a number after a message/rfc822 part indexes its encapsulated message.
+    As Dovecot does, a part that is neither multipart nor message/rfc822 also answers to one more ".1"
+    (itself, without a MIME header of its own: the bool says so); clients that number parts by the
+    RFC's rule for messages ask BODY[1.1] of a text part 1, and get what Dovecot gives them."""
     part = root
     reached = False  # whether `part` was reached through a part number, rather than being the message
+    itself = False  # whether the last number was the extra ".1" of a part that is not multipart
     for number in numbers:
+        if itself:
+            return None
         is_message = not reached
         if reached and part.content_type == "message/rfc822" and part.parts:
             part = part.parts[0]
@@ -677,10 +718,12 @@ def _find_part(root: Part, numbers: Sequence[int]) -> Part | None:
             if number > len(part.parts):
                 return None
             part = part.parts[number - 1]
-        elif not (number == 1 and is_message):
+        elif number != 1:
             return None
+        elif not is_message:
+            itself = True
         reached = True
-    return part
+    return part, itself
 
 
 def _header_fields(data: bytes, message: Part, names: Sequence[str], *, exclude: bool) -> bytes:

@@ -64,7 +64,7 @@ namespace inbox {
   inbox = yes
   separator = /
 """ + "".join(
-    f"  mailbox {name} {{\n    special_use = \\{name}\n  }}\n" for name in ("Sent", "Drafts", "Trash", "Junk", "Archive")
+    f"  mailbox {name} {{\n    auto = create\n    special_use = \\{name}\n  }}\n" for name in ("Sent", "Drafts", "Trash", "Junk", "Archive")
 ) + "}\n"  # fmt: skip
 
 
@@ -194,7 +194,7 @@ def _normalize(value: Any) -> Any:
     """Case-insensitive where IMAP is: atoms (attributes, content types in BODYSTRUCTURE come as strings)."""
     if isinstance(value, dict):  # a FETCH record; its FLAGS are a set
         return {k: sorted(_normalize(v)) if k == "FLAGS" else _fold(k, _normalize(v)) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_normalize(v) for v in value]
     if isinstance(value, str):
         return value.upper()
@@ -313,7 +313,8 @@ def test_the_node_answers_as_dovecot_does(node_factory: NodeFactory, dovecot_ser
                 for flags, delimiter, folder in (_Parser(line).value_list(3) for line in lines if line)
             )
             steps.setdefault(f"LIST {pattern}", {})[name] = (typ, parsed)
-        steps.setdefault("STATUS", {})[name] = _answer(client, "STATUS", "Archive", "(MESSAGES UNSEEN)")[1]
+        typ, data = _answer(client, "STATUS", "Archive", "(MESSAGES UNSEEN)")
+        steps.setdefault("STATUS", {})[name] = (typ, client._untagged_response(typ, data, "STATUS")[1])
     for step, answer in answers_by_step.items():
         result.check(step, "*", answer["node"], answer["dovecot"])
     for client in clients.values():
@@ -346,6 +347,10 @@ def _flags(client: imaplib.IMAP4, numbers: str, how: str, flags: str) -> tuple[s
     return typ, _Parser(_joined([piece for piece in data if piece is not None])).fetches()
 
 
-def _expunged(client: imaplib.IMAP4, answer: tuple[str, Any]) -> tuple[str, list[bytes]]:
+def _expunged(client: imaplib.IMAP4, answer: tuple[str, Any]) -> tuple[str, list[int]]:
+    """The messages expunged, by their number before the command: the order of EXPUNGE responses is the
+    server's choice (RFC 3501 §7.4.1), the messages they remove are not."""
     _, data = client._untagged_response(answer[0], None, "EXPUNGE")
-    return answer[0], [piece for piece in data if piece is not None]
+    numbers = list(range(1, 1000))
+    gone = [numbers.pop(int(piece) - 1) for piece in data if piece is not None]
+    return answer[0], sorted(gone)
