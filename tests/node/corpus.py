@@ -19,7 +19,8 @@ SEED = 16  # the issue's number; change it and the corpus (and perhaps the known
 
 NAMES = ("Alice Example", "Bob O'Neil", "Zoë Lefèvre", "李雷", "Mallory, Jr.", "postmaster")
 DOMAINS = ("example.org", "lists.example.net", "mail.example.com")
-WORDS = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor invoice meeting".split()
+WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do", "eiusmod",
+         "tempor", "invoice", "meeting")  # fmt: skip
 FLAG_SETS = ((), ("\\Seen",), ("\\Seen", "\\Flagged"), ("\\Answered",), ("$Label1",), ("\\Draft", "\\Seen"))
 
 
@@ -46,7 +47,8 @@ def _text(rng: random.Random, words: int) -> str:
 
 def _date(rng: random.Random) -> str:
     day = rng.randrange(1, 28)
-    return f"{['Mon', 'Tue', 'Wed'][day % 3]}, {day:02d} Mar 2025 {rng.randrange(24):02d}:{rng.randrange(60):02d}:07 +0100"
+    weekday = ("Mon", "Tue", "Wed")[day % 3]
+    return f"{weekday}, {day:02d} Mar 2025 {rng.randrange(24):02d}:{rng.randrange(60):02d}:07 +0100"
 
 
 def _headers(rng: random.Random, subject: str, *, extra: str = "") -> str:
@@ -77,7 +79,8 @@ def plain(rng: random.Random) -> str:
 
 
 def no_mime(rng: random.Random) -> str:
-    return f"From: {_address(rng)}\nTo: {_address(rng)}\nSubject: no MIME at all\nDate: {_date(rng)}\n\n" + _text(rng, 30)
+    head = f"From: {_address(rng)}\nTo: {_address(rng)}\nSubject: no MIME at all\nDate: {_date(rng)}\n\n"
+    return head + _text(rng, 30)
 
 
 def alternative(rng: random.Random) -> str:
@@ -152,7 +155,7 @@ def invite(rng: random.Random) -> str:
     b = f"cal{rng.getrandbits(32):08x}"
     return _headers(rng, "Invitation: standup", extra=f'Content-Type: multipart/alternative; boundary="{b}"\n') + (
         f"\n--{b}\nContent-Type: text/plain; charset=UTF-8\n\nYou are invited.\n"
-        f'--{b}\nContent-Type: text/calendar; charset=UTF-8; method=REQUEST\nContent-Transfer-Encoding: 7bit\n\n'
+        f"--{b}\nContent-Type: text/calendar; charset=UTF-8; method=REQUEST\nContent-Transfer-Encoding: 7bit\n\n"
         "BEGIN:VCALENDAR\nMETHOD:REQUEST\nBEGIN:VEVENT\nSUMMARY:standup\nEND:VEVENT\nEND:VCALENDAR\n"
         f"--{b}--\n"
     )
@@ -160,11 +163,8 @@ def invite(rng: random.Random) -> str:
 
 def signed(rng: random.Random) -> str:
     b = f"sig{rng.getrandbits(32):08x}"
-    return _headers(
-        rng,
-        "signed",
-        extra=f'Content-Type: multipart/signed; micalg=pgp-sha256; protocol="application/pgp-signature"; boundary="{b}"\n',
-    ) + (
+    kind = 'multipart/signed; micalg=pgp-sha256; protocol="application/pgp-signature"'
+    return _headers(rng, "signed", extra=f'Content-Type: {kind}; boundary="{b}"\n') + (
         f"\n--{b}\nContent-Type: text/plain; charset=utf-8\n\n{_text(rng, 15)}\n--{b}\n"
         f'Content-Type: application/pgp-signature; name="signature.asc"\n\n-----BEGIN PGP SIGNATURE-----\n'
         f"iQEzBAEBCAAdFiEE\n-----END PGP SIGNATURE-----\n--{b}--\n"
@@ -173,9 +173,8 @@ def signed(rng: random.Random) -> str:
 
 def encrypted(rng: random.Random) -> str:
     b = f"enc{rng.getrandbits(32):08x}"
-    return _headers(
-        rng, "encrypted", extra=f'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; boundary="{b}"\n'
-    ) + (
+    kind = 'multipart/encrypted; protocol="application/pgp-encrypted"'
+    return _headers(rng, "encrypted", extra=f'Content-Type: {kind}; boundary="{b}"\n') + (
         f"\n--{b}\nContent-Type: application/pgp-encrypted\n\nVersion: 1\n--{b}\n"
         f"Content-Type: application/octet-stream\n\n-----BEGIN PGP MESSAGE-----\nhQEMA\n-----END PGP MESSAGE-----\n"
         f"--{b}--\n"
@@ -196,11 +195,11 @@ def odd_addresses(rng: random.Random) -> str:
     to = rng.choice(
         (
             "undisclosed-recipients:;",
-            "Team: a@example.org, \"B\" <b@example.org>;, c@example.org",
+            'Team: a@example.org, "B" <b@example.org>;, c@example.org',
             "root",
             "MAILER-DAEMON, postmaster@example.org",
             "=?ISO-8859-1?Q?Andr=E9?= <andre@example.org>",
-            "\"quoted \\\"name\\\"\" <q@example.org>",
+            '"quoted \\"name\\"" <q@example.org>',
             "a@example.org (a comment)",
             "<>",
         )

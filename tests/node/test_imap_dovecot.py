@@ -82,7 +82,8 @@ namespace inbox {
   inbox = yes
   separator = /
 """ + "".join(
-    f"  mailbox {name} {{\n    auto = create\n    special_use = \\{name}\n  }}\n" for name in ("Sent", "Drafts", "Trash", "Junk", "Archive")
+    f"  mailbox {name} {{\n    auto = create\n    special_use = \\{name}\n  }}\n"
+    for name in ("Sent", "Drafts", "Trash", "Junk", "Archive")
 ) + "}\n"  # fmt: skip
 
 
@@ -115,7 +116,7 @@ class _Parser:
         char = self.text[self.at : self.at + 1]
         if char == b"(":
             self.at += 1
-            items = []
+            items: list[Any] = []
             while True:
                 self.skip()
                 if self.text[self.at : self.at + 1] in (b")", b""):
@@ -185,7 +186,7 @@ class Server:
         client = self.connect()
         for _name, message, flags, when in messages:
             # imaplib.append would rewrite bare LFs to CRLF; the corpus's line ends go out as generated.
-            client.literal = message  # type: ignore[attr-defined]
+            client.literal = message  # type: ignore[assignment]  # typeshed says str; imaplib sends bytes
             typ, data = client._simple_command("APPEND", "INBOX", "(" + " ".join(flags) + ")", when)
             assert typ == "OK", (self.name, data)
         # A first SELECT takes \Recent away (Dovecot gives it to the first session only), so the compared
@@ -312,7 +313,7 @@ def test_the_node_answers_as_dovecot_does(node_factory: NodeFactory, dovecot_ser
                 typ, data = _answer(client, "SEARCH", key)
             else:  # the non-ASCII word as a literal, after CHARSET UTF-8
                 field, word = key.split(" ", 1)
-                client.literal = word.encode()  # type: ignore[attr-defined]
+                client.literal = word.encode()  # type: ignore[assignment]  # typeshed says str; imaplib sends bytes
                 typ, data = _answer(client, "SEARCH", "CHARSET", "UTF-8", field)
             _, hits = client._untagged_response(typ, data, "SEARCH")
             found[name] = (typ, sorted(int(n) for piece in hits if piece for n in piece.split()))
@@ -354,7 +355,8 @@ def test_the_node_answers_as_dovecot_does(node_factory: NodeFactory, dovecot_ser
         _write_known(result.differences)
     known = _known_differences()
     unknown = [d for d in result.differences if (d[0], d[1]) not in known]
-    print("differences by reason:", dict(Counter(known[d[0], d[1]] for d in result.differences if (d[0], d[1]) in known)))
+    reasons = Counter(known[d[0], d[1]] for d in result.differences if (d[0], d[1]) in known)
+    print("differences by reason:", dict(reasons))
     shown: Counter[str] = Counter()
     for category, subject, node_answer, reference in unknown:
         shown[category] += 1

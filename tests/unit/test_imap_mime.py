@@ -365,7 +365,8 @@ def test_sections_holding_base64_decode_to_the_attachment() -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", ["4", "1.3", "1.1.1.1", "1.1.1.MIME", "1.2.2.1.1", "3.3", "3.1.1.1", "2.1.1", "2.1.MIME", "2.HEADER", "1.TEXT"]
+    "spec",
+    ["4", "1.3", "1.1.1.1", "1.1.1.MIME", "1.2.2.1.1", "3.3", "3.1.1.1", "2.1.1", "2.1.MIME", "2.HEADER", "1.TEXT"],
 )
 def test_sections_that_do_not_exist(spec: str) -> None:
     assert mime.section(NESTED, mime.analyze(NESTED), spec) is None
@@ -594,7 +595,8 @@ def test_json_round_trip(name: str) -> None:
     [
         "not json",
         "[]",
-        '{"v": 1, "p": [0, 0, 0, "text/plain", null, "7bit", []], "e": "", "s": "", "b": ""}',  # cached by an older version
+        # cached by an older version
+        '{"v": 1, "p": [0, 0, 0, "text/plain", null, "7bit", []], "e": "", "s": "", "b": ""}',
         '{"v": 2, "p": [0, 0, "0", "text/plain", null, "7bit", []], "e": "", "s": "", "b": ""}',
         '{"v": 2, "p": [0, 0, 0, "text/plain", null, "7bit", [[]]], "e": "", "s": "", "b": ""}',
         '{"v": 2, "p": [0, 0, 0, "text/plain", null, "7bit", []], "e": "\\u20ac", "s": "", "b": ""}',
