@@ -272,8 +272,10 @@ _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*\n?
 
 def _scan_header(data: bytes, start: int, end: int) -> tuple[int, list[_Field]]:
     """Where the body starts, and the header fields. The header ends after the first empty line (which it
-    includes), before the first line that is neither a field nor a continuation (a message missing the
-    empty line; the body starts there), or at `end`."""
+    includes), or at `end` (RFC 5322 §2.1: the body is what follows the empty line). A line that is
+    neither a field nor a continuation is skipped, as Dovecot does: a field folded without its leading
+    white space must not hide the From, To or Date below it (and a message missing the empty line has
+    no body, rather than one that starts wherever a line lacks a colon)."""
     fields: list[_Field] = []
     pos = start
     while pos < end:
@@ -283,7 +285,11 @@ def _scan_header(data: bytes, start: int, end: int) -> tuple[int, list[_Field]]:
             return pos + 2, fields
         field = _FIELD.match(data, pos, end)
         if field is None:
-            return pos, fields
+            line_end = data.find(b"\n", pos, end)
+            if line_end < 0:
+                return end, fields
+            pos = line_end + 1
+            continue
         name_end = field.end(1)
         value_start = data.index(b":", name_end) + 1
         fields.append(_Field(data[pos:name_end].decode("ascii").lower(), pos, value_start, field.end()))
@@ -663,14 +669,13 @@ def section(data: bytes, analysis: Analysis, spec: str, fields: Sequence[str] = 
     numbers, text = _parse_spec(spec)
     message = analysis.root
     if numbers:
-        found = _find_part(analysis.root, numbers)
-        if found is None:
+        part = _find_part(analysis.root, numbers)
+        if part is None:
             return None
-        part, itself = found
         if text == "":
             return data[part.body_start : part.end]
         if text == "MIME":
-            return None if itself else data[part.header_start : part.body_start]
+            return data[part.header_start : part.body_start]
         # HEADER and TEXT after part numbers address a message/rfc822 part's encapsulated message.
         if part.content_type != "message/rfc822" or not part.parts:
             return None
@@ -698,17 +703,17 @@ def _parse_spec(spec: str) -> tuple[list[int], str]:
     return numbers, text
 
 
-def _find_part(root: Part, numbers: Sequence[int]) -> tuple[Part, bool] | None:
+def _find_part(root: Part, numbers: Sequence[int]) -> Part | None:
     """RFC 3501 §6.4.5: part numbers index a multipart's children; a message that is not multipart has
     one part, 1, its body; a number after a message/rfc822 part indexes its encapsulated message.
-    As Dovecot does, a part that is neither multipart nor message/rfc822 also answers to one more ".1"
-    (itself, without a MIME header of its own: the bool says so); clients that number parts by the
-    RFC's rule for messages ask BODY[1.1] of a text part 1, and get what Dovecot gives them."""
+    As Dovecot does, a part of a multipart that is neither multipart nor message/rfc822 also answers to
+    one more ".1": itself, its MIME header included (clients that number parts by the RFC's rule for
+    messages ask BODY[1.1] of a text part 1, and get what Dovecot gives them)."""
     part = root
     reached = False  # whether `part` was reached through a part number, rather than being the message
-    itself = False  # whether the last number was the extra ".1" of a part that is not multipart
+    closed = False  # whether no further number can follow: a message's body part 1, or a part's extra ".1"
     for number in numbers:
-        if itself:
+        if closed:
             return None
         is_message = not reached
         if reached and part.content_type == "message/rfc822" and part.parts:
@@ -720,10 +725,10 @@ def _find_part(root: Part, numbers: Sequence[int]) -> tuple[Part, bool] | None:
             part = part.parts[number - 1]
         elif number != 1:
             return None
-        elif not is_message:
-            itself = True
+        else:  # a message/rfc822 message's part 1 still leads into the message it encapsulates
+            closed = part.content_type != "message/rfc822" or not part.parts
         reached = True
-    return part, itself
+    return part
 
 
 def _header_fields(data: bytes, message: Part, names: Sequence[str], *, exclude: bool) -> bytes:
