@@ -222,10 +222,16 @@ def _entity(
                     message=False,
                 )
             )
-        if not children:
-            # No boundary parameter, or a boundary that never appears: IMAP cannot express a multipart
-            # without parts, and the body is best shown as the text it is.
-            content_type = "text/plain"
+        if not children and within_limits:
+            # No boundary parameter, a boundary that never appears or only closes: RFC 2046 §5.1.1 gives a
+            # multipart one part at least, and IMAP cannot express one without. As Dovecot answers, it has
+            # one empty text/plain part (a client asking BODY[1] gets nothing rather than the raw body, and
+            # no boundary parameter leaks into a text part's parameters).
+            children.append(
+                _entity(data, end, end, default_type="text/plain", depth=depth + 1, budget=budget, message=False)
+            )
+        elif not children:
+            content_type = "text/plain"  # past the limits: the body is shown as the text it is
     elif content_type == "message/rfc822":
         if within_limits:
             children.append(

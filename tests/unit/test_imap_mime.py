@@ -209,12 +209,6 @@ def test_missing_close_delimiter_leaves_the_last_part_running_to_the_end() -> No
 @pytest.mark.parametrize(
     ("name", "bodystructure"),
     [
-        # A multipart with no parts cannot be expressed in IMAP: its body is read as text.
-        (
-            "broken-boundary-never-appears.eml",
-            b'("TEXT" "PLAIN" ("BOUNDARY" "nowhere" "CHARSET" "US-ASCII") NIL NIL "7BIT" 79 5 NIL NIL NIL NIL)',
-        ),
-        ("broken-no-boundary-param.eml", PLAIN_DEFAULT + b" 62 5 NIL NIL NIL NIL)"),
         # Nameless, valueless and non-token parameters are dropped; the unterminated quote is kept; the
         # bad RFC 2231 escape is escaped (RFC 2231 parameters come after the others); the comment after
         # the transfer encoding goes.
@@ -231,6 +225,28 @@ def test_unusable_content_types_fall_back_to_text(name: str, bodystructure: byte
     assert analysis.bodystructure == bodystructure
     assert analysis.root.parts == ()
     assert mime.section(data, analysis, "1") == mime.section(data, analysis, "TEXT")
+
+
+@pytest.mark.parametrize(
+    ("name", "bodystructure"),
+    [
+        (
+            "broken-boundary-never-appears.eml",
+            b"(" + PLAIN_DEFAULT + b' 0 0 NIL NIL NIL NIL) "ALTERNATIVE" ("BOUNDARY" "nowhere") NIL NIL NIL)',
+        ),
+        ("broken-no-boundary-param.eml", b"(" + PLAIN_DEFAULT + b' 0 0 NIL NIL NIL NIL) "MIXED" NIL NIL NIL NIL)'),
+    ],
+)
+def test_a_multipart_without_parts_has_one_empty_part(name: str, bodystructure: bytes) -> None:
+    """RFC 2046 §5.1.1 gives a multipart one part at least; as Dovecot answers, a multipart whose boundary
+    never appears (or that has none) has one empty text/plain part, and no parameter of the multipart
+    leaks into it."""
+    data = corpus(name)
+    analysis = mime.analyze(data)
+    assert analysis.bodystructure == bodystructure
+    assert mime.section(data, analysis, "1") == mime.section(data, analysis, "1.MIME") == b""
+    assert mime.section(data, analysis, "2") is None
+    assert mime.section(data, analysis, "TEXT") == data[analysis.root.body_start :] != b""
 
 
 def test_header_without_empty_line_runs_to_the_end_as_dovecot_reads_it() -> None:
