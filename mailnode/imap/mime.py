@@ -1,7 +1,7 @@
 """Message structure for the IMAP server: where each MIME part of a stored message lies, and the ENVELOPE,
 BODY and BODYSTRUCTURE replies. `analyze` parses a message once (the server caches `Analysis.to_json` in
-its index); `section` cuts BODY[<section>] out of the stored bytes; `header_value` and `text_for_search`
-serve SEARCH.
+its index); `section` cuts BODY[<section>] out of the stored bytes; `header_value`, `headers_for_search`
+and `text_for_search` serve SEARCH.
 
 Pure: bytes in, bytes out, nothing raises on a broken message. Offsets come from scanning the raw bytes
 for the end of each header and for boundary lines (RFC 2046 §5.1.1), as mox does (message/part.go); the
@@ -249,7 +249,7 @@ def _entity(
         encoding=mime.encoding,
         parts=tuple(child.part for child in children),
     )
-    envelope = _envelope(data, fields, first) if message else None
+    envelope = _envelope(data, fields) if message else None
     if children and content_type.startswith("multipart/"):
         bodystructure = _multipart(mime, [c.bodystructure for c in children], content_type, extended=True)
         body = _multipart(mime, [c.body for c in children], content_type, extended=False)
@@ -534,12 +534,14 @@ def _multipart(mime: _Mime, children: Sequence[bytes], content_type: str, *, ext
     return rendered + b")"
 
 
-def _envelope(data: bytes, fields: Sequence[_Field], first: dict[str, _Field]) -> bytes:
+def _envelope(data: bytes, fields: Sequence[_Field]) -> bytes:
     """RFC 3501 §7.4.2 ENVELOPE. Values are raw (encoded words are the client's to decode); absent or empty
     fields are NIL."""
 
     def raw(name: str) -> bytes | None:
-        return _first(data, first, name) or None
+        # A repeated Date, Subject, In-Reply-To or Message-ID: the last one, as Dovecot answers.
+        last = next((field for field in reversed(fields) if field.name == name), None)
+        return (_value(data, last) if last is not None else None) or None
 
     def addresses(name: str) -> bytes:
         # A repeated address field (Cc: and CC:, which RFC 5322 §3.6 forbids but mailers write) is read as
@@ -721,10 +723,8 @@ def _find_part(root: Part, numbers: Sequence[int]) -> Part | None:
     for number in numbers:
         if closed:
             return None
-        is_message = not reached
         if reached and part.content_type == "message/rfc822" and part.parts:
             part = part.parts[0]
-            is_message = True
         if part.content_type.startswith("multipart/") and part.parts:
             if number > len(part.parts):
                 return None
@@ -738,16 +738,31 @@ def _find_part(root: Part, numbers: Sequence[int]) -> Part | None:
 
 
 def _header_fields(data: bytes, message: Part, names: Sequence[str], *, exclude: bool) -> bytes:
-    """The header lines (folding kept) of the fields named, or of the others if `exclude`, in message
-    order, then the empty line."""
+    """HEADER.FIELDS: the header lines (folding kept) of the fields named, in message order, then the
+    empty line (RFC 3501 §6.4.5). HEADER.FIELDS.NOT: the header without the fields named, lines that are
+    not fields and the empty line kept where the header has them. Both as Dovecot answers for a header
+    missing its empty line: HEADER.FIELDS gives the empty line when it found a field (or the header has
+    one); .NOT ends as the header does."""
     wanted = {name.lower() for name in names}
     _, fields = _scan_header(data, message.header_start, message.body_start)
+    header = data[message.header_start : message.body_start]
+    ends_empty = header.endswith((b"\n\n", b"\n\r\n")) or header in (b"\n", b"\r\n")
     out = []
+    if exclude:
+        pos = message.header_start
+        for field in fields:
+            if field.name in wanted:
+                out.append(data[pos : field.start])
+                pos = field.end
+        out.append(data[pos : message.body_start])
+        text = b"".join(out)
+        return text if not text or text.endswith(b"\n") else text + b"\r\n"
     for field in fields:
-        if (field.name in wanted) != exclude:
+        if field.name in wanted:
             lines = data[field.start : field.end]
             out.append(lines if lines.endswith(b"\n") else lines + b"\r\n")
-    out.append(b"\r\n")
+    if out or ends_empty:
+        out.append(b"\r\n")
     return b"".join(out)
 
 
@@ -781,16 +796,41 @@ def _decode_words(raw: bytes) -> str:
     return "".join(decoded)
 
 
+# Reports that are text in all but name (RFC 3464 §2.1, RFC 8098 §3.1, RFC 6533 §6): searched as text/plain,
+# as Dovecot does (SEARCH BODY Reporting-MTA finds the bounce).
+_TEXT_REPORTS = frozenset(
+    {"message/delivery-status", "message/disposition-notification", "message/global-delivery-status"}
+)
+
+
+def headers_for_search(data: bytes, analysis: Analysis) -> str:
+    """The message's header and every part's (MIME headers, encapsulated messages' headers), as text with
+    encoded words decoded too: what SEARCH TEXT looks in besides the body text. RFC 3501 §6.4.4: TEXT is
+    "the header or body of the message", and a part's header is in the body (Dovecot finds an attachment
+    by the file name in its Content-Disposition)."""
+    texts = []
+    stack = [analysis.root]
+    while stack:
+        part = stack.pop()
+        stack.extend(reversed(part.parts))
+        if part.body_start == part.header_start:
+            continue
+        texts.append(data[part.header_start : part.body_start].decode("utf-8", "replace"))
+        _, fields = _scan_header(data, part.header_start, part.body_start)
+        texts.extend(_decode_words(value) for field in fields if b"=?" in (value := _value(data, field)))
+    return "\n".join(texts)
+
+
 def text_for_search(data: bytes, analysis: Analysis) -> str:
-    """Every text/* body, transfer encoding and charset decoded (errors replaced), joined with newlines:
-    what SEARCH BODY and TEXT look in."""
+    """Every text/* body (and the reports in _TEXT_REPORTS), transfer encoding and charset decoded (errors
+    replaced), joined with newlines: what SEARCH BODY and TEXT look in."""
     texts = []
     stack = [analysis.root]
     while stack:
         part = stack.pop()
         if part.parts:
             stack.extend(reversed(part.parts))
-        elif part.content_type.startswith("text/"):
+        elif part.content_type.startswith("text/") or part.content_type in _TEXT_REPORTS:
             octets = _transfer_decode(data[part.body_start : part.end], part.encoding)
             texts.append(_decode_charset(octets, part.charset or ""))
     return "\n".join(texts)
