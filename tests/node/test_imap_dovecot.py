@@ -396,3 +396,27 @@ def _expunged(client: imaplib.IMAP4, answer: tuple[str, Any]) -> tuple[str, list
     numbers = list(range(1, 1000))
     gone = [numbers.pop(int(piece) - 1) for piece in data if piece is not None]
     return answer[0], sorted(gone)
+
+
+def test_a_large_bare_lf_append_is_stored_as_dovecot_stores_it(
+    node_factory: NodeFactory, dovecot_server: Server
+) -> None:
+    """A message over the node's streaming size (session.APPEND_CHUNK) with bare LF line ends, some CRLF
+    split across the chunks: both servers serve it with CRLF and count those in RFC822.SIZE."""
+    running = node_factory([mailbox(USER)], imap={"allow_plaintext_login": True})
+    node = Server("node", running.port("imap"), USER)
+    lines = [f"line {n:06d} of a long plain text body".encode() for n in range(6000)]
+    body = b"".join(line + (b"\r\n" if n % 7 == 0 else b"\n") for n, line in enumerate(lines))
+    message = b"From: a@example.org\nTo: user@example.com\nSubject: long\n\n" + body
+    assert len(message) > 3 * 64 * 1024
+    answers = {}
+    for server in (node, dovecot_server):
+        server.append_all([("long", message, (), '"01-Apr-2025 00:00:00 +0000"')])
+        client = server.connect()
+        client.select("INBOX")
+        answers[server.name] = {item: _fetch(client, item) for item in ("RFC822.SIZE", "BODY.PEEK[]", "BODYSTRUCTURE")}
+        client.logout()
+    expected = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    assert answers["node"]["BODY.PEEK[]"][1][1]["BODY[]"] == expected
+    assert answers["node"]["RFC822.SIZE"][1][1]["RFC822.SIZE"] == str(len(expected))
+    assert _normalize(answers["node"]) == _normalize(answers["dovecot"])

@@ -161,6 +161,30 @@ def test_addresses_groups_and_quoted_display_names() -> None:
     )
 
 
+def test_repeated_address_fields_are_merged_and_a_missing_domain_is_named() -> None:
+    """As Dovecot answers: Cc: and CC: both count (the first alone would hide recipients); an address
+    without a domain gets MISSING_DOMAIN (a NIL host would mean a group); a repeated Subject, the last."""
+    data = (
+        b"From: root\r\nTo: MAILER-DAEMON, b@example.org\r\nCc: c1@example.org\r\nSubject: first\r\n"
+        b"CC: C2 <c2@example.org>\r\nSubject: last\r\n\r\nbody\r\n"
+    )
+    assert mime.analyze(data).envelope == (
+        b'(NIL "last" ((NIL NIL "root" "MISSING_DOMAIN")) ((NIL NIL "root" "MISSING_DOMAIN"))'
+        b' ((NIL NIL "root" "MISSING_DOMAIN")) ((NIL NIL "MAILER-DAEMON" "MISSING_DOMAIN")(NIL NIL "b" "example.org"))'
+        b' ((NIL NIL "c1" "example.org")("C2" NIL "c2" "example.org")) NIL NIL NIL)'
+    )
+
+
+@pytest.mark.parametrize("cut", range(1, 12))
+def test_line_ends_become_crlf_across_chunks(cut: int) -> None:
+    """APPEND stores CRLF line ends (RFC 5322 §2.1), also when a CRLF is split between two chunks."""
+    data = b"a\nb\r\nc\r\n\nd\n"
+    line_ends = mime.LineEnds()
+    assert line_ends.convert(data[:cut]) + line_ends.convert(data[cut:]) == b"a\r\nb\r\nc\r\n\r\nd\r\n"
+    assert mime.crlf(data) == b"a\r\nb\r\nc\r\n\r\nd\r\n"
+    assert mime.crlf(b"x\r\ny\r\n") == b"x\r\ny\r\n"
+
+
 def test_encoded_words_stay_encoded_in_the_envelope() -> None:
     analysis = mime.analyze(corpus("encoded-words.eml"))
     andre = b'(("=?ISO-8859-1?Q?Andr=E9?= Pirard" NIL "pirard" "example.be"))'
