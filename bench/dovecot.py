@@ -106,14 +106,24 @@ def chown_tree(path: Path, uid: int, gid: int) -> None:
             os.chown(os.path.join(directory, name), uid, gid)  # noqa: PTH118 (os.walk gives strings)
 
 
-def setup(workdir: Path, *, passwords: Mapping[str, str], sessions: int, instance: str, extra: str = "") -> Instance:
+def setup(
+    workdir: Path,
+    *,
+    passwords: Mapping[str, str],
+    sessions: int,
+    instance: str,
+    extra: str = "",
+    port: int | None = None,
+) -> Instance:
     """Write the config and the password file (login -> Dovecot password such as "{PLAIN}secret") under
     `workdir`, which must exist and be walkable by unprivileged users. Room for `sessions` connections;
-    `extra` is appended to the config (the differential test's namespace, say)."""
+    `extra` is appended to the config (the differential test's namespace, say); `port` is a free one
+    unless given."""
     common.require_root("Dovecot")
     login_user, internal_user = user("dovenull"), user("dovecot")
     mail_user = user("nobody")  # the mail files' owner: unprivileged, and Dovecot refuses system uids
-    (port,) = common.free_ports(1)
+    if port is None:
+        (port,) = common.free_ports(1)
     mail, home = workdir / "mail", workdir / "home"
     for directory in (mail, home, workdir / "state"):
         directory.mkdir(parents=True)

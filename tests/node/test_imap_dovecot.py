@@ -27,7 +27,7 @@ import pytest
 
 from bench import dovecot
 from tests.node import corpus
-from tests.node.conftest import DOMAIN, PASSWORD, NodeFactory, mailbox
+from tests.node.conftest import DOMAIN, PASSWORD, NodeFactory, free_ports, mailbox
 
 AGREEMENT = 0.995  # issue 16's goal: checks agreeing / all checks
 USER = f"user@{DOMAIN}"
@@ -276,7 +276,12 @@ def dovecot_server() -> Iterator[Server]:
     workdir.chmod(0o755)
     try:
         instance = dovecot.setup(
-            workdir, passwords={USER: "{PLAIN}" + PASSWORD}, sessions=8, instance="mailfleet-imapdiff", extra=NAMESPACE
+            workdir,
+            passwords={USER: "{PLAIN}" + PASSWORD},
+            sessions=8,
+            instance="mailfleet-imapdiff",
+            extra=NAMESPACE,
+            port=free_ports(1)[0],  # below the ephemeral range: no outgoing connection takes it first
         )
         with dovecot.running(instance) as running:
             yield Server("dovecot", instance.port, USER)
