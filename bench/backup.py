@@ -38,7 +38,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import common, imap
+from bench import common, dovecot, imap
 from bench.common import DOMAIN, HOST, START_TIMEOUT, BenchError
 from mailnode.gateway import Gateway
 from mailnode.store.mailstore import Delivery, MailStore
@@ -221,7 +221,7 @@ def write_maildirs(root: Path, users: list[str], mail: list[list[bytes]], owner:
             name = f"{now}.M{number}P{os.getpid()}.mailfleet-bench,S={len(message)},W={len(message)}:2,"
             (maildir / "cur" / name).write_bytes(message)
     if owner is not None:
-        imap.chown_tree(root, *owner)
+        dovecot.chown_tree(root, *owner)
     return root
 
 
@@ -256,7 +256,7 @@ userdb {{
 def bench_dovecot(workdir: Path, users: list[str], mail: list[list[bytes]]) -> list[Step]:
     common.require_root("Dovecot")
     workdir.mkdir()
-    nobody = imap.user("nobody")
+    nobody = dovecot.user("nobody")
     uid, gid = nobody.pw_uid, nobody.pw_gid
     for name in ("run", "state", "home", "backup"):
         (workdir / name).mkdir()
@@ -265,14 +265,14 @@ def bench_dovecot(workdir: Path, users: list[str], mail: list[list[bytes]]) -> l
     config = workdir / "doveadm.conf"
     config.write_text(
         DOVEADM_CONF.format(run=workdir / "run", state=workdir / "state", log=workdir / "dovecot.log",
-                            login_user=imap.user("dovenull").pw_name, internal_user=imap.user("dovecot").pw_name,
+                            login_user=dovecot.user("dovenull").pw_name, internal_user=dovecot.user("dovecot").pw_name,
                             uid=uid, gid=gid, mail=workdir / "mail", users=workdir / "users"),
         encoding="utf-8",
     )  # fmt: skip
     write_maildirs(workdir / "mail", users, mail, owner=(uid, gid))
-    imap.chown_tree(workdir / "home", uid, gid)
-    imap.chown_tree(workdir / "backup", uid, gid)
-    doveadm = common.tool("doveadm", imap.DOVECOT)
+    dovecot.chown_tree(workdir / "home", uid, gid)
+    dovecot.chown_tree(workdir / "backup", uid, gid)
+    doveadm = common.tool("doveadm", dovecot.PACKAGE)
 
     def run(*args: str) -> float:
         started = time.monotonic()
@@ -284,7 +284,7 @@ def bench_dovecot(workdir: Path, users: list[str], mail: list[list[bytes]]) -> l
     out_file = workdir / "dovecot.out"
     with out_file.open("wb") as out:
         daemon = subprocess.Popen(
-            [common.tool("dovecot", imap.DOVECOT), "-c", str(config), "-F"], stdin=subprocess.DEVNULL, stdout=out,
+            [common.tool("dovecot", dovecot.PACKAGE), "-c", str(config), "-F"], stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     users = addresses(args.mailboxes)
     problems: list[str] = []
     with common.signals_raise(), common.temporary_workdir("mailfleet-bench-backup-", keep=args.keep) as workdir:
-        common.print_machine(workdir, f"Dovecot {imap.dovecot_version()}")
+        common.print_machine(workdir, f"Dovecot {dovecot.version()}")
         started = time.monotonic()
         mail = corpus(args.messages, args.mailboxes, args.seed)
         made = time.monotonic() - started

@@ -33,7 +33,6 @@ import dataclasses
 import datetime
 import email.utils
 import os
-import pwd
 import quopri
 import random
 import re
@@ -41,7 +40,6 @@ import resource
 import signal
 import smtplib
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -50,12 +48,11 @@ from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import common
-from bench.common import DOMAIN, HOST, LOCAL_PART, RECIPIENT, SENDER, START_TIMEOUT, BenchError
+from bench import common, dovecot
+from bench.common import DOMAIN, HOST, RECIPIENT, SENDER, BenchError
 from mailnode import passwords
 
 PASSWORD = "bench"
-DOVECOT = "dovecot-imapd"  # the Debian package with Dovecot's IMAP server
 COMMAND_TIMEOUT = 120.0  # seconds for one IMAP command (the first full FETCH on a cold index is the slowest)
 IMAP_GRACE = 5.0  # seconds the node's IMAP port may take to answer once the node is ready
 SMTP_SESSIONS = 10  # parallel SMTP sessions delivering the node's mailbox
@@ -856,146 +853,36 @@ def bench_node(workdir: Path, load: Load, corpus: Corpus) -> Result:
 # Dovecot
 
 
-DOVECOT_CONF = """\
-# A private Dovecot for the benchmark: it shares only the programs with the system's /etc/dovecot.
-base_dir = {run}
-state_dir = {state}
-instance_name = mailfleet-bench
-log_path = {log}
-protocols = imap
-listen = {host}
-ssl = no
-disable_plaintext_auth = no
-auth_mechanisms = plain login
-# Successful logins remembered for 5 minutes, as the node's auth.cache_ttl (300 s) does by default.
-auth_cache_size = 10M
-auth_cache_ttl = 5 mins
-default_login_user = {login_user}
-default_internal_user = {internal_user}
-first_valid_uid = {uid}
-first_valid_gid = {gid}
-# Maildir like the node's store, fsynced like it.
-mail_location = maildir:{mail}/%d/%n
-mail_fsync = always
-# Room for the idle sessions: one imap process each (Dovecot's default), all of one user from one address.
-default_process_limit = {process_limit}
-default_client_limit = {client_limit}
-protocol imap {{
-  mail_max_userip_connections = {process_limit}
-}}
-passdb {{
-  driver = passwd-file
-  args = username_format=%u {passwd}
-}}
-userdb {{
-  driver = static
-  args = uid={uid} gid={gid} home={home}/%d/%n
-}}
-service imap-login {{
-  inet_listener imap {{
-    address = {host}
-    port = {port}
-  }}
-  inet_listener imaps {{
-    port = 0
-  }}
-}}
-service imap {{
-  process_limit = {process_limit}
-}}
-"""
-
-
-def dovecot_version() -> str:
-    return common.program_version("dovecot", DOVECOT, "--version")
-
-
-def user(name: str) -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError as error:
-        raise BenchError(
-            f"no user {name}: install Debian's dovecot-imapd package (scripts/bootstrap --bench)"
-        ) from error
-
-
-def chown_tree(path: Path, uid: int, gid: int) -> None:
-    os.chown(path, uid, gid)
-    for directory, subdirectories, files in os.walk(path):
-        for name in (*subdirectories, *files):
-            os.chown(os.path.join(directory, name), uid, gid)  # noqa: PTH118 (os.walk gives strings)
-
-
-def dovecot_setup(workdir: Path, load: Load, corpus: Corpus, scheme: str) -> tuple[Path, int]:
-    """The private instance's config, password file and preloaded Maildir; returns the config and port."""
-    common.require_root("Dovecot")
-    login_user, internal_user = user("dovenull"), user("dovecot")
-    mail_user = user("nobody")  # the mail files' owner: unprivileged, and Dovecot refuses system uids
-    (port,) = common.free_ports(1)
-    mail, home = workdir / "mail", workdir / "home"
-    for directory in (mail, home, workdir / "state"):
-        directory.mkdir(parents=True)
+def dovecot_setup(workdir: Path, load: Load, corpus: Corpus, scheme: str) -> dovecot.Instance:
+    """The private instance (bench.dovecot) with the benchmark's user and its preloaded Maildir."""
     # argon2id: a hash as the node's directory holds it, the same LOGIN cost (Dovecot verifies it with libsodium).
     password = "{ARGON2ID}" + passwords.hash_password(PASSWORD) if scheme == "argon2id" else "{PLAIN}" + PASSWORD
-    passwd = workdir / "users"
-    passwd.write_text(f"{RECIPIENT}:{password}\n", encoding="utf-8")
-    sessions = load.sessions + load.idle_sessions + 16
-    values = {
-        "run": workdir / "run", "state": workdir / "state", "log": workdir / "dovecot.log", "host": HOST,
-        "login_user": login_user.pw_name, "internal_user": internal_user.pw_name, "uid": mail_user.pw_uid,
-        "gid": mail_user.pw_gid, "mail": mail, "home": home, "passwd": passwd, "port": port,
-        "process_limit": max(100, sessions), "client_limit": max(1000, 2 * sessions + 100),
-    }  # fmt: skip
-    config = workdir / "dovecot.conf"
-    config.write_text(DOVECOT_CONF.format(**values), encoding="utf-8")
+    instance = dovecot.setup(
+        workdir, passwords={RECIPIENT: password}, sessions=load.sessions + load.idle_sessions + 16,
+        instance="mailfleet-bench",
+    )  # fmt: skip
     # The mailbox, as a delivery agent leaves it: one file per message in cur/, S= and W= (the size with
     # CRLF line ends, the same here) in the name. The first SELECT builds the index.
-    maildir = mail / DOMAIN / LOCAL_PART
+    maildir = instance.maildir(RECIPIENT)
     for sub in ("cur", "new", "tmp"):
         (maildir / sub).mkdir(parents=True)
-    (home / DOMAIN / LOCAL_PART).mkdir(parents=True)
     now = int(time.time())
     for number, message in enumerate(corpus.messages):
         name = f"{now}.M{number}P{os.getpid()}.mailfleet-bench,S={len(message)},W={len(message)}:2,"
         (maildir / "cur" / name).write_bytes(message)
-    chown_tree(mail, mail_user.pw_uid, mail_user.pw_gid)
-    chown_tree(home, mail_user.pw_uid, mail_user.pw_gid)
-    return config, port
-
-
-def dovecot_errors(log_file: Path) -> list[str]:
-    lines = common.log_lines(log_file)
-    return [line for line in lines if any(f": {level}: " in line for level in ("Error", "Fatal", "Panic"))]
+    return instance
 
 
 def bench_dovecot(workdir: Path, load: Load, corpus: Corpus, *, scheme: str) -> Result:
     workdir.mkdir()
     started = time.monotonic()
-    config, port = dovecot_setup(workdir, load, corpus, scheme)
+    instance = dovecot_setup(workdir, load, corpus, scheme)
     preload = f"written into the Maildir in {time.monotonic() - started:.1f} s"
-    log_file, out_file = workdir / "dovecot.log", workdir / "dovecot.out"
-    with out_file.open("wb") as out:
-        proc = subprocess.Popen(
-            [common.tool("dovecot", DOVECOT), "-c", str(config), "-F"], stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=raise_fd_limit,
-        )  # fmt: skip
-
-    def died() -> str | None:
-        if proc.poll() is None:
-            return None
-        return (
-            f"dovecot exited with code {proc.returncode}; its output:\n{common.tail(out_file)}\n"
-            f"  {log_file} ends with:\n{common.tail(log_file)}"
-        )
-
-    try:
-        common.wait_for("dovecot", lambda: imap_greeting(port), timeout=START_TIMEOUT, alive=died)
-        print(f"dovecot ready on {HOST}:{port}", flush=True)
-        result = run_load("dovecot", port, proc.pid, load, corpus, preload)
-        problems = common.run_problems("dovecot", died, dovecot_errors(log_file))
+    with dovecot.running(instance, preexec_fn=raise_fd_limit) as server:
+        print(f"dovecot ready on {HOST}:{instance.port}", flush=True)
+        result = run_load("dovecot", instance.port, server.proc.pid, load, corpus, preload)
+        problems = common.run_problems("dovecot", server.died, dovecot.errors(instance.log_file))
         return dataclasses.replace(result, problems=(*result.problems, *problems))
-    finally:
-        common.stop_process(proc)  # the master stops its children; the process group catches any it left
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1126,7 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     # Dovecot's processes (users dovecot, dovenull, nobody) walk through the directory.
     with common.temporary_workdir("mailfleet-bench-imap-", keep=args.keep) as workdir:
-        common.print_machine(workdir, f"Dovecot {dovecot_version()}")
+        common.print_machine(workdir, f"Dovecot {dovecot.version()}")
         runs: dict[str, Callable[[], Result]] = {
             "mailnode": lambda: bench_node(workdir / "mailnode", load, corpus),
             "dovecot": lambda: bench_dovecot(workdir / "dovecot", load, corpus, scheme=args.dovecot_password),

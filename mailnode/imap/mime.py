@@ -1,7 +1,7 @@
 """Message structure for the IMAP server: where each MIME part of a stored message lies, and the ENVELOPE,
 BODY and BODYSTRUCTURE replies. `analyze` parses a message once (the server caches `Analysis.to_json` in
-its index); `section` cuts BODY[<section>] out of the stored bytes; `header_value` and `text_for_search`
-serve SEARCH.
+its index); `section` cuts BODY[<section>] out of the stored bytes; `header_value`, `headers_for_search`
+and `text_for_search` serve SEARCH.
 
 Pure: bytes in, bytes out, nothing raises on a broken message. Offsets come from scanning the raw bytes
 for the end of each header and for boundary lines (RFC 2046 §5.1.1), as mox does (message/part.go); the
@@ -33,7 +33,34 @@ MAX_ADDRESSES = 1000
 _QUOTED_MAX = 1000
 # The email package's parameter parser is quadratic in the number of ";"; no honest Content-Type is longer.
 _PARAMS_MAX = 8192
-_JSON_VERSION = 1
+_JSON_VERSION = 2  # 2: repeated address fields merged, MISSING_DOMAIN, Dovecot's line counts (1 is redone)
+
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+class LineEnds:
+    """A message's bytes as IMAP stores them: every bare LF made CRLF (RFC 5322 §2.1: lines end in CRLF;
+    RFC 3501 §6.3.11 APPENDs a message in that form, and Dovecot stores and serves a bare-LF APPEND with
+    CRLF, its RFC822.SIZE counting them). Fed chunk by chunk (a streamed APPEND), it remembers whether
+    the last chunk ended in CR so a CRLF split between two chunks stays one line end."""
+
+    def __init__(self) -> None:
+        self._after_cr = False
+
+    def convert(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return chunk
+        converted = _BARE_LF.sub(b"\r\n", chunk)
+        if self._after_cr and chunk.startswith(b"\n"):
+            converted = converted[1:]  # that LF ended the CR of the last chunk: it was no bare LF
+        self._after_cr = chunk.endswith(b"\r")
+        return converted
+
+
+def crlf(message: bytes) -> bytes:
+    """The whole message with CRLF line ends (see LineEnds)."""
+    return LineEnds().convert(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,10 +222,16 @@ def _entity(
                     message=False,
                 )
             )
-        if not children:
-            # No boundary parameter, or a boundary that never appears: IMAP cannot express a multipart
-            # without parts, and the body is best shown as the text it is.
-            content_type = "text/plain"
+        if not children and within_limits:
+            # No boundary parameter, a boundary that never appears or only closes: RFC 2046 §5.1.1 gives a
+            # multipart one part at least, and IMAP cannot express one without. As Dovecot answers, it has
+            # one empty text/plain part (a client asking BODY[1] gets nothing rather than the raw body, and
+            # no boundary parameter leaks into a text part's parameters).
+            children.append(
+                _entity(data, end, end, default_type="text/plain", depth=depth + 1, budget=budget, message=False)
+            )
+        elif not children:
+            content_type = "text/plain"  # past the limits: the body is shown as the text it is
     elif content_type == "message/rfc822":
         if within_limits:
             children.append(
@@ -216,7 +249,7 @@ def _entity(
         encoding=mime.encoding,
         parts=tuple(child.part for child in children),
     )
-    envelope = _envelope(data, first) if message else None
+    envelope = _envelope(data, fields) if message else None
     if children and content_type.startswith("multipart/"):
         bodystructure = _multipart(mime, [c.bodystructure for c in children], content_type, extended=True)
         body = _multipart(mime, [c.body for c in children], content_type, extended=False)
@@ -245,8 +278,10 @@ _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*\n?
 
 def _scan_header(data: bytes, start: int, end: int) -> tuple[int, list[_Field]]:
     """Where the body starts, and the header fields. The header ends after the first empty line (which it
-    includes), before the first line that is neither a field nor a continuation (a message missing the
-    empty line; the body starts there), or at `end`."""
+    includes), or at `end` (RFC 5322 §2.1: the body is what follows the empty line). A line that is
+    neither a field nor a continuation is skipped, as Dovecot does: a field folded without its leading
+    white space must not hide the From, To or Date below it (and a message missing the empty line has
+    no body, rather than one that starts wherever a line lacks a colon)."""
     fields: list[_Field] = []
     pos = start
     while pos < end:
@@ -256,7 +291,11 @@ def _scan_header(data: bytes, start: int, end: int) -> tuple[int, list[_Field]]:
             return pos + 2, fields
         field = _FIELD.match(data, pos, end)
         if field is None:
-            return pos, fields
+            line_end = data.find(b"\n", pos, end)
+            if line_end < 0:
+                return end, fields
+            pos = line_end + 1
+            continue
         name_end = field.end(1)
         value_start = data.index(b":", name_end) + 1
         fields.append(_Field(data[pos:name_end].decode("ascii").lower(), pos, value_start, field.end()))
@@ -444,11 +483,10 @@ def _param_list(params: Sequence[tuple[str, str]]) -> bytes:
 
 
 def _count_lines(data: bytes, start: int, end: int) -> int:
-    """Lines in [start, end): each line terminator ends one, and a last line without one counts too."""
-    lines = data.count(b"\n", start, end)
-    if end > start and data[end - 1] != 0x0A:
-        lines += 1
-    return lines
+    """Lines in [start, end): the line terminators. A last line without one is not counted, as Dovecot
+    counts: a part's last line loses its CRLF to the boundary that follows (RFC 2046 §5.1.1), so counting
+    it would make every part but the last one line longer than the same text alone."""
+    return data.count(b"\n", start, end)
 
 
 def _extension(mime: _Mime) -> bytes:
@@ -496,26 +534,34 @@ def _multipart(mime: _Mime, children: Sequence[bytes], content_type: str, *, ext
     return rendered + b")"
 
 
-def _envelope(data: bytes, first: dict[str, _Field]) -> bytes:
+def _envelope(data: bytes, fields: Sequence[_Field]) -> bytes:
     """RFC 3501 §7.4.2 ENVELOPE. Values are raw (encoded words are the client's to decode); absent or empty
     fields are NIL."""
 
     def raw(name: str) -> bytes | None:
-        return _first(data, first, name) or None
+        # A repeated Date, Subject, In-Reply-To or Message-ID: the last one, as Dovecot answers.
+        last = next((field for field in reversed(fields) if field.name == name), None)
+        return (_value(data, last) if last is not None else None) or None
 
-    sender_from = _addresses(raw("from"))
+    def addresses(name: str) -> bytes:
+        # A repeated address field (Cc: and CC:, which RFC 5322 §3.6 forbids but mailers write) is read as
+        # one list of all their addresses, as Dovecot does: the first alone would hide recipients.
+        values = [value for field in fields if field.name == name and (value := _value(data, field))]
+        return _addresses(b", ".join(values) if values else None)
+
+    sender_from = addresses("from")
     # RFC 3501 §7.4.2: an absent or empty Sender or Reply-To is given the value of From.
-    sender = _addresses(raw("sender"))
-    reply_to = _addresses(raw("reply-to"))
+    sender = addresses("sender")
+    reply_to = addresses("reply-to")
     items = [
         _nstring(raw("date")),
         _nstring(raw("subject")),
         sender_from,
         sender_from if sender == b"NIL" else sender,
         sender_from if reply_to == b"NIL" else reply_to,
-        _addresses(raw("to")),
-        _addresses(raw("cc")),
-        _addresses(raw("bcc")),
+        addresses("to"),
+        addresses("cc"),
+        addresses("bcc"),
         _nstring(raw("in-reply-to")),
         _nstring(raw("message-id")),
     ]
@@ -602,7 +648,9 @@ def _mailboxes(text: str) -> list[bytes]:
             continue
         local, at, host = address.rpartition("@")
         if not at:
-            local, host = address, ""  # RFC 3501: a NIL host would mean a group; "" says missing
+            # RFC 3501 §7.4.2: a NIL host would mean a group; Dovecot (and clients that read its answers)
+            # write MISSING_DOMAIN, as RFC 5322 §3.4.1 requires a domain and the local part alone says too little.
+            local, host = address, "MISSING_DOMAIN"
         rendered.append(
             b"(" + (_text(name) if name else b"NIL") + b" NIL " + _text(_unquote(local)) + b" " + _text(host) + b")"
         )
@@ -665,35 +713,56 @@ def _parse_spec(spec: str) -> tuple[list[int], str]:
 
 def _find_part(root: Part, numbers: Sequence[int]) -> Part | None:
     """RFC 3501 §6.4.5: part numbers index a multipart's children; a message that is not multipart has
-    one part, 1, its body; a number after a message/rfc822 part indexes its encapsulated message."""
+    one part, 1, its body; a number after a message/rfc822 part indexes its encapsulated message.
+    As Dovecot does, a part of a multipart that is neither multipart nor message/rfc822 also answers to
+    one more ".1": itself, its MIME header included (clients that number parts by the RFC's rule for
+    messages ask BODY[1.1] of a text part 1, and get what Dovecot gives them)."""
     part = root
     reached = False  # whether `part` was reached through a part number, rather than being the message
+    closed = False  # whether no further number can follow: a message's body part 1, or a part's extra ".1"
     for number in numbers:
-        is_message = not reached
+        if closed:
+            return None
         if reached and part.content_type == "message/rfc822" and part.parts:
             part = part.parts[0]
-            is_message = True
         if part.content_type.startswith("multipart/") and part.parts:
             if number > len(part.parts):
                 return None
             part = part.parts[number - 1]
-        elif not (number == 1 and is_message):
+        elif number != 1:
             return None
+        else:  # a message/rfc822 message's part 1 still leads into the message it encapsulates
+            closed = part.content_type != "message/rfc822" or not part.parts
         reached = True
     return part
 
 
 def _header_fields(data: bytes, message: Part, names: Sequence[str], *, exclude: bool) -> bytes:
-    """The header lines (folding kept) of the fields named, or of the others if `exclude`, in message
-    order, then the empty line."""
+    """HEADER.FIELDS: the header lines (folding kept) of the fields named, in message order, then the
+    empty line (RFC 3501 §6.4.5). HEADER.FIELDS.NOT: the header without the fields named, lines that are
+    not fields and the empty line kept where the header has them. Both as Dovecot answers for a header
+    missing its empty line: HEADER.FIELDS gives the empty line when it found a field (or the header has
+    one); .NOT ends as the header does."""
     wanted = {name.lower() for name in names}
     _, fields = _scan_header(data, message.header_start, message.body_start)
+    header = data[message.header_start : message.body_start]
+    ends_empty = header.endswith((b"\n\n", b"\n\r\n")) or header in (b"\n", b"\r\n")
     out = []
+    if exclude:
+        pos = message.header_start
+        for field in fields:
+            if field.name in wanted:
+                out.append(data[pos : field.start])
+                pos = field.end
+        out.append(data[pos : message.body_start])
+        text = b"".join(out)
+        return text if not text or text.endswith(b"\n") else text + b"\r\n"
     for field in fields:
-        if (field.name in wanted) != exclude:
+        if field.name in wanted:
             lines = data[field.start : field.end]
             out.append(lines if lines.endswith(b"\n") else lines + b"\r\n")
-    out.append(b"\r\n")
+    if out or ends_empty:
+        out.append(b"\r\n")
     return b"".join(out)
 
 
@@ -727,16 +796,41 @@ def _decode_words(raw: bytes) -> str:
     return "".join(decoded)
 
 
+# Reports that are text in all but name (RFC 3464 §2.1, RFC 8098 §3.1, RFC 6533 §6): searched as text/plain,
+# as Dovecot does (SEARCH BODY Reporting-MTA finds the bounce).
+_TEXT_REPORTS = frozenset(
+    {"message/delivery-status", "message/disposition-notification", "message/global-delivery-status"}
+)
+
+
+def headers_for_search(data: bytes, analysis: Analysis) -> str:
+    """The message's header and every part's (MIME headers, encapsulated messages' headers), as text with
+    encoded words decoded too: what SEARCH TEXT looks in besides the body text. RFC 3501 §6.4.4: TEXT is
+    "the header or body of the message", and a part's header is in the body (Dovecot finds an attachment
+    by the file name in its Content-Disposition)."""
+    texts = []
+    stack = [analysis.root]
+    while stack:
+        part = stack.pop()
+        stack.extend(reversed(part.parts))
+        if part.body_start == part.header_start:
+            continue
+        texts.append(data[part.header_start : part.body_start].decode("utf-8", "replace"))
+        _, fields = _scan_header(data, part.header_start, part.body_start)
+        texts.extend(_decode_words(value) for field in fields if b"=?" in (value := _value(data, field)))
+    return "\n".join(texts)
+
+
 def text_for_search(data: bytes, analysis: Analysis) -> str:
-    """Every text/* body, transfer encoding and charset decoded (errors replaced), joined with newlines:
-    what SEARCH BODY and TEXT look in."""
+    """Every text/* body (and the reports in _TEXT_REPORTS), transfer encoding and charset decoded (errors
+    replaced), joined with newlines: what SEARCH BODY and TEXT look in."""
     texts = []
     stack = [analysis.root]
     while stack:
         part = stack.pop()
         if part.parts:
             stack.extend(reversed(part.parts))
-        elif part.content_type.startswith("text/"):
+        elif part.content_type.startswith("text/") or part.content_type in _TEXT_REPORTS:
             octets = _transfer_decode(data[part.body_start : part.end], part.encoding)
             texts.append(_decode_charset(octets, part.charset or ""))
     return "\n".join(texts)

@@ -161,7 +161,7 @@ class SearchTarget(Protocol):
         ...
 
     def headers_text(self) -> str:
-        """The whole header section, decoded."""
+        """The message's header and its parts' (MIME headers), decoded: what TEXT looks in besides the body."""
         ...
 
     def body_text(self) -> str:

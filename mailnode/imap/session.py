@@ -359,6 +359,7 @@ class Session:
             except StorageFull:
                 literal.refused = responses.NO_DISK_FULL
         remaining = size
+        line_ends = mime.LineEnds()  # stored with CRLF line ends, as commands.store.append does
         while remaining:
             chunk = await self._reader.read(min(APPEND_CHUNK, remaining))
             if not chunk:
@@ -366,7 +367,7 @@ class Session:
             remaining -= len(chunk)
             if literal.spool is not None:
                 try:
-                    await literal.spool.write(chunk)
+                    await literal.spool.write(line_ends.convert(chunk))
                 except StorageFull:  # the spool removed its file; the rest is read and thrown away
                     literal.spool, literal.refused = None, responses.NO_DISK_FULL
 

@@ -88,7 +88,7 @@ class _Target:
         if self._data is None:
             return ""
         assert self._analysis is not None
-        return (mime.section(self._data, self._analysis, "HEADER") or b"").decode("utf-8", "replace")
+        return mime.headers_for_search(self._data, self._analysis)
 
     def body_text(self) -> str:
         if self._data is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mailnode.imap import protocol, responses
+from mailnode.imap import mime, protocol, responses
 from mailnode.imap.commands.folders import store_refusals
 from mailnode.imap.session import Session
 from mailnode.store.account import MessageSpool
@@ -133,7 +133,9 @@ async def append(session: Session, command: protocol.Command) -> None:
     assert session.account is not None and session.user is not None
     request = protocol.parse_append(command.args)
     literal = session.append_literal
-    message: bytes | MessageSpool = request.message
+    # RFC 5322 §2.1: stored and served with CRLF line ends, as Dovecot does (the streamed one was
+    # converted as it arrived, in the session).
+    message: bytes | MessageSpool = mime.crlf(request.message)
     if literal is not None:
         if not literal.last:
             raise protocol.ProtocolError("the message must be the last argument (MULTIAPPEND is not supported)")
