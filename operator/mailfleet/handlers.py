@@ -330,6 +330,7 @@ class Operator:
         await asyncio.gather(*tasks, return_exceptions=True)
         await state.backups.stop()  # a node paused for a VolumeSnapshot is told to resume
         await state.queue.stop()
+        await state.ctx.statuses.stop()  # unwritten statuses are decided again by the next operator's reconciles
         if state.metrics_runner is not None:
             await state.metrics_runner.cleanup()
         await state.ctx.client.close()

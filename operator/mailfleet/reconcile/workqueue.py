@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable
@@ -38,6 +40,11 @@ class WorkQueue(Generic[K]):
         self._workers = workers
         self._delay, self._retry, self._retry_max = delay, retry, retry_max
         self._due: dict[K, float] = {}  # waiting keys and when they may run
+        # (due, order, key) for every due time set, the earliest first; an entry whose due time is no
+        # longer the key's (it ran, or was brought forward) is skipped: picking a key is O(log n), not a
+        # scan of ten thousand waiting Mailbox keys.
+        self._heap: list[tuple[float, int, K]] = []
+        self._order = itertools.count()
         self._active: set[K] = set()
         self._again: dict[K, float] = {}  # keys added while active: when to run them next
         self._failures: dict[K, int] = {}
@@ -52,7 +59,7 @@ class WorkQueue(Generic[K]):
         if key in self._active:
             self._again[key] = min(self._again.get(key, due), due)
             return
-        self._due[key] = min(self._due.get(key, due), due)
+        self._set_due(key, due)
         self._idle.clear()
         self._changed.set()
         self._report()
@@ -77,21 +84,34 @@ class WorkQueue(Generic[K]):
         if self._on_depth is not None:
             self._on_depth(len(self))
 
+    def _set_due(self, key: K, due: float) -> None:
+        """Run `key` at `due`, or earlier if it is already waiting for an earlier time."""
+        if key in self._due and self._due[key] <= due:
+            return
+        self._due[key] = due
+        heapq.heappush(self._heap, (due, next(self._order), key))
+
     def _next(self) -> tuple[K | None, float]:
         """The key to run now, or how long to wait for one."""
-        if not self._due:
-            return None, 3600.0
-        key = min(self._due, key=self._due.__getitem__)
-        wait = self._due[key] - time.monotonic()
-        return (key, 0.0) if wait <= 0 else (None, wait)
+        while self._heap:
+            due, _, key = self._heap[0]
+            if self._due.get(key) != due:
+                heapq.heappop(self._heap)  # stale: the key ran, or is due earlier
+                continue
+            wait = due - time.monotonic()
+            return (key, 0.0) if wait <= 0 else (None, wait)
+        return None, 3600.0
 
     async def _worker(self) -> None:
         while True:
             key, wait = self._next()
             if key is None:
                 self._changed.clear()
+                # asyncio.timeout, not wait_for: no inner task per wait (a worker cancelled while the
+                # event wakes it could otherwise hang on Python 3.11 in wait_for's cancel-and-wait).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), timeout=wait)
+                    async with asyncio.timeout(wait):
+                        await self._changed.wait()
                 continue
             del self._due[key]
             self._active.add(key)
@@ -110,7 +130,7 @@ class WorkQueue(Generic[K]):
             finally:
                 self._active.discard(key)
                 if key in self._again:
-                    self._due[key] = min(self._due.get(key, float("inf")), self._again.pop(key))
+                    self._set_due(key, self._again.pop(key))
                     self._changed.set()
                 if not self._due and not self._active:
                     self._idle.set()
