@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from typing import Any
 
 from mailfleet import k8s, kube_types
@@ -72,6 +74,30 @@ async def test_a_failing_key_is_retried_until_it_succeeds() -> None:
     await asyncio.wait_for(queue.idle(), 5)
     await queue.stop()
     assert attempts == 3
+
+
+async def test_a_key_rests_after_a_run_as_long_as_the_run_took_times_spacing() -> None:
+    runs: list[tuple[float, float]] = []  # (start, end)
+    started = asyncio.Event()
+
+    async def work(key: str) -> None:
+        begin = time.monotonic()
+        started.set()
+        await asyncio.sleep(0.2)
+        runs.append((begin, time.monotonic()))
+
+    queue: WorkQueue[str] = WorkQueue(work, delay=0, spacing=1.5)
+    queue.start()
+    queue.add("a")
+    await asyncio.wait_for(started.wait(), 5)
+    queue.add("a")  # while it runs
+    await asyncio.wait_for(queue.idle(), 10)
+    queue.add("a")  # after it ran
+    await asyncio.wait_for(queue.idle(), 10)
+    await queue.stop()
+    assert len(runs) == 3
+    for (begin, end), (next_begin, _) in itertools.pairwise(runs):
+        assert next_begin >= end + 1.5 * (end - begin)
 
 
 async def test_keys_run_in_the_order_they_became_due() -> None:

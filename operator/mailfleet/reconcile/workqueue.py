@@ -24,7 +24,12 @@ log = logging.getLogger(__name__)
 class WorkQueue(Generic[K]):
     """`work(key)` runs for every added key after `delay` seconds (gathering more events for the same key
     meanwhile), in at most `workers` concurrent tasks. A failing key is retried with a growing delay
-    (from `retry` up to `retry_max` seconds) until it succeeds or is added again."""
+    (from `retry` up to `retry_max` seconds) until it succeeds or is added again.
+
+    `spacing`: a key runs again no sooner than `spacing` times its last run's duration after that run
+    ended. A reconcile of a domain with ten thousand Mailboxes costs a second or two, and events keep
+    coming while it runs: back to back, its reconciles would take all of the operator's time, and the
+    watch events they are waiting for would queue up behind them."""
 
     def __init__(
         self,
@@ -35,6 +40,7 @@ class WorkQueue(Generic[K]):
         retry: float = 1.0,
         retry_max: float = 60.0,
         on_depth: Callable[[int], None] | None = None,
+        spacing: float = 0.0,
     ) -> None:
         self._work = work
         self._workers = workers
@@ -48,6 +54,8 @@ class WorkQueue(Generic[K]):
         self._active: set[K] = set()
         self._again: dict[K, float] = {}  # keys added while active: when to run them next
         self._failures: dict[K, int] = {}
+        self._spacing = spacing
+        self._rested: dict[K, float] = {}  # key -> the earliest its next run may start (spacing)
         self._changed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -56,6 +64,8 @@ class WorkQueue(Generic[K]):
 
     def add(self, key: K) -> None:
         due = time.monotonic() + self._delay
+        if (rested := self._rested.get(key)) is not None:
+            due = max(due, rested)
         if key in self._active:
             self._again[key] = min(self._again.get(key, due), due)
             return
@@ -115,6 +125,7 @@ class WorkQueue(Generic[K]):
                 continue
             del self._due[key]
             self._active.add(key)
+            started = time.monotonic()
             try:
                 await self._work(key)
             except asyncio.CancelledError:
@@ -129,8 +140,11 @@ class WorkQueue(Generic[K]):
                 self._failures.pop(key, None)
             finally:
                 self._active.discard(key)
+                if self._spacing:
+                    ended = time.monotonic()
+                    self._rested[key] = ended + self._spacing * (ended - started)
                 if key in self._again:
-                    self._set_due(key, self._again.pop(key))
+                    self._set_due(key, max(self._again.pop(key), self._rested.get(key, 0.0)))
                     self._changed.set()
                 if not self._due and not self._active:
                     self._idle.set()
