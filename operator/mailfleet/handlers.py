@@ -371,12 +371,14 @@ class Operator:
     async def owned_event(self, body: kopf.Body, **_: Any) -> None:
         self.running().router.owned_changed(body)
 
-    async def secret_event(self, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
-        """Owned Secrets (directory, DKIM key) for drift; others when a Mailbox or MailDomain names them."""
+    async def secret_event(self, type: str | None, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+        """Owned Secrets (directory, DKIM key) for drift; others when a Mailbox or MailDomain names them,
+        once remembered for the reconcile to read (k8s.secrets.Seen)."""
         state = self.running()
         if all(body.metadata.labels.get(k) == v for k, v in MANAGED.items()):
             state.router.owned_changed(body)
             return
+        state.ctx.seen_secrets.observe(type, body)
         if self.indices:
             users = IndexView(self.indices).secret_users(str(namespace), name)
             if users:

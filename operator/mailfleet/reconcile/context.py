@@ -93,6 +93,8 @@ class Context:
     # The kinds of the objects each MailDomain owns, as of its last reconcile (for the metrics).
     owned: dict[DomainKey, collections.Counter[str]] = dataclasses.field(default_factory=dict)
 
+    # The small Secrets as the watch shows them (handlers.py feeds it): password Secrets, read without a list.
+    seen_secrets: k8s.secrets.Seen = dataclasses.field(default_factory=k8s.secrets.Seen)
     # Every Mailbox status the operator writes, written behind the reconciles (reconcile/statuswrites.py).
     statuses: MailboxStatuses = dataclasses.field(init=False)
 

@@ -231,15 +231,26 @@ def _problem(
 
 
 async def _password_secrets(ctx: Context, namespace: str, names: set[str]) -> dict[str, dict[str, str] | None]:
-    if len(names) > LIST_SECRETS_ABOVE:
-        found: dict[str, dict[str, str] | None] = dict.fromkeys(names)
+    """The values of the Secrets `names` (None: no such Secret): as the watch showed them, else from the
+    API (one list for many, a read each for a few)."""
+    found: dict[str, dict[str, str] | None] = {}
+    missing: set[str] = set()
+    for name in names:
+        seen = ctx.seen_secrets.get(namespace, name)
+        if seen is None:
+            missing.add(name)
+        else:
+            found[name] = seen
+    if len(missing) > LIST_SECRETS_ABOVE:
+        found |= dict.fromkeys(missing)
         for obj in await ctx.client.list(SECRET, namespace):
-            if (name := obj["metadata"]["name"]) in names:
+            if (name := obj["metadata"]["name"]) in missing:
                 found[name] = k8s.secrets.strings(obj)
         return found
-    ordered = sorted(names)
+    ordered = sorted(missing)
     values = await asyncio.gather(*(k8s.secrets.read(ctx.client, namespace, name) for name in ordered))
-    return dict(zip(ordered, values, strict=True))
+    found.update(zip(ordered, values, strict=True))
+    return found
 
 
 # -- verdicts into statuses ---------------------------------------------------------------------------
