@@ -7,6 +7,7 @@ the options declared in mailfleet.options."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -70,9 +71,19 @@ def _local_up(args: argparse.Namespace) -> int:
     return local.run(nodes, out=sys.stdout, err=sys.stderr)
 
 
+def _routine_success(record: logging.LogRecord) -> bool:
+    """False for kopf's "Handler 'x' succeeded." line, logged at INFO for each watch event of each object:
+    ten thousand Mailboxes make tens of thousands of them, and they say nothing a failure would not."""
+    message = str(record.msg)
+    routine = message.startswith(("Handler '", "Indexer '")) and message.endswith("' succeeded.")
+    return not (record.levelno == logging.INFO and routine)
+
+
 def _operator(args: argparse.Namespace) -> int:
     operator = handlers.Operator(options.from_arguments(args))
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.FULL)
+    if not args.verbose:  # --verbose: every line, as kopf logs it
+        logging.getLogger("kopf.objects").addFilter(_routine_success)
     kopf.run(
         registry=operator.registry,
         standalone=True,  # one operator replica (the chart's Deployment); no peering resources needed

@@ -39,9 +39,14 @@ log = logging.getLogger(__name__)
 
 GROUP, VERSION = "mailfleet.io", "v1alpha1"
 MANAGED: Final = {"app.kubernetes.io/managed-by": "mailfleet-operator"}
+# A domain is reconciled again no sooner than its last reconcile took (reconcile/workqueue.py): at most
+# half of the operator's time goes to one domain's reconciles, the rest to the watch events they read.
+RECONCILE_SPACING: Final = 1.0
 
 
-# Indexes: what reconcile/ reads instead of listing the API.
+# Indexes: what reconcile/ reads instead of listing the API. Coroutines, as every handler below: kopf runs
+# a plain function in a thread pool, and a hop there and back for each of ten thousand Mailbox events
+# was a good part of the operator's time (py-spy: ThreadPoolExecutor.submit, call_soon_threadsafe).
 
 
 def _snapshot(body: kopf.Body) -> dict[str, Any]:
@@ -73,26 +78,31 @@ def _shared(value: Any) -> Any:
     return value
 
 
-def mailboxes_by_domain(namespace: str | None, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+Snapshots = dict[tuple[str, str], dict[str, Any]]  # what an index of bodies returns: key -> snapshot
+
+
+async def mailboxes_by_domain(namespace: str | None, body: kopf.Body, **_: Any) -> Snapshots:
     return {(str(namespace), specs.node.domain_of(body.spec.get("address"))): _snapshot(body)}
 
 
-def secrets_of_mailboxes(namespace: str | None, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
+async def secrets_of_mailboxes(namespace: str | None, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
     refs = [spec.get("passwordSecretRef") or {}] + [app.get("secretRef") or {} for app in spec.get("appPasswords", [])]
     mail_domain = specs.node.domain_of(spec.get("address"))
     return {(str(namespace), str(ref["name"])): mail_domain for ref in refs if ref.get("name")}
 
 
-def domains_by_mail_domain(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
+async def domains_by_mail_domain(
+    namespace: str | None, name: str, spec: kopf.Spec, **_: Any
+) -> dict[tuple[str, str], str]:
     served = [spec.get("domain"), *(spec.get("aliasDomains") or [])]
     return {(str(namespace), str(d).lower()): name for d in served if d}
 
 
-def domains_by_namespace(namespace: str | None, name: str, **_: Any) -> dict[str, str]:
+async def domains_by_namespace(namespace: str | None, name: str, **_: Any) -> dict[str, str]:
     return {str(namespace): name}
 
 
-def secrets_of_domains(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
+async def secrets_of_domains(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
     names = [
         (spec.get("tls") or {}).get("secretName"),
         ((spec.get("smtp") or {}).get("relaySecretRef") or {}).get("name"),
@@ -101,7 +111,7 @@ def secrets_of_domains(namespace: str | None, name: str, spec: kopf.Spec, **_: A
     return {(str(namespace), str(secret)): name for secret in names if secret}
 
 
-def mailbackups_by_domain(namespace: str | None, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+async def mailbackups_by_domain(namespace: str | None, body: kopf.Body, **_: Any) -> Snapshots:
     """With labels and annotations: the backup schedule tells its own by them."""
     snapshot = _snapshot(body)
     for key in ("labels", "annotations"):
@@ -270,7 +280,11 @@ class Operator:
             await domain.reconcile(ctx, key)
 
         queue: WorkQueue[DomainKey] = WorkQueue(
-            work, workers=options.workers, delay=options.delay, on_depth=metrics.queue_depth.set
+            work,
+            workers=options.workers,
+            delay=options.delay,
+            on_depth=metrics.queue_depth.set,
+            spacing=RECONCILE_SPACING,
         )
         ctx.queue = queue
         queue.start()
@@ -330,13 +344,14 @@ class Operator:
         await asyncio.gather(*tasks, return_exceptions=True)
         await state.backups.stop()  # a node paused for a VolumeSnapshot is told to resume
         await state.queue.stop()
+        await state.ctx.statuses.stop()  # unwritten statuses are decided again by the next operator's reconciles
         if state.metrics_runner is not None:
             await state.metrics_runner.cleanup()
         await state.ctx.client.close()
 
     # Watch events -> work-queue keys.
 
-    def maildomain_event(self, type: str, body: kopf.Body, **_: Any) -> None:
+    async def maildomain_event(self, type: str, body: kopf.Body, **_: Any) -> None:
         self.running().router.domain_changed(type, body)
 
     async def mailbox_event(self, type: str, body: kopf.Body, **_: Any) -> None:
@@ -353,15 +368,17 @@ class Operator:
             for name in IndexView(self.indices).domain_names(namespace):
                 state.ctx.enqueue((namespace, name))
 
-    def owned_event(self, body: kopf.Body, **_: Any) -> None:
+    async def owned_event(self, body: kopf.Body, **_: Any) -> None:
         self.running().router.owned_changed(body)
 
-    def secret_event(self, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
-        """Owned Secrets (directory, DKIM key) for drift; others when a Mailbox or MailDomain names them."""
+    async def secret_event(self, type: str | None, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+        """Owned Secrets (directory, DKIM key) for drift; others when a Mailbox or MailDomain names them,
+        once remembered for the reconcile to read (k8s.secrets.Seen)."""
         state = self.running()
         if all(body.metadata.labels.get(k) == v for k, v in MANAGED.items()):
             state.router.owned_changed(body)
             return
+        state.ctx.seen_secrets.observe(type, body)
         if self.indices:
             users = IndexView(self.indices).secret_users(str(namespace), name)
             if users:

@@ -104,9 +104,10 @@ async def settled(operator: handlers.Operator) -> None:
         except RuntimeError:  # not logged in yet
             return False
         reconciled = state.ctx.metrics.reconciles.labels("MailDomain", "ok")._value.get()
-        return reconciled > 0 and len(state.queue) == 0
+        # The Mailbox statuses a reconcile decided are written behind it (reconcile/statuswrites.py).
+        return reconciled > 0 and len(state.queue) == 0 and len(state.ctx.statuses) == 0
 
-    await eventually(done, what="a reconcile, then an empty queue")
+    await eventually(done, what="a reconcile, then an empty queue and every Mailbox status written")
     await asyncio.sleep(0.5)  # and no further events that would start another
     assert len(operator.running().queue) == 0
 

@@ -67,6 +67,9 @@ class ApiServer(kmock.KubernetesEmulator, _MatchAlone):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.writes: list[tuple[str, str, str | None, str | None]] = []
+        # (plural, name or None for a list): the reads the operator's own client made (not kopf's lists
+        # and watches, which feed its indexes)
+        self.reads: list[tuple[str, str | None]] = []
 
     namespaces: tuple[str, ...] = ("mail",)
 
@@ -98,6 +101,9 @@ class ApiServer(kmock.KubernetesEmulator, _MatchAlone):
 
     async def _handle(self, request: kmock.Request) -> Any:
         data = request.data
+        agent = request.headers.get("User-Agent", "")
+        if request.resource is not None and request.method.value == "GET" and not agent.startswith("kopf/"):
+            self.reads.append((str(request.resource.plural), request.name))
         if request.resource is not None and request.method.value in ("POST", "PATCH", "PUT", "DELETE"):
             name = request.name
             if name is None and isinstance(data, dict):

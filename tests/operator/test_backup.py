@@ -478,6 +478,7 @@ async def test_a_restore_waiting_for_its_backup_goes_ahead_when_the_backup_compl
         )
         await client.delete(MAILBACKUP, NAMESPACE, "b1")
         await completed_backup(client)
-        await eventually(lambda: client.get(STATEFULSET, NAMESPACE, "example-com"), what="the StatefulSet", within=10)
+        # within a tenth of the resync: the event, not the resync, brought it (generous for a loaded machine)
+        await eventually(lambda: client.get(STATEFULSET, NAMESPACE, "example-com"), what="the StatefulSet", within=30)
     claim = await client.get(PERSISTENTVOLUMECLAIM, NAMESPACE, "data-example-com-0")
     assert claim is not None and claim["spec"]["dataSource"]["name"] == "b1-0"

@@ -3,6 +3,7 @@ changes of many Mailboxes written to the directory Secret in few writes."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import argon2
@@ -122,6 +123,33 @@ async def test_many_mailbox_changes_make_few_directory_writes(api: ApiServer, cl
         assert 1 < len(writes) <= reconciles < count // 3, (len(writes), reconciles)
         status_writes = [w for w in api.writes if w[1] == "mailboxes" and w[3] == "status"]
         assert len(status_writes) == count, len(status_writes)
+
+
+async def test_password_secrets_are_read_from_the_watch_not_listed_at_each_reconcile(api: ApiServer, client):
+    """Thirty Mailboxes, each with its own Secret (more than a reconcile would read one by one): the
+    operator takes their values from its watch of Secrets, and still sees a password change."""
+    count = 30
+    async with run_operator() as operator:
+        await client.create(maildomain())
+        for i in range(count):
+            await client.create(secret(f"pw{i}", password=cheap_hash(f"secret{i}")))
+        await settled(operator)
+        api.reads.clear()
+        for i in range(count):
+            await client.create(mailbox(f"user{i}", f"user{i}@example.com", passwordSecretRef={"name": f"pw{i}"}))
+        await eventually(lambda: _count(client, count), within=60, what=f"{count} mailboxes in the directory")
+        await settled(operator)
+        # no list of the namespace's Secrets, and no read of a password Secret
+        assert [name for plural, name in api.reads if plural == "secrets" and (name or "pw").startswith("pw")] == []
+
+        new_hash = cheap_hash("changed")
+        encoded = base64.b64encode(new_hash.encode()).decode()
+        await client.patch(SECRET, NAMESPACE, "pw7", {"data": {"password": encoded}})
+        await eventually(lambda: _hash_is(client, "user7@example.com", new_hash), what="the new hash in the directory")
+
+
+async def _hash_is(client, address: str, expected: str) -> bool:
+    return (await directory(client)).get(address, {}).get("password_hash") == expected
 
 
 async def _addresses(client, expected: set[str]) -> dict[str, Any] | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from typing import Any
 
 from mailfleet import k8s, kube_types
@@ -74,6 +76,46 @@ async def test_a_failing_key_is_retried_until_it_succeeds() -> None:
     assert attempts == 3
 
 
+async def test_a_key_rests_after_a_run_as_long_as_the_run_took_times_spacing() -> None:
+    runs: list[tuple[float, float]] = []  # (start, end)
+    started = asyncio.Event()
+
+    async def work(key: str) -> None:
+        begin = time.monotonic()
+        started.set()
+        await asyncio.sleep(0.2)
+        runs.append((begin, time.monotonic()))
+
+    queue: WorkQueue[str] = WorkQueue(work, delay=0, spacing=1.5)
+    queue.start()
+    queue.add("a")
+    await asyncio.wait_for(started.wait(), 5)
+    queue.add("a")  # while it runs
+    await asyncio.wait_for(queue.idle(), 10)
+    queue.add("a")  # after it ran
+    await asyncio.wait_for(queue.idle(), 10)
+    await queue.stop()
+    assert len(runs) == 3
+    for (begin, end), (next_begin, _) in itertools.pairwise(runs):
+        assert next_begin >= end + 1.5 * (end - begin)
+
+
+async def test_keys_run_in_the_order_they_became_due() -> None:
+    order: list[int] = []
+
+    async def work(key: int) -> None:
+        order.append(key)
+
+    queue: WorkQueue[int] = WorkQueue(work, workers=1, delay=0)
+    for key in range(2000):  # ten thousand Mailboxes' status writes wait in this queue: picked in turn
+        queue.add(key)
+    queue.add(5)  # already waiting: keeps its place
+    queue.start()
+    await asyncio.wait_for(queue.idle(), 5)
+    await queue.stop()
+    assert order == list(range(2000))
+
+
 def test_a_condition_keeps_its_transition_time_while_its_status_holds() -> None:
     first = conditions.merge([], [Condition("Ready", "False", "NodesNotReady", "0/1")], generation=1, at="T1")
     same = conditions.merge(first, [Condition("Ready", "False", "NodesNotReady", "0/1")], generation=1, at="T2")
@@ -93,14 +135,24 @@ def test_an_object_differs_only_in_the_fields_the_operator_sets() -> None:
 
 
 class _RecordingClient:
-    """Stands in for the API client: records the status patches a reconcile sends."""
+    """Stands in for the API client: records the status patches a reconcile sends. `hold`, when set, keeps
+    each patch waiting until it is set again; `refuse` answers that many patches with 503."""
 
     def __init__(self) -> None:
         self.patches: list[dict[str, Any]] = []
         self.created: list[dict[str, Any]] = []
+        self.hold: asyncio.Event | None = None
+        self.refuse = 0
+        self.arrived = asyncio.Event()  # set by each patch taken
 
     async def patch(self, kind: Any, namespace: str, name: str, body: dict[str, Any], **_: Any) -> dict[str, Any]:
+        if self.refuse:
+            self.refuse -= 1
+            raise k8s.ApiError(503, "ServiceUnavailable", "etcd is busy")
         self.patches.append(body)
+        self.arrived.set()
+        if self.hold is not None:
+            await self.hold.wait()
         return body
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -108,9 +160,14 @@ class _RecordingClient:
         return obj
 
 
-async def test_a_mailbox_status_is_written_once_though_the_index_still_shows_the_old_one() -> None:
-    client = _RecordingClient()
-    ctx = Context(
+async def written(ctx: Context, body: kube_types.Mailbox, condition: Condition) -> None:
+    """A status handed to the writer, and the writer done with it."""
+    mailboxes.write_status(ctx, body, condition)
+    await asyncio.wait_for(ctx.statuses.idle(), 5)
+
+
+def recording_context(client: _RecordingClient) -> Context:
+    return Context(
         client=client,  # type: ignore[arg-type]
         recorder=Recorder(client),  # type: ignore[arg-type]
         view=None,  # type: ignore[arg-type]
@@ -118,17 +175,57 @@ async def test_a_mailbox_status_is_written_once_though_the_index_still_shows_the
         hasher=PasswordHasher(),
         metrics=OperatorMetrics(),
     )
+
+
+async def test_a_mailbox_status_is_written_once_though_the_index_still_shows_the_old_one() -> None:
+    client = _RecordingClient()
+    ctx = recording_context(client)
     stale: kube_types.Mailbox = {
         "metadata": {"name": "alice", "namespace": "mail", "uid": "u1", "generation": 1},
         "status": {},
     }
     served = Condition("Ready", "True", "Served", "in the directory of MailDomain example-com")
-    await mailboxes.write_status(ctx, stale, served)
-    await mailboxes.write_status(ctx, stale, served)  # the index has not seen the first write yet
+    await written(ctx, stale, served)
+    await written(ctx, stale, served)  # the index has not seen the first write yet
     assert len(client.patches) == 1
     assert [event["reason"] for event in client.created] == ["Served"]
     # A new generation is written, and so is a new reason (with its Event).
-    await mailboxes.write_status(ctx, {**stale, "metadata": {**stale["metadata"], "generation": 2}}, served)
-    await mailboxes.write_status(ctx, stale, Condition("Ready", "False", "SecretNotFound", "gone"))
+    await written(ctx, {**stale, "metadata": {**stale["metadata"], "generation": 2}}, served)
+    await written(ctx, stale, Condition("Ready", "False", "SecretNotFound", "gone"))
     assert len(client.patches) == 3
     assert [event["reason"] for event in client.created] == ["Served", "SecretNotFound"]
+
+
+def _ready_reason(patch: dict[str, Any]) -> str:
+    return str(conditions.find(patch["status"]["conditions"], "Ready")["reason"])  # type: ignore[index]
+
+
+async def test_the_latest_verdict_of_a_mailbox_is_written_and_never_two_at_once() -> None:
+    client = _RecordingClient()
+    client.hold = asyncio.Event()
+    ctx = recording_context(client)
+    body: kube_types.Mailbox = {"metadata": {"name": "alice", "namespace": "mail", "uid": "u1", "generation": 1}}
+    mailboxes.write_status(ctx, body, Condition("Ready", "False", "SecretNotFound", "no Secret"))
+    await asyncio.wait_for(client.arrived.wait(), 5)  # the first write is on its way
+    # Decided while it is in flight: the second is overtaken by the third, which is written after it.
+    mailboxes.write_status(ctx, body, Condition("Ready", "False", "SecretKeyNotFound", "no key"))
+    mailboxes.write_status(ctx, body, Condition("Ready", "False", "AddressConflict", "taken"))
+    await asyncio.sleep(0.05)
+    assert len(client.patches) == 1
+    client.hold.set()
+    await asyncio.wait_for(ctx.statuses.idle(), 5)
+    assert [_ready_reason(p) for p in client.patches] == ["SecretNotFound", "AddressConflict"]
+    assert len(ctx.statuses) == 0
+    await ctx.statuses.stop()
+
+
+async def test_a_status_write_the_api_refuses_is_tried_again() -> None:
+    client = _RecordingClient()
+    client.refuse = 1
+    ctx = recording_context(client)
+    body: kube_types.Mailbox = {"metadata": {"name": "alice", "namespace": "mail", "uid": "u1", "generation": 1}}
+    mailboxes.write_status(ctx, body, Condition("Ready", "False", "SecretNotFound", "no Secret"))
+    await asyncio.wait_for(ctx.statuses.idle(), 10)
+    assert [_ready_reason(p) for p in client.patches] == ["SecretNotFound"]
+    assert [event["reason"] for event in client.created] == ["SecretNotFound"]
+    await ctx.statuses.stop()

@@ -1,29 +1,46 @@
 """What every reconcile needs: the API client, the Event recorder, the view of the Mailbox and MailDomain
-resources the operator watches, the work queue, the password hasher and the metrics; the kinds the
-reconcile reads, each with its body type; and `object_key`, what the operator's memories are keyed by."""
+resources the operator watches, the work queue, the Mailbox status writer, the password hasher and the
+metrics; and, from reconcile/kinds.py, the kinds the reconcile reads (each with its body type) and
+`object_key`, what the operator's memories are keyed by."""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, Final, Protocol
+from typing import Protocol
 
 from mailfleet import api, k8s, kube_types
 from mailfleet.k8s.events import Recorder
 from mailfleet.metrics import OperatorMetrics
+from mailfleet.reconcile.kinds import (
+    MAILBACKUP,
+    MAILBOX,
+    MAILDOMAIN,
+    PERSISTENTVOLUMECLAIM,
+    SECRET,
+    STATEFULSET,
+    VOLUMESNAPSHOT,
+    object_key,
+)
 from mailfleet.reconcile.passwords import PasswordHasher
+from mailfleet.reconcile.statuswrites import MailboxStatuses
 from mailfleet.reconcile.workqueue import WorkQueue
 
-DomainKey = tuple[str, str]  # (namespace, MailDomain name)
+__all__ = [
+    "MAILBACKUP",
+    "MAILBOX",
+    "MAILDOMAIN",
+    "PERSISTENTVOLUMECLAIM",
+    "SECRET",
+    "STATEFULSET",
+    "VOLUMESNAPSHOT",
+    "Context",
+    "DomainKey",
+    "View",
+    "object_key",
+]
 
-MAILDOMAIN: Final[k8s.Kind[kube_types.MailDomain]] = k8s.kind_of("mailfleet.io/v1alpha1", "MailDomain")
-MAILBOX: Final[k8s.Kind[kube_types.Mailbox]] = k8s.kind_of("mailfleet.io/v1alpha1", "Mailbox")
-SECRET: Final = k8s.secrets.SECRET
-STATEFULSET: Final[k8s.Kind[kube_types.StatefulSet]] = k8s.kind_of("apps/v1", "StatefulSet")
-MAILBACKUP: Final[k8s.Kind[kube_types.MailBackup]] = k8s.kind_of("mailfleet.io/v1alpha1", "MailBackup")
-VOLUMESNAPSHOT: Final[k8s.Kind[kube_types.VolumeSnapshot]] = k8s.kind_of("snapshot.storage.k8s.io/v1", "VolumeSnapshot")
-PERSISTENTVOLUMECLAIM: Final[k8s.Kind[kube_types.PersistentVolumeClaim]] = k8s.kind_of("v1", "PersistentVolumeClaim")
+DomainKey = tuple[str, str]  # (namespace, MailDomain name)
 
 
 class View(Protocol):
@@ -69,8 +86,6 @@ class Context:
     # Each MailDomain's number of nodes and its mailboxes' homes (lower-case address -> ordinal), as its
     # last reconcile wrote them into the directory: usage asks each mailbox's home (reconcile/usage.py).
     placement: dict[DomainKey, tuple[int, dict[str, int]]] = dataclasses.field(default_factory=dict)
-    # The status last written to each Mailbox (by uid): the indexes show the operator's own writes late.
-    mailbox_statuses: dict[str, kube_types.MailboxStatus] = dataclasses.field(default_factory=dict)
     # The usage last written to each Mailbox's status (by uid): bytes, messages.
     mailbox_usage: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     # Each Mailbox's model (or why it is invalid) by uid, with the generation it was parsed from.
@@ -78,12 +93,14 @@ class Context:
     # The kinds of the objects each MailDomain owns, as of its last reconcile (for the metrics).
     owned: dict[DomainKey, collections.Counter[str]] = dataclasses.field(default_factory=dict)
 
+    # The small Secrets as the watch shows them (handlers.py feeds it): password Secrets, read without a list.
+    seen_secrets: k8s.secrets.Seen = dataclasses.field(default_factory=k8s.secrets.Seen)
+    # Every Mailbox status the operator writes, written behind the reconciles (reconcile/statuswrites.py).
+    statuses: MailboxStatuses = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.statuses = MailboxStatuses(client=self.client, recorder=self.recorder)
+
     def enqueue(self, key: DomainKey) -> None:
         if self.queue is not None:
             self.queue.add(key)
-
-
-def object_key(body: kube_types.Object | Mapping[str, Any]) -> str:
-    """What the operator's memories of an object are keyed by: its uid (namespace/name if it has none)."""
-    meta = body.get("metadata") or {}
-    return str(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}")

@@ -31,7 +31,7 @@ async def reconcile(ctx: Context, key: DomainKey) -> None:
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             ctx.owned.pop(key, None)
             ctx.placement.pop(key, None)
-            await mailboxes.domain_gone(ctx, key)
+            mailboxes.domain_gone(ctx, key)
             result = "ok"
             return
         try:
@@ -84,7 +84,7 @@ async def _reconcile(ctx: Context, body: kube_types.MailDomain) -> None:
     # Status: the domain's, then each Mailbox's.
     report = status.reconciled(domain, statefulset, mailboxes=len(served.accepted), dkim_record=dkim_record)
     await status.write(ctx, body, report, at=conditions.now())
-    await mailboxes.write_verdicts(ctx, served.verdicts)
+    mailboxes.write_verdicts(ctx, served.verdicts)
 
 
 async def _refused(ctx: Context, body: kube_types.MailDomain, refusal: Refused) -> None:
@@ -98,4 +98,4 @@ async def _refused(ctx: Context, body: kube_types.MailDomain, refusal: Refused) 
     await status.write(ctx, body, status.refused(body, refusal.reason, refusal.message), at=conditions.now())
     if changed:
         await ctx.recorder.event(body, refusal.reason, refusal.message, type="Warning", at=conditions.now())
-    await mailboxes.domain_not_ready(ctx, body, refusal.message)
+    mailboxes.domain_not_ready(ctx, body, refusal.message)

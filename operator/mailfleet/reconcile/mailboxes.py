@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -21,26 +20,13 @@ import pydantic
 from mailfleet import api, k8s, kube_types, specs
 from mailfleet.reconcile import conditions
 from mailfleet.reconcile.conditions import Condition
-from mailfleet.reconcile.context import MAILBOX, SECRET, Context, DomainKey, object_key
+from mailfleet.reconcile.context import SECRET, Context, DomainKey, object_key
+from mailfleet.reconcile.statuswrites import Node, Verdict
 from mailwire.directory import is_password_hash
 
 # Above this many distinct password Secrets a reconcile lists the namespace's Secrets once instead of
 # reading each one.
 LIST_SECRETS_ABOVE: Final = 20
-STATUS_WRITES: Final = 16  # concurrent Mailbox status writes
-
-
-class Node(enum.Enum):
-    KEEP = "keep"  # a Verdict that leaves status.node as it is
-
-
-@dataclasses.dataclass
-class Verdict:
-    body: kube_types.Mailbox
-    condition: Condition
-    # status.node: the home's pod name, None for a mailbox in no directory (removed), or left as it is
-    # (a refused domain: its StatefulSet still serves the mailbox where it was)
-    node: str | Node | None = None
 
 
 @dataclasses.dataclass
@@ -245,107 +231,47 @@ def _problem(
 
 
 async def _password_secrets(ctx: Context, namespace: str, names: set[str]) -> dict[str, dict[str, str] | None]:
-    if len(names) > LIST_SECRETS_ABOVE:
-        found: dict[str, dict[str, str] | None] = dict.fromkeys(names)
+    """The values of the Secrets `names` (None: no such Secret): as the watch showed them, else from the
+    API (one list for many, a read each for a few)."""
+    found: dict[str, dict[str, str] | None] = {}
+    missing: set[str] = set()
+    for name in names:
+        seen = ctx.seen_secrets.get(namespace, name)
+        if seen is None:
+            missing.add(name)
+        else:
+            found[name] = seen
+    if len(missing) > LIST_SECRETS_ABOVE:
+        found |= dict.fromkeys(missing)
         for obj in await ctx.client.list(SECRET, namespace):
-            if (name := obj["metadata"]["name"]) in names:
+            if (name := obj["metadata"]["name"]) in missing:
                 found[name] = k8s.secrets.strings(obj)
         return found
-    ordered = sorted(names)
+    ordered = sorted(missing)
     values = await asyncio.gather(*(k8s.secrets.read(ctx.client, namespace, name) for name in ordered))
-    return dict(zip(ordered, values, strict=True))
+    found.update(zip(ordered, values, strict=True))
+    return found
 
 
 # -- verdicts into statuses ---------------------------------------------------------------------------
 
 
-async def write_verdicts(ctx: Context, verdicts: list[Verdict]) -> None:
-    """Write each Mailbox's Ready condition that changed, a few at once."""
-    limit = asyncio.Semaphore(STATUS_WRITES)
-    at = conditions.now()
-
-    async def one(verdict: Verdict, change: _StatusChange) -> None:
-        async with limit:
-            await _write_status(ctx, verdict.body, verdict.condition, change)
-
-    changed = [
-        (v, change) for v in verdicts if (change := _status_change(ctx, v.body, v.condition, v.node, at)) is not None
-    ]
-    await asyncio.gather(*(one(v, change) for v, change in changed))
+def write_verdicts(ctx: Context, verdicts: list[Verdict]) -> None:
+    """Each Mailbox's Ready condition and node, written behind the reconcile (reconcile/statuswrites.py)
+    when they changed."""
+    ctx.statuses.submit(verdicts)
 
 
-@dataclasses.dataclass(frozen=True)
-class _StatusChange:
-    conditions: list[kube_types.Condition]  # to write
-    announce: bool  # the Ready status or reason changed: post an Event
-    node: str | Node | None  # status.node
-
-
-def _status_change(
-    ctx: Context, body: kube_types.Mailbox, condition: Condition, node: str | Node | None, at: str
-) -> _StatusChange | None:
-    """What to write to the Mailbox's status, or None when it says this already. What was last written is
-    remembered: the indexes lag behind the operator's own writes, and comparing with a stale copy would
-    write the same status (and post the same Event) twice."""
-    status = ctx.mailbox_statuses.get(object_key(body)) or body.get("status") or {}
-    generation = body["metadata"].get("generation")
-    merged = conditions.merge(status.get("conditions"), [condition], generation=generation, at=at)
-    same_node = node is Node.KEEP or status.get("node") == node
-    if (
-        conditions.same(status.get("conditions"), merged)
-        and status.get("observedGeneration") == generation
-        and same_node
-    ):
-        return None
-    previous = conditions.find(status.get("conditions"), "Ready")
-    announce = previous is None or (previous.get("status"), previous.get("reason")) != (
-        condition.status,
-        condition.reason,
-    )
-    return _StatusChange(merged, announce, node)
-
-
-async def write_status(ctx: Context, body: kube_types.Mailbox, condition: Condition) -> None:
-    """Write a Mailbox's Ready condition when it changed, with an Event when its reason did; the
-    Mailbox is in no directory (status.node removed)."""
-    change = _status_change(ctx, body, condition, None, conditions.now())
-    if change is not None:
-        await _write_status(ctx, body, condition, change)
-
-
-async def _write_status(ctx: Context, body: kube_types.Mailbox, condition: Condition, change: _StatusChange) -> None:
-    meta = body["metadata"]
-    written: kube_types.MailboxStatus = {"conditions": change.conditions}
-    if (generation := meta.get("generation")) is not None:
-        written["observedGeneration"] = generation
-    if change.node is not Node.KEEP:
-        written["node"] = change.node  # None removes it (a merge patch)
-    try:
-        await ctx.client.patch(MAILBOX, meta["namespace"], meta["name"], {"status": written}, subresource="status")
-    except k8s.ApiError as error:
-        if error.not_found:
-            return
-        raise
-    previous = ctx.mailbox_statuses.get(object_key(body)) or body.get("status") or {}
-    remembered: kube_types.MailboxStatus = {**written}
-    if change.node is Node.KEEP and "node" in previous:
-        remembered["node"] = previous["node"]
-    ctx.mailbox_statuses[object_key(body)] = remembered
-    if change.announce:
-        full: kube_types.Mailbox = {**body, "apiVersion": api.API_VERSION, "kind": "Mailbox"}
-        await ctx.recorder.event(
-            full,
-            condition.reason,
-            condition.message,
-            type="Normal" if condition.status == "True" else "Warning",
-            at=conditions.now(),
-        )
+def write_status(ctx: Context, body: kube_types.Mailbox, condition: Condition) -> None:
+    """A Mailbox's Ready condition, when it changed, with an Event when its reason did; the Mailbox is in
+    no directory (status.node removed)."""
+    ctx.statuses.submit([Verdict(body, condition, None)])
 
 
 # -- Mailboxes no directory holds ---------------------------------------------------------------------
 
 
-async def domain_not_ready(ctx: Context, body: kube_types.MailDomain, message: str) -> None:
+def domain_not_ready(ctx: Context, body: kube_types.MailDomain, message: str) -> None:
     """The MailDomain `body` was refused: its Mailboxes are in no directory the operator writes now."""
     meta, spec = body["metadata"], body.get("spec") or {}
     mail_domains = {str(d).lower() for d in [spec.get("domain"), *(spec.get("aliasDomains") or [])] if d}
@@ -357,10 +283,10 @@ async def domain_not_ready(ctx: Context, body: kube_types.MailDomain, message: s
         for mail_domain in sorted(mail_domains)
         for mailbox in ctx.view.mailboxes(str(meta["namespace"]), mail_domain)
     ]
-    await write_verdicts(ctx, verdicts)
+    write_verdicts(ctx, verdicts)
 
 
-async def domain_gone(ctx: Context, key: DomainKey) -> None:
+def domain_gone(ctx: Context, key: DomainKey) -> None:
     """The MailDomain was deleted (Kubernetes removes what it owned): its Mailboxes have no domain now,
     unless another MailDomain serves theirs."""
     namespace, name = key
@@ -370,7 +296,7 @@ async def domain_gone(ctx: Context, key: DomainKey) -> None:
         if [other for other in ctx.view.serving(namespace, mail_domain) if other != name]:
             continue
         for body in ctx.view.mailboxes(namespace, mail_domain):
-            await write_status(ctx, body, domain_not_found(namespace, mail_domain))
+            write_status(ctx, body, domain_not_found(namespace, mail_domain))
 
 
 def domain_not_found(namespace: str, mail_domain: str) -> Condition:

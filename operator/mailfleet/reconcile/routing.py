@@ -50,13 +50,13 @@ class Router:
         for name in self.ctx.view.domain_names(namespace):
             self.ctx.enqueue((namespace, name))
         if event_type == "DELETED":
-            self.ctx.mailbox_statuses.pop(object_key(body), None)
+            self.ctx.statuses.forget(body)
             self.ctx.parsed_mailboxes.pop(object_key(body), None)
             self.ctx.mailbox_usage.pop(object_key(body), None)
             return
         mail_domain = specs.node.domain_of((body.get("spec") or {}).get("address"))
         if not self.ctx.view.serving(namespace, mail_domain):
-            await mailboxes.write_status(self.ctx, body, mailboxes.domain_not_found(namespace, mail_domain))
+            mailboxes.write_status(self.ctx, body, mailboxes.domain_not_found(namespace, mail_domain))
 
     def owned_changed(self, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
