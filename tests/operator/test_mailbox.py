@@ -149,7 +149,7 @@ async def test_password_secrets_are_read_from_the_watch_not_listed_at_each_recon
 
 
 async def _hash_is(client, address: str, expected: str) -> bool:
-    return (await directory(client)).get(address, {}).get("password_hash") == expected
+    return bool((await directory(client)).get(address, {}).get("password_hash") == expected)
 
 
 async def _addresses(client, expected: set[str]) -> dict[str, Any] | None:
