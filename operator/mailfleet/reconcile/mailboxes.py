@@ -52,7 +52,13 @@ async def served(ctx: Context, domain: api.MailDomain) -> Served:
     # DESIGN.md "Clustering": the directory, not the hash, is the truth. A mailbox keeps the home the
     # current directory records for it (read back: an operator restart rewrites nothing); a new one is
     # placed by rendezvous hashing. One node: every home is 0, nothing to read.
-    recorded = await _recorded_homes(directory) if specs.common.clustered(domain) else {}
+    recorded: Mapping[str, int] = {}
+    if specs.common.clustered(domain):
+        key = (specs.common.namespace(domain), domain.metadata.name)
+        # The homes this operator last wrote into the directory, else (its first reconcile of the domain)
+        # read back from the directory: not ten thousand entries parsed again at every reconcile.
+        written = ctx.placement.get(key)
+        recorded = written[1] if written is not None else await _recorded_homes(directory)
     homes = specs.homes(domain, found.accepted, recorded=recorded)
     for verdict in found.verdicts:
         if verdict.condition.status == "True":
