@@ -179,6 +179,12 @@ def _fetch(url: str) -> str | None:
         return None
 
 
+def _domain_ready(node: Node) -> bool:
+    status = (_get(node, "-n", NAMESPACE, "md", "example-com") or {}).get("status") or {}
+    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+    return ready and status.get("readyReplicas") == 1
+
+
 def _used_bytes(node: Node, name: str) -> int:
     mailbox = _get(node, "-n", NAMESPACE, "mbx", name) or {}
     return int((mailbox.get("status") or {}).get("usedBytes") or 0)
@@ -213,6 +219,8 @@ def test_helm_install_to_the_first_mail_read_back(node: Node, tmp_path: Path, py
     kubectl("apply", "-f", "-", stdin=MANIFESTS)
 
     mail = _wait(node, lambda: _ready_pod(node, NAMESPACE, "example-com-0"), "the mail node pod Ready")
+    # What `kubectl get md` shows: the operator pod saw its node Ready.
+    _wait(node, functools.partial(_domain_ready, node), "MailDomain example-com Ready with 1 ready replica")
     sts = _get(node, "-n", NAMESPACE, "statefulset", "example-com")
     assert sts is not None and sts["spec"]["template"]["spec"]["containers"][0]["image"] == f"{REPOSITORY}:{VERSION}"
     claim = _get(node, "-n", NAMESPACE, "pvc", "data-example-com-0")
