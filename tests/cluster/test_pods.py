@@ -206,7 +206,7 @@ def test_helm_install_to_the_first_mail_read_back(node: Node, tmp_path: Path, py
     selector = "-l", "app.kubernetes.io/name=mailfleet-operator"
     operator = _wait(node, lambda: _ready_pod(node, SYSTEM, *selector), "the operator pod Ready")
     assert operator["spec"]["containers"][0]["image"] == f"{REPOSITORY}:{VERSION}"
-    kubectl("wait", "--for=condition=established", "crd", "--all", "--timeout=60s")
+    kubectl("wait", "--for=condition=established", "crd", "--all", "--timeout=50s")  # within kubectl()'s 60 s
 
     # A TLS Secret for the mail host, from a CA the host's clients trust.
     ca = trustme.CA()
@@ -251,8 +251,8 @@ def test_helm_install_to_the_first_mail_read_back(node: Node, tmp_path: Path, py
     trace = stored.removesuffix(MESSAGE)
     assert trace.startswith(b"Return-Path: <sender@remote.test>\r\n") and b"\r\nReceived: from remote.test" in trace
 
-    metrics = _fetch(f"http://{mail['status']['podIP']}:8080/metrics")
-    assert metrics is not None and 'mailnode_smtp_messages_accepted_total{listener="smtp"} 1.0' in metrics, metrics
+    metrics = _wait(node, lambda: _fetch(f"http://{mail['status']['podIP']}:8080/metrics"), "the pod's /metrics")
+    assert 'mailnode_smtp_messages_accepted_total{listener="smtp"} 1.0' in metrics, metrics
     used = _wait(node, lambda: _used_bytes(node, "alice"), "alice's status.usedBytes from the operator pod")
     assert used >= len(MESSAGE)
     # The store on the PersistentVolume, written by the node's user (the hostPath volume is the node's
@@ -275,6 +275,11 @@ def test_helm_install_to_the_first_mail_read_back(node: Node, tmp_path: Path, py
     assert data_volume["persistentVolumeClaim"]["claimName"] == "data-example-com-0"
     again = _wait(node, lambda: _read_inbox(address, context), "alice's message after the restart", within=120)
     assert again == [stored]
+
+    # Neither the operator (in-cluster login, liveness probe) nor the new node restarted on the way.
+    for namespace, name in [(SYSTEM, operator["metadata"]["name"]), (NAMESPACE, "example-com-0")]:
+        pod = _get(node, "-n", namespace, "pod", name)
+        assert pod is not None and pod["status"]["containerStatuses"][0]["restartCount"] == 0, _diagnostics(node)
 
     # The chart's own test hook, on the same image.
     tested = _helm(node, "test", RELEASE, "--logs", f"--timeout={int(PODS)}s")
