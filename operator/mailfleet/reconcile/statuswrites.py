@@ -57,7 +57,9 @@ class MailboxStatuses:
         self._client, self._recorder = client, recorder
         self.remembered: dict[str, kube_types.MailboxStatus] = {}  # uid -> the status last written
         self._pending: dict[str, Verdict] = {}  # uid -> the latest verdict not yet written
-        self._queue: WorkQueue[str] = WorkQueue(self._write, workers=writers, delay=0.0, retry=1.0, retry_max=30.0)
+        self._queue: WorkQueue[str] = WorkQueue(
+            self._write, workers=writers, delay=0.0, retry=1.0, retry_max=30.0, what="status write of Mailbox"
+        )
         self._started = False
 
     def submit(self, verdicts: Iterable[Verdict]) -> None:

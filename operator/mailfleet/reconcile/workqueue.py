@@ -41,6 +41,7 @@ class WorkQueue(Generic[K]):
         retry_max: float = 60.0,
         on_depth: Callable[[int], None] | None = None,
         spacing: float = 0.0,
+        what: str = "reconcile",
     ) -> None:
         self._work = work
         self._workers = workers
@@ -55,6 +56,7 @@ class WorkQueue(Generic[K]):
         self._again: dict[K, float] = {}  # keys added while active: when to run them next
         self._failures: dict[K, int] = {}
         self._spacing = spacing
+        self._what = what  # names the work in the log: "reconcile of <key> failed"
         self._rested: dict[K, float] = {}  # key -> the earliest its next run may start (spacing)
         self._changed = asyncio.Event()
         self._idle = asyncio.Event()
@@ -134,7 +136,7 @@ class WorkQueue(Generic[K]):
                 failures = self._failures.get(key, 0) + 1
                 self._failures[key] = failures
                 delay = min(self._retry * 2 ** (failures - 1), self._retry_max)
-                log.exception("reconcile of %s failed (attempt %d); retrying in %.0f s", key, failures, delay)
+                log.exception("%s of %s failed (attempt %d); retrying in %.0f s", self._what, key, failures, delay)
                 self._again[key] = min(self._again.get(key, float("inf")), time.monotonic() + delay)
             else:
                 self._failures.pop(key, None)
