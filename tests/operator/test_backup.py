@@ -347,15 +347,13 @@ async def test_a_restarted_operator_asks_again_for_a_running_archive(api: ApiSer
 
 
 async def completed_backup(client: k8s.Client, name: str = "b1", *, method: str = "VolumeSnapshot") -> None:
-    """A Completed MailBackup of a MailDomain gone by now, with its ready VolumeSnapshot."""
-    await client.create(mailbackup(name, domain_ref="old", method=method))
+    """A Completed MailBackup of a MailDomain gone by now, with its ready VolumeSnapshot. Created with its
+    status (the emulator keeps it; the status write after it is what a real API server needs): a running
+    operator that saw it without a phase would take it (and fail it: its domain is gone)."""
     snapshots = [f"{name}-0"] if method == "VolumeSnapshot" else [f"old-0:/var/lib/mailnode/backups/{name}.tar"]
-    await set_status(
-        client,
-        MAILBACKUP,
-        name,
-        {"phase": "Completed", "startedAt": _now(), "completedAt": _now(), "snapshots": snapshots},
-    )
+    status = {"phase": "Completed", "startedAt": _now(), "completedAt": _now(), "snapshots": snapshots}
+    await client.create({**mailbackup(name, domain_ref="old", method=method), "status": status})
+    await set_status(client, MAILBACKUP, name, status)
     if method == "VolumeSnapshot":
         await client.create(
             {
