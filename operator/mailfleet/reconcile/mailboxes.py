@@ -27,6 +27,7 @@ from mailwire.directory import is_password_hash
 # Above this many distinct password Secrets a reconcile lists the namespace's Secrets once instead of
 # reading each one.
 LIST_SECRETS_ABOVE: Final = 20
+_NO_STATUS: Final = api.MailboxStatus()  # the status of every remembered Mailbox model (see _parse)
 
 
 @dataclasses.dataclass
@@ -196,7 +197,9 @@ def _parse(ctx: Context, body: kube_types.Mailbox) -> tuple[api.Mailbox | None, 
     kept = {field: value for field, value in body.items() if field not in ("status", "metadata")}
     kept["metadata"] = {"name": meta.get("name"), "namespace": meta.get("namespace")}
     try:
-        result: tuple[api.Mailbox | None, str] = (api.Mailbox.model_validate(kept), "")
+        model = api.Mailbox.model_validate(kept)
+        # one empty status (frozen) shared by all the remembered models, not one each: nothing reads it
+        result: tuple[api.Mailbox | None, str] = (model.model_copy(update={"status": _NO_STATUS}), "")
     except pydantic.ValidationError as error:
         result = (None, api.validation_message(error))
     ctx.parsed_mailboxes[key[0]] = (key[1], *result)
