@@ -229,3 +229,18 @@ async def test_a_status_write_the_api_refuses_is_tried_again() -> None:
     assert [_ready_reason(p) for p in client.patches] == ["SecretNotFound"]
     assert [event["reason"] for event in client.created] == ["SecretNotFound"]
     await ctx.statuses.stop()
+
+
+async def test_a_verdict_the_status_says_already_is_not_queued_and_a_shown_write_is_forgotten() -> None:
+    client = _RecordingClient()
+    ctx = recording_context(client)
+    served = Condition("Ready", "True", "Served", "in the directory of MailDomain example-com")
+    body: kube_types.Mailbox = {"metadata": {"name": "alice", "namespace": "mail", "uid": "u1", "generation": 1}}
+    await written(ctx, body, served)
+    assert len(ctx.statuses.remembered) == 1  # the watch has not shown the write yet
+    shown: kube_types.Mailbox = {**body, "status": client.patches[0]["status"]}
+    mailboxes.write_status(ctx, shown, served)  # the next reconcile's verdict, on the body the watch shows now
+    assert len(ctx.statuses) == 0  # nothing to write: not even queued
+    assert ctx.statuses.remembered == {}  # and nothing left to remember
+    assert len(client.patches) == 1
+    await ctx.statuses.stop()

@@ -27,6 +27,7 @@ from mailwire.directory import is_password_hash
 # Above this many distinct password Secrets a reconcile lists the namespace's Secrets once instead of
 # reading each one.
 LIST_SECRETS_ABOVE: Final = 20
+_NO_STATUS: Final = api.MailboxStatus()  # the status of every remembered Mailbox model (see _parse)
 
 
 @dataclasses.dataclass
@@ -191,9 +192,14 @@ def _parse(ctx: Context, body: kube_types.Mailbox) -> tuple[api.Mailbox | None, 
     key = (object_key(body), body["metadata"].get("generation"))
     if (known := ctx.parsed_mailboxes.get(key[0])) is not None and known[0] == key[1]:
         return known[1], known[2]
-    without_status = {field: value for field, value in body.items() if field != "status"}
+    # Its name and namespace are all of the metadata the reconcile reads (a sixth of a model's memory).
+    meta = body["metadata"]
+    kept = {field: value for field, value in body.items() if field not in ("status", "metadata")}
+    kept["metadata"] = {"name": meta.get("name"), "namespace": meta.get("namespace")}
     try:
-        result: tuple[api.Mailbox | None, str] = (api.Mailbox.model_validate(without_status), "")
+        model = api.Mailbox.model_validate(kept)
+        # one empty status (frozen) shared by all the remembered models, not one each: nothing reads it
+        result: tuple[api.Mailbox | None, str] = (model.model_copy(update={"status": _NO_STATUS}), "")
     except pydantic.ValidationError as error:
         result = (None, api.validation_message(error))
     ctx.parsed_mailboxes[key[0]] = (key[1], *result)

@@ -42,6 +42,15 @@ class Verdict:
     node: str | Node | None = None
 
 
+def _says(shown: kube_types.MailboxStatus, written: kube_types.MailboxStatus) -> bool:
+    """Whether the status the watch shows is the one written (its conditions, generation and node)."""
+    return (
+        conditions.same(shown.get("conditions"), written.get("conditions") or [])
+        and shown.get("observedGeneration") == written.get("observedGeneration")
+        and shown.get("node") == written.get("node")
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class _Change:
     conditions: list[kube_types.Condition]  # to write
@@ -63,8 +72,13 @@ class MailboxStatuses:
         self._started = False
 
     def submit(self, verdicts: Iterable[Verdict]) -> None:
+        at = conditions.now()
         for verdict in verdicts:
             key = object_key(verdict.body)
+            # A reconcile hands over a verdict for every Mailbox of its domain, and most say what the
+            # status says already: those are not queued (unless an older verdict waits, which this replaces).
+            if key not in self._pending and self._change(verdict, at) is None:
+                continue
             self._pending[key] = verdict
             self._queue.add(key)
         if not self._started and self._pending:
@@ -101,7 +115,10 @@ class MailboxStatuses:
     def _change(self, verdict: Verdict, at: str) -> _Change | None:
         """What to write to the Mailbox's status, or None when it says this already."""
         body, condition, node = verdict.body, verdict.condition, verdict.node
-        status = self.remembered.get(object_key(body)) or body.get("status") or {}
+        key = object_key(body)
+        status = self.remembered.get(key) or body.get("status") or {}
+        if key in self.remembered and _says(body.get("status") or {}, status):
+            del self.remembered[key]  # the watch shows the write now: nothing to remember
         generation = body["metadata"].get("generation")
         merged = conditions.merge(status.get("conditions"), [condition], generation=generation, at=at)
         same_node = node is Node.KEEP or status.get("node") == node
