@@ -4,6 +4,7 @@ the operator's watch shows them, is fed by handlers.py."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -37,12 +38,13 @@ class Seen:
 
     def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
-        key = (str(meta.get("namespace")), str(meta.get("name")))
+        key = (sys.intern(str(meta.get("namespace"))), str(meta.get("name")))
         data = body.get("data") or {}
         if event_type == "DELETED" or sum(len(str(value)) for value in data.values()) > SEEN_LIMIT:
             self._values.pop(key, None)
             return
-        self._values[key] = strings(dict(body))  # type: ignore[arg-type]  # a Secret's JSON
+        values = strings(dict(body))  # type: ignore[arg-type]  # a Secret's JSON
+        self._values[key] = {sys.intern(name): value for name, value in values.items()}  # "password" once
 
     def get(self, namespace: str, name: str) -> dict[str, str] | None:
         return self._values.get((namespace, name))

@@ -90,6 +90,8 @@ async def _served(ctx: Context, domain: api.MailDomain, directory: _DirectoryNow
     verdicts: list[Verdict] = []
     taken: dict[str, str] = {}  # address or alias -> Mailbox name
     hashing: dict[str, asyncio.Task[str]] = {}
+    # the verdict of every Mailbox served: one Condition for ten thousand of them, not one each
+    served = Condition("Ready", "True", "Served", f"in the directory of MailDomain {domain.metadata.name}")
     previous: dict[tuple[str, str], str] | None = None  # the directory's hashes now, read when needed
     for body, mailbox, invalid in parsed:
         if mailbox is None:
@@ -120,11 +122,7 @@ async def _served(ctx: Context, domain: api.MailDomain, directory: _DirectoryNow
                 ctx.hasher.hash(value, source=f"{namespace}/{source}", candidate=candidate)
             )
         accepted.append(mailbox)
-        verdicts.append(
-            Verdict(
-                body, Condition("Ready", "True", "Served", f"in the directory of MailDomain {domain.metadata.name}")
-            )
-        )
+        verdicts.append(Verdict(body, served))
     if hashing:
         await asyncio.gather(*hashing.values())
     passwords.update({source: task.result() for source, task in hashing.items()})
