@@ -193,6 +193,7 @@ def test_a_volume_snapshot_backup_and_a_restore_on_csi(node: Node, tmp_path: Pat
             kubectl("apply", "-f", "-", stdin=CLASSES)
             csinode = functools.partial(kubectl, "get", "csinode", node.name, "-o", "json", check=False)
             _wait(node, storage, lambda: DRIVER in csinode().stdout, "kubelet registered the driver", within=120)
+            kubectl("create", "namespace", NAMESPACE)  # before the chart, which gives the operator a Role in it
             install = _helm(
                 node, "install", RELEASE, str(ROOT / "charts" / "mailfleet"), "--create-namespace",
                 f"--set=image.repository={REPOSITORY}", f"--set=image.tag={VERSION}",
@@ -205,7 +206,6 @@ def test_a_volume_snapshot_backup_and_a_restore_on_csi(node: Node, tmp_path: Pat
             cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
             cert.write_bytes(certificate.cert_chain_pems[0].bytes())
             key.write_bytes(certificate.private_key_pem.bytes())
-            kubectl("create", "namespace", NAMESPACE)
             kubectl(
                 "-n", NAMESPACE, "create", "secret", "tls", "mail-example-com-tls", f"--cert={cert}", f"--key={key}"
             )
