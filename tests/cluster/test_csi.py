@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.cluster.conftest import BIN, ROOT, _built
+from tests.cluster.conftest import ROOT, _built
 from tests.cluster.node import Node, until
 from tests.cluster.test_pods import (
     MESSAGE,
@@ -38,8 +38,10 @@ from tests.cluster.test_pods import (
     REPOSITORY,
     VERSION,
     _banner,
+    _deliver,
     _diagnostics,
     _get,
+    _helm,
     _read_inbox,
     _ready_pod,
 )
@@ -160,15 +162,6 @@ def _wait(node: Node, storage: Storage, probe: Any, what: str, *, within: float 
         pytest.fail(f"{failure}\n{_diagnostics(node)}\n{storage.logs()}")
 
 
-def _helm(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "helm"), *args, "--namespace", SYSTEM, "--kubeconfig", str(node.plane.kubeconfig)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def _csi_volumes(node: Node) -> list[str]:
     volumes = (_get(node, "pv") or {}).get("items", [])
     return [v["metadata"]["name"] for v in volumes if v["spec"].get("csi", {}).get("driver") == DRIVER]
@@ -197,7 +190,7 @@ def test_a_volume_snapshot_backup_and_a_restore_on_csi(node: Node, tmp_path: Pat
             install = _helm(
                 node, "install", RELEASE, str(ROOT / "charts" / "mailfleet"), "--create-namespace",
                 f"--set=image.repository={REPOSITORY}", f"--set=image.tag={VERSION}",
-                "--set=image.pullPolicy=Never", f"--set=watchNamespaces={{{NAMESPACE}}}",
+                "--set=image.pullPolicy=Never", f"--set=watchNamespaces={{{NAMESPACE}}}", namespace=SYSTEM,
             )  # fmt: skip
             assert install.returncode == 0, install.stderr
             kubectl("wait", "--for=condition=established", "crd", "--all", "--timeout=50s")
@@ -222,14 +215,7 @@ def test_a_volume_snapshot_backup_and_a_restore_on_csi(node: Node, tmp_path: Pat
             assert service is not None
             address = service["spec"]["clusterIP"]
             _wait(node, storage, functools.partial(_banner, address, 25), "SMTP through the Service", within=120)
-            data = tmp_path / "message.eml"
-            data.write_bytes(MESSAGE.removesuffix(b"\r\n"))
-            sent = subprocess.run(
-                [swaks, "--server", address, "--port", "25", "--helo", "remote.test", "--from", "sender@remote.test",
-                 "--to", "alice@example.com", "--data", str(data), "--timeout", "30"],
-                capture_output=True, text=True, timeout=120,
-            )  # fmt: skip
-            assert sent.returncode == 0 and "<-  250 2.0.0 Ok: stored as" in sent.stdout, sent.stdout + sent.stderr
+            _deliver(swaks, address, tmp_path)
             context = ssl.create_default_context()
             ca.configure_trust(context)
             [stored] = _wait(node, storage, lambda: _read_inbox(address, context), "alice's message", within=120)
@@ -264,7 +250,7 @@ def test_a_volume_snapshot_backup_and_a_restore_on_csi(node: Node, tmp_path: Pat
         finally:
             # While the daemons run: claims and snapshots deleted through them, the driver's mounts undone.
             kubectl("delete", "namespace", NAMESPACE, "--wait=true", "--timeout=50s", check=False)
-            _helm(node, "uninstall", RELEASE, "--wait")
+            _helm(node, "uninstall", RELEASE, "--wait", namespace=SYSTEM)
             kubectl("delete", "namespace", SYSTEM, "--wait=true", "--timeout=50s", check=False)
             _wait(node, storage, lambda: not _csi_volumes(node), "the CSI volumes deleted", within=120)
             kubectl("delete", "-f", "-", stdin=CLASSES, check=False)

@@ -123,13 +123,25 @@ def _wait(node: Node, probe: Callable[[], Any], what: str, *, within: float = PO
         pytest.fail(f"{failure}\n{_diagnostics(node)}")
 
 
-def _helm(node: Node, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _helm(node: Node, *args: str, namespace: str = SYSTEM, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / "helm"), *args, "--namespace", SYSTEM, "--kubeconfig", str(node.plane.kubeconfig)],
+        [str(BIN / "helm"), *args, "--namespace", namespace, "--kubeconfig", str(node.plane.kubeconfig)],
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def _deliver(swaks: str, address: str, tmp_path: Path) -> None:
+    """MESSAGE to alice with swaks through the Service at `address`, port 25: stored (250)."""
+    data = tmp_path / "message.eml"
+    data.write_bytes(MESSAGE.removesuffix(b"\r\n"))  # swaks ends the DATA with CRLF . CRLF itself
+    sent = subprocess.run(
+        [swaks, "--server", address, "--port", "25", "--helo", "remote.test", "--from", "sender@remote.test",
+         "--to", "alice@example.com", "--data", str(data), "--timeout", "30"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert sent.returncode == 0 and "<-  250 2.0.0 Ok: stored as" in sent.stdout, sent.stdout + sent.stderr
 
 
 def _banner(address: str, port: int) -> bool:
@@ -234,14 +246,7 @@ def test_helm_install_to_the_first_mail_read_back(node: Node, tmp_path: Path, py
     assert service is not None  # a LoadBalancer by default (none here): its ClusterIP serves all the same
     address = service["spec"]["clusterIP"]
     _wait(node, functools.partial(_banner, address, 25), "SMTP through the Service", within=120)
-    data = tmp_path / "message.eml"
-    data.write_bytes(MESSAGE.removesuffix(b"\r\n"))  # swaks ends the DATA with CRLF . CRLF itself
-    sent = subprocess.run(
-        [swaks, "--server", address, "--port", "25", "--helo", "remote.test", "--from", "sender@remote.test",
-         "--to", "alice@example.com", "--data", str(data), "--timeout", "30"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert sent.returncode == 0 and "<-  250 2.0.0 Ok: stored as" in sent.stdout, sent.stdout + sent.stderr
+    _deliver(swaks, address, tmp_path)
 
     context = ssl.create_default_context()
     ca.configure_trust(context)
