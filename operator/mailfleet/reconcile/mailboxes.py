@@ -24,8 +24,8 @@ from mailfleet.reconcile.context import SECRET, Context, DomainKey, object_key
 from mailfleet.reconcile.statuswrites import Node, Verdict
 from mailwire.directory import is_password_hash
 
-# Above this many distinct password Secrets a reconcile lists the namespace's Secrets once instead of
-# reading each one.
+# Above this many password Secrets the watch has not shown (k8s.secrets.Seen), a reconcile lists the
+# namespace's Secrets once instead of reading each one.
 LIST_SECRETS_ABOVE: Final = 20
 _NO_STATUS: Final = api.MailboxStatus()  # the status of every remembered Mailbox model (see _parse)
 
