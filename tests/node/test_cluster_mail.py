@@ -141,7 +141,10 @@ def test_with_the_home_down_the_message_waits_in_the_queue_and_arrives_once(clus
          "--token-file", str(cluster.token_file)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert retried.returncode == 0, retried.stderr
+    # The queue's own retry (10 s after the failed attempt) may hand the message over first: then the
+    # id is no longer queued and `retry` says so. Either way the message must arrive once.
+    delivered_first = f"no message {message['id']} in the queue" in retried.stderr
+    assert retried.returncode == 0 or delivered_first, retried.stderr
     wait_for("the queue to empty", lambda: queue(node0) == [])
     [stored] = node1.files.stored(f"bob@{DOMAIN}")
     assert stored.count(b"Received: ") == 1
