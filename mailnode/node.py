@@ -36,7 +36,7 @@ from mailnode.gateway import Gateway
 from mailnode.imap import proxy as imap_proxy
 from mailnode.imap import server as imap
 from mailnode.metrics import NodeMetrics
-from mailnode.queue import handoff, routing
+from mailnode.queue import handoff, mtasts, routing
 from mailnode.queue.delivery import Deliverer
 from mailnode.queue.spool import Spool
 from mailnode.smtp import lmtp
@@ -225,9 +225,12 @@ class Node:
             host, _, target_port = target.rpartition(":")
             transports[domain] = (host, int(target_port))
         relay_host = self._relay_host()
+        resolver = routing.DNSPythonResolver()
+        # RFC 8461: other domains' MTA-STS policies, for the mail routed by their MX records
+        mta_sts = mtasts.Policies(resolver=resolver) if smtp_config.mta_sts else None
         try:
             self.deliverer = Deliverer(
-                self.spool, hostname=self.config.hostname, resolver=routing.DNSPythonResolver(),
+                self.spool, hostname=self.config.hostname, resolver=resolver, mta_sts=mta_sts,
                 relay_host=relay_host, deliver_locally=self._deliver_bounce, metrics=self.metrics,
                 lifetime=smtp_config.queue_lifetime, transports=transports, handoffs=self.handoffs,
             )  # fmt: skip
