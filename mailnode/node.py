@@ -303,7 +303,7 @@ class Node:
         )  # fmt: skip
         self._runner, self.ports["http"] = await http.start(app, host=listen.host, port=listen.http)
         if context is not None:
-            await self._start_web(context=context, gate=gates["https"], proxy=proxy)
+            await self._start_web(context=context, gate=gates["https"], proxy=proxy, internal_token=internal_token)
         watched: list[tuple[Callable[[], object], float]] = [(self.watcher.check, self.config.directory_poll_interval)]
         if self.tls is not None:
             watched.append((self.tls.check, self._tls_poll_interval))
@@ -313,15 +313,17 @@ class Node:
         log.info("node ready", extra={"fields": {"node": self.config.node_name, "ports": self.ports}})
 
     async def _start_web(
-        self, *, context: ssl.SSLContext, gate: door.ConnectionGate, proxy: door.ProxyPolicy | None
-    ) -> None:
+        self, *, context: ssl.SSLContext, gate: door.ConnectionGate, proxy: door.ProxyPolicy | None,
+        internal_token: str | None,
+    ) -> None:  # fmt: skip
         """The HTTPS listener: autoconfiguration, the MTA-STS policy, CalDAV/CardDAV (mailnode.web)."""
         clients = web_server.Clients()
         dav_handler = None
         if self.config.web.dav:
             dav_handler = dav.DAV(
                 mail_root=self.config.data_dir, authenticator=self.authenticator, cluster=self.cluster,
-                gateway=self.gateway, client_host=clients.host, max_request=self.config.web.max_request,
+                directory=lambda: self.watcher.current, gateway=self.gateway, client_host=clients.host,
+                max_request=self.config.web.max_request, internal_token=internal_token,
             )  # fmt: skip
         app = web_server.Site(self.config, dav_handler=dav_handler).app()
         self._web = await web_server.start(

@@ -183,6 +183,7 @@ class PeerConfig(FileModel):
     lmtp: int = pydantic.Field(2424, ge=1, le=65535)
     imap_proxy: int = pydantic.Field(1431, ge=1, le=65535)
     http: int = pydantic.Field(8080, ge=1, le=65535)
+    https: int = pydantic.Field(8443, ge=1, le=65535)  # DAV requests of mailboxes homed there (mailnode.web.dav)
 
 
 class ClusterConfig(FileModel):

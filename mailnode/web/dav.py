@@ -12,6 +12,11 @@ Why this shape:
 - Storage is per mailbox: `<mailbox directory>/.dav/` (a name no IMAP folder can have: the store
   encodes a leading dot), one Radicale application per mailbox (its lock file in that directory), so
   a VolumeSnapshot of the volume holds calendars and contacts next to the mail.
+- Clustered, a mailbox's calendars are on its home node: another node checks the password, then
+  relays the request to the home's HTTPS port as the IMAP proxy does, with the domain's internal token
+  instead of the user's password (`Authorization: Bearer`, the user in X-Mailfleet-User), and relays
+  the answer back. The hop's TLS is not verified: the token, not the certificate, proves the peer (the
+  IMAP hop carries it in clear on the internal port).
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import hmac
 import io
 import json
 import logging
+import ssl
 import sys
 import threading
 import urllib.parse
@@ -29,12 +36,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
 
+import aiohttp
 import radicale.config
 from aiohttp import web
 from radicale.app import Application
 
 from mailnode.auth import Authenticator
-from mailnode.cluster import Cluster
+from mailnode.cluster import Cluster, UnknownPeer
+from mailnode.config import Directory, MailboxEntry
 from mailnode.gateway import Gateway
 from mailnode.store import maildir
 
@@ -52,6 +61,9 @@ PREDEFINED: Final = {
 }
 # Hop-by-hop headers (RFC 9110 §7.6.1) and the ones aiohttp sets itself
 _SKIPPED_RESPONSE_HEADERS: Final = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
+USER_HEADER: Final = "x-mailfleet-user"  # the mailbox of a request a peer relays
+_SKIPPED_RELAYED_HEADERS: Final = _SKIPPED_RESPONSE_HEADERS | {"host", "authorization", USER_HEADER}
+RELAY_TIMEOUT: Final = 60.0  # seconds for the home's answer to a relayed request
 
 
 class _Apps:
@@ -99,38 +111,88 @@ class DAV:
         *,
         mail_root: Path,
         authenticator: Authenticator,
+        directory: Callable[[], Directory],
         cluster: Cluster,
         gateway: Gateway,
         client_host: Callable[[web.Request], str],
         max_request: int,
+        internal_token: str | None = None,
     ) -> None:
+        self._internal_token = internal_token
+        self._relay_session: aiohttp.ClientSession | None = None
         self._mail_root = mail_root
         self._authenticator = authenticator
+        self._directory = directory
         self._cluster = cluster
         self._gateway = gateway
         self._client_host = client_host
         self._apps = _Apps(max_request=max_request)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        credentials = _basic_credentials(request.headers.get("Authorization", ""))
-        if credentials is None:
-            return _unauthorized()
-        remote = self._client_host(request)
-        entry = await self._authenticator.authenticate(*credentials, remote=remote, protocol="dav")
+        entry = self._relayed_user(request)
         if entry is None:
-            return _unauthorized()
-        if not self._cluster.is_home(entry):
-            # Calendars live on the mailbox's home node only; proxying to it is not built yet.
-            return web.Response(status=503, text="this mailbox's calendars and contacts are on another node\n")
+            credentials = _basic_credentials(request.headers.get("Authorization", ""))
+            if credentials is None:
+                return _unauthorized()
+            remote = self._client_host(request)
+            entry = await self._authenticator.authenticate(*credentials, remote=remote, protocol="dav")
+            if entry is None:
+                return _unauthorized()
+            if not self._cluster.is_home(entry):
+                return await self._relay(request, entry)
         body = await request.read()  # bounded by the application's client_max_size
         folder = maildir.mailbox_dir(self._mail_root, entry.address) / DAV_DIR
-        environ = _environ(request, body=body, user=entry.address, remote=remote)
+        environ = _environ(request, body=body, user=entry.address, remote=self._client_host(request))
         status, headers, content = await self._gateway.run(self._call, folder, environ)
         response = web.Response(status=status, body=content)
         for name, value in headers:
             if name.lower() not in _SKIPPED_RESPONSE_HEADERS:
                 response.headers.add(name, value)
         return response
+
+    def _relayed_user(self, request: web.Request) -> MailboxEntry | None:
+        """The mailbox of a request a peer relayed (its internal token and X-Mailfleet-User), homed here."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        user = request.headers.get(USER_HEADER)
+        if self._internal_token is None or scheme.lower() != "bearer" or user is None:
+            return None
+        if not hmac.compare_digest(token.strip().encode(), self._internal_token.encode()):
+            return None
+        entry = self._directory().get(user)
+        return entry if entry is not None and not entry.suspended and self._cluster.is_home(entry) else None
+
+    async def _relay(self, request: web.Request, entry: MailboxEntry) -> web.StreamResponse:
+        """The request, as the user made it, to the mailbox's home node; its answer back."""
+        try:
+            peer = self._cluster.peer(entry.home)
+        except UnknownPeer:
+            return web.Response(status=503, text="this mailbox's node is not known here yet\n")
+        if self._internal_token is None:  # a clustered node always has one (Node.start insists)
+            return web.Response(status=503, text="no internal token\n")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _SKIPPED_RELAYED_HEADERS}
+        headers.update({"Authorization": f"Bearer {self._internal_token}", USER_HEADER: entry.address})
+        headers["Host"] = request.headers.get("Host", "")
+        if self._relay_session is None:
+            timeout = aiohttp.ClientTimeout(total=RELAY_TIMEOUT)
+            self._relay_session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+        try:
+            async with self._relay_session.request(
+                request.method, f"https://{peer.host}:{peer.https}{request.raw_path}", headers=headers,
+                data=await request.read(), ssl=_UNVERIFIED, allow_redirects=False,
+            ) as answer:  # fmt: skip
+                content = await answer.read()
+                response = web.Response(status=answer.status, body=content)
+                for name, value in answer.headers.items():
+                    if name.lower() not in _SKIPPED_RESPONSE_HEADERS:
+                        response.headers.add(name, value)
+                return response
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            log.info("DAV relay to the home failed", extra={"fields": {"home": entry.home, "error": str(error)}})
+            return web.Response(status=503, text="this mailbox's node does not answer; try again later\n")
+
+    async def close(self) -> None:
+        if self._relay_session is not None:
+            await self._relay_session.close()
 
     def _call(self, folder: Path, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
         """One request through Radicale (in a Gateway thread): status, headers and the whole body
@@ -149,6 +211,16 @@ class DAV:
             if close is not None:
                 close()
         return answer["status"], answer["headers"], content
+
+
+def _unverified() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+_UNVERIFIED: Final = _unverified()
 
 
 def _basic_credentials(header: str) -> tuple[str, str] | None:

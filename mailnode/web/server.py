@@ -61,7 +61,12 @@ class Site:
                 app.router.add_route("*", f"/.well-known/{name}", self.well_known_dav)
             app.router.add_route("*", dav.PREFIX, self._dav.handle)
             app.router.add_route("*", dav.PREFIX + "/{tail:.*}", self._dav.handle)
+            app.on_cleanup.append(self._close)
         return app
+
+    async def _close(self, app: web.Application) -> None:
+        if self._dav is not None:
+            await self._dav.close()
 
     def _served(self, domain: str) -> str | None:
         """The primary domain of a domain this node serves, else None."""

@@ -230,7 +230,10 @@ def _write_domain(
     all_ports = [ports(base_port, index, internal=clustered) for index in indexes]
     if clustered:
         # DESIGN.md "Clustering": every node by ordinal, this one included, as the operator lists the pods
-        peers = [{"host": HOST, "lmtp": p["lmtp"], "imap_proxy": p["imap_proxy"], "http": p["http"]} for p in all_ports]
+        peers = [
+            {"host": HOST, "lmtp": p["lmtp"], "imap_proxy": p["imap_proxy"], "http": p["http"], "https": p["https"]}
+            for p in all_ports
+        ]
         config["cluster"] = {"peers": peers}
     nodes: list[Node] = []
     dns_records = files.dns_lines(domain, dkim_record=dkim_record)

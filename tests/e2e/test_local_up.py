@@ -330,7 +330,13 @@ def test_a_domain_of_three_replicas_runs_three_nodes(local_up: Callable[..., Loc
     assert len(up.node_pids) == 3
     root = up.state / "example-org"
     peers = [
-        {"host": "127.0.0.1", "lmtp": base + 10 * i + 6, "imap_proxy": base + 10 * i + 7, "http": base + 10 * i + 5}
+        {
+            "host": "127.0.0.1",
+            "lmtp": base + 10 * i + 6,
+            "imap_proxy": base + 10 * i + 7,
+            "http": base + 10 * i + 5,
+            "https": base + 10 * i + HTTPS_OFFSET,
+        }
         for i in range(3)
     ]
     for ordinal in range(3):

@@ -6,6 +6,8 @@
 - CardDAV and CalDAV both ways with vdirsyncer (a contact made on the client reaches the server, one
   made on the server reaches the client);
 - passwords and app passwords as for IMAP; a wrong one is 401 and counted;
+- clustered: a mailbox's calendars through any node, kept on its home (relayed with the internal token,
+  which a client cannot forge);
 - the listener's gate (per client) and its bounds (request size).
 """
 
@@ -32,7 +34,7 @@ from caldav.davclient import DAVClient
 from mailnode.web import autoconfig
 from mailwire import mtasts
 from tests.conftest import cheap_hash
-from tests.node.conftest import DOMAIN, PASSWORD, NodeFactory, RunningNode, mailbox
+from tests.node.conftest import DOMAIN, PASSWORD, NodeFactory, RunningNode, free_ports, mailbox
 
 USER = f"user@{DOMAIN}"
 APP_PASSWORD = "app password for the phone"
@@ -342,3 +344,37 @@ def test_listener_gate_and_request_size(node_factory: NodeFactory, client_tls: s
         for sock in held:
             sock.close()
     wait_for(lambda: open_now() == 0, "the held connections to close")
+
+
+# -- clustered --------------------------------------------------------------------------------------------
+
+
+def test_dav_through_any_node_is_kept_on_the_home(node_factory: NodeFactory, ca_file: Path, tmp_path: Path) -> None:
+    token_file = tmp_path / "internal-token"
+    token_file.write_text("internal-token-of-example-com\n")
+    ports = free_ports(8)  # known to the peers up front
+    lmtp, http, imap_proxy, https = ports[0:2], ports[2:4], ports[4:6], ports[6:8]
+    peers = [
+        {"host": "127.0.0.1", "lmtp": lmtp[i], "imap_proxy": imap_proxy[i], "http": http[i], "https": https[i]}
+        for i in range(2)
+    ]
+    nodes = [
+        node_factory(
+            [mailbox(USER, home=1)], name=f"node{i}", cluster={"ordinal": i, "peers": peers},
+            listen={"lmtp": lmtp[i], "imap_proxy": imap_proxy[i], "http": http[i], "https": https[i]},
+            internal={"token_file": str(token_file)},
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    url = f"https://127.0.0.1:{nodes[0].port('https')}/.well-known/caldav"  # node 0: not the home
+    with DAVClient(url=url, username=USER, password=PASSWORD, ssl_verify_cert=str(ca_file)) as client:
+        [calendar] = client.principal().calendars()  # type: ignore[no-untyped-call]
+        calendar.save_event(EVENT)
+    [event] = server_items(nodes[1], "calendar", ca_file)  # read from the home itself
+    assert "UID:standup-1@example.com" in event
+    homes = [node.files.data_dir / "mail" / DOMAIN / "user" / ".dav" for node in nodes]
+    assert not homes[0].exists() and homes[1].is_dir()
+    # the hop's credential is the internal token: a client that sends its own header gets nothing by it
+    forged = {"Authorization": "Bearer not-the-token", "X-Mailfleet-User": USER, "Depth": "0"}
+    status, _, _ = fetch(nodes[1], f"/dav/{USER}/", client_context(ca_file), headers=forged, method="PROPFIND")
+    assert status == 401
