@@ -92,11 +92,13 @@ class Site:
             raise web.HTTPMethodNotAllowed(request.method, ["POST"])
         if request.content_length is not None and request.content_length > AUTODISCOVER_MAX_BODY:
             raise web.HTTPRequestEntityTooLarge(max_size=AUTODISCOVER_MAX_BODY, actual_size=request.content_length)
-        body = await request.content.read(AUTODISCOVER_MAX_BODY + 1)
-        if len(body) > AUTODISCOVER_MAX_BODY:
-            raise web.HTTPRequestEntityTooLarge(max_size=AUTODISCOVER_MAX_BODY, actual_size=len(body))
+        body = bytearray()
+        while chunk := await request.content.readany():  # the whole body, never more than the bound
+            body += chunk
+            if len(body) > AUTODISCOVER_MAX_BODY:
+                raise web.HTTPRequestEntityTooLarge(max_size=AUTODISCOVER_MAX_BODY, actual_size=len(body))
         try:
-            address = autoconfig.autodiscover_address(body)
+            address = autoconfig.autodiscover_address(bytes(body))
         except autoconfig.AutodiscoverError as error:
             raise web.HTTPBadRequest(text=f"{error}\n") from error
         if self._served(address.rpartition("@")[2]) is None:

@@ -378,3 +378,18 @@ def test_dav_through_any_node_is_kept_on_the_home(node_factory: NodeFactory, ca_
     forged = {"Authorization": "Bearer not-the-token", "X-Mailfleet-User": USER, "Depth": "0"}
     status, _, _ = fetch(nodes[1], f"/dav/{USER}/", client_context(ca_file), headers=forged, method="PROPFIND")
     assert status == 401
+
+
+def test_a_client_that_stops_sending_is_closed(node_factory: NodeFactory, client_tls: ssl.SSLContext) -> None:
+    node = node_factory(web={"idle_timeout": 0.5})
+    sock = client_tls.wrap_socket(
+        socket.create_connection(("127.0.0.1", node.port("https")), timeout=60), server_hostname="localhost"
+    )
+    with sock:
+        # a request whose body never comes (slowloris on the body, where aiohttp's keep-alive timer is off)
+        sock.sendall(
+            b"POST /autodiscover/autodiscover.xml HTTP/1.1\r\nHost: localhost\r\nContent-Length: 500\r\n\r\n<A"
+        )
+        while sock.recv(1024):  # until the node hangs up (the socket's timeout is the deadline)
+            pass
+    wait_for(lambda: node.metric("mailnode_connections_open", listener="https") == 0, "the slot to be given back")
