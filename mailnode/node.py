@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +36,7 @@ from mailnode.gateway import Gateway
 from mailnode.imap import proxy as imap_proxy
 from mailnode.imap import server as imap
 from mailnode.metrics import NodeMetrics
-from mailnode.queue import handoff, routing
+from mailnode.queue import handoff, mtasts, routing
 from mailnode.queue.delivery import Deliverer
 from mailnode.queue.spool import Spool
 from mailnode.smtp import lmtp
@@ -43,6 +44,8 @@ from mailnode.smtp import server as smtp
 from mailnode.smtp.inbound import InboundChecker
 from mailnode.store.fence import WriteFence
 from mailnode.store.mailstore import Delivery, MailStore
+from mailnode.web import dav
+from mailnode.web import server as web_server
 from mailwire import admin
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,7 @@ class Node:
         self._imap_sessions: list[set[imap.Session]] = []
         self._analyses = imap.AnalysisCache()  # shared by the imap and imaps listeners
         self._runner: web.AppRunner | None = None
+        self._web: web_server.Listener | None = None  # the HTTPS listener (mailnode.web), with a certificate
         self._watch_tasks: list[asyncio.Task[None]] = []
         self._started = time.monotonic()
         self.ready = False
@@ -221,9 +225,12 @@ class Node:
             host, _, target_port = target.rpartition(":")
             transports[domain] = (host, int(target_port))
         relay_host = self._relay_host()
+        resolver = routing.DNSPythonResolver()
+        # RFC 8461: other domains' MTA-STS policies, for the mail routed by their MX records
+        mta_sts = mtasts.Policies(resolver=resolver) if smtp_config.mta_sts else None
         try:
             self.deliverer = Deliverer(
-                self.spool, hostname=self.config.hostname, resolver=routing.DNSPythonResolver(),
+                self.spool, hostname=self.config.hostname, resolver=resolver, mta_sts=mta_sts,
                 relay_host=relay_host, deliver_locally=self._deliver_bounce, metrics=self.metrics,
                 lifetime=smtp_config.queue_lifetime, transports=transports, handoffs=self.handoffs,
             )  # fmt: skip
@@ -295,6 +302,8 @@ class Node:
             backups=backups, internal_token=internal_token,
         )  # fmt: skip
         self._runner, self.ports["http"] = await http.start(app, host=listen.host, port=listen.http)
+        if context is not None:
+            await self._start_web(context=context, gate=gates["https"], proxy=proxy, internal_token=internal_token)
         watched: list[tuple[Callable[[], object], float]] = [(self.watcher.check, self.config.directory_poll_interval)]
         if self.tls is not None:
             watched.append((self.tls.check, self._tls_poll_interval))
@@ -302,6 +311,26 @@ class Node:
         self.ready = True
         self.metrics.ready.set(1)
         log.info("node ready", extra={"fields": {"node": self.config.node_name, "ports": self.ports}})
+
+    async def _start_web(
+        self, *, context: ssl.SSLContext, gate: door.ConnectionGate, proxy: door.ProxyPolicy | None,
+        internal_token: str | None,
+    ) -> None:  # fmt: skip
+        """The HTTPS listener: autoconfiguration, the MTA-STS policy, CalDAV/CardDAV (mailnode.web)."""
+        clients = web_server.Clients()
+        dav_handler = None
+        if self.config.web.dav:
+            dav_handler = dav.DAV(
+                mail_root=self.config.data_dir, authenticator=self.authenticator, cluster=self.cluster,
+                directory=lambda: self.watcher.current, gateway=self.gateway, client_host=clients.host,
+                max_request=self.config.web.max_request, internal_token=internal_token,
+            )  # fmt: skip
+        app = web_server.Site(self.config, dav_handler=dav_handler).app()
+        self._web = await web_server.start(
+            app, host=self.config.listen.host, port=self.config.listen.https, tls=context, gate=gate, proxy=proxy,
+            clients=clients, idle_timeout=self.config.web.idle_timeout,
+        )  # fmt: skip
+        self.ports["https"] = self._web.port
 
     async def _start_lmtp(self, *, token: str, gate: door.ConnectionGate) -> None:
         """The internal LMTP listener: mail for the mailboxes homed here, from the peer nodes."""
@@ -336,11 +365,12 @@ class Node:
         limits = self.config.listen.limits
         wanted = {name: limits.smtp for name in ("smtp", "submission", "submissions")}
         wanted.update({name: limits.imap for name in ("imap", "imaps")})
+        wanted["https"] = limits.https
         if self.cluster.clustered:
             wanted["lmtp"] = limits.smtp
             wanted["imap_proxy"] = limits.imap
         if not tls:  # these listeners do not start without a certificate
-            for name in ("submission", "submissions", "imaps"):
+            for name in ("submission", "submissions", "imaps", "https"):
                 del wanted[name]
         fd_limit = door.raise_fd_limit()
         totals = door.fit_totals({name: limit.total for name, limit in wanted.items()}, fd_limit=fd_limit)
@@ -394,6 +424,8 @@ class Node:
                     imap_tasks.append(session.task)
         if imap_tasks:
             await asyncio.wait(imap_tasks, timeout=grace)
+        if self._web is not None:  # before the store: a DAV request may be writing
+            await self._web.close()
         await self.backups.close()
         await self.store.close()
         if self.spool.is_open:

@@ -485,6 +485,21 @@ class DKIMSpec(_Model):
     )
 
 
+class DAVSpec(_Model):
+    """CalDAV and CardDAV (RFC 4791, RFC 6352) for every Mailbox, on the nodes' HTTPS port."""
+
+    enabled: bool = pydantic.Field(
+        False,
+        description=(
+            "Serve calendars and contacts at https://mail.<domain>/dav/ (the same passwords and app passwords as"
+            " IMAP; /.well-known/caldav and /.well-known/carddav lead there). Needs spec.tls."
+        ),
+    )
+
+
+# RFC 8461 §5: what other servers do when TLS to this domain's MX fails (enforce: they do not deliver)
+MTASTSMode = Literal["enforce", "testing", "none"]
+
 BackupMethod = Literal["VolumeSnapshot", "Archive"]
 
 
@@ -562,6 +577,14 @@ class MailDomainSpec(_Model):
     restore: RestoreSpec | None = pydantic.Field(
         None, description="Start the domain's volumes from a backup (read at creation only)."
     )
+    dav: DAVSpec = _object(DAVSpec, "Calendars and contacts (CalDAV, CardDAV).")
+    mta_sts: MTASTSMode = pydantic.Field(
+        "testing",
+        description=(
+            "MTA-STS policy mode (RFC 8461) served at https://mta-sts.<domain>/.well-known/mta-sts.txt when spec.tls"
+            " is set: testing (report only), enforce (senders refuse to deliver without verified TLS) or none."
+        ),
+    )
 
     @pydantic.field_validator("alias_domains")
     @classmethod
@@ -569,13 +592,13 @@ class MailDomainSpec(_Model):
         return _unique(value, key=str.lower, what="alias domain")
 
 
-DNSRecordType = Literal["MX", "TXT", "A", "AAAA", "CNAME"]
+DNSRecordType = Literal["MX", "TXT", "A", "AAAA", "CNAME", "SRV"]
 
 
 class DNSRecord(_Status):
     """A DNS record to publish for the domain."""
 
-    type: DNSRecordType = pydantic.Field(description="Record type: MX, TXT, A, AAAA or CNAME.")
+    type: DNSRecordType = pydantic.Field(description="Record type: MX, TXT, A, AAAA, CNAME or SRV.")
     name: str = pydantic.Field(description="Owner name, fully qualified (_dmarc.example.com).")
     value: str = pydantic.Field(description="Record data, as a zone file writes it.")
 
