@@ -198,12 +198,15 @@ def test_each_step_asked_again_answers_the_same(cluster: Cluster) -> None:
                 node.files.write_directory(directory_with({address: home}))
 
         move = moving.start(ALICE, source=0, target=1, now=NOW)
-        steps = []
+        steps: list[moving.Step] = []
         async with aiohttp.ClientSession() as session:
             while move.step is not moving.Step.DONE:
-                ask = {"nodes": domain_nodes(cluster), "session": session, "ordinals": range(3)}
-                first = await moving.advance(move, publish_home=publish_home, **ask)  # type: ignore[arg-type]
-                again = await moving.advance(move, publish_home=publish_home, **ask)  # type: ignore[arg-type]
+                first, again = [
+                    await moving.advance(
+                        move, nodes=domain_nodes(cluster), session=session, ordinals=range(3), publish_home=publish_home
+                    )
+                    for _ in range(2)
+                ]
                 assert again.step == first.step
                 steps.append(move.step)
                 move = again
