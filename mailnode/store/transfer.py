@@ -1,0 +1,186 @@
+"""A mailbox moved between nodes (docs/architecture.md "Moving a mailbox"), the file side: what the source
+exports (its index copied with SQLite's backup API, as staging does for backups, and the message files
+that copy lists) and where the target keeps what it received until it is the mailbox's home: aside, in
+`moves/incoming/<domain>/<local>/` under the data directory (laid out as the mailbox directory itself,
+so taking it into place is one rename). mailnode.move drives both ends (the tar stream, HTTP); MailStore
+takes a copy into place and drops one. Everything here blocks: callers run it on a Gateway thread.
+
+A received copy is the source's index as it was (UIDVALIDITY, UIDs, UIDNEXT, flags, modseqs, internal
+dates, folders, subscriptions, the hand-off ids) and exactly the files it lists: a file is written under a
+`.part` name and renamed, so a name that exists holds a whole message; message files never change once
+written, so a later copy fetches only the names it does not hold with the size the index gives them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+from mailnode.store import durable, index, maildir
+
+INCOMING = Path("moves") / "incoming"
+TRASH = Path("moves") / "removed"  # what `remove` renames away before deleting it
+STATE = "move.json"  # in an incoming copy: {"source": ordinal, "final": bool}
+INDEX = "index.sqlite"
+_NEW_INDEX = "index.sqlite.new"
+PART = ".part"
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyState:
+    """What an incoming copy is: from which node, and whether it was made under the source's freeze."""
+
+    source: int
+    final: bool
+
+
+def aside_dir(root: Path, address: str) -> Path:
+    """Where the target keeps a copy of `address` until it is the mailbox's home."""
+    return root / INCOMING / maildir.mailbox_dir(Path(), address).relative_to("mail")
+
+
+def snapshot(mailbox_path: Path, live: index.Index, dest: Path) -> list[tuple[str, int]]:
+    """Copy the live index to `dest` (call under the mailbox's lock: the copy is a committed state) and
+    list (path, size) of every message file it names."""
+    live.copy_to(dest)
+    with index.Reader(dest) as reader:
+        return reader.files()
+
+
+def state(copy: Path) -> CopyState | None:
+    """The incoming copy's state, None when there is none (or it was never finished once)."""
+    try:
+        raw = json.loads((copy / STATE).read_bytes())
+        return CopyState(source=int(raw["source"]), final=bool(raw["final"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def held(copy: Path) -> set[str]:
+    """The message files an incoming copy holds whole: those its index lists with the size found on disk
+    (a name that exists was renamed from .part, so it is whole, unless a power cut lost what the
+    last copy had not synced: the size check catches a short file)."""
+    path = copy / INDEX
+    if not path.exists():
+        return set()
+    with index.Reader(path) as reader:
+        listed = reader.files()
+    have = set()
+    for rel, size in listed:
+        try:
+            if (copy / rel).stat().st_size == size:
+                have.add(rel)
+        except OSError:
+            continue
+    return have
+
+
+def begin(copy: Path, *, source: int) -> None:
+    """A copy from node `source` is being received: it is not final (nor taken into place by a directory
+    reload) until `finish` says so."""
+    durable.ensure_dir(copy)
+    current = state(copy)
+    if current is None or current.final or current.source != source:
+        durable.replace_synced(copy / STATE, json.dumps({"source": source, "final": False}).encode())
+
+
+def incoming(root: Path) -> list[tuple[str, Path]]:
+    """(address, path) of every incoming copy of the data directory `root`."""
+    found = []
+    for path in sorted((root / INCOMING).glob("*/*")):
+        if path.is_dir() and (path / STATE).exists():
+            found.append((f"{maildir.decode_name(path.name)}@{maildir.decode_name(path.parent.name)}", path))
+    return found
+
+
+def file_target(copy: Path, rel: str) -> Path:
+    """Where a received member is written (then `settle_file`): its name, checked to stay in the copy."""
+    parts = rel.split("/")
+    if len(parts) != 3 or parts[1] not in ("new", "cur") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"not a message file of a mailbox: {rel!r}")
+    maildir.check_folder_name(maildir.decode_name(parts[0]))
+    target = copy / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + PART)
+    part.unlink(missing_ok=True)
+    return part
+
+
+def settle_file(part: Path) -> None:
+    part.rename(part.with_name(part.name.removesuffix(PART)))
+
+
+def index_target(copy: Path) -> Path:
+    target = copy / _NEW_INDEX
+    target.unlink(missing_ok=True)
+    return target
+
+
+def finish(copy: Path, *, source: int, final: bool) -> tuple[int, int]:
+    """The copy received whole: everything synced, the new index in place, the files it does not list
+    removed (expunged at the source since), its state recorded. Returns (messages, bytes) it holds."""
+    os.sync()  # one sync for every file written, rather than one fsync each
+    new_index = copy / _NEW_INDEX
+    if new_index.exists():
+        for stale in (INDEX, INDEX + "-wal", INDEX + "-shm"):
+            (copy / stale).unlink(missing_ok=True)
+        new_index.rename(copy / INDEX)
+    with index.Reader(copy / INDEX) as reader:
+        listed = reader.files()
+    names = {rel for rel, _ in listed}
+    for rel in maildir.message_files(copy) - names:
+        (copy / rel).unlink(missing_ok=True)
+    for folder in copy.iterdir():
+        for sub in ("new", "cur"):
+            d = folder / sub
+            if d.is_dir():
+                for leftover in d.glob("*" + PART):
+                    leftover.unlink(missing_ok=True)
+    for rel, _ in listed:
+        if not (copy / rel).exists():
+            raise FileNotFoundError(f"the copy's index lists {rel}, which did not arrive")
+    durable.replace_synced(copy / STATE, json.dumps({"source": source, "final": final}).encode())
+    durable.fsync_dir(copy)
+    return len(listed), sum(size for _, size in listed)
+
+
+def place(root: Path, copy: Path, destination: Path) -> None:
+    """Take an incoming copy into place as the mailbox directory (one rename); a directory already
+    there (left from an earlier time this node held the mailbox) is removed first."""
+    (copy / STATE).unlink(missing_ok=True)
+    if destination.exists():
+        remove(root, destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    copy.rename(destination)
+    durable.fsync_dir(destination.parent)
+    durable.fsync_dir(copy.parent)
+
+
+def remove(root: Path, path: Path) -> None:
+    """Remove a mailbox directory or an incoming copy of the data directory `root`: renamed out of the
+    way first (one step: a crash leaves it whole where it was, or in the trash), then deleted."""
+    if not path.exists():
+        return
+    trash = root / TRASH
+    trash.mkdir(parents=True, exist_ok=True)
+    gone = trash / durable.unique_name(0)
+    path.rename(gone)
+    durable.fsync_dir(path.parent)
+    shutil.rmtree(gone)
+
+
+def empty_trash(root: Path) -> None:
+    """At start: what a crash left half removed."""
+    shutil.rmtree(root / TRASH, ignore_errors=True)
+
+
+def usage(path: Path) -> tuple[int, int]:
+    """(messages, bytes) a mailbox directory or copy lists in its index."""
+    if not (path / INDEX).exists():
+        return 0, 0
+    with index.Reader(path / INDEX) as reader:
+        listed = reader.files()
+    return len(listed), sum(size for _, size in listed)
