@@ -89,7 +89,9 @@ class FakeNode:
         self.homes: dict[str, int] = {}  # PUT /mailboxes/{address}/home
         self.refuse_moves: tuple[int, str] | None = None  # (HTTP status, error) for every POST /moves
         self.on_move: Callable[[str], Awaitable[Any]] | None = None  # before a move request is answered
-        self.gate: tuple[str, asyncio.Event] | None = None  # ("POST /moves final", opened): held until set
+        self.gate: tuple[str, asyncio.Event] | None = None  # ("/moves final=True", opened): held until set
+        self.gate_waiting = 0  # requests held at the gate now
+        self.copies: list[tuple[str, bool]] = []  # every POST /moves: (address, final)
 
     @property
     def paused(self) -> bool:
@@ -242,7 +244,11 @@ class FakeNode:
         if self.on_move is not None:
             await self.on_move(f"{request.method} {what}")
         if self.gate is not None and self.gate[0] == what:
-            await self.gate[1].wait()
+            self.gate_waiting += 1
+            try:
+                await self.gate[1].wait()
+            finally:
+                self.gate_waiting -= 1
 
     async def _copy(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
         address = request.match_info["address"]
@@ -250,6 +256,7 @@ class FakeNode:
             wanted = admin.MoveCopy.model_validate(await request.json())
         except pydantic.ValidationError as error:
             return _error(400, admin.problem(error))
+        self.copies.append((address, wanted.final))
         await self._before_move(request, f"/moves final={wanted.final}")
         if self.refuse_moves is not None:
             return _error(*self.refuse_moves)

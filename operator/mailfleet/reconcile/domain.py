@@ -124,7 +124,9 @@ async def _reconcile(ctx: Context, body: kube_types.MailDomain) -> None:
     for verdict in served.verdicts:
         if (address := str(verdict.body["spec"]["address"]).lower()) in driven.flipped:
             verdict.node = specs.common.pod_name(domain, served.homes[address])
-    if driven.moving or (driven.waiting and driven.started):
+    # Again while moves go on (and once more after the last one: the StatefulSet may shrink then, its
+    # annotation say the homes are balanced); waiting moves that may not start wait for the nodes' events.
+    if plan.active or driven.moving or (driven.waiting and driven.started):
         if driven.blocked:  # a node not answering: not at once again
             asyncio.get_running_loop().call_later(BLOCKED_RETRY, ctx.enqueue, key)
         else:
