@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp.web
 import pydantic
@@ -397,10 +397,13 @@ def internal_secret(domain: str, token: str, *, namespace: str) -> dict[str, Any
     }
 
 
+Served = TypeVar("Served", FakeNode, FakeCluster)
+
+
 @contextmanager
-def serving(node: FakeNode) -> Iterator[FakeNode]:
-    """The fake node in a thread with its own event loop, for tests that are not coroutines (tests/cluster).
-    Its `on_resume` then runs in that loop."""
+def serving(node: Served) -> Iterator[Served]:
+    """The fake node (or cluster) in a thread with its own event loop, for tests that are not coroutines
+    (tests/cluster). Its `on_resume` then runs in that loop."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
 
