@@ -67,6 +67,7 @@ class Secret(Object, total=False):
 
 
 class StatefulSetStatus(TypedDict, total=False):
+    observedGeneration: int
     replicas: int
     readyReplicas: int
     updatedReplicas: int

@@ -228,8 +228,10 @@ class Driven:
 def nodes_ready(statefulset: kube_types.StatefulSet, replicas: int) -> bool:
     """Every node of the StatefulSet as applied is ready and runs the current spec: new moves may start."""
     observed = statefulset.get("status") or {}
+    generation = (statefulset.get("metadata") or {}).get("generation")
     return (
-        int(observed.get("readyReplicas") or 0) >= replicas
+        (generation is None or int(observed.get("observedGeneration") or 0) >= int(generation))
+        and int(observed.get("readyReplicas") or 0) >= replicas
         and int(observed.get("updatedReplicas") or 0) >= replicas
         and observed.get("currentRevision") == observed.get("updateRevision")
     )
