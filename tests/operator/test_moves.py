@@ -280,3 +280,35 @@ async def test_a_scale_down_whose_target_node_does_not_answer_waits_and_loses_no
         await eventually(lambda: _settled_homes(client, two), within=WITHIN, what="every mailbox off node 2")
         await eventually(lambda: _replicas_are(client, 2), within=WITHIN, what="the StatefulSet shrunk to 2")
         assert cluster.holders() == {a: [two[a]] for a in addresses}
+
+
+async def test_a_move_the_target_refuses_is_rolled_back_and_the_mailbox_stays(api, client, cluster):
+    people = PEOPLE[:3]
+    await _domain(client, 3, people=people)
+    name, address = people[0], f"{people[0]}@example.com"
+    home = placement.rendezvous(address, 3)
+    target = (home + 1) % 3
+    cluster.nodes[target].refuse_moves = (422, "the copy does not fit the quota")  # 4xx: lasting
+    async with run_operator(node_url=cluster.template) as operator:
+        homes = await eventually(lambda: _homes(client, len(people)), within=WITHIN, what="the directory")
+        cluster.place(homes)
+        await _nodes_ready(client, 3)
+        await client.patch(
+            MAILBOX, NAMESPACE, name, {"metadata": {"annotations": {"mailfleet.io/move-to": str(target)}}}
+        )
+        (failed,) = await eventually(lambda: events(client, name, "MoveFailed"), within=WITHIN, what="MoveFailed")
+        assert failed["type"] == "Warning" and "the copy does not fit the quota" in failed["message"]
+        assert f"stays on node {home}" in failed["message"]
+        metrics = operator.running().ctx.metrics
+        await eventually(
+            lambda: _true(metrics.moves.labels("rolled_back")._value.get() == 1), within=WITHIN, what="rolled back"
+        )
+        await eventually(lambda: _settled_homes(client, homes), within=WITHIN, what="no move under way")
+        assert cluster.holders()[address] == [home] and not cluster.nodes[home].frozen
+        obj = await client.get(MAILBOX, NAMESPACE, name)
+        assert obj["status"]["node"] == f"example-com-{home}"
+        assert metrics.moves.labels("done")._value.get() == 0
+
+
+async def _true(value: bool) -> bool:
+    return value
