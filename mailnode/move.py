@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 FROZEN_FILE: Final = Path("moves") / "frozen.json"  # address -> hold_until (UNIX seconds)
 OUTGOING: Final = Path("moves") / "outgoing"  # index copies being exported
 SUMMARY: Final = "MOVE.json"  # the export's last member: what it held; its absence means a cut stream
-# How long a freeze waits for the IMAP sessions it ended to finish their command.
-SESSIONS_GRACE: Final = 10.0
+# How long a freeze lets the IMAP sessions it ended finish the command they are in (a session waiting
+# for its client, in IDLE, would wait for the client's TLS close): then they are cancelled.
+SESSIONS_GRACE: Final = 1.0
 # A pull of a large mailbox streams for minutes; a silent source for this long is gone.
 PULL_TIMEOUT: Final = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
 
@@ -101,6 +102,7 @@ class Moves:
         self._gateway = gateway or Gateway(workers=4)
         self._clock = clock
         self._holds: dict[str, _Hold] = {}
+        self._saving_holds = asyncio.Lock()  # one write of FROZEN_FILE at a time
         self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -182,7 +184,7 @@ class Moves:
                             await self._take(address)
                             taken = True
             if taken:
-                await self._nudge()
+                self._spawn(self._nudge())
         except Exception:
             log.exception("applying a directory reload to the moves failed")
 
@@ -274,7 +276,11 @@ class Moves:
         await self._save_holds()
         tasks = self._close_sessions(address)
         if tasks:
-            await asyncio.wait(tasks, timeout=SESSIONS_GRACE)
+            _, running = await asyncio.wait(tasks, timeout=SESSIONS_GRACE)
+            for task in running:
+                task.cancel()
+            if running:  # a task may still wait for its client's TLS close, which the freeze need not
+                await asyncio.wait(running, timeout=SESSIONS_GRACE)
         await self._store.settled(address)
         if previous is None:
             log.info("mailbox frozen for a move", extra={"fields": {"mailbox": address, "sessions": len(tasks)}})
@@ -308,7 +314,7 @@ class Moves:
             return 0.0
         hold.timer.cancel()
         await self._save_holds()
-        await self._nudge()
+        self._spawn(self._nudge())
         return max(0.0, self._clock() - hold.since)
 
     def _read_holds(self) -> dict[str, float]:
@@ -322,13 +328,12 @@ class Moves:
             return {}
 
     async def _save_holds(self) -> None:
-        holds = {address: hold.until for address, hold in self._holds.items()}
-
-        def save() -> None:
+        def save(holds: dict[str, float]) -> None:
             durable.ensure_dir((self._root / FROZEN_FILE).parent)
             durable.replace_synced(self._root / FROZEN_FILE, json.dumps(holds, sort_keys=True).encode())
 
-        await self._gateway.run(save)
+        async with self._saving_holds:  # the holds as they are when the write starts: the last write wins
+            await self._gateway.run(save, {address: hold.until for address, hold in self._holds.items()})
 
     async def drop(self, address: str) -> admin.Dropped:
         """Remove what this node holds of a mailbox homed elsewhere: the mailbox directory left by a move,
@@ -443,7 +448,7 @@ class Moves:
                 await self._take(address)
             if self.homes.overrides.get(address) != home:
                 await self._gateway.run(self.homes.set, address, home)
-        await self._nudge()
+        self._spawn(self._nudge())  # not awaited: the freeze is on while the driver waits for this answer
         return admin.HomeSet(mailbox=address, home=home)
 
 
