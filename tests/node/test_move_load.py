@@ -37,30 +37,37 @@ def cluster(node_factory: NodeFactory, tmp_path: Path) -> Iterator[Cluster]:
 
 
 class Sender(threading.Thread):
-    """Sends to alice through one node, one connection a message, until stopped; remembers what was
-    acknowledged (250) and what was refused."""
+    """Sends through one node, one connection a message, round-robin over `recipients`, until stopped;
+    remembers what was acknowledged (250: message id -> recipient) and what was refused, and whether by an
+    SMTP reply (a node that answered) or by the connection (a node down: nothing was acknowledged)."""
 
-    def __init__(self, name: str, port: int, stop: threading.Event) -> None:
+    def __init__(self, name: str, port: int, stop: threading.Event, recipients: tuple[str, ...] = (ALICE,)) -> None:
         super().__init__(daemon=True)
-        self.name, self.port, self.stop = name, port, stop
-        self.acked: list[str] = []
-        self.refused: list[str] = []
+        self.name, self.port, self.stop, self.recipients = name, port, stop, recipients
+        self.acked: dict[str, str] = {}
+        self.refused: list[str] = []  # by an SMTP reply
+        self.unreached = 0  # connections that failed
 
     def run(self) -> None:
         number = 0
         while not self.stop.is_set():
             message_id = f"{self.name}-{number}@remote.test"
+            recipient = self.recipients[number % len(self.recipients)]
             number += 1
             data = (
-                f"Message-ID: <{message_id}>\r\nFrom: <sender@remote.test>\r\nTo: <{ALICE}>\r\n"
-                f"Subject: moving {message_id}\r\n\r\nSent while her mailbox moves.\r\n"
+                f"Message-ID: <{message_id}>\r\nFrom: <sender@remote.test>\r\nTo: <{recipient}>\r\n"
+                f"Subject: moving {message_id}\r\n\r\nSent while a mailbox moves.\r\n"
             ).encode()
             try:
                 with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as client:
-                    client.sendmail("sender@remote.test", [ALICE], data)
-                self.acked.append(message_id)
-            except (smtplib.SMTPException, OSError) as error:
+                    client.sendmail("sender@remote.test", [recipient], data)
+                self.acked[message_id] = recipient
+            except smtplib.SMTPResponseException as error:
                 self.refused.append(f"{message_id}: {error}")
+            except smtplib.SMTPRecipientsRefused as error:
+                self.refused.append(f"{message_id}: {error.recipients}")
+            except (smtplib.SMTPException, OSError):
+                self.unreached += 1
             # A steady stream rather than a flood: what waits in the queues during the freeze stays a few
             # dozen messages, which the queues hand over in seconds afterwards.
             self.stop.wait(0.2)
@@ -116,6 +123,7 @@ def test_mail_sent_during_a_move_arrives_once_and_idle_reconnects_to_the_new_hom
     assert recorded[-1].step.value == "Done"
     assert [s.refused for s in senders] == [[], [], []]
     acked = [message_id for s in senders for message_id in s.acked]
+    assert sum(s.unreached for s in senders) == 0
     wait_for("every queue to empty", lambda: all(queue(node) == [] for node in cluster.nodes), timeout=120)
     stored = node1.files.stored(ALICE)
     found = collections.Counter(match.group(1).decode() for data in stored if (match := _MESSAGE_ID.search(data)))
