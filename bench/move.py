@@ -44,9 +44,7 @@ def fill(data_dir: Path, *, messages: int, size: int) -> None:
         try:
             for start in range(0, messages, BATCH):
                 count = min(BATCH, messages - start)
-                batch = [
-                    Delivery(ADDRESS, f"Subject: bench {start + n}\r\n\r\n".encode() + body) for n in range(count)
-                ]
+                batch = [Delivery(ADDRESS, f"Subject: bench {start + n}\r\n\r\n".encode() + body) for n in range(count)]
                 await store.deliver(batch)
                 print(f"move: filled {start + count}/{messages} messages", file=sys.stderr, end="\r")
         finally:
