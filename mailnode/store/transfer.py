@@ -73,13 +73,36 @@ def held(copy: Path) -> set[str]:
     with index.Reader(path) as reader:
         listed = reader.files()
     have = set()
+    base = f"{copy}/"  # plain strings, not Paths: 10,000 stats take a third of the time (as staging's links)
     for rel, size in listed:
         try:
-            if (copy / rel).stat().st_size == size:
+            if os.stat(base + rel).st_size == size:  # noqa: PTH116  (strings: see above)
                 have.add(rel)
         except OSError:
             continue
     return have
+
+
+def _on_disk(copy: Path) -> tuple[set[str], list[str]]:
+    """The message files of a copy (paths relative to it) and its .part files left by a cut copy."""
+    files: set[str] = set()
+    parts: list[str] = []
+    for folder in os.scandir(copy):
+        if not folder.is_dir():
+            continue
+        for sub in ("new", "cur"):
+            try:
+                entries = os.scandir(f"{folder.path}/{sub}")
+            except FileNotFoundError:
+                continue
+            with entries:
+                for entry in entries:
+                    rel = f"{folder.name}/{sub}/{entry.name}"
+                    if entry.name.endswith(PART):
+                        parts.append(rel)
+                    else:
+                        files.add(rel)
+    return files, parts
 
 
 def begin(copy: Path, *, source: int) -> None:
@@ -147,17 +170,11 @@ def finish(copy: Path, *, source: int, final: bool, written: list[Path], freeze:
     with index.Reader(copy / INDEX) as reader:
         listed = reader.files()
     names = {rel for rel, _ in listed}
-    for rel in maildir.message_files(copy) - names:
+    files, parts = _on_disk(copy)
+    for rel in (files - names).union(parts):  # expunged at the source since; cut short
         (copy / rel).unlink(missing_ok=True)
-    for folder in copy.iterdir():
-        for sub in ("new", "cur"):
-            d = folder / sub
-            if d.is_dir():
-                for leftover in d.glob("*" + PART):
-                    leftover.unlink(missing_ok=True)
-    for rel, _ in listed:
-        if not (copy / rel).exists():
-            raise FileNotFoundError(f"the copy's index lists {rel}, which did not arrive")
+    if missing := names - files:
+        raise FileNotFoundError(f"the copy's index lists {min(missing)}, which did not arrive")
     record = {"source": source, "final": final, "freeze": freeze if final else None}
     durable.replace_synced(copy / STATE, json.dumps(record).encode())
     durable.fsync_dir(copy)
