@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 from mailnode.config import Directory
@@ -34,6 +35,7 @@ class Homes:
         self.pending: dict[str, int] = {}  # address -> the source of an incoming copy not yet in place
         self._version = 0  # bumped at every change, so the view is rebuilt
         self._cached: tuple[Directory, int, Directory] | None = None  # (the file's directory, version, view)
+        self._writing = threading.Lock()  # one change of the overrides (and of their file) at a time
 
     def load(self) -> None:
         """Blocking (at start): the overrides kept on the volume."""
@@ -53,26 +55,28 @@ class Homes:
 
     def set(self, address: str, home: int) -> None:
         """Blocking: `address` is homed at `home` from now on (durable before it counts)."""
-        changed = dict(self.overrides, **{address: home})
-        self.overrides, previous = changed, self.overrides
-        try:
-            self._save()
-        except BaseException:
-            self.overrides = previous
-            raise
-        self._version += 1
+        with self._writing:
+            changed = dict(self.overrides, **{address: home})
+            self.overrides, previous = changed, self.overrides
+            try:
+                self._save()
+            except BaseException:
+                self.overrides = previous
+                raise
+            self._version += 1
 
     def forget_agreed(self, directory: Directory) -> None:
         """Blocking: drop the overrides the directory file now agrees with (or whose mailbox is gone)."""
-        keep = {}
-        for address, home in self.overrides.items():
-            entry = directory.get(address)
-            if entry is not None and entry.home != home:
-                keep[address] = home
-        if keep != self.overrides:
-            self.overrides = keep
-            self._save()
-            self._version += 1
+        with self._writing:
+            keep = {}
+            for address, home in self.overrides.items():
+                entry = directory.get(address)
+                if entry is not None and entry.home != home:
+                    keep[address] = home
+            if keep != self.overrides:
+                self.overrides = keep
+                self._save()
+                self._version += 1
 
     def set_pending(self, address: str, source: int | None) -> None:
         """An incoming copy from `source` exists (None: no longer: taken into place or dropped)."""

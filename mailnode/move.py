@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
+import secrets
 import threading
 import time
 import urllib.parse
@@ -44,11 +46,12 @@ from mailwire import admin
 
 log = logging.getLogger(__name__)
 
-FROZEN_FILE: Final = Path("moves") / "frozen.json"  # address -> hold_until (UNIX seconds)
+FROZEN_FILE: Final = Path("moves") / "frozen.json"  # address -> {"until": UNIX seconds, "id": the freeze's}
 OUTGOING: Final = Path("moves") / "outgoing"  # index copies being exported
 SUMMARY: Final = "MOVE.json"  # the export's last member: what it held; its absence means a cut stream
-# How long a freeze waits for the IMAP sessions it ended to finish their command.
-SESSIONS_GRACE: Final = 10.0
+# How long a freeze lets the IMAP sessions it ended finish the command they are in (a session waiting
+# for its client, in IDLE, would wait for the client's TLS close): then they are cancelled.
+SESSIONS_GRACE: Final = 1.0
 # A pull of a large mailbox streams for minutes; a silent source for this long is gone.
 PULL_TIMEOUT: Final = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
 
@@ -66,8 +69,23 @@ def _iso(timestamp: float) -> str:
 
 
 class _Hold:
-    def __init__(self, until: float, since: float, timer: asyncio.TimerHandle) -> None:
-        self.until, self.since, self.timer = until, since, timer
+    """A freeze: until when, since when, and its id (kept while the freeze lasts without a gap, across a
+    restart too: a final copy made under it needs no second one, mailnode.store.transfer.CopyState)."""
+
+    def __init__(self, until: float, since: float, timer: asyncio.TimerHandle, id: str) -> None:
+        self.until, self.since, self.timer, self.id = until, since, timer, id
+
+
+class Unchanged(Exception):
+    """A final export asked for under the freeze the caller's copy was made under: nothing can have changed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+    """An export ready to stream (`stream(write)`), and the freeze it is made under (a final one)."""
+
+    stream: Callable[[Callable[[bytes], Coroutine[Any, Any, None]]], Awaitable[None]]
+    freeze: str | None
 
 
 class Moves:
@@ -101,6 +119,7 @@ class Moves:
         self._gateway = gateway or Gateway(workers=4)
         self._clock = clock
         self._holds: dict[str, _Hold] = {}
+        self._saving_holds = asyncio.Lock()  # one write of FROZEN_FILE at a time
         self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -132,10 +151,10 @@ class Moves:
         self._loop = asyncio.get_running_loop()
         await self._gateway.run(self._load)
         now = self._clock()
-        for address, until in (await self._gateway.run(self._read_holds)).items():
+        for address, (until, id) in (await self._gateway.run(self._read_holds)).items():
             if until > now:
                 self._store.frozen.add(address)
-                self._hold(address, until)
+                self._hold(address, until, id=id)
         await self._after_reload()
 
     def _load(self) -> None:
@@ -182,7 +201,7 @@ class Moves:
                             await self._take(address)
                             taken = True
             if taken:
-                await self._nudge()
+                self._spawn(self._nudge())
         except Exception:
             log.exception("applying a directory reload to the moves failed")
 
@@ -207,14 +226,18 @@ class Moves:
 
     @contextlib.asynccontextmanager
     async def export(
-        self, address: str, *, have: set[str], final: bool
-    ) -> AsyncIterator[Callable[[Callable[[bytes], Coroutine[Any, Any, None]]], Awaitable[None]]]:
+        self, address: str, *, have: set[str], final: bool, unless_freeze: str | None = None
+    ) -> AsyncIterator[Export]:
         """The mailbox as a tar: `index.sqlite` (committed now), every message file it lists but `have`,
-        then SUMMARY. Checks (Refused) and the index copy happen on entering; the yielded function
-        streams through `write`. `final`: the mailbox must be frozen, and every file listed is sent."""
+        then SUMMARY. Checks (Refused) and the index copy happen on entering; the yielded Export streams
+        through `write`. `final`: the mailbox must be frozen, and every file listed is sent; Unchanged when
+        the freeze is still `unless_freeze`, the one the caller's final copy was made under."""
         address = self._entry(address)
-        if final and not self._store.is_frozen(address):
+        hold = self._holds.get(address)
+        if final and (hold is None or not self._store.is_frozen(address)):
             raise Refused(409, f"{address} is not frozen: a final copy is made only under the freeze")
+        if final and hold is not None and unless_freeze == hold.id:
+            raise Unchanged(address)
         outgoing = self._root / OUTGOING
         await self._gateway.run(durable.ensure_dir, outgoing)
         snapshot = outgoing / durable.unique_name(0)
@@ -260,7 +283,7 @@ class Moves:
                 raise
 
         try:
-            yield stream
+            yield Export(stream, hold.id if final and hold is not None else None)
         finally:
             await self._gateway.run(snapshot.unlink, True)
 
@@ -270,23 +293,30 @@ class Moves:
         self._store.frozen.add(address)
         until = self._clock() + hold_seconds
         previous = self._holds.get(address)
-        self._hold(address, until, since=previous.since if previous else None)
+        if previous is None:
+            self._hold(address, until, id=secrets.token_hex(8))
+        else:
+            self._hold(address, until, id=previous.id, since=previous.since)
         await self._save_holds()
         tasks = self._close_sessions(address)
         if tasks:
-            await asyncio.wait(tasks, timeout=SESSIONS_GRACE)
+            _, running = await asyncio.wait(tasks, timeout=SESSIONS_GRACE)
+            for task in running:
+                task.cancel()
+            if running:  # a task may still wait for its client's TLS close, which the freeze need not
+                await asyncio.wait(running, timeout=SESSIONS_GRACE)
         await self._store.settled(address)
         if previous is None:
             log.info("mailbox frozen for a move", extra={"fields": {"mailbox": address, "sessions": len(tasks)}})
         return admin.Frozen(mailbox=address, hold_until=_iso(until), sessions_closed=len(tasks))
 
-    def _hold(self, address: str, until: float, *, since: float | None = None) -> None:
+    def _hold(self, address: str, until: float, *, id: str, since: float | None = None) -> None:
         assert self._loop is not None
         previous = self._holds.pop(address, None)
         if previous is not None:
             previous.timer.cancel()
         timer = self._loop.call_later(max(0.0, until - self._clock()), self._expired, address)
-        self._holds[address] = _Hold(until, self._clock() if since is None else since, timer)
+        self._holds[address] = _Hold(until, self._clock() if since is None else since, timer, id)
         self.frozen_gauge.set(len(self._holds))
 
     def _expired(self, address: str) -> None:
@@ -308,27 +338,29 @@ class Moves:
             return 0.0
         hold.timer.cancel()
         await self._save_holds()
-        await self._nudge()
+        self._spawn(self._nudge())
         return max(0.0, self._clock() - hold.since)
 
-    def _read_holds(self) -> dict[str, float]:
+    def _read_holds(self) -> dict[str, tuple[float, str]]:
         try:
             raw = json.loads((self._root / FROZEN_FILE).read_bytes())
-            return {str(address): float(until) for address, until in raw.items()}
+            return {str(address): (float(hold["until"]), str(hold["id"])) for address, hold in raw.items()}
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, AttributeError) as error:
+        except (OSError, ValueError, AttributeError, KeyError, TypeError) as error:
             log.warning("frozen mailboxes unreadable; ignored", extra={"fields": {"error": str(error)}})
             return {}
 
     async def _save_holds(self) -> None:
-        holds = {address: hold.until for address, hold in self._holds.items()}
-
-        def save() -> None:
+        def save(holds: dict[str, dict[str, float | str]]) -> None:
             durable.ensure_dir((self._root / FROZEN_FILE).parent)
             durable.replace_synced(self._root / FROZEN_FILE, json.dumps(holds, sort_keys=True).encode())
 
-        await self._gateway.run(save)
+        async with self._saving_holds:  # the holds as they are when the write starts: the last write wins
+            holds: dict[str, dict[str, float | str]] = {
+                address: {"until": hold.until, "id": hold.id} for address, hold in self._holds.items()
+            }
+            await self._gateway.run(save, holds)
 
     async def drop(self, address: str) -> admin.Dropped:
         """Remove what this node holds of a mailbox homed elsewhere: the mailbox directory left by a move,
@@ -353,6 +385,7 @@ class Moves:
                 await self._unfreeze(address)
         if not found:
             raise Refused(404, f"this node holds no copy of {address}")
+        self._spawn(self._gateway.run(transfer.empty_trash, self._root))
         log.info("moved mailbox's old copy dropped", extra={"fields": {"mailbox": address, "messages": messages}})
         return admin.Dropped(mailbox=address, messages=messages, bytes=size)
 
@@ -377,13 +410,24 @@ class Moves:
                     seconds=round(time.monotonic() - started, 3),
                 )  # fmt: skip
             copy = transfer.aside_dir(self._root, address)
+            url = f"http://{peer.host}:{peer.http}/mailboxes/{urllib.parse.quote(address, safe='@')}/export"
+            state = await self._gateway.run(transfer.state, copy)
+            # Made under the source's freeze already: unless that freeze lapsed since, nothing changed.
+            made_under = state.freeze if state is not None and state.final and state.source == source else None
+            if final and made_under is not None and await self._unchanged(url, made_under):
+                messages, size = await self._gateway.run(transfer.usage, copy)
+                return admin.MoveCopied(
+                    mailbox=address, messages=messages, bytes=size, fetched_messages=0, fetched_bytes=0,
+                    seconds=round(time.monotonic() - started, 3),
+                )  # fmt: skip
             await self._gateway.run(transfer.begin, copy, source=source)
             self.homes.set_pending(address, source)
             have = await self._gateway.run(transfer.held, copy)
-            url = f"http://{peer.host}:{peer.http}/mailboxes/{urllib.parse.quote(address, safe='@')}/export"
             try:
-                fetched, fetched_bytes = await self._pull(url, copy, have=have, final=final)
-                messages, size = await self._gateway.run(transfer.finish, copy, source=source, final=final)
+                fetched, fetched_bytes, written, freeze = await self._pull(url, copy, have=have, final=final)
+                messages, size = await self._gateway.run(
+                    transfer.finish, copy, source=source, final=final, written=written, freeze=freeze
+                )
             except Refused:
                 self.copies.labels(str(final).lower(), "failed").inc()
                 raise
@@ -403,14 +447,29 @@ class Moves:
             seconds=round(seconds, 3),
         )  # fmt: skip
 
-    async def _pull(self, url: str, copy: Path, *, have: set[str], final: bool) -> tuple[int, int]:
+    def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=PULL_TIMEOUT)
+        return self._session
+
+    async def _unchanged(self, url: str, freeze: str) -> bool:
+        """Whether the source is still under the freeze `freeze` (answers 304 to the final export)."""
+        headers = {"Authorization": f"Bearer {self._token or ''}", "If-None-Match": f'"{freeze}"'}
+        try:
+            async with self._client().get(url, params={"final": "1"}, headers=headers) as response:
+                return response.status == 304
+        except (aiohttp.ClientError, TimeoutError):
+            return False  # the full copy that follows says what is wrong
+
+    async def _pull(
+        self, url: str, copy: Path, *, have: set[str], final: bool
+    ) -> tuple[int, int, list[Path], str | None]:
+        """(messages fetched, their bytes, the files written, the freeze the export was made under)."""
         headers = {"Authorization": f"Bearer {self._token or ''}", "Content-Type": "text/plain"}
         body = "\n".join(sorted(have)).encode()
         loop = asyncio.get_running_loop()
         try:
-            async with self._session.get(
+            async with self._client().get(
                 url, params={"final": "1" if final else "0"}, data=body, headers=headers
             ) as response:
                 if response.status != 200:
@@ -421,7 +480,8 @@ class Moves:
                     status = response.status if response.status in (404, 409) else 502
                     raise Refused(status, f"the source answered {response.status}: {text}")
                 raw = _Stream(response.content, loop)
-                return await self._gateway.run(_receive, raw, copy, url)
+                fetched, size, written = await self._gateway.run(_receive, raw, copy, url)
+                return fetched, size, written, response.headers.get("ETag", "").strip('"') or None
         except aiohttp.ClientError as error:
             raise Refused(502, f"cannot reach the source ({url}): {error}") from error
         except TimeoutError as error:
@@ -443,7 +503,7 @@ class Moves:
                 await self._take(address)
             if self.homes.overrides.get(address) != home:
                 await self._gateway.run(self.homes.set, address, home)
-        await self._nudge()
+        self._spawn(self._nudge())  # not awaited: the freeze is on while the driver waits for this answer
         return admin.HomeSet(mailbox=address, home=home)
 
 
@@ -469,15 +529,19 @@ class _Stream:
         return asyncio.run_coroutine_threadsafe(self._content.read(size), self._loop).result()
 
 
-def _receive(raw: Any, copy: Path, label: str) -> tuple[int, int]:
-    """Blocking: write an export's members into the incoming copy; (messages fetched, their bytes)."""
+def _receive(raw: Any, copy: Path, label: str) -> tuple[int, int, list[Path]]:
+    """Blocking: write an export's members into the incoming copy; (messages fetched, their bytes, the
+    files written)."""
     source = tarcodec.Source(_as_binary(raw), label=label, progress=None, total=0)
     tar = tarcodec.TarReader(source)
     fetched = fetched_bytes = 0
+    written: list[Path] = []
     got_index = got_summary = False
     while (entry := tar.next()) is not None:
         if entry.name == transfer.INDEX:
-            tarcodec.copy_member(tar, transfer.index_target(copy))
+            target = transfer.index_target(copy)
+            tarcodec.copy_member(tar, target)
+            written.append(target)
             got_index = True
         elif entry.name == SUMMARY:
             json.loads(tar.read_all())
@@ -485,13 +549,13 @@ def _receive(raw: Any, copy: Path, label: str) -> tuple[int, int]:
         else:
             part = transfer.file_target(copy, entry.name)
             size, _ = tarcodec.copy_member(tar, part)
-            transfer.settle_file(part)
+            written.append(transfer.settle_file(part))
             fetched += 1
             fetched_bytes += size
     if not (got_index and got_summary):
         raise tarcodec.ArchiveError(f"{label}: the export ended before its end")
     source.drain()  # the end-of-archive padding and the HTTP body's end, so the source's stream completes
-    return fetched, fetched_bytes
+    return fetched, fetched_bytes, written
 
 
 def _as_binary(raw: Any) -> BinaryIO:

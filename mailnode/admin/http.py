@@ -28,6 +28,8 @@ from any client (the operator and the peer nodes call them):
 
     POST   /moves/{address}              pull the mailbox from node `source` (the target)
     GET    /mailboxes/{address}/export   the mailbox as a tar; the body lists the files the caller holds
+                                         (final=1: only under the freeze, whose id is the ETag; 304
+                                         to If-None-Match of the freeze still on)
     POST   /mailboxes/{address}/freeze   hold it still (the source); DELETE: thaw
     PUT    /mailboxes/{address}/home     its home from now on (every node)
     DELETE /mailboxes/{address}          drop this node's copy of a mailbox homed elsewhere (409 if here)
@@ -460,12 +462,18 @@ def _add_move_routes(app: web.Application, moves: move.Moves, guard: Guard) -> N
         # The body: the message files the caller holds already, one path a line (not sent again).
         have = {line for line in (await request.read()).decode("utf-8", "replace").split("\n") if line}
         final = request.query.get("final") == "1"
+        # RFC 9110 §13.1.2: the freeze (ETag of a final export) the caller's copy was made under.
+        unless = request.headers.get(hdrs.IF_NONE_MATCH, "").strip().strip('"') or None
         response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
         try:
-            async with moves.export(request.match_info["address"], have=have, final=final) as stream:
+            async with moves.export(
+                request.match_info["address"], have=have, final=final, unless_freeze=unless
+            ) as export:
+                if export.freeze is not None:
+                    response.headers[hdrs.ETAG] = f'"{export.freeze}"'
                 await response.prepare(request)
                 try:
-                    await stream(response.write)
+                    await export.stream(response.write)
                 except Exception as error:
                     # The status line is sent: end the connection without the end of the archive, so the
                     # caller sees a cut stream (its copy is refused) rather than a short one.
@@ -477,6 +485,8 @@ def _add_move_routes(app: web.Application, moves: move.Moves, guard: Guard) -> N
                 return response
         except move.Refused as error:
             return _error(error.status, str(error))
+        except move.Unchanged:
+            return web.Response(status=304)
 
     app.router.add_post("/moves/{address}", guard(copy_post))
     app.router.add_get("/mailboxes/{address}/export", guard(export_get))

@@ -681,10 +681,6 @@ class SMTPHandler:
         # What a home node stores (it adds only Return-Path): the trace headers are added once, here.
         traced = results + received + content
         here = [address for address, mailbox in targets.items() if self.is_here(mailbox)]
-        # A mailbox frozen for a move (mailnode.move) takes no mail now: queued as a hand-off to its
-        # home, which the queue gives to the new home once the move is done (250 still means fsynced).
-        frozen = [a for a in here if self._handoffs is not None and self._store.is_frozen(a)]
-        here = [a for a in here if a not in frozen]
         away: dict[int, list[str]] = {}
         for address, mailbox in targets.items():
             if not self.is_here(mailbox):
@@ -703,8 +699,6 @@ class SMTPHandler:
         # before (its 250 lost in a crash) is not stored again.
         hand_off_id = self._handoffs.id_for(envelope.id) if self._handoffs is not None else ""
         handed, waiting, refused = await self._hand_off(away, sender=sender, data=traced, id=hand_off_id)
-        for address in frozen:
-            waiting.setdefault(targets[address].home, []).append(address)
         bounced = {address: answer for address, answer in refused.items() if address not in forwarded}
         for address in refused.keys() - bounced.keys():
             log.info(
@@ -718,6 +712,12 @@ class SMTPHandler:
             self.end_transaction(session, envelope, first.text, size)
             return first.text
         try:
+            # A mailbox frozen for a move (mailnode.move) takes no mail now (checked with no await before
+            # the store): queued as a hand-off to its home, which the queue gives to the new home once
+            # the move is done; 250 still means fsynced.
+            for delivery in [d for d in deliveries if self._handoffs is not None and self._store.is_frozen(d.address)]:
+                waiting.setdefault(targets[delivery.address].home, []).append(delivery.address)
+                deliveries.remove(delivery)
             if deliveries:
                 await self._store.deliver(deliveries)
             if remote and self._spool is not None:

@@ -24,6 +24,8 @@ IN_CLUSTER: Final = "http://{pod}.{service}.{namespace}.svc:8080"
 TIMEOUT: Final = aiohttp.ClientTimeout(total=10)
 # POST /snapshot waits for the writes in flight (at most 30 s on the node) before it answers.
 SNAPSHOT_TIMEOUT: Final = aiohttp.ClientTimeout(total=45)
+# POST .../freeze answers once the mailbox's IMAP sessions ended (a few seconds at most on the node).
+FREEZE_TIMEOUT: Final = aiohttp.ClientTimeout(total=45)
 # POST /moves answers once the target holds the copy: a mailbox of a few GiB streams for minutes.
 COPY_TIMEOUT: Final = aiohttp.ClientTimeout(total=3600, sock_read=600)
 
@@ -174,7 +176,8 @@ async def freeze(
     """POST <base>/mailboxes/<address>/freeze on a move's source: the mailbox holds still until the thaw or
     `hold_seconds` from now (asking again extends the hold)."""
     endpoint = _mailbox(base, address, "freeze")
-    _, data = await _ask(session, "POST", endpoint, token=token, body=admin.Freeze(hold_seconds=hold_seconds))
+    body = admin.Freeze(hold_seconds=hold_seconds)
+    _, data = await _ask(session, "POST", endpoint, token=token, body=body, time_limit=FREEZE_TIMEOUT)
     return _read(admin.Frozen, f"POST {endpoint}", data)
 
 

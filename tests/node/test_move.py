@@ -35,12 +35,22 @@ ALICE = f"alice@{DOMAIN}"  # home: node 0
 NOW = "2026-12-07T17:00:00Z"
 
 
-@pytest.fixture
-def cluster(node_factory: NodeFactory, tmp_path: Path) -> Iterator[Cluster]:
-    made = Cluster(node_factory, tmp_path, 3)
+# Every node connects from 127.0.0.1 here, so the peers' LMTP connections all count as one client's at
+# the gate (in a cluster each pod has its own address): room for the queues of two peers at once.
+LISTEN = {"limits": {"smtp": {"per_client": 200}}}
+
+
+def three_nodes(node_factory: NodeFactory, tmp_path: Path) -> Iterator[Cluster]:
+    """The cluster of the move tests (their `cluster` fixture)."""
+    made = Cluster(node_factory, tmp_path, 3, listen=LISTEN)
     yield made
     for node in made.restarted:
         node.stop()
+
+
+@pytest.fixture
+def cluster(node_factory: NodeFactory, tmp_path: Path) -> Iterator[Cluster]:
+    yield from three_nodes(node_factory, tmp_path)
 
 
 def domain_nodes(cluster: Cluster) -> moving.AtURLs:
