@@ -62,7 +62,7 @@ chart: bootstrap ## helm lint --strict the chart (charts/mailfleet) and render i
 	done
 
 .PHONY: bench
-bench: ## benchmarks: the node against Postfix (SMTP in and out), Dovecot (IMAP, backups) and tar on this machine, then 10^6 fuzzed inputs (not a test)
+bench: ## benchmarks: the node against Postfix (SMTP in and out), Dovecot (IMAP, backups) and tar on this machine, a mailbox move, then 10^6 fuzzed inputs (not a test)
 	@scripts/bootstrap --bench
 	$(PY) -m bench.smtp
 	$(PY) -m bench.cluster
@@ -70,6 +70,7 @@ bench: ## benchmarks: the node against Postfix (SMTP in and out), Dovecot (IMAP,
 	$(PY) -m bench.outbound
 	$(PY) -m bench.operator
 	$(PY) -m bench.backup
+	$(PY) -m bench.move
 	$(PY) -m bench.fuzz
 
 .PHONY: clean

@@ -7,7 +7,8 @@ write at once; archives are written on a Gateway of their own (mailnode.backup).
 Clustered (`cluster.peers` lists more than one node), the node also listens for LMTP from its peers
 (mailnode.smtp.lmtp) and hands mail for mailboxes homed elsewhere to them (mailnode.queue.handoff);
 it listens for the IMAP sessions its peers proxy (`listen.imap_proxy`) and proxies the sessions of
-mailboxes homed elsewhere to them (mailnode.imap.proxy).
+mailboxes homed elsewhere to them (mailnode.imap.proxy). Every part of it reads the directory through
+`_directory`: the file's, with the homes a mailbox move changed (mailnode.homes, mailnode.move).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from mailnode import dkim, tls
+from mailnode import dkim, move, tls
 from mailnode import listener as door
 from mailnode.admin import http
 from mailnode.auth import Authenticator
@@ -31,8 +33,9 @@ from mailnode.backup import restore
 from mailnode.backup.checkpoint import Checkpoint
 from mailnode.backup.jobs import BackupJobs
 from mailnode.cluster import Cluster
-from mailnode.config import ConfigError, DirectoryWatcher, NodeConfig, read_internal_token
+from mailnode.config import ConfigError, Directory, DirectoryWatcher, NodeConfig, read_internal_token
 from mailnode.gateway import Gateway
+from mailnode.homes import Homes
 from mailnode.imap import proxy as imap_proxy
 from mailnode.imap import server as imap
 from mailnode.metrics import NodeMetrics
@@ -76,6 +79,8 @@ class Node:
         self.imap_proxy: imap_proxy.Proxy | None = None  # likewise
         self.fence = WriteFence()  # every durable write passes it; a checkpoint pauses it
         self.store = MailStore(config.data_dir, gateway=self.gateway, fence=self.fence)
+        self.homes = Homes(config.data_dir, ordinal=self.cluster.ordinal, domains=config.alias_domain_map())
+        self.moves: move.Moves | None = None  # set at start
         self.watcher = DirectoryWatcher(
             config.directory_file,
             domains=config.alias_domain_map(),
@@ -94,7 +99,7 @@ class Node:
         # never queues mail reads and writes behind it.
         self.auth_gateway = Gateway(workers=2)
         self.authenticator = Authenticator(
-            directory=lambda: self.watcher.current,
+            directory=self._directory,
             gateway=self.auth_gateway,
             metrics=self.metrics,
             base_delay=config.smtp.auth_failure_delay,
@@ -128,7 +133,13 @@ class Node:
         self.ready = False
         self._dkim_records: list[dict[str, str]] = []
 
+    def _directory(self) -> Directory:
+        """The directory in force: the file's, with the homes moves changed (mailnode.homes)."""
+        return self.homes.view(self.watcher.current)
+
     def _directory_reloaded(self, ok: bool, error: str | None) -> None:
+        if ok and self.moves is not None:
+            self.moves.reloaded()
         self.metrics.directory_reloads.labels("success" if ok else "failure").inc()
         self.metrics.directory_last_reload_ok.set(1 if ok else 0)
         self.metrics.directory_mailboxes.set(len(self.watcher.current.mailboxes))
@@ -172,7 +183,7 @@ class Node:
 
     async def _deliver_bounce(self, address: str, message: bytes) -> bool:
         """Bounces for senders on this node go straight into their INBOX."""
-        resolution = self.watcher.current.resolve(address)
+        resolution = self._directory().resolve(address)
         if resolution.mailbox is None:
             return False
         if not self.cluster.is_home(resolution.mailbox):  # the sender's home takes it, through the queue
@@ -210,7 +221,7 @@ class Node:
             log.warning("no internal token (internal.token_file): the admin port accepts changes from loopback only")
         elif self.cluster.clustered:
             self.handoffs = handoff.Handoff(
-                cluster=self.cluster, directory=lambda: self.watcher.current, token=internal_token,
+                cluster=self.cluster, directory=self._directory, token=internal_token,
                 hostname=self.config.hostname,
             )  # fmt: skip
             self.imap_proxy = imap_proxy.Proxy(cluster=self.cluster, token=internal_token, metrics=self.metrics)
@@ -219,6 +230,12 @@ class Node:
         await self.gateway.run(self.checkpoint.clear_staging)
         await self.store.open()
         await self.spool.open()
+        self.moves = move.Moves(
+            store=self.store, cluster=self.cluster, homes=self.homes, directory=lambda: self.watcher.current,
+            data_dir=self.config.data_dir, token=internal_token, metrics=self.metrics,
+            close_sessions=self._close_sessions, nudge=self._nudge_handoffs,
+        )  # fmt: skip
+        await self.moves.start()
         smtp_config = self.config.smtp
         transports = {}
         for domain, target in smtp_config.transports.items():
@@ -259,7 +276,7 @@ class Node:
             handler = smtp.SMTPHandler(
                 listener=listener,
                 config=self.config,
-                directory=lambda: self.watcher.current,
+                directory=self._directory,
                 store=self.store,
                 authenticator=self.authenticator,
                 metrics=self.metrics,
@@ -284,7 +301,7 @@ class Node:
                 log.warning("no TLS certificate configured: imaps listener not started")
                 continue
             imap_server, sessions = await imap.start_listener(
-                config=self.config, directory=lambda: self.watcher.current, store=self.store,
+                config=self.config, directory=self._directory, store=self.store,
                 authenticator=self.authenticator, metrics=self.metrics, host=listen.host, port=port, tls=context,
                 implicit_tls=implicit, analyses=self._analyses, gate=gates[name], proxy=proxy,
                 cluster=self.imap_proxy,
@@ -299,7 +316,7 @@ class Node:
         )
         app = http.build_app(
             metrics=self.metrics, ready=lambda: self.ready, status=self.status, queue=self.spool, usage=self.usage,
-            backups=backups, internal_token=internal_token,
+            backups=backups, internal_token=internal_token, moves=self.moves,
         )  # fmt: skip
         self._runner, self.ports["http"] = await http.start(app, host=listen.host, port=listen.http)
         if context is not None:
@@ -335,7 +352,7 @@ class Node:
     async def _start_lmtp(self, *, token: str, gate: door.ConnectionGate) -> None:
         """The internal LMTP listener: mail for the mailboxes homed here, from the peer nodes."""
         handler = lmtp.LMTPHandler(
-            token=token, config=self.config, directory=lambda: self.watcher.current, store=self.store,
+            token=token, config=self.config, directory=self._directory, store=self.store,
             authenticator=self.authenticator, metrics=self.metrics, cluster=self.cluster,
         )  # fmt: skip
         listen = self.config.listen
@@ -351,7 +368,7 @@ class Node:
         (no TLS: the client's ended at the peer; no PROXY protocol: peers connect directly)."""
         listen = self.config.listen
         server, sessions = await imap.start_listener(
-            config=self.config, directory=lambda: self.watcher.current, store=self.store,
+            config=self.config, directory=self._directory, store=self.store,
             authenticator=self.authenticator, metrics=self.metrics, host=listen.host, port=listen.imap_proxy,
             tls=None, implicit_tls=False, analyses=self._analyses, gate=gate, cluster=self.imap_proxy, internal=True,
         )  # fmt: skip
@@ -385,6 +402,28 @@ class Node:
             )
             for name, limit in wanted.items()
         }
+
+    def _close_sessions(self, address: str) -> list[asyncio.Task[Any]]:
+        """A mailbox frozen for a move: its IMAP sessions here end with BYE [UNAVAILABLE]; their tasks."""
+        tasks = []
+        for sessions in self._imap_sessions:
+            for session in list(sessions):
+                if session.user is not None and session.user.address == address:
+                    session.shut_down()
+                    if session.task is not None:
+                        tasks.append(session.task)
+        return tasks
+
+    async def _nudge_handoffs(self) -> None:
+        """A mailbox thawed or homed elsewhere: what waits in the queue for a home node goes now."""
+        if not self.spool.is_open:
+            return
+        for message in await self.spool.list():
+            if any(handoff.ordinal_of(r.route) is not None for r in message.pending):
+                with contextlib.suppress(KeyError):
+                    await self.spool.retry_now(message.id)
+        if self._deliverer_task is not None:
+            self.deliverer.wake()
 
     async def _poll(self, check: Callable[[], object], interval: float) -> None:
         """Run a file watcher's `check` (the directory, the certificate) every `interval` seconds, on
@@ -427,6 +466,8 @@ class Node:
         if self._web is not None:  # before the store: a DAV request may be writing
             await self._web.close()
         await self.backups.close()
+        if self.moves is not None:
+            await self.moves.stop()
         await self.store.close()
         if self.spool.is_open:
             await self.spool.close()
