@@ -1,8 +1,10 @@
-// Wrapper module: builds kube-apiserver and kube-controller-manager from the
-// published k8s.io/kubernetes module. Its own go.mod replaces every k8s.io
-// staging module with ./staging/src/k8s.io/X, which a dependent module cannot
-// use, so each one is pinned here to the matching published v0.x release.
-// Built by scripts/build-control-plane; see README.md.
+// The one module of the tests' cluster (see README.md): a multi-call binary (main.go) with
+// kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kube-proxy from the published
+// k8s.io/kubernetes module, kine and tools/csi-hostpath, and kubernetes-csi's csi-snapshotter and
+// snapshot-controller (tool lines), all built by scripts/build-cluster in one go build. The
+// k8s.io/kubernetes go.mod replaces every k8s.io staging module with ./staging/src/k8s.io/X, which a
+// dependent module cannot use, so each one is pinned here to the matching published v0.x release; that
+// also aligns the sidecars' and kine's k8s.io requirements, so every Kubernetes package compiles once.
 module mailfleet.io/tools/controlplane
 
 go 1.26.5
@@ -10,7 +12,6 @@ go 1.26.5
 godebug default=go1.26
 
 tool (
-	github.com/kubernetes-csi/external-provisioner/v5/cmd/csi-provisioner
 	github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter
 	github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller
 )
@@ -62,7 +63,6 @@ require (
 	github.com/docker/go-units v0.5.0 // indirect
 	github.com/dustin/go-humanize v1.1.0 // indirect
 	github.com/emicklei/go-restful/v3 v3.13.0 // indirect
-	github.com/evanphx/json-patch/v5 v5.9.11 // indirect
 	github.com/expr-lang/expr v1.17.8 // indirect
 	github.com/felixge/httpsnoop v1.1.0 // indirect
 	github.com/fsnotify/fsnotify v1.10.1 // indirect
@@ -116,7 +116,6 @@ require (
 	github.com/kr/pretty v0.3.1 // indirect
 	github.com/kr/text v0.2.0 // indirect
 	github.com/kubernetes-csi/csi-lib-utils v0.25.0 // indirect
-	github.com/kubernetes-csi/external-provisioner/v5 v5.3.0 // indirect
 	github.com/kubernetes-csi/external-snapshotter/client/v8 v8.6.0 // indirect
 	github.com/kubernetes-csi/external-snapshotter/v8 v8.7.0 // indirect
 	github.com/kylelemons/godebug v1.1.0 // indirect
@@ -125,7 +124,6 @@ require (
 	github.com/mattn/go-sqlite3 v1.14.52 // indirect
 	github.com/mdlayher/netlink v1.11.2 // indirect
 	github.com/mdlayher/socket v0.6.1 // indirect
-	github.com/miekg/dns v1.1.66 // indirect
 	github.com/minio/crc64nvme v1.1.1 // indirect
 	github.com/minio/highwayhash v1.0.4 // indirect
 	github.com/minio/md5-simd v1.1.2 // indirect
@@ -205,7 +203,6 @@ require (
 	go.yaml.in/yaml/v3 v3.0.5 // indirect
 	golang.org/x/crypto v0.58.0 // indirect
 	golang.org/x/exp v0.0.0-20261014143641-f0251eb4aa3e // indirect
-	golang.org/x/mod v0.42.0 // indirect
 	golang.org/x/net v0.61.0 // indirect
 	golang.org/x/oauth2 v0.37.0 // indirect
 	golang.org/x/sync v0.24.0 // indirect
@@ -259,13 +256,9 @@ require (
 	modernc.org/memory v1.12.1 // indirect
 	modernc.org/sqlite v1.61.0 // indirect
 	sigs.k8s.io/apiserver-network-proxy/konnectivity-client v0.36.0 // indirect
-	sigs.k8s.io/controller-runtime v0.21.0 // indirect
-	sigs.k8s.io/gateway-api v1.3.0 // indirect
 	sigs.k8s.io/json v0.0.0-20250730193827-2d320260d730 // indirect
 	sigs.k8s.io/knftables v0.0.22 // indirect
 	sigs.k8s.io/randfill v1.0.0 // indirect
-	sigs.k8s.io/sig-storage-lib-external-provisioner/v11 v11.0.1 // indirect
-	sigs.k8s.io/structured-merge-diff/v4 v4.7.0 // indirect
 	sigs.k8s.io/structured-merge-diff/v6 v6.4.2 // indirect
 	sigs.k8s.io/yaml v1.6.0 // indirect
 )
