@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from mailfleet import moving, nodes
 from tests.node.conftest import DOMAIN, ServeProcess, mailbox
@@ -36,6 +37,7 @@ NOW = "2026-12-07T17:00:00Z"
 DEADLINE = 120.0  # seconds a step may keep failing while a killed node comes back (a loaded machine)
 
 
+@pytest.mark.slow
 def test_a_move_resumes_after_the_driver_the_source_and_the_target_are_killed(
     tmp_path: Path, tls_files: tuple[Path, Path]
 ) -> None:
