@@ -29,7 +29,7 @@ from mailfleet import api, k8s, kube_types, specs
 from mailfleet.k8s.events import Recorder
 from mailfleet.metrics import OperatorMetrics
 from mailfleet.options import OperatorOptions, own_namespace
-from mailfleet.reconcile import backup, domain, schedule, usage
+from mailfleet.reconcile import backup, domain, moves, schedule, usage
 from mailfleet.reconcile.context import Context, DomainKey
 from mailfleet.reconcile.passwords import PasswordHasher
 from mailfleet.reconcile.routing import Router
@@ -349,6 +349,7 @@ class Operator:
         await asyncio.gather(*tasks, return_exceptions=True)
         await state.backups.stop()  # a node paused for a VolumeSnapshot is told to resume
         await state.queue.stop()
+        await moves.stop_copies(state.ctx)  # a first copy under way is asked again by the next operator
         await state.ctx.statuses.stop()  # unwritten statuses are decided again by the next operator's reconciles
         if state.metrics_runner is not None:
             await state.metrics_runner.cleanup()

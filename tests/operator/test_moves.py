@@ -312,3 +312,48 @@ async def test_a_move_the_target_refuses_is_rolled_back_and_the_mailbox_stays(ap
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_long_first_copy_does_not_hold_up_the_domain(api, client, cluster):
+    """The first copy of a big mailbox takes minutes; meanwhile the domain is reconciled as usual: a new
+    Mailbox is served and Ready while the copy still runs, and the move goes on once the copy ends."""
+    people = PEOPLE[:3]
+    await _domain(client, 3, people=people)
+    alice, address = people[0], f"{people[0]}@example.com"
+    home = placement.rendezvous(address, 3)
+    target = (home + 1) % 3
+    gate = asyncio.Event()
+    cluster.nodes[target].gate = ("/moves final=False", gate)  # the first copy "takes" until the test says
+
+    async with run_operator(node_url=cluster.template) as operator:
+        homes = await eventually(lambda: _homes(client, len(people)), within=WITHIN, what="the directory")
+        cluster.place(homes)
+        await _nodes_ready(client, 3)
+        await settled(operator)
+        await client.patch(
+            MAILBOX, NAMESPACE, alice, {"metadata": {"annotations": {"mailfleet.io/move-to": str(target)}}}
+        )
+        await eventually(lambda: _gate_reached(cluster, target), within=WITHIN, what="the first copy asked")
+
+        await client.create(mailbox("newcomer", "newcomer@example.com", "password"))
+        with_newcomer = await eventually(
+            lambda: _homes(client, len(people) + 1), within=WITHIN, what="the newcomer in the directory"
+        )
+        newcomer = await eventually(lambda: _ready(client, "newcomer"), within=WITHIN, what="the newcomer Ready")
+        assert condition(newcomer, "Ready")["reason"] == "Served"
+        assert (await _move_of(client, alice, "Copying")) is not None  # the copy still runs
+        assert cluster.nodes[target].gate_waiting == 1
+
+        gate.set()
+        await eventually(
+            lambda: _settled_homes(client, {**with_newcomer, address: target}),
+            within=WITHIN,
+            what="alice on her new node",
+        )
+    assert cluster.holders()[address] == [target]
+    assert [final for moved, final in cluster.nodes[target].copies if moved == address].count(False) == 1
+
+
+async def _ready(client: k8s.Client, name: str) -> dict[str, Any] | None:
+    obj = await client.get(MAILBOX, NAMESPACE, name)
+    return obj if condition(obj, "Ready").get("status") == "True" else None

@@ -5,6 +5,7 @@ metrics; and, from reconcile/kinds.py, the kinds the reconcile reads (each with 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 from typing import Protocol
@@ -92,6 +93,11 @@ class Context:
     mailbox_usage: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     # Each Mailbox's model (or why it is invalid) by uid, with the generation it was parsed from.
     parsed_mailboxes: dict[str, tuple[object, api.Mailbox | None, str]] = dataclasses.field(default_factory=dict)
+    # The first copies of mailbox moves running beside the reconciles (reconcile/moves.py), by domain and
+    # address, each with why its step did not run (address -> the node's error), once it has said.
+    copies: dict[tuple[DomainKey, str], tuple[asyncio.Task[None], dict[str, str]]] = dataclasses.field(
+        default_factory=dict
+    )
     # The kinds of the objects each MailDomain owns, as of its last reconcile (for the metrics).
     owned: dict[DomainKey, collections.Counter[str]] = dataclasses.field(default_factory=dict)
 

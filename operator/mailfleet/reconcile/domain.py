@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Final
 
 from mailfleet import api, k8s, kube_types, specs
 from mailfleet.reconcile import checks, conditions, dkim, internal, mailboxes, moves, objects, restore, status
 from mailfleet.reconcile.checks import Refused
 from mailfleet.reconcile.context import MAILDOMAIN, STATEFULSET, Context, DomainKey
-
-BLOCKED_RETRY: Final = 5.0  # seconds before a move whose node did not answer is tried again
 
 
 async def reconcile(ctx: Context, key: DomainKey) -> None:
@@ -35,7 +32,7 @@ async def reconcile(ctx: Context, key: DomainKey) -> None:
             ctx.owned.pop(key, None)
             ctx.placement.pop(key, None)
             mailboxes.domain_gone(ctx, key)
-            moves.domain_gone(ctx, key)
+            await moves.domain_gone(ctx, key)
             result = "ok"
             return
         try:
@@ -124,11 +121,12 @@ async def _reconcile(ctx: Context, body: kube_types.MailDomain) -> None:
     for verdict in served.verdicts:
         if (address := str(verdict.body["spec"]["address"]).lower()) in driven.flipped:
             verdict.node = specs.common.pod_name(domain, served.homes[address])
-    # Again while moves go on (and once more after the last one: the StatefulSet may shrink then, its
-    # annotation say the homes are balanced); waiting moves that may not start wait for the nodes' events.
-    if plan.active or driven.moving or (driven.waiting and driven.started):
+    # Again while moves go on step by step (and once more after the last one: the StatefulSet may shrink
+    # then, its annotation say the homes are balanced); a first copy running aside asks for the next
+    # reconcile itself when it ends; waiting moves that may not start wait for the nodes' events.
+    if driven.stepped:
         if driven.blocked:  # a node not answering: not at once again
-            asyncio.get_running_loop().call_later(BLOCKED_RETRY, ctx.enqueue, key)
+            asyncio.get_running_loop().call_later(moves.BLOCKED_RETRY, ctx.enqueue, key)
         else:
             ctx.enqueue(key)
 

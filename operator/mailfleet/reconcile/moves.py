@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # recorded homes are balanced over. Below spec.replicas, a scale-up's moves are not all done.
 PLACED_OVER: Final = "mailfleet.io/placed-over"
 RETRY_AFTER: Final = 300.0  # seconds before a rolled-back move is planned again
+BLOCKED_RETRY: Final = 5.0  # seconds before a move whose node did not answer is tried again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +224,7 @@ class Driven:
     moving: int = 0  # moves under way after this reconcile
     waiting: int = 0  # planned moves not started
     started: bool = False  # moves may start (every node ready and up to date)
+    stepped: int = 0  # moves this reconcile took a step further (not counting first copies, which run aside)
 
 
 def nodes_ready(statefulset: kube_types.StatefulSet, replicas: int) -> bool:
@@ -272,11 +274,22 @@ async def drive(
                 at=conditions.now(),
             )
     driven.waiting = len(the_plan.waiting) - (len(active) - len(the_plan.active))
-    if active:
-        where = moving.InCluster(namespace=namespace, name=name, token=token, template=ctx.node_url)
+    where = moving.InCluster(namespace=namespace, name=name, token=token, template=ctx.node_url)
+    key = (namespace, name)
+    stepping = {}
+    for address, move in active.items():
+        if move.step is moving.Step.COPYING:
+            _copy_aside(ctx, key, bodies[address], move, where, ordinals, driven)
+        else:
+            stepping[address] = move
+    if stepping:
+        driven.stepped = len(stepping)
         async with aiohttp.ClientSession() as session:
             results = await asyncio.gather(
-                *(_step(ctx, bodies[a], m, where, session, ordinals, publish_home, driven) for a, m in active.items()),
+                *(
+                    _step(ctx, bodies[a], m, where, session, ordinals, publish_home, driven)
+                    for a, m in stepping.items()
+                ),
                 return_exceptions=True,  # every step ends (and is recorded) before the session closes
             )
         for result in results:
@@ -285,6 +298,60 @@ async def drive(
     driven.moving = sum(1 for a in active if ctx.statuses.move_of(bodies[a]) is not None)
     ctx.metrics.mailboxes_moving.labels(namespace, name).set(driven.moving)
     return driven
+
+
+def _copy_aside(
+    ctx: Context,
+    key: DomainKey,
+    body: kube_types.Mailbox,
+    move: moving.Move,
+    where: moving.DomainNodes,
+    ordinals: Sequence[int],
+    driven: Driven,
+) -> None:
+    """A first copy (COPYING) runs beside the reconciles, in a task of its own: for a big mailbox it takes
+    minutes (a GiB at tens of MiB/s), and the domain's other work (new Mailboxes, passwords, the other
+    moves' short steps) must not wait for it. The task records the step's outcome as `_step` does and
+    then asks for the domain's next reconcile, which takes the move further; a reconcile meanwhile leaves
+    it alone. The copy is asked again harmlessly (the target fetches only what it lacks), so a restarted
+    operator just starts it again from the recorded step."""
+    running = ctx.copies.get((key, move.address))
+    if running is not None:
+        task, blocked = running
+        if not task.done():
+            driven.blocked.update(blocked)
+            return
+        del ctx.copies[(key, move.address)]
+        if ctx.statuses.move_of(body) != to_status(move):
+            return  # its outcome is recorded; this reconcile read the move from before it
+    aside = Driven()
+
+    async def copy() -> None:
+        try:
+            async with aiohttp.ClientSession() as session:
+                await _step(ctx, body, move, where, session, ordinals, _no_flip, aside)
+        finally:
+            if aside.blocked:  # a node not answering: not at once again
+                asyncio.get_running_loop().call_later(BLOCKED_RETRY, ctx.enqueue, key)
+            else:
+                ctx.enqueue(key)
+
+    task = asyncio.create_task(copy(), name=f"copy {move.address} to node {move.target}")
+    ctx.copies[(key, move.address)] = (task, aside.blocked)
+
+
+async def _no_flip(address: str, ordinal: int) -> None:
+    raise AssertionError(f"a first copy does not flip {address}'s home to node {ordinal}")
+
+
+async def stop_copies(ctx: Context, key: DomainKey | None = None) -> None:
+    """Cancel the first copies running aside (all of them, or one domain's); each is asked again from its
+    recorded step by the next reconcile or the next operator."""
+    going = [k for k in ctx.copies if key is None or k[0] == key]
+    tasks = [ctx.copies.pop(k)[0] for k in going]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _step(
@@ -420,7 +487,8 @@ def progress(report: Report, *, layout: Layout, the_plan: Plan, driven: Driven) 
     return dataclasses.replace(report, conditions=wanted)
 
 
-def domain_gone(ctx: Context, key: DomainKey) -> None:
-    """The MailDomain was deleted: its series of moving mailboxes goes too."""
+async def domain_gone(ctx: Context, key: DomainKey) -> None:
+    """The MailDomain was deleted: its first copies under way stop, its series of moving mailboxes goes."""
+    await stop_copies(ctx, key)
     with contextlib.suppress(KeyError):
         ctx.metrics.mailboxes_moving.remove(*key)
