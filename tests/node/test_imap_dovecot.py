@@ -72,6 +72,13 @@ SEARCHES = (
     'HEADER Content-Type multipart', "HEADER Date yesterday", 'HEADER X-Missing ""', "LARGER 1000",
     "SMALLER 600", "OR SEEN FLAGGED", "NOT TEXT lorem", "UID 5:20", "1:10,30:*",
 )  # fmt: skip
+# RFC 5256: SORT criteria (each over every message, and over a search) and THREAD algorithms.
+SORTS = (
+    "ARRIVAL", "REVERSE ARRIVAL", "DATE", "REVERSE DATE", "SUBJECT", "REVERSE SUBJECT", "FROM", "TO", "CC",
+    "SIZE", "REVERSE SIZE", "SUBJECT DATE", "FROM REVERSE DATE", "CC REVERSE SUBJECT SIZE",
+)  # fmt: skip
+SORT_SEARCHES = ("ALL", "SEEN", "FROM example", "OR FLAGGED SUBJECT report")
+THREADS = ("ORDEREDSUBJECT", "REFERENCES")
 FOLDERS = ("Archive", "Sent", "Trash", "Work", "Work/Projects", "Caf&AOk-")
 
 NAMESPACE = """\
@@ -326,6 +333,24 @@ def test_the_node_answers_as_dovecot_does(node_factory: NodeFactory, dovecot_ser
         )
         result.check(f"SEARCH {key}", subject, found["node"], found["dovecot"])
 
+    for criteria in SORTS:
+        for criterion in SORT_SEARCHES:
+            for command in ("SORT", "UID SORT"):
+                found = {}
+                for name, client in clients.items():
+                    typ, data = _answer(client, *command.split(), f"({criteria})", "UTF-8", criterion)
+                    found[name] = (typ, _numbers(client, typ, data, "SORT"))
+                result.check(f"{command} ({criteria}) {criterion}", "*", found["node"], found["dovecot"])
+    for algorithm in THREADS:
+        for criterion in SORT_SEARCHES:
+            for command in ("THREAD", "UID THREAD"):
+                found = {}
+                for name, client in clients.items():
+                    typ, data = _answer(client, *command.split(), algorithm, "UTF-8", criterion)
+                    _, threads = client._untagged_response(typ, data, "THREAD")
+                    found[name] = (typ, [piece for piece in threads if piece])
+                result.check(f"{command} {algorithm} {criterion}", "*", found["node"], found["dovecot"])
+
     # Changes: on a copy of the first 40 messages in a folder of their own, the same on both servers.
     answers_by_step: dict[str, dict[str, Any]] = {}
     for name, client in clients.items():
@@ -373,11 +398,22 @@ def test_the_node_answers_as_dovecot_does(node_factory: NodeFactory, dovecot_ser
             dovecot_only = sorted(set(reference[1]) - set(node_answer[1]))
             print(f"DIFF {category}\n  node only:    {[names[n - 1] for n in node_only]}")
             print(f"  dovecot only: {[names[n - 1] for n in dovecot_only]}")
-        elif shown[category] <= 2:  # two examples of each new difference
-            print(f"DIFF {category} {subject}\n  node:    {node_answer!r:.700}\n  dovecot: {reference!r:.700}")
+        elif shown[category] <= 2:  # two examples of each new difference, from a little before where they part
+            node_text, reference_text = repr(node_answer), repr(reference)
+            at = next((i for i, (a, b) in enumerate(zip(node_text, reference_text, strict=False)) if a != b), 0)
+            start = max(0, at - 100)
+            print(f"DIFF {category} {subject} (at {at})\n  node:    {node_text[start : start + 700]}")
+            print(f"  dovecot: {reference_text[start : start + 700]}")
     total, agreed = sum(result.checks.values()), sum(result.agreed.values())
     assert not unknown, f"{len(unknown)} differences not in KNOWN_DIFFERENCES\n{report}"
     assert agreed / total >= AGREEMENT, report
+
+
+def _numbers(client: imaplib.IMAP4, typ: str, data: Any, response: str) -> list[int]:
+    """The numbers of a SEARCH or SORT response, in order. In INBOX both servers give the appended
+    messages the same UIDs (1 up, in APPEND order): UID SORT's answers compare as they are."""
+    _, pieces = client._untagged_response(typ, data, response)
+    return [int(n) for piece in pieces if piece for n in piece.split()]
 
 
 def _copyuid(answer: tuple[str, Any]) -> tuple[str, Any]:

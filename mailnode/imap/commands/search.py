@@ -125,9 +125,25 @@ def _evaluate(
 async def search_(session: Session, command: protocol.Command) -> None:
     """SEARCH, and UID SEARCH."""
     selected = session.selected
-    assert selected is not None and session.account is not None and session.user is not None
+    assert selected is not None
     by_uid = command.name == "UID SEARCH"
     key = search.parse_search(list(command.args))
+    hits = await _matching(session, key)
+    numbers = [str(m.uid if by_uid else seq) for seq, m in hits]
+    line = "* SEARCH" + "".join(f" {n}" for n in numbers)
+    if search.referenced_modseq(key) and hits:  # RFC 7162: the highest MODSEQ of the hits
+        line += f" (MODSEQ {max(selected.modseqs.get(m.uid, m.modseq) for _, m in hits)})"
+    session.send(line)
+    await session.report_changes(expunge=by_uid)
+    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+async def _matching(session: Session, key: search.SearchKey) -> list[tuple[int, Message]]:
+    """The messages of the selected folder that match `key`, as (sequence number, message), in order:
+    SEARCH's answer, and the messages SORT and THREAD order (mailnode.imap.commands.sort; private, as
+    every public coroutine of a command module is a handler)."""
+    selected = session.selected
+    assert selected is not None and session.account is not None and session.user is not None
     messages = await session.account.messages(selected.name)
     by_uid_map = {m.uid: m for m in messages}
     ordered = [(i + 1, by_uid_map[u]) for i, u in enumerate(selected.uids) if u in by_uid_map]
@@ -170,10 +186,4 @@ async def search_(session: Session, command: protocol.Command) -> None:
         else:
             matched = [target for target in targets if search.evaluate(key, target)]
         hits += [(target.seq, target.message) for target in matched]
-    numbers = [str(m.uid if by_uid else seq) for seq, m in hits]
-    line = "* SEARCH" + "".join(f" {n}" for n in numbers)
-    if search.referenced_modseq(key) and hits:  # RFC 7162: the highest MODSEQ of the hits
-        line += f" (MODSEQ {max(selected.modseqs.get(m.uid, m.modseq) for _, m in hits)})"
-    session.send(line)
-    await session.report_changes(expunge=by_uid)
-    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+    return hits
