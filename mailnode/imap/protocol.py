@@ -502,8 +502,11 @@ def _seq_number(text: str) -> int | None:
         raise ProtocolError(f"invalid sequence set element {text[:24]!r}") from None
 
 
+SAVED = "$"  # RFC 5182 SEARCHRES: the sequence set of the last SEARCH RETURN (SAVE), resolved by the session
+
+
 def parse_sequence_set(text: str) -> SequenceSet:
-    """`1,3:5,7:*` (RFC 3501 §9 sequence-set). SEARCHRES `$` is not supported."""
+    """`1,3:5,7:*` (RFC 3501 §9 sequence-set). SEARCHRES `$` (SAVED) is the session's to resolve."""
     if not text:
         raise ProtocolError("empty sequence set")
     ranges: list[tuple[int | None, int | None]] = []
@@ -523,6 +526,58 @@ def format_sequence_set(numbers: Iterable[int]) -> str:
         else:
             runs.append([number, number])
     return ",".join(str(lo) if lo == hi else f"{lo}:{hi}" for lo, hi in runs)
+
+
+# -- SEARCH RETURN (ESEARCH, RFC 4731; SEARCHRES, RFC 5182) -----------------------------------------------
+
+SEARCH_RETURN_OPTIONS = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchReturn:
+    criteria: list[Arg]  # `[CHARSET name] key...`, what mailnode.imap.search parses
+    options: frozenset[str] | None = None  # RETURN's options, upper; None without RETURN (a plain SEARCH answer)
+
+
+def parse_search_return(args: list[Arg]) -> SearchReturn:
+    """SEARCH's `[RETURN (options)]` before its criteria (RFC 4731 §3.1): `RETURN ()` means ALL."""
+    if args and isinstance(args[0], Atom) and args[0].value.upper() == "RETURN":
+        if len(args) < 2 or not isinstance(args[1], ParenList):
+            raise ProtocolError("RETURN needs a list of options")
+        options = frozenset(_options(args[1], SEARCH_RETURN_OPTIONS, "search return option"))
+        return SearchReturn(args[2:], options or frozenset({"ALL"}))
+    return SearchReturn(list(args))
+
+
+def saved_numbers(numbers: Sequence[int], options: frozenset[str]) -> list[int]:
+    """What SAVE keeps of the result (RFC 5182 §2.4): with MIN and/or MAX but neither ALL nor COUNT, only
+    those; else all of it."""
+    if not numbers or options & {"ALL", "COUNT"} or not options & {"MIN", "MAX"}:
+        return list(numbers)
+    kept = {min(numbers)} if "MIN" in options else set()
+    return sorted(kept | {max(numbers)} if "MAX" in options else kept)
+
+
+def format_esearch(
+    tag: str, *, uid: bool, numbers: Sequence[int], options: frozenset[str], modseq: int | None = None
+) -> str | None:
+    """The ESEARCH response (RFC 4731 §3.1) for the result `numbers` (ascending); None when SAVE is the only
+    option (RFC 5182 §2.4: no response then). MIN, MAX and ALL are left out for an empty result; MODSEQ
+    (RFC 7162 §3.1.5) is the highest of the hits when the criteria used MODSEQ."""
+    if options == {"SAVE"}:
+        return None
+    line = f'* ESEARCH (TAG "{tag}")' + (" UID" if uid else "")
+    if numbers and "MIN" in options:
+        line += f" MIN {numbers[0]}"
+    if numbers and "MAX" in options:
+        line += f" MAX {numbers[-1]}"
+    if numbers and "ALL" in options:
+        line += f" ALL {format_sequence_set(numbers)}"
+    if "COUNT" in options:  # after ALL, in Dovecot's order
+        line += f" COUNT {len(numbers)}"
+    if numbers and modseq is not None:
+        line += f" MODSEQ {modseq}"
+    return line
 
 
 # -- FETCH ----------------------------------------------------------------------------------------------

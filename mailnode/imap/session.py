@@ -72,6 +72,7 @@ class Selected:
     highestmodseq: int
     uidnext: int
     pending: list[Change] = dataclasses.field(default_factory=list)
+    saved: list[int] = dataclasses.field(default_factory=list)  # RFC 5182 SEARCHRES `$`: UIDs, ascending
 
     def seq(self, uid: int) -> int:
         index = bisect.bisect_left(self.uids, uid)
@@ -535,9 +536,12 @@ class Session:
         return text
 
     def messages_for(self, sequence: str, *, uid: bool) -> list[tuple[int, int]]:
-        """(seq, uid) pairs that a sequence set or UID set names, in order."""
+        """(seq, uid) pairs that a sequence set or UID set names, in order; `$` names the saved search
+        result's messages still here (RFC 5182 §2.1: never an error, even when empty)."""
         selected = self.selected
         assert selected is not None
+        if sequence == protocol.SAVED:
+            return [(seq, u) for u in selected.saved if (seq := selected.seq(u))]
         numbers = protocol.parse_sequence_set(sequence)
         uids = selected.uids
         if uid:

@@ -1,6 +1,7 @@
 """The IMAP extensions webmail and phones use, driven by imaplib over real sockets against a live node:
-SORT and THREAD (RFC 5256), each advertised in CAPABILITY. Their answers on a larger corpus are compared
-with Dovecot's in tests/node/test_imap_dovecot.py; here, small mailboxes with answers known by hand."""
+SORT and THREAD (RFC 5256), ESEARCH (RFC 4731) and SEARCHRES (RFC 5182), each advertised in CAPABILITY.
+Their answers on a larger corpus are compared with Dovecot's in tests/node/test_imap_dovecot.py; here,
+small mailboxes with answers known by hand."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def uid_of(imap: imaplib.IMAP4) -> dict[int, int]:
 
 def test_capabilities_name_the_extensions(imap: imaplib.IMAP4) -> None:
     caps = imap.capability()[1][0].split()
-    for capability in (b"SORT", b"THREAD=ORDEREDSUBJECT", b"THREAD=REFERENCES"):
+    for capability in (b"SORT", b"THREAD=ORDEREDSUBJECT", b"THREAD=REFERENCES", b"ESEARCH", b"SEARCHRES"):
         assert capability in caps, capability
 
 
@@ -96,3 +97,46 @@ def test_thread(imap: imaplib.IMAP4) -> None:
     assert imap.uid("THREAD", "REFERENCES", "UTF-8", "ALL") == ("OK", [expected.encode()])
     with pytest.raises(imaplib.IMAP4.error, match="BAD"):
         imap.thread("NOSUCH", "UTF-8", "ALL")
+
+
+def esearch(imap: imaplib.IMAP4, *args: str) -> tuple[str, list[bytes]]:
+    typ, data = imap._simple_command(*args)
+    return typ, [line for line in imap._untagged_response(typ, data, "ESEARCH")[1] if line]
+
+
+def test_esearch(imap: imaplib.IMAP4) -> None:
+    uids = uid_of(imap)
+    tag = rb'\(TAG "[^"]+"\) '
+    typ, lines = esearch(imap, "SEARCH", "RETURN", "(MIN MAX COUNT ALL)", "SEEN")
+    assert typ == "OK" and len(lines) == 1 and re.fullmatch(tag + rb"MIN 1 MAX 5 ALL 1,3,5 COUNT 3", lines[0])
+    typ, lines = esearch(imap, "UID", "SEARCH", "RETURN", "()", "UNSEEN")  # () is ALL
+    assert re.fullmatch(tag + f"UID ALL {uids[2]},{uids[4]}".encode(), lines[0])
+    typ, lines = esearch(imap, "SEARCH", "RETURN", "(MIN MAX COUNT)", "SUBJECT", "nothing-has-this")
+    assert re.fullmatch(tag + rb"COUNT 0", lines[0])  # MIN and MAX are left out of an empty result
+    typ, lines = esearch(imap, "SEARCH", "RETURN", "(COUNT)", "MODSEQ", "1")
+    assert re.fullmatch(tag + rb"COUNT 5 MODSEQ \d+", lines[0])
+    # RFC 7162 §3.1: SEARCH MODSEQ enabled CONDSTORE: FETCH now reports MODSEQ unasked.
+    assert b"MODSEQ" in imap.fetch("1", "(FLAGS)")[1][0]
+    with pytest.raises(imaplib.IMAP4.error, match="BAD"):
+        esearch(imap, "SEARCH", "RETURN", "(NOSUCH)", "ALL")
+
+
+def test_searchres(imap: imaplib.IMAP4) -> None:
+    uids = uid_of(imap)
+    assert esearch(imap, "SEARCH", "RETURN", "(SAVE)", "SEEN") == ("OK", [])  # SAVE alone: no ESEARCH
+    typ, data = imap.fetch("$", "(UID)")
+    assert typ == "OK" and [piece.split()[0] for piece in data if piece] == [b"1", b"3", b"5"]
+    assert imap.uid("SEARCH", "UID", "$") == ("OK", [f"{uids[1]} {uids[3]} {uids[5]}".encode()])
+    assert imap.search(None, "NOT", "$") == ("OK", [b"2 4"])
+    assert imap.store("$", "+FLAGS", "(\\Flagged)")[0] == "OK"
+    assert imap.search(None, "FLAGGED") == ("OK", [b"1 3 5"])
+    assert imap.copy("$", "Archive")[0] == "OK"
+    assert esearch(imap, "SEARCH", "RETURN", "(SAVE MIN MAX)", "SEEN")[0] == "OK"  # SAVE keeps only 1 and 5
+    assert imap.search(None, "$") == ("OK", [b"1 5"])
+    # An expunged message leaves `$`; `$` empty names no message, and is no error.
+    assert imap.store("1", "+FLAGS", "(\\Deleted)")[0] == "OK" and imap.expunge()[0] == "OK"
+    assert imap.search(None, "$") == ("OK", [b"4"])
+    assert esearch(imap, "SEARCH", "RETURN", "(SAVE)", "SUBJECT", "nothing-has-this")[0] == "OK"
+    assert imap.fetch("$", "(UID)") == ("OK", [None])
+    imap.select("INBOX")  # a new selection forgets the saved result
+    assert imap.search(None, "$") == ("OK", [b""])

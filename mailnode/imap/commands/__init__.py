@@ -25,6 +25,8 @@ TABLE: table.Table[Session] = table.Table(
         Extension("SPECIAL-USE", "RFC 6154"),  # LIST's \Sent, \Drafts... and the SPECIAL-USE selection
         Extension("LIST-EXTENDED", "RFC 5258"),  # LIST's selection and return options (basic)
         Extension("CONDSTORE", "RFC 7162"),  # MODSEQ in FETCH, STORE, SEARCH, SELECT and STATUS
+        Extension("ESEARCH", "RFC 4731"),  # SEARCH RETURN (MIN MAX COUNT ALL)
+        Extension("SEARCHRES", "RFC 5182"),  # SEARCH RETURN (SAVE) and `$`
         Extension("THREAD=REFERENCES", "RFC 5256 §3"),  # THREAD's second algorithm (mailnode.imap.sort)
         Extension("LOGINDISABLED", "RFC 3501 §6.2.3", When.LOGIN_DISABLED),
     ),

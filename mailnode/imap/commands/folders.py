@@ -174,6 +174,7 @@ async def list_(session: Session, command: protocol.Command) -> None:
 async def status(session: Session, command: protocol.Command) -> None:
     assert session.account is not None
     request = protocol.parse_status(command.args)
+    session.condstore |= "HIGHESTMODSEQ" in request.items  # RFC 7162 §3.1: a CONDSTORE enabling command
     name = request.mailbox
     found = await session.account.status(name)
     if found is None:
