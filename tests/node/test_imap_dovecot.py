@@ -81,8 +81,13 @@ SORT_SEARCHES = ("ALL", "SEEN", "FROM example", "OR FLAGGED SUBJECT report")
 THREADS = ("ORDEREDSUBJECT", "REFERENCES")
 # RFC 4731 ESEARCH: (return options, criteria), for SEARCH and UID SEARCH.
 ESEARCHES = (
-    ("(MIN MAX COUNT ALL)", "SEEN"), ("()", "FLAGGED"), ("(COUNT)", "UNSEEN"), ("(MIN)", "TEXT lorem"),
-    ("(MAX COUNT)", "NOT SEEN"), ("(ALL)", "SUBJECT nothing-has-this"), ("(MIN MAX)", "SUBJECT nothing-has-this"),
+    ("(MIN MAX COUNT ALL)", "SEEN"),
+    ("()", "FLAGGED"),
+    ("(COUNT)", "UNSEEN"),
+    ("(MIN)", "TEXT lorem"),
+    ("(MAX COUNT)", "NOT SEEN"),
+    ("(ALL)", "SUBJECT nothing-has-this"),
+    ("(MIN MAX)", "SUBJECT nothing-has-this"),
     ("(ALL)", "1:10,30:*"),
 )  # fmt: skip (MODSEQ is left out: it enables CONDSTORE, and the servers count mod-sequences differently)
 # RFC 5182 SEARCHRES: a search SAVEd, then commands on `$` (the answers compared step by step).
@@ -348,14 +353,15 @@ def test_the_node_answers_as_dovecot_does(node_factory: NodeFactory, dovecot_ser
 
     for options, criterion in ESEARCHES:
         for command in ("SEARCH", "UID SEARCH"):
-            found = {}
+            esearched: dict[str, Any] = {}
             for name, client in clients.items():
                 typ, data = _answer(client, *command.split(), "RETURN", options, *criterion.split())
                 _, lines = client._untagged_response(typ, data, "ESEARCH")
-                found[name] = (typ, [re.sub(rb'^\(TAG "[^"]*"\) ?', b"", line) for line in lines if line])
-            result.check(f"ESEARCH {command} RETURN {options} {criterion}", "*", found["node"], found["dovecot"])
-    for step, (command, *args) in enumerate(SEARCHRES):
-        found = {}
+                esearched[name] = (typ, [re.sub(rb'^\(TAG "[^"]*"\) ?', b"", line) for line in lines if line])
+            check = f"ESEARCH {command} RETURN {options} {criterion}"
+            result.check(check, "*", esearched["node"], esearched["dovecot"])
+    for number, (command, *args) in enumerate(SEARCHRES):
+        saved: dict[str, Any] = {}
         for name, client in clients.items():
             typ, data = _answer(client, *command.split(), *args)
             responses = {
@@ -363,8 +369,8 @@ def test_the_node_answers_as_dovecot_does(node_factory: NodeFactory, dovecot_ser
                 for response in ("SEARCH", "ESEARCH", "FETCH")
             }
             responses["ESEARCH"] = [re.sub(rb'^\(TAG "[^"]*"\) ?', b"", line) for line in responses["ESEARCH"]]
-            found[name] = (typ, responses)
-        result.check(f"SEARCHRES {step} {command} {' '.join(args)}", "*", found["node"], found["dovecot"])
+            saved[name] = (typ, responses)
+        result.check(f"SEARCHRES {number} {command} {' '.join(args)}", "*", saved["node"], saved["dovecot"])
 
     for criteria in SORTS:
         for criterion in SORT_SEARCHES:
