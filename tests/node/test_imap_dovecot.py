@@ -43,6 +43,7 @@ KNOWN_FILE = Path(__file__).with_name("imap_dovecot_known.json")
 # behaviour to justify in the doc, or a regression.
 REASONS = (
     ("CREATE ", "create-existing"),
+    ("LIST RETURN ", "list-return-attributes"),
     ("SEARCH SENT", "sent-date-fallback"),
     ("SEARCH NOT SENT", "sent-date-fallback"),
     ("SEARCH ", "invalid-content-type"),
@@ -415,6 +416,19 @@ def test_the_node_answers_as_dovecot_does(node_factory: NodeFactory, dovecot_ser
             steps.setdefault(f"LIST {pattern}", {})[name] = (typ, parsed)
         typ, data = _answer(client, "STATUS", "Archive", "(MESSAGES UNSEEN)")
         steps.setdefault("STATUS", {})[name] = (typ, client._untagged_response(typ, data, "STATUS")[1])
+        for folder in ("INBOX", "Archive", "Work"):  # RFC 8438 STATUS=SIZE
+            typ, data = _answer(client, "STATUS", folder, "(SIZE MESSAGES)")
+            steps.setdefault(f"STATUS {folder} SIZE", {})[name] = (typ, _statuses(client, typ, data))
+        for pattern in ("*", "Work*"):  # RFC 5819 LIST-STATUS
+            typ, data = _answer(client, "LIST", '""', pattern, "RETURN", "(STATUS (MESSAGES UNSEEN SIZE))")
+            listed = [_Parser(line).value_list(3) for line in _untagged(client, typ, data, "LIST")]
+            steps.setdefault(f"LIST-STATUS {pattern}", {})[name] = (
+                typ, sorted(folder for _, _, folder in listed), _statuses(client, typ, data)
+            )  # fmt: skip
+            # The attributes apart: with RETURN options Dovecot leaves out those not asked for (known difference).
+            steps.setdefault(f"LIST RETURN (STATUS) {pattern} attributes", {})[name] = sorted(
+                (folder, sorted(_normalize(attributes))) for attributes, _, folder in listed
+            )
     for step, answer in answers_by_step.items():
         result.check(step, "*", answer["node"], answer["dovecot"])
     for client in clients.values():
@@ -453,6 +467,17 @@ def _numbers(client: imaplib.IMAP4, typ: str, data: Any, response: str) -> list[
     messages the same UIDs (1 up, in APPEND order): UID SORT's answers compare as they are."""
     _, pieces = client._untagged_response(typ, data, response)
     return [int(n) for piece in pieces if piece for n in piece.split()]
+
+
+def _untagged(client: imaplib.IMAP4, typ: str, data: Any, response: str) -> list[Any]:
+    """The untagged responses of one kind, sorted: the order of STATUS and LIST lines is the server's."""
+    return sorted(line for line in client._untagged_response(typ, data, response)[1] if line)
+
+
+def _statuses(client: imaplib.IMAP4, typ: str, data: Any) -> list[tuple[Any, dict[str, str]]]:
+    """STATUS responses as (mailbox, {item: value}): RFC 3501 §7.2.4 gives the items no order."""
+    statuses = (_Parser(line).value_list(2) for line in _untagged(client, typ, data, "STATUS"))
+    return sorted((mailbox, dict(zip(items[::2], items[1::2], strict=True))) for mailbox, items in statuses)
 
 
 def _copyuid(answer: tuple[str, Any]) -> tuple[str, Any]:

@@ -1,5 +1,6 @@
 """The IMAP extensions webmail and phones use, driven by imaplib over real sockets against a live node:
-SORT and THREAD (RFC 5256), ESEARCH (RFC 4731) and SEARCHRES (RFC 5182), each advertised in CAPABILITY.
+SORT and THREAD (RFC 5256), ESEARCH (RFC 4731), SEARCHRES (RFC 5182), LIST-STATUS (RFC 5819) and
+STATUS=SIZE (RFC 8438), each advertised in CAPABILITY.
 Their answers on a larger corpus are compared with Dovecot's in tests/node/test_imap_dovecot.py; here,
 small mailboxes with answers known by hand."""
 
@@ -61,7 +62,8 @@ def uid_of(imap: imaplib.IMAP4) -> dict[int, int]:
 
 def test_capabilities_name_the_extensions(imap: imaplib.IMAP4) -> None:
     caps = imap.capability()[1][0].split()
-    for capability in (b"SORT", b"THREAD=ORDEREDSUBJECT", b"THREAD=REFERENCES", b"ESEARCH", b"SEARCHRES"):
+    for capability in (b"SORT", b"THREAD=ORDEREDSUBJECT", b"THREAD=REFERENCES", b"ESEARCH", b"SEARCHRES", b"LIST-STATUS",
+                       b"STATUS=SIZE"):  # fmt: skip
         assert capability in caps, capability
 
 
@@ -140,3 +142,18 @@ def test_searchres(imap: imaplib.IMAP4) -> None:
     assert imap.fetch("$", "(UID)") == ("OK", [None])
     imap.select("INBOX")  # a new selection forgets the saved result
     assert imap.search(None, "$") == ("OK", [b""])
+
+
+def test_status_size_and_list_status(imap: imaplib.IMAP4) -> None:
+    size = sum(len(note(n, s, sender=f, day=d, references=r)) for n, (s, f, d, r) in enumerate(NOTES, 1))
+    assert imap.status("INBOX", "(SIZE MESSAGES)") == ("OK", [f"INBOX (SIZE {size} MESSAGES 5)".encode()])
+    assert imap.create("Work/Plans")[0] == "OK"
+    typ, data = imap._simple_command("LIST", '""', "*", "RETURN", "(STATUS (MESSAGES UNSEEN SIZE))")
+    assert typ == "OK"
+    listed = [line for line in imap._untagged_response(typ, data, "LIST")[1] if line]
+    statuses = [line for line in imap._untagged_response(typ, data, "STATUS")[1] if line]
+    assert len(listed) == len(statuses) >= 7  # INBOX, the special-use folders, Work and Work/Plans
+    assert f"INBOX (MESSAGES 5 UNSEEN 2 SIZE {size})".encode() in statuses
+    assert b"Work/Plans (MESSAGES 0 UNSEEN 0 SIZE 0)" in statuses
+    typ, data = imap._simple_command("LIST", '""', "Work/%", "RETURN", "(STATUS (UIDNEXT))")
+    assert [line for line in imap._untagged_response(typ, data, "STATUS")[1] if line] == [b"Work/Plans (UIDNEXT 1)"]

@@ -27,6 +27,8 @@ TABLE: table.Table[Session] = table.Table(
         Extension("CONDSTORE", "RFC 7162"),  # MODSEQ in FETCH, STORE, SEARCH, SELECT and STATUS
         Extension("ESEARCH", "RFC 4731"),  # SEARCH RETURN (MIN MAX COUNT ALL)
         Extension("SEARCHRES", "RFC 5182"),  # SEARCH RETURN (SAVE) and `$`
+        Extension("LIST-STATUS", "RFC 5819"),  # LIST's RETURN (STATUS (...))
+        Extension("STATUS=SIZE", "RFC 8438"),  # STATUS's SIZE item
         Extension("THREAD=REFERENCES", "RFC 5256 §3"),  # THREAD's second algorithm (mailnode.imap.sort)
         Extension("LOGINDISABLED", "RFC 3501 §6.2.3", When.LOGIN_DISABLED),
     ),

@@ -1,5 +1,5 @@
 """IMAP commands on folders: SELECT and EXAMINE, CLOSE and UNSELECT, CREATE, DELETE, RENAME,
-SUBSCRIBE and UNSUBSCRIBE, LIST and LSUB (with LIST-EXTENDED selection and SPECIAL-USE), STATUS,
+SUBSCRIBE and UNSUBSCRIBE, LIST and LSUB (with LIST-EXTENDED selection, SPECIAL-USE and LIST-STATUS), STATUS,
 and the QUOTA commands. Declared in mailnode.imap.commands.TABLE.
 
 `store_refusals` turns what the store refuses into NO responses; these commands and those of
@@ -166,19 +166,31 @@ async def list_(session: Session, command: protocol.Command) -> None:
             attributes.append("\\Subscribed")
         encoded = protocol.format_mailbox(protocol.encode_mailbox_name(folder.name))
         session.send(f'* {command.name} ({" ".join(attributes)}) "{DELIMITER}" '.encode() + encoded)
+        if "STATUS" in options.returns and not lsub:  # RFC 5819 LIST-STATUS: after the folder's LIST
+            status_line = await _status_line(session, folder.name, options.status_items)
+            if status_line is not None:  # deleted meanwhile: RFC 5819 §2 leaves its STATUS out
+                session.send(status_line)
     if not options.patterns:  # RFC 3501 §6.3.8: an empty pattern asks for the delimiter
         session.send(f'* {command.name} (\\Noselect) "{DELIMITER}" ""')
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
 
 
 async def status(session: Session, command: protocol.Command) -> None:
-    assert session.account is not None
     request = protocol.parse_status(command.args)
     session.condstore |= "HIGHESTMODSEQ" in request.items  # RFC 7162 §3.1: a CONDSTORE enabling command
-    name = request.mailbox
+    line = await _status_line(session, request.mailbox, request.items)
+    if line is None:
+        raise responses.Refused(responses.NO_NO_SUCH_MAILBOX, mailbox=request.mailbox)
+    session.send(line)
+    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+async def _status_line(session: Session, name: str, items: list[str]) -> bytes | None:
+    """The STATUS response for a folder (RFC 3501 §7.2.4), for STATUS and LIST-STATUS; None if it is not there."""
+    assert session.account is not None
     found = await session.account.status(name)
     if found is None:
-        raise responses.Refused(responses.NO_NO_SUCH_MAILBOX, mailbox=name)
+        return None
     folder = found.folder
     values = {
         "MESSAGES": found.messages,
@@ -189,10 +201,9 @@ async def status(session: Session, command: protocol.Command) -> None:
         "HIGHESTMODSEQ": folder.highestmodseq,  # RFC 7162 (CONDSTORE)
         "SIZE": found.size,  # RFC 8438
     }
-    items = [f"{key} {values[key]}" for key in request.items]
+    shown = [f"{key} {values[key]}" for key in items]
     encoded = protocol.format_mailbox(protocol.encode_mailbox_name(folder.name))
-    session.send(b"* STATUS " + encoded + f" ({' '.join(items)})".encode())
-    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+    return b"* STATUS " + encoded + f" ({' '.join(shown)})".encode()
 
 
 def _quota_line(session: Session) -> str:
