@@ -78,6 +78,7 @@ OK_MODIFIED = Response("OK", "MODIFIED {numbers}", "Conditional STORE failed")  
 NO_TOOBIG = Response("NO", "TOOBIG", "Literal too large (limit {limit} bytes)")
 NO_BADCHARSET = Response("NO", "BADCHARSET ({supported})", "{error}")  # RFC 3501 §6.4.4
 NO_SEARCH_LIMIT = Response("NO", "LIMIT", "Search took too long")  # RFC 5530 §3: over its CPU budget
+NO_UNKNOWN_CTE = Response("NO", "UNKNOWN-CTE", "Unknown Content-Transfer-Encoding {encoding}")  # RFC 3516 §4.3
 NO_FOLDER = Response("NO", None, "{error}")  # the store's FolderError, when it carries its own code
 NO_NONEXISTENT = Response("NO", "NONEXISTENT", "{error}")
 NO_NO_SUCH_MAILBOX = Response("NO", "NONEXISTENT", "No such mailbox: {mailbox}")

@@ -44,6 +44,7 @@ KNOWN_FILE = Path(__file__).with_name("imap_dovecot_known.json")
 REASONS = (
     ("CREATE ", "create-existing"),
     ("LIST RETURN ", "list-return-attributes"),
+    ("BINARY.SIZE", "binary-size"),
     ("SEARCH SENT", "sent-date-fallback"),
     ("SEARCH NOT SENT", "sent-date-fallback"),
     ("SEARCH ", "invalid-content-type"),
@@ -58,9 +59,13 @@ SECTIONS = (
     "HEADER.FIELDS.NOT (FROM TO MESSAGE-ID)", "1.HEADER.FIELDS (CONTENT-TYPE)", "2.HEADER.FIELDS (SUBJECT)",
 )  # fmt: skip
 PARTIALS = ("BODY.PEEK[]<0.64>", "BODY.PEEK[TEXT]<5.20>", "BODY.PEEK[1]<10.10>", "BODY.PEEK[]<100000.5>")
+BINARIES = (  # RFC 3516
+    "BINARY.PEEK[]", "BINARY.PEEK[1]", "BINARY.PEEK[2]", "BINARY.PEEK[1.1]", "BINARY.PEEK[1.2]", "BINARY.PEEK[2.1]",
+    "BINARY.PEEK[1]<0.20>", "BINARY.SIZE[1]", "BINARY.SIZE[2]", "BINARY.SIZE[1.2]",
+)  # fmt: skip
 ITEMS = (
     "FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY", "BODYSTRUCTURE", "RFC822.HEADER",
-    *(f"BODY.PEEK[{section}]" for section in SECTIONS), *PARTIALS,
+    *(f"BODY.PEEK[{section}]" for section in SECTIONS), *PARTIALS, *BINARIES,
 )  # fmt: skip
 SEARCHES = (
     "ALL", "SEEN", "UNSEEN", "FLAGGED", "ANSWERED", "DRAFT", "KEYWORD $Label1", "UNKEYWORD $Label1",
@@ -155,6 +160,9 @@ class _Parser:
                 end += 1
             self.at = end + 1
             return bytes(out)
+        if self.text[self.at : self.at + 2] == b"~{":  # RFC 3516 literal8: a literal that may hold NUL
+            self.at += 1
+            char = b"{"
         if char == b"{":
             close = self.text.index(b"}", self.at)
             size = int(self.text[self.at + 1 : close])

@@ -1,11 +1,12 @@
 """The IMAP extensions webmail and phones use, driven by imaplib over real sockets against a live node:
-SORT and THREAD (RFC 5256), ESEARCH (RFC 4731), SEARCHRES (RFC 5182), LIST-STATUS (RFC 5819) and
-STATUS=SIZE (RFC 8438), each advertised in CAPABILITY.
+SORT and THREAD (RFC 5256), ESEARCH (RFC 4731), SEARCHRES (RFC 5182), LIST-STATUS (RFC 5819),
+STATUS=SIZE (RFC 8438) and BINARY (RFC 3516), each advertised in CAPABILITY.
 Their answers on a larger corpus are compared with Dovecot's in tests/node/test_imap_dovecot.py; here,
 small mailboxes with answers known by hand."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import imaplib
 import re
@@ -63,7 +64,7 @@ def uid_of(imap: imaplib.IMAP4) -> dict[int, int]:
 def test_capabilities_name_the_extensions(imap: imaplib.IMAP4) -> None:
     caps = imap.capability()[1][0].split()
     wanted = (b"SORT", b"THREAD=ORDEREDSUBJECT", b"THREAD=REFERENCES", b"ESEARCH", b"SEARCHRES", b"LIST-STATUS",
-              b"STATUS=SIZE")  # fmt: skip
+              b"STATUS=SIZE", b"BINARY")  # fmt: skip
     for capability in wanted:
         assert capability in caps, capability
 
@@ -158,3 +159,44 @@ def test_status_size_and_list_status(imap: imaplib.IMAP4) -> None:
     assert b"Work/Plans (MESSAGES 0 UNSEEN 0 SIZE 0)" in statuses
     typ, data = imap._simple_command("LIST", '""', "Work/%", "RETURN", "(STATUS (UIDNEXT))")
     assert [line for line in imap._untagged_response(typ, data, "STATUS")[1] if line] == [b"Work/Plans (UIDNEXT 1)"]
+
+
+PAYLOAD = bytes(range(256)) * 3  # every octet, NUL and bare CR and LF among them
+
+
+def test_binary(imap: imaplib.IMAP4) -> None:
+    """FETCH BINARY decodes base64 and quoted-printable (a literal8 when the result holds NUL), BINARY.SIZE
+    is that length, BINARY[] of the message decodes every part; APPEND takes a literal8."""
+    encoded = base64.encodebytes(PAYLOAD).replace(b"\n", b"\r\n")
+    message = (
+        b"From: a@example.org\r\nSubject: binary\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+        b"Gr=C3=BC=C3=9Fe=\r\n aus K=C3=B6ln\r\n--b\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n" + encoded + b"--b--\r\n"
+    )
+    assert imap.append("INBOX", None, None, message)[0] == "OK"
+    imap.select("INBOX")
+    typ, data = imap.fetch("6", "(BINARY.PEEK[1] BINARY.PEEK[2] BINARY.SIZE[2] BINARY.PEEK[2]<0.4> FLAGS)")
+    assert typ == "OK"
+    joined = b"".join(piece if isinstance(piece, bytes) else piece[0] + piece[1] for piece in data if piece)
+    assert b"BINARY[1] {17}" + "Grüße aus Köln".encode() in joined  # the soft line break undone
+    assert b"BINARY[2] ~{%d}" % len(PAYLOAD) in joined and PAYLOAD in joined
+    assert b"BINARY.SIZE[2] %d" % len(PAYLOAD) in joined
+    assert b"BINARY[2]<0> ~{4}\x00\x01\x02\x03" in joined and b"\\Seen" not in joined  # .PEEK: \Seen not set
+    typ, data = imap.fetch("6", "(BINARY[])")
+    whole = data[0][1] if isinstance(data[0], tuple) else b""
+    assert whole.count(b"Content-Transfer-Encoding: binary\r\n") == 2 and PAYLOAD in whole
+    assert b"\\Seen" in imap.fetch("6", "(FLAGS)")[1][0]  # type: ignore[operator]  # BINARY[] set it
+    # APPEND with a literal8 (RFC 3516 §4.4): the message holds a NUL, its part is declared binary.
+    raw = b"From: a@example.org\r\nSubject: raw\r\nContent-Transfer-Encoding: binary\r\n\r\nnul\x00here\r\n"
+    imap.literal = None
+    tag = imap._new_tag()
+    imap.send(tag + b" APPEND INBOX ~{%d+}\r\n" % len(raw) + raw + b"\r\n")
+    reply = imap.readline()
+    while not reply.startswith(tag):
+        reply = imap.readline()
+    assert reply.startswith(tag + b" OK"), reply
+    imap.noop()
+    typ, data = imap.fetch("7", "(BINARY.PEEK[1] BINARY.SIZE[1])")
+    assert typ == "OK" and data[0] and b"nul\x00here\r\n" in data[0][1] and b"BINARY.SIZE[1] 10" in data[1]  # type: ignore[operator]

@@ -29,6 +29,7 @@ TABLE: table.Table[Session] = table.Table(
         Extension("SEARCHRES", "RFC 5182"),  # SEARCH RETURN (SAVE) and `$`
         Extension("LIST-STATUS", "RFC 5819"),  # LIST's RETURN (STATUS (...))
         Extension("STATUS=SIZE", "RFC 8438"),  # STATUS's SIZE item
+        Extension("BINARY", "RFC 3516"),  # FETCH BINARY[], BINARY.SIZE[] and APPEND's literal8
         Extension("THREAD=REFERENCES", "RFC 5256 §3"),  # THREAD's second algorithm (mailnode.imap.sort)
         Extension("LOGINDISABLED", "RFC 3501 §6.2.3", When.LOGIN_DISABLED),
     ),
