@@ -123,6 +123,8 @@ BAD_NO_SUCH_MESSAGE = Response("BAD", None, "Invalid message sequence number: no
 BAD_UID_EXPUNGE_ARGUMENTS = Response("BAD", None, "UID EXPUNGE needs a UID set")
 BAD_FETCH_ARGUMENTS = Response("BAD", None, "FETCH needs a sequence set and data items")
 BAD_FETCH_ITEM = Response("BAD", None, "{item} is not supported")
+BAD_QRESYNC_NOT_ENABLED = Response("BAD", None, "QRESYNC is not enabled (ENABLE QRESYNC first)")  # RFC 7162 §3.2.5
+BAD_VANISHED = Response("BAD", None, "VANISHED needs UID FETCH and ENABLE QRESYNC")  # RFC 7162 §3.2.6
 BAD_STORE_ARGUMENTS = Response("BAD", None, "STORE needs a sequence set, an action and flags")
 BAD_COPY_ARGUMENTS = Response("BAD", None, "{command} needs a sequence set and a mailbox name")
 

@@ -1,6 +1,6 @@
 """The IMAP extensions webmail and phones use, driven by imaplib over real sockets against a live node:
 SORT and THREAD (RFC 5256), ESEARCH (RFC 4731), SEARCHRES (RFC 5182), LIST-STATUS (RFC 5819),
-STATUS=SIZE (RFC 8438) and BINARY (RFC 3516), each advertised in CAPABILITY.
+STATUS=SIZE (RFC 8438), BINARY (RFC 3516) and QRESYNC (RFC 7162), each advertised in CAPABILITY.
 Their answers on a larger corpus are compared with Dovecot's in tests/node/test_imap_dovecot.py; here,
 small mailboxes with answers known by hand."""
 
@@ -12,6 +12,7 @@ import imaplib
 import re
 import ssl
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -64,7 +65,7 @@ def uid_of(imap: imaplib.IMAP4) -> dict[int, int]:
 def test_capabilities_name_the_extensions(imap: imaplib.IMAP4) -> None:
     caps = imap.capability()[1][0].split()
     wanted = (b"SORT", b"THREAD=ORDEREDSUBJECT", b"THREAD=REFERENCES", b"ESEARCH", b"SEARCHRES", b"LIST-STATUS",
-              b"STATUS=SIZE", b"BINARY")  # fmt: skip
+              b"STATUS=SIZE", b"BINARY", b"QRESYNC")  # fmt: skip
     for capability in wanted:
         assert capability in caps, capability
 
@@ -200,3 +201,43 @@ def test_binary(imap: imaplib.IMAP4) -> None:
     imap.noop()
     typ, data = imap.fetch("7", "(BINARY.PEEK[1] BINARY.SIZE[1])")
     assert typ == "OK" and data[0] and b"nul\x00here\r\n" in data[0][1] and b"BINARY.SIZE[1] 10" in data[1]  # type: ignore[operator]
+
+
+def untagged(client: imaplib.IMAP4, typ: str, data: Any, name: str) -> list[bytes]:
+    return [line for line in client._untagged_response(typ, data, name)[1] if isinstance(line, bytes)]
+
+
+def test_qresync(imap: imaplib.IMAP4, node: RunningNode, client_tls: ssl.SSLContext) -> None:
+    """A phone resyncs: it knew the folder at some mod-sequence; since, one message was flagged elsewhere
+    and one expunged. SELECT (QRESYNC ...) and UID FETCH (CHANGEDSINCE ... VANISHED) tell it just that."""
+    uids = uid_of(imap)
+    uidvalidity = int(imap.response("UIDVALIDITY")[1][0] or b"0")
+    typ, data = imap.status("INBOX", "(HIGHESTMODSEQ)")
+    modseq = int(re.findall(rb"HIGHESTMODSEQ (\d+)", data[0] or b"")[0])
+    assert imap.store("2", "+FLAGS", "(\\Flagged)")[0] == "OK"
+    assert imap.store("3", "+FLAGS", "(\\Deleted)")[0] == "OK" and imap.expunge()[0] == "OK"
+    phone = connect(node, client_tls)
+    with pytest.raises(imaplib.IMAP4.error, match="QRESYNC"):  # RFC 7162 §3.2.5: ENABLE first
+        phone._simple_command("SELECT", "INBOX", f"(QRESYNC ({uidvalidity} {modseq}))")
+    typ, data = phone._simple_command("ENABLE", "QRESYNC")
+    assert untagged(phone, typ, data, "ENABLED") == [b"QRESYNC"]
+    known = f"{uids[1]}:{uids[5]}"
+    typ, data = phone._simple_command("SELECT", "INBOX", f"(QRESYNC ({uidvalidity} {modseq} {known}))")
+    assert typ == "OK"
+    phone.state = "SELECTED"  # imaplib's select() would, without the QRESYNC parameter
+    assert untagged(phone, typ, data, "VANISHED") == [f"(EARLIER) {uids[3]}".encode()]
+    fetched = untagged(phone, typ, data, "FETCH")
+    assert len(fetched) == 1 and f"UID {uids[2]} ".encode() in fetched[0] and b"\\Flagged" in fetched[0]
+    assert b"MODSEQ (" in fetched[0]
+    typ, data = phone._simple_command("UID", "FETCH", "1:*", "(FLAGS)", f"(CHANGEDSINCE {modseq} VANISHED)")
+    assert typ == "OK" and untagged(phone, typ, data, "VANISHED") == [f"(EARLIER) {uids[3]}".encode()]
+    assert len(untagged(phone, typ, data, "FETCH")) == 1
+    # A wrong UIDVALIDITY: nothing to resync from, a plain SELECT.
+    typ, data = phone._simple_command("SELECT", "INBOX", f"(QRESYNC ({uidvalidity + 1} {modseq}))")
+    assert typ == "OK" and not untagged(phone, typ, data, "VANISHED") and not untagged(phone, typ, data, "FETCH")
+    # Once QRESYNC is on, an expunge is reported as VANISHED, never EXPUNGE (RFC 7162 §3.2.10).
+    assert phone.store("1", "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
+    typ, data = phone._simple_command("EXPUNGE")
+    assert typ == "OK" and untagged(phone, typ, data, "VANISHED") == [str(uids[1]).encode()]
+    assert not untagged(phone, typ, data, "EXPUNGE")
+    phone.logout()

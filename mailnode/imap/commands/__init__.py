@@ -25,6 +25,7 @@ TABLE: table.Table[Session] = table.Table(
         Extension("SPECIAL-USE", "RFC 6154"),  # LIST's \Sent, \Drafts... and the SPECIAL-USE selection
         Extension("LIST-EXTENDED", "RFC 5258"),  # LIST's selection and return options (basic)
         Extension("CONDSTORE", "RFC 7162"),  # MODSEQ in FETCH, STORE, SEARCH, SELECT and STATUS
+        Extension("QRESYNC", "RFC 7162 §3.2"),  # ENABLE QRESYNC, SELECT (QRESYNC ...), VANISHED
         Extension("ESEARCH", "RFC 4731"),  # SEARCH RETURN (MIN MAX COUNT ALL)
         Extension("SEARCHRES", "RFC 5182"),  # SEARCH RETURN (SAVE) and `$`
         Extension("LIST-STATUS", "RFC 5819"),  # LIST's RETURN (STATUS (...))

@@ -52,6 +52,8 @@ async def fetch(session: Session, command: protocol.Command) -> None:
         session.condstore = True
     if changed_since is not None:
         targets = [(s, u) for s, u in targets if selected.modseqs.get(u, 0) > changed_since]
+    if len(command.args) > 2 and modifiers.vanished:
+        _vanished(session, command)
     names = {item.name for item in items}
     needs_structure = bool(names & {"ENVELOPE", "BODYSTRUCTURE", "RFC822.HEADER", "RFC822.TEXT"}) or any(
         (item.name == "BODY" and item.section is None) or item.section or item.name.startswith("BINARY")
@@ -103,6 +105,24 @@ async def fetch(session: Session, command: protocol.Command) -> None:
         await session.flush()
     await session.report_changes(expunge=by_uid)
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+def _vanished(session: Session, command: protocol.Command) -> None:
+    """UID FETCH ... (CHANGEDSINCE n VANISHED) (RFC 7162 §3.2.6): the UIDs of the set that are gone, before
+    the FETCH responses (all of them: the store does not keep when a message was expunged)."""
+    selected = session.selected
+    assert selected is not None
+    if command.name != "UID FETCH" or not session.qresync:
+        raise responses.Refused(responses.BAD_VANISHED)
+    text = protocol.arg_text(command.args[0])
+    if text == protocol.SAVED:  # `$`: the saved UIDs, here or gone
+        if not selected.saved:
+            return
+        text = protocol.format_sequence_set(selected.saved)
+    largest = max(selected.uidnext - 1, selected.uids[-1] if selected.uids else 0)
+    vanished = protocol.missing_numbers(protocol.parse_sequence_set(text), selected.uids, largest)
+    if vanished:
+        session.send(f"* VANISHED (EARLIER) {vanished}")
 
 
 def _streams(items: Sequence[protocol.FetchAtt]) -> bool:

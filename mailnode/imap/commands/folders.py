@@ -39,6 +39,8 @@ async def select(session: Session, command: protocol.Command) -> None:
     readonly = command.name == "EXAMINE"
     if request.condstore:  # RFC 7162 §3.2.8: SELECT mailbox (CONDSTORE)
         session.condstore = True
+    if request.qresync is not None and not session.qresync:  # RFC 7162 §3.2.5: ENABLE QRESYNC first
+        raise responses.Refused(responses.BAD_QRESYNC_NOT_ENABLED)
     name = request.mailbox
     if session.selected is not None:
         session.selected = None
@@ -70,8 +72,24 @@ async def select(session: Session, command: protocol.Command) -> None:
     session.send(responses.OK_UIDVALIDITY.line(uidvalidity=folder.uidvalidity))
     session.send(responses.OK_UIDNEXT.line(uidnext=folder.uidnext))
     session.send(responses.OK_HIGHESTMODSEQ.line(modseq=folder.highestmodseq))
+    if request.qresync is not None and request.qresync.uidvalidity == folder.uidvalidity:
+        _resync(session, request.qresync)
     access = "READ-ONLY" if readonly else "READ-WRITE"
     session.send(responses.OK_SELECTED.line(command.tag, access=access, command=command.name))
+
+
+def _resync(session: Session, known: protocol.Qresync) -> None:
+    """RFC 7162 §3.2.5.1: what changed since the client's mod-sequence: the UIDs it knew that are gone
+    (every known UID not here: the store keeps no record of when a message was expunged, which the RFC
+    allows), then the flags of the messages changed since."""
+    selected = session.selected
+    assert selected is not None
+    vanished = protocol.missing_numbers(known.known_uids, selected.uids, selected.uidnext - 1)
+    if vanished:
+        session.send(f"* VANISHED (EARLIER) {vanished}")
+    for seq, uid in enumerate(selected.uids, 1):
+        if selected.modseqs.get(uid, 0) > known.modseq:
+            session.send(f"* {seq} FETCH (UID {uid} {session.fetch_flags(uid)})")
 
 
 async def close(session: Session, command: protocol.Command) -> None:
