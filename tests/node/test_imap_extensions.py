@@ -97,6 +97,12 @@ def test_thread(imap: imaplib.IMAP4) -> None:
     typ, data = imap.thread("ORDEREDSUBJECT", "UTF-8", "ALL")
     assert (typ, data) == ("OK", [b"(5)(3)(4 (1)(2))"])  # GONE alone; PLAN's first by date is 4
     assert imap.thread("REFERENCES", "UTF-8", "SUBJECT", "Budget") == ("OK", [b"(3)"])
+    imap.send(b"t1 THREAD REFERENCES UTF-8 SUBJECT nothing-has-this\r\n")
+    assert imap.readline() == b"* THREAD\r\n"  # RFC 5256 §4: no threads, no space
+    assert imap.readline().startswith(b"t1 OK")
+    imap.send(b"t2 SORT (DATE) UTF-8 SUBJECT nothing-has-this\r\n")
+    assert imap.readline() == b"* SORT\r\n"
+    assert imap.readline().startswith(b"t2 OK")
     uids = uid_of(imap)
     expected = "({5})({3})({1} ({4})({2}))".format(*(None, *(uids[n] for n in range(1, 6))))
     assert imap.uid("THREAD", "REFERENCES", "UTF-8", "ALL") == ("OK", [expected.encode()])

@@ -65,8 +65,9 @@ async def thread(session: Session, command: protocol.Command) -> None:
     algorithm, criteria = sort.parse_thread(list(command.args))
     hits = await matching(session, search.parse_search(criteria))
     messages = await _fields(session, hits)
-    threads = sort.thread_orderedsubject if algorithm == "ORDEREDSUBJECT" else sort.thread_references
-    roots = threads(messages)
-    session.send("* THREAD " + sort.format_threads(roots, uid=by_uid))
+    algorithm_of = sort.thread_orderedsubject if algorithm == "ORDEREDSUBJECT" else sort.thread_references
+    roots = algorithm_of(messages)
+    threads = sort.format_threads(roots, uid=by_uid)
+    session.send("* THREAD" + (f" {threads}" if threads else ""))  # RFC 5256 §4: no space before nothing
     await session.report_changes(expunge=by_uid)
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
