@@ -502,8 +502,11 @@ def _seq_number(text: str) -> int | None:
         raise ProtocolError(f"invalid sequence set element {text[:24]!r}") from None
 
 
+SAVED = "$"  # RFC 5182 SEARCHRES: the sequence set of the last SEARCH RETURN (SAVE), resolved by the session
+
+
 def parse_sequence_set(text: str) -> SequenceSet:
-    """`1,3:5,7:*` (RFC 3501 §9 sequence-set). SEARCHRES `$` is not supported."""
+    """`1,3:5,7:*` (RFC 3501 §9 sequence-set). SEARCHRES `$` (SAVED) is the session's to resolve."""
     if not text:
         raise ProtocolError("empty sequence set")
     ranges: list[tuple[int | None, int | None]] = []
@@ -523,6 +526,82 @@ def format_sequence_set(numbers: Iterable[int]) -> str:
         else:
             runs.append([number, number])
     return ",".join(str(lo) if lo == hi else f"{lo}:{hi}" for lo, hi in runs)
+
+
+def missing_numbers(wanted: SequenceSet | None, present: Sequence[int], largest: int) -> str:
+    """The numbers 1..`largest` in `wanted` (all of them for None) that are not in `present` (ascending),
+    as a sequence set: QRESYNC's VANISHED (EARLIER) (RFC 7162 §3.2.5.1, §3.2.6). Gaps are walked, never
+    listed one by one, so a mailbox with large UIDs costs what its messages do."""
+    if largest < 1:
+        return ""
+    intervals = wanted.intervals(largest) if wanted is not None else ((1, largest),)
+    runs: list[str] = []
+    for low, high in intervals:
+        high = min(high, largest)
+        at = bisect.bisect_left(present, low)
+        cursor = low
+        while cursor <= high:
+            following = present[at] if at < len(present) else high + 1
+            if following > cursor:
+                end = min(following - 1, high)
+                runs.append(str(cursor) if cursor == end else f"{cursor}:{end}")
+                cursor = end + 1
+            else:
+                cursor = following + 1
+                at += 1
+    return ",".join(runs)
+
+
+# -- SEARCH RETURN (ESEARCH, RFC 4731; SEARCHRES, RFC 5182) -----------------------------------------------
+
+SEARCH_RETURN_OPTIONS = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchReturn:
+    criteria: list[Arg]  # `[CHARSET name] key...`, what mailnode.imap.search parses
+    options: frozenset[str] | None = None  # RETURN's options, upper; None without RETURN (a plain SEARCH answer)
+
+
+def parse_search_return(args: list[Arg]) -> SearchReturn:
+    """SEARCH's `[RETURN (options)]` before its criteria (RFC 4731 §3.1): `RETURN ()` means ALL."""
+    if args and isinstance(args[0], Atom) and args[0].value.upper() == "RETURN":
+        if len(args) < 2 or not isinstance(args[1], ParenList):
+            raise ProtocolError("RETURN needs a list of options")
+        options = frozenset(_options(args[1], SEARCH_RETURN_OPTIONS, "search return option"))
+        return SearchReturn(args[2:], options or frozenset({"ALL"}))
+    return SearchReturn(list(args))
+
+
+def saved_numbers(numbers: Sequence[int], options: frozenset[str]) -> list[int]:
+    """What SAVE keeps of the result (RFC 5182 §2.4): with MIN and/or MAX but neither ALL nor COUNT, only
+    those; else all of it."""
+    if not numbers or options & {"ALL", "COUNT"} or not options & {"MIN", "MAX"}:
+        return list(numbers)
+    kept = {min(numbers)} if "MIN" in options else set()
+    return sorted(kept | {max(numbers)} if "MAX" in options else kept)
+
+
+def format_esearch(
+    tag: str, *, uid: bool, numbers: Sequence[int], options: frozenset[str], modseq: int | None = None
+) -> str | None:
+    """The ESEARCH response (RFC 4731 §3.1) for the result `numbers` (ascending); None when SAVE is the only
+    option (RFC 5182 §2.4: no response then). MIN, MAX and ALL are left out for an empty result; MODSEQ
+    (RFC 7162 §3.1.5) is the highest of the hits when the criteria used MODSEQ."""
+    if options == {"SAVE"}:
+        return None
+    line = f'* ESEARCH (TAG "{tag}")' + (" UID" if uid else "")
+    if numbers and "MIN" in options:
+        line += f" MIN {numbers[0]}"
+    if numbers and "MAX" in options:
+        line += f" MAX {numbers[-1]}"
+    if numbers and "ALL" in options:
+        line += f" ALL {format_sequence_set(numbers)}"
+    if "COUNT" in options:  # after ALL, in Dovecot's order
+        line += f" COUNT {len(numbers)}"
+    if numbers and modseq is not None:
+        line += f" MODSEQ {modseq}"
+    return line
 
 
 # -- FETCH ----------------------------------------------------------------------------------------------
@@ -1008,20 +1087,60 @@ def parse_status(args: list[Arg]) -> StatusRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class Qresync:
+    """SELECT's QRESYNC parameter (RFC 7162 §3.2.5): what the client knew of the folder."""
+
+    uidvalidity: int
+    modseq: int
+    known_uids: SequenceSet | None = None  # None: every UID below UIDNEXT
+
+
+@dataclasses.dataclass(frozen=True)
 class SelectRequest:
     mailbox: str
     condstore: bool = False  # RFC 7162 §3.1.8 SELECT ... (CONDSTORE)
+    qresync: Qresync | None = None  # RFC 7162 §3.2.5 SELECT ... (QRESYNC (...))
 
 
 def parse_select(args: list[Arg]) -> SelectRequest:
-    """SELECT or EXAMINE mailbox [(CONDSTORE)]."""
+    """SELECT or EXAMINE mailbox [(CONDSTORE | QRESYNC (uidvalidity modseq [known-uids [seq-match]]))].
+    The sequence match data is accepted and not used: the VANISHED answer covers every known UID."""
     if not 1 <= len(args) <= 2:
         raise ProtocolError("SELECT needs a mailbox")
     condstore = False
+    qresync = None
     if len(args) == 2:
-        parameters = _options(args[1], frozenset({"CONDSTORE"}), "select parameter")
-        condstore = bool(parameters)
-    return SelectRequest(mailbox_arg(args[0]), condstore)
+        if not isinstance(args[1], ParenList):
+            raise ProtocolError("expected a list of select parameters")
+        items = args[1].items
+        at = 0
+        while at < len(items):
+            name = arg_atom(items[at]).upper()
+            if name == "CONDSTORE" and not condstore:
+                condstore = True
+                at += 1
+            elif name == "QRESYNC" and qresync is None and at + 1 < len(items):
+                qresync = _qresync(items[at + 1])
+                at += 2
+            else:
+                raise ProtocolError(f"invalid select parameter {name[:32]}")
+    return SelectRequest(mailbox_arg(args[0]), condstore, qresync)
+
+
+def _qresync(arg: Arg) -> Qresync:
+    if not isinstance(arg, ParenList) or not 2 <= len(arg.items) <= 4:
+        raise ProtocolError("QRESYNC needs (uidvalidity modseq [known-uids [seq-match]])")
+    items = arg.items
+    uidvalidity = arg_number(items[0], nonzero=True)
+    modseq = arg_number(items[1], maximum=MODSEQ_MAX, nonzero=True)
+    known = None
+    if len(items) >= 3:
+        if isinstance(items[2], ParenList):
+            raise ProtocolError("QRESYNC's known UIDs come before the sequence match data")
+        known = parse_sequence_set(arg_atom(items[2]))
+    if len(items) == 4 and (not isinstance(items[3], ParenList) or len(items[3].items) != 2):
+        raise ProtocolError("invalid QRESYNC sequence match data")
+    return Qresync(uidvalidity, modseq, known)
 
 
 @dataclasses.dataclass(frozen=True)

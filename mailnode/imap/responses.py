@@ -78,6 +78,7 @@ OK_MODIFIED = Response("OK", "MODIFIED {numbers}", "Conditional STORE failed")  
 NO_TOOBIG = Response("NO", "TOOBIG", "Literal too large (limit {limit} bytes)")
 NO_BADCHARSET = Response("NO", "BADCHARSET ({supported})", "{error}")  # RFC 3501 §6.4.4
 NO_SEARCH_LIMIT = Response("NO", "LIMIT", "Search took too long")  # RFC 5530 §3: over its CPU budget
+NO_UNKNOWN_CTE = Response("NO", "UNKNOWN-CTE", "Unknown Content-Transfer-Encoding {encoding}")  # RFC 3516 §4.3
 NO_FOLDER = Response("NO", None, "{error}")  # the store's FolderError, when it carries its own code
 NO_NONEXISTENT = Response("NO", "NONEXISTENT", "{error}")
 NO_NO_SUCH_MAILBOX = Response("NO", "NONEXISTENT", "No such mailbox: {mailbox}")
@@ -122,6 +123,8 @@ BAD_NO_SUCH_MESSAGE = Response("BAD", None, "Invalid message sequence number: no
 BAD_UID_EXPUNGE_ARGUMENTS = Response("BAD", None, "UID EXPUNGE needs a UID set")
 BAD_FETCH_ARGUMENTS = Response("BAD", None, "FETCH needs a sequence set and data items")
 BAD_FETCH_ITEM = Response("BAD", None, "{item} is not supported")
+BAD_QRESYNC_NOT_ENABLED = Response("BAD", None, "QRESYNC is not enabled (ENABLE QRESYNC first)")  # RFC 7162 §3.2.5
+BAD_VANISHED = Response("BAD", None, "VANISHED needs UID FETCH and ENABLE QRESYNC")  # RFC 7162 §3.2.6
 BAD_STORE_ARGUMENTS = Response("BAD", None, "STORE needs a sequence set, an action and flags")
 BAD_COPY_ARGUMENTS = Response("BAD", None, "{command} needs a sequence set and a mailbox name")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, Protocol, TypeAlias, assert_never
 
 from mailnode.imap import mime, protocol
@@ -250,10 +250,16 @@ _MODSEQ_ENTRY_TYPES = frozenset({"PRIV", "SHARED", "ALL"})  # RFC 7162 §7 entry
 
 
 class _Parser:
-    def __init__(self, args: list[Arg], *, codec: str = "utf-8") -> None:
+    def __init__(self, args: list[Arg], *, codec: str = "utf-8", saved: Sequence[int] = ()) -> None:
         self._args = args
         self._at = 0
         self.codec = codec  # what the search strings are in (dates, flags and field names are ASCII)
+        self.saved = saved  # the UIDs `$` stands for (RFC 5182 SEARCHRES)
+
+    def saved_key(self) -> SearchKey:
+        if not self.saved:
+            return Not(All())
+        return Uid(protocol.parse_sequence_set(protocol.format_sequence_set(self.saved)))
 
     def done(self) -> bool:
         return self._at >= len(self._args)
@@ -288,7 +294,7 @@ class _Parser:
             raise ProtocolError("search criteria nested too deeply")
         arg = self.take("search key")
         if isinstance(arg, protocol.ParenList):
-            group = _Parser(arg.items, codec=self.codec).keys(depth + 1)
+            group = _Parser(arg.items, codec=self.codec, saved=self.saved).keys(depth + 1)
             if not group:
                 raise ProtocolError("empty search group")
             return group[0] if len(group) == 1 else And(tuple(group))
@@ -296,6 +302,8 @@ class _Parser:
             raise ProtocolError("expected a search key")
         word = arg.value
         name = word.upper()
+        if word == protocol.SAVED:
+            return self.saved_key()
         if word[:1].isdigit() or word[:1] == "*":
             return SequenceNumbers(protocol.parse_sequence_set(word))
         if name in _FLAG_KEYS:
@@ -324,7 +332,8 @@ class _Parser:
         if name == "TEXT":
             return Text(self.string("TEXT string"))
         if name == "UID":
-            return Uid(protocol.parse_sequence_set(protocol.arg_atom(self.take("UID set"))))
+            uids = protocol.arg_atom(self.take("UID set"))
+            return self.saved_key() if uids == protocol.SAVED else Uid(protocol.parse_sequence_set(uids))
         if name == "NOT":
             return Not(self.key(depth + 1))
         if name == "OR":
@@ -346,11 +355,11 @@ class _Parser:
         return ModSeq(protocol.arg_number(arg, maximum=protocol.MODSEQ_MAX))
 
 
-def parse_search(args: list[Arg]) -> SearchKey:
+def parse_search(args: list[Arg], *, saved: Sequence[int] = ()) -> SearchKey:
     """The arguments of SEARCH or UID SEARCH: `[CHARSET name] key...`. RFC 3501 §6.4.4: the search strings
     are in that charset, one of mime.TEXT_CHARSETS (the charsets messages are decoded from), else BadCharset;
-    without CHARSET they are read as UTF-8 (US-ASCII is a subset)."""
-    parser = _Parser(args)
+    without CHARSET they are read as UTF-8 (US-ASCII is a subset). `saved`: the UIDs `$` stands for."""
+    parser = _Parser(args, saved=saved)
     if args and isinstance(args[0], protocol.Atom) and args[0].value.upper() == "CHARSET":
         parser.take("CHARSET")
         charset = parser.text("charset name")

@@ -72,6 +72,7 @@ class Selected:
     highestmodseq: int
     uidnext: int
     pending: list[Change] = dataclasses.field(default_factory=list)
+    saved: list[int] = dataclasses.field(default_factory=list)  # RFC 5182 SEARCHRES `$`: UIDs, ascending
 
     def seq(self, uid: int) -> int:
         index = bisect.bisect_left(self.uids, uid)
@@ -160,6 +161,7 @@ class Session:
         self.account: Account | None = None
         self.selected: Selected | None = None
         self.condstore = False  # RFC 7162 §3.1: once enabled, FETCH and STORE report MODSEQ
+        self.qresync = False  # RFC 7162 §3.2: once enabled, expunges are reported as VANISHED
         self._unsubscribe: Callable[[], None] | None = None
         self.wakeup = asyncio.Event()  # set when a change for the selected folder arrives
         self._clock = asyncio.get_running_loop().time
@@ -511,7 +513,8 @@ class Session:
         selected.pending = kept + selected.pending
 
     def forget(self, uid: int) -> None:
-        """Drop an expunged message from the sequence and tell the client (RFC 3501 §7.4.1)."""
+        """Drop an expunged message from the sequence and tell the client (RFC 3501 §7.4.1; VANISHED once
+        QRESYNC is enabled)."""
         selected = self.selected
         assert selected is not None
         seq = selected.seq(uid)
@@ -520,7 +523,7 @@ class Session:
             selected.flags.pop(uid, None)
             selected.modseqs.pop(uid, None)
             selected.recent.discard(uid)
-            self.send(f"* {seq} EXPUNGE")
+            self.send(f"* VANISHED {uid}" if self.qresync else f"* {seq} EXPUNGE")  # RFC 7162 §3.2.10
 
     def fetch_flags(self, uid: int) -> str:
         """The FLAGS item of a FETCH response (with MODSEQ once CONDSTORE is on)."""
@@ -535,9 +538,12 @@ class Session:
         return text
 
     def messages_for(self, sequence: str, *, uid: bool) -> list[tuple[int, int]]:
-        """(seq, uid) pairs that a sequence set or UID set names, in order."""
+        """(seq, uid) pairs that a sequence set or UID set names, in order; `$` names the saved search
+        result's messages still here (RFC 5182 §2.1: never an error, even when empty)."""
         selected = self.selected
         assert selected is not None
+        if sequence == protocol.SAVED:
+            return [(seq, u) for u in selected.saved if (seq := selected.seq(u))]
         numbers = protocol.parse_sequence_set(sequence)
         uids = selected.uids
         if uid:

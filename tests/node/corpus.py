@@ -305,6 +305,49 @@ def _latin(text: str) -> bool:
     return True
 
 
+# Threads for SORT and THREAD (RFC 5256): (name, Message-ID, References, In-Reply-To, Subject, day and time in
+# March 2025). Replies with and without References, a missing root (a dummy), a truncated References, a
+# duplicate Message-ID, a reference loop, subjects merged by base subject ([list], Re:, Fwd:, (fwd), [fwd: ]).
+THREADS = (
+    ("t-root", "a1@t", "", "", "Project plan", "01 10:00"),
+    ("t-reply", "a2@t", "<a1@t>", "<a1@t>", "Re: Project plan", "01 11:00"),
+    ("t-reply2", "a3@t", "<a1@t> <a2@t>", "", "Re: Re: Project plan", "02 09:00"),
+    ("t-sibling", "a4@t", "<a1@t>", "", "RE: Project plan", "01 12:00"),
+    ("t-fwd", "a5@t", "", "", "Fwd: Project plan", "03 08:00"),
+    ("t-orphan1", "b1@t", "<b0@t>", "", "Re: Lost root", "04 10:00"),
+    ("t-orphan2", "b2@t", "<b0@t>", "", "Re: Lost root", "04 09:00"),
+    ("t-irt-root", "c1@t", "", "", "Lunch?", "05 12:00"),
+    ("t-irt", "c2@t", "", "<c1@t> <other@t>", "Re: Lunch?", "05 12:30"),
+    ("t-list1", "d1@t", "", "", "[list] Weekly report", "06 10:00"),
+    ("t-list2", "d2@t", "", "", "Re: [list] Weekly report", "06 11:00"),
+    ("t-list3", "d3@t", "", "", "weekly report (fwd)", "06 09:00"),
+    ("t-list4", "d4@t", "", "", "Weekly report", "06 08:00"),
+    ("t-trunc1", "e1@t", "", "", "Chain", "07 10:00"),
+    ("t-trunc2", "e2@t", "<e1@t>", "", "Re: Chain", "07 11:00"),
+    ("t-trunc3", "e3@t", "<e2@t>", "", "Re: Chain", "07 12:00"),
+    ("t-dup1", "dup@t", "", "", "Duplicate id", "08 10:00"),
+    ("t-dup2", "dup@t", "", "", "Duplicate id again", "08 11:00"),
+    ("t-loop1", "f1@t", "<f2@t>", "", "Loop one", "09 10:00"),
+    ("t-loop2", "f2@t", "<f1@t>", "", "Loop two", "09 11:00"),
+    ("t-nosubject", "g1@t", "", "", "", "10 10:00"),
+    ("t-fwdwrap", "h1@t", "", "", "[fwd: Lunch?]", "10 11:00"),
+    ("t-blobs", "h2@t", "", "", "[a] [b] Re: [c] Fwd: Blobs ", "10 12:00"),
+    ("t-tz", "h3@t", "", "", "Zones", "10 12:30"),
+)
+
+
+def thread_message(name: str, message_id: str, references: str, in_reply_to: str, subject: str, when: str) -> str:
+    zone = "-0800" if name == "t-tz" else "+0000"  # 20:30 UTC: after the others of the 10th
+    lines = [
+        f"From: {name} <{name}@example.org>",
+        "To: user@example.com",
+        f"Date: {when[:2]} Mar 2025 {when[3:]}:00 {zone}",
+    ]
+    lines += [f"Subject: {subject}"] * bool(subject) + [f"Message-ID: <{message_id}>"]
+    lines += [f"References: {references}"] * bool(references) + [f"In-Reply-To: {in_reply_to}"] * bool(in_reply_to)
+    return "\n".join(lines) + "\n\nthread body\n"
+
+
 Message = tuple[str, bytes, tuple[str, ...], str]
 
 
@@ -327,4 +370,6 @@ def messages(*, variants: int = 14) -> list[Message]:
             broken = mutation(base)
             if broken is not None and broken != base:
                 add(f"{shape.__name__}+{mutation.__name__}", broken)
+    for thread in THREADS:
+        add(thread[0], thread_message(*thread))
     return out

@@ -14,9 +14,9 @@ import types
 import pytest
 
 from mailnode.imap import commands, responses, table
-from mailnode.imap.commands import auth, fetch, folders, idle, search, store
+from mailnode.imap.commands import auth, fetch, folders, idle, search, sort, store
 
-AREAS = (auth, fetch, folders, idle, search, store)
+AREAS = (auth, fetch, folders, idle, search, sort, store)
 TABLE = commands.TABLE
 
 STATES = [

@@ -820,7 +820,7 @@ def test_status() -> None:
 def test_select() -> None:
     assert protocol.parse_select(parse("A142 SELECT INBOX").args) == protocol.SelectRequest("INBOX")
     assert protocol.parse_select(parse('a SELECT "Sent" (CONDSTORE)').args) == protocol.SelectRequest("Sent", True)
-    for text in ("", "INBOX (QRESYNC (1 2))", "INBOX CONDSTORE", "INBOX (CONDSTORE) x"):
+    for text in ("", "INBOX (QRESYNC)", "INBOX (NOSUCH)", "INBOX CONDSTORE", "INBOX (CONDSTORE) x"):
         with pytest.raises(ProtocolError):
             protocol.parse_select(parse("a SELECT " + text).args)
 
@@ -984,3 +984,25 @@ def test_imapish_commands_raise_only_protocol_errors(prefix: str, text: str, lit
     ):
         with contextlib.suppress(ProtocolError):
             call(command.args)
+
+
+def test_select_qresync_parameters() -> None:
+    """RFC 7162 §3.2.5: SELECT mailbox (QRESYNC (uidvalidity modseq [known-uids [seq-match]]))."""
+    args = protocol.parse_command([b"a SELECT INBOX (QRESYNC (67890007 20050715194045000 41,43:211 (1:3 4:6)))"]).args
+    request = protocol.parse_select(args)
+    assert request.qresync is not None and (request.qresync.uidvalidity, request.qresync.modseq) == (
+        67890007,
+        20050715194045000,
+    )
+    assert str(request.qresync.known_uids) == "41,43:211"
+    for bad in (b"(QRESYNC)", b"(QRESYNC (1))", b"(QRESYNC (0 1))", b"(QRESYNC (1 1 x))", b"(CONDSTORE CONDSTORE)"):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.parse_select(protocol.parse_command([b"a SELECT INBOX " + bad]).args)
+
+
+def test_missing_numbers_walks_the_gaps() -> None:
+    assert protocol.missing_numbers(None, [2, 3, 7], 9) == "1,4:6,8:9"
+    assert protocol.missing_numbers(protocol.parse_sequence_set("3:8,20"), [2, 3, 7], 9) == "4:6,8"
+    assert protocol.missing_numbers(None, [], 0) == ""
+    assert protocol.missing_numbers(None, [1, 2], 2) == ""
+    assert protocol.missing_numbers(None, [5], 4_000_000_000) == "1:4,6:4000000000"

@@ -342,7 +342,9 @@ def test_bad_charset(charset: str) -> None:
         "0",
         "1:x",
         "1,,2",
-        "$",
+        "$$",
+        "1:$",
+        "UID 1,$",
         "NOT",
         "OR SEEN",
         "OR",
@@ -366,6 +368,16 @@ def test_malformed_searches(query: str) -> None:
     with pytest.raises(ProtocolError) as caught:
         keys(query)
     assert not isinstance(caught.value, search.BadCharset)
+
+
+def test_saved_result_is_a_uid_set() -> None:
+    """RFC 5182 SEARCHRES: `$`, alone or after UID, stands for the UIDs saved; none saved, it matches nothing."""
+    saved = search.parse_search([protocol.Atom("$")], saved=[3, 4, 9])
+    assert saved == search.Uid(protocol.parse_sequence_set("3:4,9"))
+    assert search.parse_search([protocol.Atom("UID"), protocol.Atom("$")], saved=[2]) == search.Uid(
+        protocol.parse_sequence_set("2")
+    )
+    assert search.parse_search([protocol.Atom("$")]) == search.Not(search.All())
 
 
 def test_empty_search() -> None:

@@ -4,13 +4,13 @@ CAPABILITY list and the `command` metric labels are derived from it (mailnode.im
 mailnode.imap.server gives TABLE to each session.
 
 The handlers live in one module per area, as mox's imapserver splits them: auth, folders, fetch,
-search, store (STORE, COPY, MOVE, EXPUNGE, APPEND) and idle.
+search, sort (SORT and THREAD), store (STORE, COPY, MOVE, EXPUNGE, APPEND) and idle.
 """
 
 from __future__ import annotations
 
 from mailnode.imap import table
-from mailnode.imap.commands import auth, fetch, folders, idle, search, store
+from mailnode.imap.commands import auth, fetch, folders, idle, search, sort, store
 from mailnode.imap.session import Session
 from mailnode.imap.table import ANY_STATE, AUTHENTICATED, NOT_AUTHENTICATED, SELECTED, Extension, When
 
@@ -25,6 +25,13 @@ TABLE: table.Table[Session] = table.Table(
         Extension("SPECIAL-USE", "RFC 6154"),  # LIST's \Sent, \Drafts... and the SPECIAL-USE selection
         Extension("LIST-EXTENDED", "RFC 5258"),  # LIST's selection and return options (basic)
         Extension("CONDSTORE", "RFC 7162"),  # MODSEQ in FETCH, STORE, SEARCH, SELECT and STATUS
+        Extension("QRESYNC", "RFC 7162 §3.2"),  # ENABLE QRESYNC, SELECT (QRESYNC ...), VANISHED
+        Extension("ESEARCH", "RFC 4731"),  # SEARCH RETURN (MIN MAX COUNT ALL)
+        Extension("SEARCHRES", "RFC 5182"),  # SEARCH RETURN (SAVE) and `$`
+        Extension("LIST-STATUS", "RFC 5819"),  # LIST's RETURN (STATUS (...))
+        Extension("STATUS=SIZE", "RFC 8438"),  # STATUS's SIZE item
+        Extension("BINARY", "RFC 3516"),  # FETCH BINARY[], BINARY.SIZE[] and APPEND's literal8
+        Extension("THREAD=REFERENCES", "RFC 5256 §3"),  # THREAD's second algorithm (mailnode.imap.sort)
         Extension("LOGINDISABLED", "RFC 3501 §6.2.3", When.LOGIN_DISABLED),
     ),
     commands=(
@@ -63,6 +70,10 @@ TABLE: table.Table[Session] = table.Table(
         Command("UID FETCH", SELECTED, fetch.fetch, "RFC 3501 §6.4.8"),
         Command("SEARCH", SELECTED, search.search_, "RFC 3501 §6.4.4"),
         Command("UID SEARCH", SELECTED, search.search_, "RFC 3501 §6.4.8"),
+        Command("SORT", SELECTED, sort.sort_, "RFC 5256 §3", "SORT"),
+        Command("UID SORT", SELECTED, sort.sort_, "RFC 5256 §3", "SORT"),
+        Command("THREAD", SELECTED, sort.thread, "RFC 5256 §3", "THREAD=ORDEREDSUBJECT"),
+        Command("UID THREAD", SELECTED, sort.thread, "RFC 5256 §3", "THREAD=ORDEREDSUBJECT"),
         # store: changing messages
         Command("APPEND", AUTHENTICATED, store.append, "RFC 3501 §6.3.11"),
         Command("STORE", SELECTED, store.store, "RFC 3501 §6.4.6"),

@@ -159,9 +159,13 @@ async def authenticate(session: Session, command: protocol.Command) -> bool | No
 async def enable(session: Session, command: protocol.Command) -> None:
     enabled = []
     for arg in command.args:
-        if protocol.arg_text(arg).upper() == "CONDSTORE":
+        name = protocol.arg_text(arg).upper()
+        if name == "CONDSTORE":
             session.condstore = True
             enabled.append("CONDSTORE")
+        elif name == "QRESYNC":  # RFC 7162 §3.2.3: QRESYNC implies CONDSTORE
+            session.condstore = session.qresync = True
+            enabled.append("QRESYNC")
     session.send(f"* ENABLED {' '.join(enabled)}".rstrip())  # RFC 5161
     session.send(responses.OK_COMPLETED.line(command.tag, command="ENABLE"))
 

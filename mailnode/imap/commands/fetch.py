@@ -52,18 +52,18 @@ async def fetch(session: Session, command: protocol.Command) -> None:
         session.condstore = True
     if changed_since is not None:
         targets = [(s, u) for s, u in targets if selected.modseqs.get(u, 0) > changed_since]
+    if len(command.args) > 2 and modifiers.vanished:
+        _vanished(session, command)
     names = {item.name for item in items}
     needs_structure = bool(names & {"ENVELOPE", "BODYSTRUCTURE", "RFC822.HEADER", "RFC822.TEXT"}) or any(
-        (item.name == "BODY" and item.section is None) or item.section for item in items
+        (item.name == "BODY" and item.section is None) or item.section or item.name.startswith("BINARY")
+        for item in items
     )
     needs_data = any(item.section is not None for item in items) or bool(
         names & {"RFC822", "RFC822.HEADER", "RFC822.TEXT"}
     )
     # RFC 3501 §6.4.5: BODY[...] and RFC822(.TEXT) set \Seen; BODY.PEEK and EXAMINE do not.
-    sets_seen = not selected.readonly and any(
-        item.name in ("BODY", "RFC822", "RFC822.TEXT") and (item.section is not None or item.name != "BODY")
-        for item in items
-    )
+    sets_seen = not selected.readonly and any(item.sets_seen for item in items)  # and BINARY[...], RFC 3516
     every = len(targets) > _READ_BATCH  # one query for the whole folder beats many small ones
     all_messages = {m.uid: m for m in await session.account.messages(selected.name)} if every else {}
     for start in range(0, len(targets), _READ_BATCH if needs_data else _SUMMARY_BATCH):
@@ -107,11 +107,29 @@ async def fetch(session: Session, command: protocol.Command) -> None:
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
 
 
+def _vanished(session: Session, command: protocol.Command) -> None:
+    """UID FETCH ... (CHANGEDSINCE n VANISHED) (RFC 7162 §3.2.6): the UIDs of the set that are gone, before
+    the FETCH responses (all of them: the store does not keep when a message was expunged)."""
+    selected = session.selected
+    assert selected is not None
+    if command.name != "UID FETCH" or not session.qresync:
+        raise responses.Refused(responses.BAD_VANISHED)
+    text = protocol.arg_text(command.args[0])
+    if text == protocol.SAVED:  # `$`: the saved UIDs, here or gone
+        if not selected.saved:
+            return
+        text = protocol.format_sequence_set(selected.saved)
+    largest = max(selected.uidnext - 1, selected.uids[-1] if selected.uids else 0)
+    vanished = protocol.missing_numbers(protocol.parse_sequence_set(text), selected.uids, largest)
+    if vanished:
+        session.send(f"* VANISHED (EARLIER) {vanished}")
+
+
 def _streams(items: Sequence[protocol.FetchAtt]) -> bool:
     """Whether every item that needs the message's bytes takes a range of the whole file (BODY[],
     BODY.PEEK[] with or without <partial>, RFC822): those are streamed from the file."""
     return all(
-        item.section == "" or item.name == "RFC822"
+        (item.section == "" and item.name.startswith("BODY")) or item.name == "RFC822"
         for item in items
         if item.section is not None or item.name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT")
     )
@@ -152,6 +170,29 @@ def _whole(data: bytes | None, size: int, offset: int = 0, length: int | None = 
     start = min(offset, size)
     end = size if length is None else min(size, offset + length)
     return [b"{%d}\r\n" % (end - start), _FileRange(start, end)]
+
+
+def _binary(item: protocol.FetchAtt, data: bytes | None, analysis: mime.Analysis | None) -> list[Piece]:
+    """BINARY[section]<partial> and BINARY.SIZE[section] (RFC 3516 §4.2): the section decoded, as a literal8
+    when it holds NUL (the message was read: _streams never streams BINARY)."""
+    assert item.section is not None and data is not None
+    label = item.response_name().encode()
+    try:
+        body = mime.binary_section(data, _analysed(analysis), item.section)
+    except mime.UnknownEncoding as error:
+        raise responses.Refused(responses.NO_UNKNOWN_CTE, encoding=error.encoding[:40]) from None
+    if item.name == "BINARY.SIZE":
+        return [label + b" %d" % len(body)]
+    if item.partial is not None:
+        body = body[item.partial[0] : item.partial[0] + item.partial[1]]
+    if b"\x00" in body:  # RFC 3516 §4.2: NUL only in a literal8
+        return [label + b" ~{%d}\r\n" % len(body) + body]
+    return [label + b" " + protocol.quote(body)]
+
+
+def _analysed(analysis: mime.Analysis | None) -> mime.Analysis:
+    assert analysis is not None  # FETCH reads the structure for every item with a part number
+    return analysis
 
 
 def _render(
@@ -203,6 +244,8 @@ def _render(
             assert data is not None and analysis is not None
             body = mime.section(data, analysis, "HEADER" if name == "RFC822.HEADER" else "TEXT") or b""
             out.append([name.encode() + b" " + protocol.quote(body)])
+        elif name in ("BINARY", "BINARY.PEEK", "BINARY.SIZE"):
+            out.append(_binary(item, data, analysis))
         elif name in ("BODY", "BODY.PEEK"):
             assert item.section is not None
             label = f"BODY[{item.section}"

@@ -1,5 +1,5 @@
 """IMAP commands on folders: SELECT and EXAMINE, CLOSE and UNSELECT, CREATE, DELETE, RENAME,
-SUBSCRIBE and UNSUBSCRIBE, LIST and LSUB (with LIST-EXTENDED selection and SPECIAL-USE), STATUS,
+SUBSCRIBE and UNSUBSCRIBE, LIST and LSUB (with LIST-EXTENDED selection, SPECIAL-USE and LIST-STATUS), STATUS,
 and the QUOTA commands. Declared in mailnode.imap.commands.TABLE.
 
 `store_refusals` turns what the store refuses into NO responses; these commands and those of
@@ -39,6 +39,8 @@ async def select(session: Session, command: protocol.Command) -> None:
     readonly = command.name == "EXAMINE"
     if request.condstore:  # RFC 7162 §3.2.8: SELECT mailbox (CONDSTORE)
         session.condstore = True
+    if request.qresync is not None and not session.qresync:  # RFC 7162 §3.2.5: ENABLE QRESYNC first
+        raise responses.Refused(responses.BAD_QRESYNC_NOT_ENABLED)
     name = request.mailbox
     if session.selected is not None:
         session.selected = None
@@ -70,8 +72,24 @@ async def select(session: Session, command: protocol.Command) -> None:
     session.send(responses.OK_UIDVALIDITY.line(uidvalidity=folder.uidvalidity))
     session.send(responses.OK_UIDNEXT.line(uidnext=folder.uidnext))
     session.send(responses.OK_HIGHESTMODSEQ.line(modseq=folder.highestmodseq))
+    if request.qresync is not None and request.qresync.uidvalidity == folder.uidvalidity:
+        _resync(session, request.qresync)
     access = "READ-ONLY" if readonly else "READ-WRITE"
     session.send(responses.OK_SELECTED.line(command.tag, access=access, command=command.name))
+
+
+def _resync(session: Session, known: protocol.Qresync) -> None:
+    """RFC 7162 §3.2.5.1: what changed since the client's mod-sequence: the UIDs it knew that are gone
+    (every known UID not here: the store keeps no record of when a message was expunged, which the RFC
+    allows), then the flags of the messages changed since."""
+    selected = session.selected
+    assert selected is not None
+    vanished = protocol.missing_numbers(known.known_uids, selected.uids, selected.uidnext - 1)
+    if vanished:
+        session.send(f"* VANISHED (EARLIER) {vanished}")
+    for seq, uid in enumerate(selected.uids, 1):
+        if selected.modseqs.get(uid, 0) > known.modseq:
+            session.send(f"* {seq} FETCH (UID {uid} {session.fetch_flags(uid)})")
 
 
 async def close(session: Session, command: protocol.Command) -> None:
@@ -166,18 +184,31 @@ async def list_(session: Session, command: protocol.Command) -> None:
             attributes.append("\\Subscribed")
         encoded = protocol.format_mailbox(protocol.encode_mailbox_name(folder.name))
         session.send(f'* {command.name} ({" ".join(attributes)}) "{DELIMITER}" '.encode() + encoded)
+        if "STATUS" in options.returns and not lsub:  # RFC 5819 LIST-STATUS: after the folder's LIST
+            status_line = await _status_line(session, folder.name, options.status_items)
+            if status_line is not None:  # deleted meanwhile: RFC 5819 §2 leaves its STATUS out
+                session.send(status_line)
     if not options.patterns:  # RFC 3501 §6.3.8: an empty pattern asks for the delimiter
         session.send(f'* {command.name} (\\Noselect) "{DELIMITER}" ""')
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
 
 
 async def status(session: Session, command: protocol.Command) -> None:
-    assert session.account is not None
     request = protocol.parse_status(command.args)
-    name = request.mailbox
+    session.condstore |= "HIGHESTMODSEQ" in request.items  # RFC 7162 §3.1: a CONDSTORE enabling command
+    line = await _status_line(session, request.mailbox, request.items)
+    if line is None:
+        raise responses.Refused(responses.NO_NO_SUCH_MAILBOX, mailbox=request.mailbox)
+    session.send(line)
+    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+async def _status_line(session: Session, name: str, items: list[str]) -> bytes | None:
+    """The STATUS response for a folder (RFC 3501 §7.2.4), for STATUS and LIST-STATUS; None if it is not there."""
+    assert session.account is not None
     found = await session.account.status(name)
     if found is None:
-        raise responses.Refused(responses.NO_NO_SUCH_MAILBOX, mailbox=name)
+        return None
     folder = found.folder
     values = {
         "MESSAGES": found.messages,
@@ -188,10 +219,9 @@ async def status(session: Session, command: protocol.Command) -> None:
         "HIGHESTMODSEQ": folder.highestmodseq,  # RFC 7162 (CONDSTORE)
         "SIZE": found.size,  # RFC 8438
     }
-    items = [f"{key} {values[key]}" for key in request.items]
+    shown = [f"{key} {values[key]}" for key in items]
     encoded = protocol.format_mailbox(protocol.encode_mailbox_name(folder.name))
-    session.send(b"* STATUS " + encoded + f" ({' '.join(items)})".encode())
-    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+    return b"* STATUS " + encoded + f" ({' '.join(shown)})".encode()
 
 
 def _quota_line(session: Session) -> str:

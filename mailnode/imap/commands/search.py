@@ -125,9 +125,54 @@ def _evaluate(
 async def search_(session: Session, command: protocol.Command) -> None:
     """SEARCH, and UID SEARCH."""
     selected = session.selected
-    assert selected is not None and session.account is not None and session.user is not None
+    assert selected is not None
     by_uid = command.name == "UID SEARCH"
-    key = search.parse_search(list(command.args))
+    request = protocol.parse_search_return(list(command.args))
+    key = search.parse_search(request.criteria, saved=selected.saved)
+    session.condstore |= search.referenced_modseq(key)  # RFC 7162 §3.1: SEARCH MODSEQ enables CONDSTORE
+    if request.options is not None and "SAVE" in request.options:
+        selected.saved = []  # RFC 5182 §2.1: a search that fails leaves `$` empty
+    hits = await _matching(session, key)
+    if request.options is not None:
+        _answer_esearch(session, command, key, hits, request.options)
+    else:
+        numbers = [str(m.uid if by_uid else seq) for seq, m in hits]
+        line = "* SEARCH" + "".join(f" {n}" for n in numbers)
+        if search.referenced_modseq(key) and hits:  # RFC 7162: the highest MODSEQ of the hits
+            line += f" (MODSEQ {max(selected.modseqs.get(m.uid, m.modseq) for _, m in hits)})"
+        session.send(line)
+    await session.report_changes(expunge=by_uid)
+    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+def _answer_esearch(
+    session: Session,
+    command: protocol.Command,
+    key: search.SearchKey,
+    hits: list[tuple[int, Message]],
+    options: frozenset[str],
+) -> None:
+    """SEARCH RETURN (...): the ESEARCH response (RFC 4731) and the result SAVEd for `$` (RFC 5182)."""
+    selected = session.selected
+    assert selected is not None
+    by_uid = command.name == "UID SEARCH"
+    if "SAVE" in options:
+        selected.saved = protocol.saved_numbers([m.uid for _, m in hits], options)
+    modseq = None
+    if search.referenced_modseq(key) and hits:
+        modseq = max(selected.modseqs.get(m.uid, m.modseq) for _, m in hits)
+    numbers = [m.uid if by_uid else seq for seq, m in hits]
+    line = protocol.format_esearch(command.tag, uid=by_uid, numbers=numbers, options=options, modseq=modseq)
+    if line is not None:
+        session.send(line)
+
+
+async def _matching(session: Session, key: search.SearchKey) -> list[tuple[int, Message]]:
+    """The messages of the selected folder that match `key`, as (sequence number, message), in order:
+    SEARCH's answer, and the messages SORT and THREAD order (mailnode.imap.commands.sort; private, as
+    every public coroutine of a command module is a handler)."""
+    selected = session.selected
+    assert selected is not None and session.account is not None and session.user is not None
     messages = await session.account.messages(selected.name)
     by_uid_map = {m.uid: m for m in messages}
     ordered = [(i + 1, by_uid_map[u]) for i, u in enumerate(selected.uids) if u in by_uid_map]
@@ -170,10 +215,4 @@ async def search_(session: Session, command: protocol.Command) -> None:
         else:
             matched = [target for target in targets if search.evaluate(key, target)]
         hits += [(target.seq, target.message) for target in matched]
-    numbers = [str(m.uid if by_uid else seq) for seq, m in hits]
-    line = "* SEARCH" + "".join(f" {n}" for n in numbers)
-    if search.referenced_modseq(key) and hits:  # RFC 7162: the highest MODSEQ of the hits
-        line += f" (MODSEQ {max(selected.modseqs.get(m.uid, m.modseq) for _, m in hits)})"
-    session.send(line)
-    await session.report_changes(expunge=by_uid)
-    session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+    return hits
