@@ -468,7 +468,7 @@ class Client:
 
     def close(self, tls: ClientTLS | None = None) -> None:
         """Hang up; `tls` keeps the session (its tickets came after the handshake) for the next connection."""
-        if tls is not None and tls.resume and not self.writer.is_closing():
+        if tls is not None and tls.resume:  # the server may have closed first (LOGOUT): the session stays
             tls.context.session = self.ssl_object().session
         self.writer.close()
 
