@@ -517,6 +517,24 @@ class Account:
                 await self._run(save)
         return result
 
+    async def search_fields(self, name: str, uids: Sequence[int]) -> dict[int, str]:
+        """The header fields SEARCH cached in the index for these messages (those that have them)."""
+        wanted = list(uids)
+        result = await self._read(lambda reader: reader.search_fields(name, wanted))
+        assert isinstance(result, dict)
+        return result
+
+    async def save_search_fields(self, name: str, fields: dict[int, str]) -> None:
+        """Cache SEARCH's header fields in the index; skipped, like a structure, while writes are paused
+        or the disk is full (computed again next time)."""
+
+        def save(mailbox: Mailbox) -> None:
+            mailbox.index.set_search_fields(name, fields)
+
+        if fields and not self._fence.paused:
+            with contextlib.suppress(StorageFull):
+                await self._run(save)
+
     async def store_flags(
         self,
         name: str,
