@@ -32,7 +32,7 @@ def _imaps(port: int, context: ssl.SSLContext, session: ssl.SSLSession | None) -
         conn.sendall(b"b LOGOUT\r\n")
         while (line := reader.readline()) and not line.startswith(b"b "):
             pass
-        reused, next_session = conn.session_reused, conn.session
+        reused, next_session = bool(conn.session_reused), conn.session
     assert next_session is not None
     return reused, next_session
 
