@@ -29,6 +29,9 @@ from typing import NamedTuple
 
 SCHEMA_VERSION = 4
 _IN_LIMIT = 500  # UIDs per `IN (...)` query, well under SQLite's parameter limit
+# Distinct row values (folder names, UIDs, flag strings, modseqs) one index hands out shared; past this
+# the table starts again (a few MiB at most).
+_SHARED_VALUES = 200_000
 # Longer than a peer's queue keeps retrying a hand-off (mailnode.queue.delivery.HANDOFF_LIFETIME, 30 days).
 HANDOFF_MEMORY = 40 * 24 * 3600
 
@@ -127,6 +130,11 @@ class _Queries:
     def __init__(self, path: Path, db: sqlite3.Connection) -> None:
         self.path = path
         self._db = db
+        # Every SELECT copies each message's UID, flags and modseq into the session (mailnode.imap.session
+        # Selected): the sessions on one mailbox share those objects instead of each holding its own copies
+        # (with 2,000 messages, 130 KiB less per session). Used under the caller's lock, as the connection is.
+        self._texts: dict[str, str] = {}
+        self._numbers: dict[int, int] = {}
 
     def close(self) -> None:
         self._db.close()
@@ -186,17 +194,28 @@ class _Queries:
             " FROM messages m JOIN folders f ON f.id = m.folder_id"
         )
         if folder is None:
-            return list(map(Message._make, self._db.execute(query + " ORDER BY f.name, m.uid")))
+            return self._rows(self._db.execute(query + " ORDER BY f.name, m.uid"))
         if uids is None:
-            return list(map(Message._make, self._db.execute(query + " WHERE f.name = ? ORDER BY m.uid", (folder,))))
+            return self._rows(self._db.execute(query + " WHERE f.name = ? ORDER BY m.uid", (folder,)))
         wanted = sorted(set(uids))
         rows: list[Message] = []
         for start in range(0, len(wanted), _IN_LIMIT):
             chunk = wanted[start : start + _IN_LIMIT]
             marks = ",".join("?" * len(chunk))
             sql = f"{query} WHERE f.name = ? AND m.uid IN ({marks}) ORDER BY m.uid"
-            rows.extend(map(Message._make, self._db.execute(sql, (folder, *chunk))))
+            rows.extend(self._rows(self._db.execute(sql, (folder, *chunk))))
         return rows
+
+    def _rows(self, cursor: sqlite3.Cursor) -> list[Message]:
+        """Messages from (folder, uid, path, flags, modseq, internal_date, size) rows, their folder, UID,
+        flags and modseq the objects this index handed out before for equal values."""
+        if len(self._texts) + len(self._numbers) > _SHARED_VALUES:
+            self._texts.clear()
+            self._numbers.clear()
+        text, number = self._texts.setdefault, self._numbers.setdefault
+        return [
+            Message(text(f, f), number(u, u), p, text(fl, fl), number(m, m), d, s) for f, u, p, fl, m, d, s in cursor
+        ]
 
     def paths(self) -> set[str]:
         return {row[0] for row in self._db.execute("SELECT path FROM messages")}
