@@ -73,10 +73,30 @@ async def _indexed_fields(session: Session, messages: Sequence[Message]) -> dict
     """The INDEXED_FIELDS of each message by UID: from memory, else from the index, else decoded from its
     header block now (and saved to both). A message expunged meanwhile gets none (it matches no header key)."""
     assert session.selected is not None and session.account is not None and session.user is not None
-    cache, address, name = session.analysis_cache, session.user.address, session.selected.name
+    cache, address = session.analysis_cache, session.user.address
     result: dict[int, dict[str, str | None]] = {}
     lacking: list[Message] = []
     for message in messages:
+        known = cache.headers((address, message.path))
+        if known.keys() >= _INDEXED:
+            result[message.uid] = known
+        else:
+            lacking.append(message)
+    if not lacking:
+        return result
+    # One session at a time fills a mailbox's fields (sessions that waited find them in memory). Not the
+    # analyses' lock (cache.lock(address)), which session.analyses takes inside this one.
+    async with cache.lock(f"{address} search"):
+        return await _fill_fields(session, lacking, result)
+
+
+async def _fill_fields(
+    session: Session, lacking: list[Message], result: dict[int, dict[str, str | None]]
+) -> dict[int, dict[str, str | None]]:
+    assert session.selected is not None and session.account is not None and session.user is not None
+    cache, address, name = session.analysis_cache, session.user.address, session.selected.name
+    waited, lacking = lacking, []
+    for message in waited:  # filled by the session this one waited for
         known = cache.headers((address, message.path))
         if known.keys() >= _INDEXED:
             result[message.uid] = known
