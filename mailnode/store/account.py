@@ -412,7 +412,7 @@ class Account:
             else:
                 first_recent = folder.first_recent if take_recent else folder.uidnext
             with mailbox.read_lock:
-                messages = mailbox.reader.messages(name)
+                messages = mailbox.reader.messages(name, shared=True)  # kept by the session
             return Selected(folder, messages, first_recent)
 
         result = await self._run(select, fenced=writes)

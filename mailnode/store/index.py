@@ -124,6 +124,10 @@ def _folder(row: tuple[int, str, int, int, int, int, int]) -> Folder:
     )  # fmt: skip
 
 
+def _plain_rows(cursor: sqlite3.Cursor) -> list[Message]:
+    return list(map(Message._make, cursor))
+
+
 class _Queries:
     """The queries a live index and a read-only one share."""
 
@@ -132,7 +136,8 @@ class _Queries:
         self._db = db
         # Every SELECT copies each message's UID, flags and modseq into the session (mailnode.imap.session
         # Selected): the sessions on one mailbox share those objects instead of each holding its own copies
-        # (with 2,000 messages, 130 KiB less per session). Used under the caller's lock, as the connection is.
+        # (with 2,000 messages, 130 KiB less per session). Used under the caller's lock, as the connection is;
+        # only for SELECT (`messages(shared=True)`): rows that are thrown away need not pay for the look-ups.
         self._texts: dict[str, str] = {}
         self._numbers: dict[int, int] = {}
 
@@ -187,26 +192,30 @@ class _Queries:
             result.update(self._db.execute(sql, (name, *chunk)).fetchall())
         return result
 
-    def messages(self, folder: str | None = None, *, uids: Iterable[int] | None = None) -> list[Message]:
-        """Rows in (folder, uid) order: all, a folder's, or (with a folder) those UIDs of it."""
+    def messages(
+        self, folder: str | None = None, *, uids: Iterable[int] | None = None, shared: bool = False
+    ) -> list[Message]:
+        """Rows in (folder, uid) order: all, a folder's, or (with a folder) those UIDs of it. `shared`: for
+        rows a session keeps (a SELECT's), their values shared with earlier rows (see `_shared_rows`)."""
+        rows = self._shared_rows if shared else _plain_rows
         query = (
             "SELECT f.name, m.uid, m.path, m.flags, m.modseq, m.internal_date, m.size"
             " FROM messages m JOIN folders f ON f.id = m.folder_id"
         )
         if folder is None:
-            return self._rows(self._db.execute(query + " ORDER BY f.name, m.uid"))
+            return rows(self._db.execute(query + " ORDER BY f.name, m.uid"))
         if uids is None:
-            return self._rows(self._db.execute(query + " WHERE f.name = ? ORDER BY m.uid", (folder,)))
+            return rows(self._db.execute(query + " WHERE f.name = ? ORDER BY m.uid", (folder,)))
         wanted = sorted(set(uids))
-        rows: list[Message] = []
+        found: list[Message] = []
         for start in range(0, len(wanted), _IN_LIMIT):
             chunk = wanted[start : start + _IN_LIMIT]
             marks = ",".join("?" * len(chunk))
             sql = f"{query} WHERE f.name = ? AND m.uid IN ({marks}) ORDER BY m.uid"
-            rows.extend(self._rows(self._db.execute(sql, (folder, *chunk))))
-        return rows
+            found.extend(rows(self._db.execute(sql, (folder, *chunk))))
+        return found
 
-    def _rows(self, cursor: sqlite3.Cursor) -> list[Message]:
+    def _shared_rows(self, cursor: sqlite3.Cursor) -> list[Message]:
         """Messages from (folder, uid, path, flags, modseq, internal_date, size) rows, their folder, UID,
         flags and modseq the objects this index handed out before for equal values."""
         if len(self._texts) + len(self._numbers) > _SHARED_VALUES:

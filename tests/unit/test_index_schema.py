@@ -97,3 +97,18 @@ def test_a_new_index_has_the_search_cache(tmp_path: Path) -> None:
         assert db.search_fields("INBOX", [uid]) == {uid: "{}"}
     finally:
         db.close()
+
+
+def test_rows_for_sessions_share_their_values(tmp_path: Path) -> None:
+    """SELECT's rows (`shared=True`), which every session keeps, hold the same UID, flags and modseq
+    objects for equal values, whichever read made them; other reads make plain rows of equal value."""
+    db = index.Index(tmp_path / "index.sqlite")
+    try:
+        db.create_folder("INBOX")
+        db.add([index.NewMessage("INBOX", f"INBOX/cur/{n}", 10, 1700000000, flags="\\Seen") for n in range(300)])
+        first, second = db.messages("INBOX", shared=True), db.messages("INBOX", shared=True)
+        assert first == second == db.messages("INBOX")
+        for a, b in zip(first, second, strict=True):
+            assert a.uid is b.uid and a.flags is b.flags and a.modseq is b.modseq
+    finally:
+        db.close()
