@@ -29,9 +29,9 @@ from typing import NamedTuple
 
 SCHEMA_VERSION = 4
 _IN_LIMIT = 500  # UIDs per `IN (...)` query, well under SQLite's parameter limit
-# Distinct row values (folder names, UIDs, flag strings, modseqs) one index hands out shared; past this
-# the table starts again (a few MiB at most).
-_SHARED_VALUES = 200_000
+# Rows one index hands out shared (see _Queries._shared_rows); past this the table starts again (a few
+# dozen MiB at most).
+_SHARED_ROWS = 200_000
 # Longer than a peer's queue keeps retrying a hand-off (mailnode.queue.delivery.HANDOFF_LIFETIME, 30 days).
 HANDOFF_MEMORY = 40 * 24 * 3600
 
@@ -136,10 +136,10 @@ class _Queries:
         self._db = db
         # Every SELECT copies each message's UID, flags and modseq into the session (mailnode.imap.session
         # Selected): the sessions on one mailbox share those objects instead of each holding its own copies
-        # (with 2,000 messages, 130 KiB less per session). Used under the caller's lock, as the connection is;
-        # only for SELECT (`messages(shared=True)`): rows that are thrown away need not pay for the look-ups.
-        self._texts: dict[str, str] = {}
-        self._numbers: dict[int, int] = {}
+        # (with 2,000 messages, 130 KiB less per session), and a SELECT makes no new row for a message
+        # unchanged since the last one. By path (unique, and already a string of the row). Used under the
+        # caller's lock, as the connection is; only for SELECT (`messages(shared=True)`).
+        self._rows_by_path: dict[str, Message] = {}
 
     def close(self) -> None:
         self._db.close()
@@ -216,15 +216,18 @@ class _Queries:
         return found
 
     def _shared_rows(self, cursor: sqlite3.Cursor) -> list[Message]:
-        """Messages from (folder, uid, path, flags, modseq, internal_date, size) rows, their folder, UID,
-        flags and modseq the objects this index handed out before for equal values."""
-        if len(self._texts) + len(self._numbers) > _SHARED_VALUES:
-            self._texts.clear()
-            self._numbers.clear()
-        text, number = self._texts.setdefault, self._numbers.setdefault
-        return [
-            Message(text(f, f), number(u, u), p, text(fl, fl), number(m, m), d, s) for f, u, p, fl, m, d, s in cursor
-        ]
+        """Messages from (folder, uid, path, flags, modseq, internal_date, size) rows: the one handed out
+        before for an equal row (a tuple compares equal to the NamedTuple of the same values)."""
+        known = self._rows_by_path
+        if len(known) > _SHARED_ROWS:
+            known.clear()
+        rows: list[Message] = []
+        for row in cursor:
+            message = known.get(row[2])
+            if message is None or message != row:
+                message = known[row[2]] = Message._make(row)
+            rows.append(message)
+        return rows
 
     def paths(self) -> set[str]:
         return {row[0] for row in self._db.execute("SELECT path FROM messages")}
