@@ -30,6 +30,11 @@ INDEXED = [
     'UNSEEN FROM "alice"', 'OR SUBJECT "invoice" TO "bob"', 'NOT FROM "alice"', 'FLAGGED SUBJECT "e"',
     'LARGER 2000 FROM "example"', 'SINCE 10-Apr-2025 SUBJECT "a"', "UNSEEN", "SMALLER 1000",
 ]  # fmt: skip
+# Lone keys, answered by the fast loops; each also with ALL, which the general evaluator answers.
+LONE = [
+    "UNSEEN", "SEEN", "FLAGGED", "UNANSWERED", "DRAFT", "RECENT", "KEYWORD $Label1", "UNKEYWORD $label1",
+    'FROM "alice"', 'SUBJECT "INVOICE"', 'HEADER To "Example"', 'CC ""',
+]  # fmt: skip
 # Keys that still read the files (other fields, the body): answered as before, beside the cache.
 FROM_FILES = ['HEADER Message-ID "example.org"', 'BODY "lorem"', 'TEXT "invoice"', 'FROM "alice" BODY "ipsum"']
 
@@ -84,6 +89,9 @@ def test_search_from_the_index_equals_search_from_the_files(
     try:
         assert _answers(node, INDEXED + FROM_FILES) == expected
         assert _answers(node, INDEXED) == {query: expected[query] for query in INDEXED}
+        lone = _answers(node, LONE + [f"{query} ALL" for query in LONE])
+        assert {query: lone[query] for query in LONE} == {query: lone[f"{query} ALL"] for query in LONE}
+        assert sum(1 for query in LONE if lone[query]) > len(LONE) // 2
     finally:
         node.stop()
     index_file = maildir.mailbox_dir(node.node.store.root, USER) / "index.sqlite"
