@@ -783,10 +783,18 @@ def tree_usage(root: int) -> Usage:
     return Usage(len(pids), rss, pss)
 
 
+FD_LIMIT = 65536  # open files for the servers and the client: the node fits its listeners' totals into it
+
+
 def raise_fd_limit() -> None:
-    """Soft limit of open files up to the hard limit (1,000 idle sessions need more than 1,024)."""
+    """Open files up to FD_LIMIT, the hard limit too where allowed (root), else the soft limit up to the
+    hard one: 10,000 idle sessions need more than 1,024, and the node scales its listeners' connection
+    totals down to its limit (imap and imaps each count listen.limits.imap)."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, FD_LIMIT), max(hard, FD_LIMIT)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def needed_fds(load: Load) -> int:
