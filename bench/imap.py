@@ -694,7 +694,11 @@ class Memory:
     after: Usage
 
 
-async def idle_memory(port: int, server: str, root: int, sessions: int, load: Load, cert: Path) -> Memory:
+async def idle_memory(
+    port: int, server: str, root: int, sessions: int, load: Load, cert: Path
+) -> tuple[Memory, str | None]:
+    """The memory with `sessions` in IDLE; when opening them fails part-way (a server that refuses more),
+    the memory with those that are in IDLE, and why the others are not."""
     before = tree_usage(root)
     clients: list[Client] = []
     idling = 0
@@ -714,17 +718,18 @@ async def idle_memory(port: int, server: str, root: int, sessions: int, load: Lo
     try:
         gate = asyncio.Semaphore(load.sessions)  # logins as concurrent as in the workload
         opening = (open_one(n, gate) for n in range(sessions))
+        problem = None
         try:
             await run_all(opening, seconds=load.timeout, what=f"{server}: opening {sessions} IDLE sessions")
         except BenchError as error:
-            raise BenchError(f"{error} ({idling} were in IDLE)") from error
+            problem = f"{error} ({idling} were in IDLE; the memory figures are theirs)"
         seconds = time.monotonic() - started
         await asyncio.sleep(IDLE_SETTLE)
         after = tree_usage(root)
     finally:
         for client in clients:
             client.close()
-    return Memory(sessions, seconds, before, after)
+    return Memory(idling, seconds, before, after), problem
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -850,7 +855,9 @@ def run_load(
     if idle_sessions:
         print(f"{server}: opening {idle_sessions} IDLE sessions", flush=True)
         try:
-            memory = run_async(idle_memory(port, server, root, idle_sessions, load, cert))
+            memory, problem = run_async(idle_memory(port, server, root, idle_sessions, load, cert))
+            if problem is not None:
+                problems.append(problem)
         except BenchError as error:  # the workload's figures stand
             problems.append(str(error))
     return Result(
@@ -1050,7 +1057,7 @@ def report(results: list[Result], load: Load, scheme: str) -> None:
     if node is not None and dovecot is not None:
         print()
         ratios(node, dovecot)
-    with_memory = [result for result in measured if result.memory is not None]
+    with_memory = [result for result in measured if result.memory is not None and result.memory.sessions]
     if with_memory:
         print()
         print("memory with sessions in IDLE (RSS summed over the processes; PSS: shared once)")
