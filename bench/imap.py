@@ -5,8 +5,12 @@ text/plain, multipart/alternative, some with a base64 attachment, 2-50 KiB) in a
 same load: `--sessions` concurrent sessions, each repeating `--cycles` times the cycle LOGIN, SELECT
 INBOX, UID FETCH 1:* (FLAGS RFC822.SIZE ENVELOPE BODYSTRUCTURE), 50 UID FETCH BODY.PEEK[] of random
 messages, 5 UID STORE +FLAGS (\\Seen), 3 UID SEARCH (UNSEEN, FROM, SUBJECT), APPEND, LOGOUT over a new
-connection to 127.0.0.1. Every command counts as one operation; operations/s = operations / wall time.
-Then `--idle-sessions` sessions LOGIN, SELECT and IDLE, and the servers' memory is read from /proc.
+connection to 127.0.0.1 with STARTTLS (a self-signed certificate made with openssl, served by both; a
+session's next connection offers its last TLS session again, as mail clients do). Every command counts as
+one operation; operations/s = operations / wall time; the report ends with each command's median on the
+node against Dovecot's. Then `--idle-sessions` sessions (`--dovecot-idle-sessions` on Dovecot, whose
+sessions cost two processes each) STARTTLS, LOGIN, SELECT and IDLE, and the servers' memory is read from
+/proc (the open-files limit raised for them).
 
 The node gets its mailbox over its SMTP MX port (the real delivery path) and fsyncs what it stores;
 Dovecot gets the same messages written into its Maildir before it starts (indexed on the first SELECT)
@@ -17,7 +21,7 @@ and auth_cache_ttl; the LOGIN latencies show whether a server still verifies eac
 session per server before the timed run. The client is one asyncio process; its CPU time is reported
 next to the servers' to show it is not the bottleneck.
 
-The node side is configured through `listen.imap` and `imap.allow_plaintext_login: true` in its config;
+The node side is configured through `listen.imap`, `tls` and `listen.limits.imap` in its config;
 a node whose config refuses these keys, or with nothing answering on that port, is skipped ("node has no
 IMAP listener yet"), not failed. Everything lives in one temporary directory, removed at the end; every
 process started here is stopped, also on error or interrupt. The Dovecot side needs root.
@@ -39,6 +43,7 @@ import re
 import resource
 import signal
 import smtplib
+import ssl
 import statistics
 import sys
 import threading
@@ -48,8 +53,11 @@ from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 from bench import common, dovecot
 from bench.common import DOMAIN, HOST, RECIPIENT, SENDER, BenchError
+from bench.outbound import make_certificate
 from mailnode import passwords
 
 PASSWORD = "bench"
@@ -79,7 +87,8 @@ class Load:
     messages: int
     sessions: int
     cycles: int
-    idle_sessions: int
+    idle_sessions: int  # the node's sessions in IDLE
+    dovecot_idle_sessions: int  # Dovecot's: two processes each (imap-login for TLS, imap), hence fewer
     seed: int
     timeout: float  # seconds for each phase: preload, workload, opening the idle sessions
 
@@ -337,14 +346,19 @@ class Client:
         self._pos = 0  # where the unread part of _buffer starts
 
     @classmethod
-    async def connect(cls, port: int, label: str) -> Client:
+    async def connect(cls, port: int, label: str, tls: ClientTLS) -> Client:
+        """Connect, read the greeting and STARTTLS (RFC 3501 §6.2.1): what "connect" measures."""
         client: Client | None = None
         try:
             async with asyncio.timeout(COMMAND_TIMEOUT):
                 client = cls(*await asyncio.open_connection(HOST, port, limit=READ_SIZE), label)
                 greeting, _ = await client._read()
-            if not greeting.startswith(b"* OK"):
-                raise BenchError(f"{label}: greeting {greeting.strip()[:200]!r}")
+                if not greeting.startswith(b"* OK"):
+                    raise BenchError(f"{label}: greeting {greeting.strip()[:200]!r}")
+                await client._exchange(b"s ", "STARTTLS", None)
+                await client.writer.start_tls(tls.context, server_hostname=HOST)
+                tls.handshakes += 1
+                tls.resumed += client.ssl_object().session_reused
         except BaseException as error:
             if client is not None:
                 client.close()
@@ -447,8 +461,56 @@ class Client:
         except OSError as error:
             raise BenchError(f"{self.label}: IDLE: connection lost: {error!r}") from error
 
-    def close(self) -> None:
+    def ssl_object(self) -> ssl.SSLObject:
+        found = self.writer.get_extra_info("ssl_object")
+        assert isinstance(found, ssl.SSLObject), "connected with STARTTLS"
+        return found
+
+    def close(self, tls: ClientTLS | None = None) -> None:
+        """Hang up; `tls` keeps the session (its tickets came after the handshake) for the next connection."""
+        if tls is not None and tls.resume:  # the server may have closed first (LOGOUT): the session stays
+            tls.context.session = self.ssl_object().session
         self.writer.close()
+
+
+class _ResumingContext(ssl.SSLContext):
+    """A client context that offers `session` (the last connection's ticket) on the next connection, as
+    mail clients do: asyncio's start_tls takes no session, so it goes in where asyncio wraps the socket."""
+
+    session: ssl.SSLSession | None = None
+
+    def wrap_bio(  # type: ignore[override]
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return super().wrap_bio(
+            incoming,
+            outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            session=session or self.session,
+        )
+
+
+@dataclasses.dataclass
+class ClientTLS:
+    """One client's TLS: a context trusting only the bench's certificate, and (when `resume`) the session
+    of its last connection offered again; the handshakes it made, and how many resumed a session."""
+
+    context: _ResumingContext
+    resume: bool
+    handshakes: int = 0
+    resumed: int = 0
+
+    @classmethod
+    def trusting(cls, cert: Path, *, resume: bool) -> ClientTLS:
+        context = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cafile=str(cert))
+        return cls(context, resume)
 
 
 def login_command() -> str:
@@ -520,6 +582,8 @@ async def run_all(coroutines: Iterable[Coroutine[Any, Any, None]], *, seconds: f
 class Stats:
     latencies: defaultdict[str, list[float]] = dataclasses.field(default_factory=lambda: defaultdict(list))
     operations: int = 0
+    handshakes: int = 0  # TLS handshakes, and how many of them resumed a session
+    resumed: int = 0
     problems: Counter[str] = dataclasses.field(default_factory=Counter)
 
     async def op(self, kind: str, client: Client, text: str, *, literal: bytes | None = None) -> list[Response]:
@@ -530,9 +594,9 @@ class Stats:
         return responses
 
 
-async def one_cycle(port: int, label: str, rng: random.Random, corpus: Corpus, stats: Stats) -> None:
+async def one_cycle(port: int, label: str, rng: random.Random, corpus: Corpus, stats: Stats, tls: ClientTLS) -> None:
     started = time.perf_counter()
-    client = await Client.connect(port, label)
+    client = await Client.connect(port, label, tls)
     stats.latencies["connect"].append(time.perf_counter() - started)
     try:
         await stats.op("LOGIN", client, login_command())
@@ -578,16 +642,21 @@ async def one_cycle(port: int, label: str, rng: random.Random, corpus: Corpus, s
         await stats.op("APPEND", client, "APPEND INBOX", literal=rng.choice(corpus.appends))
         await stats.op("LOGOUT", client, "LOGOUT")
     finally:
-        client.close()
+        client.close(tls)
 
 
-async def workload(port: int, server: str, load: Load, corpus: Corpus) -> Stats:
+async def workload(port: int, server: str, load: Load, corpus: Corpus, cert: Path) -> Stats:
     stats = Stats()
 
     async def session(number: int) -> None:
         rng = random.Random(f"{load.seed}:{number}")  # the same choices against both servers
-        for cycle in range(load.cycles):
-            await one_cycle(port, f"{server} session {number} cycle {cycle}", rng, corpus, stats)
+        tls = ClientTLS.trusting(cert, resume=True)  # each session's next cycle resumes its TLS session
+        try:
+            for cycle in range(load.cycles):
+                await one_cycle(port, f"{server} session {number} cycle {cycle}", rng, corpus, stats, tls)
+        finally:
+            stats.handshakes += tls.handshakes
+            stats.resumed += tls.resumed
 
     total = load.sessions * load.cycles * COMMANDS_PER_CYCLE
     try:
@@ -597,9 +666,9 @@ async def workload(port: int, server: str, load: Load, corpus: Corpus) -> Stats:
     return stats
 
 
-async def warm_up(port: int, server: str) -> int:
+async def warm_up(port: int, server: str, cert: Path) -> int:
     """One session: SELECT (Dovecot indexes the Maildir here) and every message's flags; the count."""
-    client = await Client.connect(port, f"{server} warm-up")
+    client = await Client.connect(port, f"{server} warm-up", ClientTLS.trusting(cert, resume=False))
     try:
         await client.command(login_command())
         await client.command("SELECT INBOX")
@@ -625,15 +694,20 @@ class Memory:
     after: Usage
 
 
-async def idle_memory(port: int, server: str, root: int, load: Load) -> Memory:
+async def idle_memory(
+    port: int, server: str, root: int, sessions: int, load: Load, cert: Path
+) -> tuple[Memory, str | None]:
+    """The memory with `sessions` in IDLE; when opening them fails part-way (a server that refuses more),
+    the memory with those that are in IDLE, and why the others are not."""
     before = tree_usage(root)
     clients: list[Client] = []
     idling = 0
+    tls = ClientTLS.trusting(cert, resume=False)
 
     async def open_one(number: int, gate: asyncio.Semaphore) -> None:
         nonlocal idling
         async with gate:
-            client = await Client.connect(port, f"{server} idle session {number}")
+            client = await Client.connect(port, f"{server} idle session {number}", tls)
             clients.append(client)
             await client.command(login_command())
             await client.command("SELECT INBOX")
@@ -643,18 +717,19 @@ async def idle_memory(port: int, server: str, root: int, load: Load) -> Memory:
     started = time.monotonic()
     try:
         gate = asyncio.Semaphore(load.sessions)  # logins as concurrent as in the workload
-        sessions = (open_one(n, gate) for n in range(load.idle_sessions))
+        opening = (open_one(n, gate) for n in range(sessions))
+        problem = None
         try:
-            await run_all(sessions, seconds=load.timeout, what=f"{server}: opening {load.idle_sessions} IDLE sessions")
+            await run_all(opening, seconds=load.timeout, what=f"{server}: opening {sessions} IDLE sessions")
         except BenchError as error:
-            raise BenchError(f"{error} ({idling} were in IDLE)") from error
+            problem = f"{error} ({idling} were in IDLE; the memory figures are theirs)"
         seconds = time.monotonic() - started
         await asyncio.sleep(IDLE_SETTLE)
         after = tree_usage(root)
     finally:
         for client in clients:
             client.close()
-    return Memory(load.idle_sessions, seconds, before, after)
+    return Memory(idling, seconds, before, after), problem
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -713,14 +788,22 @@ def tree_usage(root: int) -> Usage:
     return Usage(len(pids), rss, pss)
 
 
+FD_LIMIT = 65536  # open files for the servers and the client: the node fits its listeners' totals into it
+
+
 def raise_fd_limit() -> None:
-    """Soft limit of open files up to the hard limit (1,000 idle sessions need more than 1,024)."""
+    """Open files up to FD_LIMIT, the hard limit too where allowed (root), else the soft limit up to the
+    hard one: 10,000 idle sessions need more than 1,024, and the node scales its listeners' connection
+    totals down to its limit (imap and imaps each count listen.limits.imap)."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, FD_LIMIT), max(hard, FD_LIMIT)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def needed_fds(load: Load) -> int:
-    return load.idle_sessions + load.sessions + 64
+    return max(load.idle_sessions, load.dovecot_idle_sessions) + load.sessions + 64
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -739,6 +822,8 @@ class Result:
     latencies: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     memory: Memory | None = None
     problems: tuple[str, ...] = ()
+    handshakes: int = 0  # TLS handshakes of the workload, and how many resumed a session
+    resumed: int = 0
 
     @property
     def rate(self) -> float:
@@ -750,30 +835,35 @@ def client_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_load(server: str, port: int, root: int, load: Load, corpus: Corpus, preload: str) -> Result:
+def run_load(
+    server: str, port: int, root: int, load: Load, corpus: Corpus, preload: str, *, cert: Path, idle_sessions: int
+) -> Result:
     started = time.monotonic()
-    count = run_async(warm_up(port, server))
+    count = run_async(warm_up(port, server, cert))
     print(f"{server}: warm-up session saw {count} messages in {time.monotonic() - started:.1f} s", flush=True)
     problems: list[str] = []
     if count != len(corpus.messages):
         problems.append(f"{server}: the mailbox holds {count} messages, {len(corpus.messages)} were preloaded")
     print(f"{server}: {load.sessions} sessions x {load.cycles} cycles", flush=True)
     cpu_before, client_before, started = tree_cpu(root), client_cpu(), time.monotonic()
-    stats = run_async(workload(port, server, load, corpus))
+    stats = run_async(workload(port, server, load, corpus, cert))
     seconds = time.monotonic() - started
     server_cpu, client_seconds = tree_cpu(root) - cpu_before, client_cpu() - client_before
     print(f"{server}: {stats.operations} commands in {seconds:.1f} s", flush=True)
     problems += [f"{server}: {problem} ({count}x)" for problem, count in stats.problems.items()]
     memory = None
-    if load.idle_sessions:
-        print(f"{server}: opening {load.idle_sessions} IDLE sessions", flush=True)
+    if idle_sessions:
+        print(f"{server}: opening {idle_sessions} IDLE sessions", flush=True)
         try:
-            memory = run_async(idle_memory(port, server, root, load))
+            memory, problem = run_async(idle_memory(port, server, root, idle_sessions, load, cert))
+            if problem is not None:
+                problems.append(problem)
         except BenchError as error:  # the workload's figures stand
             problems.append(str(error))
     return Result(
         server, preload=preload, operations=stats.operations, seconds=seconds, server_cpu=server_cpu,
         client_cpu=client_seconds, latencies=dict(stats.latencies), memory=memory, problems=tuple(problems),
+        handshakes=stats.handshakes, resumed=stats.resumed,
     )  # fmt: skip
 
 
@@ -815,13 +905,18 @@ def deliver(port: int, corpus: Corpus, *, timeout: float) -> float:
     return time.monotonic() - started
 
 
-def bench_node(workdir: Path, load: Load, corpus: Corpus) -> Result:
-    """The node with the IMAP listener (plaintext LOGIN allowed) and a directory with one mailbox."""
-    node = common.start_node(
+def bench_node(workdir: Path, load: Load, corpus: Corpus, tls: tuple[Path, Path]) -> Result:
+    """The node with the IMAP listener (STARTTLS with the bench's certificate) and a directory with one
+    mailbox; its connection limits raised for the IDLE sessions, all from 127.0.0.1."""
+    config, ports = common.node_files(
         workdir, listeners=("smtp", "submission", "submissions", "imap", "http"), password=PASSWORD,
-        settings={"imap": {"allow_plaintext_login": True}}, preexec_fn=raise_fd_limit,
+        settings={"tls": {"cert_file": str(tls[0]), "key_file": str(tls[1])}},
     )  # fmt: skip
-    ports = node.ports
+    settings = yaml.safe_load(config.read_text(encoding="utf-8"))
+    room = load.idle_sessions + load.sessions + 16
+    settings["listen"]["limits"] = {"imap": {"total": room, "per_client": room}}
+    config.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+    node = common.launch_node(workdir, config, ports, preexec_fn=raise_fd_limit)
     try:
         try:
             node.wait_ready()
@@ -841,7 +936,16 @@ def bench_node(workdir: Path, load: Load, corpus: Corpus) -> Result:
         print(f"mailnode ready, IMAP on {HOST}:{ports['imap']}; delivering the mailbox over SMTP", flush=True)
         seconds = deliver(ports["smtp"], corpus, timeout=load.timeout)
         preload = f"SMTP, {SMTP_SESSIONS} sessions: {len(corpus.messages) / seconds:.0f} msgs/s"
-        result = run_load("mailnode", ports["imap"], node.proc.pid, load, corpus, preload)
+        result = run_load(
+            "mailnode",
+            ports["imap"],
+            node.proc.pid,
+            load,
+            corpus,
+            preload,
+            cert=tls[0],
+            idle_sessions=load.idle_sessions,
+        )
         return dataclasses.replace(result, problems=(*result.problems, *node.problems()))
     except Skipped as skipped:
         return Result("mailnode", skipped=str(skipped))
@@ -853,13 +957,14 @@ def bench_node(workdir: Path, load: Load, corpus: Corpus) -> Result:
 # Dovecot
 
 
-def dovecot_setup(workdir: Path, load: Load, corpus: Corpus, scheme: str) -> dovecot.Instance:
-    """The private instance (bench.dovecot) with the benchmark's user and its preloaded Maildir."""
+def dovecot_setup(workdir: Path, load: Load, corpus: Corpus, scheme: str, tls: tuple[Path, Path]) -> dovecot.Instance:
+    """The private instance (bench.dovecot) with the benchmark's user and its preloaded Maildir, STARTTLS
+    with the bench's certificate (its other settings as shipped: a login process per TLS connection)."""
     # argon2id: a hash as the node's directory holds it, the same LOGIN cost (Dovecot verifies it with libsodium).
     password = "{ARGON2ID}" + passwords.hash_password(PASSWORD) if scheme == "argon2id" else "{PLAIN}" + PASSWORD
     instance = dovecot.setup(
-        workdir, passwords={RECIPIENT: password}, sessions=load.sessions + load.idle_sessions + 16,
-        instance="mailfleet-bench",
+        workdir, passwords={RECIPIENT: password}, sessions=load.sessions + load.dovecot_idle_sessions + 16,
+        instance="mailfleet-bench", extra=f"ssl = yes\nssl_cert = <{tls[0]}\nssl_key = <{tls[1]}\n",
     )  # fmt: skip
     # The mailbox, as a delivery agent leaves it: one file per message in cur/, S= and W= (the size with
     # CRLF line ends, the same here) in the name. The first SELECT builds the index.
@@ -873,14 +978,17 @@ def dovecot_setup(workdir: Path, load: Load, corpus: Corpus, scheme: str) -> dov
     return instance
 
 
-def bench_dovecot(workdir: Path, load: Load, corpus: Corpus, *, scheme: str) -> Result:
+def bench_dovecot(workdir: Path, load: Load, corpus: Corpus, tls: tuple[Path, Path], *, scheme: str) -> Result:
     workdir.mkdir()
     started = time.monotonic()
-    instance = dovecot_setup(workdir, load, corpus, scheme)
+    instance = dovecot_setup(workdir, load, corpus, scheme, tls)
     preload = f"written into the Maildir in {time.monotonic() - started:.1f} s"
     with dovecot.running(instance, preexec_fn=raise_fd_limit) as server:
         print(f"dovecot ready on {HOST}:{instance.port}", flush=True)
-        result = run_load("dovecot", instance.port, server.proc.pid, load, corpus, preload)
+        result = run_load(
+            "dovecot", instance.port, server.proc.pid, load, corpus, preload, cert=tls[0],
+            idle_sessions=load.dovecot_idle_sessions,
+        )  # fmt: skip
         problems = common.run_problems("dovecot", server.died, dovecot.errors(instance.log_file))
         return dataclasses.replace(result, problems=(*result.problems, *problems))
 
@@ -901,6 +1009,22 @@ def latency(values: list[float]) -> str:
     return f"{statistics.median(ordered) * 1000:.1f} / {p95 * 1000:.1f} / {ordered[-1] * 1000:.0f}"
 
 
+def median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1000 if values else float("nan")
+
+
+def ratios(node: Result, dovecot: Result) -> None:
+    """Per command, the node's median against Dovecot's (how many times slower; the goal: at most 3),
+    and the TLS sessions each resumed."""
+    header = f"{'command':<14} {'mailnode ms':>11} {'dovecot ms':>11} {'slower x':>9}"
+    print(f"{header}   (medians; connect: TCP, greeting, STARTTLS)")
+    for kind in KINDS:
+        mine, theirs = median_ms(node.latencies.get(kind, [])), median_ms(dovecot.latencies.get(kind, []))
+        print(f"{kind:<14} {mine:>11.2f} {theirs:>11.2f} {mine / theirs if theirs else float('nan'):>9.2f}")
+    for result in (node, dovecot):
+        print(f"{result.server}: {result.resumed} of {result.handshakes} TLS handshakes resumed a session")
+
+
 def report(results: list[Result], load: Load, scheme: str) -> None:
     measured = [result for result in results if result.skipped is None and result.operations]
     print()
@@ -918,7 +1042,7 @@ def report(results: list[Result], load: Load, scheme: str) -> None:
     by_server = {result.server: result for result in measured}
     node, dovecot = by_server.get("mailnode"), by_server.get("dovecot")
     if node is not None and dovecot is not None and not node.problems and dovecot.rate:
-        print(f"ratio mailnode/dovecot: {node.rate / dovecot.rate:.2f}  (ops/s)")
+        print(f"ratio mailnode/dovecot: {node.rate / dovecot.rate:.2f}  (ops/s; the goal: at least 0.8)")
     print()
     if "dovecot" not in by_server:
         login = "the node verifies an argon2id hash"
@@ -930,19 +1054,22 @@ def report(results: list[Result], load: Load, scheme: str) -> None:
     print(f"{'command':<14}" + "".join(f" {result.server:>24}" for result in measured))
     for kind in KINDS:
         print(f"{kind:<14}" + "".join(f" {latency(result.latencies.get(kind, [])):>24}" for result in measured))
-    with_memory = [result for result in measured if result.memory is not None]
+    if node is not None and dovecot is not None:
+        print()
+        ratios(node, dovecot)
+    with_memory = [result for result in measured if result.memory is not None and result.memory.sessions]
     if with_memory:
         print()
-        print(f"memory with {load.idle_sessions} sessions in IDLE (RSS summed over the processes; PSS: shared once)")
-        print(f"{'server':<10} {'processes':>9} {'RSS before':>12} {'RSS idle':>12} {'per session':>12} "
-              f"{'PSS before':>12} {'PSS idle':>12} {'per session':>12} {'open s':>7}")  # fmt: skip
+        print("memory with sessions in IDLE (RSS summed over the processes; PSS: shared once)")
+        print(f"{'server':<10} {'sessions':>8} {'processes':>9} {'RSS before':>12} {'RSS idle':>12} "
+              f"{'per session':>12} {'PSS before':>12} {'PSS idle':>12} {'per session':>12} {'open s':>7}")  # fmt: skip
         for result in with_memory:
             assert result.memory is not None
             memory = result.memory
             before, after = memory.before, memory.after
             print(
-                f"{result.server:<10} {after.processes:>9} {mib(before.rss):>12} {mib(after.rss):>12} "
-                f"{(after.rss - before.rss) / memory.sessions / 1024:>9.0f} KiB "
+                f"{result.server:<10} {memory.sessions:>8} {after.processes:>9} {mib(before.rss):>12} "
+                f"{mib(after.rss):>12} {(after.rss - before.rss) / memory.sessions / 1024:>9.0f} KiB "
                 f"{mib(before.pss):>12} {mib(after.pss):>12} "
                 f"{(after.pss - before.pss) / memory.sessions / 1024:>9.0f} KiB {memory.seconds:>7.1f}"
             )
@@ -973,8 +1100,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"cycles per session, {COMMANDS_PER_CYCLE} commands each (5)",
     )  # fmt: skip
     parser.add_argument(
-        "--idle-sessions", type=common.non_negative, default=common.env_default("BENCH_IMAP_IDLE_SESSIONS", "1000"),
-        help="sessions in IDLE for the memory figures; 0: none (1000)",
+        "--idle-sessions", type=common.non_negative, default=common.env_default("BENCH_IMAP_IDLE_SESSIONS", "10000"),
+        help="the node's sessions in IDLE for the memory figures; 0: none (10000; the goal: 1 GiB)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dovecot-idle-sessions", type=common.non_negative,
+        default=common.env_default("BENCH_IMAP_DOVECOT_IDLE_SESSIONS", "1000"),
+        help="Dovecot's sessions in IDLE, two processes each; 0: none (1000)",
     )  # fmt: skip
     parser.add_argument(
         "--timeout", type=common.positive, default=common.env_default("BENCH_IMAP_TIMEOUT", "600"),
@@ -993,7 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load = Load(
         messages=args.messages, sessions=args.sessions, cycles=args.cycles, idle_sessions=args.idle_sessions,
-        seed=args.seed, timeout=args.timeout,
+        dovecot_idle_sessions=args.dovecot_idle_sessions, seed=args.seed, timeout=args.timeout,
     )  # fmt: skip
     raise_fd_limit()
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1008,15 +1140,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.monotonic() - started:.1f} s); {load.sessions} sessions x {load.cycles} cycles of "
         f"{COMMANDS_PER_CYCLE} commands = {total}: LOGIN, SELECT, UID FETCH 1:* {SUMMARY_ITEMS}, "
         f"{BODY_FETCHES} UID FETCH BODY.PEEK[], {STORES} UID STORE, {SEARCHES} UID SEARCH, APPEND, LOGOUT; "
-        f"then {load.idle_sessions} sessions in IDLE"
+        f"all over STARTTLS; then {load.idle_sessions} sessions in IDLE ({load.dovecot_idle_sessions} on Dovecot)"
     )
     results: list[Result] = []
     # Dovecot's processes (users dovecot, dovenull, nobody) walk through the directory.
     with common.temporary_workdir("mailfleet-bench-imap-", keep=args.keep) as workdir:
         common.print_machine(workdir, f"Dovecot {dovecot.version()}")
+        tls = make_certificate(workdir / "tls")  # both servers serve it; the client trusts only it
         runs: dict[str, Callable[[], Result]] = {
-            "mailnode": lambda: bench_node(workdir / "mailnode", load, corpus),
-            "dovecot": lambda: bench_dovecot(workdir / "dovecot", load, corpus, scheme=args.dovecot_password),
+            "mailnode": lambda: bench_node(workdir / "mailnode", load, corpus, tls),
+            "dovecot": lambda: bench_dovecot(workdir / "dovecot", load, corpus, tls, scheme=args.dovecot_password),
         }
         try:
             with common.signals_raise():

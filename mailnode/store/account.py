@@ -412,7 +412,7 @@ class Account:
             else:
                 first_recent = folder.first_recent if take_recent else folder.uidnext
             with mailbox.read_lock:
-                messages = mailbox.reader.messages(name)
+                messages = mailbox.reader.messages(name, shared=True)  # kept by the session
             return Selected(folder, messages, first_recent)
 
         result = await self._run(select, fenced=writes)
@@ -425,8 +425,11 @@ class Account:
         assert isinstance(result, list)
         return result
 
-    async def load(self, name: str, uids: Sequence[int], *, data: bool) -> list[tuple[index.Message, bytes | None]]:
-        """Rows of these UIDs and, with data=True, their files' bytes: one Gateway trip for both."""
+    async def load(
+        self, name: str, uids: Sequence[int], *, data: bool, data_limit: int | None = None
+    ) -> list[tuple[index.Message, bytes | None]]:
+        """Rows of these UIDs and, with data=True, their files' bytes (None for a message larger than
+        `data_limit`, which the caller streams instead): one Gateway trip for both."""
         root = maildir.mailbox_dir(self._mailboxes.root, self.address)
 
         def load() -> list[tuple[index.Message, bytes | None]]:
@@ -437,6 +440,9 @@ class Account:
                 return [(m, None) for m in rows]
             loaded: list[tuple[index.Message, bytes | None]] = []
             for message in rows:
+                if data_limit is not None and message.size > data_limit:
+                    loaded.append((message, None))
+                    continue
                 try:
                     loaded.append((message, (root / message.path).read_bytes()))
                 except FileNotFoundError:  # expunged by another session since the query: left out
@@ -516,6 +522,24 @@ class Account:
             with contextlib.suppress(StorageFull):  # on a full disk too
                 await self._run(save)
         return result
+
+    async def search_fields(self, name: str, uids: Sequence[int]) -> dict[int, str]:
+        """The header fields SEARCH cached in the index for these messages (those that have them)."""
+        wanted = list(uids)
+        result = await self._read(lambda reader: reader.search_fields(name, wanted))
+        assert isinstance(result, dict)
+        return result
+
+    async def save_search_fields(self, name: str, fields: dict[int, str]) -> None:
+        """Cache SEARCH's header fields in the index; skipped, like a structure, while writes are paused
+        or the disk is full (computed again next time)."""
+
+        def save(mailbox: Mailbox) -> None:
+            mailbox.index.set_search_fields(name, fields)
+
+        if fields and not self._fence.paused:
+            with contextlib.suppress(StorageFull):
+                await self._run(save)
 
     async def store_flags(
         self,
@@ -676,9 +700,11 @@ class Account:
     ) -> tuple[int, int]:
         """Store a message (its bytes, or a spool it was received into) into an existing folder, durably
         (file and directory fsynced, index committed); returns (UIDVALIDITY, UID) for APPENDUID."""
-        status = await self.status(name)
-        if status is None:
+        # The folder's row only (its UIDVALIDITY): STATUS would count and sum all its messages first.
+        folder = await self._read(lambda reader: reader.folder(name))
+        if folder is None:
             raise FolderError(f"[TRYCREATE] {name} does not exist")
+        assert isinstance(folder, index.Folder)
         if isinstance(message, MessageSpool):
             delivery = Delivery(
                 self.address, b"", folder=name, internal_date=internal_date, flags=flags, spooled=await message.finish()
@@ -687,7 +713,7 @@ class Account:
             delivery = Delivery(self.address, message, folder=name, internal_date=internal_date, flags=flags)
         with _storage_full_refused():
             [stored] = await self._deliver([delivery])
-        return status.folder.uidvalidity, stored.uid
+        return folder.uidvalidity, stored.uid
 
     def path(self, message: index.Message) -> Path:
         return maildir.mailbox_dir(self._mailboxes.root, self.address) / message.path

@@ -68,11 +68,15 @@ async def fetch(session: Session, command: protocol.Command) -> None:
     all_messages = {m.uid: m for m in await session.account.messages(selected.name)} if every else {}
     for start in range(0, len(targets), _READ_BATCH if needs_data else _SUMMARY_BATCH):
         chunk = targets[start : start + (_READ_BATCH if needs_data else _SUMMARY_BATCH)]
+        preread: dict[int, bytes] = {}  # the small messages' files, read with their rows (one trip)
         if all_messages:
             present = [(s, all_messages[u]) for s, u in chunk if u in all_messages]
         else:
-            loaded = await session.account.load(selected.name, [u for _, u in chunk], data=False)
+            loaded = await session.account.load(
+                selected.name, [u for _, u in chunk], data=needs_data, data_limit=_LARGE
+            )
             rows = {message.uid: message for message, _ in loaded}
+            preread = {message.uid: data for message, data in loaded if data is not None}
             present = [(s, rows[u]) for s, u in chunk if u in rows]
         analyses: dict[int, mime.Analysis] = {}
         if needs_structure:
@@ -87,8 +91,9 @@ async def fetch(session: Session, command: protocol.Command) -> None:
                 for message in changed:
                     selected.flags[message.uid] = message.flags
                     selected.modseqs[message.uid] = message.modseq
-        small = [m for _, m in present if m.size <= _LARGE] if needs_data else []
-        datas = dict(zip((m.uid for m in small), await session.account.read(small), strict=True)) if small else {}
+        unread = [m for _, m in present if m.size <= _LARGE and m.uid not in preread] if needs_data else []
+        datas = dict(zip((m.uid for m in unread), await session.account.read(unread), strict=True)) if unread else {}
+        datas.update(preread)
         # One write per batch of small messages: a write per message would be a send() system call each.
         pending: list[bytes] = []
         for seq, message in present:

@@ -2,6 +2,12 @@
 mailnode.imap.search parses against each message, reading files only for keys that need content,
 in batches. Declared in mailnode.imap.commands.TABLE.
 
+The header fields clients search on (INDEXED_FIELDS: FROM, TO, CC, BCC, SUBJECT, and Date for the SENT*
+keys) are decoded once per message and kept, in the index (Account.save_search_fields) and in the node's
+memory (AnalysisCache.headers): a search on those, flags, sizes and dates opens no message file. A
+message whose fields are not cached yet has them computed from its header block the first time a search
+needs them.
+
 Keys that read message text (headers, BODY, TEXT) are evaluated in a thread of the search Gateway, so
 that decoding megabytes never holds the event loop, within a CPU budget per command: a search that
 spends it is answered `NO [LIMIT]` (RFC 5530), with no partial result, which a client could take for
@@ -12,7 +18,9 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import json
 import time
+from collections.abc import Sequence
 
 from mailnode import gateway
 from mailnode.imap import mime, protocol, responses, search
@@ -28,8 +36,98 @@ CPU_BUDGET = 10.0
 _GATEWAY = gateway.Gateway(workers=2)
 
 
+# The header fields cached for every message once a search has needed one of them (lower case).
+INDEXED_FIELDS = ("from", "to", "cc", "bcc", "subject", "date")
+_INDEXED = frozenset(INDEXED_FIELDS)
+
+
 class _OverBudget(Exception):
     pass
+
+
+def _decode_fields(data: bytes, analysis: mime.Analysis) -> dict[str, str | None]:
+    """In a search thread: the INDEXED_FIELDS of one message, from its header block."""
+    return {name: mime.header_value(data, analysis, name) for name in INDEXED_FIELDS}
+
+
+def _decode_all(heads: list[bytes], analyses: list[mime.Analysis]) -> list[dict[str, str | None]]:
+    return [_decode_fields(head, analysis) for head, analysis in zip(heads, analyses, strict=True)]
+
+
+def _stored_fields(text: str | None) -> dict[str, str | None] | None:
+    """Fields as the index holds them (a JSON object), or None when absent or not what this version stores."""
+    if text is None:
+        return None
+    try:
+        values = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(values, dict) or values.keys() != _INDEXED:
+        return None
+    if not all(value is None or isinstance(value, str) for value in values.values()):
+        return None
+    return values
+
+
+async def _indexed_fields(session: Session, messages: Sequence[Message]) -> dict[int, dict[str, str | None]]:
+    """The INDEXED_FIELDS of each message by UID: from memory, else from the index, else decoded from its
+    header block now (and saved to both). A message expunged meanwhile gets none (it matches no header key)."""
+    assert session.selected is not None and session.account is not None and session.user is not None
+    cache, address = session.analysis_cache, session.user.address
+    result: dict[int, dict[str, str | None]] = {}
+    lacking: list[Message] = []
+    for message in messages:
+        known = cache.headers((address, message.path))
+        if known.keys() >= _INDEXED:
+            result[message.uid] = known
+        else:
+            lacking.append(message)
+    if not lacking:
+        return result
+    # One session at a time fills a mailbox's fields (sessions that waited find them in memory). Not the
+    # analyses' lock (cache.lock(address)), which session.analyses takes inside this one.
+    async with cache.lock(f"{address} search"):
+        return await _fill_fields(session, lacking, result)
+
+
+async def _fill_fields(
+    session: Session, lacking: list[Message], result: dict[int, dict[str, str | None]]
+) -> dict[int, dict[str, str | None]]:
+    assert session.selected is not None and session.account is not None and session.user is not None
+    cache, address, name = session.analysis_cache, session.user.address, session.selected.name
+    waited, lacking = lacking, []
+    for message in waited:  # filled by the session this one waited for
+        known = cache.headers((address, message.path))
+        if known.keys() >= _INDEXED:
+            result[message.uid] = known
+        else:
+            lacking.append(message)
+    if not lacking:
+        return result
+    stored = await session.account.search_fields(name, [m.uid for m in lacking])
+    unknown: list[Message] = []
+    for message in lacking:
+        values = _stored_fields(stored.get(message.uid))
+        if values is None:
+            unknown.append(message)
+        else:
+            known = result[message.uid] = cache.headers((address, message.path))
+            known.update(values)
+    for start in range(0, len(unknown), _SEARCH_BATCH):
+        chunk = unknown[start : start + _SEARCH_BATCH]
+        analyses = await session.analyses(chunk)
+        chunk = [m for m in chunk if m.uid in analyses]  # not expunged meanwhile
+        heads = await session.account.read(chunk, limits=[analyses[m.uid].root.body_start for m in chunk])
+        decoded = await _GATEWAY.run(_decode_all, heads, [analyses[m.uid] for m in chunk])
+        texts: dict[int, str] = {}
+        for message, head, values in zip(chunk, heads, decoded, strict=True):
+            if not head:  # expunged between the analysis and the read
+                continue
+            known = result[message.uid] = cache.headers((address, message.path))
+            known.update(values)
+            texts[message.uid] = json.dumps(values, ensure_ascii=False)
+        await session.account.save_search_fields(name, texts)
+    return result
 
 
 class _Target:
@@ -122,6 +220,38 @@ def _evaluate(
     return matched, spent + time.thread_time() - start
 
 
+# The commonest searches, a lone flag (UNSEEN, FLAGGED) or a lone key on a cached field (FROM x, SUBJECT y), are
+# answered by a plain loop over the folder; the general evaluator costs several objects per message.
+
+
+def _flag_hits(flag: str, present: bool, ordered: list[tuple[int, Message]], selected: Selected) -> list[int]:
+    """Positions in `ordered` of the messages with (or, `present` False, without) `flag`, as search.evaluate
+    decides: flags compare case-insensitively, \\Recent is the session's."""
+    lower = flag.lower()
+    recent = selected.recent if lower == "\\recent" else set()
+    hits = []
+    for position, (_, message) in enumerate(ordered):
+        parts = selected.flags.get(message.uid, message.flags).split()
+        has = flag in parts or message.uid in recent or any(part.lower() == lower for part in parts)
+        if has == present:
+            hits.append(position)
+    return hits
+
+
+def _field_hits(value: str, values: list[str | None], *, spent: float, budget: float) -> tuple[list[int], float]:
+    """In a search thread: positions of the `values` (one message's cached field each) that contain `value`,
+    case-insensitively (RFC 3501 §6.4.4), as search.evaluate decides; within the CPU budget (_OverBudget)."""
+    start = time.thread_time()
+    wanted = value.casefold()
+    hits = []
+    for position, text in enumerate(values):
+        if position % _SEARCH_BATCH == 0 and spent + time.thread_time() - start > budget:
+            raise _OverBudget
+        if text is not None and wanted in text.casefold():
+            hits.append(position)
+    return hits, spent + time.thread_time() - start
+
+
 async def search_(session: Session, command: protocol.Command) -> None:
     """SEARCH, and UID SEARCH."""
     selected = session.selected
@@ -183,13 +313,32 @@ async def _matching(session: Session, key: search.SearchKey) -> list[tuple[int, 
     fields = search.header_fields(key)
     address = session.user.address
     cache = session.analysis_cache
-    batch = _SEARCH_BATCH if content else max(len(ordered), 1)
+    indexed: dict[int, dict[str, str | None]] | None = None
+    if content and fields is not None and fields <= _INDEXED:
+        # Only cached fields: every message's are known after this, and no file is read below.
+        indexed = await _indexed_fields(session, [m for _, m in ordered])
+    batch = _SEARCH_BATCH if content and indexed is None else max(len(ordered), 1)
+    fast: list[int] | None = None
+    if isinstance(key, search.Flag):
+        fast = _flag_hits(key.flag, key.present, ordered, selected)
+    elif isinstance(key, search.Header) and indexed is not None:
+        field = key.field.lower()
+        values = [indexed.get(m.uid, {}).get(field) for _, m in ordered]
+        try:
+            fast, spent = await _GATEWAY.run(_field_hits, key.value, values, spent=spent, budget=CPU_BUDGET)
+        except _OverBudget:
+            raise responses.Refused(responses.NO_SEARCH_LIMIT) from None
+    if fast is not None:
+        hits, ordered = [ordered[position] for position in fast], []  # nothing left to evaluate
     for start in range(0, len(ordered), batch):
         chunk = ordered[start : start + batch]
         datas: list[bytes | None] = [None] * len(chunk)
         analyses: dict[int, mime.Analysis] = {}
-        headers = [cache.headers((address, m.path)) for _, m in chunk]
-        if content:
+        if indexed is not None:
+            headers = [indexed.get(m.uid, {}) for _, m in chunk]
+        else:
+            headers = [cache.headers((address, m.path)) for _, m in chunk]
+        if content and indexed is None:
             # A search on single header fields reads no file for messages whose fields are known
             # from earlier searches, and only the header block of the others.
             unread = [
