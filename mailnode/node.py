@@ -463,6 +463,19 @@ class Node:
                     imap_tasks.append(session.task)
         if imap_tasks:
             await asyncio.wait(imap_tasks, timeout=grace)
+        # A session whose TLS handshake ended after the listeners closed began after the BYEs above, and
+        # one may not have ended within the grace: cancelled, so that no session task outlives the node
+        # (a pending task left behind is destroyed with its loop, mid-command).
+        leftover = [
+            session.task
+            for sessions in self._imap_sessions
+            for session in list(sessions)
+            if session.task is not None and not session.task.done()
+        ]
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            await asyncio.wait(leftover, timeout=grace)
         if self._web is not None:  # before the store: a DAV request may be writing
             await self._web.close()
         await self.backups.close()
