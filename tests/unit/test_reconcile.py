@@ -276,3 +276,16 @@ def test_remembered_mailbox_models_share_their_fields_sets_and_read_as_validated
     copied = first.model_copy(update={"kind": "Mailbox"})  # a copy's set is its own: the shared one stays
     assert copied.model_fields_set is not first.model_fields_set
     assert mailboxes._parse(ctx, body)[0] is third  # remembered: not validated again
+
+
+async def test_a_written_status_is_forgotten_when_the_watch_shows_it() -> None:
+    client = _RecordingClient()
+    ctx = recording_context(client)
+    served = Condition("Ready", "True", "Served", "in the directory of MailDomain example-com")
+    body: kube_types.Mailbox = {"metadata": {"name": "alice", "namespace": "mail", "uid": "u1", "generation": 1}}
+    await written(ctx, body, served)
+    ctx.statuses.shown(body)  # an event from before the write: still remembered
+    assert len(ctx.statuses.remembered) == 1
+    ctx.statuses.shown({**body, "status": client.patches[0]["status"]})
+    assert ctx.statuses.remembered == {}
+    await ctx.statuses.stop()

@@ -85,6 +85,16 @@ class MailboxStatuses:
             self._queue.start()  # here, not in __init__: in the event loop that writes
             self._started = True
 
+    def shown(self, body: kube_types.Mailbox) -> None:
+        """The watch shows the Mailbox `body`: a status written to it, remembered until the watch shows it, is
+        forgotten when `body` says it (else ten thousand statuses written at the end of a large reconcile
+        would each be held twice until the next one). Not while a verdict waits: it was decided on the
+        status remembered."""
+        key = object_key(body)
+        written = self.remembered.get(key)
+        if written is not None and key not in self._pending and _says(body.get("status") or {}, written):
+            del self.remembered[key]
+
     def forget(self, body: kube_types.Mailbox) -> None:
         """The Mailbox was deleted: nothing more is written to it."""
         key = object_key(body)
