@@ -86,14 +86,16 @@ class MailboxStatuses:
             self._started = True
 
     def shown(self, body: kube_types.Mailbox) -> None:
-        """The watch shows the Mailbox `body`: a status written to it, remembered until the watch shows it, is
-        forgotten when `body` says it (else ten thousand statuses written at the end of a large reconcile
-        would each be held twice until the next one). Not while a verdict waits: it was decided on the
-        status remembered."""
+        """The watch shows the Mailbox `body`. A status written to it stays remembered until a reconcile's
+        body shows it (a reconcile running now may still hold a body from before the write), but once the
+        watch shows it, as the status `body` holds: the index's snapshots share one status per content
+        (handlers.py), so ten thousand statuses written at the end of a large reconcile are not each held
+        twice until the next reconcile."""
         key = object_key(body)
         written = self.remembered.get(key)
-        if written is not None and key not in self._pending and _says(body.get("status") or {}, written):
-            del self.remembered[key]
+        shown = body.get("status")
+        if written is not None and shown is not None and _says(shown, written):
+            self.remembered[key] = shown
 
     def forget(self, body: kube_types.Mailbox) -> None:
         """The Mailbox was deleted: nothing more is written to it."""
