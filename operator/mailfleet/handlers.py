@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import copy
 import dataclasses
 import json
 import logging
@@ -66,7 +65,7 @@ def _snapshot(body: kopf.Body) -> dict[str, Any]:
             key: _shared(meta.get(key)) if key in ("namespace", "creationTimestamp") else meta.get(key)
             for key in ("name", "namespace", "uid", "generation", "creationTimestamp", "resourceVersion")
         },
-        "spec": copy.deepcopy(dict(body.spec)),
+        "spec": _keys_shared(body.spec),
         "status": _shared_status(body.status),
     }
 
@@ -99,6 +98,16 @@ def _shared(value: Any) -> Any:
         return {_shared(key): _shared(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_shared(item) for item in value]
+    return value
+
+
+def _keys_shared(value: Any) -> Any:
+    """A copy of `value` (JSON) whose mapping keys are interned ("address", "passwordSecretRef", ...: each
+    object's JSON decoded its own), its other strings the JSON's own (each object's address is its own)."""
+    if isinstance(value, Mapping):
+        return {sys.intern(str(key)): _keys_shared(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_keys_shared(item) for item in value]
     return value
 
 
