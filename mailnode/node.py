@@ -7,7 +7,8 @@ write at once; archives are written on a Gateway of their own (mailnode.backup).
 Clustered (`cluster.peers` lists more than one node), the node also listens for LMTP from its peers
 (mailnode.smtp.lmtp) and hands mail for mailboxes homed elsewhere to them (mailnode.queue.handoff);
 it listens for the IMAP sessions its peers proxy (`listen.imap_proxy`) and proxies the sessions of
-mailboxes homed elsewhere to them (mailnode.imap.proxy).
+mailboxes homed elsewhere to them (mailnode.imap.proxy). Every part of it reads the directory through
+`_directory`: the file's, with the homes a mailbox move changed (mailnode.homes, mailnode.move).
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from mailnode import dkim, tls
+from mailnode import dkim, move, tls
 from mailnode import listener as door
 from mailnode.admin import http
 from mailnode.auth import Authenticator
@@ -30,12 +33,13 @@ from mailnode.backup import restore
 from mailnode.backup.checkpoint import Checkpoint
 from mailnode.backup.jobs import BackupJobs
 from mailnode.cluster import Cluster
-from mailnode.config import ConfigError, DirectoryWatcher, NodeConfig, read_internal_token
+from mailnode.config import ConfigError, Directory, DirectoryWatcher, NodeConfig, read_internal_token
 from mailnode.gateway import Gateway
+from mailnode.homes import Homes
 from mailnode.imap import proxy as imap_proxy
 from mailnode.imap import server as imap
 from mailnode.metrics import NodeMetrics
-from mailnode.queue import handoff, routing
+from mailnode.queue import handoff, mtasts, routing
 from mailnode.queue.delivery import Deliverer
 from mailnode.queue.spool import Spool
 from mailnode.smtp import lmtp
@@ -43,6 +47,8 @@ from mailnode.smtp import server as smtp
 from mailnode.smtp.inbound import InboundChecker
 from mailnode.store.fence import WriteFence
 from mailnode.store.mailstore import Delivery, MailStore
+from mailnode.web import dav
+from mailnode.web import server as web_server
 from mailwire import admin
 
 log = logging.getLogger(__name__)
@@ -73,6 +79,8 @@ class Node:
         self.imap_proxy: imap_proxy.Proxy | None = None  # likewise
         self.fence = WriteFence()  # every durable write passes it; a checkpoint pauses it
         self.store = MailStore(config.data_dir, gateway=self.gateway, fence=self.fence)
+        self.homes = Homes(config.data_dir, ordinal=self.cluster.ordinal, domains=config.alias_domain_map())
+        self.moves: move.Moves | None = None  # set at start
         self.watcher = DirectoryWatcher(
             config.directory_file,
             domains=config.alias_domain_map(),
@@ -91,7 +99,7 @@ class Node:
         # never queues mail reads and writes behind it.
         self.auth_gateway = Gateway(workers=2)
         self.authenticator = Authenticator(
-            directory=lambda: self.watcher.current,
+            directory=self._directory,
             gateway=self.auth_gateway,
             metrics=self.metrics,
             base_delay=config.smtp.auth_failure_delay,
@@ -119,12 +127,19 @@ class Node:
         self._imap_sessions: list[set[imap.Session]] = []
         self._analyses = imap.AnalysisCache()  # shared by the imap and imaps listeners
         self._runner: web.AppRunner | None = None
+        self._web: web_server.Listener | None = None  # the HTTPS listener (mailnode.web), with a certificate
         self._watch_tasks: list[asyncio.Task[None]] = []
         self._started = time.monotonic()
         self.ready = False
         self._dkim_records: list[dict[str, str]] = []
 
+    def _directory(self) -> Directory:
+        """The directory in force: the file's, with the homes moves changed (mailnode.homes)."""
+        return self.homes.view(self.watcher.current)
+
     def _directory_reloaded(self, ok: bool, error: str | None) -> None:
+        if ok and self.moves is not None:
+            self.moves.reloaded()
         self.metrics.directory_reloads.labels("success" if ok else "failure").inc()
         self.metrics.directory_last_reload_ok.set(1 if ok else 0)
         self.metrics.directory_mailboxes.set(len(self.watcher.current.mailboxes))
@@ -168,7 +183,7 @@ class Node:
 
     async def _deliver_bounce(self, address: str, message: bytes) -> bool:
         """Bounces for senders on this node go straight into their INBOX."""
-        resolution = self.watcher.current.resolve(address)
+        resolution = self._directory().resolve(address)
         if resolution.mailbox is None:
             return False
         if not self.cluster.is_home(resolution.mailbox):  # the sender's home takes it, through the queue
@@ -206,7 +221,7 @@ class Node:
             log.warning("no internal token (internal.token_file): the admin port accepts changes from loopback only")
         elif self.cluster.clustered:
             self.handoffs = handoff.Handoff(
-                cluster=self.cluster, directory=lambda: self.watcher.current, token=internal_token,
+                cluster=self.cluster, directory=self._directory, token=internal_token,
                 hostname=self.config.hostname,
             )  # fmt: skip
             self.imap_proxy = imap_proxy.Proxy(cluster=self.cluster, token=internal_token, metrics=self.metrics)
@@ -215,15 +230,24 @@ class Node:
         await self.gateway.run(self.checkpoint.clear_staging)
         await self.store.open()
         await self.spool.open()
+        self.moves = move.Moves(
+            store=self.store, cluster=self.cluster, homes=self.homes, directory=lambda: self.watcher.current,
+            data_dir=self.config.data_dir, token=internal_token, metrics=self.metrics,
+            close_sessions=self._close_sessions, nudge=self._nudge_handoffs,
+        )  # fmt: skip
+        await self.moves.start()
         smtp_config = self.config.smtp
         transports = {}
         for domain, target in smtp_config.transports.items():
             host, _, target_port = target.rpartition(":")
             transports[domain] = (host, int(target_port))
         relay_host = self._relay_host()
+        resolver = routing.DNSPythonResolver()
+        # RFC 8461: other domains' MTA-STS policies, for the mail routed by their MX records
+        mta_sts = mtasts.Policies(resolver=resolver) if smtp_config.mta_sts else None
         try:
             self.deliverer = Deliverer(
-                self.spool, hostname=self.config.hostname, resolver=routing.DNSPythonResolver(),
+                self.spool, hostname=self.config.hostname, resolver=resolver, mta_sts=mta_sts,
                 relay_host=relay_host, deliver_locally=self._deliver_bounce, metrics=self.metrics,
                 lifetime=smtp_config.queue_lifetime, transports=transports, handoffs=self.handoffs,
             )  # fmt: skip
@@ -252,7 +276,7 @@ class Node:
             handler = smtp.SMTPHandler(
                 listener=listener,
                 config=self.config,
-                directory=lambda: self.watcher.current,
+                directory=self._directory,
                 store=self.store,
                 authenticator=self.authenticator,
                 metrics=self.metrics,
@@ -277,7 +301,7 @@ class Node:
                 log.warning("no TLS certificate configured: imaps listener not started")
                 continue
             imap_server, sessions = await imap.start_listener(
-                config=self.config, directory=lambda: self.watcher.current, store=self.store,
+                config=self.config, directory=self._directory, store=self.store,
                 authenticator=self.authenticator, metrics=self.metrics, host=listen.host, port=port, tls=context,
                 implicit_tls=implicit, analyses=self._analyses, gate=gates[name], proxy=proxy,
                 cluster=self.imap_proxy,
@@ -292,9 +316,11 @@ class Node:
         )
         app = http.build_app(
             metrics=self.metrics, ready=lambda: self.ready, status=self.status, queue=self.spool, usage=self.usage,
-            backups=backups, internal_token=internal_token,
+            backups=backups, internal_token=internal_token, moves=self.moves,
         )  # fmt: skip
         self._runner, self.ports["http"] = await http.start(app, host=listen.host, port=listen.http)
+        if context is not None:
+            await self._start_web(context=context, gate=gates["https"], proxy=proxy, internal_token=internal_token)
         watched: list[tuple[Callable[[], object], float]] = [(self.watcher.check, self.config.directory_poll_interval)]
         if self.tls is not None:
             watched.append((self.tls.check, self._tls_poll_interval))
@@ -303,10 +329,30 @@ class Node:
         self.metrics.ready.set(1)
         log.info("node ready", extra={"fields": {"node": self.config.node_name, "ports": self.ports}})
 
+    async def _start_web(
+        self, *, context: ssl.SSLContext, gate: door.ConnectionGate, proxy: door.ProxyPolicy | None,
+        internal_token: str | None,
+    ) -> None:  # fmt: skip
+        """The HTTPS listener: autoconfiguration, the MTA-STS policy, CalDAV/CardDAV (mailnode.web)."""
+        clients = web_server.Clients()
+        dav_handler = None
+        if self.config.web.dav:
+            dav_handler = dav.DAV(
+                mail_root=self.config.data_dir, authenticator=self.authenticator, cluster=self.cluster,
+                directory=lambda: self.watcher.current, gateway=self.gateway, client_host=clients.host,
+                max_request=self.config.web.max_request, internal_token=internal_token,
+            )  # fmt: skip
+        app = web_server.Site(self.config, dav_handler=dav_handler).app()
+        self._web = await web_server.start(
+            app, host=self.config.listen.host, port=self.config.listen.https, tls=context, gate=gate, proxy=proxy,
+            clients=clients, idle_timeout=self.config.web.idle_timeout,
+        )  # fmt: skip
+        self.ports["https"] = self._web.port
+
     async def _start_lmtp(self, *, token: str, gate: door.ConnectionGate) -> None:
         """The internal LMTP listener: mail for the mailboxes homed here, from the peer nodes."""
         handler = lmtp.LMTPHandler(
-            token=token, config=self.config, directory=lambda: self.watcher.current, store=self.store,
+            token=token, config=self.config, directory=self._directory, store=self.store,
             authenticator=self.authenticator, metrics=self.metrics, cluster=self.cluster,
         )  # fmt: skip
         listen = self.config.listen
@@ -322,7 +368,7 @@ class Node:
         (no TLS: the client's ended at the peer; no PROXY protocol: peers connect directly)."""
         listen = self.config.listen
         server, sessions = await imap.start_listener(
-            config=self.config, directory=lambda: self.watcher.current, store=self.store,
+            config=self.config, directory=self._directory, store=self.store,
             authenticator=self.authenticator, metrics=self.metrics, host=listen.host, port=listen.imap_proxy,
             tls=None, implicit_tls=False, analyses=self._analyses, gate=gate, cluster=self.imap_proxy, internal=True,
         )  # fmt: skip
@@ -336,11 +382,12 @@ class Node:
         limits = self.config.listen.limits
         wanted = {name: limits.smtp for name in ("smtp", "submission", "submissions")}
         wanted.update({name: limits.imap for name in ("imap", "imaps")})
+        wanted["https"] = limits.https
         if self.cluster.clustered:
             wanted["lmtp"] = limits.smtp
             wanted["imap_proxy"] = limits.imap
         if not tls:  # these listeners do not start without a certificate
-            for name in ("submission", "submissions", "imaps"):
+            for name in ("submission", "submissions", "imaps", "https"):
                 del wanted[name]
         fd_limit = door.raise_fd_limit()
         totals = door.fit_totals({name: limit.total for name, limit in wanted.items()}, fd_limit=fd_limit)
@@ -355,6 +402,28 @@ class Node:
             )
             for name, limit in wanted.items()
         }
+
+    def _close_sessions(self, address: str) -> list[asyncio.Task[Any]]:
+        """A mailbox frozen for a move: its IMAP sessions here end with BYE [UNAVAILABLE]; their tasks."""
+        tasks = []
+        for sessions in self._imap_sessions:
+            for session in list(sessions):
+                if session.user is not None and session.user.address == address:
+                    session.shut_down()
+                    if session.task is not None:
+                        tasks.append(session.task)
+        return tasks
+
+    async def _nudge_handoffs(self) -> None:
+        """A mailbox thawed or homed elsewhere: what waits in the queue for a home node goes now."""
+        if not self.spool.is_open:
+            return
+        for message in await self.spool.list():
+            if any(handoff.ordinal_of(r.route) is not None for r in message.pending):
+                with contextlib.suppress(KeyError):
+                    await self.spool.retry_now(message.id)
+        if self._deliverer_task is not None:
+            self.deliverer.wake()
 
     async def _poll(self, check: Callable[[], object], interval: float) -> None:
         """Run a file watcher's `check` (the directory, the certificate) every `interval` seconds, on
@@ -394,7 +463,11 @@ class Node:
                     imap_tasks.append(session.task)
         if imap_tasks:
             await asyncio.wait(imap_tasks, timeout=grace)
+        if self._web is not None:  # before the store: a DAV request may be writing
+            await self._web.close()
         await self.backups.close()
+        if self.moves is not None:
+            await self.moves.stop()
         await self.store.close()
         if self.spool.is_open:
             await self.spool.close()

@@ -14,6 +14,13 @@ parse the answers with these models, and tests/operator/fakenode.py answers with
     DELETE /backups/{name}      DeletedArchive
     GET    /backup              a tar stream; its headers are the *_HEADER names
     POST   /restore             RestoreRequest -> Restored
+    mailbox moves (clustering; docs/architecture.md "Moving a mailbox"), each with the internal token:
+    POST   /moves/{address}              MoveCopy -> MoveCopied     (the target pulls from the source)
+    GET    /mailboxes/{address}/export   a tar stream of the mailbox (the source; node to node)
+    POST   /mailboxes/{address}/freeze   Freeze -> Frozen           (the source)
+    DELETE /mailboxes/{address}/freeze   Thawed                     (the source)
+    PUT    /mailboxes/{address}/home     HomeOverride -> HomeSet    (every node)
+    DELETE /mailboxes/{address}          Dropped  (a copy not homed here; 409 when the node is its home)
     any refusal (4xx, 5xx)      Error
 
 Answers ignore keys they do not know, so a node may add a field before every reader knows it. The archive
@@ -259,3 +266,76 @@ class Restored(Message):
     mailbox: str
     restored: int  # messages written
     skipped: int  # messages the mailbox held already
+
+
+# -- mailbox moves ----------------------------------------------------------------------------------------
+# A move of one mailbox from node `source` to node `target` (ordinals of one MailDomain), driven by the
+# operator step by step; every step can be asked again (after an operator or node restart) and answers
+# the same:
+#   1. POST /moves/{address} on the target, final=False: the target pulls the mailbox from the source
+#      (GET /mailboxes/{address}/export) as it is: folders, UIDVALIDITY, UIDs, UIDNEXT, flags, keywords,
+#      modseqs, internal dates, subscriptions, special-use; what it holds already is not fetched again.
+#      The copy is kept aside, not served, until the target is the mailbox's home.
+#   2. POST /mailboxes/{address}/freeze on the source: new mail for the mailbox waits in the queues (4xx
+#      to hand-offs and to its own delivery, which queues it), its IMAP sessions end with
+#      `BYE [UNAVAILABLE]`, new logins get `NO [UNAVAILABLE]`; the freeze ends by itself at `hold_until`.
+#   3. POST /moves/{address} on the target, final=True: the catch-up under the freeze (the index as it
+#      is now, and the messages the first copy did not have); the copy is then complete.
+#   4. PUT /mailboxes/{address}/home on every node, after the operator wrote the directory with the new
+#      home: each node takes the new home at once (kept on its volume until its directory file says
+#      the same), without waiting for the directory file to reach it.
+#   5. DELETE /mailboxes/{address}/freeze on the source: what waited is handed to the new home.
+#   6. DELETE /mailboxes/{address} on the source once every node answered step 4: the old copy goes.
+# A move given up before step 4 thaws the source and deletes the target's copy (DELETE on the target).
+
+
+class MoveCopy(Message):
+    """POST /moves/{address} on the target: copy the mailbox from node `source`."""
+
+    source: int = pydantic.Field(ge=0)
+    final: bool = False  # the catch-up under the source's freeze: afterwards the copy is complete
+
+
+class MoveCopied(Message):
+    mailbox: str
+    messages: int  # what the target's copy holds now
+    bytes: int
+    fetched_messages: int  # what this request fetched from the source
+    fetched_bytes: int
+    seconds: float
+
+
+class Freeze(Message):
+    """POST /mailboxes/{address}/freeze on the source: hold the mailbox still for `hold_seconds`."""
+
+    hold_seconds: float = pydantic.Field(60.0, gt=0, le=600)
+
+
+class Frozen(Message):
+    mailbox: str
+    hold_until: Timestamp
+    sessions_closed: int  # IMAP sessions ended with BYE [UNAVAILABLE]
+
+
+class Thawed(Message):
+    mailbox: str
+    frozen_seconds: float
+
+
+class HomeOverride(Message):
+    """PUT /mailboxes/{address}/home: the mailbox's home is now node `home`."""
+
+    home: int = pydantic.Field(ge=0)
+
+
+class HomeSet(Message):
+    mailbox: str
+    home: int
+
+
+class Dropped(Message):
+    """DELETE /mailboxes/{address}: the copy this node kept of a mailbox homed elsewhere is gone."""
+
+    mailbox: str
+    messages: int
+    bytes: int

@@ -28,6 +28,7 @@ class ConnectionLimits(FileModel):
 
     smtp: ConnectionLimit = ConnectionLimit()
     imap: ConnectionLimit = ConnectionLimit(per_client=50)
+    https: ConnectionLimit = ConnectionLimit(total=500)
 
 
 class ProxyProtocolConfig(FileModel):
@@ -62,6 +63,8 @@ class ListenConfig(FileModel):
     imap_proxy: int = pydantic.Field(1431, ge=0, le=65535)  # IMAP sessions proxied by the peers
     limits: ConnectionLimits = ConnectionLimits()
     proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
+    # CalDAV/CardDAV, autoconfiguration and the MTA-STS policy (mailnode.web); needs `tls`.
+    https: int = pydantic.Field(8443, ge=0, le=65535)
 
 
 class TLSConfig(FileModel):
@@ -124,6 +127,8 @@ class SMTPConfig(FileModel):
     transports: dict[Domain, str] = {}
     queue_lifetime: float = pydantic.Field(5 * 86400.0, gt=0, description="seconds before a bounce")
     delivery_interval: float = pydantic.Field(5.0, gt=0, description="seconds between queue runs")
+    # RFC 8461: honour the MTA-STS policies of the domains mail goes to (not for a relay host or transport)
+    mta_sts: bool = True
 
     @pydantic.field_validator("transports")
     @classmethod
@@ -178,6 +183,7 @@ class PeerConfig(FileModel):
     lmtp: int = pydantic.Field(2424, ge=1, le=65535)
     imap_proxy: int = pydantic.Field(1431, ge=1, le=65535)
     http: int = pydantic.Field(8080, ge=1, le=65535)
+    https: int = pydantic.Field(8443, ge=1, le=65535)  # DAV requests of mailboxes homed there (mailnode.web.dav)
 
 
 class ClusterConfig(FileModel):
@@ -191,6 +197,34 @@ class ClusterConfig(FileModel):
     peers: list[PeerConfig] = []
 
 
+# RFC 8461 §5: what a sending server does when TLS to an MX of the policy fails.
+MTASTSMode = Literal["enforce", "testing", "none"]
+
+
+class ClientPorts(FileModel):
+    """The host and ports clients reach (autoconfiguration names them): the client Service's in a pod,
+    the node's own under `mailfleet local up`. `host` unset: the node's `hostname`."""
+
+    host: str | None = None
+    imap: int = pydantic.Field(143, ge=1, le=65535)
+    imaps: int = pydantic.Field(993, ge=1, le=65535)
+    submission: int = pydantic.Field(587, ge=1, le=65535)
+    submissions: int = pydantic.Field(465, ge=1, le=65535)
+    https: int = pydantic.Field(443, ge=1, le=65535)
+
+
+class WebConfig(FileModel):
+    """The HTTPS listener (`listen.https`, mailnode.web): it faces the Internet, so it is bounded as the
+    mail listeners are (`listen.limits.https`) and its requests are too."""
+
+    dav: bool = True  # CalDAV and CardDAV (Radicale) under /dav/
+    max_request: ByteSize = pydantic.Field(16 * 1024 * 1024, ge=1024)  # the largest body (a vCard with a photo)
+    # Seconds a connection may send nothing while a request is being read (slow clients hold a slot)
+    idle_timeout: float = pydantic.Field(60.0, gt=0)
+    mta_sts_max_age: int = pydantic.Field(604800, ge=86400, le=31557600)  # RFC 8461 §3.2: up to a year
+    client: ClientPorts = ClientPorts()
+
+
 class DKIMConfig(FileModel):
     selector: str = pydantic.Field("mail", pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?$")
     key_file: Path  # RSA private key, PEM (`mailnode dkim-keygen`)
@@ -200,6 +234,8 @@ class DomainConfig(FileModel):
     domain: Domain
     alias_domains: list[Domain] = []
     dkim: DKIMConfig | None = None
+    # RFC 8461: the mode of the policy served at https://mta-sts.<domain>/.well-known/mta-sts.txt
+    mta_sts: MTASTSMode = "testing"
 
 
 class NodeConfig(FileModel):
@@ -218,6 +254,7 @@ class NodeConfig(FileModel):
     cluster: ClusterConfig = ClusterConfig()
     tls: TLSConfig | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    web: WebConfig = WebConfig()
 
     @pydantic.model_validator(mode="after")
     def _domains_unique(self) -> NodeConfig:

@@ -1,4 +1,4 @@
-# Sourced by scripts/build-control-plane, scripts/build-node and scripts/build-csi (which define log): `heartbeat` reads
+# Sourced by scripts/build-cluster (which defines log): `heartbeat` reads
 # `go build -v` output on stdin and turns minutes of compiling into progress lines on stderr.
 # shellcheck shell=bash
 

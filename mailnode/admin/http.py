@@ -23,6 +23,17 @@ its own pod; the last two read or write mail wholesale and are for loopback clie
     GET    /backup             a fresh archive, streamed (loopback)
     POST   /restore            one mailbox from an archive in the pod into a mailbox of the node (loopback)
 
+Mailbox moves (mailwire.admin "mailbox moves"; mailnode.move does the work), each with the internal token
+from any client (the operator and the peer nodes call them):
+
+    POST   /moves/{address}              pull the mailbox from node `source` (the target)
+    GET    /mailboxes/{address}/export   the mailbox as a tar; the body lists the files the caller holds
+                                         (final=1: only under the freeze, whose id is the ETag; 304
+                                         to If-None-Match of the freeze still on)
+    POST   /mailboxes/{address}/freeze   hold it still (the source); DELETE: thaw
+    PUT    /mailboxes/{address}/home     its home from now on (every node)
+    DELETE /mailboxes/{address}          drop this node's copy of a mailbox homed elsewhere (409 if here)
+
 Who may do what (`Guard`): the port listens on the pod network, so every request that changes state
 (or streams all of the mail: GET /backup) needs the domain's internal token, `Authorization: Bearer
 <token>` (RFC 6750 §2.1), which the operator sends and `mailnode` reads from the node config; the ones
@@ -51,6 +62,7 @@ import prometheus_client
 import pydantic
 from aiohttp import hdrs, web
 
+from mailnode import move
 from mailnode.backup import checkpoint as checkpoints
 from mailnode.backup import jobs, restore
 from mailnode.metrics import NodeMetrics
@@ -208,6 +220,7 @@ def build_app(
     usage: Callable[[], admin.Usage] | None = None,
     backups: BackupOps | None = None,
     internal_token: str | None = None,
+    moves: move.Moves | None = None,
 ) -> web.Application:
     """The admin app; `internal_token`: see `Guard`."""
     guard = Guard(internal_token, metrics)
@@ -241,6 +254,8 @@ def build_app(
         _add_queue_routes(app, queue, guard)
     if backups is not None:
         _add_backup_routes(app, backups, guard)
+    if moves is not None:
+        _add_move_routes(app, moves, guard)
     return app
 
 
@@ -403,6 +418,82 @@ def _add_backup_routes(app: web.Application, ops: BackupOps, guard: Guard) -> No
     app.router.add_delete("/backups/{name}", guard(backups_delete))
     restore_here = "a restore can be started only from the node itself (loopback)"
     app.router.add_post("/restore", guard(restore_post, loopback_only=restore_here))
+
+
+def _add_move_routes(app: web.Application, moves: move.Moves, guard: Guard) -> None:
+    async def answer(request: web.Request, work: Callable[[str], Awaitable[admin.Message]]) -> web.Response:
+        try:
+            return _answer(await work(request.match_info["address"]))
+        except pydantic.ValidationError as error:
+            return _error(400, admin.problem(error))
+        except ValueError as error:
+            return _error(400, str(error))
+        except move.Refused as error:
+            return _error(error.status, str(error))
+
+    async def copy_post(request: web.Request) -> web.Response:
+        async def work(address: str) -> admin.Message:
+            body = admin.MoveCopy.model_validate(await _json_object(request))
+            return await moves.copy(address, source=body.source, final=body.final)
+
+        return await answer(request, work)
+
+    async def freeze_post(request: web.Request) -> web.Response:
+        async def work(address: str) -> admin.Message:
+            body = admin.Freeze.model_validate(await _json_object(request) if request.can_read_body else {})
+            return await moves.freeze(address, hold_seconds=body.hold_seconds)
+
+        return await answer(request, work)
+
+    async def freeze_delete(request: web.Request) -> web.Response:
+        return await answer(request, moves.thaw)
+
+    async def home_put(request: web.Request) -> web.Response:
+        async def work(address: str) -> admin.Message:
+            body = admin.HomeOverride.model_validate(await _json_object(request))
+            return await moves.set_home(address, body.home)
+
+        return await answer(request, work)
+
+    async def mailbox_delete(request: web.Request) -> web.Response:
+        return await answer(request, moves.drop)
+
+    async def export_get(request: web.Request) -> web.StreamResponse:
+        # The body: the message files the caller holds already, one path a line (not sent again).
+        have = {line for line in (await request.read()).decode("utf-8", "replace").split("\n") if line}
+        final = request.query.get("final") == "1"
+        # RFC 9110 §13.1.2: the freeze (ETag of a final export) the caller's copy was made under.
+        unless = request.headers.get(hdrs.IF_NONE_MATCH, "").strip().strip('"') or None
+        response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+        try:
+            async with moves.export(
+                request.match_info["address"], have=have, final=final, unless_freeze=unless
+            ) as export:
+                if export.freeze is not None:
+                    response.headers[hdrs.ETAG] = f'"{export.freeze}"'
+                await response.prepare(request)
+                try:
+                    await export.stream(response.write)
+                except Exception as error:
+                    # The status line is sent: end the connection without the end of the archive, so the
+                    # caller sees a cut stream (its copy is refused) rather than a short one.
+                    log.warning("move export failed", extra={"fields": {"error": str(error)}})
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
+                await response.write_eof()
+                return response
+        except move.Refused as error:
+            return _error(error.status, str(error))
+        except move.Unchanged:
+            return web.Response(status=304)
+
+    app.router.add_post("/moves/{address}", guard(copy_post))
+    app.router.add_get("/mailboxes/{address}/export", guard(export_get))
+    app.router.add_post("/mailboxes/{address}/freeze", guard(freeze_post))
+    app.router.add_delete("/mailboxes/{address}/freeze", guard(freeze_delete))
+    app.router.add_put("/mailboxes/{address}/home", guard(home_put))
+    app.router.add_delete("/mailboxes/{address}", guard(mailbox_delete))
 
 
 async def start(app: web.Application, *, host: str, port: int) -> tuple[web.AppRunner, int]:

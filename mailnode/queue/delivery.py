@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 import aiosmtplib
 
 from mailnode.metrics import NodeMetrics
-from mailnode.queue import dsn, handoff, routing
+from mailnode.queue import dsn, handoff, mtasts, routing
 from mailnode.queue.spool import QueuedMessage, Spool, expired
 from mailwire import config as wire_config
 
@@ -110,12 +110,16 @@ class Deliverer:
         transports: Mapping[str, tuple[str, int]] | None = None,
         handoffs: handoff.Handoff | None = None,
         handoff_lifetime: float = HANDOFF_LIFETIME,
+        mta_sts: mtasts.Policies | None = None,
+        sts_tls: ssl.SSLContext | None = None,
     ) -> None:
         """`port` is the port of every MX destination (a relay host has its own). `tls` is the MX STARTTLS
         client context; by default MX delivery is opportunistic (TLS when offered, certificate not verified,
         as Postfix's smtp_tls_security_level=may). A relay host is secured as its `tls` says
         (`relay_tls_context`); raises ValueError when its CA file cannot be loaded. `handoffs` delivers the
-        recipients routed to a home node (a clustered node's; None: a node alone)."""
+        recipients routed to a home node (a clustered node's; None: a node alone). `mta_sts` looks up the
+        MTA-STS policies of the domains routed by MX (None: not honoured); an enforced policy's MX hosts
+        are verified with `sts_tls` (default: the system CAs)."""
         self._spool = spool
         self._hostname = hostname
         self._resolver = resolver
@@ -143,6 +147,8 @@ class Deliverer:
         # The failures of this process's attempts, with the remote host: a bounce made after a restart
         # rebuilds them from the spool's last_error, without the host.
         self._failures: dict[str, dict[str, dsn.Failure]] = {}
+        self._mta_sts = mta_sts
+        self._sts_tls = sts_tls or ssl.create_default_context()
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -252,10 +258,36 @@ class Deliverer:
                 for address in job.addresses:
                     await self._record(job.message, address, outcome, destination="")
             return
+        own_port = self._relay_host is not None or domain in self._transports
+        if not own_port and self._mta_sts is not None and not domain.startswith("["):
+            try:
+                destinations = await self._apply_mta_sts(domain, destinations)
+            except _ConnectFailed as error:
+                outcome = _Outcome("deferred", error.status, error.reply)
+                for job in jobs:
+                    for address in job.addresses:
+                        await self._record(job.message, address, outcome, destination="")
+                return
         queue = collections.deque(jobs)
         workers = min(self._max_per_domain, math.ceil(len(jobs) / MESSAGES_PER_CONNECTION))
-        own_port = self._relay_host is not None or domain in self._transports
         await asyncio.gather(*(self._worker(destinations, queue, own_port) for _ in range(workers)))
+
+    async def _apply_mta_sts(self, domain: str, destinations: list[routing.Destination]) -> list[routing.Destination]:
+        """RFC 8461 §5: under an enforce policy, only the MX hosts the policy names, each over STARTTLS
+        with a verified certificate; none left is a temporary failure (the mail waits, it is never sent
+        in clear). testing and none change nothing here (TLS reporting is not built)."""
+        assert self._mta_sts is not None
+        policy = await self._mta_sts.get(domain)
+        if policy is None or policy.mode != "enforce":
+            return destinations
+        allowed = [dataclasses.replace(d, tls="mta-sts") for d in destinations if mtasts.mx_matches(policy, d.host)]
+        if not allowed:
+            hosts = ", ".join(d.host for d in destinations)
+            # RFC 3463 X.7.0: a security failure; 4xx: the policy or the MX may be fixed meanwhile
+            raise _ConnectFailed(
+                f"4.7.0 MTA-STS policy of {domain} (enforce) names none of its MX hosts ({hosts})", status="4.7.0"
+            )
+        return allowed
 
     async def _worker(
         self, destinations: list[routing.Destination], queue: collections.deque[_Job], own_port: bool
@@ -334,10 +366,16 @@ class Deliverer:
         if policy in ("implicit", "none"):
             pass  # TLS since the first byte, or plaintext as configured (and allowed)
         elif client.supports_extension("starttls"):
-            context = self._mx_tls if policy == "opportunistic" else self._relay_tls
+            contexts = {"opportunistic": self._mx_tls, "mta-sts": self._sts_tls}
+            context = contexts.get(policy, self._relay_tls)
             # RFC 3207 §4.2: the server's extensions are forgotten after STARTTLS and asked again
             await client.starttls(server_hostname=destination.host, tls_context=context)
             await _hello(client)
+        elif policy == "mta-sts":
+            # RFC 8461 §4.2: the policy requires TLS to this MX; RFC 3463 X.7.4: security features not supported
+            raise _ConnectFailed(
+                f"4.7.4 {where} does not offer STARTTLS, which its domain's MTA-STS policy requires", status="4.7.4"
+            )
         elif policy != "opportunistic":
             # never a silent downgrade: RFC 3207 §4 leaves it to the client to insist, and the relay's
             # credentials must not go in clear. RFC 3463 X.7.4: security features not supported.

@@ -22,8 +22,10 @@ import dns.resolver
 from mailwire import config as wire_config
 
 # How a destination's connection is secured: "opportunistic" for MX delivery (STARTTLS when offered,
-# certificate not checked, RFC 7435), a relay host's smtp.relay_host.tls otherwise.
-TLSPolicy = Literal["opportunistic"] | wire_config.RelayTLS
+# certificate not checked, RFC 7435); "mta-sts" for the MX hosts of a domain whose MTA-STS policy is
+# enforce (STARTTLS required, certificate verified for the MX host name: RFC 8461 §4.2); a relay host's
+# smtp.relay_host.tls otherwise.
+TLSPolicy = Literal["opportunistic", "mta-sts"] | wire_config.RelayTLS
 
 
 class ResolverError(Exception):

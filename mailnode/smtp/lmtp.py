@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 # The accepting node bounces it instead, as Dovecot's LMTP does by default (quota_full_tempfail = no).
 MAILBOX_FULL = replies.Reply(552, "5.2.2", "Mailbox full: {address} is over its quota")
 NOT_LMTP = replies.Reply(500, "5.5.1", "This is an LMTP port (RFC 2033): say LHLO")
+# A mailbox frozen for a move (mailnode.move): the peer's queue retries, and finds the new home then.
+# RFC 3463 X.2.1: mailbox disabled, not accepting messages (here: for the moment).
+MAILBOX_MOVING = replies.Reply(451, "4.2.1", "{address} is being moved; try again shortly")
 # The headers of the accepting node come on top of what its client sent, which max_message_size bounds.
 HEADER_ALLOWANCE = 64 * 1024
 
@@ -122,6 +125,8 @@ class LMTPHandler(SMTPHandler):
         for address, mailbox in envelope.accepted:
             if mailbox.address not in answers:
                 refused = self._admit(envelope, address, mailbox, size)  # quota, now with the real size
+                if not refused and self._store.is_frozen(mailbox.address):
+                    refused = self._refuse(envelope, address, MAILBOX_MOVING, "mailbox_moving")
                 answers[mailbox.address] = refused or ""
         deliveries = [
             Delivery(address=a, data=data, handoff=hand_off_id) for a, answer in answers.items() if not answer

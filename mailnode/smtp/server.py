@@ -712,6 +712,12 @@ class SMTPHandler:
             self.end_transaction(session, envelope, first.text, size)
             return first.text
         try:
+            # A mailbox frozen for a move (mailnode.move) takes no mail now (checked with no await before
+            # the store): queued as a hand-off to its home, which the queue gives to the new home once
+            # the move is done; 250 still means fsynced.
+            for delivery in [d for d in deliveries if self._handoffs is not None and self._store.is_frozen(d.address)]:
+                waiting.setdefault(targets[delivery.address].home, []).append(delivery.address)
+                deliveries.remove(delivery)
             if deliveries:
                 await self._store.deliver(deliveries)
             if remote and self._spool is not None:

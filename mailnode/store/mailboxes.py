@@ -185,6 +185,14 @@ class Mailboxes:
             return None
         return self.open(address)
 
+    def forget(self, address: str) -> None:
+        """Close the mailbox and forget it (its directory is about to be replaced or removed: a move)."""
+        with self._lock:
+            mailbox = self._open.pop(address, None)
+        if mailbox is not None:
+            with mailbox.lock, mailbox.read_lock:
+                mailbox.close()
+
     def all(self) -> list[Mailbox]:
         with self._lock:
             return list(self._open.values())

@@ -19,6 +19,11 @@ reaches the peer stores the peer's retry no second time.
 Every write passes the node's WriteFence (mailnode.store.fence), so a checkpoint can hold them: a
 batch waits at the fence before it is taken, never while a lock is held.
 
+A mailbox being moved to another node (mailnode.move) is `frozen` here for the final copy: `deliver`
+refuses it (Frozen; SMTP queues such mail, LMTP answers 4xx), `settled` waits out the deliveries already
+taken, `take` puts a received copy in place of the mailbox and `drop` removes the copy left behind
+(mailnode.store.transfer has the files' side).
+
 What backups need (WAL checkpoints, pins, staged copies) is `staging` (mailnode.store.staging); the open
 mailboxes are `mailboxes` (mailnode.store.mailboxes), which Account and Staging are given too.
 """
@@ -33,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mailnode.gateway import Gateway
-from mailnode.store import changes, durable, index, maildir
+from mailnode.store import changes, durable, index, maildir, transfer
 from mailnode.store.account import Account
 from mailnode.store.fence import WriteFence
 from mailnode.store.mailboxes import Delivery as Delivery  # the protocol servers' name for it
@@ -41,6 +46,11 @@ from mailnode.store.mailboxes import Mailbox, Mailboxes, MailboxUsage, Stored
 from mailnode.store.staging import Staging
 
 log = logging.getLogger(__name__)
+
+
+class Frozen(Exception):
+    """A delivery to a mailbox frozen for a move: nothing was stored; try again once it is thawed (or at
+    its new home)."""
 
 
 class MailStore:
@@ -55,6 +65,9 @@ class MailStore:
         self._writer: asyncio.Task[None] | None = None
         self.switchboard = changes.Switchboard()
         self.is_open = False
+        self.frozen: set[str] = set()  # mailboxes being moved (mailnode.move): deliveries refused
+        # Deliveries taken and not yet committed (or failed), with their mailboxes: what a freeze waits out.
+        self._in_flight: dict[asyncio.Future[list[Stored]], frozenset[str]] = {}
 
     # -- life cycle ---------------------------------------------------------------------------------
 
@@ -135,8 +148,12 @@ class MailStore:
 
     async def deliver(self, deliveries: Sequence[Delivery]) -> list[Stored]:
         """Store every delivery durably, or raise. Concurrent calls share fsyncs and commits."""
+        if self.frozen and (held := self.frozen.intersection(d.address for d in deliveries)):
+            raise Frozen(f"{', '.join(sorted(held))}: being moved to another node; try again shortly")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Stored]] = loop.create_future()
+        self._in_flight[future] = frozenset(d.address for d in deliveries)
+        future.add_done_callback(self._in_flight.pop)
         self._pending.append((deliveries, future))
         if self._writer is None:
             self._writer = loop.create_task(self._write_pending())
@@ -232,3 +249,54 @@ class MailStore:
             if not isinstance(outcome[call_no], BaseException):
                 outcome[call_no] = [results[(call_no, pos)] for pos in range(len(files))]
         return outcome
+
+    # -- moves (mailnode.move) --------------------------------------------------------------------------
+
+    def is_frozen(self, address: str) -> bool:
+        return address in self.frozen
+
+    async def settled(self, address: str) -> None:
+        """Returns once the deliveries to `address` taken before its freeze are committed (or failed)."""
+        taken = [future for future, addresses in self._in_flight.items() if address in addresses]
+        if taken:
+            await asyncio.wait(taken)
+
+    async def snapshot(self, address: str, dest: Path) -> tuple[Path, list[tuple[str, int]]]:
+        """The mailbox's index copied to `dest` as committed now (made if the mailbox is new): the
+        mailbox's directory and (path, size) of each message file the copy lists."""
+
+        def copy() -> tuple[Path, list[tuple[str, int]]]:
+            mailbox = self.mailboxes.open(address)
+            with mailbox.lock:
+                return mailbox.path, transfer.snapshot(mailbox.path, mailbox.index, dest)
+
+        return await self._gateway.run(copy)
+
+    async def take(self, address: str, copy: Path) -> None:
+        """Put the received copy `copy` (mailnode.store.transfer) in place of the mailbox: it is what is
+        served from now on."""
+        async with self.staging.unpinned_writing():
+            usage = await self._gateway.run(self._take_sync, address, copy)
+        self._usage[address] = usage
+
+    def _take_sync(self, address: str, copy: Path) -> MailboxUsage:
+        self.mailboxes.forget(address)
+        destination = maildir.mailbox_dir(self.root, address)
+        transfer.place(self.root, copy, destination)
+        mailbox = self.mailboxes.open(address, destination)
+        total, count = mailbox.index.usage()
+        return MailboxUsage(total, count)
+
+    def holds(self, address: str) -> bool:
+        """Blocking: whether the mailbox has a directory on this node."""
+        return maildir.mailbox_dir(self.root, address).exists()
+
+    async def drop(self, address: str) -> MailboxUsage:
+        """Remove the mailbox's directory (a copy left behind by a move): what it held."""
+        async with self.staging.unpinned_writing():
+            await self._gateway.run(self._drop_sync, address)
+        return self._usage.pop(address, None) or MailboxUsage()
+
+    def _drop_sync(self, address: str) -> None:
+        self.mailboxes.forget(address)
+        transfer.remove(self.root, maildir.mailbox_dir(self.root, address))

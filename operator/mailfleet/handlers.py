@@ -26,7 +26,7 @@ from typing import Any, Final
 import aiohttp.web
 import kopf
 
-from mailfleet import k8s, kube_types, specs
+from mailfleet import api, k8s, kube_types, specs
 from mailfleet.k8s.events import Recorder
 from mailfleet.metrics import OperatorMetrics
 from mailfleet.options import OperatorOptions, own_namespace
@@ -58,7 +58,7 @@ def _snapshot(body: kopf.Body) -> dict[str, Any]:
     status's conditions: ten thousand Mailboxes say "Ready", "True", "Served" and the same message) are
     held once, not once an object as the watch's JSON decoder made them."""
     meta = body.metadata
-    return {
+    snapshot = {
         "apiVersion": _shared(body.get("apiVersion")),
         "kind": _shared(body.get("kind")),
         "metadata": {  # scalars; the name, uid and resourceVersion are each object's own
@@ -68,6 +68,9 @@ def _snapshot(body: kopf.Body) -> dict[str, Any]:
         "spec": _keys_shared(body.spec),
         "status": _shared_status(body.status),
     }
+    if (move_to := meta.annotations.get(api.MOVE_TO_ANNOTATION)) is not None:  # a forced move (reconcile/moves.py)
+        snapshot["metadata"]["annotations"] = {api.MOVE_TO_ANNOTATION: move_to}
+    return snapshot
 
 
 class _Status(dict[str, Any]):
@@ -311,6 +314,7 @@ class Operator:
             hasher=PasswordHasher(on_hash=metrics.passwords_hashed.inc),
             metrics=metrics,
             operator_namespace=operator_namespace,
+            node_url=options.node_url,
         )
 
         async def work(key: DomainKey) -> None:

@@ -67,6 +67,7 @@ class Secret(Object, total=False):
 
 
 class StatefulSetStatus(TypedDict, total=False):
+    observedGeneration: int
     replicas: int
     readyReplicas: int
     updatedReplicas: int
@@ -157,12 +158,19 @@ class MailboxSpec(TypedDict, total=False):
     address: str
 
 
+MailboxMove = TypedDict(  # "from" is a Python keyword
+    "MailboxMove", {"from": int, "to": int, "step": str, "since": str, "stepSince": str, "message": str}, total=False
+)
+
+
 class MailboxStatus(TypedDict, total=False):
     conditions: list[Condition]
     observedGeneration: int
     usedBytes: int
     messages: int
     node: str | None  # None in a merge patch removes it
+    phase: str | None  # "Moving" while status.move is set
+    move: MailboxMove | None
 
 
 class Mailbox(Object, total=False):

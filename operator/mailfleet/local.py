@@ -39,7 +39,7 @@ DEFAULT_BASE_PORT: Final = 20000
 DEFAULT_STATE_DIR: Final = Path(".mailfleet-local")
 # DESIGN.md, `mailfleet local up`: node i listens on base + 10*i + these offsets.
 PORT_STRIDE: Final = 10
-PORT_OFFSETS: Final = {"smtp": 0, "submission": 1, "submissions": 2, "imap": 3, "imaps": 4, "http": 5}
+PORT_OFFSETS: Final = {"smtp": 0, "submission": 1, "submissions": 2, "imap": 3, "imaps": 4, "http": 5, "https": 8}
 # Those of a node of several (replicas > 1): the peers hand mail and IMAP sessions over on these.
 INTERNAL_PORT_OFFSETS: Final = {"lmtp": 6, "imap_proxy": 7}
 PORT_USES: Final = {
@@ -49,10 +49,12 @@ PORT_USES: Final = {
     "imap": "IMAP (STARTTLS)",
     "imaps": "IMAP (implicit TLS)",
     "http": "/healthz /readyz /metrics /status",
+    "https": "CalDAV/CardDAV (/dav/), autoconfig, Autodiscover, MTA-STS policy",
     "lmtp": "internal: mail handed over by the peers (LMTP)",
     "imap_proxy": "internal: IMAP sessions proxied by the peers",
 }
 HOST: Final = "127.0.0.1"
+CLIENT_PORTS: Final = ("imap", "imaps", "submission", "submissions", "https")
 
 READY_TIMEOUT: Final = 60.0  # seconds; a node recovers its store before it is ready
 STOP_TIMEOUT: Final = 30.0  # seconds, as the pods' terminationGracePeriodSeconds
@@ -113,7 +115,7 @@ def prepare(paths: list[Path], *, base_port: int, state_dir: Path) -> list[Node]
     loaded = files.load(paths)
     _check_names(loaded)
     nodes = sum(domain.spec.replicas for _, domain in loaded.domains)
-    last_port = base_port + PORT_STRIDE * (nodes - 1) + max(INTERNAL_PORT_OFFSETS.values())
+    last_port = base_port + PORT_STRIDE * (nodes - 1) + max({**PORT_OFFSETS, **INTERNAL_PORT_OFFSETS}.values())
     if base_port < 1 or last_port > 65535:
         raise LocalError(f"--base-port {base_port}: the last node would listen on {last_port}, above 65535")
     resolved = files.resolve(loaded, paths)
@@ -121,7 +123,12 @@ def prepare(paths: list[Path], *, base_port: int, state_dir: Path) -> list[Node]
     directories = [_directory(r, state_dir=state_dir) for r in resolved]
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        self_signed = [common.mail_host(r.domain) for r, tls in zip(resolved, given_tls, strict=True) if tls is None]
+        self_signed = [
+            name
+            for r, tls in zip(resolved, given_tls, strict=True)
+            if tls is None
+            for name in common.tls_names(r.domain)
+        ]
         cert_file = _self_signed_certificate(state_dir / "tls", self_signed) if self_signed else None
         written: list[Node] = []
         for r, tls, directory in zip(resolved, given_tls, directories, strict=True):
@@ -223,7 +230,10 @@ def _write_domain(
     all_ports = [ports(base_port, index, internal=clustered) for index in indexes]
     if clustered:
         # DESIGN.md "Clustering": every node by ordinal, this one included, as the operator lists the pods
-        peers = [{"host": HOST, "lmtp": p["lmtp"], "imap_proxy": p["imap_proxy"], "http": p["http"]} for p in all_ports]
+        peers = [
+            {"host": HOST, "lmtp": p["lmtp"], "imap_proxy": p["imap_proxy"], "http": p["http"], "https": p["https"]}
+            for p in all_ports
+        ]
         config["cluster"] = {"peers": peers}
     nodes: list[Node] = []
     dns_records = files.dns_lines(domain, dkim_record=dkim_record)
@@ -234,6 +244,12 @@ def _write_domain(
             **config,
             "data_dir": str(own.absolute() / "data"),
             "listen": {"host": HOST, **node_ports},
+            # the HTTPS listener always runs here (a certificate is always given); autoconfiguration names
+            # the ports this node listens on, not the Service's
+            "web": {
+                "dav": domain.spec.dav.enabled,
+                "client": {"host": HOST, **{name: node_ports[name] for name in CLIENT_PORTS}},
+            },
         }
         if clustered:
             node_config["cluster"] = {"ordinal": ordinal, **config["cluster"]}

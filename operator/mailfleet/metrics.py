@@ -1,6 +1,7 @@
 """The operator's Prometheus metrics (mailfleet_operator_*), on their own registry; `mailfleet operator
 --metrics-port` serves them. Label values are bounded: kinds, results and object kinds, never names, except
-the backup gauges, one series per MailDomain (namespace, maildomain) as long as it exists."""
+the backup gauges and the moving mailboxes, one series per MailDomain (namespace, maildomain) as long as it
+exists."""
 
 from __future__ import annotations
 
@@ -78,6 +79,27 @@ class OperatorMetrics:
         self.backups_deleted = prom.Counter(
             "mailfleet_operator_backups_deleted",
             "Scheduled MailBackups the operator deleted under their MailDomain's retention.",
+            registry=self.registry,
+        )
+
+        # Mailbox moves (reconcile/moves.py): a replicas change or a forced move.
+        self.moves = prom.Counter(
+            "mailfleet_operator_moves",
+            "Mailbox moves that ended, by result (done; rolled_back: given up before the flip, the mailbox "
+            "stays where it was; failed: a refusal after the flip, the move tries again).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.move_duration = prom.Histogram(
+            "mailfleet_operator_move_duration_seconds",
+            "Time from a mailbox move's start to its end (done).",
+            buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+            registry=self.registry,
+        )
+        self.mailboxes_moving = prom.Gauge(
+            "mailfleet_operator_mailboxes_moving",
+            "Mailboxes moving now, by MailDomain (namespace, maildomain).",
+            ["namespace", "maildomain"],
             registry=self.registry,
         )
 

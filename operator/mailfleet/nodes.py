@@ -1,14 +1,15 @@
 """What the operator asks the mail nodes over their HTTP port (8080; the nodes' NetworkPolicy admits the
-operator's pods, labelled app.kubernetes.io/name: mailfleet-operator, from the operator's namespace):
-each mailbox's usage, for the Mailbox status (reconcile/usage.py); the checkpoint and the archives a
-MailBackup takes (reconcile/backup.py) and retention deletes (reconcile/schedule.py; the endpoints are
-docs/backups.md's). Requests and answers are the models of mailwire.admin, the ones the node answers
-with. Every request carries the domain's internal token (`token`: its `<maildomain>-internal` Secret,
-read by the caller), which the node requires of every change."""
+operator's pods, labelled app.kubernetes.io/name: mailfleet-operator, from the operator's namespace): each
+mailbox's usage, for the Mailbox status (reconcile/usage.py); the checkpoint and the archives a MailBackup
+takes (reconcile/backup.py) and retention deletes (reconcile/schedule.py; the endpoints are
+docs/backups.md's); the steps of a mailbox move (moving.py). Requests and answers are the models of
+mailwire.admin, the ones the node answers with. Every request carries the domain's internal token (`token`:
+its `<maildomain>-internal` Secret, read by the caller), which the node requires of every change."""
 
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Final, TypeVar
 
@@ -23,6 +24,10 @@ IN_CLUSTER: Final = "http://{pod}.{service}.{namespace}.svc:8080"
 TIMEOUT: Final = aiohttp.ClientTimeout(total=10)
 # POST /snapshot waits for the writes in flight (at most 30 s on the node) before it answers.
 SNAPSHOT_TIMEOUT: Final = aiohttp.ClientTimeout(total=45)
+# POST .../freeze answers once the mailbox's IMAP sessions ended (a few seconds at most on the node).
+FREEZE_TIMEOUT: Final = aiohttp.ClientTimeout(total=45)
+# POST /moves answers once the target holds the copy: a mailbox of a few GiB streams for minutes.
+COPY_TIMEOUT: Final = aiohttp.ClientTimeout(total=3600, sock_read=600)
 
 
 # What the reconcilers read, by their names here.
@@ -147,3 +152,58 @@ async def archive(session: aiohttp.ClientSession, base: str, name: str, *, token
     if status == 404:
         return None
     return _read(admin.Archive, f"GET {endpoint}", data)
+
+
+def _mailbox(base: str, address: str, *rest: str) -> str:
+    """<base>/mailboxes/<address>[/rest]: the address percent-encoded as one path segment."""
+    return "/".join([base.rstrip("/"), "mailboxes", urllib.parse.quote(address, safe="@"), *rest])
+
+
+async def copy_mailbox(
+    session: aiohttp.ClientSession, base: str, address: str, *, token: str, source: int, final: bool
+) -> admin.MoveCopied:
+    """POST <base>/moves/<address> on a move's target: it pulls the mailbox from node `source` (final: the
+    catch-up under the source's freeze). Repeating it fetches only what the target does not hold."""
+    endpoint = f"{base.rstrip('/')}/moves/{urllib.parse.quote(address, safe='@')}"
+    body = admin.MoveCopy(source=source, final=final)
+    _, data = await _ask(session, "POST", endpoint, token=token, body=body, time_limit=COPY_TIMEOUT)
+    return _read(admin.MoveCopied, f"POST {endpoint}", data)
+
+
+async def freeze(
+    session: aiohttp.ClientSession, base: str, address: str, *, token: str, hold_seconds: float
+) -> admin.Frozen:
+    """POST <base>/mailboxes/<address>/freeze on a move's source: the mailbox holds still until the thaw or
+    `hold_seconds` from now (asking again extends the hold)."""
+    endpoint = _mailbox(base, address, "freeze")
+    body = admin.Freeze(hold_seconds=hold_seconds)
+    _, data = await _ask(session, "POST", endpoint, token=token, body=body, time_limit=FREEZE_TIMEOUT)
+    return _read(admin.Frozen, f"POST {endpoint}", data)
+
+
+async def thaw(session: aiohttp.ClientSession, base: str, address: str, *, token: str) -> admin.Thawed | None:
+    """DELETE <base>/mailboxes/<address>/freeze: the mailbox takes mail again. None when it was not frozen
+    (409: thawed already, its hold ran out, or the node restarted)."""
+    endpoint = _mailbox(base, address, "freeze")
+    status, data = await _ask(session, "DELETE", endpoint, token=token, ok=(200, 409))
+    if status == 409:
+        return None
+    return _read(admin.Thawed, f"DELETE {endpoint}", data)
+
+
+async def set_home(session: aiohttp.ClientSession, base: str, address: str, *, token: str, home: int) -> admin.HomeSet:
+    """PUT <base>/mailboxes/<address>/home: the node takes `home` as the mailbox's home at once (before its
+    directory file says so)."""
+    endpoint = _mailbox(base, address, "home")
+    _, data = await _ask(session, "PUT", endpoint, token=token, body=admin.HomeOverride(home=home))
+    return _read(admin.HomeSet, f"PUT {endpoint}", data)
+
+
+async def drop_mailbox(session: aiohttp.ClientSession, base: str, address: str, *, token: str) -> admin.Dropped | None:
+    """DELETE <base>/mailboxes/<address>: the node deletes its copy of a mailbox homed elsewhere. None when
+    it held none (404: dropped already); NodeError 409 when the node is the mailbox's home."""
+    endpoint = _mailbox(base, address)
+    status, data = await _ask(session, "DELETE", endpoint, token=token, ok=(200, 404))
+    if status == 404:
+        return None
+    return _read(admin.Dropped, f"DELETE {endpoint}", data)

@@ -1,6 +1,6 @@
 """A real single-node cluster for tier 4 (issue 13): the control plane of conftest.py listening on the node's
 bridge address, plus containerd (Debian's, CRI v1, runc), bridge CNI (Debian's containernetworking-plugins),
-kube-scheduler, kubelet and kube-proxy (scripts/build-node), a dnsmasq as the pods' DNS and hostPath
+kube-scheduler, kubelet and kube-proxy (scripts/build-cluster), a dnsmasq as the pods' DNS and hostPath
 PersistentVolumes of a default StorageClass `local`. Images come without a registry: image_archive() writes a
 docker-archive tarball and Node.import_image() puts it into the node's containerd (pods use them with
 imagePullPolicy: Never). Used by the `node` fixture of conftest.py.
@@ -199,10 +199,9 @@ class Node:
     reachable from the host), import_image(), dns_record(); Services and StatefulSet pods get their DNS names
     (ServiceNames)."""
 
-    def __init__(self, root: Path, *, binaries: Path, node_binaries: Path) -> None:
+    def __init__(self, root: Path, *, binaries: Path) -> None:
         self.root = root
         self.binaries = binaries
-        self.node_binaries = node_binaries
         self.address = NODE_IP
         self.name = NODE_NAME
         self.plane = ControlPlane(root / "control-plane")
@@ -235,7 +234,7 @@ class Node:
         self._start_containerd()
         pause = self.root / "images" / "pause.tar"
         pause.parent.mkdir()
-        image_archive(pause, tag=PAUSE_IMAGE, files={"/pause": self.node_binaries / "pause"}, cmd=["/pause"])
+        image_archive(pause, tag=PAUSE_IMAGE, files={"/pause": self.binaries / "pause"}, cmd=["/pause"])
         self.import_image(pause)
         self._start_kubelet()
         self._start_scheduler_and_proxy()
@@ -413,7 +412,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             )
         )
         self._run(
-            "kubelet", self.node_binaries / "kubelet", f"--config={d / 'config.yaml'}",
+            "kubelet", self.binaries / "kubelet", f"--config={d / 'config.yaml'}",
             f"--kubeconfig={self.plane.kubeconfig}", f"--root-dir={d / 'root'}", f"--cert-dir={d / 'pki'}",
             f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}", "--v=1",
         )  # fmt: skip
@@ -421,7 +420,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
     def _start_scheduler_and_proxy(self) -> None:
         kubeconfig = self.plane.kubeconfig
         self._run(
-            "kube-scheduler", self.node_binaries / "kube-scheduler", f"--kubeconfig={kubeconfig}",
+            "kube-scheduler", self.binaries / "kube-scheduler", f"--kubeconfig={kubeconfig}",
             f"--authentication-kubeconfig={kubeconfig}", f"--authorization-kubeconfig={kubeconfig}",
             "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--leader-elect=false",
         )  # fmt: skip
@@ -443,7 +442,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                 }
             )
         )
-        self._run("kube-proxy", self.node_binaries / "kube-proxy", f"--config={config}")
+        self._run("kube-proxy", self.binaries / "kube-proxy", f"--config={config}")
 
     def _storage(self) -> None:
         """A default StorageClass `local` without a provisioner and hostPath PersistentVolumes under the
@@ -513,7 +512,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         for netns in self._netns() - self._netns_before:
             if netns.startswith("cni-"):  # containerd's CRI names its pods' so; others are not ours
                 _sh("ip", "netns", "delete", netns, check=False)
-        _sh(self.node_binaries / "kube-proxy", "--cleanup", check=False)
+        _sh(self.binaries / "kube-proxy", "--cleanup", check=False)
         self._cleanup_iptables()
         self._cleanup_network()
         self._remove_cgroups()
@@ -584,8 +583,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 
 
 @contextlib.contextmanager
-def running_node(root: Path, *, binaries: Path, node_binaries: Path) -> Iterator[Node]:
-    node = Node(root, binaries=binaries, node_binaries=node_binaries)
+def running_node(root: Path, *, binaries: Path) -> Iterator[Node]:
+    node = Node(root, binaries=binaries)
     try:
         node.start()
         yield node

@@ -1,6 +1,6 @@
 """The chart and the operator on a real API server: helm installs the chart, kubectl applies the examples,
 `mailfleet operator` (out of the cluster, with a kubeconfig) builds the domains (example.com of one node,
-example.org of three, whose Mailboxes show their node; a replicas change is MoveNotSupported); the API
+example.org of three, whose Mailboxes show their node; a replicas change grows the StatefulSet); the API
 server's own validation, status subresource, generation and garbage collector are the judges."""
 
 from __future__ import annotations
@@ -113,16 +113,22 @@ def test_the_chart_and_the_operator_on_a_real_api_server(control_plane: ControlP
             assert node == f"example-org-{home}"
         table = plane.kubectl("-n", "mail", "get", "mbx", "carol").stdout
         assert "NODE" in table and f"example-org-{placement.rendezvous('carol@example.org', 3)}" in table
-        # Another number of nodes would need mailbox moves: refused, the StatefulSet left as it is.
+        # Another number of nodes is accepted: the StatefulSet grows first; no mailbox moves before the new
+        # node is ready (it never is: no kubelet), so each stays where it is (tests/cluster/test_moves.py moves).
         plane.kubectl("-n", "mail", "patch", "md", "example-org", "--type=merge", "-p", '{"spec": {"replicas": 4}}')
         _until(
-            lambda: (
-                _condition(_get(plane, "-n", "mail", "md", "example-org"), "Degraded").get("reason")
-                == "MoveNotSupported"
-            ),
-            "MoveNotSupported",
+            lambda: (_get(plane, "-n", "mail", "statefulset", "example-org") or {})["spec"]["replicas"] == 4,
+            "the StatefulSet grown to 4",
         )
-        assert (_get(plane, "-n", "mail", "statefulset", "example-org") or {})["spec"]["replicas"] == 3
+        _until(
+            lambda: (
+                (d := _get(plane, "-n", "mail", "md", "example-org"))
+                and d["status"].get("observedGeneration") == d["metadata"]["generation"]
+                and _condition(d, "Degraded").get("status") == "False"
+            ),
+            "the replicas change reconciled, not refused",
+        )
+        assert _node_of(plane, "carol") == f"example-org-{placement.rendezvous('carol@example.org', 3)}"
 
         # A spec change bumps generation; observedGeneration follows (through the status subresource).
         plane.kubectl("-n", "mail", "patch", "md", "example-com", "--type=merge", "-p",

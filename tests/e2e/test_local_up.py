@@ -45,6 +45,7 @@ ROOT = Path(__file__).parents[2]
 EXAMPLES = ROOT / "examples"
 EXAMPLE_FILES = ("examples/maildomain.yaml", "examples/mailboxes.yaml")
 PORT_NAMES = ("smtp", "submission", "submissions", "imap", "imaps", "http")
+HTTPS_OFFSET = 8  # the HTTPS listener (DAV, autoconfiguration, MTA-STS) at base + 10*i + 8
 CLUSTER_MAILBOXES = ("carol@example.org", "dave@example.org", "erin@example.org", "heidi@example.org")
 
 
@@ -62,7 +63,11 @@ def free_base_port(*, nodes: int = 1) -> int:
     """A base N with the ports of `nodes` nodes free on 127.0.0.1 (N..N+5, N+10..N+17, ...), below the
     kernel's ephemeral range (32768 and up) so that no outgoing connection takes one meanwhile, and away
     from 20000, where `make run` may be running."""
-    offsets = range(len(PORT_NAMES)) if nodes == 1 else [10 * i + o for i in range(nodes) for o in range(8)]
+    offsets = (
+        [*range(len(PORT_NAMES)), HTTPS_OFFSET]
+        if nodes == 1
+        else [10 * i + o for i in range(nodes) for o in (*range(8), HTTPS_OFFSET)]
+    )
     for _ in range(100):
         base = random.randrange(21000, 32000, 10)
         with contextlib.ExitStack() as stack:
@@ -88,7 +93,7 @@ class LocalUp:
     node_pids: list[int] = dataclasses.field(default_factory=list)
 
     def port(self, name: str) -> int:
-        return self.base + PORT_NAMES.index(name)
+        return self.base + (HTTPS_OFFSET if name == "https" else PORT_NAMES.index(name))
 
     def output(self) -> str:
         return self.stdout.read_text()
@@ -211,7 +216,7 @@ def assert_stopped(up: LocalUp) -> None:
     for pid in up.node_pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    for name in PORT_NAMES:
+    for name in (*PORT_NAMES, "https"):
         with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", up.port(name)), timeout=5):
             pass
 
@@ -237,6 +242,14 @@ def test_mail_to_the_mx_is_read_over_imap_and_sigterm_stops_every_node(local_up:
     app = imap_login(up, "bob@example.com", example_password("bob-password", "phone"))
     assert app.noop()[0] == "OK"
     app.logout()
+
+    # the HTTPS listener on base+8, with the self-signed certificate `local up` made (its names included)
+    assert f"127.0.0.1:{up.port('https')}" in output
+    context = ssl.create_default_context(cafile=str(up.state / "tls" / "cert.pem"))
+    autoconfig = f"https://127.0.0.1:{up.port('https')}/mail/config-v1.1.xml?emailaddress=alice@example.com"
+    with urllib.request.urlopen(autoconfig, context=context, timeout=10) as answer:
+        body = answer.read().decode()
+    assert f"<port>{up.port('imaps')}</port>" in body and "<hostname>127.0.0.1</hostname>" in body
 
     up.process.send_signal(signal.SIGTERM)
     assert up.wait() == 0, up.errors()
@@ -317,13 +330,19 @@ def test_a_domain_of_three_replicas_runs_three_nodes(local_up: Callable[..., Loc
     assert len(up.node_pids) == 3
     root = up.state / "example-org"
     peers = [
-        {"host": "127.0.0.1", "lmtp": base + 10 * i + 6, "imap_proxy": base + 10 * i + 7, "http": base + 10 * i + 5}
+        {
+            "host": "127.0.0.1",
+            "lmtp": base + 10 * i + 6,
+            "imap_proxy": base + 10 * i + 7,
+            "http": base + 10 * i + 5,
+            "https": base + 10 * i + HTTPS_OFFSET,
+        }
         for i in range(3)
     ]
     for ordinal in range(3):
         title = f"node {ordinal} (MailDomain example-org, ordinal {ordinal})"
         assert title in output
-        for offset in range(8):  # the client ports and the internal ones, in the printed table
+        for offset in (*range(8), HTTPS_OFFSET):  # the client ports and the internal ones, in the printed table
             assert f"127.0.0.1:{base + 10 * ordinal + offset}" in output
         with urllib.request.urlopen(f"http://127.0.0.1:{base + 10 * ordinal + 5}/readyz", timeout=5) as ready:
             assert ready.status == 200

@@ -87,7 +87,7 @@ def write_node_files(
         "directory_poll_interval": 0.1,
         "listen": {
             "host": "127.0.0.1",
-            **{name: 0 for name in ("smtp", "submission", "submissions", "imap", "imaps", "http")},
+            **{name: 0 for name in ("smtp", "submission", "submissions", "imap", "imaps", "http", "https")},
             **(ports or {}),
         },
         "smtp": {"auth_failure_delay": 0.05, "auth_failure_delay_max": 0.4},

@@ -41,7 +41,10 @@ MAILBOXES = [
 class Cluster:
     """N nodes that name each other as peers; `start(i)` (re)starts node i on the same ports and files."""
 
-    def __init__(self, factory: NodeFactory, tmp_path: Path, size: int) -> None:
+    def __init__(
+        self, factory: NodeFactory, tmp_path: Path, size: int, *, listen: dict[str, Any] | None = None
+    ) -> None:
+        """`listen`: more of each node's listen settings (tests/node/test_move*.py raise the LMTP limits)."""
         self.token_file = tmp_path / "internal-token"
         self.token_file.write_text(TOKEN + "\n")
         ports = free_ports(3 * size)  # known to the peers up front: below the range port 0 draws from
@@ -56,7 +59,12 @@ class Cluster:
                 factory(
                     MAILBOXES,
                     name=f"node{i}",
-                    listen={"lmtp": self.lmtp[i], "imap_proxy": self.imap_proxy[i], "http": self.http[i]},
+                    listen={
+                        "lmtp": self.lmtp[i],
+                        "imap_proxy": self.imap_proxy[i],
+                        "http": self.http[i],
+                        **(listen or {}),
+                    },
                     cluster={"ordinal": i, "peers": peers},
                     internal={"token_file": str(self.token_file)},
                     smtp={"delivery_interval": 0.1, "check_inbound": True},
@@ -141,7 +149,10 @@ def test_with_the_home_down_the_message_waits_in_the_queue_and_arrives_once(clus
          "--token-file", str(cluster.token_file)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert retried.returncode == 0, retried.stderr
+    # The queue's own retry (10 s after the failed attempt) may hand the message over first: then the
+    # id is no longer queued and `retry` says so. Either way the message must arrive once.
+    delivered_first = f"no message {message['id']} in the queue" in retried.stderr
+    assert retried.returncode == 0 or delivered_first, retried.stderr
     wait_for("the queue to empty", lambda: queue(node0) == [])
     [stored] = node1.files.stored(f"bob@{DOMAIN}")
     assert stored.count(b"Received: ") == 1

@@ -1,8 +1,8 @@
 """Certificate renewal while the node runs, as cert-manager renews the TLS Secret a pod mounts.
 
 Aspects: once the mounted files change (Kubernetes swaps the volume's `..data` symlink), new
-connections on every TLS listener (submission and IMAP with STARTTLS, submissions and IMAPS with
-implicit TLS) get the new certificate without a restart, while a connection opened before keeps its
+connections on every TLS listener (submission and IMAP with STARTTLS, submissions, IMAPS and HTTPS
+with implicit TLS) get the new certificate without a restart, while a connection opened before keeps its
 session and goes on working; a broken pair (a key file cut short, the key of another certificate) keeps
 the last good certificate served and counts a failure, and a fixed pair is then taken; the reloads and
 the served certificate's expiry are on /metrics, its subject and notAfter in /status.
@@ -15,6 +15,7 @@ import functools
 import imaplib
 import json
 import smtplib
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -130,6 +131,9 @@ def served(node: RunningNode, listener: str, client: ssl.SSLContext) -> bytes:
     if listener == "submissions":
         with smtplib.SMTP_SSL(host, port, context=client, timeout=10) as smtp:
             return peer(smtp.sock)
+    if listener == "https":
+        with client.wrap_socket(socket.create_connection((host, port), timeout=10), server_hostname=host) as sock:
+            return peer(sock)
     imap = (
         imaplib.IMAP4_SSL(host, port, ssl_context=client, timeout=10)
         if listener == "imaps"
@@ -149,7 +153,7 @@ def peer(sock: Any) -> bytes:
     return bytes(certificate)
 
 
-LISTENERS = ("submission", "submissions", "imap", "imaps")
+LISTENERS = ("submission", "submissions", "imap", "imaps", "https")
 
 
 def reloads(node: RunningNode, result: str) -> float:

@@ -12,6 +12,13 @@ server) point the operator's node URL at it. Switches make it refuse: `refuse_sn
 checkpoint with an error, `unavailable` answers the next N calls 503, `archive_error` fails the archives.
 `on_resume` runs when the operator resumes writes, before the node answers: the test looks at the
 Kubernetes API from there (is the VolumeSnapshot there, is it cut?), which is the order that matters.
+
+Mailbox moves (mailwire.admin "mailbox moves"): POST /moves/{address} (the target copies from its peer
+`source`, kept aside until it is the home), POST and DELETE /mailboxes/{address}/freeze, PUT
+/mailboxes/{address}/home, DELETE /mailboxes/{address} (409 when homed here). A node's mailboxes are the
+keys of `usage`; `FakeCluster` serves several nodes under /<ordinal>/ of one port (the operator's node URL
+`<url>/{ordinal}`), each one's peers the others. `on_move(call)` runs before each move request is answered
+(the test looks at the StatefulSet from there); `gate` holds a move step until the test opens it.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp.web
 import pydantic
@@ -74,6 +81,17 @@ class FakeNode:
         self._paused_at = 0.0
         self._runner: aiohttp.web.AppRunner | None = None
         self.url = ""
+        # Mailbox moves
+        self.ordinal = 0
+        self.peers: dict[int, FakeNode] = {self.ordinal: self}  # ordinal -> node (FakeCluster fills it)
+        self.kept: dict[str, admin.MailboxUsage] = {}  # copies made by a move, not served until home here
+        self.frozen: dict[str, float] = {}  # address -> time.monotonic() when frozen
+        self.homes: dict[str, int] = {}  # PUT /mailboxes/{address}/home
+        self.refuse_moves: tuple[int, str] | None = None  # (HTTP status, error) for every POST /moves
+        self.on_move: Callable[[str], Awaitable[Any]] | None = None  # before a move request is answered
+        self.gate: tuple[str, asyncio.Event] | None = None  # ("/moves final=True", opened): held until set
+        self.gate_waiting = 0  # requests held at the gate now
+        self.copies: list[tuple[str, bool]] = []  # every POST /moves: (address, final)
 
     @property
     def paused(self) -> bool:
@@ -82,7 +100,7 @@ class FakeNode:
     def endpoints(self, *, ok_only: bool = False) -> list[str]:
         return [call.endpoint for call in self.calls if not ok_only or call.status < 300]
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+    def app(self) -> aiohttp.web.Application:
         app = aiohttp.web.Application(middlewares=[self._record])
         app.router.add_get("/usage", self._usage)
         app.router.add_post("/snapshot", self._checkpoint)
@@ -90,7 +108,15 @@ class FakeNode:
         app.router.add_post("/backups", self._start_archive)
         app.router.add_get("/backups/{name}", self._archive)
         app.router.add_delete("/backups/{name}", self._delete_archive)
-        self._runner = aiohttp.web.AppRunner(app, access_log=None)
+        app.router.add_post("/moves/{address}", self._copy)
+        app.router.add_post("/mailboxes/{address}/freeze", self._freeze)
+        app.router.add_delete("/mailboxes/{address}/freeze", self._thaw)
+        app.router.add_put("/mailboxes/{address}/home", self._set_home)
+        app.router.add_delete("/mailboxes/{address}", self._drop)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._runner = aiohttp.web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         site = aiohttp.web.TCPSite(self._runner, host, port)
         await site.start()
@@ -208,6 +234,149 @@ class FakeNode:
         del self.archives[name]
         return _answer(admin.DeletedArchive(**record.model_dump()))
 
+    # -- mailbox moves ----------------------------------------------------------------------------------
+
+    def homed_here(self, address: str) -> bool:
+        home = self.homes.get(address)
+        return home == self.ordinal if home is not None else address in self.usage
+
+    async def _before_move(self, request: aiohttp.web.Request, what: str) -> None:
+        if self.on_move is not None:
+            await self.on_move(f"{request.method} {what}")
+        if self.gate is not None and self.gate[0] == what:
+            self.gate_waiting += 1
+            try:
+                await self.gate[1].wait()
+            finally:
+                self.gate_waiting -= 1
+
+    async def _copy(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        address = request.match_info["address"]
+        try:
+            wanted = admin.MoveCopy.model_validate(await request.json())
+        except pydantic.ValidationError as error:
+            return _error(400, admin.problem(error))
+        self.copies.append((address, wanted.final))
+        await self._before_move(request, f"/moves final={wanted.final}")
+        if self.refuse_moves is not None:
+            return _error(*self.refuse_moves)
+        if self.homed_here(address):  # FLIPPING asked again after the flip: the copy is the home
+            used = self.usage[address]
+            return _answer(admin.MoveCopied(mailbox=address, **_counts(used), **_fetched(0, 0)))
+        source = self.peers.get(wanted.source)
+        if source is None or address not in source.usage:
+            return _error(502, f"node {wanted.source} has no mailbox {address}")
+        if wanted.final and address not in source.frozen:
+            return _error(409, f"{address} is not frozen on node {wanted.source}: the final copy needs the freeze")
+        before = self.kept.get(address, admin.MailboxUsage(bytes=0, messages=0))
+        copy = source.usage[address]
+        self.kept[address] = copy
+        fetched = _fetched(copy.messages - before.messages, copy.bytes - before.bytes)
+        return _answer(admin.MoveCopied(mailbox=address, **_counts(copy), **fetched))
+
+    async def _freeze(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        address = request.match_info["address"]
+        try:
+            hold = admin.Freeze.model_validate(await request.json()).hold_seconds
+        except pydantic.ValidationError as error:
+            return _error(400, admin.problem(error))
+        await self._before_move(request, "/freeze")
+        if address not in self.usage:
+            return _error(404, f"no mailbox {address} here")
+        self.frozen.setdefault(address, time.monotonic())
+        until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=hold)
+        return _answer(admin.Frozen(mailbox=address, hold_until=until.isoformat(), sessions_closed=0))
+
+    async def _thaw(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        address = request.match_info["address"]
+        await self._before_move(request, "/freeze")
+        since = self.frozen.pop(address, None)
+        if since is None:
+            return _error(409, f"{address} is not frozen")
+        return _answer(admin.Thawed(mailbox=address, frozen_seconds=round(time.monotonic() - since, 3)))
+
+    async def _set_home(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        address = request.match_info["address"]
+        try:
+            home = admin.HomeOverride.model_validate(await request.json()).home
+        except pydantic.ValidationError as error:
+            return _error(400, admin.problem(error))
+        await self._before_move(request, "/home")
+        self.homes[address] = home
+        if home == self.ordinal and address in self.kept:
+            self.usage[address] = self.kept.pop(address)  # the copy is served now
+        return _answer(admin.HomeSet(mailbox=address, home=home))
+
+    async def _drop(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        address = request.match_info["address"]
+        await self._before_move(request, "/mailboxes")
+        if self.homed_here(address):
+            return _error(409, f"{address} is homed on this node")
+        dropped = self.usage.pop(address, None) or self.kept.pop(address, None)
+        if dropped is None:
+            return _error(404, f"no copy of {address} here")
+        return _answer(admin.Dropped(mailbox=address, **_counts(dropped)))
+
+
+def _counts(used: admin.MailboxUsage) -> dict[str, int]:
+    return {"messages": used.messages, "bytes": used.bytes}
+
+
+def _fetched(messages: int, size: int) -> dict[str, Any]:
+    return {"fetched_messages": max(messages, 0), "fetched_bytes": max(size, 0), "seconds": 0.001}
+
+
+class FakeCluster:
+    """`size` fake nodes (ordinals 0..size-1, each the others' peer) under /<ordinal>/ of one port:
+    `template` is the operator's node URL. Their mailboxes start empty (each node's `usage`)."""
+
+    def __init__(self, size: int, *, token: str = TOKEN) -> None:
+        self.nodes = [FakeNode(token=token) for _ in range(size)]
+        for ordinal, node in enumerate(self.nodes):
+            node.ordinal = ordinal
+            node.usage = {}
+            node.peers = dict(enumerate(self.nodes))
+        self._runner: aiohttp.web.AppRunner | None = None
+        self.url = ""
+
+    @property
+    def template(self) -> str:
+        return f"{self.url}/{{ordinal}}"
+
+    def place(self, homes: dict[str, int]) -> None:
+        """Each mailbox stored on its home, with a few messages (its length: moves copy them)."""
+        for address, home in homes.items():
+            self.nodes[home].usage[address] = admin.MailboxUsage(bytes=100 * len(address), messages=len(address))
+
+    def holders(self) -> dict[str, list[int]]:
+        """address -> the nodes that store it (served or kept aside)."""
+        found: dict[str, list[int]] = {}
+        for node in self.nodes:
+            for address in [*node.usage, *node.kept]:
+                found.setdefault(address, []).append(node.ordinal)
+        return found
+
+    def moved(self) -> set[str]:
+        """The mailboxes some node was asked to copy."""
+        return {call.path.rsplit("/", 1)[1] for node in self.nodes for call in node.calls if call.method == "POST"
+                and "/moves/" in call.path}  # fmt: skip
+
+    async def start(self) -> str:
+        app = aiohttp.web.Application()
+        for ordinal, node in enumerate(self.nodes):
+            app.add_subapp(f"/{ordinal}/", node.app())
+        self._runner = aiohttp.web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
 
 def _answer(model: admin.Message, *, status: int = 200) -> aiohttp.web.Response:
     return aiohttp.web.json_response(model.to_json(), status=status)
@@ -228,10 +397,13 @@ def internal_secret(domain: str, token: str, *, namespace: str) -> dict[str, Any
     }
 
 
+Served = TypeVar("Served", FakeNode, FakeCluster)
+
+
 @contextmanager
-def serving(node: FakeNode) -> Iterator[FakeNode]:
-    """The fake node in a thread with its own event loop, for tests that are not coroutines (tests/cluster).
-    Its `on_resume` then runs in that loop."""
+def serving(node: Served) -> Iterator[Served]:
+    """The fake node (or cluster) in a thread with its own event loop, for tests that are not coroutines
+    (tests/cluster). Its `on_resume` then runs in that loop."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
 

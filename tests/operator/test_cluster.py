@@ -1,8 +1,8 @@
 """A MailDomain of three nodes on the emulated API (DESIGN.md "Clustering"): the operator builds the
 StatefulSet with the pods' peers, the Services, the NetworkPolicy and the internal Secret; each Mailbox's
 status names the pod that stores it, as the directory records; an operator restart keeps every home the
-directory records (even one the hash would not choose) and writes no directory; changing replicas is
-refused with MoveNotSupported, leaving the StatefulSet as it was."""
+directory records (even one the hash would not choose) and writes no directory; a replicas change is
+accepted, the StatefulSet growing before any mailbox moves (tests/operator/test_moves.py moves them)."""
 
 from __future__ import annotations
 
@@ -131,28 +131,37 @@ def _directory_writes(api: Any) -> int:
     return sum(1 for method, plural, name, sub in api.writes if plural == "secrets" and name == "example-com-directory")
 
 
-async def test_changing_replicas_is_refused_until_mailbox_moves_exist(operator, client):
+async def test_a_replicas_change_is_accepted_and_the_statefulset_grows_before_any_mailbox_moves(operator, client):
     await client.create(secret("alice-password", password="alice-pw"))
     await client.create(mailbox("alice", "alice@example.com"))
     await client.create(maildomain(replicas=3))
     await eventually(lambda: status_of(client, MAILBOX, "alice", status="True", reason="Served"))
     before = await client.get(STATEFULSET, NAMESPACE, "example-com")
+    assert before["metadata"]["annotations"]["mailfleet.io/placed-over"] == "3"
 
     await client.patch(MAILDOMAIN, NAMESPACE, "example-com", {"spec": {"replicas": 4}})
+    grown = await eventually(
+        lambda: _replicas_are(client, 4), what="the StatefulSet grown to 4 (the new node starts first)"
+    )
+    # balanced over 4 only once alice is where rendezvous over 4 nodes puts her (already, or after her move)
+    moves_alice = placement.rendezvous("alice@example.com", 4) != placement.rendezvous("alice@example.com", 3)
+    assert grown["metadata"]["annotations"]["mailfleet.io/placed-over"] == ("3" if moves_alice else "4")
     domain = await eventually(
-        lambda: status_of(client, MAILDOMAIN, "example-com", "Degraded", status="True", reason="MoveNotSupported")
+        lambda: status_of(client, MAILDOMAIN, "example-com", "Degraded", status="False", observedGeneration=2)
     )
-    message = condition(domain, "Degraded")["message"]
-    assert "from 3 to 4" in message and "until mailbox moves exist" in message
-    (event,) = await eventually(lambda: events(client, "example-com", "MoveNotSupported"))
-    assert event["type"] == "Warning" and event["message"] == message
-    after = await client.get(STATEFULSET, NAMESPACE, "example-com")
-    assert after["spec"] == before["spec"]  # the nodes there serve on, as they were
-    # the mailbox is still stored where it was
-    assert ((await client.get(MAILBOX, NAMESPACE, "alice"))["status"] or {}).get("node") == (
-        f"example-com-{placement.rendezvous('alice@example.com', 3)}"
-    )
+    assert condition(domain, "Degraded")["reason"] == "Reconciled"
+    assert await events(client, "example-com", "MoveNotSupported") == []
+    # No node is ready (the emulator runs no pods): nothing moves, the mailbox is still stored where it was.
+    alice = await client.get(MAILBOX, NAMESPACE, "alice")
+    assert (alice["status"] or {}).get("node") == f"example-com-{placement.rendezvous('alice@example.com', 3)}"
+    assert "move" not in alice["status"]
 
     await client.patch(MAILDOMAIN, NAMESPACE, "example-com", {"spec": {"replicas": 3}})
-    await eventually(lambda: status_of(client, MAILDOMAIN, "example-com", "Degraded", status="False"))
+    back = await eventually(lambda: _replicas_are(client, 3), what="the StatefulSet back at 3: nothing was on node 3")
+    assert back["metadata"]["annotations"]["mailfleet.io/placed-over"] == "3"
     await eventually(lambda: status_of(client, MAILBOX, "alice", status="True", reason="Served"))
+
+
+async def _replicas_are(client: k8s.Client, replicas: int) -> dict[str, Any] | None:
+    sts = await client.get(STATEFULSET, NAMESPACE, "example-com")
+    return sts if sts is not None and sts["spec"]["replicas"] == replicas else None

@@ -191,7 +191,12 @@ def test_nested_objects_default_to_empty_so_their_fields_get_defaults() -> None:
         "type": "integer", "default": 1, "minimum": 1, "maximum": 16,
     }  # fmt: skip
     assert replicas["description"].startswith("Number of mail nodes (1 to 16).")
-    assert "MoveNotSupported" in replicas["description"] and "Retain" in replicas["description"]
+    assert "moves mailboxes" in replicas["description"] and "Retain" in replicas["description"]
+    parallel = spec["moves"]["properties"]["parallel"]
+    assert spec["moves"]["default"] == {}
+    assert {k: parallel[k] for k in ("type", "default", "minimum", "maximum")} == {
+        "type": "integer", "default": 2, "minimum": 1, "maximum": 16,
+    }  # fmt: skip
 
 
 def test_quantities_are_int_or_string() -> None:
@@ -267,7 +272,7 @@ def test_the_expected_columns() -> None:
              for kind, crd in ALL.items()}  # fmt: skip
     assert names == {
         "MailDomain": ["Domain", "Ready", "Replicas", "Mailboxes", "Age"],
-        "Mailbox": ["Address", "Quota", "Used", "Node", "Ready", "Age"],
+        "Mailbox": ["Address", "Quota", "Used", "Node", "Phase", "Ready", "Age"],
         "MailBackup": ["Domain", "Method", "Phase", "Completed", "Age"],
     }
 

@@ -284,6 +284,7 @@ def test_the_statefulset_runs_locked_down_nodes() -> None:
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
         "smtp": 2525, "submission": 5870, "submissions": 4650, "imap": 1430, "imaps": 9930, "http": 8080,
         "lmtp": 2424, "imap-proxy": 1431,  # two nodes: the internal ports between them
+        "https": 8443,  # a certificate: autoconfiguration, MTA-STS, DAV
     }  # fmt: skip
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
@@ -338,8 +339,10 @@ def test_a_config_change_changes_the_checksum() -> None:
 def test_the_client_service_maps_the_mail_ports() -> None:
     service = specs.client_service(example_domain(service={"type": "LoadBalancer", "annotations": {"a": "b"}}))
     assert {p["port"]: p["targetPort"] for p in service["spec"]["ports"]} == {
-        25: "smtp", 587: "submission", 465: "submissions", 143: "imap", 993: "imaps",
+        25: "smtp", 587: "submission", 465: "submissions", 143: "imap", 993: "imaps", 443: "https",
     }  # fmt: skip
+    without_tls = specs.client_service(example_domain(tls=None))
+    assert 443 not in {p["port"] for p in without_tls["spec"]["ports"]}  # no certificate, no HTTPS listener
     assert service["spec"]["type"] == "LoadBalancer" and service["spec"]["externalTrafficPolicy"] == "Local"
     assert service["metadata"]["annotations"] == {"a": "b"}
     node_port = specs.client_service(example_domain(service={"type": "NodePort", "externalTrafficPolicy": "Cluster"}))
@@ -436,7 +439,7 @@ def test_the_http_port_is_open_to_the_namespace_and_the_operator_only() -> None:
     (policy,) = [o for o in rendered() if o["kind"] == "NetworkPolicy"]
     mail, http = policy["spec"]["ingress"]
     assert "from" not in mail and {p["port"] for p in mail["ports"]} == {
-        "smtp", "submission", "submissions", "imap", "imaps"
+        "smtp", "submission", "submissions", "imap", "imaps", "https"
     }  # fmt: skip
     assert http["ports"] == [{"port": "http", "protocol": "TCP"}]
     # The operator's pods by their labels AND their namespace, by the label only the API server sets: a

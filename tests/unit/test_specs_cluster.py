@@ -47,7 +47,9 @@ def test_the_internal_ports_are_on_the_headless_service_only() -> None:
         "imap-proxy": 1431,
     }.items()
     client = by_kind(objects, "Service", "example-com")
-    assert {p["targetPort"] for p in client["spec"]["ports"]} == {"smtp", "submission", "submissions", "imap", "imaps"}
+    assert {p["targetPort"] for p in client["spec"]["ports"]} == {
+        "smtp", "submission", "submissions", "imap", "imaps", "https"
+    }  # fmt: skip
 
 
 def test_the_network_policy_admits_the_internal_ports_from_the_domains_pods_only() -> None:

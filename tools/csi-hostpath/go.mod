@@ -1,4 +1,5 @@
-// The tests' single-node CSI driver (main.go); built by scripts/build-csi.
+// The tests' single-node CSI driver (driver.go), a package of the multi-call binary in
+// tools/controlplane, which replaces this module with this directory; built by scripts/build-cluster.
 module mailfleet.io/tools/csi-hostpath
 
 go 1.26.0

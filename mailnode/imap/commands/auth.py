@@ -93,6 +93,8 @@ async def _log_in_internal(session: Session, tag: str, authzid: str, authcid: st
 
 async def _open_mailbox(session: Session, tag: str, user: MailboxEntry) -> None:
     """Make the mailbox of a user whose login succeeded ready, then enter the authenticated state."""
+    if session.store.is_frozen(user.address):  # being moved (mailnode.move): the client logs in again soon
+        raise responses.Refused(responses.NO_MAILBOX_UNAVAILABLE)
     account = session.store.account(user.address)
     try:
         # The special-use folders (RFC 6154) exist from the first login on: clients file mail there at once.
@@ -104,6 +106,8 @@ async def _open_mailbox(session: Session, tag: str, user: MailboxEntry) -> None:
     except Exception:
         log.exception("imap login could not open the mailbox", extra={"fields": {"user": user.address}})
         raise responses.Refused(responses.NO_MAILBOX_UNAVAILABLE) from None
+    if session.store.is_frozen(user.address):  # frozen meanwhile: its sessions were ended, this one too
+        raise responses.Refused(responses.NO_MAILBOX_UNAVAILABLE)
     session.log_in(user, account)
     session.send(responses.OK_LOGGED_IN.line(tag, capabilities=session.capabilities()))
 

@@ -485,6 +485,21 @@ class DKIMSpec(_Model):
     )
 
 
+class DAVSpec(_Model):
+    """CalDAV and CardDAV (RFC 4791, RFC 6352) for every Mailbox, on the nodes' HTTPS port."""
+
+    enabled: bool = pydantic.Field(
+        False,
+        description=(
+            "Serve calendars and contacts at https://mail.<domain>/dav/ (the same passwords and app passwords as"
+            " IMAP; /.well-known/caldav and /.well-known/carddav lead there). Needs spec.tls."
+        ),
+    )
+
+
+# RFC 8461 §5: what other servers do when TLS to this domain's MX fails (enforce: they do not deliver)
+MTASTSMode = Literal["enforce", "testing", "none"]
+
 BackupMethod = Literal["VolumeSnapshot", "Archive"]
 
 
@@ -527,6 +542,15 @@ class RestoreSpec(_Model):
     )
 
 
+class MovesSpec(_Model):
+    """Mailbox moves between the nodes of a domain: on a replicas change, and for a Mailbox annotated
+    mailfleet.io/move-to: "<ordinal>"."""
+
+    parallel: int = pydantic.Field(
+        2, ge=1, le=16, description="How many mailboxes move at once (1 to 16); the others wait their turn."
+    )
+
+
 class MailDomainSpec(_Model):
     """The desired state of a MailDomain: one domain served by one StatefulSet of mail nodes."""
 
@@ -542,12 +566,15 @@ class MailDomainSpec(_Model):
         le=16,
         description=(
             "Number of mail nodes (1 to 16). With more than one, each mailbox is stored on one of them (its "
-            "home, shown in the Mailbox's status.node) and every node serves every mailbox. Fixed once the "
-            "domain is created, until mailbox moves exist: a change is refused (MoveNotSupported). Each node "
+            "home, shown in the Mailbox's status.node) and every node serves every mailbox. A change moves "
+            "mailboxes between the nodes (spec.moves): growing, the new nodes start first, then the mailboxes "
+            "whose placement changed move to them; shrinking, every mailbox on the nodes that go moves off "
+            "first, and only then does the StatefulSet shrink. Each node "
             "keeps its volume when the domain is deleted or scaled down (the StatefulSet's claim retention "
             "policy is Retain): delete the claims data-<name>-<i> yourself once the mail is no longer needed."
         ),
     )
+    moves: MovesSpec = _object(MovesSpec, "How mailboxes move between the nodes (a replicas change, a forced move).")
     storage: StorageSpec = _object(StorageSpec, "The volume of each mail node.")
     resources: ResourceRequirements = pydantic.Field(
         default_factory=ResourceRequirements, description="CPU and memory of each mail node container."
@@ -562,6 +589,14 @@ class MailDomainSpec(_Model):
     restore: RestoreSpec | None = pydantic.Field(
         None, description="Start the domain's volumes from a backup (read at creation only)."
     )
+    dav: DAVSpec = _object(DAVSpec, "Calendars and contacts (CalDAV, CardDAV).")
+    mta_sts: MTASTSMode = pydantic.Field(
+        "testing",
+        description=(
+            "MTA-STS policy mode (RFC 8461) served at https://mta-sts.<domain>/.well-known/mta-sts.txt when spec.tls"
+            " is set: testing (report only), enforce (senders refuse to deliver without verified TLS) or none."
+        ),
+    )
 
     @pydantic.field_validator("alias_domains")
     @classmethod
@@ -569,13 +604,13 @@ class MailDomainSpec(_Model):
         return _unique(value, key=str.lower, what="alias domain")
 
 
-DNSRecordType = Literal["MX", "TXT", "A", "AAAA", "CNAME"]
+DNSRecordType = Literal["MX", "TXT", "A", "AAAA", "CNAME", "SRV"]
 
 
 class DNSRecord(_Status):
     """A DNS record to publish for the domain."""
 
-    type: DNSRecordType = pydantic.Field(description="Record type: MX, TXT, A, AAAA or CNAME.")
+    type: DNSRecordType = pydantic.Field(description="Record type: MX, TXT, A, AAAA, CNAME or SRV.")
     name: str = pydantic.Field(description="Owner name, fully qualified (_dmarc.example.com).")
     value: str = pydantic.Field(description="Record data, as a zone file writes it.")
 
@@ -675,6 +710,29 @@ class MailboxSpec(_Model):
         return _unique(value, key=lambda item: item.name, what="app password")
 
 
+# A forced move (draining a node): `kubectl annotate mbx alice mailfleet.io/move-to=2` moves the mailbox to node 2.
+MOVE_TO_ANNOTATION: Final = "mailfleet.io/move-to"
+MoveStep = Literal["Copying", "Freezing", "CatchingUp", "Flipping", "Thawing", "Cleaning", "Done", "RollingBack"]
+
+
+class MailboxMove(_Status):
+    """A move of the mailbox from one node of its domain to another, step by step; each step is recorded
+    here before the next one runs, so a restarted operator resumes where the last one stopped."""
+
+    from_: int = pydantic.Field(alias="from", ge=0, description="The ordinal of the node the mailbox leaves.")
+    to: int = pydantic.Field(ge=0, description="The ordinal of the node the mailbox moves to.")
+    step: MoveStep = pydantic.Field(
+        description=(
+            "The step under way: Copying (the target copies while mail flows), Freezing, CatchingUp (the final "
+            "copy under a short freeze), Flipping (the directory names the new home), Thawing, Cleaning (the "
+            "old copy goes), Done; RollingBack when the move was given up before Flipping."
+        )
+    )
+    since: datetime.datetime = pydantic.Field(description="When the move started (RFC 3339).")
+    step_since: datetime.datetime = pydantic.Field(description="When this step started (RFC 3339).")
+    message: str = pydantic.Field("", description="What the last attempt at this step met (a node not answering).")
+
+
 class MailboxStatus(_Status):
     """The observed state of a Mailbox."""
 
@@ -690,6 +748,12 @@ class MailboxStatus(_Status):
             "sessions there. Unset while the mailbox is in no directory."
         ),
     )
+    phase: Annotated[Literal["Moving"], pydantic.WithJsonSchema({"type": "string", "enum": ["Moving"]})] | None = (
+        pydantic.Field(
+            None, description="Moving while the mailbox moves to another node (status.move); unset otherwise."
+        )
+    )
+    move: MailboxMove | None = pydantic.Field(None, description="The move under way; unset when none is.")
 
 
 class Mailbox(Resource):
@@ -703,6 +767,7 @@ class Mailbox(Resource):
         PrinterColumn("Quota", "string", ".spec.quota", "Largest total size of the mail kept."),
         PrinterColumn("Used", "integer", ".status.usedBytes", "Bytes of mail kept."),
         PrinterColumn("Node", "string", ".status.node", "The pod that stores the mailbox."),
+        PrinterColumn("Phase", "string", ".status.phase", "Moving while the mailbox moves to another node."),
         _ready(),
         _age(),
     )

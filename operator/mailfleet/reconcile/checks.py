@@ -1,5 +1,6 @@
 """What can refuse a MailDomain, checked before its first object is written ("nothing half-built"): its
-spec, the Secrets it names, a directory too large for a Secret, a change Kubernetes would refuse. Each
+spec, the Secrets it names, a directory too large for a Secret, a change Kubernetes would refuse. (A
+replicas change is not refused: it moves mailboxes, reconcile/moves.py.) Each
 check raises `Refused`, whose reason and message reconcile/domain.py puts into the domain's conditions
 and an Event. Also raised by reconcile/restore.py and reconcile/dkim.py.
 """
@@ -31,22 +32,6 @@ def parse(body: kube_types.MailDomain) -> api.MailDomain:
         return api.MailDomain.model_validate(body)
     except pydantic.ValidationError as error:
         raise Refused("InvalidSpec", api.validation_message(error)) from error
-
-
-def ensure_same_replicas(domain: api.MailDomain, existing: kube_types.StatefulSet | None) -> None:
-    """spec.replicas is fixed once the StatefulSet exists: another number of nodes would need mailboxes
-    moved between them (DESIGN.md "Clustering"), which the operator cannot do yet. The StatefulSet is
-    left as it is, serving every mailbox where it is."""
-    if existing is None:
-        return
-    running = (existing.get("spec") or {}).get("replicas")
-    if running is not None and running != domain.spec.replicas:
-        raise Refused(
-            "MoveNotSupported",
-            f"spec.replicas changed from {running} to {domain.spec.replicas}: the number of mail nodes of a "
-            "domain cannot change until mailbox moves exist (each mailbox is stored on one node); "
-            f"set replicas: {running} again",
-        )
 
 
 async def ensure_named_secrets(ctx: Context, domain: api.MailDomain) -> str | None:

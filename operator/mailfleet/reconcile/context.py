@@ -9,7 +9,7 @@ import collections
 import dataclasses
 from typing import Protocol
 
-from mailfleet import api, k8s, kube_types
+from mailfleet import api, k8s, kube_types, nodes
 from mailfleet.k8s.events import Recorder
 from mailfleet.metrics import OperatorMetrics
 from mailfleet.reconcile.kinds import (
@@ -80,6 +80,8 @@ class Context:
     # The namespace the operator runs in: the nodes' NetworkPolicy admits the operator's pods from there
     # (None: not known, so only from the domain's own namespace).
     operator_namespace: str | None = None
+    # Where node <ordinal> of a MailDomain answers (nodes.url): mailbox moves (reconcile/moves.py) ask them.
+    node_url: str = nodes.IN_CLUSTER
     # The DNS domains each MailDomain served at its last reconcile: when it is deleted, its Mailboxes
     # are told their domain is gone.
     served: dict[DomainKey, set[str]] = dataclasses.field(default_factory=dict)

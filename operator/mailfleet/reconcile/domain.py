@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Final
 
-from mailfleet import kube_types, specs
-from mailfleet.reconcile import checks, conditions, dkim, internal, mailboxes, objects, restore, status
+from mailfleet import api, k8s, kube_types, specs
+from mailfleet.reconcile import checks, conditions, dkim, internal, mailboxes, moves, objects, restore, status
 from mailfleet.reconcile.checks import Refused
 from mailfleet.reconcile.context import MAILDOMAIN, STATEFULSET, Context, DomainKey
+
+BLOCKED_RETRY: Final = 5.0  # seconds before a move whose node did not answer is tried again
 
 
 async def reconcile(ctx: Context, key: DomainKey) -> None:
@@ -32,6 +35,7 @@ async def reconcile(ctx: Context, key: DomainKey) -> None:
             ctx.owned.pop(key, None)
             ctx.placement.pop(key, None)
             mailboxes.domain_gone(ctx, key)
+            moves.domain_gone(ctx, key)
             result = "ok"
             return
         try:
@@ -56,20 +60,36 @@ async def _reconcile(ctx: Context, body: kube_types.MailDomain) -> None:
     # Observe and check: anything below may refuse the domain; nothing is written yet.
     relay_username = await checks.ensure_named_secrets(ctx, domain)
     existing = await ctx.client.get(STATEFULSET, key[0], specs.common.statefulset_name(domain))
-    checks.ensure_same_replicas(domain, existing)
     claims = await restore.claims_to_make(ctx, domain, existing)
-    served = await mailboxes.served(ctx, domain)
+    layout = moves.layout(domain, existing)
+    served = await mailboxes.served(ctx, domain, serving=layout.serving)
+    # Mailbox moves (a replicas change, a forced move): what moves, and how many nodes run meanwhile.
+    bodies = {str(v.body["spec"]["address"]).lower(): v.body for v in served.verdicts if v.condition.status == "True"}
+    forced, bad_annotations = moves.forced_moves(bodies, replicas=domain.spec.replicas)
+    plan = moves.plan(
+        served.homes,
+        layout=layout,
+        recorded=moves.recorded_moves(ctx, bodies),
+        forced=forced,
+        held=moves.held(ctx, bodies.values()),
+    )
+    running = _with_replicas(domain, plan.replicas)  # the domain as its nodes run now
     internal_token = await internal.token(ctx, domain)  # made now when it has no Secret yet: applied below
-    rendered = specs.render(
-        domain,
-        served.accepted,
-        served.passwords,
-        image=ctx.image,
-        relay_username=relay_username,
-        internal_token=internal_token,
-        operator_namespace=ctx.operator_namespace,
-        placed=served.homes,
-    ).owned_by(domain)
+
+    def render(homes: dict[str, int]) -> specs.Rendered:
+        return specs.render(
+            running,
+            served.accepted,
+            served.passwords,
+            image=ctx.image,
+            relay_username=relay_username,
+            internal_token=internal_token,
+            operator_namespace=ctx.operator_namespace,
+            placed=homes,
+        ).owned_by(domain)
+
+    rendered = render(served.homes)
+    rendered.statefulset["metadata"].setdefault("annotations", {})[moves.PLACED_OVER] = str(plan.placed_over)
     checks.ensure_directory_fits(rendered.directory, mailboxes=len(served.accepted))
     checks.ensure_changeable(existing, rendered.statefulset)
 
@@ -79,12 +99,51 @@ async def _reconcile(ctx: Context, body: kube_types.MailDomain) -> None:
     await restore.ensure_claims(ctx, body, claims)
     statefulset = await objects.ensure_applied(ctx, body, rendered, mailboxes=len(served.accepted))
     ctx.owned[key] = objects.kinds(rendered, dkim=dkim_record is not None)
-    ctx.placement[key] = (domain.spec.replicas, served.homes)
+    ctx.placement[key] = (plan.replicas, served.homes)  # the same dict: the flips below update it
+
+    # Moves: each one step further, each step recorded before the next; a flip writes the directory.
+    flipping = asyncio.Lock()
+
+    async def publish_home(address: str, ordinal: int) -> None:
+        async with flipping:  # each write holds every flip so far
+            served.homes[address] = ordinal
+            await k8s.apply(ctx.client, render(served.homes).directory)
+
+    await moves.report_bad_annotations(ctx, bad_annotations)
+    driven = await moves.drive(
+        ctx,
+        domain,
+        plan,
+        bodies=bodies,
+        may_start=moves.nodes_ready(statefulset, plan.replicas),
+        parallel=domain.spec.moves.parallel,
+        token=internal_token,
+        ordinals=range(plan.replicas),
+        publish_home=publish_home,
+    )
+    for verdict in served.verdicts:
+        if (address := str(verdict.body["spec"]["address"]).lower()) in driven.flipped:
+            verdict.node = specs.common.pod_name(domain, served.homes[address])
+    # Again while moves go on (and once more after the last one: the StatefulSet may shrink then, its
+    # annotation say the homes are balanced); waiting moves that may not start wait for the nodes' events.
+    if plan.active or driven.moving or (driven.waiting and driven.started):
+        if driven.blocked:  # a node not answering: not at once again
+            asyncio.get_running_loop().call_later(BLOCKED_RETRY, ctx.enqueue, key)
+        else:
+            ctx.enqueue(key)
 
     # Status: the domain's, then each Mailbox's.
-    report = status.reconciled(domain, statefulset, mailboxes=len(served.accepted), dkim_record=dkim_record)
+    report = status.reconciled(running, statefulset, mailboxes=len(served.accepted), dkim_record=dkim_record)
+    report = moves.progress(report, layout=layout, the_plan=plan, driven=driven)
     await status.write(ctx, body, report, at=conditions.now())
     mailboxes.write_verdicts(ctx, served.verdicts)
+
+
+def _with_replicas(domain: api.MailDomain, replicas: int) -> api.MailDomain:
+    """The domain with another number of nodes (what runs while a scale-down moves mailboxes off)."""
+    if replicas == domain.spec.replicas:
+        return domain
+    return domain.model_copy(update={"spec": domain.spec.model_copy(update={"replicas": replicas})})
 
 
 async def _refused(ctx: Context, body: kube_types.MailDomain, refusal: Refused) -> None:

@@ -45,22 +45,27 @@ class Served:
     homes: dict[str, int]  # lower-case address -> home ordinal, of the accepted
 
 
-async def served(ctx: Context, domain: api.MailDomain) -> Served:
+async def served(ctx: Context, domain: api.MailDomain, *, serving: int = 0) -> Served:
     """The domain's Mailboxes: which go into the directory (with their hashed passwords and homes) and
-    what each one's Ready condition and node say."""
+    what each one's Ready condition and node say. `serving`: the nodes running now, when a scale-down
+    still runs more than spec.replicas (reconcile/moves.py)."""
     directory = _DirectoryNow(ctx, domain)
     found = await _served(ctx, domain, directory)
     # DESIGN.md "Clustering": the directory, not the hash, is the truth. A mailbox keeps the home the
     # current directory records for it (read back: an operator restart rewrites nothing); a new one is
     # placed by rendezvous hashing. One node: every home is 0, nothing to read.
     recorded: Mapping[str, int] = {}
-    if specs.common.clustered(domain):
+    if specs.common.clustered(domain) or serving > 1:
         key = (specs.common.namespace(domain), domain.metadata.name)
         # The homes this operator last wrote into the directory, else (its first reconcile of the domain)
         # read back from the directory: not ten thousand entries parsed again at every reconcile.
         written = ctx.placement.get(key)
         recorded = written[1] if written is not None else await _recorded_homes(directory)
     homes = specs.homes(domain, found.accepted, recorded=recorded)
+    # A scale-down keeps the homes on the nodes that go until their mailboxes moved off (reconcile/moves.py).
+    for address, home in recorded.items():
+        if address in homes and domain.spec.replicas <= home < serving:
+            homes[address] = home
     for verdict in found.verdicts:
         if verdict.condition.status == "True":
             address = str(verdict.body["spec"]["address"]).lower()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
-from mailfleet import kube_types, specs
+from mailfleet import api, kube_types, specs
 from mailfleet.reconcile import mailboxes
 from mailfleet.reconcile.context import Context, object_key
 
@@ -29,7 +29,8 @@ class Router:
         if event_type == "DELETED":
             self._generations.pop(uid, None)
             return True
-        generation = meta.get("generation")
+        # A Mailbox's move-to annotation (a forced move, reconcile/moves.py) changes no generation, yet counts.
+        generation = (meta.get("generation"), (meta.get("annotations") or {}).get(api.MOVE_TO_ANNOTATION))
         if uid in self._generations and self._generations[uid] == generation:
             return False
         self._generations[uid] = generation

@@ -10,6 +10,10 @@ a write that would say what the status says already is not made.
 
 What was last written is remembered (by uid): the operator's watch shows its own writes late, and
 comparing with a stale copy would write the same status (and post the same Event) twice.
+
+status.phase and status.move (a mailbox move, reconcile/moves.py) are not queued: `write_move` writes them
+at once and returns when the API server has them, since a move's step must be recorded before the next
+one runs (an operator killed at any point resumes from the recorded step).
 """
 
 from __future__ import annotations
@@ -70,6 +74,36 @@ class MailboxStatuses:
             self._write, workers=writers, delay=0.0, retry=1.0, retry_max=30.0, what="status write of Mailbox"
         )
         self._started = False
+        # status.move as last written (None: removed), by uid, until the watch shows it (reconcile/moves.py)
+        self.moves: dict[str, kube_types.MailboxMove | None] = {}
+        # Mailboxes whose move was rolled back, by uid: the monotonic time before which none starts again.
+        self.retry_moves_after: dict[str, float] = {}
+        # The mailfleet.io/move-to value last reported as invalid (an Event), by uid.
+        self.move_to_reported: dict[str, str] = {}
+
+    def move_of(self, body: kube_types.Mailbox) -> kube_types.MailboxMove | None:
+        """The Mailbox's status.move: as last written here, else as the watch shows it (after a restart)."""
+        key = object_key(body)
+        shown = (body.get("status") or {}).get("move")
+        if key not in self.moves:
+            return shown
+        written = self.moves[key]
+        if shown == written:
+            del self.moves[key]  # the watch shows the write now
+        return written
+
+    async def write_move(self, body: kube_types.Mailbox, move: kube_types.MailboxMove | None) -> bool:
+        """Write status.move (and phase Moving; None removes both) now. False when the Mailbox is gone."""
+        meta = body["metadata"]
+        status: kube_types.MailboxStatus = {"phase": "Moving" if move is not None else None, "move": move}
+        try:
+            await self._client.patch(MAILBOX, meta["namespace"], meta["name"], {"status": status}, subresource="status")
+        except k8s.ApiError as error:
+            if error.not_found:
+                return False
+            raise
+        self.moves[object_key(body)] = move
+        return True
 
     def submit(self, verdicts: Iterable[Verdict]) -> None:
         at = conditions.now()
@@ -102,6 +136,9 @@ class MailboxStatuses:
         key = object_key(body)
         self._pending.pop(key, None)
         self.remembered.pop(key, None)
+        self.moves.pop(key, None)
+        self.retry_moves_after.pop(key, None)
+        self.move_to_reported.pop(key, None)
 
     def __len__(self) -> int:
         """Mailboxes with a verdict not yet written."""

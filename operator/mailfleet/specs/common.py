@@ -23,6 +23,9 @@ CONTAINER_PORTS: Final = {
 # the client Service; the NetworkPolicy admits them from the domain's own pods only.
 INTERNAL_PORTS: Final = {"lmtp": 2424, "imap-proxy": 1431}
 SERVICE_PORTS: Final = {"smtp": 25, "submission": 587, "submissions": 465, "imap": 143, "imaps": 993}
+# The HTTPS listener (autoconfiguration, MTA-STS policy, CalDAV/CardDAV): only with a certificate
+HTTPS_CONTAINER_PORT: Final = {"https": 8443}
+HTTPS_SERVICE_PORT: Final = {"https": 443}
 
 DATA_DIR: Final = "/var/lib/mailnode"
 CONFIG_DIR: Final = "/etc/mailnode/config"
@@ -70,6 +73,26 @@ def namespace(domain: api.MailDomain) -> str:
 
 def mail_host(domain: api.MailDomain) -> str:
     return f"mail.{domain.spec.domain}"
+
+
+def serves_https(domain: api.MailDomain) -> bool:
+    """The nodes' HTTPS listener runs with a certificate only; it serves autoconfiguration and the
+    MTA-STS policy whether or not spec.dav is enabled, so its port follows spec.tls."""
+    return domain.spec.tls is not None
+
+
+def service_ports(domain: api.MailDomain) -> dict[str, int]:
+    """The client Service's ports by name (the container ports of the same names)."""
+    return {**SERVICE_PORTS, **(HTTPS_SERVICE_PORT if serves_https(domain) else {})}
+
+
+def tls_names(domain: api.MailDomain) -> list[str]:
+    """The names the domain's certificate must hold: the mail host, and for the domain and each alias
+    domain the hosts clients and senders reach over HTTPS (autoconfig., mta-sts.; RFC 8461 §3.3)."""
+    names = [mail_host(domain)]
+    for name in (domain.spec.domain, *domain.spec.alias_domains):
+        names += [f"autoconfig.{name}", f"mta-sts.{name}"]
+    return names
 
 
 # Object names for a MailDomain named N.

@@ -7,17 +7,20 @@ from typing import Any
 
 from mailfleet import api, kube_types
 from mailfleet.specs import common, workload
+from mailwire import config as wire_config
+from mailwire import mtasts
 
 
 def client_service(domain: api.MailDomain) -> kube_types.Manifest:
-    """The Service clients and other mail servers reach: 25, 587, 465, 143, 993 -> the named container ports."""
+    """The Service clients and other mail servers reach: 25, 587, 465, 143, 993 (and 443 with a certificate)
+    -> the named container ports."""
     service = domain.spec.service
     spec: dict[str, Any] = {
         "type": service.type,
         "selector": common.selector_labels(domain),
         "ports": [
             {"name": name, "port": port, "targetPort": name, "protocol": "TCP"}
-            for name, port in common.SERVICE_PORTS.items()
+            for name, port in common.service_ports(domain).items()
         ],
     }
     if service.type in ("LoadBalancer", "NodePort"):  # the API server refuses it on a ClusterIP Service
@@ -60,7 +63,7 @@ def network_policy(domain: api.MailDomain, *, operator_namespace: str | None) ->
     A clustered domain's internal ports (LMTP, IMAP proxy) admit its own pods only.
     The kubelet's probes are not subject to NetworkPolicy. A Prometheus in another namespace needs its own
     policy next to this one (policies add up). Egress is left open: nodes deliver mail to any MX."""
-    mail_ports = [{"port": name, "protocol": "TCP"} for name in common.SERVICE_PORTS]
+    mail_ports = [{"port": name, "protocol": "TCP"} for name in common.service_ports(domain)]
     peers: list[dict[str, Any]] = [{"podSelector": {}}]
     if operator_namespace is not None:
         peers.append(
@@ -97,7 +100,9 @@ def network_policy(domain: api.MailDomain, *, operator_namespace: str | None) ->
 def dns_records(domain: api.MailDomain, *, dkim_record: str | None) -> list[dict[str, str]]:
     """The records to publish (status.dnsRecords), for the domain and each alias domain, since mail for an
     alias domain arrives by its own MX and the nodes sign its mail with the same key. `dkim_record` is
-    the TXT value of the domain's key (v=DKIM1; k=rsa; p=...), when there is one."""
+    the TXT value of the domain's key (v=DKIM1; k=rsa; p=...), when there is one. With a certificate
+    (the HTTPS listener), also what clients and other servers find the nodes by: MTA-STS and TLS
+    reporting, autoconfig/autodiscover host names and the RFC 6186 (and RFC 6764 for DAV) SRV records."""
     records: list[dict[str, str]] = []
     for name in (domain.spec.domain, *domain.spec.alias_domains):
         records += [
@@ -109,4 +114,47 @@ def dns_records(domain: api.MailDomain, *, dkim_record: str | None) -> list[dict
             records.append(
                 {"type": "TXT", "name": f"{domain.spec.dkim.selector}._domainkey.{name}", "value": dkim_record}
             )
+        if common.serves_https(domain):
+            records += _https_records(domain, name)
+    return records
+
+
+def mta_sts_policy(domain: api.MailDomain) -> str:
+    """The policy file the nodes serve (mailnode.web.server builds the same from the node config):
+    the record's id follows it."""
+    max_age = wire_config.WebConfig().mta_sts_max_age
+    return mtasts.policy(mode=domain.spec.mta_sts, mx=[common.mail_host(domain)], max_age=max_age)
+
+
+def _https_records(domain: api.MailDomain, name: str) -> list[dict[str, str]]:
+    host = f"{common.mail_host(domain)}."
+    ports = common.SERVICE_PORTS
+    records = [
+        {
+            "type": "TXT",
+            "name": f"_mta-sts.{name}",
+            "value": mtasts.txt_record(mta_sts_policy(domain)),
+        },  # RFC 8461 §3.1
+        # RFC 8460 §3: TLS failure reports to the domain's postmaster
+        {
+            "type": "TXT",
+            "name": f"_smtp._tls.{name}",
+            "value": f"v=TLSRPTv1; rua=mailto:postmaster@{domain.spec.domain}",
+        },
+        {"type": "CNAME", "name": f"mta-sts.{name}", "value": host},
+        {"type": "CNAME", "name": f"autoconfig.{name}", "value": host},
+        {"type": "CNAME", "name": f"autodiscover.{name}", "value": host},
+        # RFC 6186 §3 (priority weight port target), and RFC 8314 §5.1 for implicit-TLS submission
+        {"type": "SRV", "name": f"_submissions._tcp.{name}", "value": f"0 1 {ports['submissions']} {host}"},
+        {"type": "SRV", "name": f"_submission._tcp.{name}", "value": f"0 1 {ports['submission']} {host}"},
+        {"type": "SRV", "name": f"_imaps._tcp.{name}", "value": f"0 1 {ports['imaps']} {host}"},
+        {"type": "SRV", "name": f"_imap._tcp.{name}", "value": f"0 1 {ports['imap']} {host}"},
+    ]
+    if domain.spec.dav.enabled:  # RFC 6764 §3, §4: the service and its context path
+        https = common.HTTPS_SERVICE_PORT["https"]
+        for service in ("caldavs", "carddavs"):
+            records += [
+                {"type": "SRV", "name": f"_{service}._tcp.{name}", "value": f"0 1 {https} {host}"},
+                {"type": "TXT", "name": f"_{service}._tcp.{name}", "value": "path=/dav/"},
+            ]
     return records

@@ -42,6 +42,8 @@ def node_config(
     (the StatefulSet mounts it at common.INTERNAL_DIR)."""
     spec = domain.spec
     entry: dict[str, Any] = {"domain": spec.domain, "alias_domains": list(spec.alias_domains)}
+    if spec.mta_sts != "testing":  # only what differs from the node's default: no roll for the others
+        entry["mta_sts"] = spec.mta_sts
     if spec.dkim is not None:
         key_file = f"{common.DKIM_DIR}/{common.DKIM_KEY}"
         entry["dkim"] = wire_config.DKIMConfig(selector=spec.dkim.selector, key_file=key_file)
@@ -88,6 +90,7 @@ def node_config(
         fields["backup"] = wire_config.BackupConfig(dir=backup_dir)
     if spec.tls is not None and tls_dir is not None:
         fields["tls"] = wire_config.TLSConfig(cert_file=f"{tls_dir}/tls.crt", key_file=f"{tls_dir}/tls.key")
+        fields["web"] = wire_config.WebConfig(dav=spec.dav.enabled)  # the HTTPS listener needs the certificate
     config = wire_config.NodeConfig(**fields)
     return config.model_dump(mode="json", exclude_unset=True)
 

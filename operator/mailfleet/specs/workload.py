@@ -80,8 +80,13 @@ def pod_disruption_budget(domain: api.MailDomain) -> kube_types.Manifest:
 
 
 def container_ports(domain: api.MailDomain) -> dict[str, int]:
-    """The node container's named ports: the pod contract's, and the internal ones of a clustered domain."""
-    return {**common.CONTAINER_PORTS, **(common.INTERNAL_PORTS if common.clustered(domain) else {})}
+    """The node container's named ports: the pod contract's, https with a certificate, and the internal ones
+    of a clustered domain."""
+    return {
+        **common.CONTAINER_PORTS,
+        **(common.HTTPS_CONTAINER_PORT if common.serves_https(domain) else {}),
+        **(common.INTERNAL_PORTS if common.clustered(domain) else {}),
+    }
 
 
 def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:

@@ -1,12 +1,12 @@
-// Command csi-hostpath is the tests' single-node CSI driver (tests/cluster/test_csi.py, built by
-// scripts/build-csi): volumes and snapshots are directories under --data, a snapshot a copy of its
+// Package csihostpath is the tests' single-node CSI driver (tests/cluster/test_csi.py), run as
+// `csi-hostpath` of the multi-call binary in tools/controlplane (built by scripts/build-cluster): volumes and snapshots are directories under --data, a snapshot a copy of its
 // volume (cp -a: owners and modes kept, so a restored mail store belongs to the node's user), a volume
 // made from a snapshot a copy of it, a published volume a bind mount into kubelet's pod directory. It
 // also answers kubelet's plugin registration on --registry, which node-driver-registrar does for a
 // driver in a pod. The kubernetes-csi hostpath driver would do, but the Go module proxy does not serve
 // it (nor node-driver-registrar), so this is the least that csi-provisioner, csi-snapshotter and
 // kubelet need: one node, no attach, no staging, no topology, no capacity accounting.
-package main
+package csihostpath
 
 import (
 	"context"
@@ -160,12 +160,15 @@ func serve(path string, register func(*grpc.Server)) {
 	go func() { log.Fatal(s.Serve(l)) }()
 }
 
-func main() {
-	registry := flag.String("registry", "", "kubelet's plugins_registry directory")
-	flag.StringVar(&endpoint, "endpoint", "", "the CSI socket")
-	flag.StringVar(&data, "data", "", "where volumes and snapshots live")
-	flag.StringVar(&nodeID, "node", "", "node id")
-	flag.Parse()
+// Main runs the driver with its command-line arguments (without the program name) until it is killed.
+// A flag set of its own: the multi-call binary's other commands own the global one.
+func Main(args []string) int {
+	flags := flag.NewFlagSet("csi-hostpath", flag.ExitOnError)
+	registry := flags.String("registry", "", "kubelet's plugins_registry directory")
+	flags.StringVar(&endpoint, "endpoint", "", "the CSI socket")
+	flags.StringVar(&data, "data", "", "where volumes and snapshots live")
+	flags.StringVar(&nodeID, "node", "", "node id")
+	_ = flags.Parse(args) // ExitOnError: it exits on a bad flag
 	serve(endpoint, func(s *grpc.Server) {
 		var srv server
 		csi.RegisterIdentityServer(s, srv)

@@ -1,0 +1,426 @@
+"""Mailbox moves, the Kubernetes side (DESIGN.md "Clustering", "Moving a mailbox"): which mailboxes of a
+domain move, when the StatefulSet grows or shrinks around them, and driving each recorded move one step
+per reconcile with the driver (mailfleet.moving), each step recorded in the Mailbox's status before the
+next one runs. reconcile/domain.py calls, in its order: `layout` (what runs now), `plan` (pure: what
+should move, how many nodes to run), then after the objects are applied `drive` and `progress`.
+
+What moves:
+  - a scale-up (spec.replicas above the number the homes are balanced over, the StatefulSet annotation
+    mailfleet.io/placed-over): exactly the mailboxes whose rendezvous home over the new ordinals differs
+    from the home the directory records; the StatefulSet grows first, moves start once every node is
+    ready and up to date;
+  - a scale-down: every mailbox homed on an ordinal that goes, to its rendezvous home among those that
+    stay; the StatefulSet keeps its nodes until no mailbox is homed on (or moving from or to) them;
+  - a Mailbox annotated mailfleet.io/move-to: "<ordinal>" (draining a node): to that ordinal, which then
+    stays its home (a later scale-up does not move it away while the annotation is there).
+At most spec.moves.parallel at once; recorded moves (an operator restarted mid-move) go on first, and a
+move that was rolled back waits `RETRY_AFTER` before it is tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Final
+
+import aiohttp
+
+from mailfleet import api, kube_types, moving, nodes, specs
+from mailfleet.reconcile import conditions
+from mailfleet.reconcile.conditions import Condition
+from mailfleet.reconcile.context import Context, DomainKey, object_key
+from mailfleet.reconcile.status import Report
+
+log = logging.getLogger(__name__)
+
+# On the StatefulSet (which the operator owns and reads at every reconcile): how many ordinals the
+# recorded homes are balanced over. Below spec.replicas, a scale-up's moves are not all done.
+PLACED_OVER: Final = "mailfleet.io/placed-over"
+RETRY_AFTER: Final = 300.0  # seconds before a rolled-back move is planned again
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The nodes of a domain as the reconcile finds them."""
+
+    target: int  # spec.replicas
+    running: int | None  # the StatefulSet's spec.replicas; None before it exists
+    placed_over: int  # the ordinals the recorded homes are balanced over
+
+    @property
+    def serving(self) -> int:
+        """The ordinals that may hold a home now: the StatefulSet's until a scale-down has moved them off."""
+        return max(self.target, self.running or 0)
+
+
+def layout(domain: api.MailDomain, existing: kube_types.StatefulSet | None) -> Layout:
+    target = domain.spec.replicas
+    if existing is None:
+        return Layout(target, None, target)
+    running = (existing.get("spec") or {}).get("replicas")
+    running = int(running) if running is not None else target
+    annotation = ((existing.get("metadata") or {}).get("annotations") or {}).get(PLACED_OVER)
+    # An operator before moves wrote no annotation: the homes were placed over the nodes that run.
+    placed = int(annotation) if annotation is not None and annotation.isdigit() else running
+    return Layout(target, running, placed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Wanted:
+    """A move planned, not started yet."""
+
+    address: str
+    source: int
+    target: int
+    why: str  # "forced", "scale-down", "scale-up"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    replicas: int  # what the StatefulSet runs now
+    placed_over: int  # its annotation
+    active: dict[str, moving.Move]  # recorded moves, by address, in the order they go on
+    waiting: list[Wanted]  # planned, in the order they start
+
+    @property
+    def idle(self) -> bool:
+        return not self.active and not self.waiting
+
+
+def wanted_home(address: str, home: int, *, layout: Layout, forced: int | None) -> tuple[int, str]:
+    """Where the mailbox should be, and why it moves when that is not `home`."""
+    if forced is not None:
+        return forced, "forced"
+    if home >= layout.target:
+        return specs.placement.rendezvous(address, layout.target), "scale-down"
+    if layout.placed_over < layout.target:
+        return specs.placement.rendezvous(address, layout.target), "scale-up"
+    return home, ""
+
+
+_ORDER: Final = {"forced": 0, "scale-down": 1, "scale-up": 2}
+
+
+def plan(
+    homes: Mapping[str, int],
+    *,
+    layout: Layout,
+    recorded: Mapping[str, moving.Move],
+    forced: Mapping[str, int],
+    held: Iterable[str] = (),
+) -> Plan:
+    """What should move and how many nodes to run (pure). `homes`: the recorded home of each mailbox the
+    directory holds; `recorded`: the moves under way (status.move); `forced`: valid move-to annotations;
+    `held`: mailboxes not to start a move for now (one rolled back lately)."""
+    active = {address: move for address, move in sorted(recorded.items()) if address in homes}
+    pending = []
+    for address, home in sorted(homes.items()):
+        wanted, why = wanted_home(address, home, layout=layout, forced=forced.get(address))
+        if wanted != home and address not in active:
+            pending.append(Wanted(address, home, wanted, why))
+    pending.sort(key=lambda w: _ORDER[w.why])
+    hold = set(held)
+    waiting = [w for w in pending if w.address not in hold]
+    placed_over = layout.placed_over
+    if not active and not [w for w in pending if w.why != "forced"]:
+        placed_over = layout.target  # the homes are balanced over the nodes asked for
+    replicas = layout.target
+    if layout.running is not None and layout.running > layout.target:
+        # A scale-down: the StatefulSet shrinks only when nothing is homed on, or moving from or to, an
+        # ordinal that goes; until then it keeps every node (a partial shrink would roll all the pods, the
+        # peers' list being in their config, while moves are under way).
+        touched = [*homes.values(), *(m.source for m in active.values()), *(m.target for m in active.values())]
+        if any(ordinal >= layout.target for ordinal in touched):
+            replicas, placed_over = layout.running, layout.placed_over
+    return Plan(replicas, placed_over, active, waiting)
+
+
+def forced_target(body: kube_types.Mailbox, *, replicas: int) -> tuple[int | None, str | None]:
+    """The ordinal a Mailbox's mailfleet.io/move-to annotation asks for (None: none), or why it is not one."""
+    value = ((body.get("metadata") or {}).get("annotations") or {}).get(api.MOVE_TO_ANNOTATION)
+    if value is None:
+        return None, None
+    text = str(value).strip()
+    if text.isdigit() and int(text) < replicas:
+        return int(text), None
+    return None, (
+        f"{api.MOVE_TO_ANNOTATION}: {str(value)[:40]!r} is not a node of this domain: an ordinal from 0 to "
+        f"{replicas - 1} (spec.replicas is {replicas}); the mailbox stays where it is"
+    )
+
+
+# -- Mailbox.status.move <-> moving.Move --------------------------------------------------------------
+
+
+def forced_moves(
+    bodies: Mapping[str, kube_types.Mailbox], *, replicas: int
+) -> tuple[dict[str, int], dict[str, tuple[kube_types.Mailbox, str]]]:
+    """The valid move-to annotations (address -> ordinal), and the invalid ones with why."""
+    forced: dict[str, int] = {}
+    problems: dict[str, tuple[kube_types.Mailbox, str]] = {}
+    for address, body in bodies.items():
+        ordinal, problem = forced_target(body, replicas=replicas)
+        if ordinal is not None:
+            forced[address] = ordinal
+        elif problem is not None:
+            problems[address] = (body, problem)
+    return forced, problems
+
+
+def recorded_moves(ctx: Context, bodies: Mapping[str, kube_types.Mailbox]) -> dict[str, moving.Move]:
+    """The moves under way, as the Mailboxes' status.move records them (or as last written here)."""
+    found = {}
+    for address, body in bodies.items():
+        move = from_status(address, ctx.statuses.move_of(body))
+        if move is not None:
+            found[address] = move
+    return found
+
+
+def from_status(address: str, recorded: kube_types.MailboxMove | None) -> moving.Move | None:
+    """The move status.move records, None when there is none (or it is unreadable: edited by hand)."""
+    if not recorded:
+        return None
+    try:
+        return moving.Move(
+            address=address,
+            source=int(recorded["from"]),
+            target=int(recorded["to"]),
+            step=moving.Step(recorded["step"]),
+            since=str(recorded["since"]),
+            step_since=str(recorded.get("stepSince") or recorded["since"]),
+        )
+    except (KeyError, ValueError, TypeError):
+        log.warning("%s: status.move is unreadable, ignored: %r", address, recorded)
+        return None
+
+
+def to_status(move: moving.Move, message: str = "") -> kube_types.MailboxMove:
+    return {
+        "from": move.source,
+        "to": move.target,
+        "step": move.step.value,
+        "since": move.since,
+        "stepSince": move.step_since,
+        "message": message,
+    }
+
+
+# -- driving -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Driven:
+    """What a reconcile's moves did."""
+
+    flipped: dict[str, int] = dataclasses.field(default_factory=dict)  # address -> its new home
+    blocked: dict[str, str] = dataclasses.field(default_factory=dict)  # address -> why its step did not run
+    moving: int = 0  # moves under way after this reconcile
+    waiting: int = 0  # planned moves not started
+    started: bool = False  # moves may start (every node ready and up to date)
+
+
+def nodes_ready(statefulset: kube_types.StatefulSet, replicas: int) -> bool:
+    """Every node of the StatefulSet as applied is ready and runs the current spec: new moves may start."""
+    observed = statefulset.get("status") or {}
+    generation = (statefulset.get("metadata") or {}).get("generation")
+    return (
+        (generation is None or int(observed.get("observedGeneration") or 0) >= int(generation))
+        and int(observed.get("readyReplicas") or 0) >= replicas
+        and int(observed.get("updatedReplicas") or 0) >= replicas
+        and observed.get("currentRevision") == observed.get("updateRevision")
+    )
+
+
+async def drive(
+    ctx: Context,
+    domain: api.MailDomain,
+    the_plan: Plan,
+    *,
+    bodies: Mapping[str, kube_types.Mailbox],
+    may_start: bool,
+    parallel: int,
+    token: str,
+    ordinals: Sequence[int],
+    publish_home: Callable[[str, int], Awaitable[None]],
+) -> Driven:
+    """Start the waiting moves there is room for (when `may_start`), then advance every move one step,
+    each new step written to its Mailbox's status before this returns (and before any next step runs).
+    `bodies`: the Mailboxes by address; `publish_home(address, ordinal)`: write the directory with it."""
+    namespace, name = specs.common.namespace(domain), domain.metadata.name
+    driven = Driven(started=may_start)
+    if the_plan.idle:
+        ctx.metrics.mailboxes_moving.labels(namespace, name).set(0)
+        return driven
+    active = dict(the_plan.active)
+    if may_start:
+        for wanted in the_plan.waiting[: max(parallel - len(active), 0)]:
+            body = bodies[wanted.address]
+            move = moving.start(wanted.address, source=wanted.source, target=wanted.target, now=conditions.now())
+            if not await ctx.statuses.write_move(body, to_status(move)):
+                continue
+            active[wanted.address] = move
+            await ctx.recorder.event(
+                _mailbox(body),
+                "MoveStarted",
+                f"moving from node {move.source} to node {move.target} ({wanted.why})",
+                at=conditions.now(),
+            )
+    driven.waiting = len(the_plan.waiting) - (len(active) - len(the_plan.active))
+    if active:
+        where = moving.InCluster(namespace=namespace, name=name, token=token, template=ctx.node_url)
+        async with aiohttp.ClientSession() as session:
+            results = await asyncio.gather(
+                *(_step(ctx, bodies[a], m, where, session, ordinals, publish_home, driven) for a, m in active.items()),
+                return_exceptions=True,  # every step ends (and is recorded) before the session closes
+            )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # an API error: the reconcile is retried, the step asked again
+    driven.moving = sum(1 for a in active if ctx.statuses.move_of(bodies[a]) is not None)
+    ctx.metrics.mailboxes_moving.labels(namespace, name).set(driven.moving)
+    return driven
+
+
+async def _step(
+    ctx: Context,
+    body: kube_types.Mailbox,
+    move: moving.Move,
+    where: moving.DomainNodes,
+    session: aiohttp.ClientSession,
+    ordinals: Sequence[int],
+    publish_home: Callable[[str, int], Awaitable[None]],
+    driven: Driven,
+) -> None:
+    """One step of one move, and its record."""
+    address = move.address
+    try:
+        after = await moving.advance(move, nodes=where, session=session, ordinals=ordinals, publish_home=publish_home)
+    except nodes.NodeError as error:  # not reachable now: the same step, later
+        driven.blocked[address] = str(error)
+        await _note(ctx, body, move, f"waiting for a node: {error}")
+        return
+    except moving.MoveError as error:
+        await _failed(ctx, body, move, str(error), driven)
+        return
+    if move.step is moving.Step.FLIPPING:
+        driven.flipped[address] = move.target
+    if after.step is not moving.Step.DONE:
+        await ctx.statuses.write_move(body, to_status(after))
+        return
+    if not await ctx.statuses.write_move(body, None):
+        return
+    if move.step is moving.Step.ROLLING_BACK:
+        ctx.metrics.moves.labels("rolled_back").inc()
+        return
+    ctx.metrics.moves.labels("done").inc()
+    ctx.metrics.move_duration.observe(_seconds_since(move.since))
+    await ctx.recorder.event(
+        _mailbox(body), "MoveFinished", f"moved from node {move.source} to node {move.target}", at=conditions.now()
+    )
+
+
+async def _note(ctx: Context, body: kube_types.Mailbox, move: moving.Move, message: str) -> None:
+    """Say in status.move.message why the step did not run (once: not rewritten while it says so)."""
+    recorded = ctx.statuses.move_of(body) or {}
+    if recorded.get("message") != message:
+        await ctx.statuses.write_move(body, to_status(move, message))
+
+
+async def _failed(ctx: Context, body: kube_types.Mailbox, move: moving.Move, why: str, driven: Driven) -> None:
+    """A lasting refusal: roll back when the directory cannot name the target yet; after that, only going
+    forward is safe, so the step is tried again later (and says why)."""
+    driven.blocked[move.address] = why
+    at = conditions.now()
+    try:
+        back = moving.roll_back(move, now=at)
+    except moving.MoveError:
+        recorded = ctx.statuses.move_of(body) or {}
+        if recorded.get("message") != why:
+            ctx.metrics.moves.labels("failed").inc()
+            await ctx.recorder.event(_mailbox(body), "MoveFailed", f"{why}; trying again", type="Warning", at=at)
+        await _note(ctx, body, move, why)
+        return
+    if move.step is not moving.Step.ROLLING_BACK:
+        await ctx.recorder.event(
+            _mailbox(body),
+            "MoveFailed",
+            f"{why}; rolling back: the mailbox stays on node {move.source}",
+            type="Warning",
+            at=at,
+        )
+        ctx.statuses.retry_moves_after[object_key(body)] = time.monotonic() + RETRY_AFTER
+    await ctx.statuses.write_move(body, to_status(back, why))
+
+
+def held(ctx: Context, bodies: Iterable[kube_types.Mailbox]) -> set[str]:
+    """Mailboxes (lower-case addresses) whose move was rolled back lately: not planned again yet."""
+    now = time.monotonic()
+    found = set()
+    for body in bodies:
+        until = ctx.statuses.retry_moves_after.get(object_key(body))
+        if until is not None and until > now:
+            found.add(str(body["spec"]["address"]).lower())
+    return found
+
+
+async def report_bad_annotations(ctx: Context, problems: Mapping[str, tuple[kube_types.Mailbox, str]]) -> None:
+    """A Warning Event on each Mailbox whose move-to annotation is not an ordinal, once per value."""
+    for body, problem in problems.values():
+        key = object_key(body)
+        value = str(((body.get("metadata") or {}).get("annotations") or {}).get(api.MOVE_TO_ANNOTATION))
+        if ctx.statuses.move_to_reported.get(key) == value:
+            continue
+        ctx.statuses.move_to_reported[key] = value
+        await ctx.recorder.event(_mailbox(body), "InvalidMoveTo", problem, type="Warning", at=conditions.now())
+
+
+def _mailbox(body: kube_types.Mailbox) -> kube_types.Mailbox:
+    """The body with its kind, as an Event's involvedObject needs (the view's snapshots have it)."""
+    return {**body, "apiVersion": api.API_VERSION, "kind": "Mailbox"}
+
+
+def _seconds_since(at: str) -> float:
+    try:
+        then = datetime.datetime.fromisoformat(at.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return max((datetime.datetime.now(datetime.UTC) - then).total_seconds(), 0.0)
+
+
+# -- the domain's status ------------------------------------------------------------------------------
+
+
+def progress(report: Report, *, layout: Layout, the_plan: Plan, driven: Driven) -> Report:
+    """The domain reconcile's report with Progressing saying how far the moves are, while there are any."""
+    if driven.moving == 0 and driven.waiting == 0:
+        return report
+    shrinking = layout.running is not None and layout.running > layout.target
+    change = ""
+    if (layout.running is not None and layout.running != layout.target) or layout.placed_over != layout.target:
+        change = f" (replicas {max(layout.placed_over, layout.running or 0)} -> {layout.target})"
+    message = f"{driven.moving} mailboxes moving, {driven.waiting} waiting{change}"
+    reason = "MovingMailboxes"
+    if not driven.started:
+        message += "; new moves wait until every node is ready and up to date"
+    if shrinking and (driven.blocked or not driven.started):
+        reason = "ScaleDownBlocked"
+        ordinals = f"{layout.target}..{(layout.running or 1) - 1}"
+        message += f"; the StatefulSet keeps {the_plan.replicas} nodes until every mailbox on nodes {ordinals} moved"
+    if driven.blocked:
+        address, why = sorted(driven.blocked.items())[0]
+        message += f"; {len(driven.blocked)} blocked, {address}: {why}"
+    progressing = Condition("Progressing", "True", reason, message)
+    wanted = [progressing if c.type == "Progressing" else c for c in report.conditions]
+    return dataclasses.replace(report, conditions=wanted)
+
+
+def domain_gone(ctx: Context, key: DomainKey) -> None:
+    """The MailDomain was deleted: its series of moving mailboxes goes too."""
+    with contextlib.suppress(KeyError):
+        ctx.metrics.mailboxes_moving.remove(*key)

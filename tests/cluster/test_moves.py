@@ -1,0 +1,163 @@
+"""Mailbox moves on a real API server (issue 15): `mailfleet operator` out of the cluster, its node URL on
+fake mail nodes (tests/operator/fakenode.py FakeCluster, under /<ordinal>/ of one port), the test in the
+kubelet's place (no pod runs here: it marks the StatefulSet controller's pods Running and Ready, so the
+controller reports the nodes ready, rolled and scaled as it would). 3 -> 5 -> 2 replicas: the StatefulSet
+grows before anything moves, exactly the rendezvous difference moves, each Mailbox's status.node follows;
+shrinking, every mailbox leaves nodes 2..4 while the StatefulSet still has 5 nodes, then it shrinks."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mailfleet.specs import placement
+from tests.cluster.conftest import ROOT, ControlPlane
+from tests.cluster.test_control_plane import _get, _until
+from tests.operator.fakenode import FakeCluster, serving
+
+NAMESPACE = "moves"  # apart from the other tests' namespaces: they share the session's control plane
+PEOPLE = [f"user{i:02d}" for i in range(12)]
+ADDRESSES = [f"{name}@example.com" for name in PEOPLE]
+WITHIN = 180.0  # each pod started and rolled one at a time (OrderedReady), on a loaded machine
+
+
+@contextmanager
+def _kubelet(plane: ControlPlane) -> Iterator[None]:
+    """Marks every pod of the namespace Running and Ready (in a thread), as a kubelet would once the
+    containers pass their readiness probe."""
+    stop = threading.Event()
+
+    def run() -> None:
+        ready = json.dumps({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
+        while not stop.wait(0.5):
+            pods = _get(plane, "-n", NAMESPACE, "pods") or {"items": []}
+            for pod in pods["items"]:
+                conditions = (pod.get("status") or {}).get("conditions") or []
+                if not any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+                    plane.kubectl("-n", NAMESPACE, "patch", "pod", pod["metadata"]["name"], "--subresource=status",
+                                  "--type=merge", "-p", ready, check=False)  # fmt: skip
+
+    thread = threading.Thread(target=run, name="fake kubelet", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def _homes(plane: ControlPlane) -> dict[str, int] | None:
+    secret = _get(plane, "-n", NAMESPACE, "secret", "example-com-directory")
+    if secret is None:
+        return None
+    text = base64.b64decode(secret["data"]["directory.yaml"])
+    entries = yaml.safe_load(text).get("mailboxes") or []
+    return {e["address"]: int(e.get("home", 0)) for e in entries} if len(entries) == len(PEOPLE) else None
+
+
+def _settled(plane: ControlPlane, expected: dict[str, int]) -> bool:
+    """The directory says `expected`, no Mailbox is moving and each one's status.node says its home."""
+    if _homes(plane) != expected:
+        return False
+    boxes = (_get(plane, "-n", NAMESPACE, "mbx") or {"items": []})["items"]
+    return len(boxes) == len(PEOPLE) and all(
+        "move" not in (b.get("status") or {})
+        and (b.get("status") or {}).get("node") == f"example-com-{expected[b['spec']['address']]}"
+        for b in boxes
+    )
+
+
+def _statefulset(plane: ControlPlane) -> dict[str, Any]:
+    sts = _get(plane, "-n", NAMESPACE, "statefulset", "example-com")
+    assert sts is not None
+    return sts
+
+
+def _ready(plane: ControlPlane, replicas: int) -> bool:
+    status = _statefulset(plane).get("status") or {}
+    return (
+        _statefulset(plane)["spec"]["replicas"] == replicas
+        and status.get("readyReplicas") == replicas
+        and status.get("currentRevision") == status.get("updateRevision")
+    )
+
+
+def test_three_to_five_to_two_replicas_on_a_real_api_server(control_plane: ControlPlane, tmp_path: Path) -> None:
+    plane = control_plane
+    plane.kubectl("apply", "-f", str(ROOT / "crds"))
+    plane.kubectl("wait", "--for=condition=established", "crd", "--all", "--timeout=60s")
+    plane.kubectl("create", "namespace", NAMESPACE)
+    cluster = FakeCluster(5)
+    seen_replicas: list[int] = []
+
+    async def look(_: str) -> None:  # in the fakes' loop, before a move request is answered
+        seen_replicas.append((await asyncio.to_thread(_statefulset, plane))["spec"]["replicas"])
+
+    with serving(cluster), _kubelet(plane):
+        log = (tmp_path / "operator.log").open("wb")
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "mailfleet.cli", "operator", "--namespace", NAMESPACE, "--usage-interval", "0",
+             "--node-url", cluster.template],
+            env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)}, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            plane.kubectl("-n", NAMESPACE, "create", "secret", "generic", "example-com-internal",
+                          f"--from-literal=token={cluster.nodes[0].token}")  # fmt: skip
+            plane.kubectl("-n", NAMESPACE, "create", "secret", "generic", "password", "--from-literal=password=pw")
+            manifests = ["apiVersion: mailfleet.io/v1alpha1\nkind: MailDomain\nmetadata: {name: example-com}\n"
+                         "spec: {domain: example.com, replicas: 3, moves: {parallel: 3}}\n"]  # fmt: skip
+            manifests += [
+                f"apiVersion: mailfleet.io/v1alpha1\nkind: Mailbox\nmetadata: {{name: {name}}}\n"
+                f"spec: {{address: {name}@example.com, passwordSecretRef: {{name: password}}}}\n"
+                for name in PEOPLE
+            ]
+            plane.kubectl("-n", NAMESPACE, "apply", "-f", "-", stdin="---\n".join(manifests))
+            three = {a: placement.rendezvous(a, 3) for a in ADDRESSES}
+            _until(lambda: _settled(plane, three), "every mailbox placed over 3 nodes", within=WITHIN)
+            cluster.place(three)
+            _until(lambda: _ready(plane, 3), "3 nodes ready", within=WITHIN)
+
+            # 3 -> 5: the StatefulSet grows (and rolls: the peers are in the nodes' config), then the moves.
+            plane.kubectl("-n", NAMESPACE, "patch", "md", "example-com", "--type=merge", "-p",
+                          '{"spec": {"replicas": 5}}')  # fmt: skip
+            five = {a: placement.rendezvous(a, 5) for a in ADDRESSES}
+            _until(lambda: _settled(plane, five), "every mailbox placed over 5 nodes", within=WITHIN)
+            up = {a for a in ADDRESSES if five[a] != three[a]}
+            assert up and cluster.moved() == up
+            assert cluster.holders() == {a: [five[a]] for a in ADDRESSES}
+            _until(
+                lambda: _statefulset(plane)["metadata"]["annotations"].get("mailfleet.io/placed-over") == "5",
+                "the homes balanced over 5",
+                within=WITHIN,
+            )
+
+            # 5 -> 2: everything on nodes 2..4 moves off while the StatefulSet keeps 5 nodes; then it shrinks.
+            for node in cluster.nodes:
+                node.on_move = look
+                node.calls.clear()
+            plane.kubectl("-n", NAMESPACE, "patch", "md", "example-com", "--type=merge", "-p",
+                          '{"spec": {"replicas": 2}}')  # fmt: skip
+            two = {a: placement.rendezvous(a, 2) for a in ADDRESSES}
+            _until(lambda: _settled(plane, two), "every mailbox placed over 2 nodes", within=WITHIN)
+            assert cluster.moved() == {a for a in ADDRESSES if five[a] >= 2}
+            assert cluster.holders() == {a: [two[a]] for a in ADDRESSES}
+            assert seen_replicas and set(seen_replicas) == {5}
+            _until(lambda: _statefulset(plane)["spec"]["replicas"] == 2, "the StatefulSet shrunk", within=WITHIN)
+            domain = _get(plane, "-n", NAMESPACE, "md", "example-com")
+            assert domain is not None and domain["spec"]["replicas"] == 2
+        finally:
+            operator.send_signal(signal.SIGTERM)
+            code = operator.wait(30)
+    assert code == 0, (tmp_path / "operator.log").read_text()[-3000:]
