@@ -7,9 +7,12 @@ the options declared in mailfleet.options."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Final
 
 import kopf
 
@@ -79,7 +82,31 @@ def _routine_success(record: logging.LogRecord) -> bool:
     return not (record.levelno == logging.INFO and routine)
 
 
+# glibc's malloc settings for the operator (mallopt(3); the numbers are malloc.h's), each unless its
+# environment variable (MALLOC_ARENA_MAX, ...) is set. Two arenas, not eight per core: the operator's
+# threads (kopf's executor, password hashing, DNS) allocate little, and every arena keeps its freed memory.
+# Blocks of 128 KiB or more always mmap'd, and freed memory above 128 KiB given back: glibc otherwise raises
+# both thresholds after the first large free (a reconcile's directory of ten thousand mailboxes is a few
+# MiB of text, gzip and JSON), and each large buffer then stays in the heap after its reconcile.
+_MALLOPT: Final = (
+    ("MALLOC_ARENA_MAX", -8, 2),
+    ("MALLOC_MMAP_THRESHOLD_", -3, 128 * 1024),
+    ("MALLOC_TRIM_THRESHOLD_", -1, 128 * 1024),
+)
+
+
+def _tune_malloc() -> None:
+    """Before any thread starts (arenas are made per thread). Nothing where there is no mallopt (not glibc)."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return
+    for variable, parameter, value in _MALLOPT:
+        if variable not in os.environ:
+            mallopt(parameter, value)
+
+
 def _operator(args: argparse.Namespace) -> int:
+    _tune_malloc()
     operator = handlers.Operator(options.from_arguments(args))
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.FULL)
     if not args.verbose:  # --verbose: every line, as kopf logs it

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import copy
 import dataclasses
+import json
 import logging
 import os
 import sys
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -43,6 +44,7 @@ MANAGED: Final = {"app.kubernetes.io/managed-by": "mailfleet-operator"}
 # most a third of the operator's time goes to one domain's reconciles, the rest to the watch events they
 # read (10,000 Mailboxes: about 20 reconciles of 1.5 s, not 35 of 1 s, and the directory complete sooner).
 RECONCILE_SPACING: Final = 2.0
+QUEUE_IDLE_TIMEOUT: Final = 0.5  # seconds; see startup
 
 
 # Indexes: what reconcile/ reads instead of listing the API. Coroutines, as every handler below: kopf runs
@@ -63,12 +65,32 @@ def _snapshot(body: kopf.Body) -> dict[str, Any]:
             key: _shared(meta.get(key)) if key in ("namespace", "creationTimestamp") else meta.get(key)
             for key in ("name", "namespace", "uid", "generation", "creationTimestamp", "resourceVersion")
         },
-        "spec": copy.deepcopy(dict(body.spec)),
-        "status": _shared(dict(body.status)),  # a copy
+        "spec": _keys_shared(body.spec),
+        "status": _shared_status(body.status),
     }
     if (move_to := meta.annotations.get(api.MOVE_TO_ANNOTATION)) is not None:  # a forced move (reconcile/moves.py)
         snapshot["metadata"]["annotations"] = {api.MOVE_TO_ANNOTATION: move_to}
     return snapshot
+
+
+class _Status(dict[str, Any]):
+    """A status held by index snapshots: one object for every snapshot whose status says the same (a dict
+    subclass, so that the shared ones are held weakly, for as long as a snapshot holds them)."""
+
+
+# Ten thousand Mailboxes served by one reconcile have one status: the same condition, node and
+# generation (about 0.6 KiB a Mailbox held once, not ten thousand times).
+_STATUSES: Final[weakref.WeakValueDictionary[str, _Status]] = weakref.WeakValueDictionary()
+
+
+def _shared_status(status: Mapping[str, Any]) -> _Status:
+    """A status of the same content as `status`, shared; nothing changes an index's snapshots."""
+    copied = dict(status)  # kopf's Status view: its values are the JSON's own
+    content = json.dumps(copied, sort_keys=True, separators=(",", ":"))
+    found = _STATUSES.get(content)
+    if found is None:
+        found = _STATUSES[content] = _Status(_shared(copied))
+    return found
 
 
 def _shared(value: Any) -> Any:
@@ -79,6 +101,16 @@ def _shared(value: Any) -> Any:
         return {_shared(key): _shared(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_shared(item) for item in value]
+    return value
+
+
+def _keys_shared(value: Any) -> Any:
+    """A copy of `value` (JSON) whose mapping keys are interned ("address", "passwordSecretRef", ...: each
+    object's JSON decoded its own), its other strings the JSON's own (each object's address is its own)."""
+    if isinstance(value, Mapping):
+        return {sys.intern(str(key)): _keys_shared(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_keys_shared(item) for item in value]
     return value
 
 
@@ -244,6 +276,10 @@ class Operator:
         settings.persistence.finalizer = f"{GROUP}/finalizer"
         settings.posting.enabled = False
         settings.watching.server_timeout = 300
+        # kopf keeps a worker (a task, its queue and its frames: a few KiB) for each object with recent
+        # events until it has been idle this long (default 5 s). Applying ten thousand Mailboxes and their
+        # Secrets kept thousands alive at once; a new event of an object whose worker has gone starts one.
+        settings.queueing.idle_timeout = QUEUE_IDLE_TIMEOUT
         settings.watching.client_timeout = 330
         self.indices = {index.__name__: kwargs[index.__name__] for _, index in _INDEXES}
 
@@ -361,7 +397,9 @@ class Operator:
         self.running().router.domain_changed(type, body)
 
     async def mailbox_event(self, type: str, body: kopf.Body, **_: Any) -> None:
-        await self.running().router.mailbox_changed(type, _snapshot(body))
+        state, snapshot = self.running(), _snapshot(body)
+        state.ctx.statuses.shown(snapshot)  # type: ignore[arg-type]  # a Mailbox's JSON
+        await state.router.mailbox_changed(type, snapshot)
 
     async def mailbackup_event(self, type: str | None, body: kopf.Body, **_: Any) -> None:
         """A MailBackup neither Completed nor Failed is taken (reconcile/backup.py), once at a time. A coroutine:

@@ -7,7 +7,7 @@ import itertools
 import time
 from typing import Any
 
-from mailfleet import k8s, kube_types
+from mailfleet import api, k8s, kube_types
 from mailfleet.k8s.events import Recorder
 from mailfleet.metrics import OperatorMetrics
 from mailfleet.reconcile import conditions, mailboxes
@@ -242,5 +242,56 @@ async def test_a_verdict_the_status_says_already_is_not_queued_and_a_shown_write
     mailboxes.write_status(ctx, shown, served)  # the next reconcile's verdict, on the body the watch shows now
     assert len(ctx.statuses) == 0  # nothing to write: not even queued
     assert ctx.statuses.remembered == {}  # and nothing left to remember
+    assert len(client.patches) == 1
+    await ctx.statuses.stop()
+
+
+def test_remembered_mailbox_models_share_their_fields_sets_and_read_as_validated() -> None:
+    ctx = recording_context(_RecordingClient())
+    models = []
+    for n, extra in enumerate(({}, {}, {"aliases": ["a@example.com"]})):
+        spec = {"address": f"u{n}@example.com", "passwordSecretRef": {"name": f"u{n}"}, **extra}
+        body: kube_types.Mailbox = {
+            "apiVersion": "mailfleet.io/v1alpha1",
+            "kind": "Mailbox",
+            "metadata": {"name": f"u{n}", "namespace": "mail", "uid": f"uid{n}", "generation": 1},
+            "spec": spec,  # type: ignore[typeddict-item]
+        }
+        model, invalid = mailboxes._parse(ctx, body)
+        assert model is not None and invalid == ""
+        fresh = api.Mailbox.model_validate({**body, "metadata": {"name": f"u{n}", "namespace": "mail"}})
+        assert model.spec == fresh.spec  # what the reconcile reads, unchanged
+        assert model.spec.model_fields_set == fresh.spec.model_fields_set
+        assert model.model_dump(exclude_unset=True, exclude={"status"}) == fresh.model_dump(
+            exclude_unset=True, exclude={"status"}
+        )
+        models.append(model)
+    first, second, third = models
+    # one set per content, not one per model
+    assert first.spec.model_fields_set is second.spec.model_fields_set
+    assert first.metadata.model_fields_set is second.metadata.model_fields_set
+    assert first.spec.password_secret_ref.model_fields_set is third.spec.password_secret_ref.model_fields_set
+    assert third.spec.model_fields_set is not first.spec.model_fields_set  # it set aliases too
+    assert "aliases" in third.spec.model_fields_set and "aliases" not in first.spec.model_fields_set
+    copied = first.model_copy(update={"kind": "Mailbox"})  # a copy's set is its own: the shared one stays
+    assert copied.model_fields_set is not first.model_fields_set
+    assert mailboxes._parse(ctx, body)[0] is third  # remembered: not validated again
+
+
+async def test_a_written_status_is_remembered_as_the_watch_shows_it() -> None:
+    client = _RecordingClient()
+    ctx = recording_context(client)
+    served = Condition("Ready", "True", "Served", "in the directory of MailDomain example-com")
+    body: kube_types.Mailbox = {"metadata": {"name": "alice", "namespace": "mail", "uid": "u1", "generation": 1}}
+    await written(ctx, body, served)
+    ctx.statuses.shown(body)  # an event from before the write: the written status is remembered
+    assert ctx.statuses.remembered["u1"] == client.patches[0]["status"]
+    shown: kube_types.Mailbox = {**body, "status": client.patches[0]["status"].copy()}
+    ctx.statuses.shown(shown)
+    assert ctx.statuses.remembered["u1"] is shown["status"]  # the watch's own copy, not a second one
+    # A reconcile that read the Mailbox before the write still writes nothing.
+    mailboxes.write_status(ctx, body, served)
+    assert len(ctx.statuses) == 0
+    await asyncio.wait_for(ctx.statuses.idle(), 5)
     assert len(client.patches) == 1
     await ctx.statuses.stop()
