@@ -20,11 +20,11 @@ import datetime
 import email.utils
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from mailnode import gateway
 from mailnode.imap import mime, protocol, responses, search
-from mailnode.imap.session import Selected, Session
+from mailnode.imap.session import AnalysisCache, Selected, Session
 from mailnode.store.account import Message
 
 _SEARCH_BATCH = 256  # messages (headers or whole) read per Gateway trip while answering SEARCH
@@ -75,13 +75,7 @@ async def _indexed_fields(session: Session, messages: Sequence[Message]) -> dict
     assert session.selected is not None and session.account is not None and session.user is not None
     cache, address = session.analysis_cache, session.user.address
     result: dict[int, dict[str, str | None]] = {}
-    lacking: list[Message] = []
-    for message in messages:
-        known = cache.headers((address, message.path))
-        if known.keys() >= _INDEXED:
-            result[message.uid] = known
-        else:
-            lacking.append(message)
+    lacking = _known_fields(cache, address, messages, result)
     if not lacking:
         return result
     # One session at a time fills a mailbox's fields (sessions that waited find them in memory). Not the
@@ -90,18 +84,26 @@ async def _indexed_fields(session: Session, messages: Sequence[Message]) -> dict
         return await _fill_fields(session, lacking, result)
 
 
-async def _fill_fields(
-    session: Session, lacking: list[Message], result: dict[int, dict[str, str | None]]
-) -> dict[int, dict[str, str | None]]:
-    assert session.selected is not None and session.account is not None and session.user is not None
-    cache, address, name = session.analysis_cache, session.user.address, session.selected.name
-    waited, lacking = lacking, []
-    for message in waited:  # filled by the session this one waited for
+def _known_fields(
+    cache: AnalysisCache, address: str, messages: Iterable[Message], result: dict[int, dict[str, str | None]]
+) -> list[Message]:
+    """Put into `result` (by UID) the messages whose indexed fields the node's memory holds; the others."""
+    lacking = []
+    for message in messages:
         known = cache.headers((address, message.path))
         if known.keys() >= _INDEXED:
             result[message.uid] = known
         else:
             lacking.append(message)
+    return lacking
+
+
+async def _fill_fields(
+    session: Session, lacking: list[Message], result: dict[int, dict[str, str | None]]
+) -> dict[int, dict[str, str | None]]:
+    assert session.selected is not None and session.account is not None and session.user is not None
+    cache, address, name = session.analysis_cache, session.user.address, session.selected.name
+    lacking = _known_fields(cache, address, lacking, result)  # filled by the session this one waited for
     if not lacking:
         return result
     stored = await session.account.search_fields(name, [m.uid for m in lacking])
