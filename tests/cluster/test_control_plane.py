@@ -93,7 +93,9 @@ def test_the_chart_and_the_operator_on_a_real_api_server(control_plane: ControlP
         assert _condition(domain, "Degraded")["status"] == "False"
         assert _condition(domain, "Ready")["reason"] == "NodesNotReady"  # no kubelet: the pod never runs
         assert domain["status"]["observedGeneration"] == domain["metadata"]["generation"] == 1
-        assert {r["type"] for r in domain["status"]["dnsRecords"]} == {"MX", "TXT"}
+        records = {(r["type"], r["name"]) for r in domain["status"]["dnsRecords"]}
+        assert {kind for kind, _ in records} == {"MX", "TXT", "CNAME", "SRV"}  # TLS: client set-up, MTA-STS
+        assert {("TXT", "_mta-sts.example.com"), ("CNAME", "autoconfig.example.com")} <= records
         alice = _until(
             lambda: _condition(_get(plane, "-n", "mail", "mbx", "alice"), "Ready").get("reason") == "Served",
             "alice Served",
