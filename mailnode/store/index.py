@@ -25,7 +25,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 SCHEMA_VERSION = 4
 _IN_LIMIT = 500  # UIDs per `IN (...)` query, well under SQLite's parameter limit
@@ -166,28 +166,24 @@ class _Queries:
         return FolderStatus(folder, count, unseen, size, recent)
 
     def structures(self, name: str, uids: Iterable[int]) -> dict[int, str | None]:
+        return self._column_by_uid(name, uids, "structure")
+
+    def search_fields(self, name: str, uids: Iterable[int]) -> dict[int, str]:
+        """The cached search fields of those messages of a folder that have them (see `set_search_fields`)."""
+        return {uid: fields for uid, fields in self._column_by_uid(name, uids, "search").items() if fields is not None}
+
+    def _column_by_uid(
+        self, name: str, uids: Iterable[int], column: Literal["structure", "search"]
+    ) -> dict[int, str | None]:
+        """One cached text column of those messages of a folder, by UID, read in chunks of _IN_LIMIT."""
         wanted = sorted(set(uids))
         result: dict[int, str | None] = {}
         for start in range(0, len(wanted), _IN_LIMIT):
             chunk = wanted[start : start + _IN_LIMIT]
             marks = ",".join("?" * len(chunk))
             sql = (
-                "SELECT m.uid, m.structure FROM messages m JOIN folders f ON f.id = m.folder_id"
+                f"SELECT m.uid, m.{column} FROM messages m JOIN folders f ON f.id = m.folder_id"
                 f" WHERE f.name = ? AND m.uid IN ({marks})"
-            )
-            result.update(self._db.execute(sql, (name, *chunk)).fetchall())
-        return result
-
-    def search_fields(self, name: str, uids: Iterable[int]) -> dict[int, str]:
-        """The cached search fields of those messages of a folder that have them (see `set_search_fields`)."""
-        wanted = sorted(set(uids))
-        result: dict[int, str] = {}
-        for start in range(0, len(wanted), _IN_LIMIT):
-            chunk = wanted[start : start + _IN_LIMIT]
-            marks = ",".join("?" * len(chunk))
-            sql = (
-                "SELECT m.uid, m.search FROM messages m JOIN folders f ON f.id = m.folder_id"
-                f" WHERE f.name = ? AND m.uid IN ({marks}) AND m.search IS NOT NULL"
             )
             result.update(self._db.execute(sql, (name, *chunk)).fetchall())
         return result
