@@ -54,7 +54,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -259,6 +259,32 @@ def build_app(
     return app
 
 
+Write = Callable[[bytes], Coroutine[Any, Any, None]]  # StreamResponse.write
+
+
+async def _stream(
+    request: web.Request,
+    response: web.StreamResponse,
+    produce: Callable[[Write], Awaitable[object]],
+    *,
+    failed: Callable[[Exception], None] | None = None,
+) -> web.StreamResponse:
+    """Send `response`'s status line, then what `produce` writes. Should it fail after the status line is
+    sent, the connection ends without the last chunk, so the client sees an incomplete archive rather
+    than a short one that looks whole."""
+    await response.prepare(request)
+    try:
+        await produce(response.write)
+    except Exception as error:
+        if failed is not None:
+            failed(error)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
+
+
 def _add_queue_routes(app: web.Application, queue: QueueOps, guard: Guard) -> None:
     async def list_view(request: web.Request) -> web.Response:
         try:
@@ -354,17 +380,8 @@ def _add_backup_routes(app: web.Application, ops: BackupOps, guard: Guard) -> No
                         admin.BYTES_HEADER: str(staged.bytes),
                     }
                 )
-                await response.prepare(request)
-                try:
-                    await ops.jobs.stream(staged, response.write)
-                except Exception:  # logged and counted by the writer; the client may have gone
-                    # The status line is sent: end the connection without the last chunk, so the client
-                    # sees an incomplete archive rather than a short one that looks whole.
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return response
-                await response.write_eof()
-                return response
+                # A failure is logged and counted by the writer; the client may have gone.
+                return await _stream(request, response, lambda write: ops.jobs.stream(staged, write))
         except checkpoints.Unavailable as error:
             return _error(503, str(error))
         except Exception as error:
@@ -471,18 +488,12 @@ def _add_move_routes(app: web.Application, moves: move.Moves, guard: Guard) -> N
             ) as export:
                 if export.freeze is not None:
                     response.headers[hdrs.ETAG] = f'"{export.freeze}"'
-                await response.prepare(request)
-                try:
-                    await export.stream(response.write)
-                except Exception as error:
-                    # The status line is sent: end the connection without the end of the archive, so the
-                    # caller sees a cut stream (its copy is refused) rather than a short one.
-                    log.warning("move export failed", extra={"fields": {"error": str(error)}})
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return response
-                await response.write_eof()
-                return response
+                return await _stream(  # a cut stream: the caller's copy is refused
+                    request,
+                    response,
+                    export.stream,
+                    failed=lambda error: log.warning("move export failed", extra={"fields": {"error": str(error)}}),
+                )
         except move.Refused as error:
             return _error(error.status, str(error))
         except move.Unchanged:
