@@ -581,7 +581,7 @@ def _addresses(value: bytes | None) -> bytes:
         return b"NIL"
     rendered: list[bytes] = []
     in_group = False
-    for text, separator in _split_address_list(value.decode("latin-1")):
+    for text, separator in split_address_list(value.decode("latin-1")):
         if len(rendered) >= MAX_ADDRESSES:
             break
         if separator == ":" and not in_group:
@@ -598,7 +598,7 @@ def _addresses(value: bytes | None) -> bytes:
     return b"(" + b"".join(rendered) + b")" if rendered else b"NIL"
 
 
-def _split_address_list(text: str) -> Iterator[tuple[str, str]]:
+def split_address_list(text: str) -> Iterator[tuple[str, str]]:
     """The pieces of an address list between top-level "," ":" and ";" (outside quoted strings, comments
     and angle brackets), each with the separator that ended it ("" at the end)."""
     piece_start = 0

@@ -94,7 +94,7 @@ def _first_mailbox(value: str | None) -> str:
     part (MAILER-DAEMON)."""
     if not value:
         return ""
-    text, separator = next(mime._split_address_list(value))
+    text, separator = next(mime.split_address_list(value))
     if separator == ":":
         return _ascii_upper(text.strip().strip('"'))
     try:
