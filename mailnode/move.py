@@ -233,7 +233,8 @@ class Moves:
         every file of `.dav/` that davfiles carries (under its DAV lock: a final export, made under the
         freeze, holds every write DAV accepted, mailnode.web.dav), then SUMMARY. Checks (Refused) and the
         index copy happen on entering; the yielded Export streams through `write`. `final`: the mailbox
-        must be frozen, and every file listed is sent; Unchanged when the freeze is still `unless_freeze`, the one the caller's final copy was made under."""
+        must be frozen, and every file listed is sent; Unchanged when the freeze is still `unless_freeze`,
+        the one the caller's final copy was made under."""
         address = self._entry(address)
         hold = self._holds.get(address)
         if final and (hold is None or not self._store.is_frozen(address)):
