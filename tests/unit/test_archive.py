@@ -187,7 +187,7 @@ def test_members_come_in_the_documented_order_with_mode_0600(tar_file: Path) -> 
     }
     assert manifest["mailboxes"][BOB] == {"messages": 1, "bytes": len(message(6, 70_000))}
     assert manifest["queue"] == {"messages": 1}
-    assert (manifest["format"], manifest["node"], manifest["pointInTime"]) == (1, NODE, POINT.isoformat())
+    assert (manifest["format"], manifest["node"], manifest["pointInTime"]) == (2, NODE, POINT.isoformat())
 
 
 def test_tar_tools_read_it_as_written(staged: Path, tar_file: Path, tmp_path: Path) -> None:
