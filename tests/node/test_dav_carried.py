@@ -114,17 +114,21 @@ def test_an_archive_holds_calendars_and_contacts_and_restore_brings_them_back(
         event.save()
     assert read(node, ca_file, USER) == {"Calendar": ["Stand-up, moved"], "contacts": []}
 
+    files = summary.dav[USER][0]
     status, body = call(node, "POST", "/restore", {"archive": str(path), "mailbox": USER})
     assert status == 200, body
+    assert body["dav_restored"] >= 3 and body["dav_restored"] + body["dav_kept"] == files  # the Work calendar, Ann
     # What was gone is back; what is there now (newer than the archive) is kept as it is.
     assert read(node, ca_file, USER) == {**SAVED, "Calendar": ["Stand-up, moved"]}
     status, body = call(node, "POST", "/restore", {"archive": str(path), "mailbox": USER})
     assert status == 200, body
+    assert (body["dav_restored"], body["dav_kept"]) == (0, files)
     assert read(node, ca_file, USER) == {**SAVED, "Calendar": ["Stand-up, moved"]}  # run again: nothing twice
 
     # Into another mailbox: under its own principal, readable with its own password.
     status, body = call(node, "POST", "/restore", {"archive": str(path), "mailbox": USER, "as": COPY})
     assert status == 200, body
+    assert (body["dav_restored"], body["dav_kept"]) == (files, 0)
     assert read(node, ca_file, COPY) == SAVED
     assert not (dav_dir(node, "copy") / "collection-root" / USER).exists()
 
