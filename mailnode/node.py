@@ -339,8 +339,9 @@ class Node:
         if self.config.web.dav:
             dav_handler = dav.DAV(
                 mail_root=self.config.data_dir, authenticator=self.authenticator, cluster=self.cluster,
-                directory=lambda: self.watcher.current, gateway=self.gateway, client_host=clients.host,
+                directory=self._directory, gateway=self.gateway, client_host=clients.host,
                 max_request=self.config.web.max_request, internal_token=internal_token,
+                frozen=self.store.is_frozen, open_mailbox=self.store.mailboxes.open,
             )  # fmt: skip
         app = web_server.Site(self.config, dav_handler=dav_handler).app()
         self._web = await web_server.start(
