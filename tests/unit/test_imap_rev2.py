@@ -79,10 +79,10 @@ def test_status_deleted_is_imap4rev2s() -> None:
 
 def test_search_without_return_is_esearch_all_under_imap4rev2() -> None:
     """RFC 9051 §6.4.4: IMAP4rev2 has no SEARCH response; a SEARCH without RETURN is answered as RETURN (ALL)."""
-    assert protocol.parse_search_return([Atom("ALL")], imap4rev2=True).options == {"ALL"}
+    assert protocol.parse_search_return([Atom("ALL")], imap4rev2=True).options == frozenset({"ALL"})
     assert protocol.parse_search_return([Atom("ALL")]).options is None
     returned = protocol.parse_search_return(parse("a SEARCH RETURN (COUNT) ALL").args, imap4rev2=True)
-    assert returned.options == {"COUNT"}
+    assert returned.options == frozenset({"COUNT"})
     line = protocol.format_esearch("a1", uid=True, numbers=[], options=frozenset({"ALL"}))
     assert line == '* ESEARCH (TAG "a1") UID'  # an empty result: no ALL
 
