@@ -283,7 +283,7 @@ async def getquota(session: Session, command: protocol.Command) -> None:
 async def getquotaroot(session: Session, command: protocol.Command) -> None:
     if not command.args:
         raise responses.Refused(responses.BAD_NEEDS_MAILBOX, command=command.name)
-    session.send(b"* QUOTAROOT " + protocol.format_astring(protocol.arg_bytes(command.args[0])) + b' ""')
+    session.send(b"* QUOTAROOT " + protocol.format_mailbox(protocol.arg_text(command.args[0])) + b' ""')
     session.send(_quota_line(session))
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
 
