@@ -162,6 +162,7 @@ class Session:
         self.selected: Selected | None = None
         self.condstore = False  # RFC 7162 §3.1: once enabled, FETCH and STORE report MODSEQ
         self.qresync = False  # RFC 7162 §3.2: once enabled, expunges are reported as VANISHED
+        self.imap4rev2 = False  # RFC 9051, once enabled: UTF-8 names, ESEARCH for SEARCH, no \Recent (commands.auth)
         self._unsubscribe: Callable[[], None] | None = None
         self.wakeup = asyncio.Event()  # set when a change for the selected folder arrives
         self._clock = asyncio.get_running_loop().time
@@ -428,7 +429,7 @@ class Session:
         self._unsubscribe = self.store.switchboard.subscribe(user.address, self._on_change)
 
     def folder_name(self, arg: protocol.Arg) -> str:
-        return protocol.mailbox_arg(arg, DELIMITER)
+        return protocol.mailbox_arg(arg, DELIMITER, utf8=self.imap4rev2)
 
     def _on_change(self, change: Change) -> None:
         selected = self.selected
@@ -509,7 +510,8 @@ class Session:
                     if not selected.readonly:
                         selected.recent.add(message.uid)
             self.send(f"* {len(selected.uids)} EXISTS")
-            self.send(f"* {len(selected.recent)} RECENT")
+            if not self.imap4rev2:  # RFC 9051 has no RECENT response
+                self.send(f"* {len(selected.recent)} RECENT")
         selected.pending = kept + selected.pending
 
     def forget(self, uid: int) -> None:
@@ -530,7 +532,7 @@ class Session:
         selected = self.selected
         assert selected is not None
         flags = selected.flags.get(uid, "").split()
-        if uid in selected.recent:
+        if uid in selected.recent and not self.imap4rev2:  # RFC 9051 has no \\Recent flag
             flags.append("\\Recent")
         text = f"FLAGS ({' '.join(flags)})"
         if self.condstore:
