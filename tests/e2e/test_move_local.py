@@ -19,7 +19,9 @@ proxied now), sees every message and is told of new mail in IDLE; what a client 
 the mail of the move is only added to INBOX); mbsync, synced before, finds only the new mail to fetch:
 no file it had changes (its flags are in the file names) and its sync state keeps every UID and the
 UIDVALIDITY; and after a restart of local up, alice is still served from her new home (local up keeps
-the home the directory recorded).
+the home the directory recorded). Since local up itself moves nothing, a restart with fewer replicas
+(or one node becoming several) that would leave a node's mailboxes unserved is refused, naming the
+file, the field and the data; more replicas keep every home.
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ from typing import Any
 
 import aiohttp
 
-from mailfleet import moving, specs
+from mailfleet import local, moving, specs
 from mailfleet.specs import placement
 from tests.conftest import require_tool
 from tests.e2e import test_local_up
-from tests.e2e.test_local_up import LocalUp, free_base_port
+from tests.e2e.test_local_up import LocalUp, free_base_port, run_local_up
 from tests.node.test_move import fill, ok, seen_by_client, snapshot_of
 from tests.node.test_move_load import Idler, Sender
 from tests.node.test_outbound import wait_for
@@ -284,3 +286,32 @@ def test_alice_moves_under_load_on_local_up_and_her_clients_see_no_change(
     client = LocalDomain(restarted).login(source)
     assert int(ok(client.select("INBOX", readonly=True))[0]) == messages + 1
     client.logout()
+
+
+def test_fewer_replicas_that_would_leave_mail_unserved_are_refused(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    cluster = (test_local_up.EXAMPLES / "cluster.yaml").read_text()
+    local.prepare([test_local_up.EXAMPLES / "cluster.yaml"], base_port=25000, state_dir=state)
+    homes = specs.node.recorded_homes(
+        specs.node.read_directory((state / "example-org" / "directory.yaml").read_bytes())
+    )
+    (heidi,) = [address for address, home in homes.items() if home == 2]
+    mailbox = state / "example-org" / "node-2" / "data" / "mail" / "example.org" / heidi.partition("@")[0]
+    mailbox.mkdir(parents=True)  # as a node leaves it once the mailbox has mail
+
+    for replicas in (2, 1):
+        fewer = tmp_path / f"cluster-{replicas}.yaml"
+        fewer.write_text(cluster.replace("replicas: 3", f"replicas: {replicas}"))
+        result = run_local_up("-f", str(fewer), "--state-dir", str(state))
+        assert result.returncode == 1
+        assert result.stderr.startswith(
+            f"mailfleet local up: error: {fewer}: MailDomain example-org: spec.replicas: {replicas} would not run "
+            f"the node whose data is {state / 'example-org' / 'node-2' / 'data'}, which holds mailboxes;"
+        ), result.stderr
+        assert len(result.stderr.splitlines()) == 1
+
+    more = tmp_path / "cluster-4.yaml"
+    more.write_text(cluster.replace("replicas: 3", "replicas: 4"))
+    local.prepare([more], base_port=25000, state_dir=state)
+    directory = (state / "example-org" / "directory.yaml").read_bytes()
+    assert specs.node.recorded_homes(specs.node.read_directory(directory)) == homes  # nothing moves
