@@ -383,7 +383,7 @@ class Node:
         hold, so that a flood of idle connections leaves room for the store and the health checks."""
         limits = self.config.listen.limits
         wanted = {name: limits.smtp for name in ("smtp", "submission", "submissions")}
-        wanted.update({name: limits.imap for name in ("imap", "imaps")})
+        wanted.update(imap=limits.imap, imaps=limits.imaps or limits.imap)
         wanted["https"] = limits.https
         if self.cluster.clustered:
             wanted["lmtp"] = limits.smtp
