@@ -754,11 +754,14 @@ class Session:
         account, name = self.account, selected.name
         pending, selected.pending = selected.pending, []
         shown = len(selected.uids)  # the count the client knows (EXISTS)
-        for change in pending:
+        for done, change in enumerate(pending):
             if change.kind == "added":
-                selected.advance(
-                    await selected.view.after_added(change, lambda uids: account.messages(name, uids=uids))
-                )
+                try:
+                    view = await selected.view.after_added(change, lambda uids: account.messages(name, uids=uids))
+                except BaseException:  # the store failed (or the session ends): the rest stays to be told
+                    selected.pending[:0] = pending[done:]
+                    raise
+                selected.advance(view)
                 continue
             if len(selected.uids) != shown:  # EXISTS before a response that may name a new message
                 shown = self._tell_exists()
