@@ -109,7 +109,10 @@ def sessions_selecting(node: RunningNode, count: int) -> list[Session]:
     """The node's sessions that have a folder selected, once there are `count` of them."""
     deadline = time.monotonic() + WAIT
     while True:
-        found = [s for group in node.node._imap_sessions for s in list(group) if s.selected is not None]
+        try:
+            found = [s for group in node.node._imap_sessions for s in list(group) if s.selected is not None]
+        except RuntimeError:  # a set changed size as the node's thread copied it: look again
+            continue
         if len(found) == count or time.monotonic() > deadline:
             assert len(found) == count, found
             return found
