@@ -679,17 +679,6 @@ class Session:
         self.account = account
         self._unsubscribe = self.store.switchboard.subscribe(user.address, self._on_change)
 
-    def select(self, *, folder: Folder, messages: Sequence[Message], readonly: bool, first_recent: int) -> Selected:
-        """Enter the selected state on `folder`, whose messages a SELECT (or EXAMINE) just read."""
-        assert self.user is not None
-        key = (self.user.address, folder.name, folder.uidvalidity)
-        self.selected = Selected(
-            name=folder.name, readonly=readonly, uidvalidity=folder.uidvalidity,
-            view=self._views.select(key, messages), first_recent=first_recent,
-            highestmodseq=folder.highestmodseq, uidnext=folder.uidnext, key=key,
-        )  # fmt: skip
-        return self.selected
-
     def folder_name(self, arg: protocol.Arg) -> str:
         return protocol.mailbox_arg(arg, DELIMITER)
 
@@ -700,6 +689,17 @@ class Session:
             self.wakeup.set()
 
     # -- selected ---------------------------------------------------------------------------------------
+
+    def select(self, *, folder: Folder, messages: Sequence[Message], readonly: bool, first_recent: int) -> Selected:
+        """Enter the selected state on `folder`, whose messages a SELECT (or EXAMINE) just read."""
+        assert self.user is not None
+        key = (self.user.address, folder.name, folder.uidvalidity)
+        self.selected = Selected(
+            name=folder.name, readonly=readonly, uidvalidity=folder.uidvalidity,
+            view=self._views.select(key, messages), first_recent=first_recent,
+            highestmodseq=folder.highestmodseq, uidnext=folder.uidnext, key=key,
+        )  # fmt: skip
+        return self.selected
 
     async def analyses(self, messages: Sequence[Message]) -> dict[int, mime.Analysis]:
         """The MIME analysis of each message: from memory, else from the index cache, else parsed now."""

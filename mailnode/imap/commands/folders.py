@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Iterator
 
 from mailnode.imap import protocol, responses
-from mailnode.imap.session import DELIMITER, SPECIAL_USE, Session
+from mailnode.imap.session import DELIMITER, SPECIAL_USE, Selected, Session
 from mailnode.store import account
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
@@ -50,7 +50,9 @@ async def select(session: Session, command: protocol.Command) -> None:
     if result is None:
         raise responses.Refused(responses.NO_NO_SUCH_MAILBOX, mailbox=name)
     folder, messages = result.folder, result.messages
-    selected = session.select(folder=folder, messages=messages, readonly=readonly, first_recent=result.first_recent)
+    selected: Selected = session.select(
+        folder=folder, messages=messages, readonly=readonly, first_recent=result.first_recent
+    )
     session.send(f"* FLAGS ({' '.join(SYSTEM_FLAGS)})")
     session.send(responses.OK_PERMANENTFLAGS.line(flags=" ".join(SYSTEM_FLAGS)))
     session.send(f"* {len(selected.uids)} EXISTS")
