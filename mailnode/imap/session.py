@@ -76,7 +76,8 @@ class FolderView:
         self.modseqs = modseqs
         # The version after the last change applied to this one: sessions report the changes in the order
         # the switchboard published them, so the next session on this version asks for the same change.
-        self._next: tuple[Change, FolderView | asyncio.Task[FolderView]] | None = None
+        # Weak once made: a session that lags on an old version must not keep every later one alive.
+        self._next: tuple[Change, weakref.ref[FolderView] | asyncio.Task[FolderView]] | None = None
 
     @classmethod
     def of(cls, messages: Sequence[Message]) -> FolderView:
@@ -91,7 +92,10 @@ class FolderView:
 
     def _remembered(self, change: Change) -> FolderView | asyncio.Task[FolderView] | None:
         following = self._next
-        return following[1] if following is not None and following[0] is change else None
+        if following is None or following[0] is not change:
+            return None
+        made = following[1]
+        return made if isinstance(made, asyncio.Task) else made()
 
     def after(self, change: Change) -> FolderView:
         """This version with a "flags" or "expunged" change applied (itself when it changes nothing here)."""
@@ -105,7 +109,7 @@ class FolderView:
         else:
             raise ValueError(f"{change.kind} changes are applied by after_added")
         if view is not self:
-            self._next = (change, view)
+            self._next = (change, weakref.ref(view))
         return view
 
     def _with_flags(self, change: Change) -> FolderView:
@@ -146,8 +150,8 @@ class FolderView:
             self._next = (change, task)
         # Shielded: a session that ends while it waits does not cancel the read the others wait for.
         view = await asyncio.shield(task)
-        if self._next is not None and self._next[1] is task:
-            self._next = (change, view)
+        if self._next is not None and self._next[1] is task and view is not self:
+            self._next = (change, weakref.ref(view))
         return view
 
     async def _with_added(self, new: list[int], load: Callable[[list[int]], Awaitable[list[Message]]]) -> FolderView:

@@ -5,7 +5,9 @@ flags it told) staying small and giving the sequence numbers its client knows.""
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
+import weakref
 
 from mailnode.imap.session import FolderView, FolderViews, Selected
 from mailnode.store.changes import Change
@@ -92,3 +94,11 @@ def test_flags_a_session_told_stand_until_its_view_has_them() -> None:
     assert selected.flags[2] == "\\Seen" and selected.modseqs[2] == 3 and view.flags[2] == ""
     selected.advance(view.after(Change("INBOX", "flags", (2,), ("\\Seen",), (3,))))
     assert selected.flags is selected.view.flags and selected.flags[2] == "\\Seen"
+
+
+def test_a_version_does_not_keep_the_later_ones_alive() -> None:
+    """A session that lags on an old version (no IDLE, no command for hours) pins that version only."""
+    view = FolderView.of([row(uid) for uid in range(1, 6)])
+    later = weakref.ref(view.after(Change("INBOX", "flags", (2,), ("\\Seen",), (5,))))
+    gc.collect()
+    assert later() is None
