@@ -54,18 +54,9 @@ async def select(session: Session, command: protocol.Command) -> None:
     if result is None:
         raise responses.Refused(responses.NO_NO_SUCH_MAILBOX, mailbox=name)
     folder, messages = result.folder, result.messages
-    selected = Selected(
-        name=folder.name,
-        readonly=readonly,
-        uidvalidity=folder.uidvalidity,
-        uids=[m.uid for m in messages],
-        flags={m.uid: m.flags for m in messages},
-        modseqs={m.uid: m.modseq for m in messages},
-        recent={m.uid for m in messages if m.uid >= result.first_recent},
-        highestmodseq=folder.highestmodseq,
-        uidnext=folder.uidnext,
+    selected: Selected = session.select(
+        folder=folder, messages=messages, readonly=readonly, first_recent=result.first_recent
     )
-    session.selected = selected
     session.send(f"* FLAGS ({' '.join(SYSTEM_FLAGS)})")
     session.send(responses.OK_PERMANENTFLAGS.line(flags=" ".join(SYSTEM_FLAGS)))
     session.send(f"* {len(selected.uids)} EXISTS")

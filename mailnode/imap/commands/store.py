@@ -38,8 +38,7 @@ async def store(session: Session, command: protocol.Command) -> None:
             origin=session,
         )
     for message in changed:
-        selected.flags[message.uid] = message.flags
-        selected.modseqs[message.uid] = message.modseq
+        selected.learn(message)
     changed_uids = {m.uid for m in changed}
     for seq, uid in targets:
         if uid in failed:
