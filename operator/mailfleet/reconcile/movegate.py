@@ -21,9 +21,15 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from mailfleet import moving
+
 # How often a backup waiting for the moves looks again at what Mailbox.status records (a move recorded
 # inside the window by an operator that stopped, whose task has not started yet, tells nobody).
 RECHECK: float = 1.0
+
+
+class StillMoving(Exception):
+    """A backup waited too long for moves to leave their window; the message names their mailboxes."""
 
 
 class Gate:
@@ -64,7 +70,7 @@ class Gate:
     async def backup(self, recorded: Callable[[], list[str]], *, within: float) -> AsyncIterator[None]:
         """Hold off the moves while a backup takes its points: first wait until no move is in the window,
         whether this operator runs it or `recorded()` (the moves Mailbox.status records there) says so.
-        TimeoutError after `within` seconds of waiting (a move stuck on a node that does not answer)."""
+        StillMoving after `within` seconds of waiting (a move stuck on a node that does not answer)."""
         deadline = asyncio.get_running_loop().time() + within
         async with self._changed:
             self._waiting += 1
@@ -72,7 +78,7 @@ class Gate:
                 while self._moves or recorded():
                     left = deadline - asyncio.get_running_loop().time()
                     if left <= 0:
-                        raise TimeoutError(", ".join(sorted(self._moves | set(recorded()))))
+                        raise StillMoving(", ".join(sorted(self._moves | set(recorded()))))
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._changed.wait(), timeout=min(RECHECK, left))
                 self._backups += 1
@@ -94,3 +100,6 @@ class DomainMoving:
     directory: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     publish: Callable[[str, int], Awaitable[None]] | None = None
     gate: Gate = dataclasses.field(default_factory=Gate)
+    # The moves under way as their tasks last left them, by address: a Mailbox deleted meanwhile has no
+    # status to read its move from, and what the move made is cleaned up from here (reconcile/moves.py).
+    moves: dict[str, moving.Move] = dataclasses.field(default_factory=dict)

@@ -276,6 +276,8 @@ async def drive(
             del ctx.copies[(domain_key, address)]  # the move ended
     for address, move in active.items():
         _aside(ctx, domain, (namespace, name), bodies[address], move, where, ordinals, driven)
+    for move in abandoned(ctx, (namespace, name), active):
+        _clean_up(ctx, (namespace, name), move, where, ordinals)
     driven.moving = sum(1 for a in active if ctx.statuses.move_of(bodies[a]) is not None)
     ctx.metrics.mailboxes_moving.labels(namespace, name).set(driven.moving)
     return driven
@@ -326,6 +328,24 @@ def _aside(
     ctx.copies[(key, move.address)] = (task, aside.blocked)
 
 
+def _clean_up(
+    ctx: Context, key: DomainKey, move: moving.Move, where: moving.DomainNodes, ordinals: Sequence[int]
+) -> None:
+    """The clean-up of a move whose Mailbox was deleted (`_abandon`), in a task of its own again."""
+    aside = Driven()
+
+    async def run() -> None:
+        try:
+            async with aiohttp.ClientSession() as session:
+                await _abandon(ctx, key, move, where, session, ordinals, aside, gated=False)
+        finally:
+            if aside.blocked:
+                asyncio.get_running_loop().call_later(BLOCKED_RETRY, ctx.enqueue, key)
+
+    task = asyncio.create_task(run(), name=f"clean-up of the move of {move.address}")
+    ctx.copies[(key, move.address)] = (task, aside.blocked)
+
+
 # The steps of a move's window (reconcile/movegate.py): held from its freeze to its cleanup, so no
 # backup takes points while the copy may be in place on both nodes.
 WINDOW: Final = frozenset(
@@ -333,6 +353,19 @@ WINDOW: Final = frozenset(
 )
 # Where a move is inside the window already when an operator takes it up (the copy may be in place).
 INSIDE: Final = frozenset({moving.Step.FLIPPING, moving.Step.THAWING, moving.Step.CLEANING})
+
+
+def recorded_inside(ctx: Context, domain: api.MailDomain) -> list[str]:
+    """The domain's mailboxes whose move Mailbox.status records between the flip and the cleanup (the
+    copy may be in place on both nodes), whether or not this operator runs it yet (reconcile/backup.py)."""
+    namespace, found = specs.common.namespace(domain), []
+    for mail_domain in sorted(specs.node.domains_of(domain)):
+        for body in ctx.view.mailboxes(namespace, mail_domain):
+            address = str(body["spec"]["address"]).lower()
+            move = from_status(address, ctx.statuses.move_of(body))
+            if move is not None and move.step in INSIDE:
+                found.append(address)
+    return found
 
 
 async def _run(
@@ -356,19 +389,102 @@ async def _run(
                 raise nodes.NodeError(f"the directory of {key[0]}/{key[1]} is not written yet")
             await shared.publish(address, ordinal)
 
+    async def through(current: moving.Move | None, flip: Callable[[str, int], Awaitable[None]]) -> moving.Move | None:
+        """The steps from `current` while they go on, each remembered (a Mailbox deleted meanwhile)."""
+        while current is not None and current.step is not moving.Step.DONE:
+            shared.moves[current.address] = current
+            current = await _step(ctx, domain, body, current, where, session, ordinals, flip, driven)
+        if current is None and move.address not in driven.blocked:
+            shared.moves.pop(move.address, None)  # done (or failed after the flip: the reconcile asks again)
+        return current
+
     async with aiohttp.ClientSession() as session:
-        current: moving.Move | None = move
-        if move.step is moving.Step.COPYING:
-            current = await _step(ctx, domain, body, move, where, session, ordinals, _no_flip, driven)
-        if current is not None and current.step in WINDOW:
-            inside = current.step in INSIDE
-            if not inside and shared.gate.backing_up:
-                await _note(ctx, body, current, "waiting for a backup of the domain to take its points")
-            async with shared.gate.move(current.address, inside=inside):
-                while current is not None and current.step is not moving.Step.DONE:
-                    current = await _step(ctx, domain, body, current, where, session, ordinals, publish, driven)
-        while current is not None and current.step is not moving.Step.DONE:  # a roll-back
-            current = await _step(ctx, domain, body, current, where, session, ordinals, _no_flip, driven)
+        try:
+            current: moving.Move | None = move
+            if move.step is moving.Step.COPYING:
+                shared.moves[move.address] = move
+                current = await _step(ctx, domain, body, move, where, session, ordinals, _no_flip, driven)
+            if current is not None and current.step in WINDOW:
+                inside = current.step in INSIDE
+                if not inside and shared.gate.backing_up:
+                    await _note(ctx, body, current, "waiting for a backup of the domain to take its points")
+                async with shared.gate.move(current.address, inside=inside):
+                    try:
+                        current = await through(current, publish)
+                    except _Gone as gone:
+                        await _abandon(ctx, key, gone.move, where, session, ordinals, driven, gated=True)
+                        return
+            await through(current, _no_flip)  # a roll-back
+        except _Gone as gone:
+            await _abandon(ctx, key, gone.move, where, session, ordinals, driven, gated=False)
+
+
+class _Gone(Exception):
+    """The Mailbox was deleted during its move; `move` is where the nodes are."""
+
+    def __init__(self, move: moving.Move) -> None:
+        super().__init__(move.address)
+        self.move = move
+
+
+async def _abandon(
+    ctx: Context,
+    key: DomainKey,
+    move: moving.Move,
+    where: moving.DomainNodes,
+    session: aiohttp.ClientSession,
+    ordinals: Sequence[int],
+    driven: Driven,
+    *,
+    gated: bool,
+) -> None:
+    """The move of a Mailbox deleted on the way: what the move made goes, and the one copy left is where
+    the directory last homed the mailbox, as for any deleted Mailbox (its mail stays on its home). Before
+    the thaw (the directory may still name the source, or name nobody now) it is rolled back: the source
+    thawed, the target's copy (kept aside, or taken into place by a partial flip) dropped; from the thaw
+    on it goes forward: the source thawed and its old copy dropped. Nothing is recorded (there is no
+    Mailbox): the step is remembered in Context.moving until it is done, and tried again by the domain's
+    reconciles while a node does not answer (`abandoned`)."""
+    shared = ctx.moving_of(key)
+    if move.step in (moving.Step.THAWING, moving.Step.CLEANING):
+        current = move
+    else:
+        current = dataclasses.replace(move, step=moving.Step.ROLLING_BACK)
+    shared.moves[move.address] = current
+    log.info("%s: its Mailbox was deleted during its move: %s", move.address, current.step)
+    gate = shared.gate.move(move.address, inside=True) if not gated else contextlib.nullcontext()
+    async with gate:
+        while current.step is not moving.Step.DONE:
+            try:
+                current = await moving.advance(
+                    current, nodes=where, session=session, ordinals=ordinals, publish_home=_no_flip
+                )
+            except (nodes.NodeError, moving.MoveError) as error:  # a node still homes it (409), or is away
+                driven.blocked[move.address] = str(error)
+                log.warning("%s: the deleted Mailbox's move: %s; trying again", move.address, error)
+                return
+            shared.moves[move.address] = current
+    shared.moves.pop(move.address, None)
+    ctx.metrics.moves.labels("abandoned").inc()
+
+
+def abandoned(ctx: Context, key: DomainKey, active: Iterable[str]) -> list[moving.Move]:
+    """The moves this operator ran whose Mailbox is gone and whose task ended (a node did not answer its
+    clean-up): the domain's reconcile starts their clean-up again."""
+    shared, running = ctx.moving_of(key), set(active)
+    found = []
+    for address, move in list(shared.moves.items()):
+        task = ctx.copies.get((key, address))
+        if address in running or (task is not None and not task[0].done()):
+            continue
+        if any(str(b["spec"]["address"]).lower() == address for b in ctx.view.mailboxes(key[0], _domain_of(address))):
+            continue  # the Mailbox is there (not served now): its move goes on once it is again
+        found.append(move)
+    return found
+
+
+def _domain_of(address: str) -> str:
+    return address.rsplit("@", 1)[-1]
 
 
 async def _no_flip(address: str, ordinal: int) -> None:
@@ -411,9 +527,11 @@ async def _step(
     if after.step is not moving.Step.DONE:
         # After the flip the home is the target: status.node says so with the step (no reconcile between).
         node = specs.common.pod_name(domain, move.target) if move.step is moving.Step.FLIPPING else None
-        return after if await ctx.statuses.write_move(body, to_status(after), node=node) else None
+        if not await ctx.statuses.write_move(body, to_status(after), node=node):
+            raise _Gone(after)
+        return after
     if not await ctx.statuses.write_move(body, None):
-        return None
+        return None  # gone, with nothing left to clean
     if move.step is moving.Step.ROLLING_BACK:
         ctx.metrics.moves.labels("rolled_back").inc()
         return None
@@ -457,7 +575,9 @@ async def _failed(
             at=at,
         )
         ctx.statuses.retry_moves_after[object_key(body)] = time.monotonic() + RETRY_AFTER
-    return back if await ctx.statuses.write_move(body, to_status(back, why)) else None
+    if not await ctx.statuses.write_move(body, to_status(back, why)):
+        raise _Gone(back)
+    return back
 
 
 def held(ctx: Context, bodies: Iterable[kube_types.Mailbox]) -> set[str]:
