@@ -47,6 +47,11 @@ class Gate:
         return frozenset(self._moves)
 
     @property
+    def waiting(self) -> int:
+        """Backups waiting for the moves to leave their window."""
+        return self._waiting
+
+    @property
     def backing_up(self) -> bool:
         return self._backups > 0
 

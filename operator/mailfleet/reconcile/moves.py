@@ -252,6 +252,9 @@ async def drive(
     that has none (`_aside`). `bodies`: the Mailboxes by address."""
     namespace, name = specs.common.namespace(domain), domain.metadata.name
     driven = Driven(started=may_start)
+    where = moving.InCluster(namespace=namespace, name=name, token=token, template=ctx.node_url)
+    for move in abandoned(ctx, (namespace, name), the_plan.active):
+        _clean_up(ctx, (namespace, name), move, where, ordinals)
     if the_plan.idle:
         ctx.metrics.mailboxes_moving.labels(namespace, name).set(0)
         return driven
@@ -270,14 +273,11 @@ async def drive(
                 at=conditions.now(),
             )
     driven.waiting = len(the_plan.waiting) - (len(active) - len(the_plan.active))
-    where = moving.InCluster(namespace=namespace, name=name, token=token, template=ctx.node_url)
     for (domain_key, address), (task, _) in list(ctx.copies.items()):
         if domain_key == (namespace, name) and address not in active and task.done():
             del ctx.copies[(domain_key, address)]  # the move ended
     for address, move in active.items():
         _aside(ctx, domain, (namespace, name), bodies[address], move, where, ordinals, driven)
-    for move in abandoned(ctx, (namespace, name), active):
-        _clean_up(ctx, (namespace, name), move, where, ordinals)
     driven.moving = sum(1 for a in active if ctx.statuses.move_of(bodies[a]) is not None)
     ctx.metrics.mailboxes_moving.labels(namespace, name).set(driven.moving)
     return driven
@@ -645,5 +645,6 @@ def progress(report: Report, *, layout: Layout, the_plan: Plan, driven: Driven) 
 async def domain_gone(ctx: Context, key: DomainKey) -> None:
     """The MailDomain was deleted: its first copies under way stop, its series of moving mailboxes goes."""
     await stop_copies(ctx, key)
+    ctx.moving.pop(key, None)
     with contextlib.suppress(KeyError):
         ctx.metrics.mailboxes_moving.remove(*key)
