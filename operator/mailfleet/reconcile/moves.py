@@ -1,7 +1,8 @@
 """Mailbox moves, the Kubernetes side (DESIGN.md "Clustering", "Moving a mailbox"): which mailboxes of a
-domain move, when the StatefulSet grows or shrinks around them, and driving each recorded move one step
-per reconcile with the driver (mailfleet.moving), each step recorded in the Mailbox's status before the
-next one runs. reconcile/domain.py calls, in its order: `layout` (what runs now), `plan` (pure: what
+domain move, when the StatefulSet grows or shrinks around them, and driving each recorded move with the
+driver (mailfleet.moving) in a task of its own beside the reconciles, each step recorded in the Mailbox's
+status before the next one runs; the clean-up of a move whose Mailbox was deleted; the moves' side of
+the gate backups share with them (reconcile/movegate.py). reconcile/domain.py calls, in its order: `layout` (what runs now), `plan` (pure: what
 should move, how many nodes to run), then after the objects are applied `drive` and `progress`.
 
 What moves:
@@ -395,7 +396,7 @@ async def _run(
             shared.moves[current.address] = current
             current = await _step(ctx, domain, body, current, where, session, ordinals, flip, driven)
         if current is None and move.address not in driven.blocked:
-            shared.moves.pop(move.address, None)  # done (or failed after the flip: the reconcile asks again)
+            shared.moves.pop(move.address, None)  # done or rolled back (a blocked one is asked again)
         return current
 
     async with aiohttp.ClientSession() as session:
@@ -438,11 +439,10 @@ async def _abandon(
     *,
     gated: bool,
 ) -> None:
-    """The move of a Mailbox deleted on the way: what the move made goes, and the one copy left is where
-    the directory last homed the mailbox, as for any deleted Mailbox (its mail stays on its home). Before
-    the thaw (the directory may still name the source, or name nobody now) it is rolled back: the source
-    thawed, the target's copy (kept aside, or taken into place by a partial flip) dropped; from the thaw
-    on it goes forward: the source thawed and its old copy dropped. Nothing is recorded (there is no
+    """The move of a Mailbox deleted on the way: what the move made goes, and one copy stays, as any
+    deleted Mailbox's mail stays on its home. Before the thaw it is rolled back: the source thawed, the
+    target's copy (kept aside, or taken into place by a partial flip) dropped; from the thaw on it goes
+    forward: the source thawed and its old copy dropped. Nothing is recorded (there is no
     Mailbox): the step is remembered in Context.moving until it is done, and tried again by the domain's
     reconciles while a node does not answer (`abandoned`)."""
     shared = ctx.moving_of(key)
