@@ -44,6 +44,7 @@ from mailnode.metrics import NodeMetrics
 from mailnode.store import davfiles, durable, transfer
 from mailnode.store.mailstore import MailStore
 from mailwire import admin
+from mailwire.fields import normalize_address
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,12 @@ class Moves:
             raise Refused(404, f"no mailbox {address} in this node's directory")
         return entry.address
 
+    def _known(self, address: str) -> str:
+        """The address as the directory file names it; normalized when it names it no more (its Mailbox
+        was deleted during a move): what the move made of it is still thawed and dropped."""
+        entry = self._file_directory().get(address)
+        return entry.address if entry is not None else normalize_address(address)
+
     def _homed_here(self, address: str) -> bool:
         entry = self.directory().get(address)
         return entry is not None and self._cluster.is_home(entry) and address not in self.homes.pending
@@ -331,7 +338,7 @@ class Moves:
         self._spawn(self._unfreeze(address))
 
     async def thaw(self, address: str) -> admin.Thawed:
-        address = self._entry(address)
+        address = self._known(address)
         if address not in self._holds:
             raise Refused(409, f"{address} is not frozen")
         seconds = await self._unfreeze(address)
@@ -372,7 +379,7 @@ class Moves:
     async def drop(self, address: str) -> admin.Dropped:
         """Remove what this node holds of a mailbox homed elsewhere: the mailbox directory left by a move,
         or a copy received for one that was given up."""
-        address = self._entry(address)
+        address = self._known(address)
         if self._homed_here(address):
             raise Refused(409, f"{address} is homed on this node: it is not dropped")
         async with self._locks[address]:

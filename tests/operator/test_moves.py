@@ -34,7 +34,7 @@ from tests.operator.fakenode import FakeCluster, internal_secret
 
 PEOPLE = [f"user{i:02d}" for i in range(12)]
 ADDRESSES = [f"{name}@example.com" for name in PEOPLE]
-# Generous: every step is a reconcile, spaced by twice the last one's time, on a loaded machine.
+# Generous: a move waits for the nodes, the reconciles and the status writes, on a loaded machine.
 WITHIN = 120.0
 
 

@@ -13,17 +13,18 @@ node resumes by itself when its hold runs out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 import aiohttp
 import pydantic
 
 from mailfleet import api, k8s, kube_types, nodes, specs
-from mailfleet.reconcile import conditions, internal
+from mailfleet.reconcile import conditions, internal, movegate, moves
 from mailfleet.reconcile.context import (
     MAILBACKUP,
     MAILDOMAIN,
@@ -56,6 +57,8 @@ class Settings:
     attempts: int = 5  # tries of a node (or the API server) that does not answer, before the backup fails
     retry: float = 2.0  # seconds before the second try; doubled for each next one (at most MAX_BACKOFF)
     timeout: float = 6 * 3600.0  # seconds a VolumeSnapshot may take to be ready, or an archive to be written
+    # seconds a backup waits for the domain's mailbox moves to leave their window (reconcile/movegate.py)
+    move_wait: float = 900.0
 
 
 class Failed(Exception):
@@ -243,10 +246,11 @@ class Runner:
             raise Failed(SNAPSHOT_API_MISSING)
         names = [backup_specs.snapshot_name(backup.metadata.name, i) for i in range(domain.spec.replicas)]
         try:
-            points = [
-                await self._snapshot_node(backup, domain, ordinal, token, resuming=resuming)
-                for ordinal in range(domain.spec.replicas)
-            ]
+            async with self._no_moves(domain):
+                points = [
+                    await self._snapshot_node(backup, domain, ordinal, token, resuming=resuming)
+                    for ordinal in range(domain.spec.replicas)
+                ]
             for name in names:
                 await self._until_snapshot(namespace, name, ready=True, deadline=self._after(self.settings.timeout))
         except Failed:
@@ -340,13 +344,33 @@ class Runner:
     async def _archives(self, backup: api.MailBackup, domain: api.MailDomain, token: str) -> Taken:
         namespace = specs.common.namespace(domain)
         snapshots, points = [], []
-        for ordinal in range(domain.spec.replicas):
-            base = nodes.url(self.settings.node_url, namespace=namespace, name=domain.metadata.name, ordinal=ordinal)
-            pod = f"{specs.common.statefulset_name(domain)}-{ordinal}"
-            record = await self._archive_node(pod, base, backup.metadata.name, token)
-            snapshots.append(f"{pod}:{record.path}")
-            points.append(record.point_in_time)
+        async with self._no_moves(domain):  # each node's point is where its archive starts: all of them
+            for ordinal in range(domain.spec.replicas):
+                base = nodes.url(
+                    self.settings.node_url, namespace=namespace, name=domain.metadata.name, ordinal=ordinal
+                )
+                pod = f"{specs.common.statefulset_name(domain)}-{ordinal}"
+                record = await self._archive_node(pod, base, backup.metadata.name, token)
+                snapshots.append(f"{pod}:{record.path}")
+                points.append(record.point_in_time)
         return Taken(_earliest(points), snapshots)
+
+    @contextlib.asynccontextmanager
+    async def _no_moves(self, domain: api.MailDomain) -> AsyncIterator[None]:
+        """While the nodes' points are taken: no mailbox move of the domain between its freeze and its
+        cleanup, when both nodes may hold the mailbox (reconcile/movegate.py), so it is in exactly one
+        node's point. A move inside that window is waited for; new ones wait until the points are taken."""
+        key = (specs.common.namespace(domain), domain.metadata.name)
+        try:
+            async with self.ctx.moving_of(key).gate.backup(
+                lambda: moves.recorded_inside(self.ctx, domain), within=self.settings.move_wait
+            ):
+                yield
+        except movegate.StillMoving as error:
+            raise Failed(
+                f"mailbox moves stayed between their flip and their cleanup for {self.settings.move_wait:.0f} s "
+                f"({error}): the mailboxes would be on two nodes' points, or none"
+            ) from error
 
     async def _archive_node(self, pod: str, base: str, name: str, token: str) -> nodes.Archive:
         """The node's archive `name`, once written."""

@@ -23,6 +23,7 @@ from mailfleet.reconcile.kinds import (
     VOLUMESNAPSHOT,
     object_key,
 )
+from mailfleet.reconcile.movegate import DomainMoving
 from mailfleet.reconcile.passwords import PasswordHasher
 from mailfleet.reconcile.statuswrites import MailboxStatuses
 from mailfleet.reconcile.workqueue import WorkQueue
@@ -93,11 +94,13 @@ class Context:
     mailbox_usage: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     # Each Mailbox's model (or why it is invalid) by uid, with the generation it was parsed from.
     parsed_mailboxes: dict[str, tuple[object, api.Mailbox | None, str]] = dataclasses.field(default_factory=dict)
-    # The first copies of mailbox moves running beside the reconciles (reconcile/moves.py), by domain and
-    # address, each with why its step did not run (address -> the node's error), once it has said.
+    # The mailbox moves running beside the reconciles (reconcile/moves.py), by domain and address, each
+    # with why its step did not run (address -> the node's error), once it has said.
     copies: dict[tuple[DomainKey, str], tuple[asyncio.Task[None], dict[str, str]]] = dataclasses.field(
         default_factory=dict
     )
+    # What each MailDomain's reconciles, moves and backups share (reconcile/movegate.py).
+    moving: dict[DomainKey, DomainMoving] = dataclasses.field(default_factory=dict)
     # The kinds of the objects each MailDomain owns, as of its last reconcile (for the metrics).
     owned: dict[DomainKey, collections.Counter[str]] = dataclasses.field(default_factory=dict)
 
@@ -108,6 +111,9 @@ class Context:
 
     def __post_init__(self) -> None:
         self.statuses = MailboxStatuses(client=self.client, recorder=self.recorder)
+
+    def moving_of(self, key: DomainKey) -> DomainMoving:
+        return self.moving.setdefault(key, DomainMoving())
 
     def enqueue(self, key: DomainKey) -> None:
         if self.queue is not None:

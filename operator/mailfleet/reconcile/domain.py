@@ -47,7 +47,9 @@ async def reconcile(ctx: Context, key: DomainKey) -> None:
             result = "ok"
             return
         try:
-            await _reconcile(ctx, body)
+            # The moves' flips write the directory between reconciles, never during one (reconcile/movegate.py).
+            async with ctx.moving_of(key).directory:
+                await _reconcile(ctx, body)
             result = "ok"
         except Refused as refusal:
             result = "refused"
@@ -116,14 +118,13 @@ async def _reconcile(ctx: Context, body: kube_types.MailDomain) -> None:
     ctx.owned[key] = objects.kinds(rendered, dkim=dkim_record is not None)
     ctx.placement[key] = (plan.replicas, served.homes)  # the same dict: the flips below update it
 
-    # Moves: each one step further, each step recorded before the next; a flip writes the directory.
-    flipping = asyncio.Lock()
-
+    # Moves run beside the reconciles; a flip writes the directory as this reconcile applied it, with the
+    # new home (under the domain's directory lock: as it is then), into the homes the next one starts from.
     async def publish_home(address: str, ordinal: int) -> None:
-        async with flipping:  # each write holds every flip so far
-            served.homes[address] = ordinal
-            await k8s.apply(ctx.client, render(served.homes).directory)
+        served.homes[address] = ordinal
+        await k8s.apply(ctx.client, render(served.homes).directory)
 
+    ctx.moving_of(key).publish = publish_home
     await moves.report_bad_annotations(ctx, bad_annotations)
     driven = await moves.drive(
         ctx,
@@ -134,19 +135,9 @@ async def _reconcile(ctx: Context, body: kube_types.MailDomain) -> None:
         parallel=domain.spec.moves.parallel,
         token=internal_token,
         ordinals=range(plan.replicas),
-        publish_home=publish_home,
     )
-    for verdict in served.verdicts:
-        if (address := str(verdict.body["spec"]["address"]).lower()) in driven.flipped:
-            verdict.node = specs.common.pod_name(domain, served.homes[address])
-    # Again while moves go on step by step (and once more after the last one: the StatefulSet may shrink
-    # then, its annotation say the homes are balanced); a first copy running aside asks for the next
-    # reconcile itself when it ends; waiting moves that may not start wait for the nodes' events.
-    if driven.stepped:
-        if driven.blocked:  # a node not answering: not at once again
-            asyncio.get_running_loop().call_later(moves.BLOCKED_RETRY, ctx.enqueue, key)
-        else:
-            ctx.enqueue(key)
+    # Each move runs beside the reconciles, in a task that asks for the next reconcile when it ends (the
+    # flipped home shows in the Mailbox's status.node, the StatefulSet may shrink, the homes be balanced).
 
     # Status: the domain's, then each Mailbox's.
     report = status.reconciled(

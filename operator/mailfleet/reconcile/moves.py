@@ -1,8 +1,10 @@
 """Mailbox moves, the Kubernetes side (DESIGN.md "Clustering", "Moving a mailbox"): which mailboxes of a
-domain move, when the StatefulSet grows or shrinks around them, and driving each recorded move one step
-per reconcile with the driver (mailfleet.moving), each step recorded in the Mailbox's status before the
-next one runs. reconcile/domain.py calls, in its order: `layout` (what runs now), `plan` (pure: what
-should move, how many nodes to run), then after the objects are applied `drive` and `progress`.
+domain move, when the StatefulSet grows or shrinks around them, and driving each recorded move with the
+driver (mailfleet.moving) in a task of its own beside the reconciles, each step recorded in the Mailbox's
+status before the next one runs; the clean-up of a move whose Mailbox was deleted; the moves' side of
+the gate backups share with them (reconcile/movegate.py). reconcile/domain.py calls, in its order:
+`layout` (what runs now), `plan` (pure: what should move, how many nodes to run), then after the objects
+are applied `drive` and `progress`.
 
 What moves:
   - a scale-up (spec.replicas above the number the homes are balanced over, the StatefulSet annotation
@@ -30,7 +32,7 @@ from typing import Final
 
 import aiohttp
 
-from mailfleet import api, kube_types, moving, nodes, specs
+from mailfleet import api, k8s, kube_types, moving, nodes, specs
 from mailfleet.reconcile import conditions
 from mailfleet.reconcile.conditions import Condition
 from mailfleet.reconcile.context import Context, DomainKey, object_key
@@ -219,12 +221,10 @@ def to_status(move: moving.Move, message: str = "") -> kube_types.MailboxMove:
 class Driven:
     """What a reconcile's moves did."""
 
-    flipped: dict[str, int] = dataclasses.field(default_factory=dict)  # address -> its new home
     blocked: dict[str, str] = dataclasses.field(default_factory=dict)  # address -> why its step did not run
     moving: int = 0  # moves under way after this reconcile
     waiting: int = 0  # planned moves not started
     started: bool = False  # moves may start (every node ready and up to date)
-    stepped: int = 0  # moves this reconcile took a step further (not counting first copies, which run aside)
 
 
 def nodes_ready(statefulset: kube_types.StatefulSet, replicas: int) -> bool:
@@ -249,13 +249,14 @@ async def drive(
     parallel: int,
     token: str,
     ordinals: Sequence[int],
-    publish_home: Callable[[str, int], Awaitable[None]],
 ) -> Driven:
-    """Start the waiting moves there is room for (when `may_start`), then advance every move one step,
-    each new step written to its Mailbox's status before this returns (and before any next step runs).
-    `bodies`: the Mailboxes by address; `publish_home(address, ordinal)`: write the directory with it."""
+    """Start the waiting moves there is room for (when `may_start`), and a task for every move under way
+    that has none (`_aside`). `bodies`: the Mailboxes by address."""
     namespace, name = specs.common.namespace(domain), domain.metadata.name
     driven = Driven(started=may_start)
+    where = moving.InCluster(namespace=namespace, name=name, token=token, template=ctx.node_url)
+    for move in abandoned(ctx, (namespace, name), the_plan.active):
+        _clean_up(ctx, (namespace, name), move, where, ordinals)
     if the_plan.idle:
         ctx.metrics.mailboxes_moving.labels(namespace, name).set(0)
         return driven
@@ -274,34 +275,19 @@ async def drive(
                 at=conditions.now(),
             )
     driven.waiting = len(the_plan.waiting) - (len(active) - len(the_plan.active))
-    where = moving.InCluster(namespace=namespace, name=name, token=token, template=ctx.node_url)
-    key = (namespace, name)
-    stepping = {}
+    for (domain_key, address), (task, _) in list(ctx.copies.items()):
+        if domain_key == (namespace, name) and address not in active and task.done():
+            del ctx.copies[(domain_key, address)]  # the move ended
     for address, move in active.items():
-        if move.step is moving.Step.COPYING:
-            _copy_aside(ctx, key, bodies[address], move, where, ordinals, driven)
-        else:
-            stepping[address] = move
-    if stepping:
-        driven.stepped = len(stepping)
-        async with aiohttp.ClientSession() as session:
-            results = await asyncio.gather(
-                *(
-                    _step(ctx, bodies[a], m, where, session, ordinals, publish_home, driven)
-                    for a, m in stepping.items()
-                ),
-                return_exceptions=True,  # every step ends (and is recorded) before the session closes
-            )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result  # an API error: the reconcile is retried, the step asked again
+        _aside(ctx, domain, (namespace, name), bodies[address], move, where, ordinals, driven)
     driven.moving = sum(1 for a in active if ctx.statuses.move_of(bodies[a]) is not None)
     ctx.metrics.mailboxes_moving.labels(namespace, name).set(driven.moving)
     return driven
 
 
-def _copy_aside(
+def _aside(
     ctx: Context,
+    domain: api.MailDomain,
     key: DomainKey,
     body: kube_types.Mailbox,
     move: moving.Move,
@@ -309,43 +295,205 @@ def _copy_aside(
     ordinals: Sequence[int],
     driven: Driven,
 ) -> None:
-    """A first copy (COPYING) runs beside the reconciles, in a task of its own: for a big mailbox it takes
-    minutes (a GiB at tens of MiB/s), and the domain's other work (new Mailboxes, passwords, the other
-    moves' short steps) must not wait for it. The task records the step's outcome as `_step` does and
-    then asks for the domain's next reconcile, which takes the move further; a reconcile meanwhile leaves
-    it alone. The copy is asked again harmlessly (the target fetches only what it lacks), so a restarted
-    operator just starts it again from the recorded step."""
+    """A move runs beside the reconciles, in a task of its own (`ctx.copies`) that takes it from its
+    recorded step to its end, each step recorded in the Mailbox's status before the next one runs. Why:
+    the first copy of a big mailbox takes minutes (a GiB at tens of MiB/s), and the domain's other work
+    (new Mailboxes, passwords, the other moves) must not wait for it; and the freeze, from Freezing to
+    Thawing, must last what its steps take, not four of the domain's reconciles with the work queue's
+    spacing between them. The task asks for the domain's next reconcile when it ends (done, or waiting for
+    a node: then in BLOCKED_RETRY seconds); a reconcile meanwhile leaves it alone. Every step may be asked
+    again, so a restarted operator just starts the task again from the recorded step."""
+    blocked: dict[str, str] = {}
     running = ctx.copies.get((key, move.address))
     if running is not None:
         task, blocked = running
+        driven.blocked.update(blocked)  # said until a step goes on again
         if not task.done():
-            driven.blocked.update(blocked)
             return
-        del ctx.copies[(key, move.address)]
-        if ctx.statuses.move_of(body) != to_status(move):
-            return  # its outcome is recorded; this reconcile read the move from before it
-    aside = Driven()
+        if from_status(move.address, ctx.statuses.move_of(body)) != move:
+            return  # it recorded a step after this reconcile read the move: the next one goes on from there
+    aside = Driven(blocked=dict(blocked))
 
-    async def copy() -> None:
+    async def run() -> None:
         try:
-            async with aiohttp.ClientSession() as session:
-                await _step(ctx, body, move, where, session, ordinals, _no_flip, aside)
+            await _run(ctx, domain, key, body, move, where, ordinals, aside)
+        except (k8s.ApiError, aiohttp.ClientError, TimeoutError) as error:  # a status not written: later
+            log.warning("move of %s: %s; trying again", move.address, error)
+            aside.blocked[move.address] = f"the Kubernetes API: {error}"
         finally:
             if aside.blocked:  # a node not answering: not at once again
                 asyncio.get_running_loop().call_later(BLOCKED_RETRY, ctx.enqueue, key)
             else:
                 ctx.enqueue(key)
 
-    task = asyncio.create_task(copy(), name=f"copy {move.address} to node {move.target}")
+    task = asyncio.create_task(run(), name=f"move {move.address} to node {move.target}")
     ctx.copies[(key, move.address)] = (task, aside.blocked)
 
 
+def _clean_up(
+    ctx: Context, key: DomainKey, move: moving.Move, where: moving.DomainNodes, ordinals: Sequence[int]
+) -> None:
+    """The clean-up of a move whose Mailbox was deleted (`_abandon`), in a task of its own again."""
+    aside = Driven()
+
+    async def run() -> None:
+        try:
+            async with aiohttp.ClientSession() as session:
+                await _abandon(ctx, key, move, where, session, ordinals, aside, gated=False)
+        finally:
+            if aside.blocked:
+                asyncio.get_running_loop().call_later(BLOCKED_RETRY, ctx.enqueue, key)
+
+    task = asyncio.create_task(run(), name=f"clean-up of the move of {move.address}")
+    ctx.copies[(key, move.address)] = (task, aside.blocked)
+
+
+# The steps of a move's window (reconcile/movegate.py): held from its freeze to its cleanup, so no
+# backup takes points while the copy may be in place on both nodes.
+WINDOW: Final = frozenset(
+    {moving.Step.FREEZING, moving.Step.CATCHING_UP, moving.Step.FLIPPING, moving.Step.THAWING, moving.Step.CLEANING}
+)
+# Where a move is inside the window already when an operator takes it up (the copy may be in place).
+INSIDE: Final = frozenset({moving.Step.FLIPPING, moving.Step.THAWING, moving.Step.CLEANING})
+
+
+def recorded_inside(ctx: Context, domain: api.MailDomain) -> list[str]:
+    """The domain's mailboxes whose move Mailbox.status records between the flip and the cleanup (the
+    copy may be in place on both nodes), whether or not this operator runs it yet (reconcile/backup.py)."""
+    namespace, found = specs.common.namespace(domain), []
+    for mail_domain in sorted(specs.node.domains_of(domain)):
+        for body in ctx.view.mailboxes(namespace, mail_domain):
+            address = str(body["spec"]["address"]).lower()
+            move = from_status(address, ctx.statuses.move_of(body))
+            if move is not None and move.step in INSIDE:
+                found.append(address)
+    return found
+
+
+async def _run(
+    ctx: Context,
+    domain: api.MailDomain,
+    key: DomainKey,
+    body: kube_types.Mailbox,
+    move: moving.Move,
+    where: moving.DomainNodes,
+    ordinals: Sequence[int],
+    driven: Driven,
+) -> None:
+    """Take `move` from its step to its end, or until a step does not go on (a node not answering, a
+    move failed after its flip, the Mailbox gone). The first copy runs alone; from the freeze to the
+    cleanup the move holds the domain's gate (no backup takes points meanwhile)."""
+    shared = ctx.moving_of(key)
+
+    async def publish(address: str, ordinal: int) -> None:
+        async with shared.directory:
+            if shared.publish is None:
+                raise nodes.NodeError(f"the directory of {key[0]}/{key[1]} is not written yet")
+            await shared.publish(address, ordinal)
+
+    async def through(current: moving.Move | None, flip: Callable[[str, int], Awaitable[None]]) -> moving.Move | None:
+        """The steps from `current` while they go on, each remembered (a Mailbox deleted meanwhile)."""
+        while current is not None and current.step is not moving.Step.DONE:
+            shared.moves[current.address] = current
+            current = await _step(ctx, domain, body, current, where, session, ordinals, flip, driven)
+        if current is None and move.address not in driven.blocked:
+            shared.moves.pop(move.address, None)  # done or rolled back (a blocked one is asked again)
+        return current
+
+    async with aiohttp.ClientSession() as session:
+        try:
+            current: moving.Move | None = move
+            if move.step is moving.Step.COPYING:
+                shared.moves[move.address] = move
+                current = await _step(ctx, domain, body, move, where, session, ordinals, _no_flip, driven)
+            if current is not None and current.step in WINDOW:
+                inside = current.step in INSIDE
+                if not inside and shared.gate.backing_up:
+                    await _note(ctx, body, current, "waiting for a backup of the domain to take its points")
+                async with shared.gate.move(current.address, inside=inside):
+                    try:
+                        current = await through(current, publish)
+                    except _Gone as gone:
+                        await _abandon(ctx, key, gone.move, where, session, ordinals, driven, gated=True)
+                        return
+            await through(current, _no_flip)  # a roll-back
+        except _Gone as gone:
+            await _abandon(ctx, key, gone.move, where, session, ordinals, driven, gated=False)
+
+
+class _Gone(Exception):
+    """The Mailbox was deleted during its move; `move` is where the nodes are."""
+
+    def __init__(self, move: moving.Move) -> None:
+        super().__init__(move.address)
+        self.move = move
+
+
+async def _abandon(
+    ctx: Context,
+    key: DomainKey,
+    move: moving.Move,
+    where: moving.DomainNodes,
+    session: aiohttp.ClientSession,
+    ordinals: Sequence[int],
+    driven: Driven,
+    *,
+    gated: bool,
+) -> None:
+    """The move of a Mailbox deleted on the way: what the move made goes, and one copy stays, as any
+    deleted Mailbox's mail stays on its home. Before the thaw it is rolled back: the source thawed, the
+    target's copy (kept aside, or taken into place by a partial flip) dropped; from the thaw on it goes
+    forward: the source thawed and its old copy dropped. Nothing is recorded (there is no
+    Mailbox): the step is remembered in Context.moving until it is done, and tried again by the domain's
+    reconciles while a node does not answer (`abandoned`)."""
+    shared = ctx.moving_of(key)
+    if move.step in (moving.Step.THAWING, moving.Step.CLEANING):
+        current = move
+    else:
+        current = dataclasses.replace(move, step=moving.Step.ROLLING_BACK)
+    shared.moves[move.address] = current
+    log.info("%s: its Mailbox was deleted during its move: %s", move.address, current.step)
+    gate = shared.gate.move(move.address, inside=True) if not gated else contextlib.nullcontext()
+    async with gate:
+        while current.step is not moving.Step.DONE:
+            try:
+                current = await moving.advance(
+                    current, nodes=where, session=session, ordinals=ordinals, publish_home=_no_flip
+                )
+            except (nodes.NodeError, moving.MoveError) as error:  # a node still homes it (409), or is away
+                driven.blocked[move.address] = str(error)
+                log.warning("%s: the deleted Mailbox's move: %s; trying again", move.address, error)
+                return
+            shared.moves[move.address] = current
+    shared.moves.pop(move.address, None)
+    ctx.metrics.moves.labels("abandoned").inc()
+
+
+def abandoned(ctx: Context, key: DomainKey, active: Iterable[str]) -> list[moving.Move]:
+    """The moves this operator ran whose Mailbox is gone and whose task ended (a node did not answer its
+    clean-up): the domain's reconcile starts their clean-up again."""
+    shared, running = ctx.moving_of(key), set(active)
+    found = []
+    for address, move in list(shared.moves.items()):
+        task = ctx.copies.get((key, address))
+        if address in running or (task is not None and not task[0].done()):
+            continue
+        if any(str(b["spec"]["address"]).lower() == address for b in ctx.view.mailboxes(key[0], _domain_of(address))):
+            continue  # the Mailbox is there (not served now): its move goes on once it is again
+        found.append(move)
+    return found
+
+
+def _domain_of(address: str) -> str:
+    return address.rsplit("@", 1)[-1]
+
+
 async def _no_flip(address: str, ordinal: int) -> None:
-    raise AssertionError(f"a first copy does not flip {address}'s home to node {ordinal}")
+    raise AssertionError(f"a move that does not hold the gate does not flip {address}'s home to node {ordinal}")
 
 
 async def stop_copies(ctx: Context, key: DomainKey | None = None) -> None:
-    """Cancel the first copies running aside (all of them, or one domain's); each is asked again from its
+    """Cancel the moves running aside (all of them, or one domain's); each is taken up again from its
     recorded step by the next reconcile or the next operator."""
     going = [k for k in ctx.copies if key is None or k[0] == key]
     tasks = [ctx.copies.pop(k)[0] for k in going]
@@ -356,6 +504,7 @@ async def stop_copies(ctx: Context, key: DomainKey | None = None) -> None:
 
 async def _step(
     ctx: Context,
+    domain: api.MailDomain,
     body: kube_types.Mailbox,
     move: moving.Move,
     where: moving.DomainNodes,
@@ -363,33 +512,36 @@ async def _step(
     ordinals: Sequence[int],
     publish_home: Callable[[str, int], Awaitable[None]],
     driven: Driven,
-) -> None:
-    """One step of one move, and its record."""
+) -> moving.Move | None:
+    """One step of one move, and its record: the move at its next step to run, None when there is none
+    now (done, waiting for a node, failed after the flip, the Mailbox gone)."""
     address = move.address
     try:
         after = await moving.advance(move, nodes=where, session=session, ordinals=ordinals, publish_home=publish_home)
     except nodes.NodeError as error:  # not reachable now: the same step, later
         driven.blocked[address] = str(error)
         await _note(ctx, body, move, f"waiting for a node: {error}")
-        return
+        return None
     except moving.MoveError as error:
-        await _failed(ctx, body, move, str(error), driven)
-        return
-    if move.step is moving.Step.FLIPPING:
-        driven.flipped[address] = move.target
+        return await _failed(ctx, body, move, str(error), driven)
+    driven.blocked.pop(address, None)
     if after.step is not moving.Step.DONE:
-        await ctx.statuses.write_move(body, to_status(after))
-        return
+        # After the flip the home is the target: status.node says so with the step (no reconcile between).
+        node = specs.common.pod_name(domain, move.target) if move.step is moving.Step.FLIPPING else None
+        if not await ctx.statuses.write_move(body, to_status(after), node=node):
+            raise _Gone(after)
+        return after
     if not await ctx.statuses.write_move(body, None):
-        return
+        return None  # gone, with nothing left to clean
     if move.step is moving.Step.ROLLING_BACK:
         ctx.metrics.moves.labels("rolled_back").inc()
-        return
+        return None
     ctx.metrics.moves.labels("done").inc()
     ctx.metrics.move_duration.observe(_seconds_since(move.since))
     await ctx.recorder.event(
         _mailbox(body), "MoveFinished", f"moved from node {move.source} to node {move.target}", at=conditions.now()
     )
+    return None
 
 
 async def _note(ctx: Context, body: kube_types.Mailbox, move: moving.Move, message: str) -> None:
@@ -399,9 +551,11 @@ async def _note(ctx: Context, body: kube_types.Mailbox, move: moving.Move, messa
         await ctx.statuses.write_move(body, to_status(move, message))
 
 
-async def _failed(ctx: Context, body: kube_types.Mailbox, move: moving.Move, why: str, driven: Driven) -> None:
-    """A lasting refusal: roll back when the directory cannot name the target yet; after that, only going
-    forward is safe, so the step is tried again later (and says why)."""
+async def _failed(
+    ctx: Context, body: kube_types.Mailbox, move: moving.Move, why: str, driven: Driven
+) -> moving.Move | None:
+    """A lasting refusal: roll back when the directory cannot name the target yet (the move at RollingBack,
+    to run next); after that, only going forward is safe, so the step is tried again later (and says why)."""
     driven.blocked[move.address] = why
     at = conditions.now()
     try:
@@ -412,7 +566,7 @@ async def _failed(ctx: Context, body: kube_types.Mailbox, move: moving.Move, why
             ctx.metrics.moves.labels("failed").inc()
             await ctx.recorder.event(_mailbox(body), "MoveFailed", f"{why}; trying again", type="Warning", at=at)
         await _note(ctx, body, move, why)
-        return
+        return None
     if move.step is not moving.Step.ROLLING_BACK:
         await ctx.recorder.event(
             _mailbox(body),
@@ -422,7 +576,9 @@ async def _failed(ctx: Context, body: kube_types.Mailbox, move: moving.Move, why
             at=at,
         )
         ctx.statuses.retry_moves_after[object_key(body)] = time.monotonic() + RETRY_AFTER
-    await ctx.statuses.write_move(body, to_status(back, why))
+    if not await ctx.statuses.write_move(body, to_status(back, why)):
+        raise _Gone(back)
+    return back
 
 
 def held(ctx: Context, bodies: Iterable[kube_types.Mailbox]) -> set[str]:
@@ -490,5 +646,6 @@ def progress(report: Report, *, layout: Layout, the_plan: Plan, driven: Driven) 
 async def domain_gone(ctx: Context, key: DomainKey) -> None:
     """The MailDomain was deleted: its first copies under way stop, its series of moving mailboxes goes."""
     await stop_copies(ctx, key)
+    ctx.moving.pop(key, None)
     with contextlib.suppress(KeyError):
         ctx.metrics.mailboxes_moving.remove(*key)

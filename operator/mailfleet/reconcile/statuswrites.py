@@ -92,10 +92,16 @@ class MailboxStatuses:
             del self.moves[key]  # the watch shows the write now
         return written
 
-    async def write_move(self, body: kube_types.Mailbox, move: kube_types.MailboxMove | None) -> bool:
-        """Write status.move (and phase Moving; None removes both) now. False when the Mailbox is gone."""
+    async def write_move(
+        self, body: kube_types.Mailbox, move: kube_types.MailboxMove | None, *, node: str | None = None
+    ) -> bool:
+        """Write status.move (and phase Moving; None removes both) now, and status.node when given (the
+        home a move flipped to: moves run beside the reconciles that write the verdicts). False when the
+        Mailbox is gone."""
         meta = body["metadata"]
         status: kube_types.MailboxStatus = {"phase": "Moving" if move is not None else None, "move": move}
+        if node is not None:
+            status["node"] = node
         try:
             await self._client.patch(MAILBOX, meta["namespace"], meta["name"], {"status": status}, subresource="status")
         except k8s.ApiError as error:
@@ -103,6 +109,8 @@ class MailboxStatuses:
                 return False
             raise
         self.moves[object_key(body)] = move
+        if node is not None and (remembered := self.remembered.get(object_key(body))) is not None:
+            self.remembered[object_key(body)] = {**remembered, "node": node}
         return True
 
     def submit(self, verdicts: Iterable[Verdict]) -> None:
