@@ -1,8 +1,8 @@
 // The one module of the tests' cluster (see README.md): a multi-call binary (main.go) with
 // kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kube-proxy from the published
-// k8s.io/kubernetes module, kine and tools/csi-hostpath, and kubernetes-csi's csi-snapshotter and
-// snapshot-controller (tool lines), all built by scripts/build-cluster in one go build. The
-// k8s.io/kubernetes go.mod replaces every k8s.io staging module with ./staging/src/k8s.io/X, which a
+// k8s.io/kubernetes module, kine (its memory backend, kine.go) and tools/csi-hostpath, and
+// kubernetes-csi's csi-provisioner, csi-snapshotter and snapshot-controller (tool lines), all built by
+// scripts/build-cluster in one go build. The k8s.io/kubernetes go.mod replaces every k8s.io staging module with ./staging/src/k8s.io/X, which a
 // dependent module cannot use, so each one is pinned here to the matching published v0.x release; that
 // also aligns the sidecars' and kine's k8s.io requirements, so every Kubernetes package compiles once.
 module mailfleet.io/tools/controlplane
@@ -251,4 +251,6 @@ replace (
 	k8s.io/streaming => k8s.io/streaming v0.37.2
 )
 
+// csi-provisioner v6.4.0 requires cel-go v0.31.0; kube-apiserver and the rest stay on the cel-go that
+// Kubernetes v1.37.2 pins (the provisioner compiles against it too). See README.md.
 replace github.com/google/cel-go => github.com/google/cel-go v0.29.2
