@@ -2,7 +2,7 @@
 kube-controller-manager v1.37.2, built by scripts/build-cluster (cached per machine), driven with
 the real kubectl and helm; the `node` fixture adds a node that runs pods (node.py). `make e2e-cluster` runs
 these tests alone; `make test` runs them with the rest, last: it starts scripts/build-cluster in the
-background before lint, so a fresh machine's cold build (27 CPU-minutes) overlaps the other tiers, and the
+background before bootstrap, so a fresh machine's cold build (19 CPU-minutes) overlaps the other tiers, and the
 fixtures here wait for it."""
 
 from __future__ import annotations

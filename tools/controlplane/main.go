@@ -1,6 +1,6 @@
 // Command mailfleet-k8s is every Go program of the tests' cluster tier (tests/cluster) in one
 // binary, like the old hyperkube: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet
-// and kube-proxy from k8s.io/kubernetes, kine, and the project's CSI driver (tools/csi-hostpath).
+// and kube-proxy from k8s.io/kubernetes, kine (kine.go), and the project's CSI driver (tools/csi-hostpath).
 // One binary is one link instead of seven, and each of those links is tens of seconds and a few GiB of
 // memory on a cold machine. scripts/build-cluster builds it and names it by each command (hard links),
 // so the tests run `kube-apiserver ...` as before.
@@ -11,15 +11,12 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
 	_ "time/tzdata" // kube-apiserver and kube-controller-manager: CronJob time zones
 
-	"github.com/k3s-io/kine/pkg/app"
-	"github.com/sirupsen/logrus"
 	"k8s.io/component-base/cli"
 	_ "k8s.io/component-base/logs/json/register"          // the JSON log format, as each command's main has
 	_ "k8s.io/component-base/metrics/prometheus/clientgo" // client-go's metrics
@@ -41,13 +38,6 @@ var commands = map[string]func() int{
 	"kube-proxy":              func() int { return cli.Run(proxy.NewProxyCommand()) },
 	"kine":                    runKine,
 	"csi-hostpath":            func() int { return csihostpath.Main(os.Args[1:]) },
-}
-
-func runKine() int {
-	if err := app.New().Run(os.Args); err != nil && !errors.Is(err, context.Canceled) {
-		logrus.Fatal(err)
-	}
-	return 0
 }
 
 func main() {
