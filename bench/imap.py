@@ -909,7 +909,7 @@ def bench_node(workdir: Path, load: Load, corpus: Corpus, tls: tuple[Path, Path]
     """The node with the IMAP listener (STARTTLS with the bench's certificate) and a directory with one
     mailbox; its connection limits raised for the IDLE sessions, all from 127.0.0.1."""
     config, ports = common.node_files(
-        workdir, listeners=("smtp", "submission", "submissions", "imap", "http"), password=PASSWORD,
+        workdir, listeners=("smtp", "submission", "submissions", "imap", "imaps", "http", "https"), password=PASSWORD,
         settings={"tls": {"cert_file": str(tls[0]), "key_file": str(tls[1])}},
     )  # fmt: skip
     settings = yaml.safe_load(config.read_text(encoding="utf-8"))
