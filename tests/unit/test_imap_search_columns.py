@@ -52,6 +52,10 @@ def test_entries_added_to_a_column_are_found_and_expunged_ones_dropped() -> None
     assert column.entries() == _folded(entries)
     for term in ["a", "", "ss", "x"]:
         assert column.matching(term) == _expected(entries, term)
+    for cut in range(len(entries) + 1):  # messages added with higher UIDs: put after the others
+        grown = _Column(_folded(entries[:cut])).with_entries(_folded(entries[cut:]), None)
+        assert grown.entries() == _folded(entries)
+        assert all(grown.matching(term) == _expected(entries, term) for term in ["a", "", "ss", "x", "\x00"])
     keep = {uid for uid, _ in entries[:10]}
     trimmed = column.with_entries([], keep)
     assert trimmed.uids == sorted(keep)

@@ -252,15 +252,23 @@ class _Column:
 
     def __init__(self, entries: Sequence[tuple[int, str | None]]) -> None:
         """`entries`: (UID, case-folded value or None when the message has no such field), UIDs ascending."""
-        self.uids = [uid for uid, _ in entries]
-        self._present = bytes(value is not None for _, value in entries)
+        self.uids: list[int] = []
+        self._present = b""
+        self._starts: list[int] = []
+        self._text = ""
+        self._extend(entries)
+
+    def _extend(self, entries: Sequence[tuple[int, str | None]]) -> None:
+        """Put `entries` (UIDs ascending, above this column's) after the others."""
         values = ["" if value is None else value for _, value in entries]
-        starts, at = [], 0
+        earlier = [self._text] if self.uids else []  # a separator after them, even when their text is ""
+        at = len(self._text) + 1 if self.uids else 0
         for value in values:
-            starts.append(at)
+            self._starts.append(at)
             at += len(value) + 1
-        self._starts = starts
-        self._text = _SEPARATOR.join(values)
+        self.uids += [uid for uid, _ in entries]
+        self._present += bytes(value is not None for _, value in entries)
+        self._text = _SEPARATOR.join([*earlier, *values])
 
     def entries(self) -> list[tuple[int, str | None]]:
         ends = [*self._starts[1:], len(self._text) + 1] if self._starts else []
@@ -270,9 +278,17 @@ class _Column:
         ]
 
     def with_entries(self, added: Sequence[tuple[int, str | None]], keep: set[int] | None) -> _Column:
-        """A column with `added` besides these entries (only those of `keep`, when given)."""
+        """A column with `added` besides these entries (only those of `keep`, when given). Messages added to a
+        folder have UIDs above its others (RFC 3501 §2.3.1.1): those are put after a copy of this one."""
+        ordered = sorted(added)
+        if keep is None and (not self.uids or not ordered or ordered[0][0] > self.uids[-1]):
+            column = _Column([])
+            column.uids, column._present = list(self.uids), self._present
+            column._starts, column._text = list(self._starts), self._text
+            column._extend(ordered)
+            return column
         merged = {uid: value for uid, value in self.entries() if keep is None or uid in keep}
-        merged.update(added)
+        merged.update(ordered)
         return _Column(sorted(merged.items()))
 
     def matching(self, value: str) -> set[int]:
