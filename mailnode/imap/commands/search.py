@@ -18,6 +18,7 @@ the whole answer. Flags, UIDs, sizes and dates are evaluated on the loop.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import collections
 import datetime
@@ -319,6 +320,12 @@ class _Columns:
     def __init__(self) -> None:
         self._columns: collections.OrderedDict[tuple[str, int, str], _Column] = collections.OrderedDict()
         self._entries = 0
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+
+    def lock(self, address: str, uidvalidity: int) -> asyncio.Lock:
+        """Held while a folder's columns gain messages: the sessions that waited find them there (when
+        twenty sessions search a new folder at once, one reads its rows)."""
+        return self._locks.setdefault((address, uidvalidity), asyncio.Lock())
 
     def get(self, key: tuple[str, int, str]) -> _Column | None:
         found = self._columns.get(key)
@@ -360,22 +367,32 @@ async def _columns(session: Session, fields: frozenset[str]) -> dict[str, _Colum
     assert selected is not None and session.account is not None and session.user is not None
     store = _NODE_COLUMNS.setdefault(session.analysis_cache, _Columns())
     address, uids = session.user.address, selected.uids
-    found: dict[str, _Column] = {}
-    missing: set[int] = set()
-    for field in fields:
-        column = store.get((address, selected.uidvalidity, field))
-        if column is not None:
-            found[field] = column
-        if column is None or column.uids != uids:
-            missing.update(set(uids).difference(column.uids) if column is not None else uids)
-    if missing:
+
+    def lacking() -> tuple[dict[str, _Column], set[int]]:
+        found: dict[str, _Column] = {}
+        missing: set[int] = set()
+        for field in fields:
+            column = store.get((address, selected.uidvalidity, field))
+            if column is not None:
+                found[field] = column
+            if column is None or column.uids != uids:
+                missing.update(set(uids).difference(column.uids) if column is not None else uids)
+        return found, missing
+
+    found, missing = lacking()
+    if not missing:
+        return found
+    async with store.lock(address, selected.uidvalidity):
+        found, missing = lacking()  # filled by the session this one waited for
+        if not missing:
+            return found
         rows = await session.account.messages(selected.name, uids=sorted(missing))
         values = await _indexed_fields(session, rows)  # a message expunged meanwhile has none, nor an entry
         keep = set(selected.uids)
         for field in fields:
             added = [(uid, None if (v := values[uid].get(field)) is None else v.casefold()) for uid in values]
             key = (address, selected.uidvalidity, field)
-            column = store.get(key)  # another session may have added to it meanwhile
+            column = found.get(field)
             if column is None:
                 column = _Column(sorted(added))
             else:  # entries of expunged messages go once they are half the column
