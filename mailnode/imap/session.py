@@ -548,7 +548,7 @@ class Session:
         uids = selected.uids
         if uid:
             largest = uids[-1] if uids else 0
-            return [(selected.seq(u), u) for u in numbers.iter(uids, largest)]
+            return numbers.positions(uids, largest)
         count = len(uids)
         result = [(n, uids[n - 1]) for n in numbers.iter(range(1, count + 1), count)]
         if not result:  # RFC 3501 §9 seq-number: a number beyond the mailbox is an error
