@@ -11,7 +11,6 @@ decodes, reads a large message whole.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from mailnode.imap.session import Session
 from mailnode.store.account import Message, MessageFile
 
 _READ_BATCH = 64  # message files read per Gateway trip while answering FETCH
-_SUMMARY_BATCH = 256  # messages per FETCH response batch when no file is read (the loop is let go between)
+_SUMMARY_BATCH = 1024  # messages per FETCH response batch when no file is read
 _LARGE = 128 * 1024  # a message larger than this is sent alone, never read with a batch
 _CHUNK = 64 * 1024  # bytes read from a message file per step of a streamed literal
 
@@ -69,9 +68,8 @@ async def fetch(session: Session, command: protocol.Command) -> None:
     sets_seen = not selected.readonly and any(item.sets_seen for item in items)  # and BINARY[...], RFC 3516
     every = len(targets) > _READ_BATCH  # one query for the whole folder beats many small ones
     all_messages = {m.uid: m for m in await session.account.messages(selected.name)} if every else {}
-    step = _READ_BATCH if needs_data else _SUMMARY_BATCH
-    for start in range(0, len(targets), step):
-        chunk = targets[start : start + step]
+    for start in range(0, len(targets), _READ_BATCH if needs_data else _SUMMARY_BATCH):
+        chunk = targets[start : start + (_READ_BATCH if needs_data else _SUMMARY_BATCH)]
         preread: dict[int, bytes] = {}  # the small messages' files, read with their rows (one trip)
         if all_messages:
             present = [(s, all_messages[u]) for s, u in chunk if u in all_messages]
@@ -112,10 +110,6 @@ async def fetch(session: Session, command: protocol.Command) -> None:
             await _send_large(session, seq, message, items, by_uid, analysis, sets_seen)
         session.write(b"".join(pending))
         await session.flush()
-        if start + step < len(targets):
-            # The other sessions' turn: a drain that need not wait does not yield, and a whole folder's
-            # responses would hold the event loop from every other session until the last was made.
-            await asyncio.sleep(0)
     await session.report_changes(expunge=by_uid)
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
 
