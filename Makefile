@@ -70,7 +70,7 @@ chart: bootstrap ## helm lint --strict the chart (charts/mailfleet) and render i
 	done
 
 .PHONY: bench
-bench: ## benchmarks: the node against Postfix (SMTP in and out), Dovecot (IMAP, backups) and tar on this machine, a mailbox move, then 10^6 fuzzed inputs (not a test)
+bench: ## benchmarks: the node against Postfix (SMTP in and out), Dovecot (IMAP, backups) and tar on this machine, mailbox moves (one, and a 3 -> 4 rebalance), then 10^6 fuzzed inputs (not a test)
 	@scripts/bootstrap --bench
 	$(PY) -m bench.smtp
 	$(PY) -m bench.cluster

@@ -432,6 +432,8 @@ def _restore(args: argparse.Namespace) -> int:
         target = _admin_target(args)
         result = _admin_request(target, "POST", "/restore", _RESTORED, body=body, timeout=RESTORE_TIMEOUT)
         print(f"restored {result.restored} messages into {result.mailbox} ({result.skipped} already there)")
+        if result.dav_restored or result.dav_kept:
+            print(f"restored {result.dav_restored} calendar and contact files ({result.dav_kept} already there)")
     except _AdminError as error:
         print(f"mailnode restore: {error}", file=sys.stderr)
         return 1

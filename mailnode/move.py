@@ -2,10 +2,11 @@
 order are mailwire.admin's "mailbox moves"; the operator's mailfleet.moving drives them). mailnode.node
 makes one `Moves`; mailnode.admin.http serves its methods, each behind the internal token.
 
-- On the source: `export` streams the mailbox (its index as committed now and the message files the
-  target does not hold) as a tar; `freeze` holds the mailbox still (the store refuses deliveries, SMTP
-  queues them, LMTP answers 4xx, its IMAP sessions end with BYE [UNAVAILABLE] and new logins get NO
-  [UNAVAILABLE]) until `thaw` or the hold runs out, kept on the volume across a restart; `drop` removes
+- On the source: `export` streams the mailbox (its index as committed now, the message files the
+  target does not hold, and its calendars and contacts whole, under their DAV lock) as a tar; `freeze`
+  holds the mailbox still (the store refuses deliveries, SMTP queues them, LMTP answers 4xx, its IMAP
+  sessions end with BYE [UNAVAILABLE] and new logins get NO [UNAVAILABLE], DAV refuses writes with 503
+  and Retry-After) until `thaw` or the hold runs out, kept on the volume across a restart; `drop` removes
   the copy left behind once the mailbox is homed elsewhere.
 - On the target: `copy` pulls the export into a copy kept aside (mailnode.store.transfer), fetching only
   what it lacks; the copy is taken into place when the home flips here (`set_home`, or the directory file
@@ -40,7 +41,7 @@ from mailnode.config import Directory
 from mailnode.gateway import Gateway
 from mailnode.homes import Homes
 from mailnode.metrics import NodeMetrics
-from mailnode.store import durable, transfer
+from mailnode.store import davfiles, durable, transfer
 from mailnode.store.mailstore import MailStore
 from mailwire import admin
 
@@ -229,9 +230,11 @@ class Moves:
         self, address: str, *, have: set[str], final: bool, unless_freeze: str | None = None
     ) -> AsyncIterator[Export]:
         """The mailbox as a tar: `index.sqlite` (committed now), every message file it lists but `have`,
-        then SUMMARY. Checks (Refused) and the index copy happen on entering; the yielded Export streams
-        through `write`. `final`: the mailbox must be frozen, and every file listed is sent; Unchanged when
-        the freeze is still `unless_freeze`, the one the caller's final copy was made under."""
+        every file of `.dav/` that davfiles carries (under its DAV lock: a final export, made under the
+        freeze, holds every write DAV accepted, mailnode.web.dav), then SUMMARY. Checks (Refused) and the
+        index copy happen on entering; the yielded Export streams through `write`. `final`: the mailbox
+        must be frozen, and every file listed is sent; Unchanged when the freeze is still `unless_freeze`,
+        the one the caller's final copy was made under."""
         address = self._entry(address)
         hold = self._holds.get(address)
         if final and (hold is None or not self._store.is_frozen(address)):
@@ -272,7 +275,11 @@ class Moves:
                         if final:  # under the freeze nothing is removed: a missing file is damage
                             raise
                         skipped += 1  # expunged since the index copy; the next copy's index lists it no more
-                summary = {"messages": len(files), "sent": sent, "skipped": skipped, "final": final}
+                with davfiles.locked(mailbox_path, exclusive=False):
+                    dav = davfiles.files(mailbox_path)
+                    for rel, _ in dav:
+                        tar.add_file(f"{davfiles.DIR}/{rel}", str(mailbox_path / davfiles.DIR / rel))
+                summary = {"messages": len(files), "sent": sent, "skipped": skipped, "final": final, "dav": len(dav)}
                 tar.add_bytes(SUMMARY, json.dumps(summary).encode(), int(time.time()))
                 tar.close()
 
@@ -537,6 +544,7 @@ def _receive(raw: Any, copy: Path, label: str) -> tuple[int, int, list[Path]]:
     fetched = fetched_bytes = 0
     written: list[Path] = []
     got_index = got_summary = False
+    transfer.dav_begin(copy)
     while (entry := tar.next()) is not None:
         if entry.name == transfer.INDEX:
             target = transfer.index_target(copy)
@@ -546,6 +554,10 @@ def _receive(raw: Any, copy: Path, label: str) -> tuple[int, int, list[Path]]:
         elif entry.name == SUMMARY:
             json.loads(tar.read_all())
             got_summary = True
+        elif entry.name.startswith(f"{davfiles.DIR}/"):
+            target = transfer.dav_target(copy, entry.name[len(davfiles.DIR) + 1 :])
+            tarcodec.copy_member(tar, target)
+            written.append(target)
         else:
             part = transfer.file_target(copy, entry.name)
             size, _ = tarcodec.copy_member(tar, part)

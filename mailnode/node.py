@@ -126,6 +126,7 @@ class Node:
         self._handlers: list[smtp.SMTPHandler] = []
         self._imap_sessions: list[set[imap.Session]] = []
         self._analyses = imap.AnalysisCache()  # shared by the imap and imaps listeners
+        self._views = imap.FolderViews()  # likewise: sessions on one folder share its messages' state
         self._runner: web.AppRunner | None = None
         self._web: web_server.Listener | None = None  # the HTTPS listener (mailnode.web), with a certificate
         self._watch_tasks: list[asyncio.Task[None]] = []
@@ -303,7 +304,7 @@ class Node:
             imap_server, sessions = await imap.start_listener(
                 config=self.config, directory=self._directory, store=self.store,
                 authenticator=self.authenticator, metrics=self.metrics, host=listen.host, port=port, tls=context,
-                implicit_tls=implicit, analyses=self._analyses, gate=gates[name], proxy=proxy,
+                implicit_tls=implicit, analyses=self._analyses, views=self._views, gate=gates[name], proxy=proxy,
                 cluster=self.imap_proxy,
             )  # fmt: skip
             self._servers.append(imap_server)
@@ -339,8 +340,9 @@ class Node:
         if self.config.web.dav:
             dav_handler = dav.DAV(
                 mail_root=self.config.data_dir, authenticator=self.authenticator, cluster=self.cluster,
-                directory=lambda: self.watcher.current, gateway=self.gateway, client_host=clients.host,
+                directory=self._directory, gateway=self.gateway, client_host=clients.host,
                 max_request=self.config.web.max_request, internal_token=internal_token,
+                frozen=self.store.is_frozen, open_mailbox=self.store.mailboxes.open,
             )  # fmt: skip
         app = web_server.Site(self.config, dav_handler=dav_handler).app()
         self._web = await web_server.start(
@@ -370,7 +372,8 @@ class Node:
         server, sessions = await imap.start_listener(
             config=self.config, directory=self._directory, store=self.store,
             authenticator=self.authenticator, metrics=self.metrics, host=listen.host, port=listen.imap_proxy,
-            tls=None, implicit_tls=False, analyses=self._analyses, gate=gate, cluster=self.imap_proxy, internal=True,
+            tls=None, implicit_tls=False, analyses=self._analyses, views=self._views, gate=gate,
+            cluster=self.imap_proxy, internal=True,
         )  # fmt: skip
         self._servers.append(server)
         self._imap_sessions.append(sessions)
@@ -381,7 +384,7 @@ class Node:
         hold, so that a flood of idle connections leaves room for the store and the health checks."""
         limits = self.config.listen.limits
         wanted = {name: limits.smtp for name in ("smtp", "submission", "submissions")}
-        wanted.update({name: limits.imap for name in ("imap", "imaps")})
+        wanted.update(imap=limits.imap, imaps=limits.imaps or limits.imap)
         wanted["https"] = limits.https
         if self.cluster.clustered:
             wanted["lmtp"] = limits.smtp

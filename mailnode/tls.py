@@ -8,20 +8,23 @@ to every new handshake. Connections already open keep the session they have.
 
 Two settings for many connections: resumption (TLS 1.3 session tickets, OpenSSL's default, kept on: a
 client's next connection skips the certificate signature), and asyncio's per-connection read buffer,
-cut from 256 KiB to ASYNCIO_TLS_BUFFER (`trim_asyncio_buffers`) so that 10,000 idle TLS sessions fit
-in the node's memory.
+cut from 256 KiB to ASYNCIO_TLS_BUFFER and shared by the connections of an event loop
+(`trim_asyncio_buffers`) so that 10,000 idle TLS sessions fit in the node's memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import logging
 import ssl
+import threading
 from asyncio import sslproto
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -33,12 +36,38 @@ log = logging.getLogger(__name__)
 # resident, from the handshake on: 2.5 GiB for 10,000 idle IMAP sessions. Two full TLS records (16 KiB of
 # plaintext each, RFC 8446 §5.1) per read are plenty: a large APPEND takes a few more reads, nothing else.
 ASYNCIO_TLS_BUFFER = 32 * 1024
+# That buffer only carries the bytes of one recv_into() to the connection's own MemoryBIO, in the same
+# callback (SSLProtocol.get_buffer, then buffer_updated copies them out): the connections of one event
+# loop can share one. Per thread, as a loop is: the tests run the node's loop beside their own.
+_shared_buffers = threading.local()
+
+
+def _loop_buffer() -> bytearray:
+    buffer: bytearray | None = getattr(_shared_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _shared_buffers.buffer = bytearray(ASYNCIO_TLS_BUFFER)
+    return buffer
+
+
+def _sharing_init(init: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(init)
+    def __init__(self: sslproto.SSLProtocol, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        buffer = _loop_buffer()  # the one it made itself is dropped at once
+        self._ssl_buffer = buffer  # type: ignore[attr-defined]
+        self._ssl_buffer_view = memoryview(buffer)  # type: ignore[attr-defined]
+
+    __init__.shares_buffer = True  # type: ignore[attr-defined]
+    return __init__
 
 
 def trim_asyncio_buffers() -> None:
     """Give the TLS connections made from now on (in this process: asyncio's SSLProtocol is one class)
-    a read buffer of ASYNCIO_TLS_BUFFER bytes."""
-    sslproto.SSLProtocol.max_size = ASYNCIO_TLS_BUFFER
+    a read buffer of ASYNCIO_TLS_BUFFER bytes, the one of their thread's event loop."""
+    protocol = sslproto.SSLProtocol
+    protocol.max_size = ASYNCIO_TLS_BUFFER
+    if not getattr(protocol.__init__, "shares_buffer", False):
+        setattr(protocol, "__init__", _sharing_init(protocol.__init__))  # noqa: B010 (mypy: no method assignment)
 
 
 @dataclasses.dataclass(frozen=True)

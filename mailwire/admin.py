@@ -266,6 +266,8 @@ class Restored(Message):
     mailbox: str
     restored: int  # messages written
     skipped: int  # messages the mailbox held already
+    dav_restored: int = 0  # calendar and contact files written (mailnode.store.davfiles.merge)
+    dav_kept: int = 0  # those the mailbox held already, kept as they were
 
 
 # -- mailbox moves ----------------------------------------------------------------------------------------

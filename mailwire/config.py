@@ -24,10 +24,13 @@ class ConnectionLimit(FileModel):
 
 class ConnectionLimits(FileModel):
     """Per listener (each SMTP and each IMAP listener has its own count), as Postfix's
-    smtpd_client_connection_count_limit and Dovecot's mail_max_userip_connections."""
+    smtpd_client_connection_count_limit and Dovecot's mail_max_userip_connections. `imaps` unset: the
+    same as `imap`; set, the implicit-TLS listener has its own, so that most of the file descriptors can
+    go to the listener the clients use (10,000 IDLE sessions on `imap` with a few on `imaps`)."""
 
     smtp: ConnectionLimit = ConnectionLimit()
     imap: ConnectionLimit = ConnectionLimit(per_client=50)
+    imaps: ConnectionLimit | None = None
     https: ConnectionLimit = ConnectionLimit(total=500)
 
 

@@ -424,7 +424,12 @@ def _add_backup_routes(app: web.Application, ops: BackupOps, guard: Guard) -> No
             return _error(400, admin.problem(error))
         except (ValueError, restore.RestoreError) as error:
             return _error(400, str(error))
-        return _answer(admin.Restored(mailbox=restored.mailbox, restored=restored.restored, skipped=restored.skipped))
+        return _answer(
+            admin.Restored(
+                mailbox=restored.mailbox, restored=restored.restored, skipped=restored.skipped,
+                dav_restored=restored.dav_restored, dav_kept=restored.dav_kept,
+            )
+        )  # fmt: skip
 
     app.router.add_post("/snapshot", guard(snapshot_start))
     app.router.add_delete("/snapshot", guard(snapshot_end))

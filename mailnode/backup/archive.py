@@ -5,14 +5,17 @@ checking pass that mailnode.backup.noderestore extends to bring back a whole nod
 
 Members, in this order (`write` never seeks, so `out` may be a pipe):
 
-    mailfleet-backup.json                       {"format": 1, "node": ..., "pointInTime": ...}
-    mail/<domain>/<local>/index.sqlite          then that index's message files, in (folder, uid) order
+    mailfleet-backup.json                       {"format": 2, "node": ..., "pointInTime": ...}
+    mail/<domain>/<local>/index.sqlite          then that index's message files, in (folder, uid) order,
+    mail/<domain>/<local>/.dav/...              then its calendars and contacts (mailnode.store.davfiles)
     queue/messages/<id>.eml, <id>.json
     MANIFEST.json                               every other member's size and SHA-256, per-mailbox counts
 
 Readers trust nothing before the manifest has matched: every member is hashed as it streams past, its
 path must be relative without '..', an index must pass SQLite's integrity check and list exactly the
-message files that follow it; anything but regular files is refused. The tar stream itself is
+message files that follow it; a `.dav/` member must follow its mailbox's index and be a file
+davfiles carries; anything but regular files is refused. Format 1 (before calendars and contacts were
+archived) is read as well. The tar stream itself is
 mailnode.backup.tarcodec; the indexes are read with the store's read-only `index.Reader`. Everything
 here blocks (files, SQLite, hashing): the node calls it from a Gateway thread.
 """
@@ -32,12 +35,14 @@ from typing import Any, BinaryIO, cast
 from mailnode.backup import tarcodec
 from mailnode.backup.tarcodec import ArchiveError as ArchiveError  # raised by the codec and by this module
 from mailnode.backup.tarcodec import Progress
-from mailnode.store import index, maildir
+from mailnode.store import davfiles, index, maildir
 
-FORMAT = 1
+FORMAT = 2
+READABLE = (1, 2)  # formats this mailnode reads: 1 is 2 without `.dav/` members
 HEADER = "mailfleet-backup.json"
 MANIFEST = "MANIFEST.json"
 INDEX = "index.sqlite"
+DAV = davfiles.DIR
 MAIL = "mail"
 QUEUE = "queue/messages"
 
@@ -53,6 +58,7 @@ class Summary:
     queued: int  # outbound messages (envelopes)
     files: int  # members the manifest lists (all but the manifest itself)
     bytes: int  # their total size
+    dav: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # address -> (.dav files, bytes)
 
     @property
     def messages(self) -> int:
@@ -82,11 +88,14 @@ def write(
 ) -> Summary:
     """Stream an archive of `staged` (laid out like a node's data directory: mail/<domain>/<local>/
     index.sqlite with the message files that index lists, queue/messages/) into `out`, gzipped if
-    `compress`. Only files an index lists are archived for a mailbox. `out` is flushed, not closed."""
+    `compress`. Only files an index lists are archived for a mailbox, then the files davfiles carries
+    of its `.dav/`. `out` is flushed, not closed."""
     mailboxes = maildir.mailbox_dirs(staged)
+    dav_files = {address: davfiles.files(path) for address, path in mailboxes}
     queue_dir = staged / QUEUE
     queue_files = sorted(p for p in queue_dir.iterdir() if p.is_file()) if queue_dir.is_dir() else []
     total = sum((path / INDEX).stat().st_size + _indexed_bytes(path / INDEX) for _, path in mailboxes)
+    total += sum(size for listed in dav_files.values() for _, size in listed)
     total += sum(p.stat().st_size for p in queue_files)
     compressor = tarcodec.compressing(out) if compress else None
     tar = tarcodec.TarWriter(cast(BinaryIO, compressor) if compressor else out, total=total, progress=progress)
@@ -94,6 +103,7 @@ def write(
     mtime = int(point_in_time.timestamp())
     tar.add_bytes(HEADER, json.dumps(header).encode(), mtime)
     counts: dict[str, tuple[int, int]] = {}
+    dav: dict[str, tuple[int, int]] = {}
     for address, path in mailboxes:
         prefix, base = path.relative_to(staged).as_posix(), str(path)
         tar.add_file(f"{prefix}/{INDEX}", f"{base}/{INDEX}")
@@ -107,6 +117,11 @@ def write(
                 raise ArchiveError(f"{prefix}/{INDEX} lists {rel}, which the staged copy lacks") from error
             count += 1
         counts[address] = (count, size)
+        if listed := dav_files[address]:
+            dav[address] = (
+                len(listed),
+                sum(tar.add_file(f"{prefix}/{DAV}/{rel}", f"{base}/{DAV}/{rel}") for rel, _ in listed),
+            )
     queued = 0
     for file in queue_files:
         tar.add_file(f"{QUEUE}/{file.name}", str(file))
@@ -116,6 +131,7 @@ def write(
         "files": {name: {"size": size, "sha256": digest} for name, (size, digest) in tar.files.items()},
         "mailboxes": {address: {"messages": n, "bytes": b} for address, (n, b) in counts.items()},
         "queue": {"messages": queued},
+        "dav": {address: {"files": n, "bytes": b} for address, (n, b) in dav.items()},
     }
     summary = Summary(
         node=node,
@@ -124,6 +140,7 @@ def write(
         queued=queued,
         files=len(tar.files),
         bytes=sum(size for size, _ in tar.files.values()),
+        dav=dav,
     )
     tar.add_bytes(MANIFEST, json.dumps(manifest, ensure_ascii=False).encode(), mtime, listed=False)
     tar.close()
@@ -164,11 +181,14 @@ def receive(
         return Scan(label, Path(scratch)).run(reader)
 
 
-def mailbox_messages(path: Path, address: str) -> Iterator[ArchivedMessage]:
+def mailbox_messages(
+    path: Path, address: str, *, dav: list[tuple[str, bytes]] | None = None
+) -> Iterator[ArchivedMessage]:
     """The messages of one mailbox of a verified archive, in the archive's order, which `write` makes
     (folder, uid) order. One streaming pass: the mailbox's index comes before its messages, so only the
-    index (in a temporary file) and one message at a time are held. ArchiveError if the address is not
-    in the archive."""
+    index (in a temporary file) and one message at a time are held. Its calendar and contact files
+    ((path under `.dav/`, bytes); they follow the messages) are appended to `dav` if given, in the same
+    pass. ArchiveError if the address is not in the archive."""
     key = maildir.mailbox_dir(Path(), address).as_posix()  # mail/<domain>/<local>
     label = str(path)
     rows: dict[str, tuple[str, str, int]] | None = None  # path in the mailbox -> (folder, flags, date)
@@ -186,6 +206,10 @@ def mailbox_messages(path: Path, address: str) -> Iterator[ArchivedMessage]:
                 continue
             if not entry.name.startswith(f"{key}/"):
                 break  # past this mailbox's members
+            if entry.name.startswith(f"{key}/{DAV}/"):
+                if dav is not None:
+                    dav.append((entry.name[len(key) + len(DAV) + 2 :], tar.read_all()))
+                continue
             row = rows.pop(entry.name[len(key) + 1 :], None)
             if row is None:
                 raise ArchiveError(f"{label}: member {entry.name}: a message file the index does not list")
@@ -235,6 +259,8 @@ class _Mailbox:
     unseen: set[str]  # paths the index lists whose file has not come by yet
     messages: int = 0
     bytes: int = 0
+    dav_files: int = 0
+    dav_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +270,7 @@ class _Manifest:
     files: dict[str, tuple[int, str]]
     mailboxes: dict[str, tuple[int, int]]
     queued: int
+    dav: dict[str, tuple[int, int]]
 
 
 class Scan:
@@ -296,6 +323,8 @@ class Scan:
             self._manifest = self._parse_manifest(tar.read_all())
         elif parts[0] == MAIL and len(parts) == 4 and parts[3] == INDEX:
             self._take_index(tar, entry, "/".join(parts[:3]))
+        elif parts[0] == MAIL and len(parts) >= 5 and parts[3] == DAV:
+            self._take_dav(tar, entry, "/".join(parts[:3]), "/".join(parts[4:]))
         elif parts[0] == MAIL and len(parts) >= 5:
             self._take_message(tar, entry, "/".join(parts[:3]), "/".join(parts[3:]))
         elif len(parts) == 3 and f"{parts[0]}/{parts[1]}" == QUEUE:
@@ -318,8 +347,8 @@ class Scan:
         raw = _json(data)
         if not isinstance(raw, dict):
             raise self._fail(f"{HEADER} is not a JSON object")
-        if raw.get("format") != FORMAT:
-            raise self._fail(f"{HEADER}: format {raw.get('format')!r}; this mailnode reads format {FORMAT}")
+        if raw.get("format") not in READABLE:
+            raise self._fail(f"{HEADER}: format {raw.get('format')!r}; this mailnode reads formats {READABLE}")
         node, written = raw.get("node"), raw.get("pointInTime")
         if not isinstance(node, str) or not isinstance(written, str):
             raise self._fail(f"{HEADER}: node and pointInTime must be strings")
@@ -355,6 +384,19 @@ class Scan:
         mailbox.messages += 1
         mailbox.bytes += size
 
+    def _take_dav(self, tar: tarcodec.TarReader, entry: tarcodec.Entry, prefix: str, rel: str) -> None:
+        mailbox = self._mailboxes.get(prefix)
+        if mailbox is None:
+            raise self._fail(f"member {entry.name}: a calendar or contact file before its mailbox's {INDEX}")
+        try:
+            davfiles.check(rel)
+        except ValueError as error:
+            raise self._fail(f"member {entry.name}: {error}") from None
+        size, digest = tarcodec.copy_member(tar, self._target(entry.name), mtime=entry.mtime)
+        self._files[entry.name] = (size, digest)
+        mailbox.dav_files += 1
+        mailbox.dav_bytes += size
+
     def _parse_manifest(self, data: bytes) -> _Manifest:
         raw = _json(data)
         try:
@@ -372,6 +414,10 @@ class Scan:
                 files=files,
                 mailboxes=mailboxes,
                 queued=_typed(raw["queue"]["messages"], int),
+                dav={
+                    address: (_typed(counts["files"], int), _typed(counts["bytes"], int))
+                    for address, counts in _typed(raw.get("dav", {}), dict).items()
+                },
             )
         except (KeyError, TypeError) as error:
             raise self._fail(f"{MANIFEST} is malformed ({error!r})") from error
@@ -409,6 +455,11 @@ class Scan:
             raise self._fail(f"{MANIFEST} names another node or point in time than {HEADER}")
         if manifest.mailboxes != counts:
             raise self._fail(f"the manifest's mailbox counts {manifest.mailboxes} differ from the archive's {counts}")
+        dav = {m.address: (m.dav_files, m.dav_bytes) for m in self._mailboxes.values() if m.dav_files}
+        if manifest.dav != dav:
+            raise self._fail(
+                f"the manifest's calendar and contact counts {manifest.dav} differ from the archive's {dav}"
+            )
         if manifest.queued != self._queued:
             raise self._fail(f"the manifest counts {manifest.queued} queued messages, the archive holds {self._queued}")
         return Summary(
@@ -418,6 +469,7 @@ class Scan:
             queued=self._queued,
             files=len(self._files),
             bytes=sum(size for size, _ in self._files.values()),
+            dav=dav,
         )
 
 

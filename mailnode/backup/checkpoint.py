@@ -15,7 +15,9 @@ Two uses whose pauses never overlap (one lock orders them):
   listed file in place meanwhile (expunged files are unlinked at the unpin; folder RENAME and DELETE
   wait for it), so the copy is exactly the point in time; a listed file missing fails the staging with
   a StoreError and leaves writes alone. The archive is written from the staged copy afterwards, and
-  the copy removed. `mailnode_checkpoint_pause_seconds` counts the pause only; the log line has both
+  the copy removed. Then each mailbox's calendars and contacts (`.dav/`, mailnode.store.davfiles) are
+  linked too, under that mailbox's DAV lock: as they are a moment after the point in time, since DAV
+  requests do not pass the WriteFence. `mailnode_checkpoint_pause_seconds` counts the pause only; the log line has both
   the pause and the whole staging. A stage waits for a snapshot hold to end rather than break into it;
   the lock orders the pauses only, so a snapshot may pause writes while a staging links its files.
 """
@@ -37,8 +39,10 @@ from pathlib import Path
 from mailnode.gateway import Gateway
 from mailnode.metrics import NodeMetrics
 from mailnode.queue.spool import Spool
+from mailnode.store import davfiles
 from mailnode.store.fence import FenceTimeout
 from mailnode.store.mailstore import MailStore
+from mailnode.store.staging import IndexCopy
 from mailwire import admin
 
 log = logging.getLogger(__name__)
@@ -105,6 +109,13 @@ def _tree_bytes(root: Path) -> int:
                 elif entry.is_file(follow_symlinks=False):
                     total += entry.stat(follow_symlinks=False).st_size
     return total
+
+
+def _link_dav(copies: list[IndexCopy]) -> None:
+    """Every staged mailbox's calendars and contacts, in one Gateway hop (most mailboxes have none: a
+    stat each)."""
+    for copy in copies:
+        davfiles.link_tree(copy.source, copy.target)
 
 
 class Checkpoint:
@@ -271,6 +282,7 @@ class Checkpoint:
                     copied = await self._store.staging.link_files(copies)
                 finally:
                     await self._store.staging.unpin()
+                await self._gateway.run(_link_dav, copies)
                 size = await self._gateway.run(_tree_bytes, dest)
             except BaseException as error:
                 self._metrics.checkpoints.labels("failed").inc()

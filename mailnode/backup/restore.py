@@ -3,7 +3,9 @@
 target mailbox through the store (folders created as needed, flags and internal dates kept), in
 batches, each one index transaction. A message is skipped when its folder already holds one with the
 same bytes (SHA-256), counting duplicates, so a restore can be run again and restores nothing twice.
-Quota is not applied: restoring is an administrator's act.
+Its calendars and contacts (`.dav/`) come back after the messages, by file (mailnode.store.davfiles.merge):
+an item or collection the mailbox lacks is added, one it has is kept as it is. Quota is not applied:
+restoring is an administrator's act.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from mailnode.backup import archive
 from mailnode.config import Directory, normalize_address
 from mailnode.gateway import Gateway
+from mailnode.store import davfiles, maildir
 from mailnode.store.account import Account, FolderError
 from mailnode.store.mailstore import Delivery, MailStore
 
@@ -35,6 +38,8 @@ class Restored:
     mailbox: str
     restored: int
     skipped: int
+    dav_restored: int = 0  # calendar and contact files written
+    dav_kept: int = 0  # those the mailbox had already (kept as they are)
 
 
 def _sha256(data: bytes) -> str:
@@ -104,8 +109,9 @@ async def restore_mailbox(
     into = _Target(account, gateway)
     seen: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     restored = skipped = 0
+    dav: list[tuple[str, bytes]] = []  # filled by the same pass, after the messages
     try:
-        messages = await gateway.run(archive.mailbox_messages, archive_path, source)
+        messages = await gateway.run(archive.mailbox_messages, archive_path, source, dav=dav)
     except archive.ArchiveError as error:
         raise RestoreError(str(error)) from None
     try:
@@ -136,4 +142,11 @@ async def restore_mailbox(
         close = getattr(messages, "close", None)
         if close is not None:
             await gateway.run(close)
-    return Restored(resolved.address, restored, skipped)
+    dav_restored = dav_kept = 0
+    if dav:
+        try:
+            home = maildir.mailbox_dir(store.root, resolved.address)
+            dav_restored, dav_kept = await gateway.run(davfiles.merge, home, dav, user=resolved.address)
+        except ValueError as error:  # the archive was verified: only a file changed since gets here
+            raise RestoreError(f"{archive_path}: {error} (restored {restored} message(s) before it)") from None
+    return Restored(resolved.address, restored, skipped, dav_restored, dav_kept)

@@ -1,4 +1,5 @@
-"""IMAP4rev1 syntax (RFC 3501 §9): client commands parsed into tokens and typed requests, server data formatted.
+"""IMAP4rev1 and IMAP4rev2 syntax (RFC 3501 §9, RFC 9051 §9): client commands parsed into tokens and typed
+requests, server data formatted.
 
 Pure functions, no I/O. `mailnode.imap.server` frames a command into lines and literals, asks `literal_marker`
 whether a line announces a literal, hands the parts to `parse_command`, then calls the per-command helpers
@@ -13,6 +14,7 @@ import bisect
 import dataclasses
 import datetime
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal, TypeAlias
 
@@ -414,12 +416,24 @@ def arg_number(arg: Arg, *, maximum: int = UINT32_MAX, nonzero: bool = False) ->
     return parse_number(arg.value, maximum=maximum, nonzero=nonzero)
 
 
-def mailbox_arg(arg: Arg, delimiter: str = "/") -> str:
-    """A mailbox argument as a name: astring, modified UTF-7 decoded, INBOX normalised."""
+def mailbox_arg(arg: Arg, delimiter: str = "/", *, utf8: bool = False) -> str:
+    """A mailbox argument as a name: astring, INBOX normalised; modified UTF-7 decoded, or with `utf8` (an
+    IMAP4rev2 session) taken as the UTF-8 it is (RFC 9051 §5.1: `&` is itself there)."""
+    return normalize_mailbox(_mailbox_text(arg, utf8=utf8), delimiter)
+
+
+def _mailbox_text(arg: Arg, *, utf8: bool) -> str:
+    """A mailbox name or LIST pattern as sent, decoded: modified UTF-7 (IMAP4rev1, RFC 3501 §5.1.3), or UTF-8
+    in Unicode normalization form C (IMAP4rev2, RFC 9051 §5.1: a denormalized name is taken as its NFC form)."""
     raw = arg_bytes(arg)
+    if utf8:
+        try:
+            return unicodedata.normalize("NFC", raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ProtocolError("mailbox name must be UTF-8") from None
     if not raw.isascii():
         raise ProtocolError("mailbox name must be modified UTF-7")
-    return normalize_mailbox(decode_mailbox_name(raw.decode("ascii")), delimiter)
+    return decode_mailbox_name(raw.decode("ascii"))
 
 
 # -- sequence sets --------------------------------------------------------------------------------------
@@ -573,14 +587,18 @@ class SearchReturn:
     options: frozenset[str] | None = None  # RETURN's options, upper; None without RETURN (a plain SEARCH answer)
 
 
-def parse_search_return(args: list[Arg]) -> SearchReturn:
-    """SEARCH's `[RETURN (options)]` before its criteria (RFC 4731 §3.1): `RETURN ()` means ALL."""
+def parse_search_return(args: list[Arg], *, imap4rev2: bool = False) -> SearchReturn:
+    """SEARCH's `[RETURN (options)]` before its criteria (RFC 4731 §3.1): `RETURN ()` means ALL. An IMAP4rev2
+    session has no SEARCH response: without RETURN it is answered as RETURN (ALL) (RFC 9051 §6.4.4)."""
     if args and isinstance(args[0], Atom) and args[0].value.upper() == "RETURN":
         if len(args) < 2 or not isinstance(args[1], ParenList):
             raise ProtocolError("RETURN needs a list of options")
         options = frozenset(_options(args[1], SEARCH_RETURN_OPTIONS, "search return option"))
-        return SearchReturn(args[2:], options or frozenset({"ALL"}))
-    return SearchReturn(list(args))
+        return SearchReturn(args[2:], options or _ALL)
+    return SearchReturn(list(args), _ALL if imap4rev2 else None)
+
+
+_ALL = frozenset({"ALL"})
 
 
 def saved_numbers(numbers: Sequence[int], options: frozenset[str]) -> list[int]:
@@ -984,6 +1002,7 @@ def mailbox_matches(pattern: str, name: str, delimiter: str = "/") -> bool:
 _SELECTION_OPTIONS = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})  # RFC 5258, RFC 6154
 _RETURN_OPTIONS = frozenset({"SUBSCRIBED", "CHILDREN", "SPECIAL-USE", "STATUS"})  # RFC 5258, 6154, 5819
 STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE"})
+STATUS_ITEMS_REV2 = STATUS_ITEMS | {"DELETED"}  # RFC 9051 §6.3.11: the \Deleted messages; not IMAP4rev1's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1005,13 +1024,6 @@ class ListRequest:
         return any(mailbox_matches(self.reference + pattern, name, delimiter) for pattern in self.patterns)
 
 
-def _pattern(arg: Arg) -> str:
-    raw = arg_bytes(arg)
-    if not raw.isascii():
-        raise ProtocolError("mailbox name must be modified UTF-7")
-    return decode_mailbox_name(raw.decode("ascii"))
-
-
 def _options(arg: Arg, allowed: frozenset[str], what: str) -> list[str]:
     if not isinstance(arg, ParenList):
         raise ProtocolError(f"expected a list of {what}")
@@ -1022,9 +1034,9 @@ def _options(arg: Arg, allowed: frozenset[str], what: str) -> list[str]:
     return options
 
 
-def parse_list_args(args: list[Arg], *, extended: bool = True) -> ListRequest:
+def parse_list_args(args: list[Arg], *, extended: bool = True, imap4rev2: bool = False) -> ListRequest:
     """LIST (RFC 3501 §6.3.8; RFC 5258 `[(selection)] reference pattern(s) [RETURN (options)]`) or, with
-    extended=False, LSUB's plain `reference pattern`."""
+    extended=False, LSUB's plain `reference pattern`. `imap4rev2`: names in UTF-8, STATUS with DELETED."""
     at = 0
     selection: list[str] = []
     if extended and args and isinstance(args[0], ParenList):
@@ -1034,14 +1046,14 @@ def parse_list_args(args: list[Arg], *, extended: bool = True) -> ListRequest:
         at = 1
     if len(args) < at + 2:
         raise ProtocolError("LIST needs a reference and a mailbox pattern")
-    reference = _pattern(args[at])
+    reference = _mailbox_text(args[at], utf8=imap4rev2)
     target = args[at + 1]
     if extended and isinstance(target, ParenList):
         if not target.items:
             raise ProtocolError("empty pattern list")
-        patterns = [_pattern(item) for item in target.items]
+        patterns = [_mailbox_text(item, utf8=imap4rev2) for item in target.items]
     else:
-        patterns = [_pattern(target)]
+        patterns = [_mailbox_text(target, utf8=imap4rev2)]
     rest = args[at + 2 :]
     return_options: set[str] = set()
     status_items: list[str] = []
@@ -1060,7 +1072,7 @@ def parse_list_args(args: list[Arg], *, extended: bool = True) -> ListRequest:
             if option == "STATUS":
                 if at_option + 1 >= len(items):
                     raise ProtocolError("STATUS needs a list of items")
-                status_items = _status_items(items[at_option + 1])
+                status_items = _status_items(items[at_option + 1], imap4rev2=imap4rev2)
                 at_option += 1
             return_options.add(option)
             at_option += 1
@@ -1076,8 +1088,8 @@ def parse_list_args(args: list[Arg], *, extended: bool = True) -> ListRequest:
     )
 
 
-def _status_items(arg: Arg) -> list[str]:
-    items = _options(arg, STATUS_ITEMS, "status item")
+def _status_items(arg: Arg, *, imap4rev2: bool) -> list[str]:
+    items = _options(arg, STATUS_ITEMS_REV2 if imap4rev2 else STATUS_ITEMS, "status item")
     if not items:
         raise ProtocolError("empty status item list")
     return list(dict.fromkeys(items))
@@ -1089,11 +1101,12 @@ class StatusRequest:
     items: list[str]  # upper, in the client's order, without duplicates
 
 
-def parse_status(args: list[Arg]) -> StatusRequest:
-    """STATUS mailbox (items) (RFC 3501 §6.3.10; HIGHESTMODSEQ RFC 7162, SIZE RFC 8438)."""
+def parse_status(args: list[Arg], *, imap4rev2: bool = False) -> StatusRequest:
+    """STATUS mailbox (items) (RFC 3501 §6.3.10; HIGHESTMODSEQ RFC 7162, SIZE RFC 8438; DELETED and UTF-8
+    names for an IMAP4rev2 session, RFC 9051 §6.3.11)."""
     if len(args) != 2:
         raise ProtocolError("STATUS needs a mailbox and a list of items")
-    return StatusRequest(mailbox_arg(args[0]), _status_items(args[1]))
+    return StatusRequest(mailbox_arg(args[0], utf8=imap4rev2), _status_items(args[1], imap4rev2=imap4rev2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1112,9 +1125,10 @@ class SelectRequest:
     qresync: Qresync | None = None  # RFC 7162 §3.2.5 SELECT ... (QRESYNC (...))
 
 
-def parse_select(args: list[Arg]) -> SelectRequest:
+def parse_select(args: list[Arg], *, utf8: bool = False) -> SelectRequest:
     """SELECT or EXAMINE mailbox [(CONDSTORE | QRESYNC (uidvalidity modseq [known-uids [seq-match]]))].
-    The sequence match data is accepted and not used: the VANISHED answer covers every known UID."""
+    The sequence match data is accepted and not used: the VANISHED answer covers every known UID.
+    `utf8`: an IMAP4rev2 session's name (`mailbox_arg`)."""
     if not 1 <= len(args) <= 2:
         raise ProtocolError("SELECT needs a mailbox")
     condstore = False
@@ -1134,7 +1148,7 @@ def parse_select(args: list[Arg]) -> SelectRequest:
                 at += 2
             else:
                 raise ProtocolError(f"invalid select parameter {name[:32]}")
-    return SelectRequest(mailbox_arg(args[0]), condstore, qresync)
+    return SelectRequest(mailbox_arg(args[0], utf8=utf8), condstore, qresync)
 
 
 def _qresync(arg: Arg) -> Qresync:
@@ -1162,8 +1176,8 @@ class AppendRequest:
     binary: bool = False  # sent as RFC 3516 literal8
 
 
-def parse_append(args: list[Arg]) -> AppendRequest:
-    """APPEND mailbox [(flags)] ["date-time"] literal (RFC 3501 §6.3.11)."""
+def parse_append(args: list[Arg], *, utf8: bool = False) -> AppendRequest:
+    """APPEND mailbox [(flags)] ["date-time"] literal (RFC 3501 §6.3.11); `utf8`: as for `mailbox_arg`."""
     if not 2 <= len(args) <= 4:
         raise ProtocolError("APPEND needs a mailbox and a message")
     message = args[-1]
@@ -1179,21 +1193,23 @@ def parse_append(args: list[Arg]) -> AppendRequest:
         middle.pop(0)
     if middle:
         raise ProtocolError("expected flags or a date-time before the message")
-    return AppendRequest(mailbox_arg(args[0]), flags, internal_date, message.value, message.literal8)
+    return AppendRequest(mailbox_arg(args[0], utf8=utf8), flags, internal_date, message.value, message.literal8)
 
 
 # -- formatting -----------------------------------------------------------------------------------------
 
 _NEEDS_LITERAL = re.compile(rb"[\x00\r\n\x80-\xff]")
+_NEEDS_LITERAL_UTF8 = re.compile(rb"[\x00\r\n]")  # RFC 9051 §9 QUOTED-CHAR: UTF-8 may be quoted in IMAP4rev2
 _ASTRING_ATOM = re.compile(rb"[\x21\x23\x24\x26\x27\x2b-\x5b\x5d-\x7a\x7c-\x7e]+")  # RFC 3501 §9 ASTRING-CHAR
 
 
-def quote(value: str | bytes | None) -> bytes:
-    """NIL, a quoted string, or a literal `{n}\\r\\n...` for values with CR, LF, NUL, 8-bit data or great length."""
+def quote(value: str | bytes | None, *, utf8: bool = False) -> bytes:
+    """NIL, a quoted string, or a literal `{n}\\r\\n...` for values with CR, LF, NUL, 8-bit data or great length;
+    with `utf8` (an IMAP4rev2 session, and `value` valid UTF-8) 8-bit data is quoted too."""
     if value is None:
         return b"NIL"
     data = value.encode("utf-8") if isinstance(value, str) else value
-    if len(data) > QUOTED_MAX or _NEEDS_LITERAL.search(data):
+    if len(data) > QUOTED_MAX or (_NEEDS_LITERAL_UTF8 if utf8 else _NEEDS_LITERAL).search(data):
         return b"{%d}\r\n" % len(data) + data
     return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
@@ -1210,6 +1226,14 @@ def format_mailbox(encoded: str) -> bytes:
     """A mailbox name for a response, given in its wire form (`encode_mailbox_name`): an atom where possible
     (`INBOX`, `&AMk-t&AOk-`), else quoted (`"My Folder"`, `""`)."""
     return format_astring(encoded)
+
+
+def format_mailbox_name(name: str, *, utf8: bool) -> bytes:
+    """A folder's name for a response: in modified UTF-7 (IMAP4rev1), or with `utf8` (an IMAP4rev2 session,
+    RFC 9051 §5.1) as the UTF-8 it is, quoted when it is not plain ASCII."""
+    if not utf8:
+        return format_mailbox(encode_mailbox_name(name))
+    return format_astring(name) if name.isascii() else quote(name, utf8=True)
 
 
 def format_flags(flags: Iterable[str]) -> bytes:

@@ -2,7 +2,7 @@
 one mailnode.imap.session.Session per connection, dispatching through mailnode.imap.commands.TABLE
 (IDLE, UIDPLUS, MOVE, SPECIAL-USE, NAMESPACE, ID, ENABLE, LITERAL+, SASL-IR, UNSELECT, CHILDREN,
 LIST-EXTENDED (basic), QUOTA, CONDSTORE). mailnode.node starts the listeners and keeps the sessions
-(Session and AnalysisCache are named here for it). Clustered, it also starts the internal listener
+(Session, AnalysisCache and FolderViews are named here for it). Clustered, it also starts the internal listener
 (`internal=True`, `listen.imap_proxy`) on which peers log in the sessions they proxy (mailnode.imap.proxy).
 """
 
@@ -17,11 +17,11 @@ from mailnode.auth import Authenticator
 from mailnode.config import Directory, NodeConfig
 from mailnode.imap import commands
 from mailnode.imap.proxy import Proxy
-from mailnode.imap.session import AnalysisCache, Session
+from mailnode.imap.session import AnalysisCache, FolderViews, Session
 from mailnode.metrics import NodeMetrics
 from mailnode.store.mailstore import MailStore
 
-__all__ = ["AnalysisCache", "Session", "start_listener"]
+__all__ = ["AnalysisCache", "FolderViews", "Session", "start_listener"]
 
 # The connection gate's refusals (mailnode.listener), instead of the greeting: RFC 3501 §7.1.5 lets a
 # server send BYE and close at once; RFC 5530 §3 UNAVAILABLE: temporary, try again later.
@@ -63,6 +63,7 @@ async def start_listener(
     tls: ssl.SSLContext | None,
     implicit_tls: bool,
     analyses: AnalysisCache,
+    views: FolderViews,
     gate: door.ConnectionGate,
     proxy: door.ProxyPolicy | None = None,
     cluster: Proxy | None = None,
@@ -80,7 +81,7 @@ async def start_listener(
             session = Session(
                 reader, writer, commands=commands.TABLE, config=config, directory=directory, store=store,
                 authenticator=authenticator, metrics=metrics, tls=tls, implicit_tls=implicit_tls, listener=listener,
-                analyses=analyses, remote=client.host, cluster=cluster, internal=internal,
+                analyses=analyses, views=views, remote=client.host, cluster=cluster, internal=internal,
             )  # fmt: skip
             session.task = asyncio.current_task()
             sessions.add(session)

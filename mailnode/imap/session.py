@@ -13,19 +13,22 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import collections.abc
 import contextlib
 import dataclasses
+import heapq
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from mailnode.auth import Authenticator
 from mailnode.config import Directory, MailboxEntry, NodeConfig
 from mailnode.imap import mime, protocol, proxy, responses, search, table
 from mailnode.metrics import NodeMetrics
-from mailnode.store.account import Account, FolderError, Message, MessageSpool, StorageFull
+from mailnode.store.account import Account, Folder, FolderError, Message, MessageSpool, StorageFull
 from mailnode.store.changes import Change
 from mailnode.store.mailstore import MailStore
 
@@ -58,27 +61,278 @@ class AppendLiteral:
     last: bool = False  # the command ended right after it, as a message literal does
 
 
-@dataclasses.dataclass
-class Selected:
-    """The selected folder as this session last reported it to its client."""
+class FolderView:
+    """One version of a selected folder's messages: their UIDs in order, and each one's flags and mod-sequence.
+    Never changed once made: every session showing this version of the folder holds the same object (as
+    Dovecot's sessions share a mailbox's index map), and a change makes a new version (`after`), which
+    the other sessions on this one take as they report the same change, instead of each building its
+    own. A session holds only what it shows differently (Selected)."""
 
-    name: str
-    readonly: bool
-    uidvalidity: int
-    uids: list[int]
-    flags: dict[int, str]
-    modseqs: dict[int, int]
-    recent: set[int]
-    highestmodseq: int
-    uidnext: int
-    pending: list[Change] = dataclasses.field(default_factory=list)
-    saved: list[int] = dataclasses.field(default_factory=list)  # RFC 5182 SEARCHRES `$`: UIDs, ascending
+    __slots__ = ("__weakref__", "_next", "flags", "modseqs", "uids")
+
+    def __init__(self, uids: list[int], flags: dict[int, str], modseqs: dict[int, int]) -> None:
+        self.uids = uids  # ascending; shared: never mutated
+        self.flags = flags
+        self.modseqs = modseqs
+        # The version after the last change applied to this one: sessions report the changes in the order
+        # the switchboard published them, so the next session on this version asks for the same change.
+        # Weak once made: a session that lags on an old version must not keep every later one alive.
+        self._next: tuple[Change, weakref.ref[FolderView] | asyncio.Task[FolderView]] | None = None
+
+    @classmethod
+    def of(cls, messages: Sequence[Message]) -> FolderView:
+        return cls([m.uid for m in messages], {m.uid: m.flags for m in messages}, {m.uid: m.modseq for m in messages})
+
+    def shows(self, messages: Sequence[Message]) -> bool:
+        """Whether this version is exactly `messages` (a SELECT's rows, ascending)."""
+        if len(messages) != len(self.uids):
+            return False
+        flags, modseqs = self.flags, self.modseqs
+        return all(flags.get(m.uid) == m.flags and modseqs.get(m.uid) == m.modseq for m in messages)
+
+    def _remembered(self, change: Change) -> FolderView | asyncio.Task[FolderView] | None:
+        following = self._next
+        if following is None or following[0] is not change:
+            return None
+        made = following[1]
+        return made if isinstance(made, asyncio.Task) else made()
+
+    def after(self, change: Change) -> FolderView:
+        """This version with a "flags" or "expunged" change applied (itself when it changes nothing here)."""
+        found = self._remembered(change)
+        if isinstance(found, FolderView):
+            return found
+        if change.kind == "flags":
+            view = self._with_flags(change)
+        elif change.kind == "expunged":
+            view = self._without(change.uids)
+        else:
+            raise ValueError(f"{change.kind} changes are applied by after_added")
+        if view is not self:
+            self._next = (change, weakref.ref(view))
+        return view
+
+    def _with_flags(self, change: Change) -> FolderView:
+        flags = modseqs = None
+        for uid, new_flags, modseq in zip(change.uids, change.flags, change.modseqs, strict=True):
+            current = self.modseqs.get(uid)
+            # Not older than what this version holds (an added message's row may have been read after it).
+            if current is None or modseq < current or (modseq == current and new_flags == self.flags[uid]):
+                continue
+            if flags is None or modseqs is None:
+                flags, modseqs = dict(self.flags), dict(self.modseqs)
+            flags[uid] = new_flags
+            modseqs[uid] = modseq
+        if flags is None or modseqs is None:
+            return self
+        return FolderView(self.uids, flags, modseqs)  # the same UIDs: their list is shared too
+
+    def _without(self, uids: Sequence[int]) -> FolderView:
+        gone = {uid for uid in uids if uid in self.flags}
+        if not gone:
+            return self
+        flags = {u: f for u, f in self.flags.items() if u not in gone}
+        modseqs = {u: m for u, m in self.modseqs.items() if u not in gone}
+        return FolderView([u for u in self.uids if u not in gone], flags, modseqs)
+
+    async def after_added(self, change: Change, load: Callable[[list[int]], Awaitable[list[Message]]]) -> FolderView:
+        """This version with an "added" change applied: the new messages' flags are read (`load`) once for all
+        the sessions on this version; those expunged before the read are left out."""
+        new = [uid for uid in change.uids if uid not in self.flags]
+        if not new:
+            return self
+        found = self._remembered(change)
+        if isinstance(found, FolderView):
+            return found
+        task = found
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = asyncio.get_running_loop().create_task(self._with_added(new, load))
+            self._next = (change, task)
+        # Shielded: a session that ends while it waits does not cancel the read the others wait for.
+        view = await asyncio.shield(task)
+        if self._next is not None and self._next[1] is task and view is not self:
+            self._next = (change, weakref.ref(view))
+        return view
+
+    async def _with_added(self, new: list[int], load: Callable[[list[int]], Awaitable[list[Message]]]) -> FolderView:
+        rows = [m for m in await load(new) if m.uid not in self.flags]
+        if not rows:
+            return self
+        flags, modseqs = dict(self.flags), dict(self.modseqs)
+        for message in rows:
+            flags[message.uid] = message.flags
+            modseqs[message.uid] = message.modseq
+        added = sorted(m.uid for m in rows)
+        # New UIDs are above the folder's (RFC 3501 §2.3.1.1): appended, unless the store says otherwise.
+        ascending = not self.uids or added[0] > self.uids[-1]
+        uids = self.uids + added if ascending else sorted((*self.uids, *added))
+        return FolderView(uids, flags, modseqs)
+
+
+class FolderViews:
+    """The latest FolderView of each folder a session shows, for the whole node (the imap and imaps
+    listeners share it): a SELECT that finds the folder as that version shows it takes the version,
+    instead of a copy of its own. Weak: a version no session shows is gone."""
+
+    def __init__(self) -> None:
+        self._latest: weakref.WeakValueDictionary[tuple[str, str, int], FolderView] = weakref.WeakValueDictionary()
+
+    def select(self, key: tuple[str, str, int], messages: Sequence[Message]) -> FolderView:
+        """The view of `messages`, the rows a SELECT read of the folder `key` (address, name, uidvalidity)."""
+        latest = self._latest.get(key)
+        if latest is not None and latest.shows(messages):
+            return latest
+        view = self._latest[key] = FolderView.of(messages)
+        return view
+
+    def caught_up(self, key: tuple[str, str, int], view: FolderView) -> None:
+        """A session has reported every change it heard of: its view is the folder as it is now."""
+        self._latest[key] = view
+
+
+class _Recent(collections.abc.Set[int]):
+    """The \\Recent messages of a session (RFC 3501 §2.3.2): those it shows from `first_recent` on, unless
+    read-only (a set computed when asked, not kept)."""
+
+    __slots__ = ("_selected",)
+
+    def __init__(self, selected: Selected) -> None:
+        self._selected = selected
+
+    def __contains__(self, uid: object) -> bool:
+        selected = self._selected
+        return not selected.readonly and isinstance(uid, int) and uid >= selected.first_recent
+
+    def __len__(self) -> int:
+        selected = self._selected
+        if selected.readonly:
+            return 0
+        uids = selected.uids
+        return len(uids) - bisect.bisect_left(uids, selected.first_recent)
+
+    def __iter__(self) -> Iterator[int]:
+        selected = self._selected
+        if selected.readonly:
+            return iter(())
+        uids = selected.uids
+        return iter(uids[bisect.bisect_left(uids, selected.first_recent) :])
+
+
+class Selected:
+    """The selected folder as this session last reported it to its client: a FolderView, shared with the
+    other sessions that show the same version, and the little in which this session differs from it:
+    - `ghosts`: messages expunged in the view that the client has not been told of yet (an EXPUNGE may
+      not be sent after FETCH, STORE or SEARCH, RFC 3501 §7.4.1): they keep their sequence numbers;
+    - `hidden`: messages of the view the client has been told are expunged (its own EXPUNGE, MOVE),
+      before the view has the change;
+    - `told`: flags and mod-sequences the client has been told that are newer than the view's (its own
+      STORE), and the last known ones of the ghosts.
+    Commands read `uids`, `flags`, `modseqs`, `recent` and `seq`; `learn` records what they told."""
+
+    __slots__ = (
+        "_ghosts", "_hidden", "_own_uids", "_told_flags", "_told_modseqs", "first_recent", "highestmodseq", "key",
+        "name", "pending", "readonly", "saved", "uidnext", "uidvalidity", "view",
+    )  # fmt: skip
+
+    def __init__(
+        self, *, name: str, readonly: bool, uidvalidity: int, view: FolderView, first_recent: int,
+        highestmodseq: int, uidnext: int, key: tuple[str, str, int],
+    ) -> None:  # fmt: skip
+        self.name = name
+        self.readonly = readonly
+        self.uidvalidity = uidvalidity
+        self.view = view
+        self.first_recent = first_recent  # UIDs from here on are \Recent in this session (unless read-only)
+        self.highestmodseq = highestmodseq
+        self.uidnext = uidnext
+        self.key = key  # the folder's in FolderViews
+        self.pending: list[Change] = []  # heard from the switchboard, not yet reported
+        self.saved: list[int] = []  # RFC 5182 SEARCHRES `$`: UIDs, ascending
+        self._ghosts: list[int] = []  # in the order they were expunged
+        self._hidden: set[int] = set()
+        self._told_flags: dict[int, str] = {}
+        self._told_modseqs: dict[int, int] = {}
+        self._own_uids: list[int] | None = None  # the sequence, when it is not the view's
+
+    @property
+    def uids(self) -> list[int]:
+        """The UIDs in sequence order (index + 1 is the sequence number). Read only: it may be the view's."""
+        return self.view.uids if self._own_uids is None else self._own_uids
+
+    @property
+    def flags(self) -> Mapping[int, str]:
+        if not self._told_flags:
+            return self.view.flags
+        return collections.ChainMap(self._told_flags, self.view.flags)
+
+    @property
+    def modseqs(self) -> Mapping[int, int]:
+        if not self._told_modseqs:
+            return self.view.modseqs
+        return collections.ChainMap(self._told_modseqs, self.view.modseqs)
+
+    @property
+    def recent(self) -> _Recent:
+        return _Recent(self)
 
     def seq(self, uid: int) -> int:
-        index = bisect.bisect_left(self.uids, uid)
-        if index < len(self.uids) and self.uids[index] == uid:
+        uids = self.uids
+        index = bisect.bisect_left(uids, uid)
+        if index < len(uids) and uids[index] == uid:
             return index + 1
         return 0
+
+    def learn(self, message: Message) -> None:
+        """The client has been told this message's flags and mod-sequence (newer than the view's)."""
+        if self.seq(message.uid):
+            self._told_flags[message.uid] = message.flags
+            self._told_modseqs[message.uid] = message.modseq
+
+    @property
+    def ghosts(self) -> list[int]:
+        return self._ghosts
+
+    def hide(self, uid: int) -> int:
+        """The client is being told `uid` is expunged: its sequence number before (0: not shown)."""
+        seq = self.seq(uid)
+        if not seq:
+            return 0
+        if self._own_uids is None:
+            self._own_uids = list(self.view.uids)
+        del self._own_uids[seq - 1]
+        if uid in self._ghosts:
+            self._ghosts.remove(uid)
+            self._told_flags.pop(uid, None)
+            self._told_modseqs.pop(uid, None)
+        else:
+            self._hidden.add(uid)
+        return seq
+
+    def haunt(self, uid: int) -> None:
+        """`uid` is expunged from the view, not yet from the client's sequence: it stays, with its flags."""
+        if not self.seq(uid) or uid in self._hidden:
+            return
+        self._told_flags.setdefault(uid, self.view.flags.get(uid, ""))
+        self._told_modseqs.setdefault(uid, self.view.modseqs.get(uid, 0))
+        self._ghosts.append(uid)
+
+    def advance(self, view: FolderView) -> None:
+        """Show `view` from now on, with the ghosts and hidden messages this session still has."""
+        before = self.view.uids
+        self.view = view
+        hidden = {uid for uid in self._hidden if uid in view.flags}
+        self._hidden = hidden
+        ghosts = set(self._ghosts)
+        for uid in [u for u in self._told_modseqs if u not in ghosts]:
+            modseq = view.modseqs.get(uid)
+            if modseq is None or modseq >= self._told_modseqs[uid]:  # the view knows as much now
+                del self._told_modseqs[uid]
+                self._told_flags.pop(uid, None)
+        if not ghosts and not hidden:
+            self._own_uids = None
+        elif self._own_uids is None or before is not view.uids:  # else the same UIDs: the sequence stands
+            shown = [u for u in view.uids if u not in hidden]
+            self._own_uids = list(heapq.merge(shown, sorted(ghosts)))
 
 
 class AnalysisCache:
@@ -138,6 +392,7 @@ class Session:
         implicit_tls: bool,
         listener: str,
         analyses: AnalysisCache,
+        views: FolderViews,
         remote: str,
         cluster: proxy.Proxy | None = None,
         internal: bool = False,
@@ -157,11 +412,13 @@ class Session:
         self.is_tls = implicit_tls
         self._listener = listener
         self.analysis_cache = analyses
+        self._views = views
         self.user: MailboxEntry | None = None
         self.account: Account | None = None
         self.selected: Selected | None = None
         self.condstore = False  # RFC 7162 §3.1: once enabled, FETCH and STORE report MODSEQ
         self.qresync = False  # RFC 7162 §3.2: once enabled, expunges are reported as VANISHED
+        self.imap4rev2 = False  # RFC 9051, once enabled: UTF-8 names, ESEARCH for SEARCH, no \Recent (commands.auth)
         self._unsubscribe: Callable[[], None] | None = None
         self.wakeup = asyncio.Event()  # set when a change for the selected folder arrives
         self._clock = asyncio.get_running_loop().time
@@ -431,7 +688,7 @@ class Session:
         self._unsubscribe = self.store.switchboard.subscribe(user.address, self._on_change)
 
     def folder_name(self, arg: protocol.Arg) -> str:
-        return protocol.mailbox_arg(arg, DELIMITER)
+        return protocol.mailbox_arg(arg, DELIMITER, utf8=self.imap4rev2)
 
     def _on_change(self, change: Change) -> None:
         selected = self.selected
@@ -440,6 +697,17 @@ class Session:
             self.wakeup.set()
 
     # -- selected ---------------------------------------------------------------------------------------
+
+    def select(self, *, folder: Folder, messages: Sequence[Message], readonly: bool, first_recent: int) -> Selected:
+        """Enter the selected state on `folder`, whose messages a SELECT (or EXAMINE) just read."""
+        assert self.user is not None
+        key = (self.user.address, folder.name, folder.uidvalidity)
+        self.selected = Selected(
+            name=folder.name, readonly=readonly, uidvalidity=folder.uidvalidity,
+            view=self._views.select(key, messages), first_recent=first_recent,
+            highestmodseq=folder.highestmodseq, uidnext=folder.uidnext, key=key,
+        )  # fmt: skip
+        return self.selected
 
     async def analyses(self, messages: Sequence[Message]) -> dict[int, mime.Analysis]:
         """The MIME analysis of each message: from memory, else from the index cache, else parsed now."""
@@ -478,62 +746,82 @@ class Session:
         return result
 
     async def report_changes(self, *, expunge: bool) -> None:
-        """Tell the client what changed in the selected folder since it last heard (RFC 3501 §7)."""
+        """Tell the client what changed in the selected folder since it last heard (RFC 3501 §7), in the
+        order the changes happened; with `expunge` False (after FETCH, STORE, SEARCH: §7.4.1) expunged
+        messages keep their sequence numbers until a later report."""
         selected = self.selected
-        if selected is None or not selected.pending:
+        if selected is None:
+            return
+        if expunge and selected.ghosts:
+            for uid in list(selected.ghosts):  # older than anything pending
+                self._tell_expunged(uid)
+            selected.advance(selected.view)
+        if not selected.pending:
             return
         assert self.account is not None
+        account, name = self.account, selected.name
         pending, selected.pending = selected.pending, []
-        kept: list[Change] = []
-        added: list[int] = []
-        for change in pending:
+        shown = len(selected.uids)  # the count the client knows (EXISTS)
+        for done, change in enumerate(pending):
             if change.kind == "added":
-                added.extend(uid for uid in change.uids if uid not in selected.flags)
-            elif change.kind == "flags" and change.origin is not self:
-                for uid, flags, modseq in zip(change.uids, change.flags, change.modseqs, strict=True):
-                    seq = selected.seq(uid)
-                    if seq:
-                        selected.flags[uid] = flags
-                        selected.modseqs[uid] = modseq
-                        self.send(f"* {seq} FETCH ({self.fetch_flags(uid)} UID {uid})")
-            elif change.kind == "expunged" and change.origin is not self:
-                if expunge:
+                try:
+                    view = await selected.view.after_added(change, lambda uids: account.messages(name, uids=uids))
+                except BaseException:  # the store failed (or the session ends): the rest stays to be told
+                    selected.pending[:0] = pending[done:]
+                    raise
+                selected.advance(view)
+                continue
+            if len(selected.uids) != shown:  # EXISTS before a response that may name a new message
+                shown = self._tell_exists()
+            view = selected.view.after(change)
+            if change.kind == "flags":
+                selected.advance(view)
+                if change.origin is not self:
                     for uid in change.uids:
-                        self.forget(uid)
-                else:
-                    kept.append(change)
-        if added:
-            new = await self.account.messages(selected.name, uids=added)
-            for message in new:
-                if message.uid not in selected.flags:
-                    bisect.insort(selected.uids, message.uid)
-                    selected.flags[message.uid] = message.flags
-                    selected.modseqs[message.uid] = message.modseq
-                    if not selected.readonly:
-                        selected.recent.add(message.uid)
-            self.send(f"* {len(selected.uids)} EXISTS")
-            self.send(f"* {len(selected.recent)} RECENT")
-        selected.pending = kept + selected.pending
+                        seq = selected.seq(uid)
+                        if seq:
+                            self.send(f"* {seq} FETCH ({self.fetch_flags(uid)} UID {uid})")
+            else:  # expunged, by another session or by this one without telling (then it is told now)
+                for uid in change.uids:
+                    if uid not in selected.view.flags:
+                        continue
+                    if expunge:
+                        self._tell_expunged(uid)
+                    else:
+                        selected.haunt(uid)
+                selected.advance(view)
+                shown = len(selected.uids)
+        if len(selected.uids) != shown:
+            self._tell_exists()
+        if not selected.pending and not selected.ghosts:
+            self._views.caught_up(selected.key, selected.view)
 
-    def forget(self, uid: int) -> None:
-        """Drop an expunged message from the sequence and tell the client (RFC 3501 §7.4.1; VANISHED once
-        QRESYNC is enabled)."""
+    def _tell_exists(self) -> int:
         selected = self.selected
         assert selected is not None
-        seq = selected.seq(uid)
+        count = len(selected.uids)
+        self.send(f"* {count} EXISTS")
+        if not self.imap4rev2:  # RFC 9051 has no RECENT response
+            self.send(f"* {len(selected.recent)} RECENT")
+        return count
+
+    def _tell_expunged(self, uid: int) -> None:
+        assert self.selected is not None
+        seq = self.selected.hide(uid)
         if seq:
-            del selected.uids[seq - 1]
-            selected.flags.pop(uid, None)
-            selected.modseqs.pop(uid, None)
-            selected.recent.discard(uid)
             self.send(f"* VANISHED {uid}" if self.qresync else f"* {seq} EXPUNGE")  # RFC 7162 §3.2.10
+
+    def forget(self, uid: int) -> None:
+        """Drop a message this session expunged from the sequence and tell the client (RFC 3501 §7.4.1;
+        VANISHED once QRESYNC is enabled)."""
+        self._tell_expunged(uid)
 
     def fetch_flags(self, uid: int) -> str:
         """The FLAGS item of a FETCH response (with MODSEQ once CONDSTORE is on)."""
         selected = self.selected
         assert selected is not None
         flags = selected.flags.get(uid, "").split()
-        if uid in selected.recent:
+        if uid in selected.recent and not self.imap4rev2:  # RFC 9051 has no \\Recent flag
             flags.append("\\Recent")
         text = f"FLAGS ({' '.join(flags)})"
         if self.condstore:

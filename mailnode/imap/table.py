@@ -60,11 +60,15 @@ class Command(Generic[S]):
 @dataclasses.dataclass(frozen=True)
 class Extension:
     """A capability no command of its own brings: syntax (LITERAL+), response data (CHILDREN),
-    arguments of existing commands (CONDSTORE), or a state of the server (LOGINDISABLED)."""
+    arguments of existing commands (CONDSTORE), or a state of the server (LOGINDISABLED).
+
+    `includes`: the capabilities it takes in as its own (IMAP4rev2 those RFC 9051 folded into the base
+    protocol); the table refuses to declare it unless each of them is declared and always advertised."""
 
     capability: str
     rfc: str
     advertised: When = When.ALWAYS
+    includes: tuple[str, ...] = ()
 
 
 OTHER = "other"  # the metric label of every command not in the table
@@ -82,6 +86,17 @@ class Table(Generic[S]):
         duplicates = {name for name in names if names.count(name) > 1}
         if duplicates:
             raise ValueError(f"IMAP commands declared twice: {sorted(duplicates)}")
+        always = {capability for capability, when in self._declared() if when is When.ALWAYS}
+        for extension in self.extensions:
+            missing = [capability for capability in extension.includes if capability not in always]
+            if missing:
+                raise ValueError(f"{extension.capability} includes capabilities not always advertised: {missing}")
+
+    def _declared(self) -> list[tuple[str, When]]:
+        """Every capability declared, with when it is advertised: extensions first, then the commands'."""
+        return [(e.capability, e.advertised) for e in self.extensions] + [
+            (c.capability, c.advertised) for c in self.commands if c.capability is not None
+        ]
 
     @functools.cached_property
     def by_name(self) -> Mapping[str, Command[S]]:
@@ -104,7 +119,7 @@ class Table(Generic[S]):
         self, *, authenticated: bool, tls_active: bool, tls_available: bool, plaintext_login: bool
     ) -> list[str]:
         """The CAPABILITY list (RFC 3501 §7.2.1) for a session in this state: extensions first
-        (IMAP4rev1 leads), then what the commands bring, each once, in declaration order."""
+        (IMAP4rev1 and IMAP4rev2 lead), then what the commands bring, each once, in declaration order."""
         login_allowed = tls_active or plaintext_login
         holds = {
             When.ALWAYS: True,
@@ -112,10 +127,7 @@ class Table(Generic[S]):
             When.LOGIN_ALLOWED: not authenticated and login_allowed,
             When.LOGIN_DISABLED: not authenticated and not login_allowed,
         }
-        declared = [(e.capability, e.advertised) for e in self.extensions] + [
-            (c.capability, c.advertised) for c in self.commands if c.capability is not None
-        ]
-        return list(dict.fromkeys(capability for capability, when in declared if holds[when]))
+        return list(dict.fromkeys(capability for capability, when in self._declared() if holds[when]))
 
     @functools.cached_property
     def metric_labels(self) -> frozenset[str]:

@@ -92,6 +92,7 @@ class FolderStatus:
     unseen: int
     size: int
     recent: int = 0  # messages no session has seen as \\Recent yet
+    deleted: int = 0  # messages flagged \\Deleted (IMAP4rev2's STATUS DELETED, RFC 9051 §6.3.11)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,12 +159,13 @@ class _Queries:
         folder = self.folder(name)
         if folder is None:
             return None
-        count, unseen, size, recent = self._db.execute(
+        count, unseen, size, recent, deleted = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(instr(' ' || flags || ' ', ' \\Seen ') = 0), 0), COALESCE(SUM(size), 0),"
-            " COALESCE(SUM(uid >= ?), 0) FROM messages WHERE folder_id = ?",
+            " COALESCE(SUM(uid >= ?), 0), COALESCE(SUM(instr(' ' || flags || ' ', ' \\Deleted ') > 0), 0)"
+            " FROM messages WHERE folder_id = ?",
             (folder.first_recent, folder.id),
         ).fetchone()
-        return FolderStatus(folder, count, unseen, size, recent)
+        return FolderStatus(folder, count, unseen, size, recent, deleted)
 
     def structures(self, name: str, uids: Iterable[int]) -> dict[int, str | None]:
         return self._column_by_uid(name, uids, "structure")

@@ -9,6 +9,10 @@ A received copy is the source's index as it was (UIDVALIDITY, UIDs, UIDNEXT, fla
 dates, folders, subscriptions, the hand-off ids) and exactly the files it lists: a file is written under a
 `.part` name and renamed, so a name that exists holds a whole message; message files never change once
 written, so a later copy fetches only the names it does not hold with the size the index gives them.
+
+The mailbox's calendars and contacts (`.dav/`, mailnode.store.davfiles) come whole with every copy (they
+are small, and Radicale rewrites its files): received into `.dav.new/` and swapped for the copy's
+`.dav/` when the copy is finished, so the copy's `.dav/` is always one export's, whole.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mailnode.store import durable, index, maildir
+from mailnode.store import davfiles, durable, index, maildir
 
 INCOMING = Path("moves") / "incoming"
 TRASH = Path("moves") / "removed"  # what `remove` renames away before deleting it
@@ -27,6 +31,7 @@ STATE = "move.json"  # in an incoming copy: {"source": ordinal, "final": bool, "
 INDEX = "index.sqlite"
 _NEW_INDEX = "index.sqlite.new"
 PART = ".part"
+_NEW_DAV = davfiles.DIR + ".new"  # the `.dav/` of the export being received
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +93,7 @@ def _on_disk(copy: Path) -> tuple[set[str], list[str]]:
     files: set[str] = set()
     parts: list[str] = []
     for folder in os.scandir(copy):
-        if not folder.is_dir():
+        if not folder.is_dir() or folder.name.startswith(davfiles.DIR):  # no folder's name does (encoded)
             continue
         for sub in ("new", "cur"):
             try:
@@ -142,6 +147,31 @@ def settle_file(part: Path) -> Path:
     return final
 
 
+def dav_begin(copy: Path) -> None:
+    """An export is being received: what an earlier, cut one left of its `.dav/` goes."""
+    shutil.rmtree(copy / _NEW_DAV, ignore_errors=True)
+
+
+def dav_target(copy: Path, rel: str) -> Path:
+    """Where a received `.dav/` member (`rel` under it) is written: checked to stay under it."""
+    target = copy / _NEW_DAV / davfiles.check(rel)
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return target
+
+
+def _take_dav(copy: Path) -> None:
+    """The `.dav/` just received, every directory of it made durable, in place of the copy's (none when
+    the export had none: the source has no calendars or contacts)."""
+    received = copy / _NEW_DAV
+    old = copy / davfiles.DIR
+    if old.exists():
+        shutil.rmtree(old)
+    if received.is_dir():
+        for directory, _, _ in os.walk(received):
+            durable.fsync_dir(Path(directory))
+        received.rename(old)
+
+
 def index_target(copy: Path) -> Path:
     target = copy / _NEW_INDEX
     target.unlink(missing_ok=True)
@@ -175,6 +205,7 @@ def finish(copy: Path, *, source: int, final: bool, written: list[Path], freeze:
         (copy / rel).unlink(missing_ok=True)
     if missing := names - files:
         raise FileNotFoundError(f"the copy's index lists {min(missing)}, which did not arrive")
+    _take_dav(copy)
     record = {"source": source, "final": final, "freeze": freeze if final else None}
     durable.replace_synced(copy / STATE, json.dumps(record).encode())
     durable.fsync_dir(copy)

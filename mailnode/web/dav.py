@@ -11,7 +11,11 @@ Why this shape:
   use the Authenticator's timers.
 - Storage is per mailbox: `<mailbox directory>/.dav/` (a name no IMAP folder can have: the store
   encodes a leading dot), one Radicale application per mailbox (its lock file in that directory), so
-  a VolumeSnapshot of the volume holds calendars and contacts next to the mail.
+  a VolumeSnapshot of the volume holds calendars and contacts next to the mail; archives and moves carry
+  it too (mailnode.store.davfiles). A request that may write holds davfiles' lock around Radicale's work
+  and is refused (503, Retry-After) while the mailbox is frozen for a move: checked under the lock, so a
+  write either lands before the move's final copy or not at all. Its first write opens the mailbox in
+  the store, so a mailbox used only for calendars has an index and is in archives like any other.
 - Clustered, a mailbox's calendars are on its home node: another node checks the password, then
   relays the request to the home's HTTPS port as the IMAP proxy does, with the domain's internal token
   instead of the user's password (`Authorization: Bearer`, the user in X-Mailfleet-User), and relays
@@ -45,12 +49,12 @@ from mailnode.auth import Authenticator
 from mailnode.cluster import Cluster, UnknownPeer
 from mailnode.config import Directory, MailboxEntry
 from mailnode.gateway import Gateway
-from mailnode.store import maildir
+from mailnode.store import davfiles, maildir
 
 log = logging.getLogger(__name__)
 
 PREFIX: Final = "/dav"
-DAV_DIR: Final = ".dav"
+DAV_DIR: Final = davfiles.DIR
 REALM: Final = "mailfleet"
 CACHED_APPS: Final = 256  # Radicale applications kept (one per mailbox recently used)
 # What every new mailbox finds (Radicale's storage.predefined_collections): clients that do not create
@@ -64,6 +68,10 @@ _SKIPPED_RESPONSE_HEADERS: Final = frozenset({"connection", "keep-alive", "trans
 USER_HEADER: Final = "x-mailfleet-user"  # the mailbox of a request a peer relays
 _SKIPPED_RELAYED_HEADERS: Final = _SKIPPED_RESPONSE_HEADERS | {"host", "authorization", USER_HEADER}
 RELAY_TIMEOUT: Final = 60.0  # seconds for the home's answer to a relayed request
+# Methods that only read (RFC 4918, 4791, 6352, 3253): any other may change the storage.
+READS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PROPFIND", "REPORT"})
+FROZEN_RETRY_AFTER: Final = 10  # seconds: a move's freeze lasts a few (its hold is the bound)
+_Answer = tuple[int, list[tuple[str, str]], bytes]  # status, headers, body of Radicale's answer
 
 
 class _Apps:
@@ -117,7 +125,13 @@ class DAV:
         client_host: Callable[[web.Request], str],
         max_request: int,
         internal_token: str | None = None,
+        frozen: Callable[[str], bool] = lambda address: False,
+        open_mailbox: Callable[[str], object] = lambda address: None,
     ) -> None:
+        """`frozen(address)`: whether the mailbox is frozen for a move (called from Gateway threads too);
+        `open_mailbox(address)`: blocking, makes the mailbox in the store if it is new."""
+        self._frozen = frozen
+        self._open_mailbox = open_mailbox
         self._internal_token = internal_token
         self._relay_session: aiohttp.ClientSession | None = None
         self._mail_root = mail_root
@@ -140,10 +154,19 @@ class DAV:
                 return _unauthorized()
             if not self._cluster.is_home(entry):
                 return await self._relay(request, entry)
+        writes = request.method.upper() not in READS
+        if writes and self._frozen(entry.address):
+            return _frozen()
         body = await request.read()  # bounded by the application's client_max_size
-        folder = maildir.mailbox_dir(self._mail_root, entry.address) / DAV_DIR
+        mailbox = maildir.mailbox_dir(self._mail_root, entry.address)
         environ = _environ(request, body=body, user=entry.address, remote=self._client_host(request))
-        status, headers, content = await self._gateway.run(self._call, folder, environ)
+        if writes:
+            answer = await self._gateway.run(self._write, entry.address, mailbox, environ)
+            if answer is None:
+                return _frozen()
+            status, headers, content = answer
+        else:
+            status, headers, content = await self._gateway.run(self._call, mailbox / DAV_DIR, environ)
         response = web.Response(status=status, body=content)
         for name, value in headers:
             if name.lower() not in _SKIPPED_RESPONSE_HEADERS:
@@ -194,7 +217,16 @@ class DAV:
         if self._relay_session is not None:
             await self._relay_session.close()
 
-    def _call(self, folder: Path, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
+    def _write(self, address: str, mailbox: Path, environ: dict[str, Any]) -> _Answer | None:
+        """A request that may write (in a Gateway thread), under davfiles' lock; None when the mailbox is
+        frozen (checked under the lock: see the module docstring)."""
+        self._open_mailbox(address)
+        with davfiles.locked(mailbox, exclusive=True):
+            if self._frozen(address):
+                return None
+            return self._call(mailbox / DAV_DIR, environ)
+
+    def _call(self, folder: Path, environ: dict[str, Any]) -> _Answer:
         """One request through Radicale (in a Gateway thread): status, headers and the whole body
         (Radicale builds its answers in memory anyway)."""
         app = self._apps.get(folder)
@@ -211,6 +243,14 @@ class DAV:
             if close is not None:
                 close()
         return answer["status"], answer["headers"], content
+
+
+def _frozen() -> web.Response:
+    return web.Response(
+        status=503,
+        headers={"Retry-After": str(FROZEN_RETRY_AFTER)},
+        text="this mailbox is being moved to another node; try again in a few seconds\n",
+    )
 
 
 def _unverified() -> ssl.SSLContext:

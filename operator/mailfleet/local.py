@@ -114,6 +114,7 @@ def prepare(paths: list[Path], *, base_port: int, state_dir: Path) -> list[Node]
     input leaves the state directory as it was. Raises files.RenderError or LocalError."""
     loaded = files.load(paths)
     _check_names(loaded)
+    _check_stranded_mail(loaded, state_dir=state_dir)
     nodes = sum(domain.spec.replicas for _, domain in loaded.domains)
     last_port = base_port + PORT_STRIDE * (nodes - 1) + max({**PORT_OFFSETS, **INTERNAL_PORT_OFFSETS}.values())
     if base_port < 1 or last_port > 65535:
@@ -167,6 +168,25 @@ def _check_names(loaded: files.Loaded) -> None:
                 "local up keeps each node's files under its MailDomain's name"
             )
         seen[name] = path
+
+
+def _check_stranded_mail(loaded: files.Loaded, *, state_dir: Path) -> None:
+    """Refuse a run whose nodes would not use a data directory of an earlier run that holds mailboxes: local
+    up does not move mailboxes between its nodes (the operator does, in a cluster), so fewer `replicas`,
+    or one node becoming several or several one, would leave that mail unserved while its mailboxes are
+    placed afresh, empty, on the nodes that run. More replicas keep every home (the directory records
+    them), so they are accepted."""
+    for path, domain in loaded.domains:
+        root = state_dir / domain.metadata.name
+        replicas = domain.spec.replicas
+        used = {root / f"node-{i}" / "data" for i in range(replicas)} if common.clustered(domain) else {root / "data"}
+        for data in sorted([root / "data", *root.glob("node-*/data")]):
+            if data not in used and any(data.glob("mail/*/*")):
+                raise files.RenderError(
+                    f"{path}: MailDomain {domain.metadata.name}: spec.replicas: {replicas} would not run the node "
+                    f"whose data is {data}, which holds mailboxes; local up does not move mailboxes between its "
+                    "nodes: set replicas back, or use another --state-dir"
+                )
 
 
 def _write_domain(

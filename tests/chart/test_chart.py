@@ -233,6 +233,8 @@ NAMESPACED: dict[tuple[str, str], set[str]] = {
     # reconcile/backup.py: VolumeSnapshots of a MailBackup (deleted when it fails, or by retention)
     ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list", "watch", "create", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "create"},  # a backup checks them; a restore makes them
+    # reconcile/certificate.py: the Certificate of spec.tls.issuerRef (read, not watched; deleted when unset)
+    ("cert-manager.io", "certificates"): {"get", "create", "patch", "delete"},
 }
 # kopf: lists and watches CRDs to resolve the resources; with namespaces given, follows namespaces too.
 CRDS = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}

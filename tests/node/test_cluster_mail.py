@@ -47,12 +47,14 @@ class Cluster:
         """`listen`: more of each node's listen settings (tests/node/test_move*.py raise the LMTP limits)."""
         self.token_file = tmp_path / "internal-token"
         self.token_file.write_text(TOKEN + "\n")
-        ports = free_ports(3 * size)  # known to the peers up front: below the range port 0 draws from
-        self.lmtp, self.http, self.imap_proxy = ports[:size], ports[size : 2 * size], ports[2 * size :]
+        ports = free_ports(4 * size)  # known to the peers up front: below the range port 0 draws from
+        self.lmtp, self.http = ports[:size], ports[size : 2 * size]
+        self.imap_proxy, self.https = ports[2 * size : 3 * size], ports[3 * size :]
         peers = [
-            {"host": "127.0.0.1", "lmtp": self.lmtp[i], "imap_proxy": self.imap_proxy[i], "http": self.http[i]}
+            {"host": "127.0.0.1", "lmtp": self.lmtp[i], "imap_proxy": self.imap_proxy[i], "http": self.http[i],
+             "https": self.https[i]}
             for i in range(size)
-        ]
+        ]  # fmt: skip
         self.nodes: list[RunningNode] = []
         for i in range(size):
             self.nodes.append(
@@ -63,6 +65,7 @@ class Cluster:
                         "lmtp": self.lmtp[i],
                         "imap_proxy": self.imap_proxy[i],
                         "http": self.http[i],
+                        "https": self.https[i],  # DAV relays to the home's (tests/node/test_dav_carried.py)
                         **(listen or {}),
                     },
                     cluster={"ordinal": i, "peers": peers},

@@ -30,7 +30,8 @@ RECIPIENT = f"user@{DOMAIN}"
 KILL_ROUNDS = 8
 CLIENTS = 3
 MAX_MESSAGES_PER_CLIENT = 5000  # far more than the time allows; a bound, not a target
-CLIENT_TIME_LIMIT = 45.0
+RESTART_DEADLINE = 60.0  # a restarted node's first delivery: 10 s ran out at load 16 on 2 cores
+CLIENT_TIME_LIMIT = 240.0  # a safety bound: the test stops the clients itself when it is done
 
 _PRINTABLE = bytes(range(0x20, 0x7F))
 _EIGHT_BIT = _PRINTABLE + bytes(range(0x80, 0x100))
@@ -165,11 +166,11 @@ def test_acknowledged_mail_survives_repeated_sigkill(serve_process: Callable[...
 
     try:
         for round_no in range(KILL_ROUNDS):
-            wait_for(more_acks(acked()), 10, f"a delivery after start {round_no}", clients, proc)
+            wait_for(more_acks(acked()), RESTART_DEADLINE, f"a delivery after start {round_no}", clients, proc)
             time.sleep(rng.uniform(0.05, 0.5))
             proc.kill()
             proc.start()
-        wait_for(more_acks(acked() + 5), 10, "deliveries after the last restart", clients, proc)
+        wait_for(more_acks(acked() + 5), RESTART_DEADLINE, "deliveries after the last restart", clients, proc)
     finally:
         stop.set()
         for thread in threads:

@@ -170,7 +170,7 @@ def test_members_come_in_the_documented_order_with_mode_0600(tar_file: Path) -> 
     names = [info.name for info, _ in found]
     assert names[0] == archive.HEADER
     assert names[-1] == archive.MANIFEST
-    assert json.loads(found[0][1]) == {"format": 1, "node": NODE, "pointInTime": POINT.isoformat()}
+    assert json.loads(found[0][1]) == {"format": 2, "node": NODE, "pointInTime": POINT.isoformat()}
     mail = [n for n in names if n.startswith("mail/")]
     for address in (ALICE, BOB, EMPTY):
         prefix = maildir.mailbox_dir(Path(), address).as_posix() + "/"
@@ -187,7 +187,7 @@ def test_members_come_in_the_documented_order_with_mode_0600(tar_file: Path) -> 
     }
     assert manifest["mailboxes"][BOB] == {"messages": 1, "bytes": len(message(6, 70_000))}
     assert manifest["queue"] == {"messages": 1}
-    assert (manifest["format"], manifest["node"], manifest["pointInTime"]) == (1, NODE, POINT.isoformat())
+    assert (manifest["format"], manifest["node"], manifest["pointInTime"]) == (2, NODE, POINT.isoformat())
 
 
 def test_tar_tools_read_it_as_written(staged: Path, tar_file: Path, tmp_path: Path) -> None:
@@ -387,9 +387,9 @@ def test_other_files_and_wrong_headers_are_refused(tar_file: Path, tmp_path: Pat
         archive.verify(tmp_path / "absent.tar")
 
     def future(ms: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-        return [(archive.HEADER, json.dumps({"format": 2, "node": NODE, "pointInTime": "x"}).encode()), *ms[1:]]
+        return [(archive.HEADER, json.dumps({"format": 3, "node": NODE, "pointInTime": "x"}).encode()), *ms[1:]]
 
-    with pytest.raises(archive.ArchiveError, match="format 2; this mailnode reads format 1"):
+    with pytest.raises(archive.ArchiveError, match=r"format 3; this mailnode reads formats \(1, 2\)"):
         archive.verify(repack(tar_file, future, fix_manifest=True))
     with pytest.raises(archive.ArchiveError, match=f"the first member is {archive.INDEX}|not a Mailfleet archive"):
         archive.verify(repack(tar_file, lambda ms: ms[1:], fix_manifest=True))

@@ -64,6 +64,6 @@ def test_the_node_config_of_dav_and_mta_sts() -> None:
 
 def test_the_certificate_names() -> None:
     assert common.tls_names(example_domain()) == [
-        "mail.example.com", "autoconfig.example.com", "mta-sts.example.com", "autoconfig.example.net",
-        "mta-sts.example.net",
+        "mail.example.com", "autoconfig.example.com", "autodiscover.example.com", "mta-sts.example.com",
+        "autoconfig.example.net", "autodiscover.example.net", "mta-sts.example.net",
     ]  # fmt: skip

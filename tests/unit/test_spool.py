@@ -450,7 +450,7 @@ async def run_until_killed(root: Path, seed: int, facts: list[list[str]]) -> Non
                     opened.set()
 
     reader = asyncio.create_task(collect())
-    await asyncio.wait_for(opened.wait(), 10)
+    await asyncio.wait_for(opened.wait(), 60)  # a Python start: 10 s ran out under load
     await asyncio.sleep(random.Random(seed).uniform(0.02, 0.4))
     child.send_signal(signal.SIGKILL)
     await child.wait()

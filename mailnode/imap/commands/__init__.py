@@ -19,6 +19,13 @@ Command = table.Command[Session]
 TABLE: table.Table[Session] = table.Table(
     extensions=(
         Extension("IMAP4rev1", "RFC 3501"),
+        # RFC 9051, advertised beside IMAP4rev1 (§1.2): a session speaks it once the client sends ENABLE IMAP4rev2
+        # (mailnode.imap.commands.auth); it takes in these extensions, each declared in this table (RFC 9051
+        # Appendix E; LITERAL+ is a superset of its LITERAL-, RFC 7888 §5; CHILDREN is LIST-EXTENDED's).
+        Extension("IMAP4rev2", "RFC 9051", includes=(
+            "LITERAL+", "NAMESPACE", "UNSELECT", "UIDPLUS", "ESEARCH", "SEARCHRES", "ENABLE", "IDLE", "SASL-IR",
+            "LIST-EXTENDED", "LIST-STATUS", "MOVE", "BINARY", "SPECIAL-USE", "STATUS=SIZE", "CHILDREN",
+        )),
         Extension("LITERAL+", "RFC 7888"),  # framed by the session
         Extension("SASL-IR", "RFC 4959"),  # AUTHENTICATE's initial response
         Extension("CHILDREN", "RFC 3348"),  # LIST's \HasChildren and \HasNoChildren

@@ -1,5 +1,6 @@
 """IMAP commands about the connection and the login: CAPABILITY, ID, LOGOUT, STARTTLS, LOGIN,
-AUTHENTICATE (PLAIN, with SASL-IR), ENABLE and NAMESPACE. Declared in mailnode.imap.commands.TABLE.
+AUTHENTICATE (PLAIN, with SASL-IR), ENABLE (CONDSTORE, QRESYNC, IMAP4rev2) and NAMESPACE. Declared in
+mailnode.imap.commands.TABLE.
 
 Clustered, a login is where a session finds its mailbox's home (DESIGN.md "Clustering"): homed on another
 node, the session is proxied there once the password was checked here (mailnode.imap.proxy); on the
@@ -166,6 +167,9 @@ async def enable(session: Session, command: protocol.Command) -> None:
         elif name == "QRESYNC":  # RFC 7162 §3.2.3: QRESYNC implies CONDSTORE
             session.condstore = session.qresync = True
             enabled.append("QRESYNC")
+        elif name == "IMAP4REV2":  # RFC 9051 §6.3.1: the session speaks IMAP4rev2 from the next command on
+            session.imap4rev2 = True
+            enabled.append("IMAP4rev2")
     session.send(f"* ENABLED {' '.join(enabled)}".rstrip())  # RFC 5161
     session.send(responses.OK_COMPLETED.line(command.tag, command="ENABLE"))
 

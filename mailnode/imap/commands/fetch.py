@@ -91,8 +91,7 @@ async def fetch(session: Session, command: protocol.Command) -> None:
                     selected.name, unseen, mode="+", flags=["\\Seen"], origin=session
                 )
                 for message in changed:
-                    selected.flags[message.uid] = message.flags
-                    selected.modseqs[message.uid] = message.modseq
+                    selected.learn(message)
         unread = [m for _, m in present if m.size <= _LARGE and m.uid not in preread] if needs_data else []
         datas = dict(zip((m.uid for m in unread), await session.account.read(unread), strict=True)) if unread else {}
         datas.update(preread)

@@ -2,6 +2,9 @@
 SUBSCRIBE and UNSUBSCRIBE, LIST and LSUB (with LIST-EXTENDED selection, SPECIAL-USE and LIST-STATUS), STATUS,
 and the QUOTA commands. Declared in mailnode.imap.commands.TABLE.
 
+A session that enabled IMAP4rev2 (RFC 9051) gets its forms: folder names in UTF-8 rather than modified UTF-7,
+no RECENT response and no UNSEEN code from SELECT, which lists the folder instead (§6.3.2), and STATUS DELETED.
+
 `store_refusals` turns what the store refuses into NO responses; these commands and those of
 mailnode.imap.commands.store wrap their changes in it.
 """
@@ -9,7 +12,8 @@ mailnode.imap.commands.store wrap their changes in it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import unicodedata
+from collections.abc import Collection, Iterator
 
 from mailnode.imap import protocol, responses
 from mailnode.imap.session import DELIMITER, SPECIAL_USE, Selected, Session
@@ -35,7 +39,7 @@ def store_refusals() -> Iterator[None]:
 async def select(session: Session, command: protocol.Command) -> None:
     """SELECT, and EXAMINE (the same, read-only)."""
     assert session.account is not None
-    request = protocol.parse_select(command.args)
+    request = protocol.parse_select(command.args, utf8=session.imap4rev2)
     readonly = command.name == "EXAMINE"
     if request.condstore:  # RFC 7162 §3.2.8: SELECT mailbox (CONDSTORE)
         session.condstore = True
@@ -50,25 +54,19 @@ async def select(session: Session, command: protocol.Command) -> None:
     if result is None:
         raise responses.Refused(responses.NO_NO_SUCH_MAILBOX, mailbox=name)
     folder, messages = result.folder, result.messages
-    selected = Selected(
-        name=folder.name,
-        readonly=readonly,
-        uidvalidity=folder.uidvalidity,
-        uids=[m.uid for m in messages],
-        flags={m.uid: m.flags for m in messages},
-        modseqs={m.uid: m.modseq for m in messages},
-        recent={m.uid for m in messages if m.uid >= result.first_recent},
-        highestmodseq=folder.highestmodseq,
-        uidnext=folder.uidnext,
+    selected: Selected = session.select(
+        folder=folder, messages=messages, readonly=readonly, first_recent=result.first_recent
     )
-    session.selected = selected
     session.send(f"* FLAGS ({' '.join(SYSTEM_FLAGS)})")
     session.send(responses.OK_PERMANENTFLAGS.line(flags=" ".join(SYSTEM_FLAGS)))
     session.send(f"* {len(selected.uids)} EXISTS")
-    session.send(f"* {len(selected.recent)} RECENT")
-    unseen = next((i + 1 for i, m in enumerate(messages) if "\\Seen" not in m.flags.split()), None)
-    if unseen is not None:
-        session.send(responses.OK_UNSEEN.line(seq=unseen))
+    if session.imap4rev2:  # RFC 9051 §6.3.2: no RECENT, no UNSEEN code; a LIST response names the folder
+        await _send_selected_list(session, folder.name, protocol.arg_text(command.args[0]))
+    else:
+        session.send(f"* {len(selected.recent)} RECENT")
+        unseen = next((i + 1 for i, m in enumerate(messages) if "\\Seen" not in m.flags.split()), None)
+        if unseen is not None:
+            session.send(responses.OK_UNSEEN.line(seq=unseen))
     session.send(responses.OK_UIDVALIDITY.line(uidvalidity=folder.uidvalidity))
     session.send(responses.OK_UIDNEXT.line(uidnext=folder.uidnext))
     session.send(responses.OK_HIGHESTMODSEQ.line(modseq=folder.highestmodseq))
@@ -76,6 +74,36 @@ async def select(session: Session, command: protocol.Command) -> None:
         _resync(session, request.qresync)
     access = "READ-ONLY" if readonly else "READ-WRITE"
     session.send(responses.OK_SELECTED.line(command.tag, access=access, command=command.name))
+
+
+async def _send_selected_list(session: Session, name: str, sent: str) -> None:
+    """IMAP4rev2's LIST response in SELECT's answer (RFC 9051 §6.3.2): the folder's accurate attributes, and,
+    when the client sent the name in a denormalized form (not Unicode NFC, §5.1), that form as OLDNAME."""
+    assert session.account is not None
+    folders = await session.account.folders()
+    names = {f.name for f in folders}
+    line = _list_line(session, "LIST", name, _attributes(name, names, lsub=False, subscribed=False))
+    if unicodedata.normalize("NFC", sent) != sent:
+        line += b' ("OLDNAME" (' + protocol.quote(sent, utf8=True) + b"))"
+    session.send(line)
+
+
+def _attributes(name: str, names: Collection[str], *, lsub: bool, subscribed: bool) -> list[str]:
+    """A folder's LIST attributes: RFC 3348 CHILDREN, RFC 6154 special use (not in LSUB), and RFC 5258
+    \\Subscribed when `subscribed` (asked for, and it is)."""
+    children = any(n.startswith(name + DELIMITER) for n in names)
+    attributes = ["\\HasChildren" if children else "\\HasNoChildren"]
+    if name in SPECIAL_USE and not lsub:
+        attributes.append(SPECIAL_USE[name])
+    if subscribed:
+        attributes.append("\\Subscribed")
+    return attributes
+
+
+def _list_line(session: Session, response: str, name: str, attributes: list[str]) -> bytes:
+    """`* LIST (attributes) "/" name`, the name in the session's form (UTF-8 under IMAP4rev2)."""
+    encoded = protocol.format_mailbox_name(name, utf8=session.imap4rev2)
+    return f'* {response} ({" ".join(attributes)}) "{DELIMITER}" '.encode() + encoded
 
 
 def _resync(session: Session, known: protocol.Qresync) -> None:
@@ -163,27 +191,30 @@ async def subscribe(session: Session, command: protocol.Command) -> None:
 async def list_(session: Session, command: protocol.Command) -> None:
     """LIST (RFC 3501 §6.3.8, RFC 5258 selection and return options), and LSUB."""
     assert session.account is not None
-    options = protocol.parse_list_args(command.args)
+    options = protocol.parse_list_args(command.args, imap4rev2=session.imap4rev2)
     folders = sorted(await session.account.folders(), key=lambda f: (f.name != "INBOX", f.name))  # INBOX first
     names = {f.name for f in folders}
+    subscribed_names = {f.name for f in folders if f.subscribed}
     lsub = command.name == "LSUB"
     subscribed_only = lsub or "SUBSCRIBED" in options.selection
+    # RFC 5258 §3.5 RECURSIVEMATCH: a folder not subscribed itself, with a subscribed descendant, is listed
+    # with CHILDINFO saying so.
+    recursive = "SUBSCRIBED" in options.selection and "RECURSIVEMATCH" in options.selection
     for folder in folders if options.patterns else []:
         if not any(protocol.mailbox_matches(p, folder.name, DELIMITER) for p in options.patterns):
             continue
+        childinfo = False
         if subscribed_only and not folder.subscribed:
-            continue
+            childinfo = recursive and any(n.startswith(folder.name + DELIMITER) for n in subscribed_names)
+            if not childinfo:
+                continue
         if "SPECIAL-USE" in options.selection and folder.name not in SPECIAL_USE:  # RFC 6154 §5.1
             continue
-        attributes: list[str] = []
-        children = any(n.startswith(folder.name + DELIMITER) for n in names)
-        attributes.append("\\HasChildren" if children else "\\HasNoChildren")  # RFC 3348 CHILDREN
-        if folder.name in SPECIAL_USE and (not lsub):
-            attributes.append(SPECIAL_USE[folder.name])
-        if folder.subscribed and "SUBSCRIBED" in options.returns:
-            attributes.append("\\Subscribed")
-        encoded = protocol.format_mailbox(protocol.encode_mailbox_name(folder.name))
-        session.send(f'* {command.name} ({" ".join(attributes)}) "{DELIMITER}" '.encode() + encoded)
+        subscribed = folder.subscribed and "SUBSCRIBED" in options.returns
+        line = _list_line(
+            session, command.name, folder.name, _attributes(folder.name, names, lsub=lsub, subscribed=subscribed)
+        )
+        session.send(line + (b' ("CHILDINFO" ("SUBSCRIBED"))' if childinfo else b""))
         if "STATUS" in options.returns and not lsub:  # RFC 5819 LIST-STATUS: after the folder's LIST
             status_line = await _status_line(session, folder.name, options.status_items)
             if status_line is not None:  # deleted meanwhile: RFC 5819 §2 leaves its STATUS out
@@ -194,7 +225,7 @@ async def list_(session: Session, command: protocol.Command) -> None:
 
 
 async def status(session: Session, command: protocol.Command) -> None:
-    request = protocol.parse_status(command.args)
+    request = protocol.parse_status(command.args, imap4rev2=session.imap4rev2)
     session.condstore |= "HIGHESTMODSEQ" in request.items  # RFC 7162 §3.1: a CONDSTORE enabling command
     line = await _status_line(session, request.mailbox, request.items)
     if line is None:
@@ -218,9 +249,10 @@ async def _status_line(session: Session, name: str, items: list[str]) -> bytes |
         "UNSEEN": found.unseen,
         "HIGHESTMODSEQ": folder.highestmodseq,  # RFC 7162 (CONDSTORE)
         "SIZE": found.size,  # RFC 8438
+        "DELETED": found.deleted,  # RFC 9051 §6.3.11 (asked for by IMAP4rev2 sessions only)
     }
     shown = [f"{key} {values[key]}" for key in items]
-    encoded = protocol.format_mailbox(protocol.encode_mailbox_name(folder.name))
+    encoded = protocol.format_mailbox_name(folder.name, utf8=session.imap4rev2)
     return b"* STATUS " + encoded + f" ({' '.join(shown)})".encode()
 
 

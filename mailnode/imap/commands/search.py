@@ -469,7 +469,7 @@ async def search_(session: Session, command: protocol.Command) -> None:
     selected = session.selected
     assert selected is not None
     by_uid = command.name == "UID SEARCH"
-    request = protocol.parse_search_return(list(command.args))
+    request = protocol.parse_search_return(list(command.args), imap4rev2=session.imap4rev2)
     key = search.parse_search(request.criteria, saved=selected.saved)
     session.condstore |= search.referenced_modseq(key)  # RFC 7162 §3.1: SEARCH MODSEQ enables CONDSTORE
     if request.options is not None and "SAVE" in request.options:

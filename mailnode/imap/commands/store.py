@@ -38,8 +38,7 @@ async def store(session: Session, command: protocol.Command) -> None:
             origin=session,
         )
     for message in changed:
-        selected.flags[message.uid] = message.flags
-        selected.modseqs[message.uid] = message.modseq
+        selected.learn(message)
     changed_uids = {m.uid for m in changed}
     for seq, uid in targets:
         if uid in failed:
@@ -131,7 +130,7 @@ async def append(session: Session, command: protocol.Command) -> None:
     streamed into a store spool by the session (session.append_literal); MULTIAPPEND (RFC 3502) is
     not offered, so the message must be the command's last argument."""
     assert session.account is not None and session.user is not None
-    request = protocol.parse_append(command.args)
+    request = protocol.parse_append(command.args, utf8=session.imap4rev2)
     literal = session.append_literal
     # RFC 5322 §2.1: stored and served with CRLF line ends, as Dovecot does (the streamed one was
     # converted as it arrived, in the session).

@@ -391,13 +391,36 @@ class ServiceSpec(_Model):
     )
 
 
+KIND_PATTERN = r"^[A-Z][A-Za-z0-9]*$"  # a Kubernetes kind: Issuer, ClusterIssuer, an external issuer's
+KindName = Annotated[str, _Matches(KIND_PATTERN, "a Kubernetes kind", "ClusterIssuer", 63)]
+ApiGroup = Annotated[str, _Matches(NAME_PATTERN, "an API group", "cert-manager.io", 253)]
+
+
+class IssuerRef(_Model):
+    """The cert-manager issuer of the domain's certificate (cert-manager's own issuerRef, copied)."""
+
+    name: ObjectName = pydantic.Field(description="Name of the issuer.")
+    kind: KindName = pydantic.Field(
+        "Issuer", description="Issuer (in the MailDomain's namespace), ClusterIssuer, or an external issuer's kind."
+    )
+    group: ApiGroup = pydantic.Field("cert-manager.io", description="API group of the issuer's kind.")
+
+
 class TLSSpec(_Model):
-    """The certificate the mail nodes present (STARTTLS, SMTPS, IMAPS)."""
+    """The certificate the mail nodes present (STARTTLS, SMTPS, IMAPS, HTTPS)."""
 
     secret_name: ObjectName = pydantic.Field(
         description=(
             "Name of a kubernetes.io/tls Secret (tls.crt, tls.key) in the same namespace, e.g. from cert-manager."
         )
+    )
+    issuer_ref: IssuerRef | None = pydantic.Field(
+        None,
+        description=(
+            "When set, the operator creates a cert-manager.io/v1 Certificate (owned by the MailDomain) that "
+            "fills secretName, for every host name the certificate must hold (status.conditions Certificate); "
+            "cert-manager must be installed. Unset: secretName is provided by other means."
+        ),
     )
 
 

@@ -53,6 +53,8 @@ _MANAGED: Final[list[Kind[Any]]] = [
     Kind("mailfleet.io/v1alpha1", "MailBackup", "mailbackups"),
     # An add-on (the CSI external-snapshotter's CRDs): ask `Client.serves` before using it.
     Kind("snapshot.storage.k8s.io/v1", "VolumeSnapshot", "volumesnapshots"),
+    # An add-on (cert-manager): made for a MailDomain's spec.tls.issuerRef, once `Client.serves` says so.
+    Kind("cert-manager.io/v1", "Certificate", "certificates"),
 ]
 KINDS: Final = {(kind.api_version, kind.kind): kind for kind in _MANAGED}
 

@@ -16,7 +16,18 @@ import asyncio
 import time
 
 from mailfleet import api, k8s, kube_types, specs
-from mailfleet.reconcile import checks, conditions, dkim, internal, mailboxes, moves, objects, restore, status
+from mailfleet.reconcile import (
+    certificate,
+    checks,
+    conditions,
+    dkim,
+    internal,
+    mailboxes,
+    moves,
+    objects,
+    restore,
+    status,
+)
 from mailfleet.reconcile.checks import Refused
 from mailfleet.reconcile.context import MAILDOMAIN, STATEFULSET, Context, DomainKey
 
@@ -54,8 +65,15 @@ async def _reconcile(ctx: Context, body: kube_types.MailDomain) -> None:
     key = (specs.common.namespace(domain), domain.metadata.name)
     ctx.served[key] = specs.node.domains_of(domain)
 
-    # Observe and check: anything below may refuse the domain; nothing is written yet.
-    relay_username = await checks.ensure_named_secrets(ctx, domain)
+    # The cert-manager Certificate first: it depends on the spec alone, and fills the TLS Secret checked next.
+    certificate_condition = await certificate.ensure(ctx, body, domain)
+    # Observe and check: anything below may refuse the domain; nothing else is written yet.
+    try:
+        relay_username = await checks.ensure_named_secrets(ctx, domain)
+    except Refused as refusal:
+        if refusal.reason == "TLSSecretNotFound" and certificate_condition is not None:
+            raise certificate.refusal(refusal, certificate_condition) from None
+        raise
     existing = await ctx.client.get(STATEFULSET, key[0], specs.common.statefulset_name(domain))
     claims = await restore.claims_to_make(ctx, domain, existing)
     layout = moves.layout(domain, existing)
@@ -131,7 +149,9 @@ async def _reconcile(ctx: Context, body: kube_types.MailDomain) -> None:
             ctx.enqueue(key)
 
     # Status: the domain's, then each Mailbox's.
-    report = status.reconciled(running, statefulset, mailboxes=len(served.accepted), dkim_record=dkim_record)
+    report = status.reconciled(
+        running, statefulset, mailboxes=len(served.accepted), dkim_record=dkim_record, certificate=certificate_condition
+    )
     report = moves.progress(report, layout=layout, the_plan=plan, driven=driven)
     await status.write(ctx, body, report, at=conditions.now())
     mailboxes.write_verdicts(ctx, served.verdicts)

@@ -34,7 +34,7 @@ class Source:
 
 RECONCILE: Final = Source(
     "reconcile",
-    ("Ready", "Progressing", "Degraded"),
+    ("Ready", "Progressing", "Degraded", "Certificate"),  # Certificate: with spec.tls.issuerRef only
     ("observedGeneration", "readyReplicas", "mailboxes", "dnsRecords"),
 )
 BACKUPS: Final = Source("backups", ("BackupsHealthy",), ("lastBackup",))
@@ -116,9 +116,15 @@ async def write(
 
 
 def reconciled(
-    domain: api.MailDomain, statefulset: kube_types.StatefulSet, *, mailboxes: int, dkim_record: str | None
+    domain: api.MailDomain,
+    statefulset: kube_types.StatefulSet,
+    *,
+    mailboxes: int,
+    dkim_record: str | None,
+    certificate: Condition | None = None,
 ) -> Report:
-    """Every object is as built: how far the mail nodes are, and what to publish in DNS."""
+    """Every object is as built: how far the mail nodes are, and what to publish in DNS; `certificate`:
+    the cert-manager Certificate's condition (reconcile/certificate.py), with spec.tls.issuerRef."""
     replicas = domain.spec.replicas
     observed = statefulset.get("status") or {}
     ready = int(observed.get("readyReplicas") or 0)
@@ -139,7 +145,8 @@ def reconciled(
         "mailboxes": mailboxes,
         "dnsRecords": specs.dns_records(domain, dkim_record=dkim_record),
     }
-    return Report(RECONCILE, [ready_condition, progressing, degraded], fields)
+    wanted = [ready_condition, progressing, degraded, *([certificate] if certificate is not None else [])]
+    return Report(RECONCILE, wanted, fields)
 
 
 def refused(body: kube_types.MailDomain, reason: str, message: str) -> Report:

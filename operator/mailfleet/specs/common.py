@@ -88,10 +88,11 @@ def service_ports(domain: api.MailDomain) -> dict[str, int]:
 
 def tls_names(domain: api.MailDomain) -> list[str]:
     """The names the domain's certificate must hold: the mail host, and for the domain and each alias
-    domain the hosts clients and senders reach over HTTPS (autoconfig., mta-sts.; RFC 8461 §3.3)."""
+    domain the hosts clients and senders reach over HTTPS (autoconfig., autodiscover.: Outlook fetches
+    https://autodiscover.<domain>/ first; mta-sts.: RFC 8461 §3.3), as status.dnsRecords names them."""
     names = [mail_host(domain)]
     for name in (domain.spec.domain, *domain.spec.alias_domains):
-        names += [f"autoconfig.{name}", f"mta-sts.{name}"]
+        names += [f"autoconfig.{name}", f"autodiscover.{name}", f"mta-sts.{name}"]
     return names
 
 
@@ -102,6 +103,11 @@ def statefulset_name(domain: api.MailDomain) -> str:
 
 def headless_name(domain: api.MailDomain) -> str:
     return f"{domain.metadata.name}-headless"
+
+
+def certificate_name(domain: api.MailDomain) -> str:
+    """The cert-manager Certificate made for spec.tls.issuerRef (reconcile/certificate.py)."""
+    return f"{domain.metadata.name}-tls"
 
 
 def config_name(domain: api.MailDomain) -> str:

@@ -1,0 +1,104 @@
+"""FolderView and Selected (mailnode.imap.session): one version of a folder shared by the sessions that show
+it, a change applied once for all of them, and what a session keeps of its own (ghosts, hidden UIDs,
+flags it told) staying small and giving the sequence numbers its client knows."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import weakref
+
+from mailnode.imap.session import FolderView, FolderViews, Selected
+from mailnode.store.changes import Change
+from mailnode.store.index import Message
+
+ADDRESS = "user@example.com"
+
+
+def row(uid: int, flags: str = "", modseq: int = 1) -> Message:
+    return Message("INBOX", uid, f"cur/{uid}", flags, modseq, 0, 100)
+
+
+def selected_on(view: FolderView) -> Selected:
+    return Selected(
+        name="INBOX", readonly=False, uidvalidity=1, view=view, first_recent=10**9, highestmodseq=1,
+        uidnext=view.uids[-1] + 1, key=(ADDRESS, "INBOX", 1),
+    )  # fmt: skip
+
+
+def test_a_select_of_an_unchanged_folder_takes_the_shown_version() -> None:
+    views = FolderViews()
+    rows = [row(uid) for uid in range(1, 2001)]
+    first = views.select((ADDRESS, "INBOX", 1), rows)
+    assert views.select((ADDRESS, "INBOX", 1), [row(uid) for uid in range(1, 2001)]) is first
+    changed = [*rows[:-1], row(2000, "\\Seen", 2)]
+    assert views.select((ADDRESS, "INBOX", 1), changed) is not first
+    assert views.select((ADDRESS, "Other", 1), rows) is not first
+
+
+def test_a_change_makes_one_new_version_for_every_session() -> None:
+    view = FolderView.of([row(uid) for uid in range(1, 6)])
+    change = Change("INBOX", "flags", (2,), ("\\Seen",), (5,))
+    after = view.after(change)
+    assert view.after(change) is after  # the next session on `view` takes the same one
+    assert after.uids is view.uids and after.flags[2] == "\\Seen" and view.flags[2] == ""
+    assert after.after(Change("INBOX", "flags", (2,), ("",), (4,))) is after  # older than what it holds
+    expunged = Change("INBOX", "expunged", (2, 4))
+    assert after.after(expunged).uids == [1, 3, 5] and after.after(expunged) is after.after(expunged)
+    assert view.after(Change("INBOX", "expunged", (9,))) is view
+
+
+def test_an_addition_is_read_once_for_all_the_sessions_on_a_version() -> None:
+    view = FolderView.of([row(1), row(2)])
+    change = Change("INBOX", "added", (3, 4))
+    reads: list[list[int]] = []
+
+    async def load(uids: list[int]) -> list[Message]:
+        reads.append(uids)
+        await asyncio.sleep(0)
+        return [row(3, "\\Flagged", 7)]  # 4 was expunged before the read
+
+    async def main() -> list[FolderView]:
+        return list(await asyncio.gather(*(view.after_added(change, load) for _ in range(50))))
+
+    results = asyncio.run(main())
+    assert reads == [[3, 4]]
+    assert all(result is results[0] for result in results)
+    assert results[0].uids == [1, 2, 3] and results[0].flags[3] == "\\Flagged"
+
+
+def test_a_session_keeps_the_numbers_its_client_knows() -> None:
+    view = FolderView.of([row(uid) for uid in range(1, 6)])
+    selected = selected_on(view)
+    assert selected.uids is view.uids and sys.getsizeof(selected) < 512  # nothing of its own yet
+    # Expunged elsewhere, not yet told (after FETCH): a ghost keeps its number and flags
+    for uid in (2, 4):
+        selected.haunt(uid)
+    selected.advance(view.after(Change("INBOX", "expunged", (2, 4))))
+    assert selected.uids == [1, 2, 3, 4, 5] and selected.seq(5) == 5 and selected.flags[4] == ""
+    # Told (NOOP): each number as the client knows it by then
+    assert [selected.hide(uid) for uid in list(selected.ghosts)] == [2, 3]
+    selected.advance(selected.view)
+    assert selected.uids is selected.view.uids and selected.uids == [1, 3, 5]
+    # Its own expunge is told before the store's change reaches it
+    assert selected.hide(3) == 2 and selected.uids == [1, 5] and selected.view.uids == [1, 3, 5]
+    selected.advance(selected.view.after(Change("INBOX", "expunged", (3,))))
+    assert selected.uids is selected.view.uids and selected.uids == [1, 5]
+
+
+def test_flags_a_session_told_stand_until_its_view_has_them() -> None:
+    view = FolderView.of([row(1), row(2)])
+    selected = selected_on(view)
+    selected.learn(row(2, "\\Seen", 3))
+    assert selected.flags[2] == "\\Seen" and selected.modseqs[2] == 3 and view.flags[2] == ""
+    selected.advance(view.after(Change("INBOX", "flags", (2,), ("\\Seen",), (3,))))
+    assert selected.flags is selected.view.flags and selected.flags[2] == "\\Seen"
+
+
+def test_a_version_does_not_keep_the_later_ones_alive() -> None:
+    """A session that lags on an old version (no IDLE, no command for hours) pins that version only."""
+    view = FolderView.of([row(uid) for uid in range(1, 6)])
+    later = weakref.ref(view.after(Change("INBOX", "flags", (2,), ("\\Seen",), (5,))))
+    gc.collect()
+    assert later() is None
