@@ -674,6 +674,18 @@ def section(data: bytes, analysis: Analysis, spec: str, fields: Sequence[str] = 
     followed by one of those or "MIME"; `fields` are the names for HEADER.FIELDS[.NOT]. None if the part
     does not exist (or HEADER/TEXT follow a part that is not a message/rfc822); ValueError if `spec` is
     not a section-spec."""
+    if not spec:
+        return data
+    span = section_span(analysis, spec)
+    if span is None:
+        return None
+    return section_from(data[span[0] : span[1]], spec, fields)
+
+
+def section_span(analysis: Analysis, spec: str) -> tuple[int, int] | None:
+    """Where BODY[<spec>] lies in the message, [start, end), or for HEADER.FIELDS[.NOT] the header its lines
+    are taken from (`section_from` makes the section from those bytes): FETCH reads a large message's
+    section, or streams it, from the file alone. None and ValueError as for `section`."""
     numbers, text = _parse_spec(spec)
     message = analysis.root
     if numbers:
@@ -681,20 +693,26 @@ def section(data: bytes, analysis: Analysis, spec: str, fields: Sequence[str] = 
         if part is None:
             return None
         if text == "":
-            return data[part.body_start : part.end]
+            return part.body_start, part.end
         if text == "MIME":
-            return data[part.header_start : part.body_start]
+            return part.header_start, part.body_start
         # HEADER and TEXT after part numbers address a message/rfc822 part's encapsulated message.
         if part.content_type != "message/rfc822" or not part.parts:
             return None
         message = part.parts[0]
     elif text == "":
-        return data
-    if text == "HEADER":
-        return data[message.header_start : message.body_start]
+        return message.header_start, message.end
     if text == "TEXT":
-        return data[message.body_start : message.end]
-    return _header_fields(data, message, fields, exclude=text == "HEADER.FIELDS.NOT")
+        return message.body_start, message.end
+    return message.header_start, message.body_start
+
+
+def section_from(span: bytes, spec: str, fields: Sequence[str] = ()) -> bytes:
+    """BODY[<spec>] from the bytes of its section_span."""
+    _, text = _parse_spec(spec)
+    if not text.startswith("HEADER.FIELDS"):
+        return span
+    return _header_fields(span, fields, exclude=text == "HEADER.FIELDS.NOT")
 
 
 class UnknownEncoding(ValueError):
@@ -790,29 +808,28 @@ def _find_part(root: Part, numbers: Sequence[int]) -> Part | None:
     return part
 
 
-def _header_fields(data: bytes, message: Part, names: Sequence[str], *, exclude: bool) -> bytes:
+def _header_fields(header: bytes, names: Sequence[str], *, exclude: bool) -> bytes:
     """HEADER.FIELDS: the header lines (folding kept) of the fields named, in message order, then the
     empty line (RFC 3501 §6.4.5). HEADER.FIELDS.NOT: the header without the fields named, lines that are
     not fields and the empty line kept where the header has them. Both as Dovecot answers for a header
     missing its empty line: HEADER.FIELDS gives the empty line when it found a field (or the header has
     one); .NOT ends as the header does."""
     wanted = {name.lower() for name in names}
-    _, fields = _scan_header(data, message.header_start, message.body_start)
-    header = data[message.header_start : message.body_start]
+    _, fields = _scan_header(header, 0, len(header))
     ends_empty = header.endswith((b"\n\n", b"\n\r\n")) or header in (b"\n", b"\r\n")
     out = []
     if exclude:
-        pos = message.header_start
+        pos = 0
         for field in fields:
             if field.name in wanted:
-                out.append(data[pos : field.start])
+                out.append(header[pos : field.start])
                 pos = field.end
-        out.append(data[pos : message.body_start])
+        out.append(header[pos:])
         text = b"".join(out)
         return text if not text or text.endswith(b"\n") else text + b"\r\n"
     for field in fields:
         if field.name in wanted:
-            lines = data[field.start : field.end]
+            lines = header[field.start : field.end]
             out.append(lines if lines.endswith(b"\n") else lines + b"\r\n")
     if out or ends_empty:
         out.append(b"\r\n")

@@ -488,6 +488,16 @@ class SequenceSet:
             stop = bisect.bisect_right(values, high)
             yield from values[start:stop]
 
+    def positions(self, values: Sequence[int], largest: int) -> list[tuple[int, int]]:
+        """(place from 1, value) of the members of `values` (ascending) in the set: a UID set's messages
+        with their sequence numbers, found a range at a time (no search per message)."""
+        found: list[tuple[int, int]] = []
+        for low, high in self.intervals(largest):
+            start = bisect.bisect_left(values, low)
+            stop = bisect.bisect_right(values, high)
+            found += zip(range(start + 1, stop + 1), values[start:stop], strict=True)
+        return found
+
     def resolve(self, largest: int) -> list[int]:
         """Every number 1..largest in the set, ascending (for message sequence numbers)."""
         return [n for low, high in self.intervals(largest) for n in range(low, min(high, largest) + 1)]

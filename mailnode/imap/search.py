@@ -176,7 +176,8 @@ class SearchTarget(Protocol):
 # -- questions about a tree -----------------------------------------------------------------------------
 
 
-def _walk(key: SearchKey) -> Iterator[SearchKey]:
+def walk(key: SearchKey) -> Iterator[SearchKey]:
+    """Every key of the tree, `key` first."""
     stack = [key]
     while stack:
         node = stack.pop()
@@ -192,19 +193,19 @@ def _walk(key: SearchKey) -> Iterator[SearchKey]:
 
 def needs_content(key: SearchKey) -> bool:
     """Whether evaluating needs the message itself (headers or body), not just flags, UID, size and dates."""
-    return any(isinstance(node, Header | Body | Text | SentDate) for node in _walk(key))
+    return any(isinstance(node, Header | Body | Text | SentDate) for node in walk(key))
 
 
 def needs_body(key: SearchKey) -> bool:
     """Whether evaluating needs the body text (BODY, TEXT), not only the header."""
-    return any(isinstance(node, Body | Text) for node in _walk(key))
+    return any(isinstance(node, Body | Text) for node in walk(key))
 
 
 def header_fields(key: SearchKey) -> frozenset[str] | None:
     """The header fields (lower case) a search reads, or None when it needs more than single fields
     (the body, or the whole header for TEXT)."""
     fields: set[str] = set()
-    for node in _walk(key):
+    for node in walk(key):
         if isinstance(node, Body | Text):
             return None
         if isinstance(node, Header):
@@ -216,7 +217,7 @@ def header_fields(key: SearchKey) -> frozenset[str] | None:
 
 def referenced_modseq(key: SearchKey) -> bool:
     """Whether MODSEQ was used: the response must then end with (MODSEQ <highest>) (RFC 7162 §3.1.5)."""
-    return any(isinstance(node, ModSeq) for node in _walk(key))
+    return any(isinstance(node, ModSeq) for node in walk(key))
 
 
 # -- parsing --------------------------------------------------------------------------------------------

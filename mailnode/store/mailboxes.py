@@ -51,6 +51,9 @@ class Delivery:
     spooled: Spooled | None = None
     # A cluster hand-off's id (mailnode.queue.handoff): stored at most once per mailbox.
     handoff: str | None = None
+    # APPEND's: the folder must be there already (none is made for it), else the delivery fails alone
+    # with FolderError, in the batch that would store it (no read of the folder before).
+    existing_folder: bool = False
 
     @property
     def size(self) -> int:
@@ -65,6 +68,7 @@ class Stored:
     path: Path
     # The hand-off was stored here before: nothing new was stored, and the delivery counts as done.
     duplicate: bool = False
+    uidvalidity: int = 0  # the folder's, read in the transaction that stored the message (APPENDUID)
 
 
 @dataclasses.dataclass

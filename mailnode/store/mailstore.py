@@ -39,7 +39,7 @@ from pathlib import Path
 
 from mailnode.gateway import Gateway
 from mailnode.store import changes, durable, index, maildir, transfer
-from mailnode.store.account import Account
+from mailnode.store.account import Account, FolderError
 from mailnode.store.fence import WriteFence
 from mailnode.store.mailboxes import Delivery as Delivery  # the protocol servers' name for it
 from mailnode.store.mailboxes import Mailbox, Mailboxes, MailboxUsage, Stored
@@ -193,6 +193,10 @@ class MailStore:
             try:
                 for delivery in deliveries:
                     mailbox = self.mailboxes.open(delivery.address)
+                    if delivery.existing_folder:
+                        with mailbox.read_lock:
+                            if mailbox.reader.folder(delivery.folder) is None:
+                                raise FolderError(f"[TRYCREATE] {delivery.folder} does not exist")
                     folder = mailbox.ensure_folder(delivery.folder)
                     if delivery.spooled is not None:  # written and fsynced already (Account.spool)
                         path = durable.move_new(delivery.spooled.path, folder / "new", delivery.spooled.size)
@@ -201,6 +205,8 @@ class MailStore:
                     files.append((mailbox, delivery, path))
                     dirs.add(folder / "new")
                 outcome.append([])
+            except FolderError as error:  # APPEND to a folder that is not there: nothing was written
+                outcome.append(error)
             except Exception as error:  # e.g. disk full: this call fails, the others go on
                 log.exception("store write failed", extra={"fields": {"error": str(error)}})
                 for _, _, path in files:
@@ -233,6 +239,7 @@ class MailStore:
             try:
                 with mailbox.lock:
                     uids = mailbox.index.deliver(rows, now=now)
+                    folders = {name: mailbox.index.folder(name) for name in {row.folder for row in rows}}
             except Exception as error:
                 log.exception("index commit failed", extra={"fields": {"mailbox": address, "error": str(error)}})
                 for call_no, _, _, path in items:
@@ -244,7 +251,9 @@ class MailStore:
                     p.unlink(missing_ok=True)  # (or, after a crash, recovery removes it)
                     results[(call_no, pos)] = Stored(address, d.folder, 0, p, duplicate=True)
                 else:
-                    results[(call_no, pos)] = Stored(address, d.folder, uid, p)
+                    found = folders[d.folder]
+                    uidvalidity = 0 if found is None else found.uidvalidity
+                    results[(call_no, pos)] = Stored(address, d.folder, uid, p, uidvalidity=uidvalidity)
         for call_no, files in enumerate(written):
             if not isinstance(outcome[call_no], BaseException):
                 outcome[call_no] = [results[(call_no, pos)] for pos in range(len(files))]

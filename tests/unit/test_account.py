@@ -3,6 +3,7 @@ UIDs, append, rename (INBOX included), cached structures, and the switchboard's 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -122,3 +123,31 @@ async def test_select_takes_recent_once(store: MailStore) -> None:
     assert first is not None and second is not None
     assert first.first_recent == 1
     assert second.first_recent == 3
+
+
+async def test_append_checks_its_folder_in_the_batch_that_stores_it(store: MailStore) -> None:
+    """APPEND reads nothing before its batch: the batch finds the folder missing (TRYCREATE, no folder made,
+    the other appends of the batch stored) or reads its UIDVALIDITY beside the new UID; one Gateway trip."""
+    account = await _fill(store, 1)
+    await account.create_folder("Work")
+    folders = {folder.name: folder for folder in await account.folders()}
+    trips: list[str] = []
+    run = Gateway.run
+
+    async def counted(self: Gateway, fn: object, /, *args: object, **kwargs: object) -> object:
+        trips.append(getattr(fn, "__name__", repr(fn)))
+        return await run(self, fn, *args, **kwargs)  # type: ignore[arg-type]
+
+    Gateway.run = counted  # type: ignore[assignment,method-assign]
+    try:
+        work = account.append("Work", b"Subject: w\r\n\r\n", flags="", internal_date=None)
+        gone = account.append("Gone", b"Subject: g\r\n\r\n", flags="", internal_date=None)
+        inbox = account.append("INBOX", b"Subject: i\r\n\r\n", flags="", internal_date=None)
+        results = await asyncio.gather(work, gone, inbox, return_exceptions=True)
+    finally:
+        Gateway.run = run  # type: ignore[method-assign]
+    assert trips == ["_write_batch"], trips  # the three in one batch, and no read of a folder before it
+    assert results[0] == (folders["Work"].uidvalidity, 1)
+    assert isinstance(results[1], FolderError) and "TRYCREATE" in str(results[1])
+    assert results[2] == (folders["INBOX"].uidvalidity, 2)
+    assert [f.name for f in await account.folders() if f.name == "Gone"] == []

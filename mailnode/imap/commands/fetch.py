@@ -3,8 +3,10 @@ message files in batches through the store, structures through the session's ana
 sets \\Seen where the items ask for it. Declared in mailnode.imap.commands.TABLE.
 
 Memory stays bounded per session whatever the client reads (issue 12): small messages go out a batch
-per write, a large one alone, its whole-message literals (BODY[], RFC822) streamed from its file in
-chunks, and every write waits for the transport to drain before the next data is read.
+per write, a large one alone, its whole-message literals (BODY[], RFC822) and sections (BODY[2],
+BODY[1.MIME], RFC822.TEXT, ...: where they lie, from its structure) streamed from its file in chunks,
+and every write waits for the transport to drain before the next data is read. Only BINARY, which
+decodes, reads a large message whole.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 
 from mailnode.imap import mime, protocol, responses
 from mailnode.imap.session import Session
-from mailnode.store.account import Message
+from mailnode.store.account import Message, MessageFile
 
 _READ_BATCH = 64  # message files read per Gateway trip while answering FETCH
 _SUMMARY_BATCH = 1024  # messages per FETCH response batch when no file is read
@@ -129,14 +131,45 @@ def _vanished(session: Session, command: protocol.Command) -> None:
         session.send(f"* VANISHED (EARLIER) {vanished}")
 
 
-def _streams(items: Sequence[protocol.FetchAtt]) -> bool:
-    """Whether every item that needs the message's bytes takes a range of the whole file (BODY[],
-    BODY.PEEK[] with or without <partial>, RFC822): those are streamed from the file."""
-    return all(
-        (item.section == "" and item.name.startswith("BODY")) or item.name == "RFC822"
-        for item in items
-        if item.section is not None or item.name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT")
-    )
+def _section_spec(item: protocol.FetchAtt) -> str | None:
+    """The section an item takes from a part of the message (BODY[1], BODY.PEEK[HEADER.FIELDS (From)],
+    RFC822.TEXT, ...): those are read or streamed from a large message's file alone; None for the others."""
+    if item.name in ("RFC822.HEADER", "RFC822.TEXT"):
+        return item.name.removeprefix("RFC822.")
+    if item.name in ("BODY", "BODY.PEEK") and item.section:
+        return item.section
+    return None
+
+
+async def _read_sections(
+    file: MessageFile, items: Sequence[protocol.FetchAtt], analysis: mime.Analysis | None
+) -> dict[int, list[Piece]]:
+    """For a large message: the value of each item that takes a section (by its place in `items`), as the
+    string read from the file when it is at most a chunk long (and for HEADER.FIELDS[.NOT]: from its
+    header), else as a literal to stream from the file, a chunk at a time: no more of the message is
+    held than a chunk, or a header."""
+    values: dict[int, list[Piece]] = {}
+    for index, item in enumerate(items):
+        spec = _section_spec(item)
+        if spec is None:
+            continue
+        span = mime.section_span(_analysed(analysis), spec)
+        if span is None:  # no such part: empty, as for a small message
+            values[index] = [protocol.quote(b"")]
+            continue
+        start, end = span
+        offset, length = item.partial if item.partial is not None else (0, None)
+        if "HEADER.FIELDS" in spec:  # made from the lines of its header
+            body = mime.section_from(await file.read(start, end - start), spec, item.fields)
+            values[index] = [protocol.quote(body[offset:] if length is None else body[offset : offset + length])]
+            continue
+        start = min(start + offset, end)
+        end = end if length is None else min(end, start + length)
+        if end - start <= _CHUNK:
+            values[index] = [protocol.quote(await file.read(start, end - start))]
+        else:
+            values[index] = [b"{%d}\r\n" % (end - start), _FileRange(start, end)]
+    return values
 
 
 async def _send_large(
@@ -148,15 +181,17 @@ async def _send_large(
     analysis: mime.Analysis | None,
     sets_seen: bool,
 ) -> None:
-    """One FETCH response for a large message, alone: its whole-message literals read from the file a
-    chunk at a time, each write drained before the next read; other sections from the message read
-    alone (one message in memory at a time)."""
+    """One FETCH response for a large message, alone: its whole-message literals and sections read from
+    the file a chunk at a time, each write drained before the next read (BINARY, which decodes, reads
+    the message whole: one message in memory at a time)."""
     assert session.account is not None
     async with session.account.open_message(message) as file:
         if file is None:  # expunged by another session meanwhile: left out
             return
-        data = None if _streams(items) else await file.read(0, file.size)
-        for piece in _render(session, seq, message, items, by_uid, analysis, data, file.size, sets_seen):
+        binary = any(item.name.startswith("BINARY") for item in items)
+        data = await file.read(0, file.size) if binary else None
+        sections = {} if binary else await _read_sections(file, items, analysis)
+        for piece in _render(session, seq, message, items, by_uid, analysis, data, file.size, sets_seen, sections):
             if isinstance(piece, bytes):
                 session.write(piece)
                 continue
@@ -178,7 +213,7 @@ def _whole(data: bytes | None, size: int, offset: int = 0, length: int | None = 
 
 def _binary(item: protocol.FetchAtt, data: bytes | None, analysis: mime.Analysis | None) -> list[Piece]:
     """BINARY[section]<partial> and BINARY.SIZE[section] (RFC 3516 §4.2): the section decoded, as a literal8
-    when it holds NUL (the message was read: _streams never streams BINARY)."""
+    when it holds NUL (the message was read: _send_large reads it whole for BINARY)."""
     assert item.section is not None and data is not None
     label = item.response_name().encode()
     try:
@@ -192,6 +227,11 @@ def _binary(item: protocol.FetchAtt, data: bytes | None, analysis: mime.Analysis
     if b"\x00" in body:  # RFC 3516 §4.2: NUL only in a literal8
         return [label + b" ~{%d}\r\n" % len(body) + body]
     return [label + b" " + protocol.quote(body)]
+
+
+def _given(sections: dict[int, list[Piece]] | None, index: int) -> list[Piece]:
+    assert sections is not None  # _send_large reads every section item of a message it did not read whole
+    return sections[index]
 
 
 def _analysed(analysis: mime.Analysis | None) -> mime.Analysis:
@@ -209,9 +249,11 @@ def _render(
     data: bytes | None,
     size: int,
     sets_seen: bool,
+    sections: dict[int, list[Piece]] | None = None,
 ) -> list[Piece]:
     """One FETCH response line (RFC 3501 §7.4.2), as bytes and ranges of the file to stream: `data` is
-    the message when it was read, else whole-message items are ranges of its file of `size` bytes."""
+    the message when it was read, else whole-message items are ranges of its file of `size` bytes and
+    the items that take a section are in `sections` (_read_sections), by their place in `items`."""
     selected = session.selected
     assert selected is not None
     out: list[list[Piece]] = []
@@ -219,7 +261,7 @@ def _render(
     if by_uid and "UID" not in names:  # RFC 3501 §6.4.8: UID FETCH always reports the UID
         out.append([f"UID {message.uid}".encode()])
     flags_sent = False
-    for item in items:
+    for index, item in enumerate(items):
         name = item.name
         if name == "UID":
             out.append([f"UID {message.uid}".encode()])
@@ -245,7 +287,10 @@ def _render(
         elif name == "RFC822":
             out.append([b"RFC822 ", *_whole(data, size)])
         elif name in ("RFC822.HEADER", "RFC822.TEXT"):
-            assert data is not None and analysis is not None
+            if data is None:  # a large message's, read or streamed alone
+                out.append([name.encode() + b" ", *_given(sections, index)])
+                continue
+            assert analysis is not None
             body = mime.section(data, analysis, "HEADER" if name == "RFC822.HEADER" else "TEXT") or b""
             out.append([name.encode() + b" " + protocol.quote(body)])
         elif name in ("BINARY", "BINARY.PEEK", "BINARY.SIZE"):
@@ -262,7 +307,10 @@ def _render(
             if item.section == "":  # the whole message: no structure needed
                 out.append([label.encode() + b" ", *_whole(data, size, offset, length)])
                 continue
-            assert data is not None and analysis is not None
+            if data is None:  # a large message's, read or streamed alone
+                out.append([label.encode() + b" ", *_given(sections, index)])
+                continue
+            assert analysis is not None
             body = mime.section(data, analysis, item.section, item.fields) or b""
             if item.partial is not None:
                 body = body[offset : offset + (length or 0)]

@@ -6,7 +6,9 @@ The header fields clients search on (INDEXED_FIELDS: FROM, TO, CC, BCC, SUBJECT,
 keys) are decoded once per message and kept, in the index (Account.save_search_fields) and in the node's
 memory (AnalysisCache.headers): a search on those, flags, sizes and dates opens no message file. A
 message whose fields are not cached yet has them computed from its header block the first time a search
-needs them.
+needs them. The commonest searches, flags and those fields in NOT/OR/AND/UID combinations, are answered
+from memory alone: the session's flags, and per folder and field a column of every message's value,
+case-folded and joined into one string searched with str.find (no row read, no step per message).
 
 Keys that read message text (headers, BODY, TEXT) are evaluated in a thread of the search Gateway, so
 that decoding megabytes never holds the event loop, within a CPU budget per command: a search that
@@ -16,10 +18,14 @@ the whole answer. Flags, UIDs, sizes and dates are evaluated on the loop.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import collections
 import datetime
 import email.utils
 import json
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 
 from mailnode import gateway
@@ -222,36 +228,240 @@ def _evaluate(
     return matched, spent + time.thread_time() - start
 
 
-# The commonest searches, a lone flag (UNSEEN, FLAGGED) or a lone key on a cached field (FROM x, SUBJECT y), are
-# answered by a plain loop over the folder; the general evaluator costs several objects per message.
+# -- answered from memory ------------------------------------------------------------------------------
+# The searches clients send most, flags and the cached header fields (UNSEEN, FROM x, SUBJECT y, NOT DELETED,
+# OR FROM x TO y, UID n:*), are answered from the session's flags and the node's columns without a row or a
+# file read, and without a Python step per message for a header key: each is a set of UIDs, and the tree is
+# set algebra. Anything else (sizes, dates, MODSEQ, the body, other header fields) takes the general path.
+
+_QUICK_KEYS = (search.All, search.Flag, search.Header, search.Not, search.And, search.Or, search.Uid)
+_SEPARATOR = "\x00"  # between the values of a column: a search string holding one is answered value by value
+_COLUMN_ENTRIES = 200_000  # messages' values kept in columns, per node (LRU by column)
 
 
-def _flag_hits(flag: str, present: bool, ordered: list[tuple[int, Message]], selected: Selected) -> list[int]:
-    """Positions in `ordered` of the messages with (or, `present` False, without) `flag`, as search.evaluate
-    decides: flags compare case-insensitively, \\Recent is the session's."""
+class _NotQuick(Exception):
+    """A message of the session's sequence has no flags in its state: the general path decides."""
+
+
+class _Column:
+    """One cached header field (INDEXED_FIELDS) of one folder's messages, case-folded once and joined into
+    one string, so a substring search over the folder is str.find in C, one Python step per hit. Entries
+    of messages expunged since stay until the column is rebuilt (hits are taken only from the session's
+    sequence); never changed once made (a session adding messages makes a new one)."""
+
+    __slots__ = ("_present", "_starts", "_text", "uids")
+
+    def __init__(self, entries: Sequence[tuple[int, str | None]]) -> None:
+        """`entries`: (UID, case-folded value or None when the message has no such field), UIDs ascending."""
+        self.uids: list[int] = []
+        self._present = b""
+        self._starts: list[int] = []
+        self._text = ""
+        self._extend(entries)
+
+    def _extend(self, entries: Sequence[tuple[int, str | None]]) -> None:
+        """Put `entries` (UIDs ascending, above this column's) after the others."""
+        values = ["" if value is None else value for _, value in entries]
+        earlier = [self._text] if self.uids else []  # a separator after them, even when their text is ""
+        at = len(self._text) + 1 if self.uids else 0
+        for value in values:
+            self._starts.append(at)
+            at += len(value) + 1
+        self.uids += [uid for uid, _ in entries]
+        self._present += bytes(value is not None for _, value in entries)
+        self._text = _SEPARATOR.join([*earlier, *values])
+
+    def entries(self) -> list[tuple[int, str | None]]:
+        ends = [*self._starts[1:], len(self._text) + 1] if self._starts else []
+        return [
+            (uid, self._text[start : end - 1] if present else None)
+            for uid, present, start, end in zip(self.uids, self._present, self._starts, ends, strict=True)
+        ]
+
+    def with_entries(self, added: Sequence[tuple[int, str | None]], keep: set[int] | None) -> _Column:
+        """A column with `added` besides these entries (only those of `keep`, when given). Messages added to a
+        folder have UIDs above its others (RFC 3501 §2.3.1.1): those are put after a copy of this one."""
+        ordered = sorted(added)
+        if keep is None and (not self.uids or not ordered or ordered[0][0] > self.uids[-1]):
+            column = _Column([])
+            column.uids, column._present = list(self.uids), self._present
+            column._starts, column._text = list(self._starts), self._text
+            column._extend(ordered)
+            return column
+        merged = {uid: value for uid, value in self.entries() if keep is None or uid in keep}
+        merged.update(ordered)
+        return _Column(sorted(merged.items()))
+
+    def matching(self, value: str) -> set[int]:
+        """UIDs whose value holds `value`, case-insensitively (RFC 3501 §6.4.4, as search.evaluate decides:
+        "" matches every message that has the field)."""
+        wanted = value.casefold()
+        if not wanted:
+            return {uid for uid, present in zip(self.uids, self._present, strict=True) if present}
+        text, starts = self._text, self._starts
+        if _SEPARATOR in wanted:  # could span two values: each on its own
+            return {uid for uid, value in self.entries() if value is not None and wanted in value}
+        found: set[int] = set()
+        at = text.find(wanted)
+        while at >= 0:
+            entry = bisect.bisect_right(starts, at) - 1
+            found.add(self.uids[entry])
+            if entry + 1 == len(starts):
+                break
+            at = text.find(wanted, starts[entry + 1])
+        return found
+
+
+class _Columns:
+    """The node's columns by (mailbox, UIDVALIDITY, field): RFC 3501 §2.3.1.1 makes a UID name one message
+    for as long as the UIDVALIDITY stands, and a message never changes. The least recently used go beyond
+    _COLUMN_ENTRIES values."""
+
+    def __init__(self) -> None:
+        self._columns: collections.OrderedDict[tuple[str, int, str], _Column] = collections.OrderedDict()
+        self._entries = 0
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+
+    def lock(self, address: str, uidvalidity: int) -> asyncio.Lock:
+        """Held while a folder's columns gain messages: the sessions that waited find them there (when
+        twenty sessions search a new folder at once, one reads its rows)."""
+        return self._locks.setdefault((address, uidvalidity), asyncio.Lock())
+
+    def get(self, key: tuple[str, int, str]) -> _Column | None:
+        found = self._columns.get(key)
+        if found is not None:
+            self._columns.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[str, int, str], column: _Column) -> None:
+        old = self._columns.pop(key, None)
+        self._entries += len(column.uids) - (0 if old is None else len(old.uids))
+        self._columns[key] = column
+        while self._entries > _COLUMN_ENTRIES and len(self._columns) > 1:
+            _, dropped = self._columns.popitem(last=False)
+            self._entries -= len(dropped.uids)
+
+
+# One per node: kept beside the node's analysis cache (the sessions of both listeners share it).
+_NODE_COLUMNS: weakref.WeakKeyDictionary[AnalysisCache, _Columns] = weakref.WeakKeyDictionary()
+
+
+def _quick(key: search.SearchKey) -> frozenset[str] | None:
+    """The cached fields (lower case) a key answered from memory needs; None when it cannot be."""
+    fields = set()
+    for node in search.walk(key):
+        if not isinstance(node, _QUICK_KEYS):
+            return None
+        if isinstance(node, search.Header):
+            field = node.field.lower()
+            if field not in _INDEXED:
+                return None
+            fields.add(field)
+    return frozenset(fields)
+
+
+async def _columns(session: Session, fields: frozenset[str]) -> dict[str, _Column]:
+    """The columns of `fields` covering every message of the session's sequence: the messages added since
+    a column was made have their fields found (_indexed_fields: memory, index, or decoded) and put in."""
+    selected = session.selected
+    assert selected is not None and session.account is not None and session.user is not None
+    store = _NODE_COLUMNS.setdefault(session.analysis_cache, _Columns())
+    address, uids = session.user.address, selected.uids
+
+    def lacking() -> tuple[dict[str, _Column], set[int]]:
+        found: dict[str, _Column] = {}
+        missing: set[int] = set()
+        for field in fields:
+            column = store.get((address, selected.uidvalidity, field))
+            if column is not None:
+                found[field] = column
+            if column is None or column.uids != uids:
+                missing.update(set(uids).difference(column.uids) if column is not None else uids)
+        return found, missing
+
+    found, missing = lacking()
+    if not missing:
+        return found
+    async with store.lock(address, selected.uidvalidity):
+        found, missing = lacking()  # filled by the session this one waited for
+        if not missing:
+            return found
+        rows = await session.account.messages(selected.name, uids=sorted(missing))
+        values = await _indexed_fields(session, rows)  # a message expunged meanwhile has none, nor an entry
+        keep = set(selected.uids)
+        for field in fields:
+            added = [(uid, None if (v := values[uid].get(field)) is None else v.casefold()) for uid in values]
+            key = (address, selected.uidvalidity, field)
+            column = found.get(field)
+            if column is None:
+                column = _Column(sorted(added))
+            else:  # entries of expunged messages go once they are half the column
+                column = column.with_entries(added, keep if len(column.uids) > 2 * len(keep) else None)
+            store.put(key, column)
+            found[field] = column
+    return found
+
+
+def _flag_uids(flag: str, present: bool, selected: Selected) -> set[int]:
+    """UIDs of the sequence with (or, `present` False, without) `flag`, as search.evaluate decides: flags
+    compare case-insensitively, \\Recent is the session's. One test per distinct flag list."""
     lower = flag.lower()
-    recent = selected.recent if lower == "\\recent" else set()
-    hits = []
-    for position, (_, message) in enumerate(ordered):
-        parts = selected.flags.get(message.uid, message.flags).split()
-        has = flag in parts or message.uid in recent or any(part.lower() == lower for part in parts)
-        if has == present:
-            hits.append(position)
-    return hits
+    recent = lower == "\\recent"
+    flags, marks = selected.flags, selected.recent
+    verdicts: dict[str, bool] = {}
+    found: set[int] = set()
+    for uid in selected.uids:
+        text = flags.get(uid)
+        if text is None:
+            raise _NotQuick
+        has = verdicts.get(text)
+        if has is None:
+            parts = text.split()
+            has = verdicts[text] = flag in parts or any(part.lower() == lower for part in parts)
+        if (has or (recent and uid in marks)) == present:
+            found.add(uid)
+    return found
 
 
-def _field_hits(value: str, values: list[str | None], *, spent: float, budget: float) -> tuple[list[int], float]:
-    """In a search thread: positions of the `values` (one message's cached field each) that contain `value`,
-    case-insensitively (RFC 3501 §6.4.4), as search.evaluate decides; within the CPU budget (_OverBudget)."""
-    start = time.thread_time()
-    wanted = value.casefold()
-    hits = []
-    for position, text in enumerate(values):
-        if position % _SEARCH_BATCH == 0 and spent + time.thread_time() - start > budget:
-            raise _OverBudget
-        if text is not None and wanted in text.casefold():
-            hits.append(position)
-    return hits, spent + time.thread_time() - start
+def _uid_set(key: search.SearchKey, selected: Selected, every: set[int], columns: dict[str, _Column]) -> set[int]:
+    uids = selected.uids
+    match key:
+        case search.All():
+            return every
+        case search.Flag(flag, present):
+            return _flag_uids(flag, present, selected)
+        case search.Header(field, value):
+            return columns[field.lower()].matching(value) & every
+        case search.Uid(numbers):
+            return set(numbers.iter(uids, uids[-1] if uids else 0))
+        case search.Not(inner):
+            return every - _uid_set(inner, selected, every, columns)
+        case search.Or(left, right):
+            return _uid_set(left, selected, every, columns) | _uid_set(right, selected, every, columns)
+        case search.And():
+            result = _uid_set(key.cheap_first[0], selected, every, columns)
+            for inner in key.cheap_first[1:]:
+                result = result & _uid_set(inner, selected, every, columns)
+            return result
+    raise _NotQuick
+
+
+async def _quick_hits(session: Session, key: search.SearchKey) -> list[tuple[int, int]] | None:
+    """(sequence number, UID) of the messages that match, from memory; None when `key` needs the general path."""
+    selected = session.selected
+    assert selected is not None
+    fields = _quick(key)
+    if fields is None:
+        return None
+    columns = await _columns(session, fields) if fields else {}
+    uids = selected.uids
+    try:
+        hits = _uid_set(key, selected, set(uids), columns)
+    except _NotQuick:
+        return None
+    if len(hits) * 16 < len(uids):  # few: each one's place found by bisection
+        return [(bisect.bisect_left(uids, uid) + 1, uid) for uid in sorted(hits)]
+    return [(seq, uid) for seq, uid in enumerate(uids, 1) if uid in hits]
 
 
 async def search_(session: Session, command: protocol.Command) -> None:
@@ -264,15 +474,18 @@ async def search_(session: Session, command: protocol.Command) -> None:
     session.condstore |= search.referenced_modseq(key)  # RFC 7162 §3.1: SEARCH MODSEQ enables CONDSTORE
     if request.options is not None and "SAVE" in request.options:
         selected.saved = []  # RFC 5182 §2.1: a search that fails leaves `$` empty
-    hits = await _matching(session, key)
+    hits = await _quick_hits(session, key)
+    modseq = None
+    if hits is None:
+        matched = await _matching(session, key)
+        hits = [(seq, message.uid) for seq, message in matched]
+        if search.referenced_modseq(key) and matched:  # RFC 7162: the highest MODSEQ of the hits
+            modseq = max(selected.modseqs.get(m.uid, m.modseq) for _, m in matched)
     if request.options is not None:
-        _answer_esearch(session, command, key, hits, request.options)
+        _answer_esearch(session, command, hits, request.options, modseq)
     else:
-        numbers = [str(m.uid if by_uid else seq) for seq, m in hits]
-        line = "* SEARCH" + "".join(f" {n}" for n in numbers)
-        if search.referenced_modseq(key) and hits:  # RFC 7162: the highest MODSEQ of the hits
-            line += f" (MODSEQ {max(selected.modseqs.get(m.uid, m.modseq) for _, m in hits)})"
-        session.send(line)
+        line = "* SEARCH " + " ".join(str(uid if by_uid else seq) for seq, uid in hits)
+        session.send(line.rstrip() if modseq is None else f"{line} (MODSEQ {modseq})")
     await session.report_changes(expunge=by_uid)
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
 
@@ -280,20 +493,18 @@ async def search_(session: Session, command: protocol.Command) -> None:
 def _answer_esearch(
     session: Session,
     command: protocol.Command,
-    key: search.SearchKey,
-    hits: list[tuple[int, Message]],
+    hits: list[tuple[int, int]],
     options: frozenset[str],
+    modseq: int | None,
 ) -> None:
-    """SEARCH RETURN (...): the ESEARCH response (RFC 4731) and the result SAVEd for `$` (RFC 5182)."""
+    """SEARCH RETURN (...): the ESEARCH response (RFC 4731) and the result SAVEd for `$` (RFC 5182); `hits`
+    are (sequence number, UID), `modseq` the highest of theirs when the search named MODSEQ."""
     selected = session.selected
     assert selected is not None
     by_uid = command.name == "UID SEARCH"
     if "SAVE" in options:
-        selected.saved = protocol.saved_numbers([m.uid for _, m in hits], options)
-    modseq = None
-    if search.referenced_modseq(key) and hits:
-        modseq = max(selected.modseqs.get(m.uid, m.modseq) for _, m in hits)
-    numbers = [m.uid if by_uid else seq for seq, m in hits]
+        selected.saved = protocol.saved_numbers([uid for _, uid in hits], options)
+    numbers = [uid if by_uid else seq for seq, uid in hits]
     line = protocol.format_esearch(command.tag, uid=by_uid, numbers=numbers, options=options, modseq=modseq)
     if line is not None:
         session.send(line)
@@ -305,8 +516,11 @@ async def _matching(session: Session, key: search.SearchKey) -> list[tuple[int, 
     every public coroutine of a command module is a handler)."""
     selected = session.selected
     assert selected is not None and session.account is not None and session.user is not None
+    quick = await _quick_hits(session, key)
     messages = await session.account.messages(selected.name)
     by_uid_map = {m.uid: m for m in messages}
+    if quick is not None:
+        return [(seq, by_uid_map[uid]) for seq, uid in quick if uid in by_uid_map]
     ordered = [(i + 1, by_uid_map[u]) for i, u in enumerate(selected.uids) if u in by_uid_map]
     hits: list[tuple[int, Message]] = []
     spent = 0.0  # CPU seconds spent on message text so far
@@ -320,18 +534,6 @@ async def _matching(session: Session, key: search.SearchKey) -> list[tuple[int, 
         # Only cached fields: every message's are known after this, and no file is read below.
         indexed = await _indexed_fields(session, [m for _, m in ordered])
     batch = _SEARCH_BATCH if content and indexed is None else max(len(ordered), 1)
-    fast: list[int] | None = None
-    if isinstance(key, search.Flag):
-        fast = _flag_hits(key.flag, key.present, ordered, selected)
-    elif isinstance(key, search.Header) and indexed is not None:
-        field = key.field.lower()
-        values = [indexed.get(m.uid, {}).get(field) for _, m in ordered]
-        try:
-            fast, spent = await _GATEWAY.run(_field_hits, key.value, values, spent=spent, budget=CPU_BUDGET)
-        except _OverBudget:
-            raise responses.Refused(responses.NO_SEARCH_LIMIT) from None
-    if fast is not None:
-        hits, ordered = [ordered[position] for position in fast], []  # nothing left to evaluate
     for start in range(0, len(ordered), batch):
         chunk = ordered[start : start + batch]
         datas: list[bytes | None] = [None] * len(chunk)
