@@ -137,7 +137,8 @@ def test_with_the_home_down_the_message_waits_in_the_queue_and_arrives_once(clus
     assert recipient["address"] == f"bob@{DOMAIN}" and recipient["state"] == "pending"
     assert recipient["home"] == 1
     wait_for("an attempt recorded", lambda: queue(node0)[0]["recipients"][0]["attempts"] >= 1)
-    assert node0.metric("mailnode_handoff_queue_messages") == 1
+    # the gauge is set just after the attempt is recorded: wait for it rather than race it
+    wait_for("the gauge to count it", lambda: node0.metric("mailnode_handoff_queue_messages") == 1)
     url = f"http://127.0.0.1:{node0.port('http')}"
     listed = subprocess.run(
         [sys.executable, "-m", "mailnode", "queue", "list", "--url", url],
