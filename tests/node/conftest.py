@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import imaplib
 import json
 import os
 import re
@@ -182,6 +183,19 @@ def node(node_factory: NodeFactory) -> RunningNode:
 
 
 # -- a node as a separate process -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def imap_inbox(node: RunningNode, user: str) -> Iterator[imaplib.IMAP4]:
+    """A plaintext IMAP session on `node`, logged in as `user` (PASSWORD) with INBOX selected; logged out after."""
+    client = imaplib.IMAP4("127.0.0.1", node.port("imap"), timeout=60)
+    try:
+        client.login(user, PASSWORD)
+        client.select("INBOX")
+        yield client
+    finally:
+        with contextlib.suppress(imaplib.IMAP4.error, OSError):
+            client.logout()
 
 
 def free_port() -> int:

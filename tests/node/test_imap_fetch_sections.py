@@ -6,16 +6,14 @@ most a chunk (or a header block), never the message whole."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import imaplib
-from collections.abc import Iterator
 
 import pytest
 
 from mailnode.imap import mime
 from mailnode.imap.commands import fetch as fetch_command
 from mailnode.store.account import MessageFile
-from tests.node.conftest import PASSWORD, NodeFactory, RunningNode
+from tests.node.conftest import NodeFactory, imap_inbox
 
 USER = "user@example.com"
 
@@ -51,18 +49,6 @@ ITEMS = [
 PARTIAL = ("BODY.PEEK[2]<1000.300000>", "2", 1000, 300000)
 
 
-@contextlib.contextmanager
-def _client(node: RunningNode) -> Iterator[imaplib.IMAP4]:
-    client = imaplib.IMAP4("127.0.0.1", node.port("imap"), timeout=60)
-    try:
-        client.login(USER, PASSWORD)
-        client.select("INBOX")
-        yield client
-    finally:
-        with contextlib.suppress(imaplib.IMAP4.error, OSError):
-            client.logout()
-
-
 def _fetched(client: imaplib.IMAP4, item: str) -> bytes:
     typ, data = client.uid("FETCH", "1", f"({item})")
     assert typ == "OK", (item, data)
@@ -91,7 +77,7 @@ def test_sections_of_a_large_message_are_read_in_chunks(
         return await read(self, offset, length)
 
     monkeypatch.setattr(MessageFile, "read", counted)
-    with _client(node) as client:
+    with imap_inbox(node, USER) as client:
         typ, _ = client.append("INBOX", None, None, data)
         assert typ == "OK"
         client.noop()

@@ -6,10 +6,8 @@ restart, when they come from the index alone (no header is decoded then)."""
 
 from __future__ import annotations
 
-import contextlib
 import imaplib
 import sqlite3
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,7 +15,7 @@ from mailnode.imap import mime
 from mailnode.imap.commands import search as search_command
 from mailnode.store import maildir
 from tests.node import corpus
-from tests.node.conftest import PASSWORD, NodeFactory, RunningNode
+from tests.node.conftest import NodeFactory, RunningNode, imap_inbox
 
 USER = "user@example.com"
 
@@ -50,20 +48,8 @@ def _search(client: imaplib.IMAP4, query: str) -> list[int]:
     return sorted(int(uid) for uid in (data[0] or b"").split())
 
 
-@contextlib.contextmanager
-def _client(node: RunningNode) -> Iterator[imaplib.IMAP4]:
-    client = imaplib.IMAP4("127.0.0.1", node.port("imap"), timeout=60)
-    try:
-        client.login(USER, PASSWORD)
-        client.select("INBOX")
-        yield client
-    finally:
-        with contextlib.suppress(imaplib.IMAP4.error, OSError):
-            client.logout()
-
-
 def _answers(node: RunningNode, queries: list[str]) -> dict[str, list[int]]:
-    with _client(node) as client:
+    with imap_inbox(node, USER) as client:
         return {query: _search(client, query) for query in queries}
 
 
@@ -72,7 +58,7 @@ def test_search_from_the_index_equals_search_from_the_files(
 ) -> None:
     node = node_factory(imap={"allow_plaintext_login": True})
     messages = corpus.messages()
-    with _client(node) as client:
+    with imap_inbox(node, USER) as client:
         for _, data, flags, when in messages:
             typ, _ = client.append("INBOX", f"({' '.join(flags)})", when, data)
             assert typ == "OK"

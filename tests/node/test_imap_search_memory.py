@@ -5,15 +5,14 @@ reads no message row and no file; a message added later has only its own row rea
 
 from __future__ import annotations
 
-import contextlib
 import imaplib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
 
 from mailnode.store.account import Account
-from tests.node.conftest import PASSWORD, NodeFactory, RunningNode
+from tests.node.conftest import NodeFactory, imap_inbox
 
 USER = "user@example.com"
 COUNT = 24
@@ -53,18 +52,6 @@ QUERIES = [
 ]  # fmt: skip
 
 
-@contextlib.contextmanager
-def _client(node: RunningNode) -> Iterator[imaplib.IMAP4]:
-    client = imaplib.IMAP4("127.0.0.1", node.port("imap"), timeout=60)
-    try:
-        client.login(USER, PASSWORD)
-        client.select("INBOX")
-        yield client
-    finally:
-        with contextlib.suppress(imaplib.IMAP4.error, OSError):
-            client.logout()
-
-
 def _search(client: imaplib.IMAP4, query: str) -> list[int]:
     typ, data = client.uid("SEARCH", query)
     assert typ == "OK", (query, data)
@@ -75,7 +62,7 @@ def test_searches_from_memory_read_no_row_and_find_what_is_added(
     node_factory: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = node_factory(imap={"allow_plaintext_login": True})
-    with _client(node) as client:
+    with imap_inbox(node, USER) as client:
         for number in range(1, COUNT + 1):
             flags = "(\\Seen)" if number % 2 == 0 else None
             typ, _ = client.append("INBOX", flags, None, _message(number))
@@ -104,7 +91,7 @@ def test_searches_from_memory_read_no_row_and_find_what_is_added(
 
         # A message delivered by another session: this one hears of it, and the searches read its row alone (and
         # its header block, the first time its fields are wanted).
-        with _client(node) as other:
+        with imap_inbox(node, USER) as other:
             typ, _ = other.append("INBOX", None, None, _message(COUNT + 1))
             assert typ == "OK"
         client.noop()
