@@ -398,26 +398,38 @@ class Account:
         # tell was announced to another session SHOULD be considered recent).
         writes = take_recent and not self._fence.paused
 
-        def select(mailbox: Mailbox) -> Selected | None:
-            folder = mailbox.index.folder(name)
-            if folder is None:
-                return None
-            if writes:
+        # The folder and its rows are read first, on the read connection in one snapshot, and only then
+        # is the \Recent mark moved, past what was read: a SELECT of a big folder does not hold the write
+        # lock while it reads (every STORE, APPEND and EXPUNGE of the mailbox would wait behind it), and
+        # a message stored after the snapshot stays recent for the next SELECT, as before.
+        def read(mailbox: Mailbox) -> tuple[index.Folder, list[index.Message]] | None:
+            with mailbox.read_lock, mailbox.reader.snapshot():
+                folder = mailbox.reader.folder(name)
+                if folder is None:
+                    return None
+                return folder, mailbox.reader.messages(name, shared=True)  # kept by the session
+
+        found = await self._gateway.run(lambda: read(self._mailboxes.open(self.address)))
+        if found is None:
+            return None
+        folder, messages = found
+        first_recent = folder.first_recent if take_recent else folder.uidnext  # EXAMINE: none recent
+        if writes:
+
+            def take(mailbox: Mailbox) -> int:
                 try:
-                    first_recent = mailbox.index.take_recent(name)
+                    return mailbox.index.take_recent(name, upto=folder.uidnext)
+                except KeyError:
+                    return folder.uidnext  # deleted since the read: nothing of it is recent any more
                 except Exception as error:
                     if not _out_of_space(error):
                         raise
-                    first_recent = folder.first_recent  # a full disk: read on, as while writes are paused
-            else:
-                first_recent = folder.first_recent if take_recent else folder.uidnext
-            with mailbox.read_lock:
-                messages = mailbox.reader.messages(name, shared=True)  # kept by the session
-            return Selected(folder, messages, first_recent)
+                    return folder.first_recent  # a full disk: read on, as while writes are paused
 
-        result = await self._run(select, fenced=writes)
-        assert result is None or isinstance(result, Selected)
-        return result
+            taken = await self._run(take)
+            assert isinstance(taken, int)
+            first_recent = taken
+        return Selected(folder, messages, first_recent)
 
     async def messages(self, name: str, uids: Iterable[int] | None = None) -> list[index.Message]:
         wanted = None if uids is None else list(uids)

@@ -281,6 +281,16 @@ class Index(_Queries):
                 cur.execute("ROLLBACK")
             raise
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """One read transaction for every query inside it: they all see the index as of the first one (WAL),
+        whatever the writer commits meanwhile. For the read connection, which never writes."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._db.execute("COMMIT")
+
     def _bump_modseq(self, cur: sqlite3.Cursor, folder_id: int) -> int:
         cur.execute("UPDATE folders SET highestmodseq = highestmodseq + 1 WHERE id = ?", (folder_id,))
         return int(cur.execute("SELECT highestmodseq FROM folders WHERE id = ?", (folder_id,)).fetchone()[0])
@@ -315,15 +325,17 @@ class Index(_Queries):
     def set_subscribed(self, name: str, subscribed: bool) -> None:
         self._db.execute("UPDATE folders SET subscribed = ? WHERE name = ?", (int(subscribed), name))
 
-    def take_recent(self, name: str) -> int:
+    def take_recent(self, name: str, *, upto: int | None = None) -> int:
         """RFC 3501 \\Recent: returns the first UID that is recent for this session and moves the mark,
-        so no other session sees those messages as recent."""
+        so no other session sees those messages as recent: past every message, or (`upto`, the UIDNEXT
+        of what the session read) past those the session shows."""
         row = self._db.execute("SELECT first_recent, uidnext FROM folders WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise KeyError(name)
-        if row[0] != row[1]:  # only when something arrived since: most SELECTs write nothing
+        mark = row[1] if upto is None else max(row[0], min(upto, row[1]))
+        if row[0] != mark:  # only when something arrived since: most SELECTs write nothing
             with self.atomic() as cur:
-                cur.execute("UPDATE folders SET first_recent = ? WHERE name = ?", (row[1], name))
+                cur.execute("UPDATE folders SET first_recent = ? WHERE name = ?", (mark, name))
         return int(row[0])
 
     def set_flags(

@@ -125,6 +125,27 @@ async def test_select_takes_recent_once(store: MailStore) -> None:
     assert second.first_recent == 3
 
 
+async def test_a_select_reading_its_rows_does_not_hold_up_the_mailboxs_writes(store: MailStore) -> None:
+    account = await _fill(store, 3)
+    mailbox = store.mailboxes.open(ADDRESS)
+    mailbox.read_lock.acquire()  # a long read in progress: SELECT's read of the rows must wait for it
+    try:
+        selecting = asyncio.create_task(account.select("INBOX", take_recent=True))
+        await asyncio.sleep(0.2)  # SELECT reaches its read (before the fix, holding the write lock there)
+        # A STORE of the same mailbox goes through meanwhile; it waited for the whole read before.
+        changed, _ = await asyncio.wait_for(account.store_flags("INBOX", [2], mode="+", flags=["\\Seen"]), 60)
+        assert [m.uid for m in changed] == [2]
+        assert not selecting.done()
+    finally:
+        mailbox.read_lock.release()
+    selected = await selecting
+    assert selected is not None
+    assert [(m.uid, m.flags) for m in selected.messages] == [(1, ""), (2, "\\Seen"), (3, "")]
+    assert selected.first_recent == 1
+    again = await account.select("INBOX", take_recent=True)
+    assert again is not None and again.first_recent == 4  # the mark moved past what the first one showed
+
+
 async def test_append_checks_its_folder_in_the_batch_that_stores_it(store: MailStore) -> None:
     """APPEND reads nothing before its batch: the batch finds the folder missing (TRYCREATE, no folder made,
     the other appends of the batch stored) or reads its UIDVALIDITY beside the new UID; one Gateway trip."""
