@@ -62,6 +62,14 @@ async def _force(client: k8s.Client, name: str, ordinal: int) -> None:
     await client.patch(MAILBOX, NAMESPACE, name, {"metadata": {"annotations": {"mailfleet.io/move-to": str(ordinal)}}})
 
 
+async def _held(client: k8s.Client, fakes: FakeCluster, operator: Any, *, on: int, what: str) -> dict[str, int]:
+    """The domain ready, alice forced to TARGET, and her move held where node `on`'s gate holds it; the homes."""
+    homes = await _ready_domain(client, fakes, operator)
+    await _force(client, NAME, TARGET)
+    await eventually(lambda: _gate_reached(fakes, on), within=WITHIN, what=what)
+    return homes
+
+
 def _calls(fakes: FakeCluster, ordinal: int, method: str, suffix: str) -> list[float]:
     """When node `ordinal` answered `method` on a path ending in `suffix`, successfully."""
     return [
@@ -78,9 +86,7 @@ async def test_an_operator_stopped_inside_the_freeze_task_resumes_forward(api, c
     cluster.nodes[on].gate = (gate, opened)
     await _domain(client, 3, people=PEOPLE3)
     async with run_operator(node_url=cluster.template) as operator:
-        homes = await _ready_domain(client, cluster, operator)
-        await _force(client, NAME, TARGET)
-        await eventually(lambda: _gate_reached(cluster, on), within=WITHIN, what=f"the move held at {gate}")
+        homes = await _held(client, cluster, operator, on=on, what=f"the move held at {gate}")
         assert await _move_of(client, NAME, step) is not None
     first_copies = [final for moved, final in cluster.nodes[TARGET].copies if moved == ADDRESS].count(False)
     opened.set()
@@ -108,9 +114,7 @@ async def test_a_mailbox_deleted_mid_move_leaves_no_copy_behind(api, client, clu
     cluster.nodes[on].gate = (gate, opened)
     await _domain(client, 3, people=PEOPLE3)
     async with run_operator(node_url=cluster.template) as operator:
-        homes = await _ready_domain(client, cluster, operator)
-        await _force(client, NAME, TARGET)
-        await eventually(lambda: _gate_reached(cluster, on), within=WITHIN, what=f"the move held at {gate}")
+        homes = await _held(client, cluster, operator, on=on, what=f"the move held at {gate}")
         assert await _move_of(client, NAME, step) is not None
         assert sorted(cluster.holders()[ADDRESS]) == sorted({HOME, TARGET})  # both nodes hold it now
 
@@ -166,9 +170,7 @@ async def test_a_backup_waits_for_a_move_inside_its_window(api, client, cluster)
     cluster.nodes[HOME].gate = ("/mailboxes", opened)
     await _domain(client, 3, people=PEOPLE3)
     async with run_operator(**_fast(cluster)) as operator:
-        await _ready_domain(client, cluster, operator)
-        await _force(client, NAME, TARGET)
-        await eventually(lambda: _gate_reached(cluster, HOME), within=WITHIN, what="the move held at its cleanup")
+        await _held(client, cluster, operator, on=HOME, what="the move held at its cleanup")
         await client.create(mailbackup("b1", method="Archive"))
         gate = operator.running().ctx.moving_of((NAMESPACE, "example-com")).gate
         await eventually(lambda: _true(gate.waiting == 1), within=WITHIN, what="the backup waiting for the move")
