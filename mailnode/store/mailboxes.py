@@ -68,7 +68,7 @@ class Stored:
     path: Path
     # The hand-off was stored here before: nothing new was stored, and the delivery counts as done.
     duplicate: bool = False
-    uidvalidity: int = 0  # the folder's, read in the transaction that stored the message (APPENDUID)
+    uidvalidity: int = 0  # an APPEND's (existing_folder) folder's, read under the lock that stored it (APPENDUID)
 
 
 @dataclasses.dataclass

@@ -239,7 +239,9 @@ class MailStore:
             try:
                 with mailbox.lock:
                     uids = mailbox.index.deliver(rows, now=now)
-                    folders = {name: mailbox.index.folder(name) for name in {row.folder for row in rows}}
+                    # APPENDUID's UIDVALIDITY, for the APPENDs only: SMTP deliveries need no folder read
+                    appended = {d.folder for _, _, d, _ in items if d.existing_folder}
+                    folders = {name: mailbox.index.folder(name) for name in appended}
             except Exception as error:
                 log.exception("index commit failed", extra={"fields": {"mailbox": address, "error": str(error)}})
                 for call_no, _, _, path in items:
@@ -251,7 +253,7 @@ class MailStore:
                     p.unlink(missing_ok=True)  # (or, after a crash, recovery removes it)
                     results[(call_no, pos)] = Stored(address, d.folder, 0, p, duplicate=True)
                 else:
-                    found = folders[d.folder]
+                    found = folders.get(d.folder)
                     uidvalidity = 0 if found is None else found.uidvalidity
                     results[(call_no, pos)] = Stored(address, d.folder, uid, p, uidvalidity=uidvalidity)
         for call_no, files in enumerate(written):
