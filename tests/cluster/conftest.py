@@ -135,13 +135,6 @@ def node(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) 
         yield started
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """This tier last (a stable sort keeps every other order): on a fresh machine its binaries are still
-    being built in the background (`make test`, scripts/build-cluster), and the tiers before it use the
-    cores the build is waiting for less than the build would."""
-    items.sort(key=lambda item: Path(item.path).is_relative_to(HERE))
-
-
 def _built(pytestconfig: pytest.Config, script: str) -> Path:
     """Run scripts/`script` (cached per machine) and return the directory it prints. A cold build takes
     minutes: its progress goes to the terminal, not into pytest's capture."""
