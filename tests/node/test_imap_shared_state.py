@@ -79,6 +79,9 @@ class Client:
         return lines
 
     def close(self) -> None:
+        # The file object holds the socket open too (makefile): both closed, the node sees the hang-up at once
+        # instead of waiting out its shutdown grace for this session.
+        self.reader.close()
         self.sock.close()
 
 
