@@ -196,21 +196,25 @@ async def test_a_moving_mailbox_deleted_with_its_maildomain_is_not_held(api, cli
     domain go its nodes, and nobody would clean up the move, so its finalizer goes at once (the copies
     stay on the volumes the StatefulSet leaves, with the domain's other mail); also when the operator
     was not running at the deletion and starts after it. Nothing is asked of the nodes meanwhile."""
-    cluster.nodes[TARGET].gate = ("/moves final=True", asyncio.Event())  # never opened
+    opened = asyncio.Event()  # opened at the end only (the fake nodes stop once no request waits)
+    cluster.nodes[TARGET].gate = ("/moves final=True", opened)
     await _domain(client, 3, people=PEOPLE3)
-    async with run_operator(node_url=cluster.template) as operator:
-        await _held(client, cluster, operator, on=TARGET, what="the move held at the final copy")
-        assert await _move_of(client, NAME, "CatchingUp") is not None
-        if not restarted:
+    try:
+        async with run_operator(node_url=cluster.template) as operator:
+            await _held(client, cluster, operator, on=TARGET, what="the move held at the final copy")
+            assert await _move_of(client, NAME, "CatchingUp") is not None
+            if not restarted:
+                await client.delete(MAILDOMAIN, NAMESPACE, "example-com")
+                await client.delete(MAILBOX, NAMESPACE, NAME)
+                await eventually(lambda: _gone(client, NAME), within=WITHIN, what="the Mailbox gone")
+        if restarted:
             await client.delete(MAILDOMAIN, NAMESPACE, "example-com")
             await client.delete(MAILBOX, NAMESPACE, NAME)
-            await eventually(lambda: _gone(client, NAME), within=WITHIN, what="the Mailbox gone")
-    if restarted:
-        await client.delete(MAILDOMAIN, NAMESPACE, "example-com")
-        await client.delete(MAILBOX, NAMESPACE, NAME)
-        assert await _held_for_clean_up(client, NAME)  # no operator to let it go
-        async with run_operator(node_url=cluster.template):
-            await eventually(lambda: _gone(client, NAME), within=WITHIN, what="the Mailbox gone")
+            assert await _held_for_clean_up(client, NAME)  # no operator to let it go
+            async with run_operator(node_url=cluster.template):
+                await eventually(lambda: _gone(client, NAME), within=WITHIN, what="the Mailbox gone")
+    finally:
+        opened.set()
 
 
 async def test_a_mailbox_deleted_while_its_move_waits_for_a_node_is_cleaned_up(api, client, cluster):
