@@ -1,8 +1,9 @@
 """Mailbox moves, the Kubernetes side (DESIGN.md "Clustering", "Moving a mailbox"): which mailboxes of a
 domain move, when the StatefulSet grows or shrinks around them, and driving each recorded move with the
 driver (mailfleet.moving) in a task of its own beside the reconciles, each step recorded in the Mailbox's
-status before the next one runs; the clean-up of a move whose Mailbox was deleted; the moves' side of
-the gate backups share with them (reconcile/movegate.py). reconcile/domain.py calls, in its order:
+status before the next one runs, the Mailbox held by the mailfleet.io/move finalizer meanwhile
+(reconcile/finalizer.py); the clean-up of a move whose Mailbox was deleted; the moves' side of the gate
+backups share with them (reconcile/movegate.py). reconcile/domain.py calls, in its order:
 `layout` (what runs now), `plan` (pure: what should move, how many nodes to run), then after the objects
 are applied `drive` and `progress`.
 
