@@ -376,7 +376,8 @@ def _clean_ups(
     """Start the clean-up (`_abandon`) of each move whose Mailbox was deleted and that no task runs: a
     Mailbox being deleted (its finalizer waits for the clean-up; after an operator restart its status.move
     says where the move was), or one gone (its move remembered in Context.moving: it had no finalizer yet,
-    or someone removed it)."""
+    or someone removed it). A Mailbox's status.move is where its nodes are, unless the clean-up went a step
+    further since (each step may be asked again)."""
     namespace, key = specs.common.namespace(domain), (specs.common.namespace(domain), domain.metadata.name)
     shared = ctx.moving_of(key)
     leaving = {
@@ -387,7 +388,7 @@ def _clean_ups(
     for address, body in leaving.items():
         if _running(ctx, key, address):
             continue
-        move = shared.moves.get(address) or from_status(address, ctx.statuses.move_of(body))
+        move = from_status(address, ctx.statuses.move_of(body)) or shared.moves.get(address)
         if move is not None or finalizer.held(body):
             _clean_up(aside(body), address, move)
     for move in abandoned(ctx, key, active):
@@ -453,7 +454,7 @@ def cleaning(ctx: Context, domain: api.MailDomain) -> list[moving.Move]:
     for mail_domain in sorted(specs.node.domains_of(domain)):
         for body in ctx.view.leaving(namespace, mail_domain):
             address = str(body["spec"]["address"]).lower()
-            move = shared.moves.get(address) or from_status(address, ctx.statuses.move_of(body))
+            move = from_status(address, ctx.statuses.move_of(body)) or shared.moves.get(address)
             if move is not None:
                 found.append(move)
     return found
@@ -635,6 +636,7 @@ async def _step(
         return after
     if not await ctx.statuses.write_move(body, None):
         return None  # gone, with nothing left to clean
+    ctx.moving_of(aside.key).moves.pop(address, None)  # ended: nothing to clean up if it is deleted now
     await finalizer.release(ctx.client, body)
     if _leaving(ctx, body):  # deleted during its last step: what it made is cleaned up as well
         ctx.metrics.moves.labels("abandoned").inc()
