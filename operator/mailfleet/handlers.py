@@ -4,7 +4,8 @@ Nothing is decided here: reconcile/ decides, k8s/ writes. kopf brings the watche
 indexes (complete before the first handler runs, so no directory is built from half the Mailboxes),
 and the run loop. The handlers write nothing through kopf itself: no finalizers, no
 annotations on the user's objects; deletion is noticed from the watch (owned objects are removed by
-Kubernetes' garbage collector through their owner references).
+Kubernetes' garbage collector through their owner references). The one finalizer, `mailfleet.io/move` on a
+moving Mailbox, is the move's own (reconcile/finalizer.py).
 
 `mailfleet operator` builds an Operator from its options and runs kopf with `Operator.registry`; tests do
 the same with kopf.testing.KopfRunner.
@@ -70,6 +71,11 @@ def _snapshot(body: kopf.Body) -> dict[str, Any]:
     }
     if (move_to := meta.annotations.get(api.MOVE_TO_ANNOTATION)) is not None:  # a forced move (reconcile/moves.py)
         snapshot["metadata"]["annotations"] = {api.MOVE_TO_ANNOTATION: move_to}
+    # A Mailbox being deleted (reconcile/moves.py cleans up its move, then lets its finalizer go); only when
+    # there, not on each of ten thousand snapshots.
+    for key in ("deletionTimestamp", "finalizers"):
+        if meta.get(key):
+            snapshot["metadata"][key] = _shared(meta.get(key))
     return snapshot
 
 
@@ -176,7 +182,20 @@ class IndexView:
         return list(found[key]) if key in found else []
 
     def mailboxes(self, namespace: str | None, mail_domain: str) -> list[kube_types.Mailbox]:
-        return self._get("mailboxes_by_domain", (namespace, mail_domain.lower()))
+        found = self._get("mailboxes_by_domain", (namespace, mail_domain.lower()))
+        return [body for body in found if "deletionTimestamp" not in body["metadata"]]
+
+    def leaving(self, namespace: str | None, mail_domain: str | None = None) -> list[kube_types.Mailbox]:
+        index = self._indices["mailboxes_by_domain"]
+        keys = (
+            [(namespace, mail_domain.lower())] if mail_domain is not None else [k for k in index if k[0] == namespace]
+        )
+        return [
+            body
+            for key in keys
+            for body in self._get("mailboxes_by_domain", key)
+            if "deletionTimestamp" in body["metadata"]
+        ]
 
     def serving(self, namespace: str | None, mail_domain: str) -> list[str]:
         return sorted(set(self._get("domains_by_mail_domain", (namespace, mail_domain.lower()))))

@@ -33,6 +33,7 @@ class ObjectMeta(TypedDict, total=False):
     resourceVersion: str
     creationTimestamp: str
     deletionTimestamp: str
+    finalizers: list[str]
     labels: dict[str, str]
     annotations: dict[str, str]
     ownerReferences: list[OwnerReference]

@@ -225,7 +225,7 @@ NAMESPACED: dict[tuple[str, str], set[str]] = {
     ("", "events"): {"create"},  # k8s.events.Recorder posts them (kopf's own posting is off)
     ("", "pods"): set(),  # in KINDS, never requested: node 0 is reached over HTTP (mailfleet.nodes)
     ("mailfleet.io", "maildomains"): {"get", "list", "watch"},
-    ("mailfleet.io", "mailboxes"): {"get", "list", "watch"},
+    ("mailfleet.io", "mailboxes"): {"get", "list", "watch", "patch"},  # the mailfleet.io/move finalizer
     ("mailfleet.io", "mailbackups"): {"get", "list", "watch", "create", "delete"},  # schedule and retention
     ("mailfleet.io", "maildomains/status"): {"patch"},
     ("mailfleet.io", "mailboxes/status"): {"patch"},

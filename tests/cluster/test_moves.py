@@ -3,7 +3,9 @@ fake mail nodes (tests/operator/fakenode.py FakeCluster, under /<ordinal>/ of on
 kubelet's place (no pod runs here: it marks the StatefulSet controller's pods Running and Ready, so the
 controller reports the nodes ready, rolled and scaled as it would). 3 -> 5 -> 2 replicas: the StatefulSet
 grows before anything moves, exactly the rendezvous difference moves, each Mailbox's status.node follows;
-shrinking, every mailbox leaves nodes 2..4 while the StatefulSet still has 5 nodes, then it shrinks."""
+shrinking, every mailbox leaves nodes 2..4 while the StatefulSet still has 5 nodes, then it shrinks.
+A Mailbox deleted mid-move while the operator is stopped: the mailfleet.io/move finalizer keeps it, being
+deleted, until the next operator has rolled the move back; then it is gone."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ WITHIN = 180.0  # each pod started and rolled one at a time (OrderedReady), on a
 
 
 @contextmanager
-def _kubelet(plane: ControlPlane) -> Iterator[None]:
+def _kubelet(plane: ControlPlane, namespace: str = NAMESPACE) -> Iterator[None]:
     """Marks every pod of the namespace Running and Ready (in a thread), as a kubelet would once the
     containers pass their readiness probe."""
     stop = threading.Event()
@@ -42,11 +44,11 @@ def _kubelet(plane: ControlPlane) -> Iterator[None]:
     def run() -> None:
         ready = json.dumps({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
         while not stop.wait(0.5):
-            pods = _get(plane, "-n", NAMESPACE, "pods") or {"items": []}
+            pods = _get(plane, "-n", namespace, "pods") or {"items": []}
             for pod in pods["items"]:
                 conditions = (pod.get("status") or {}).get("conditions") or []
                 if not any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
-                    plane.kubectl("-n", NAMESPACE, "patch", "pod", pod["metadata"]["name"], "--subresource=status",
+                    plane.kubectl("-n", namespace, "patch", "pod", pod["metadata"]["name"], "--subresource=status",
                                   "--type=merge", "-p", ready, check=False)  # fmt: skip
 
     thread = threading.Thread(target=run, name="fake kubelet", daemon=True)
@@ -161,3 +163,105 @@ def test_three_to_five_to_two_replicas_on_a_real_api_server(control_plane: Contr
             operator.send_signal(signal.SIGTERM)
             code = operator.wait(30)
     assert code == 0, (tmp_path / "operator.log").read_text()[-3000:]
+
+
+DELETED_NS = "moves-deleted"
+
+
+def _start_operator(plane: ControlPlane, cluster: FakeCluster, log: Path, namespace: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mailfleet.cli", "operator", "--namespace", namespace, "--usage-interval", "0",
+         "--node-url", cluster.template],
+        env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)}, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def _stop(operator: subprocess.Popen[bytes], log: Path) -> None:
+    operator.send_signal(signal.SIGTERM)
+    assert operator.wait(30) == 0, log.read_text()[-3000:]
+
+
+def test_a_mailbox_deleted_mid_move_across_an_operator_restart_on_a_real_api_server(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The real API server's finalizer rules (a merge patch of metadata.finalizers with its resourceVersion,
+    deletion held while a finalizer is there, a status written to an object being deleted): the operator
+    stopped while the final copy waits at the target, the Mailbox deleted; the next operator rolls the
+    move back (the target's copy dropped, the source thawed) and lets the Mailbox go."""
+    plane, ns, log = control_plane, DELETED_NS, tmp_path / "operator.log"
+    plane.kubectl("apply", "-f", str(ROOT / "crds"))
+    plane.kubectl("wait", "--for=condition=established", "crd", "--all", "--timeout=60s")
+    plane.kubectl("create", "namespace", ns)
+    cluster = FakeCluster(3)
+    people = PEOPLE[:3]
+    address = f"{people[0]}@example.com"
+    home = placement.rendezvous(address, 3)
+    target = (home + 1) % 3
+    released, held, left = threading.Event(), threading.Event(), threading.Event()
+
+    async def hold(what: str) -> None:  # in the fakes' loop: the target's final copy waits for the test
+        if what == "POST /moves final=True":
+            held.set()
+            try:
+                await asyncio.to_thread(released.wait, 600)
+            finally:
+                left.set()
+
+    cluster.nodes[target].on_move = hold
+
+    def mailbox() -> dict[str, Any] | None:
+        return _get(plane, "-n", ns, "mbx", people[0])
+
+    def step() -> str | None:
+        return (((mailbox() or {}).get("status") or {}).get("move") or {}).get("step")
+
+    def directory() -> dict[str, int] | None:
+        secret = _get(plane, "-n", ns, "secret", "example-com-directory")
+        if secret is None:
+            return None
+        entries = yaml.safe_load(base64.b64decode(secret["data"]["directory.yaml"])).get("mailboxes") or []
+        return {e["address"]: int(e.get("home", 0)) for e in entries}
+
+    with serving(cluster), _kubelet(plane, ns):
+        operator = _start_operator(plane, cluster, log, ns)
+        try:
+            plane.kubectl("-n", ns, "create", "secret", "generic", "example-com-internal",
+                          f"--from-literal=token={cluster.nodes[0].token}")  # fmt: skip
+            plane.kubectl("-n", ns, "create", "secret", "generic", "password", "--from-literal=password=pw")
+            manifests = ["apiVersion: mailfleet.io/v1alpha1\nkind: MailDomain\nmetadata: {name: example-com}\n"
+                         "spec: {domain: example.com, replicas: 3}\n"]  # fmt: skip
+            manifests += [
+                f"apiVersion: mailfleet.io/v1alpha1\nkind: Mailbox\nmetadata: {{name: {name}}}\n"
+                f"spec: {{address: {name}@example.com, passwordSecretRef: {{name: password}}}}\n"
+                for name in people
+            ]
+            plane.kubectl("-n", ns, "apply", "-f", "-", stdin="---\n".join(manifests))
+            homes = _until(lambda: (d := directory()) and len(d) == len(people) and d, "the directory", WITHIN)
+            cluster.place(homes)
+            _until(lambda: _ready_in(plane, ns, 3), "3 nodes ready", within=WITHIN)
+            plane.kubectl("-n", ns, "annotate", "mbx", people[0], f"mailfleet.io/move-to={target}")
+            _until(lambda: held.is_set() and step() == "CatchingUp", "the final copy held", within=WITHIN)
+            assert (mailbox() or {})["metadata"].get("finalizers") == ["mailfleet.io/move"]
+            plane.kubectl("-n", ns, "delete", "mbx", people[0], "--wait=false")
+            _until(lambda: (d := directory()) is not None and address not in d, "out of the directory", WITHIN)
+        finally:
+            _stop(operator, log)
+        deleting = mailbox()
+        assert deleting is not None and deleting["metadata"].get("deletionTimestamp")
+        assert deleting["metadata"].get("finalizers") == ["mailfleet.io/move"]
+        assert deleting["status"]["move"]["step"] == "CatchingUp"
+        released.set()
+        _until(left.is_set, "the stopped operator's request answered")
+
+        operator = _start_operator(plane, cluster, log, ns)
+        try:
+            _until(lambda: mailbox() is None, "the Mailbox gone", within=WITHIN)
+        finally:
+            _stop(operator, log)
+    assert cluster.holders()[address] == [home]
+    assert not cluster.nodes[home].frozen
+
+
+def _ready_in(plane: ControlPlane, namespace: str, replicas: int) -> bool:
+    status = (_get(plane, "-n", namespace, "statefulset", "example-com") or {}).get("status") or {}
+    return status.get("readyReplicas") == replicas and status.get("currentRevision") == status.get("updateRevision")

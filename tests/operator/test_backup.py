@@ -157,6 +157,8 @@ async def test_the_node_holds_writes_until_its_snapshot_is_cut(api: ApiServer, c
         assert done["status"]["completedAt"] >= done["status"]["startedAt"]
         assert not done["status"].get("error")
         assert node.endpoints() == ["POST /snapshot", "DELETE /snapshot"] and node.holds_expired == 0
+        # The Event is posted after the status that says Completed: waited for, not read at once.
+        await eventually(lambda: events(client, "b1", "Completed"), what="the Completed Event")
         assert [e["reason"] for e in await events(client, "b1")] == ["Started", "Completed"]
         assert await counted(operator, "VolumeSnapshot", "completed") == 1
 

@@ -1,9 +1,11 @@
 """Mailbox moves running beside the reconciles (reconcile/moves.py, reconcile/movegate.py) on the emulated
 API with fake nodes (tests/operator/fakenode.py FakeCluster): an operator stopped inside the one task that
 runs a move from its freeze to its cleanup resumes from the recorded step and goes forward; a Mailbox
-deleted mid-move leaves no copy behind on the target (before the flip) nor on the source (after it);
-backups and moves take turns, so a mailbox is in exactly one node's backup point (a backup waits for a
-move inside its window, a move waits to freeze while a backup takes its points)."""
+deleted mid-move leaves no copy behind on the target (before the flip) nor on the source (after it), its
+deletion held by the mailfleet.io/move finalizer until then, also when the operator is restarted between
+the deletion and the clean-up; a moving Mailbox deleted with its MailDomain is not held; backups and moves
+take turns, so a mailbox is in exactly one node's backup point (a backup waits for a move inside its
+window, a move waits to freeze while a backup takes its points)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ from typing import Any
 import pytest
 
 from mailfleet import k8s
+from mailfleet.reconcile.finalizer import FINALIZER
 from mailfleet.specs import placement
 from tests.operator.conftest import (
     MAILBACKUP,
     MAILBOX,
+    MAILDOMAIN,
     NAMESPACE,
     eventually,
     mailbackup,
@@ -99,6 +103,7 @@ async def test_an_operator_stopped_inside_the_freeze_task_resumes_forward(api, c
     assert not cluster.nodes[HOME].frozen
     obj = await client.get(MAILBOX, NAMESPACE, NAME)
     assert obj["status"]["node"] == f"example-com-{TARGET}"
+    assert not obj["metadata"].get("finalizers")  # the move's, gone with it
 
 
 @pytest.mark.parametrize(
@@ -120,9 +125,12 @@ async def test_a_mailbox_deleted_mid_move_leaves_no_copy_behind(api, client, clu
 
         await client.delete(MAILBOX, NAMESPACE, NAME)
         rest = {a: h for a, h in homes.items() if a != ADDRESS}
-        await eventually(lambda: _settled_homes(client, rest), within=WITHIN, what="alice out of the directory")
+        await eventually(lambda: _homes_are(client, rest), within=WITHIN, what="alice out of the directory")
+        assert await _held_for_clean_up(client, NAME)  # the deletion waits for the clean-up
         opened.set()
         await eventually(lambda: _left_on(cluster, left), within=WITHIN, what=f"alice only on node {left}")
+        await eventually(lambda: _gone(client, NAME), within=WITHIN, what="the Mailbox gone, its finalizer let go")
+        await eventually(lambda: _settled_homes(client, rest), within=WITHIN, what="no Mailbox moving")
         metrics = operator.running().ctx.metrics
     assert metrics.moves.labels("done")._value.get() == 0
 
@@ -130,6 +138,83 @@ async def test_a_mailbox_deleted_mid_move_leaves_no_copy_behind(api, client, clu
 async def _left_on(fakes: FakeCluster, ordinal: int) -> bool:
     """The mailbox is stored on node `ordinal` only, its source thawed, and no clean-up still runs."""
     return fakes.holders().get(ADDRESS) == [ordinal] and not fakes.nodes[HOME].frozen
+
+
+async def _homes_are(client: k8s.Client, expected: dict[str, int]) -> dict[str, int] | None:
+    """The directory's homes once they are `expected` (a Mailbox being deleted may still be moving)."""
+    homes = await _homes(client, len(expected))
+    return homes if homes == expected else None
+
+
+async def _gone(client: k8s.Client, name: str) -> bool:
+    return await client.get(MAILBOX, NAMESPACE, name) is None
+
+
+async def _held_for_clean_up(client: k8s.Client, name: str) -> dict[str, Any] | None:
+    """The Mailbox, being deleted, still there: its move's finalizer holds it."""
+    obj = await client.get(MAILBOX, NAMESPACE, name)
+    if obj is None or not obj["metadata"].get("deletionTimestamp"):
+        return None
+    return obj if obj["metadata"].get("finalizers") == [FINALIZER] else None
+
+
+@pytest.mark.parametrize(("gate", "step"), [("/moves final=False", "Copying"), ("/moves final=True", "CatchingUp")])
+async def test_a_mailbox_deleted_before_an_operator_restart_is_cleaned_up_by_the_next(api, client, cluster, gate, step):
+    """The operator stopped after the Mailbox's deletion and before the clean-up (the first copy, or the
+    final one, held at the target): the finalizer keeps the Mailbox, being deleted, with its status.move;
+    the next operator rolls the move back from the recorded step (the target's copy dropped, the source
+    thawed), then lets the finalizer go, and the Mailbox is gone."""
+    opened = asyncio.Event()
+    cluster.nodes[TARGET].gate = (gate, opened)
+    await _domain(client, 3, people=PEOPLE3)
+    async with run_operator(node_url=cluster.template) as operator:
+        homes = await _held(client, cluster, operator, on=TARGET, what=f"the move held at {gate}")
+        assert await _move_of(client, NAME, step) is not None
+        assert (await client.get(MAILBOX, NAMESPACE, NAME))["metadata"]["finalizers"] == [FINALIZER]
+        await client.delete(MAILBOX, NAMESPACE, NAME)
+        rest = {a: h for a, h in homes.items() if a != ADDRESS}
+        await eventually(lambda: _homes_are(client, rest), within=WITHIN, what="alice out of the directory")
+    left = await _held_for_clean_up(client, NAME)
+    assert left is not None, "the deleted Mailbox is held by its move's finalizer"
+    assert left["status"]["move"]["step"] == step
+    # The stopped operator's copy request goes through now (the copy kept aside on the target).
+    opened.set()
+    await eventually(lambda: _true(cluster.nodes[TARGET].gate_waiting == 0), within=WITHIN, what="the gate left")
+    assert TARGET in cluster.holders()[ADDRESS]
+
+    async with run_operator(node_url=cluster.template) as operator:
+        await eventually(lambda: _gone(client, NAME), within=WITHIN, what="the Mailbox gone, its finalizer let go")
+        metrics = operator.running().ctx.metrics
+    assert cluster.holders()[ADDRESS] == [HOME]
+    assert not cluster.nodes[HOME].frozen
+    assert metrics.moves.labels("abandoned")._value.get() == 1
+
+
+@pytest.mark.parametrize("restarted", [False, True], ids=["running", "restarted"])
+async def test_a_moving_mailbox_deleted_with_its_maildomain_is_not_held(api, client, cluster, restarted):
+    """An uninstall (or a namespace deleted) deletes the MailDomain and its Mailboxes together: with the
+    domain go its nodes, and nobody would clean up the move, so its finalizer goes at once (the copies
+    stay on the volumes the StatefulSet leaves, with the domain's other mail); also when the operator
+    was not running at the deletion and starts after it. Nothing is asked of the nodes meanwhile."""
+    opened = asyncio.Event()  # opened at the end only (the fake nodes stop once no request waits)
+    cluster.nodes[TARGET].gate = ("/moves final=True", opened)
+    await _domain(client, 3, people=PEOPLE3)
+    try:
+        async with run_operator(node_url=cluster.template) as operator:
+            await _held(client, cluster, operator, on=TARGET, what="the move held at the final copy")
+            assert await _move_of(client, NAME, "CatchingUp") is not None
+            if not restarted:
+                await client.delete(MAILDOMAIN, NAMESPACE, "example-com")
+                await client.delete(MAILBOX, NAMESPACE, NAME)
+                await eventually(lambda: _gone(client, NAME), within=WITHIN, what="the Mailbox gone")
+        if restarted:
+            await client.delete(MAILDOMAIN, NAMESPACE, "example-com")
+            await client.delete(MAILBOX, NAMESPACE, NAME)
+            assert await _held_for_clean_up(client, NAME)  # no operator to let it go
+            async with run_operator(node_url=cluster.template):
+                await eventually(lambda: _gone(client, NAME), within=WITHIN, what="the Mailbox gone")
+    finally:
+        opened.set()
 
 
 async def test_a_mailbox_deleted_while_its_move_waits_for_a_node_is_cleaned_up(api, client, cluster):
@@ -149,11 +234,12 @@ async def test_a_mailbox_deleted_while_its_move_waits_for_a_node_is_cleaned_up(a
 
         await client.delete(MAILBOX, NAMESPACE, name)
         rest = {a: h for a, h in homes.items() if a != address}
-        await eventually(lambda: _settled_homes(client, rest), within=WITHIN, what="the mailbox out of the directory")
+        await eventually(lambda: _homes_are(client, rest), within=WITHIN, what="the mailbox out of the directory")
         metrics = operator.running().ctx.metrics
         await eventually(
             lambda: _true(metrics.moves.labels("abandoned")._value.get() == 1), within=WITHIN, what="cleaned up"
         )
+        await eventually(lambda: _gone(client, name), within=WITHIN, what="the Mailbox gone, its finalizer let go")
     assert cluster.holders()[address] == [home]
     assert not cluster.nodes[home].frozen
 

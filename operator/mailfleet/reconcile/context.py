@@ -50,7 +50,12 @@ class View(Protocol):
     before the first reconcile runs, so a directory is never built from half the Mailboxes."""
 
     def mailboxes(self, namespace: str, mail_domain: str) -> list[kube_types.Mailbox]:
-        """The Mailboxes whose address is in `mail_domain` (a DNS domain), as bodies."""
+        """The Mailboxes whose address is in `mail_domain` (a DNS domain), as bodies; not those being deleted."""
+        ...
+
+    def leaving(self, namespace: str, mail_domain: str | None = None) -> list[kube_types.Mailbox]:
+        """The Mailboxes being deleted (a deletionTimestamp: a finalizer holds them) whose address is in
+        `mail_domain`, or in any domain of the namespace (None)."""
         ...
 
     def serving(self, namespace: str, mail_domain: str) -> list[str]:

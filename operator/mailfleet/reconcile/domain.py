@@ -42,8 +42,8 @@ async def reconcile(ctx: Context, key: DomainKey) -> None:
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             ctx.owned.pop(key, None)
             ctx.placement.pop(key, None)
-            mailboxes.domain_gone(ctx, key)
             await moves.domain_gone(ctx, key)
+            mailboxes.domain_gone(ctx, key)
             result = "ok"
             return
         try:
@@ -89,6 +89,7 @@ async def _reconcile(ctx: Context, body: kube_types.MailDomain) -> None:
         recorded=moves.recorded_moves(ctx, bodies),
         forced=forced,
         held=moves.held(ctx, bodies.values()),
+        cleaning=moves.cleaning(ctx, domain),
     )
     running = _with_replicas(domain, plan.replicas)  # the domain as its nodes run now
     internal_token = await internal.token(ctx, domain)  # made now when it has no Secret yet: applied below

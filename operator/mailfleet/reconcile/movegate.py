@@ -105,6 +105,8 @@ class DomainMoving:
     directory: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     publish: Callable[[str, int], Awaitable[None]] | None = None
     gate: Gate = dataclasses.field(default_factory=Gate)
-    # The moves under way as their tasks last left them, by address: a Mailbox deleted meanwhile has no
-    # status to read its move from, and what the move made is cleaned up from here (reconcile/moves.py).
+    # The moves under way as their tasks last left them, by address: a Mailbox being deleted has its
+    # status.move (its mailfleet.io/move finalizer holds it), but one gone without it (removed by hand, or a
+    # move recorded before its task held it) has no status to read its move from, and what the move made
+    # is cleaned up from here (reconcile/moves.py).
     moves: dict[str, moving.Move] = dataclasses.field(default_factory=dict)

@@ -1,8 +1,9 @@
 """Mailbox moves, the Kubernetes side (DESIGN.md "Clustering", "Moving a mailbox"): which mailboxes of a
 domain move, when the StatefulSet grows or shrinks around them, and driving each recorded move with the
 driver (mailfleet.moving) in a task of its own beside the reconciles, each step recorded in the Mailbox's
-status before the next one runs; the clean-up of a move whose Mailbox was deleted; the moves' side of
-the gate backups share with them (reconcile/movegate.py). reconcile/domain.py calls, in its order:
+status before the next one runs, the Mailbox held by the mailfleet.io/move finalizer meanwhile
+(reconcile/finalizer.py); the clean-up of a move whose Mailbox was deleted; the moves' side of the gate
+backups share with them (reconcile/movegate.py). reconcile/domain.py calls, in its order:
 `layout` (what runs now), `plan` (pure: what should move, how many nodes to run), then after the objects
 are applied `drive` and `progress`.
 
@@ -33,7 +34,7 @@ from typing import Final
 import aiohttp
 
 from mailfleet import api, k8s, kube_types, moving, nodes, specs
-from mailfleet.reconcile import conditions
+from mailfleet.reconcile import conditions, finalizer
 from mailfleet.reconcile.conditions import Condition
 from mailfleet.reconcile.context import Context, DomainKey, object_key
 from mailfleet.reconcile.status import Report
@@ -116,10 +117,12 @@ def plan(
     recorded: Mapping[str, moving.Move],
     forced: Mapping[str, int],
     held: Iterable[str] = (),
+    cleaning: Iterable[moving.Move] = (),
 ) -> Plan:
     """What should move and how many nodes to run (pure). `homes`: the recorded home of each mailbox the
     directory holds; `recorded`: the moves under way (status.move); `forced`: valid move-to annotations;
-    `held`: mailboxes not to start a move for now (one rolled back lately)."""
+    `held`: mailboxes not to start a move for now (one rolled back lately); `cleaning`: the moves of
+    Mailboxes being deleted, not cleaned up yet."""
     active = {address: move for address, move in sorted(recorded.items()) if address in homes}
     pending = []
     for address, home in sorted(homes.items()):
@@ -137,7 +140,8 @@ def plan(
         # A scale-down: the StatefulSet shrinks only when nothing is homed on, or moving from or to, an
         # ordinal that goes; until then it keeps every node (a partial shrink would roll all the pods, the
         # peers' list being in their config, while moves are under way).
-        touched = [*homes.values(), *(m.source for m in active.values()), *(m.target for m in active.values())]
+        going_on = [*active.values(), *cleaning]
+        touched = [*homes.values(), *(m.source for m in going_on), *(m.target for m in going_on)]
         if any(ordinal >= layout.target for ordinal in touched):
             replicas, placed_over = layout.running, layout.placed_over
     return Plan(replicas, placed_over, active, waiting)
@@ -251,12 +255,18 @@ async def drive(
     ordinals: Sequence[int],
 ) -> Driven:
     """Start the waiting moves there is room for (when `may_start`), and a task for every move under way
-    that has none (`_aside`). `bodies`: the Mailboxes by address."""
+    that has none (`_aside`); clean up the moves of Mailboxes deleted meanwhile (`_clean_ups`), and let the
+    finalizer of a Mailbox that no longer moves go. `bodies`: the Mailboxes by address."""
     namespace, name = specs.common.namespace(domain), domain.metadata.name
+    key = (namespace, name)
     driven = Driven(started=may_start)
     where = moving.InCluster(namespace=namespace, name=name, token=token, template=ctx.node_url)
-    for move in abandoned(ctx, (namespace, name), the_plan.active):
-        _clean_up(ctx, (namespace, name), move, where, ordinals)
+
+    def aside(body: kube_types.Mailbox | None) -> Aside:
+        return Aside(ctx=ctx, domain=domain, body=body, where=where, ordinals=ordinals)
+
+    _clean_ups(ctx, domain, the_plan.active, aside)
+    await _release_idle(ctx, key, bodies, the_plan.active)
     if the_plan.idle:
         ctx.metrics.mailboxes_moving.labels(namespace, name).set(0)
         return driven
@@ -276,25 +286,68 @@ async def drive(
             )
     driven.waiting = len(the_plan.waiting) - (len(active) - len(the_plan.active))
     for (domain_key, address), (task, _) in list(ctx.copies.items()):
-        if domain_key == (namespace, name) and address not in active and task.done():
+        if domain_key == key and address not in active and task.done():
             del ctx.copies[(domain_key, address)]  # the move ended
     for address, move in active.items():
-        _aside(ctx, domain, (namespace, name), bodies[address], move, where, ordinals, driven)
+        _aside(aside(bodies[address]), move, driven)
     driven.moving = sum(1 for a in active if ctx.statuses.move_of(bodies[a]) is not None)
     ctx.metrics.mailboxes_moving.labels(namespace, name).set(driven.moving)
     return driven
 
 
-def _aside(
-    ctx: Context,
-    domain: api.MailDomain,
-    key: DomainKey,
-    body: kube_types.Mailbox,
-    move: moving.Move,
-    where: moving.DomainNodes,
-    ordinals: Sequence[int],
-    driven: Driven,
+@dataclasses.dataclass(frozen=True)
+class Aside:
+    """What one move's task works with: the domain, how to reach its nodes (`where`, `ordinals`), and the
+    Mailbox, as the reconcile that started the task read it (None: gone, its move known only from
+    Context.moving)."""
+
+    ctx: Context
+    domain: api.MailDomain
+    body: kube_types.Mailbox | None
+    where: moving.DomainNodes
+    ordinals: Sequence[int]
+
+    @property
+    def key(self) -> DomainKey:
+        return specs.common.namespace(self.domain), self.domain.metadata.name
+
+    @property
+    def mailbox(self) -> kube_types.Mailbox:
+        """The Mailbox of a move that runs (not a clean-up after it is gone)."""
+        if self.body is None:
+            raise AssertionError("a move runs only for a Mailbox that is there")
+        return self.body
+
+
+def _running(ctx: Context, key: DomainKey, address: str) -> bool:
+    task = ctx.copies.get((key, address))
+    return task is not None and not task[0].done()
+
+
+def _launch(
+    aside: Aside, address: str, what: str, work: Callable[[], Awaitable[None]], blocked: dict[str, str]
 ) -> None:
+    """Run `work` in a task of its own (`ctx.copies`), which asks for the domain's next reconcile when it
+    ends: at once, or in BLOCKED_RETRY seconds when a node (`blocked`) or the API did not answer."""
+    ctx, key = aside.ctx, aside.key
+
+    async def run() -> None:
+        try:
+            await work()
+        except (k8s.ApiError, aiohttp.ClientError, TimeoutError) as error:  # a status not written: later
+            log.warning("%s of %s: %s; trying again", what, address, error)
+            blocked[address] = f"the Kubernetes API: {error}"
+        finally:
+            if blocked:  # a node not answering: not at once again
+                asyncio.get_running_loop().call_later(BLOCKED_RETRY, ctx.enqueue, key)
+            else:
+                ctx.enqueue(key)
+
+    task = asyncio.create_task(run(), name=f"{what} of {address}")
+    ctx.copies[(key, address)] = (task, blocked)
+
+
+def _aside(aside: Aside, move: moving.Move, driven: Driven) -> None:
     """A move runs beside the reconciles, in a task of its own (`ctx.copies`) that takes it from its
     recorded step to its end, each step recorded in the Mailbox's status before the next one runs. Why:
     the first copy of a big mailbox takes minutes (a GiB at tens of MiB/s), and the domain's other work
@@ -303,8 +356,9 @@ def _aside(
     spacing between them. The task asks for the domain's next reconcile when it ends (done, or waiting for
     a node: then in BLOCKED_RETRY seconds); a reconcile meanwhile leaves it alone. Every step may be asked
     again, so a restarted operator just starts the task again from the recorded step."""
+    ctx, body = aside.ctx, aside.mailbox
     blocked: dict[str, str] = {}
-    running = ctx.copies.get((key, move.address))
+    running = ctx.copies.get((aside.key, move.address))
     if running is not None:
         task, blocked = running
         driven.blocked.update(blocked)  # said until a step goes on again
@@ -312,40 +366,61 @@ def _aside(
             return
         if from_status(move.address, ctx.statuses.move_of(body)) != move:
             return  # it recorded a step after this reconcile read the move: the next one goes on from there
-    aside = Driven(blocked=dict(blocked))
-
-    async def run() -> None:
-        try:
-            await _run(ctx, domain, key, body, move, where, ordinals, aside)
-        except (k8s.ApiError, aiohttp.ClientError, TimeoutError) as error:  # a status not written: later
-            log.warning("move of %s: %s; trying again", move.address, error)
-            aside.blocked[move.address] = f"the Kubernetes API: {error}"
-        finally:
-            if aside.blocked:  # a node not answering: not at once again
-                asyncio.get_running_loop().call_later(BLOCKED_RETRY, ctx.enqueue, key)
-            else:
-                ctx.enqueue(key)
-
-    task = asyncio.create_task(run(), name=f"move {move.address} to node {move.target}")
-    ctx.copies[(key, move.address)] = (task, aside.blocked)
+    mine = Driven(blocked=dict(blocked))
+    _launch(aside, move.address, f"move to node {move.target}", lambda: _run(aside, move, mine), mine.blocked)
 
 
-def _clean_up(
-    ctx: Context, key: DomainKey, move: moving.Move, where: moving.DomainNodes, ordinals: Sequence[int]
+def _clean_ups(
+    ctx: Context, domain: api.MailDomain, active: Iterable[str], aside: Callable[[kube_types.Mailbox | None], Aside]
 ) -> None:
-    """The clean-up of a move whose Mailbox was deleted (`_abandon`), in a task of its own again."""
-    aside = Driven()
+    """Start the clean-up (`_abandon`) of each move whose Mailbox was deleted and that no task runs: a
+    Mailbox being deleted (its finalizer waits for the clean-up; after an operator restart its status.move
+    says where the move was), or one gone (its move remembered in Context.moving: it had no finalizer yet,
+    or someone removed it). A Mailbox's status.move is where its nodes are, unless the clean-up went a step
+    further since (each step may be asked again)."""
+    namespace, key = specs.common.namespace(domain), (specs.common.namespace(domain), domain.metadata.name)
+    shared = ctx.moving_of(key)
+    leaving = {
+        str(body["spec"]["address"]).lower(): body
+        for mail_domain in sorted(specs.node.domains_of(domain))
+        for body in ctx.view.leaving(namespace, mail_domain)
+    }
+    for address, body in leaving.items():
+        if _running(ctx, key, address):
+            continue
+        move = from_status(address, ctx.statuses.move_of(body)) or shared.moves.get(address)
+        if move is not None or finalizer.held(body):
+            _clean_up(aside(body), address, move)
+    for move in abandoned(ctx, key, active):
+        if move.address not in leaving:
+            _clean_up(aside(None), move.address, move)
 
-    async def run() -> None:
-        try:
+
+def _clean_up(aside: Aside, address: str, move: moving.Move | None) -> None:
+    """The clean-up of a move whose Mailbox was deleted (`_abandon`), in a task of its own again; with no
+    move left to clean up, only the finalizer goes."""
+    blocked: dict[str, str] = {}
+
+    async def work() -> None:
+        if move is not None:
             async with aiohttp.ClientSession() as session:
-                await _abandon(ctx, key, move, where, session, ordinals, aside, gated=False)
-        finally:
-            if aside.blocked:
-                asyncio.get_running_loop().call_later(BLOCKED_RETRY, ctx.enqueue, key)
+                await _abandon(aside, move, session, blocked, gated=False)
+        elif aside.body is not None:
+            await finalizer.release(aside.ctx.client, aside.body)
 
-    task = asyncio.create_task(run(), name=f"clean-up of the move of {move.address}")
-    ctx.copies[(key, move.address)] = (task, aside.blocked)
+    _launch(aside, address, "clean-up of the move", work, blocked)
+
+
+async def _release_idle(
+    ctx: Context, key: DomainKey, bodies: Mapping[str, kube_types.Mailbox], active: Iterable[str]
+) -> None:
+    """The finalizer of a Mailbox that does not move (its move ended, or it never started: an operator
+    stopped between the two writes) goes."""
+    moving_now = set(active)
+    for address, body in bodies.items():
+        idle = address not in moving_now and not _running(ctx, key, address) and ctx.statuses.move_of(body) is None
+        if idle and finalizer.held(body):
+            await finalizer.release(ctx.client, body)
 
 
 # The steps of a move's window (reconcile/movegate.py): held from its freeze to its cleanup, so no
@@ -359,10 +434,11 @@ INSIDE: Final = frozenset({moving.Step.FLIPPING, moving.Step.THAWING, moving.Ste
 
 def recorded_inside(ctx: Context, domain: api.MailDomain) -> list[str]:
     """The domain's mailboxes whose move Mailbox.status records between the flip and the cleanup (the
-    copy may be in place on both nodes), whether or not this operator runs it yet (reconcile/backup.py)."""
+    copy may be in place on both nodes), whether or not this operator runs it yet (reconcile/backup.py);
+    a Mailbox being deleted counts too (its clean-up goes through the window)."""
     namespace, found = specs.common.namespace(domain), []
     for mail_domain in sorted(specs.node.domains_of(domain)):
-        for body in ctx.view.mailboxes(namespace, mail_domain):
+        for body in [*ctx.view.mailboxes(namespace, mail_domain), *ctx.view.leaving(namespace, mail_domain)]:
             address = str(body["spec"]["address"]).lower()
             move = from_status(address, ctx.statuses.move_of(body))
             if move is not None and move.step in INSIDE:
@@ -370,19 +446,27 @@ def recorded_inside(ctx: Context, domain: api.MailDomain) -> list[str]:
     return found
 
 
-async def _run(
-    ctx: Context,
-    domain: api.MailDomain,
-    key: DomainKey,
-    body: kube_types.Mailbox,
-    move: moving.Move,
-    where: moving.DomainNodes,
-    ordinals: Sequence[int],
-    driven: Driven,
-) -> None:
+def cleaning(ctx: Context, domain: api.MailDomain) -> list[moving.Move]:
+    """The moves of the domain's Mailboxes being deleted, not cleaned up yet (`plan`: the nodes they
+    touch stay until then)."""
+    namespace, key = specs.common.namespace(domain), (specs.common.namespace(domain), domain.metadata.name)
+    shared, found = ctx.moving_of(key), []
+    for mail_domain in sorted(specs.node.domains_of(domain)):
+        for body in ctx.view.leaving(namespace, mail_domain):
+            address = str(body["spec"]["address"]).lower()
+            move = from_status(address, ctx.statuses.move_of(body)) or shared.moves.get(address)
+            if move is not None:
+                found.append(move)
+    return found
+
+
+async def _run(aside: Aside, move: moving.Move, driven: Driven) -> None:
     """Take `move` from its step to its end, or until a step does not go on (a node not answering, a
-    move failed after its flip, the Mailbox gone). The first copy runs alone; from the freeze to the
-    cleanup the move holds the domain's gate (no backup takes points meanwhile)."""
+    move failed after its flip, the Mailbox deleted). The finalizer is held before the first step (the
+    move's first effect on a node), and goes when the move ends (`_step`, `_abandon`). The first copy runs
+    alone; from the freeze to the cleanup the move holds the domain's gate (no backup takes points
+    meanwhile)."""
+    ctx, key = aside.ctx, aside.key
     shared = ctx.moving_of(key)
 
     async def publish(address: str, ordinal: int) -> None:
@@ -395,30 +479,32 @@ async def _run(
         """The steps from `current` while they go on, each remembered (a Mailbox deleted meanwhile)."""
         while current is not None and current.step is not moving.Step.DONE:
             shared.moves[current.address] = current
-            current = await _step(ctx, domain, body, current, where, session, ordinals, flip, driven)
+            current = await _step(aside, current, session, flip, driven)
         if current is None and move.address not in driven.blocked:
             shared.moves.pop(move.address, None)  # done or rolled back (a blocked one is asked again)
         return current
 
     async with aiohttp.ClientSession() as session:
         try:
+            shared.moves[move.address] = move
+            if not await finalizer.hold(ctx.client, aside.mailbox):
+                raise _Gone(move)  # deleted before the task ran
             current: moving.Move | None = move
             if move.step is moving.Step.COPYING:
-                shared.moves[move.address] = move
-                current = await _step(ctx, domain, body, move, where, session, ordinals, _no_flip, driven)
+                current = await _step(aside, move, session, _no_flip, driven)
             if current is not None and current.step in WINDOW:
                 inside = current.step in INSIDE
                 if not inside and shared.gate.backing_up:
-                    await _note(ctx, body, current, "waiting for a backup of the domain to take its points")
+                    await _note(ctx, aside.mailbox, current, "waiting for a backup of the domain to take its points")
                 async with shared.gate.move(current.address, inside=inside):
                     try:
                         current = await through(current, publish)
                     except _Gone as gone:
-                        await _abandon(ctx, key, gone.move, where, session, ordinals, driven, gated=True)
+                        await _abandon(aside, gone.move, session, driven.blocked, gated=True)
                         return
             await through(current, _no_flip)  # a roll-back
         except _Gone as gone:
-            await _abandon(ctx, key, gone.move, where, session, ordinals, driven, gated=False)
+            await _abandon(aside, gone.move, session, driven.blocked, gated=False)
 
 
 class _Gone(Exception):
@@ -429,25 +515,23 @@ class _Gone(Exception):
         self.move = move
 
 
+CLEANING_UP: Final = "the Mailbox is being deleted: cleaning up what its move made"
+
+
 async def _abandon(
-    ctx: Context,
-    key: DomainKey,
-    move: moving.Move,
-    where: moving.DomainNodes,
-    session: aiohttp.ClientSession,
-    ordinals: Sequence[int],
-    driven: Driven,
-    *,
-    gated: bool,
+    aside: Aside, move: moving.Move, session: aiohttp.ClientSession, blocked: dict[str, str], *, gated: bool
 ) -> None:
     """The move of a Mailbox deleted on the way: what the move made goes, and one copy stays, as any
     deleted Mailbox's mail stays on its home. Before the thaw it is rolled back: the source thawed, the
     target's copy (kept aside, or taken into place by a partial flip) dropped; from the thaw on it goes
-    forward: the source thawed and its old copy dropped. Nothing is recorded (there is no
-    Mailbox): the step is remembered in Context.moving until it is done, and tried again by the domain's
-    reconciles while a node does not answer (`abandoned`)."""
+    forward: the source thawed and its old copy dropped. While the Mailbox is there (its finalizer holds
+    it) each step is recorded in status.move before it runs, so an operator restarted meanwhile goes on
+    from it; the step is also remembered in Context.moving, for a Mailbox gone (no finalizer). A node that
+    does not answer ends the task (`blocked`), and the domain's reconciles start it again (`_clean_ups`).
+    When done, the finalizer goes, and with it the Mailbox."""
+    ctx, key, body = aside.ctx, aside.key, aside.body
     shared = ctx.moving_of(key)
-    if move.step in (moving.Step.THAWING, moving.Step.CLEANING):
+    if move.step in (moving.Step.THAWING, moving.Step.CLEANING, moving.Step.ROLLING_BACK):
         current = move
     else:
         current = dataclasses.replace(move, step=moving.Step.ROLLING_BACK)
@@ -456,27 +540,40 @@ async def _abandon(
     gate = shared.gate.move(move.address, inside=True) if not gated else contextlib.nullcontext()
     async with gate:
         while current.step is not moving.Step.DONE:
+            if body is not None and not await _record(ctx, body, current, CLEANING_UP):
+                body = None  # gone: remembered here only
             try:
                 current = await moving.advance(
-                    current, nodes=where, session=session, ordinals=ordinals, publish_home=_no_flip
+                    current, nodes=aside.where, session=session, ordinals=aside.ordinals, publish_home=_no_flip
                 )
             except (nodes.NodeError, moving.MoveError) as error:  # a node still homes it (409), or is away
-                driven.blocked[move.address] = str(error)
+                blocked[move.address] = str(error)
                 log.warning("%s: the deleted Mailbox's move: %s; trying again", move.address, error)
+                if body is not None:
+                    await _record(ctx, body, current, f"{CLEANING_UP}; waiting for a node: {error}")
                 return
             shared.moves[move.address] = current
+    blocked.pop(move.address, None)
     shared.moves.pop(move.address, None)
     ctx.metrics.moves.labels("abandoned").inc()
+    if body is not None and await ctx.statuses.write_move(body, None):
+        await finalizer.release(ctx.client, body)
+
+
+async def _record(ctx: Context, body: kube_types.Mailbox, move: moving.Move, message: str) -> bool:
+    """Write status.move unless it says this already; False when the Mailbox is gone."""
+    if ctx.statuses.move_of(body) == to_status(move, message):
+        return True
+    return await ctx.statuses.write_move(body, to_status(move, message))
 
 
 def abandoned(ctx: Context, key: DomainKey, active: Iterable[str]) -> list[moving.Move]:
-    """The moves this operator ran whose Mailbox is gone and whose task ended (a node did not answer its
-    clean-up): the domain's reconcile starts their clean-up again."""
+    """The moves this operator ran whose Mailbox is gone (or being deleted) and whose task ended (a node
+    did not answer its clean-up): the domain's reconcile starts their clean-up again."""
     shared, running = ctx.moving_of(key), set(active)
     found = []
     for address, move in list(shared.moves.items()):
-        task = ctx.copies.get((key, address))
-        if address in running or (task is not None and not task[0].done()):
+        if address in running or _running(ctx, key, address):
             continue
         if any(str(b["spec"]["address"]).lower() == address for b in ctx.view.mailboxes(key[0], _domain_of(address))):
             continue  # the Mailbox is there (not served now): its move goes on once it is again
@@ -502,22 +599,28 @@ async def stop_copies(ctx: Context, key: DomainKey | None = None) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _leaving(ctx: Context, body: kube_types.Mailbox) -> bool:
+    """The Mailbox is being deleted: as the body says, or as the watch showed since (MailboxStatuses.shown)."""
+    return finalizer.leaving(body) or object_key(body) in ctx.statuses.leaving
+
+
 async def _step(
-    ctx: Context,
-    domain: api.MailDomain,
-    body: kube_types.Mailbox,
+    aside: Aside,
     move: moving.Move,
-    where: moving.DomainNodes,
     session: aiohttp.ClientSession,
-    ordinals: Sequence[int],
     publish_home: Callable[[str, int], Awaitable[None]],
     driven: Driven,
 ) -> moving.Move | None:
     """One step of one move, and its record: the move at its next step to run, None when there is none
-    now (done, waiting for a node, failed after the flip, the Mailbox gone)."""
-    address = move.address
+    now (done, waiting for a node, failed after the flip). _Gone when the Mailbox is being deleted (or
+    gone): its clean-up goes on from `move`."""
+    ctx, body, address = aside.ctx, aside.mailbox, move.address
+    if _leaving(ctx, body):
+        raise _Gone(move)
     try:
-        after = await moving.advance(move, nodes=where, session=session, ordinals=ordinals, publish_home=publish_home)
+        after = await moving.advance(
+            move, nodes=aside.where, session=session, ordinals=aside.ordinals, publish_home=publish_home
+        )
     except nodes.NodeError as error:  # not reachable now: the same step, later
         driven.blocked[address] = str(error)
         await _note(ctx, body, move, f"waiting for a node: {error}")
@@ -527,12 +630,17 @@ async def _step(
     driven.blocked.pop(address, None)
     if after.step is not moving.Step.DONE:
         # After the flip the home is the target: status.node says so with the step (no reconcile between).
-        node = specs.common.pod_name(domain, move.target) if move.step is moving.Step.FLIPPING else None
+        node = specs.common.pod_name(aside.domain, move.target) if move.step is moving.Step.FLIPPING else None
         if not await ctx.statuses.write_move(body, to_status(after), node=node):
             raise _Gone(after)
         return after
     if not await ctx.statuses.write_move(body, None):
         return None  # gone, with nothing left to clean
+    ctx.moving_of(aside.key).moves.pop(address, None)  # ended: nothing to clean up if it is deleted now
+    await finalizer.release(ctx.client, body)
+    if _leaving(ctx, body):  # deleted during its last step: what it made is cleaned up as well
+        ctx.metrics.moves.labels("abandoned").inc()
+        return None
     if move.step is moving.Step.ROLLING_BACK:
         ctx.metrics.moves.labels("rolled_back").inc()
         return None
@@ -644,8 +752,26 @@ def progress(report: Report, *, layout: Layout, the_plan: Plan, driven: Driven) 
 
 
 async def domain_gone(ctx: Context, key: DomainKey) -> None:
-    """The MailDomain was deleted: its first copies under way stop, its series of moving mailboxes goes."""
+    """The MailDomain was deleted: its moves and clean-ups under way stop, its series of moving mailboxes
+    goes, and so does the finalizer of each of its Mailboxes being deleted (`release_unserved`)."""
     await stop_copies(ctx, key)
     ctx.moving.pop(key, None)
     with contextlib.suppress(KeyError):
         ctx.metrics.mailboxes_moving.remove(*key)
+    await release_unserved(ctx, key[0], gone=key[1])
+
+
+async def release_unserved(ctx: Context, namespace: str, *, gone: str | None = None) -> None:
+    """Let the finalizer of each Mailbox being deleted go when no MailDomain (other than `gone`, being
+    deleted) serves its address: with the domain go its nodes (the StatefulSet), and no reconcile would
+    ever clean up its move. Its copies stay on the volumes the StatefulSet leaves, with the rest of the
+    domain's mail. A moving Mailbox that is not being deleted keeps its finalizer and status.move: a
+    MailDomain made again on the same volumes finishes the move."""
+    for body in ctx.view.leaving(namespace):
+        if not finalizer.held(body):
+            continue
+        mail_domain = _domain_of(str(body["spec"]["address"]).lower())
+        if [name for name in ctx.view.serving(namespace, mail_domain) if name != gone]:
+            continue
+        log.info("%s: deleted with no MailDomain serving it: its move is not cleaned up", body["spec"]["address"])
+        await finalizer.release(ctx.client, body)

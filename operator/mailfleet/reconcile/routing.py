@@ -8,12 +8,17 @@ status does matter: readyReplicas is copied into the MailDomain's status.)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, cast
 
-from mailfleet import api, kube_types, specs
-from mailfleet.reconcile import mailboxes
+import aiohttp
+
+from mailfleet import api, k8s, kube_types, specs
+from mailfleet.reconcile import finalizer, mailboxes, moves
 from mailfleet.reconcile.context import Context, object_key
+
+log = logging.getLogger(__name__)
 
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 
@@ -29,8 +34,13 @@ class Router:
         if event_type == "DELETED":
             self._generations.pop(uid, None)
             return True
-        # A Mailbox's move-to annotation (a forced move, reconcile/moves.py) changes no generation, yet counts.
-        generation = (meta.get("generation"), (meta.get("annotations") or {}).get(api.MOVE_TO_ANNOTATION))
+        # A Mailbox's move-to annotation (a forced move, reconcile/moves.py) changes no generation, yet counts;
+        # so does its deletion while a finalizer holds it (it leaves the directory, its move is cleaned up).
+        generation = (
+            meta.get("generation"),
+            (meta.get("annotations") or {}).get(api.MOVE_TO_ANNOTATION),
+            bool(meta.get("deletionTimestamp")),
+        )
         if uid in self._generations and self._generations[uid] == generation:
             return False
         self._generations[uid] = generation
@@ -54,6 +64,15 @@ class Router:
             self.ctx.statuses.forget(body)
             self.ctx.parsed_mailboxes.pop(object_key(body), None)
             self.ctx.mailbox_usage.pop(object_key(body), None)
+            return
+        if finalizer.leaving(body):
+            # A moving Mailbox deleted: its domain's reconcile cleans up the move; with no domain, nobody would.
+            if finalizer.held(body):
+                try:
+                    await moves.release_unserved(self.ctx, namespace)
+                except (k8s.ApiError, aiohttp.ClientError, TimeoutError) as error:
+                    log.warning("the finalizers of deleted Mailboxes in %s: %s; at the next list", namespace, error)
+                    self._generations.pop(object_key(body), None)  # kopf's next list counts it as new
             return
         mail_domain = specs.node.domain_of((body.get("spec") or {}).get("address"))
         if not self.ctx.view.serving(namespace, mail_domain):

@@ -80,6 +80,9 @@ class MailboxStatuses:
         self.retry_moves_after: dict[str, float] = {}
         # The mailfleet.io/move-to value last reported as invalid (an Event), by uid.
         self.move_to_reported: dict[str, str] = {}
+        # Mailboxes the watch shows being deleted (a deletionTimestamp), by uid: a move's task asks before
+        # each step, and cleans up instead (reconcile/moves.py).
+        self.leaving: set[str] = set()
 
     def move_of(self, body: kube_types.Mailbox) -> kube_types.MailboxMove | None:
         """The Mailbox's status.move: as last written here, else as the watch shows it (after a restart)."""
@@ -134,6 +137,8 @@ class MailboxStatuses:
         (handlers.py), so ten thousand statuses written at the end of a large reconcile are not each held
         twice until the next reconcile."""
         key = object_key(body)
+        if (body.get("metadata") or {}).get("deletionTimestamp"):
+            self.leaving.add(key)
         written = self.remembered.get(key)
         shown = body.get("status")
         if written is not None and shown is not None and _says(shown, written):
@@ -147,6 +152,7 @@ class MailboxStatuses:
         self.moves.pop(key, None)
         self.retry_moves_after.pop(key, None)
         self.move_to_reported.pop(key, None)
+        self.leaving.discard(key)
 
     def __len__(self) -> int:
         """Mailboxes with a verdict not yet written."""
