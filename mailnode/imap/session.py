@@ -66,14 +66,21 @@ class FolderView:
     Never changed once made: every session showing this version of the folder holds the same object (as
     Dovecot's sessions share a mailbox's index map), and a change makes a new version (`after`), which
     the other sessions on this one take as they report the same change, instead of each building its
-    own. A session holds only what it shows differently (Selected)."""
+    own. A session holds only what it shows differently (Selected).
 
-    __slots__ = ("__weakref__", "_next", "flags", "modseqs", "uids")
+    `rows` holds each message's row as it was read, for what never changes in it (path, size, internal
+    date): FETCH takes them from here instead of querying the index (its flags and mod-sequence may be
+    older than `flags` and `modseqs`, which are the version's)."""
 
-    def __init__(self, uids: list[int], flags: dict[int, str], modseqs: dict[int, int]) -> None:
+    __slots__ = ("__weakref__", "_next", "flags", "modseqs", "rows", "uids")
+
+    def __init__(
+        self, uids: list[int], flags: dict[int, str], modseqs: dict[int, int], rows: dict[int, Message]
+    ) -> None:
         self.uids = uids  # ascending; shared: never mutated
         self.flags = flags
         self.modseqs = modseqs
+        self.rows = rows  # shared between versions while no message comes or goes; never mutated
         # The version after the last change applied to this one: sessions report the changes in the order
         # the switchboard published them, so the next session on this version asks for the same change.
         # Weak once made: a session that lags on an old version must not keep every later one alive.
@@ -81,14 +88,25 @@ class FolderView:
 
     @classmethod
     def of(cls, messages: Sequence[Message]) -> FolderView:
-        return cls([m.uid for m in messages], {m.uid: m.flags for m in messages}, {m.uid: m.modseq for m in messages})
+        return cls(
+            [m.uid for m in messages],
+            {m.uid: m.flags for m in messages},
+            {m.uid: m.modseq for m in messages},
+            {m.uid: m for m in messages},
+        )
 
     def shows(self, messages: Sequence[Message]) -> bool:
-        """Whether this version is exactly `messages` (a SELECT's rows, ascending)."""
+        """Whether this version is exactly `messages` (a SELECT's rows, ascending), files included (a
+        RENAME moves them)."""
         if len(messages) != len(self.uids):
             return False
-        flags, modseqs = self.flags, self.modseqs
-        return all(flags.get(m.uid) == m.flags and modseqs.get(m.uid) == m.modseq for m in messages)
+        flags, modseqs, rows = self.flags, self.modseqs, self.rows
+        return all(
+            flags.get(m.uid) == m.flags
+            and modseqs.get(m.uid) == m.modseq
+            and ((known := rows.get(m.uid)) is m or (known is not None and known.path == m.path))
+            for m in messages
+        )
 
     def _remembered(self, change: Change) -> FolderView | asyncio.Task[FolderView] | None:
         following = self._next
@@ -125,7 +143,7 @@ class FolderView:
             modseqs[uid] = modseq
         if flags is None or modseqs is None:
             return self
-        return FolderView(self.uids, flags, modseqs)  # the same UIDs: their list is shared too
+        return FolderView(self.uids, flags, modseqs, self.rows)  # the same messages: their UIDs and rows shared
 
     def _without(self, uids: Sequence[int]) -> FolderView:
         gone = {uid for uid in uids if uid in self.flags}
@@ -133,7 +151,8 @@ class FolderView:
             return self
         flags = {u: f for u, f in self.flags.items() if u not in gone}
         modseqs = {u: m for u, m in self.modseqs.items() if u not in gone}
-        return FolderView([u for u in self.uids if u not in gone], flags, modseqs)
+        rows = {u: m for u, m in self.rows.items() if u not in gone}
+        return FolderView([u for u in self.uids if u not in gone], flags, modseqs, rows)
 
     async def after_added(self, change: Change, load: Callable[[list[int]], Awaitable[list[Message]]]) -> FolderView:
         """This version with an "added" change applied: the new messages' flags are read (`load`) once for all
@@ -158,15 +177,16 @@ class FolderView:
         rows = [m for m in await load(new) if m.uid not in self.flags]
         if not rows:
             return self
-        flags, modseqs = dict(self.flags), dict(self.modseqs)
+        flags, modseqs, known = dict(self.flags), dict(self.modseqs), dict(self.rows)
         for message in rows:
             flags[message.uid] = message.flags
             modseqs[message.uid] = message.modseq
+            known[message.uid] = message
         added = sorted(m.uid for m in rows)
         # New UIDs are above the folder's (RFC 3501 §2.3.1.1): appended, unless the store says otherwise.
         ascending = not self.uids or added[0] > self.uids[-1]
         uids = self.uids + added if ascending else sorted((*self.uids, *added))
-        return FolderView(uids, flags, modseqs)
+        return FolderView(uids, flags, modseqs, known)
 
 
 class FolderViews:

@@ -40,7 +40,7 @@ import functools
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
@@ -438,27 +438,49 @@ class Account:
         return result
 
     async def load(
-        self, name: str, uids: Sequence[int], *, data: bool, data_limit: int | None = None
+        self,
+        name: str,
+        uids: Sequence[int],
+        *,
+        data: bool,
+        data_limit: int | None = None,
+        known: Mapping[int, index.Message] | None = None,
     ) -> list[tuple[index.Message, bytes | None]]:
         """Rows of these UIDs and, with data=True, their files' bytes (None for a message larger than
-        `data_limit`, which the caller streams instead): one Gateway trip for both."""
+        `data_limit`, which the caller streams instead): one Gateway trip for both. The rows in `known`
+        (rows the caller read before: their path, size and date never change) are not queried, so a read
+        of a few known messages does not wait for the mailbox's read connection; a known row whose file
+        is not there is queried after all (a RENAME moves files)."""
         root = maildir.mailbox_dir(self._mailboxes.root, self.address)
 
-        def load() -> list[tuple[index.Message, bytes | None]]:
+        def query(wanted: list[int]) -> list[index.Message]:
+            if not wanted:
+                return []
             mailbox = self._mailboxes.open(self.address)
             with mailbox.read_lock:
-                rows = mailbox.reader.messages(name, uids=uids)
-            if not data:
-                return [(m, None) for m in rows]
-            loaded: list[tuple[index.Message, bytes | None]] = []
+                return mailbox.reader.messages(name, uids=wanted)
+
+        def read_files(rows: list[index.Message], loaded: list[tuple[index.Message, bytes | None]]) -> list[int]:
+            """Append (row, bytes) to `loaded`; returns the UIDs whose file was not found."""
+            missing: list[int] = []
             for message in rows:
                 if data_limit is not None and message.size > data_limit:
                     loaded.append((message, None))
                     continue
                 try:
                     loaded.append((message, (root / message.path).read_bytes()))
-                except FileNotFoundError:  # expunged by another session since the query: left out
-                    continue
+                except FileNotFoundError:
+                    missing.append(message.uid)
+            return missing
+
+        def load() -> list[tuple[index.Message, bytes | None]]:
+            rows = [] if known is None else [known[uid] for uid in uids if uid in known]
+            rows += query([uid for uid in uids if known is None or uid not in known])
+            if not data:
+                return [(m, None) for m in rows]
+            loaded: list[tuple[index.Message, bytes | None]] = []
+            moved = [uid for uid in read_files(rows, loaded) if known is not None and uid in known]
+            read_files(query(moved), loaded)  # the others: expunged since the query, left out
             return loaded
 
         return await self._gateway.run(load)

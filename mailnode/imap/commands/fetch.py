@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from mailnode.imap import mime, protocol, responses
-from mailnode.imap.session import Session
+from mailnode.imap.session import Selected, Session
 from mailnode.store.account import Message, MessageFile
 
 _READ_BATCH = 64  # message files read per Gateway trip while answering FETCH
@@ -66,16 +66,15 @@ async def fetch(session: Session, command: protocol.Command) -> None:
     )
     # RFC 3501 §6.4.5: BODY[...] and RFC822(.TEXT) set \Seen; BODY.PEEK and EXAMINE do not.
     sets_seen = not selected.readonly and any(item.sets_seen for item in items)  # and BINARY[...], RFC 3516
-    every = len(targets) > _READ_BATCH  # one query for the whole folder beats many small ones
-    all_messages = {m.uid: m for m in await session.account.messages(selected.name)} if every else {}
     for start in range(0, len(targets), _READ_BATCH if needs_data else _SUMMARY_BATCH):
         chunk = targets[start : start + (_READ_BATCH if needs_data else _SUMMARY_BATCH)]
+        known = _known_rows(selected)
         preread: dict[int, bytes] = {}  # the small messages' files, read with their rows (one trip)
-        if all_messages:
-            present = [(s, all_messages[u]) for s, u in chunk if u in all_messages]
+        if not needs_data and all(u in known for _, u in chunk):
+            present = [(s, known[u]) for s, u in chunk]
         else:
             loaded = await session.account.load(
-                selected.name, [u for _, u in chunk], data=needs_data, data_limit=_LARGE
+                selected.name, [u for _, u in chunk], data=needs_data, data_limit=_LARGE, known=known
             )
             rows = {message.uid: message for message, _ in loaded}
             preread = {message.uid: data for message, data in loaded if data is not None}
@@ -111,6 +110,15 @@ async def fetch(session: Session, command: protocol.Command) -> None:
         await session.flush()
     await session.report_changes(expunge=by_uid)
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+def _known_rows(selected: Selected) -> Mapping[int, Message]:
+    """The rows FETCH need not query (FolderView.rows): those of the session's folder version, but for
+    the messages expunged meanwhile that the session has not taken in yet. Those, and the ones expunged
+    that the client has not been told of, are queried, and left out (they have nothing left to fetch)."""
+    known = selected.view.rows
+    gone = {uid for change in selected.pending if change.kind == "expunged" for uid in change.uids}
+    return {uid: row for uid, row in known.items() if uid not in gone} if gone else known
 
 
 def _vanished(session: Session, command: protocol.Command) -> None:
