@@ -16,6 +16,7 @@ import collections
 import collections.abc
 import contextlib
 import dataclasses
+import functools
 import heapq
 import logging
 import re
@@ -364,6 +365,9 @@ class AnalysisCache:
         self._size = size
         self._entries: collections.OrderedDict[tuple[str, str], mime.Analysis] = collections.OrderedDict()
         self._headers: collections.OrderedDict[tuple[str, str], dict[str, str | None]] = collections.OrderedDict()
+        # FETCH items that never change for a message (RFC822.SIZE, ENVELOPE, ...), rendered once for every
+        # session, by (mailbox, file path, item names): a summary FETCH joins them (commands.fetch).
+        self._rendered: collections.OrderedDict[tuple[str, str, str], bytes] = collections.OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
 
     def get(self, key: tuple[str, str]) -> mime.Analysis | None:
@@ -376,6 +380,17 @@ class AnalysisCache:
         self._entries[key] = analysis
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
+
+    def rendered(self, key: tuple[str, str, str]) -> bytes | None:
+        found = self._rendered.get(key)
+        if found is not None:
+            self._rendered.move_to_end(key)
+        return found
+
+    def keep_rendered(self, key: tuple[str, str, str], value: bytes) -> None:
+        self._rendered[key] = value
+        if len(self._rendered) > self._size:
+            self._rendered.popitem(last=False)
 
     def lock(self, address: str) -> asyncio.Lock:
         return self._locks.setdefault(address, asyncio.Lock())
@@ -390,6 +405,16 @@ class AnalysisCache:
         else:
             self._headers.move_to_end(key)
         return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _flags_item(flags: str, recent: bool) -> str:
+    """A FETCH response's FLAGS item: a folder's messages have few distinct flag sets (a FETCH 1:* asks
+    each message's)."""
+    words = flags.split()
+    if recent:
+        words.append("\\Recent")
+    return f"FLAGS ({' '.join(words)})"
 
 
 def _analysis_json(data: bytes) -> str:
@@ -840,10 +865,9 @@ class Session:
         """The FLAGS item of a FETCH response (with MODSEQ once CONDSTORE is on)."""
         selected = self.selected
         assert selected is not None
-        flags = selected.flags.get(uid, "").split()
-        if uid in selected.recent and not self.imap4rev2:  # RFC 9051 has no \\Recent flag
-            flags.append("\\Recent")
-        text = f"FLAGS ({' '.join(flags)})"
+        # RFC 9051 has no \\Recent flag
+        recent = not self.imap4rev2 and not selected.readonly and uid >= selected.first_recent
+        text = _flags_item(selected.flags.get(uid, ""), recent)
         if self.condstore:
             text += f" MODSEQ ({selected.modseqs.get(uid, 0)})"
         return text
