@@ -73,15 +73,23 @@ class FolderView:
     date): FETCH takes them from here instead of querying the index (its flags and mod-sequence may be
     older than `flags` and `modseqs`, which are the version's)."""
 
-    __slots__ = ("__weakref__", "_next", "flags", "modseqs", "rows", "uids")
+    __slots__ = ("__weakref__", "_next", "flags", "modseqs", "rendered", "rows", "uids")
 
     def __init__(
-        self, uids: list[int], flags: dict[int, str], modseqs: dict[int, int], rows: dict[int, Message]
+        self,
+        uids: list[int],
+        flags: dict[int, str],
+        modseqs: dict[int, int],
+        rows: dict[int, Message],
+        rendered: dict[str, dict[int, bytes]] | None = None,
     ) -> None:
         self.uids = uids  # ascending; shared: never mutated
         self.flags = flags
         self.modseqs = modseqs
         self.rows = rows  # shared between versions while no message comes or goes; never mutated
+        # FETCH items that never change for a message (commands.fetch._summaries), by item names, then UID:
+        # filled by the sessions' FETCHes, shared like the rows, and carried into the next versions.
+        self.rendered: dict[str, dict[int, bytes]] = {} if rendered is None else rendered
         # The version after the last change applied to this one: sessions report the changes in the order
         # the switchboard published them, so the next session on this version asks for the same change.
         # Weak once made: a session that lags on an old version must not keep every later one alive.
@@ -144,7 +152,8 @@ class FolderView:
             modseqs[uid] = modseq
         if flags is None or modseqs is None:
             return self
-        return FolderView(self.uids, flags, modseqs, self.rows)  # the same messages: their UIDs and rows shared
+        # The same messages: their UIDs, rows and rendered items shared.
+        return FolderView(self.uids, flags, modseqs, self.rows, self.rendered)
 
     def _without(self, uids: Sequence[int]) -> FolderView:
         gone = {uid for uid in uids if uid in self.flags}
@@ -153,7 +162,10 @@ class FolderView:
         flags = {u: f for u, f in self.flags.items() if u not in gone}
         modseqs = {u: m for u, m in self.modseqs.items() if u not in gone}
         rows = {u: m for u, m in self.rows.items() if u not in gone}
-        return FolderView([u for u in self.uids if u not in gone], flags, modseqs, rows)
+        rendered = {
+            items: {u: r for u, r in by_uid.items() if u not in gone} for items, by_uid in self.rendered.items()
+        }
+        return FolderView([u for u in self.uids if u not in gone], flags, modseqs, rows, rendered)
 
     async def after_added(self, change: Change, load: Callable[[list[int]], Awaitable[list[Message]]]) -> FolderView:
         """This version with an "added" change applied: the new messages' flags are read (`load`) once for all
@@ -187,7 +199,8 @@ class FolderView:
         # New UIDs are above the folder's (RFC 3501 §2.3.1.1): appended, unless the store says otherwise.
         ascending = not self.uids or added[0] > self.uids[-1]
         uids = self.uids + added if ascending else sorted((*self.uids, *added))
-        return FolderView(uids, flags, modseqs, known)
+        rendered = {items: dict(by_uid) for items, by_uid in self.rendered.items()}
+        return FolderView(uids, flags, modseqs, known, rendered)
 
 
 class FolderViews:
@@ -405,16 +418,6 @@ class AnalysisCache:
         else:
             self._headers.move_to_end(key)
         return found
-
-
-@functools.lru_cache(maxsize=1024)
-def _flags_item(flags: str, recent: bool) -> str:
-    """A FETCH response's FLAGS item: a folder's messages have few distinct flag sets (a FETCH 1:* asks
-    each message's)."""
-    words = flags.split()
-    if recent:
-        words.append("\\Recent")
-    return f"FLAGS ({' '.join(words)})"
 
 
 def _analysis_json(data: bytes) -> str:
@@ -861,13 +864,23 @@ class Session:
         VANISHED once QRESYNC is enabled)."""
         self._tell_expunged(uid)
 
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def flags_text(flags: str, recent: bool) -> str:
+        """A FETCH response's FLAGS item, without MODSEQ: a folder's messages have few distinct flag sets,
+        and a FETCH 1:* asks for each message's."""
+        words = flags.split()
+        if recent:
+            words.append("\\Recent")
+        return f"FLAGS ({' '.join(words)})"
+
     def fetch_flags(self, uid: int) -> str:
         """The FLAGS item of a FETCH response (with MODSEQ once CONDSTORE is on)."""
         selected = self.selected
         assert selected is not None
         # RFC 9051 has no \\Recent flag
         recent = not self.imap4rev2 and not selected.readonly and uid >= selected.first_recent
-        text = _flags_item(selected.flags.get(uid, ""), recent)
+        text = self.flags_text(selected.flags.get(uid, ""), recent)
         if self.condstore:
             text += f" MODSEQ ({selected.modseqs.get(uid, 0)})"
         return text

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 
 from mailnode.imap import mime, protocol, responses
 from mailnode.imap.session import Selected, Session
@@ -294,56 +295,78 @@ def _summary_plan(items: Sequence[protocol.FetchAtt], by_uid: bool) -> list[str 
 async def _summaries(
     session: Session, present: Sequence[tuple[int, Message]], plan: Sequence[str | tuple[str, ...]]
 ) -> bytes:
-    """The FETCH responses of these messages by a _summary_plan: the same bytes _render makes."""
+    """The FETCH responses of these messages by a _summary_plan: the same bytes _render makes. Each run of
+    _STATIC items comes from the folder version's memo (FolderView.rendered, shared by its sessions), else
+    from the node's (AnalysisCache.rendered), else is rendered now and kept in both."""
     selected, user = session.selected, session.user
     assert selected is not None and user is not None
     cache, address = session.analysis_cache, user.address
     runs = [" ".join(step) for step in plan if isinstance(step, tuple)]
-    static: dict[tuple[str, str], bytes] = {}
-    missing: list[Message] = []
-    for _, message in present:
-        for run in runs:
-            key = (message.path, run)
-            found = cache.rendered((address, *key))
-            if found is None:
-                missing.append(message)
-                break
-            static[key] = found
+    memos = [selected.view.rendered.setdefault(run, {}) for run in runs]
+    missing = [m for _, m in present if any(m.uid not in memo for memo in memos)]
     if missing:
-        needs_analysis = any(name in _ANALYSED for step in plan if isinstance(step, tuple) for name in step)
-        analyses = await session.analyses(missing) if needs_analysis else {}
+        unrendered: list[Message] = []
         for message in missing:
+            found = [cache.rendered((address, message.path, run)) for run in runs]
+            if any(value is None for value in found):
+                unrendered.append(message)
+                continue
+            for memo, value in zip(memos, found, strict=True):
+                assert value is not None
+                memo[message.uid] = value
+        needs_analysis = any(name in _ANALYSED for step in plan if isinstance(step, tuple) for name in step)
+        analyses = await session.analyses(unrendered) if needs_analysis and unrendered else {}
+        for message in unrendered:
             if needs_analysis and message.uid not in analyses:
                 continue  # expunged meanwhile: left out
-            for step in plan:
-                if isinstance(step, tuple):
-                    run = " ".join(step)
-                    rendered = b" ".join(_static_item(name, message, analyses.get(message.uid)) for name in step)
-                    cache.keep_rendered((address, message.path, run), rendered)
-                    static[(message.path, run)] = rendered
-    modseqs = selected.modseqs
-    condstore = session.condstore and "MODSEQ" not in plan
-    lines: list[bytes] = []
-    for seq, message in present:
-        uid = message.uid
-        parts: list[bytes] = []
-        for step in plan:
-            if isinstance(step, tuple):
-                value = static.get((message.path, " ".join(step)))
-                if value is None:
-                    break  # expunged meanwhile
-                parts.append(value)
-            elif step == "FLAGS":
-                parts.append(session.fetch_flags(uid).encode())
-            elif step == "UID":
-                parts.append(b"UID %d" % uid)
-            else:
-                parts.append(b"MODSEQ (%d)" % modseqs.get(uid, message.modseq))
-        else:
-            if condstore:
-                parts.append(b"MODSEQ (%d)" % modseqs.get(uid, message.modseq))
-            lines.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts)))
-    return b"".join(lines)
+            static_steps = [step for step in plan if isinstance(step, tuple)]
+            for names, run, memo in zip(static_steps, runs, memos, strict=True):
+                value = b" ".join(_static_item(name, message, analyses.get(message.uid)) for name in names)
+                cache.keep_rendered((address, message.path, run), value)
+                memo[message.uid] = value
+    modseqs, flags = selected.modseqs, selected.flags
+    recent_from = selected.first_recent if not selected.readonly and not session.imap4rev2 else None
+    condstore = session.condstore
+    # One format for every line, and per message the values of its steps, in order.
+    formats: list[bytes] = []
+    getters: list[Callable[[Message], object]] = []
+    memo_steps = iter(memos)
+    for step in plan:
+        if isinstance(step, tuple):
+            memo = next(memo_steps)
+            formats.append(b"%s")
+            getters.append(lambda m, memo=memo: memo[m.uid])  # type: ignore[misc]
+        elif step == "UID":
+            formats.append(b"UID %d")
+            getters.append(lambda m: m.uid)
+        elif step == "MODSEQ":
+            formats.append(b"MODSEQ (%d)")
+            getters.append(lambda m: modseqs.get(m.uid, m.modseq))
+        elif condstore:  # FLAGS, with its MODSEQ
+            formats.append(b"%s")
+            getters.append(lambda m: session.fetch_flags(m.uid).encode())
+        else:  # FLAGS
+            formats.append(b"%s")
+            getters.append(
+                lambda m: _flags_bytes(flags.get(m.uid, ""), recent_from is not None and m.uid >= recent_from)
+            )
+    if condstore and "MODSEQ" not in plan:
+        formats.append(b"MODSEQ (%d)")
+        getters.append(lambda m: modseqs.get(m.uid, m.modseq))
+    line = b"* %d FETCH (" + b" ".join(formats) + b")\r\n"
+    first = memos[0] if memos else None
+    return b"".join(
+        [
+            line % (seq, *[get(m) for get in getters])
+            for seq, m in present
+            if first is None or m.uid in first  # else expunged before it was rendered: left out
+        ]
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _flags_bytes(flags: str, recent: bool) -> bytes:
+    return Session.flags_text(flags, recent).encode()
 
 
 def _render(
