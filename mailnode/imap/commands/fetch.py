@@ -24,6 +24,7 @@ _READ_BATCH = 64  # message files read per Gateway trip while answering FETCH
 _SUMMARY_BATCH = 1024  # messages per FETCH response batch when no file is read
 _LARGE = 128 * 1024  # a message larger than this is sent alone, never read with a batch
 _CHUNK = 64 * 1024  # bytes read from a message file per step of a streamed literal
+_CACHED_READS = 4  # at most this many small messages are read at once on the loop from the page cache
 _STATIC = frozenset(("RFC822.SIZE", "INTERNALDATE", "ENVELOPE", "BODYSTRUCTURE", "BODY"))  # BODY: no section
 _ANALYSED = frozenset(("ENVELOPE", "BODYSTRUCTURE", "BODY"))  # from the message's structure
 _SUMMARY = _STATIC | {"UID", "FLAGS", "MODSEQ"}
@@ -75,8 +76,12 @@ async def fetch(session: Session, command: protocol.Command) -> None:
         chunk = targets[start : start + (_READ_BATCH if needs_data else _SUMMARY_BATCH)]
         known = _known_rows(selected)
         preread: dict[int, bytes] = {}  # the small messages' files, read with their rows (one trip)
+        cached = _read_cached(session, chunk, known) if needs_data and len(chunk) <= _CACHED_READS else None
         if not needs_data and all(u in known for _, u in chunk):
             present = [(s, known[u]) for s, u in chunk]
+        elif cached is not None:
+            present = [(s, known[u]) for s, u in chunk]
+            preread = cached
         else:
             loaded = await session.account.load(
                 selected.name, [u for _, u in chunk], data=needs_data, data_limit=_LARGE, known=known
@@ -119,6 +124,24 @@ async def fetch(session: Session, command: protocol.Command) -> None:
         await session.flush()
     await session.report_changes(expunge=by_uid)
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+def _read_cached(
+    session: Session, chunk: Sequence[tuple[int, int]], known: Mapping[int, Message]
+) -> dict[int, bytes] | None:
+    """The files of a few small known messages when the page cache holds them all (Account.read_cached):
+    a FETCH BODY.PEEK[] of one message is answered without a Gateway trip. None: read them the usual way."""
+    assert session.account is not None
+    read: dict[int, bytes] = {}
+    for _, uid in chunk:
+        message = known.get(uid)
+        if message is None or message.size > _LARGE:
+            return None
+        data = session.account.read_cached(message)
+        if data is None:
+            return None
+        read[uid] = data
+    return read
 
 
 def _known_rows(selected: Selected) -> Mapping[int, Message]:
