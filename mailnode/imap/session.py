@@ -176,6 +176,12 @@ class FolderView:
         found = self._remembered(change)
         if isinstance(found, FolderView):
             return found
+        told = [row for row in change.rows if row.uid in new]
+        if len(told) == len(new):  # the change brought the rows: nothing to read
+            view = self._with_rows(told)
+            if view is not self:
+                self._next = (change, weakref.ref(view))
+            return view
         task = found
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = asyncio.get_running_loop().create_task(self._with_added(new, load))
@@ -187,7 +193,10 @@ class FolderView:
         return view
 
     async def _with_added(self, new: list[int], load: Callable[[list[int]], Awaitable[list[Message]]]) -> FolderView:
-        rows = [m for m in await load(new) if m.uid not in self.flags]
+        return self._with_rows(await load(new))
+
+    def _with_rows(self, loaded: Sequence[Message]) -> FolderView:
+        rows = [m for m in loaded if m.uid not in self.flags]
         if not rows:
             return self
         flags, modseqs, known = dict(self.flags), dict(self.modseqs), dict(self.rows)

@@ -176,7 +176,9 @@ class MailStore:
                         if stored.duplicate:
                             continue
                         self.account_for(stored.address, size=delivery.size, count=1)
-                        self.switchboard.publish(stored.address, changes.Change(stored.folder, "added", (stored.uid,)))
+                        rows = () if stored.row is None else (stored.row,)
+                        added = changes.Change(stored.folder, "added", (stored.uid,), rows=rows)
+                        self.switchboard.publish(stored.address, added)
                     future.set_result(result)
         finally:
             self._writer = None
@@ -242,6 +244,13 @@ class MailStore:
                     # APPENDUID's UIDVALIDITY, for the APPENDs only: SMTP deliveries need no folder read
                     appended = {d.folder for _, _, d, _ in items if d.existing_folder}
                     folders = {name: mailbox.index.folder(name) for name in appended}
+                    # The new rows, published with the change: the IMAP sessions on the folder need not
+                    # query them (each would wait for the mailbox's read connection).
+                    new_rows: dict[tuple[str, int], index.Message] = {}
+                    for name in {d.folder for _, _, d, _ in items}:
+                        wanted = [uid for (_, _, d, _), uid in zip(items, uids, strict=True) if d.folder == name]
+                        for row in mailbox.index.messages(name, uids=[uid for uid in wanted if uid is not None]):
+                            new_rows[(name, row.uid)] = row
             except Exception as error:
                 log.exception("index commit failed", extra={"fields": {"mailbox": address, "error": str(error)}})
                 for call_no, _, _, path in items:
@@ -255,7 +264,9 @@ class MailStore:
                 else:
                     found = folders.get(d.folder)
                     uidvalidity = 0 if found is None else found.uidvalidity
-                    results[(call_no, pos)] = Stored(address, d.folder, uid, p, uidvalidity=uidvalidity)
+                    results[(call_no, pos)] = Stored(
+                        address, d.folder, uid, p, uidvalidity=uidvalidity, row=new_rows.get((d.folder, uid))
+                    )
         for call_no, files in enumerate(written):
             if not isinstance(outcome[call_no], BaseException):
                 outcome[call_no] = [results[(call_no, pos)] for pos in range(len(files))]
