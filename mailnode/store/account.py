@@ -52,6 +52,8 @@ from mailnode.store.staging import Staging
 
 Deliver = Callable[[Sequence[Delivery]], Awaitable[list[Stored]]]
 """MailStore.deliver: stores messages durably, group-committed with the other deliveries."""
+Grouped = Callable[[str, Callable[[Mailbox], object]], Awaitable[object]]
+"""MailStore.grouped: runs an index-only change of a mailbox, committed with the others asked for meanwhile."""
 
 
 class AccountFor(Protocol):
@@ -205,6 +207,7 @@ class Account:
         staging: Staging,
         switchboard: changes.Switchboard,
         deliver: Deliver,
+        grouped: Grouped,
         account_for: AccountFor,
     ) -> None:
         self.address = address
@@ -214,6 +217,7 @@ class Account:
         self._staging = staging
         self.switchboard = switchboard
         self._deliver = deliver
+        self._grouped = grouped
         self._account_for = account_for
 
     async def _run(self, fn: Callable[[Mailbox], object], *, fenced: bool = True, moves: bool = False) -> object:
@@ -624,7 +628,9 @@ class Account:
             log.warning("disk full: space reserve released", extra={"fields": {"mailbox": self.address}})
             return mailbox.index.set_flags(name, wanted, unchanged_since=unchanged_since)
 
-        result = await self._run(update)
+        # Group-committed: concurrent STOREs (and FETCHes setting \Seen) on the mailbox share one fsync.
+        with _storage_full_refused():
+            result = await self._grouped(self.address, update)
         assert isinstance(result, tuple)
         changed, failed = result
         if changed:

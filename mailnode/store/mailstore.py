@@ -34,7 +34,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mailnode.gateway import Gateway
@@ -68,6 +68,9 @@ class MailStore:
         self.frozen: set[str] = set()  # mailboxes being moved (mailnode.move): deliveries refused
         # Deliveries taken and not yet committed (or failed), with their mailboxes: what a freeze waits out.
         self._in_flight: dict[asyncio.Future[list[Stored]], frozenset[str]] = {}
+        # Index changes waiting to be committed together (`grouped`), and the task committing them, by mailbox.
+        self._groups: dict[str, list[tuple[Callable[[Mailbox], object], asyncio.Future[object]]]] = {}
+        self._group_writers: dict[str, asyncio.Task[None]] = {}
 
     # -- life cycle ---------------------------------------------------------------------------------
 
@@ -98,6 +101,8 @@ class MailStore:
     async def close(self) -> None:
         if self._writer is not None:
             await self._writer
+        for writer in list(self._group_writers.values()):
+            await writer
         await self._gateway.run(self.mailboxes.close)
         self.is_open = False
 
@@ -113,6 +118,7 @@ class MailStore:
             staging=self.staging,
             switchboard=self.switchboard,
             deliver=self.deliver,
+            grouped=self.grouped,
             account_for=self.account_for,
         )
 
@@ -271,6 +277,66 @@ class MailStore:
             if not isinstance(outcome[call_no], BaseException):
                 outcome[call_no] = [results[(call_no, pos)] for pos in range(len(files))]
         return outcome
+
+    # -- grouped index changes -------------------------------------------------------------------------
+
+    async def grouped(self, address: str, change: Callable[[Mailbox], object]) -> object:
+        """Run `change` in a Gateway thread under the mailbox's write lock, past the write fence, in one index
+        transaction with the other changes to the mailbox asked for meanwhile: one commit, hence one fsync,
+        for all of them (as deliveries share theirs), where each alone waited for the fsyncs of those before
+        it. Returns once that commit is done. Only for changes that write nothing but the index (each in its
+        own `atomic()`: a savepoint here, rolled back alone when it raises): a change whose files follow its
+        commit (an expunge's unlinks) cannot know when that is. A change that raises fails alone; when the
+        shared commit fails (a full disk), each change is run again alone, as if never grouped."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[object] = loop.create_future()
+        self._groups.setdefault(address, []).append((change, future))
+        if address not in self._group_writers:
+            self._group_writers[address] = loop.create_task(self._write_groups(address))
+        # shield: a client that hangs up must not cancel the commit other clients wait on
+        return await asyncio.shield(future)
+
+    async def _write_groups(self, address: str) -> None:
+        try:
+            while self._groups.get(address):
+                async with self.fence.writing():  # taken once the fence lets it in, as a delivery batch
+                    group = self._groups.pop(address)
+                    try:
+                        results = await self._gateway.run(self._write_group, address, [c for c, _ in group])
+                    except Exception as error:  # the trip itself failed: every change of it fails
+                        results = [error] * len(group)
+                    except BaseException:  # cancelled (the node stops): so are the changes' callers
+                        for _, future in group:
+                            future.cancel()
+                        raise
+                for (_, future), result in zip(group, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._group_writers.pop(address, None)
+
+    def _write_group(self, address: str, group: list[Callable[[Mailbox], object]]) -> list[object]:
+        """Runs in a Gateway thread: the changes in one transaction; each result, or the exception it raised."""
+
+        def attempt(change: Callable[[Mailbox], object]) -> object:
+            try:
+                return change(mailbox)
+            except Exception as error:
+                return error
+
+        mailbox = self.mailboxes.open(address)
+        with mailbox.lock:
+            if len(group) == 1:
+                return [attempt(group[0])]
+            try:
+                with mailbox.index.atomic():
+                    return [attempt(change) for change in group]
+            except Exception:  # the shared commit failed: nothing of it was committed; each alone then
+                return [attempt(change) for change in group]
 
     # -- moves (mailnode.move) --------------------------------------------------------------------------
 
