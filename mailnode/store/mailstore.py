@@ -201,7 +201,9 @@ class MailStore:
             try:
                 for delivery in deliveries:
                     mailbox = self.mailboxes.open(delivery.address)
-                    if delivery.existing_folder:
+                    # Known to the mailbox (made or checked before): no wait for its read connection,
+                    # which a SELECT of a big folder holds for a while.
+                    if delivery.existing_folder and delivery.folder not in mailbox.folders:
                         with mailbox.read_lock:
                             if mailbox.reader.folder(delivery.folder) is None:
                                 raise FolderError(f"[TRYCREATE] {delivery.folder} does not exist")
