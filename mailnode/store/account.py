@@ -42,7 +42,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar, cast
 
 from mailnode.gateway import Gateway
 from mailnode.store import changes, durable, index, maildir
@@ -53,6 +53,8 @@ from mailnode.store.staging import Staging
 Deliver = Callable[[Sequence[Delivery]], Awaitable[list[Stored]]]
 """MailStore.deliver: stores messages durably, group-committed with the other deliveries."""
 Grouped = Callable[[str, Callable[[Mailbox], object]], Awaitable[object]]
+SharedRead = Callable[[tuple[str, str], Callable[[], object]], Awaitable[object]]
+"""MailStore.shared_read: a read whose result the callers asking for the same key together share."""
 """MailStore.grouped: runs an index-only change of a mailbox, committed with the others asked for meanwhile."""
 
 
@@ -208,6 +210,7 @@ class Account:
         switchboard: changes.Switchboard,
         deliver: Deliver,
         grouped: Grouped,
+        shared_read: SharedRead,
         account_for: AccountFor,
     ) -> None:
         self.address = address
@@ -218,6 +221,7 @@ class Account:
         self.switchboard = switchboard
         self._deliver = deliver
         self._grouped = grouped
+        self._shared_read = shared_read
         self._account_for = account_for
 
     async def _run(self, fn: Callable[[Mailbox], object], *, fenced: bool = True, moves: bool = False) -> object:
@@ -414,10 +418,11 @@ class Account:
                     return None
                 return folder, mailbox.reader.messages(name, shared=True)  # kept by the session
 
-        found = await self._gateway.run(lambda: read(self._mailboxes.open(self.address)))
+        # SELECTs of the folder asked for while one reads share the next read (MailStore.shared_read).
+        found = await self._shared_read((self.address, name), lambda: read(self._mailboxes.open(self.address)))
         if found is None:
             return None
-        folder, messages = found
+        folder, messages = cast(tuple[index.Folder, list[index.Message]], found)
         first_recent = folder.first_recent if take_recent else folder.uidnext  # EXAMINE: none recent
         if writes:
 

@@ -71,6 +71,9 @@ class MailStore:
         # Index changes waiting to be committed together (`grouped`), and the task committing them, by mailbox.
         self._groups: dict[str, list[tuple[Callable[[Mailbox], object], asyncio.Future[object]]]] = {}
         self._group_writers: dict[str, asyncio.Task[None]] = {}
+        # Shared reads (`shared_read`): the one not started yet that callers join, and one at a time, by key.
+        self._next_reads: dict[tuple[str, str], asyncio.Future[object]] = {}
+        self._reading: dict[tuple[str, str], asyncio.Lock] = {}
 
     # -- life cycle ---------------------------------------------------------------------------------
 
@@ -119,6 +122,7 @@ class MailStore:
             switchboard=self.switchboard,
             deliver=self.deliver,
             grouped=self.grouped,
+            shared_read=self.shared_read,
             account_for=self.account_for,
         )
 
@@ -279,6 +283,41 @@ class MailStore:
             if not isinstance(outcome[call_no], BaseException):
                 outcome[call_no] = [results[(call_no, pos)] for pos in range(len(files))]
         return outcome
+
+    # -- shared reads ----------------------------------------------------------------------------------
+
+    async def shared_read(self, key: tuple[str, str], read: Callable[[], object]) -> object:
+        """`read()` in a Gateway thread, one at a time per key, its result shared by every caller that asked
+        for the key before it started: callers that ask while one runs share the next one, so each gets
+        what was there when it asked, or later (as its own read would). For a read of a big folder that
+        sessions ask for together (a SELECT after sessions' cycles fell into step): one read, where each
+        would wait for the read connection behind the others'. The first caller's `read` serves them all:
+        the same key must mean the same read."""
+        future = self._next_reads.get(key)
+        if future is None:
+            future = self._next_reads[key] = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().create_task(self._run_shared_read(key, read, future))
+        # shield: a caller that goes away must not cancel the read the others wait on
+        return await asyncio.shield(future)
+
+    async def _run_shared_read(
+        self, key: tuple[str, str], read: Callable[[], object], future: asyncio.Future[object]
+    ) -> None:
+        lock = self._reading.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                if self._next_reads.get(key) is future:  # started: who asks from now on shares the next
+                    del self._next_reads[key]
+                try:
+                    future.set_result(await self._gateway.run(read))
+                except Exception as error:
+                    future.set_exception(error)
+                except BaseException:
+                    future.cancel()
+                    raise
+        finally:
+            if not lock.locked() and key not in self._next_reads:
+                self._reading.pop(key, None)
 
     # -- grouped index changes -------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -133,3 +133,29 @@ async def test_known_rows_are_not_queried_and_a_moved_file_is_found(store: MailS
         loaded = await account.load("INBOX", [1], data=True, known=stale)
         assert queries == 1
         assert [(m.uid, data) for m, data in loaded] == [(1, b"Subject: 0\r\n\r\n0\r\n")]
+
+
+async def test_selects_asked_for_together_share_a_read_made_after_they_asked(store: MailStore) -> None:
+    account = await _fill(store, 3)
+    reads = 0
+    shared_read = store.shared_read
+
+    async def counting(key: tuple[str, str], read: Callable[[], object]) -> object:
+        def counted() -> object:
+            nonlocal reads
+            reads += 1
+            return read()
+
+        return await shared_read(key, counted)
+
+    store.shared_read = counting  # type: ignore[method-assign]
+    account = store.account(ADDRESS)  # with the counting read
+    first = asyncio.ensure_future(account.select("INBOX", take_recent=False))
+    await asyncio.sleep(0)  # the first read has started
+    await account.store_flags("INBOX", [2], mode="+", flags=["\\Seen"])  # committed before the next ones ask
+    later = await asyncio.gather(*(account.select("INBOX", take_recent=False) for _ in range(5)))
+    await first
+    assert reads <= 2  # the first, and one for the five that asked together
+    for selected in later:
+        assert selected is not None
+        assert {m.uid: m.flags for m in selected.messages} == {1: "", 2: "\\Seen", 3: ""}  # what was there when asked
