@@ -70,6 +70,7 @@ IDLE_GOAL_SESSIONS = 10_000
 IMAPS_LIMIT = 16  # the node's imaps listener, which the bench does not use
 LINE_LIMIT = 4 * 1024 * 1024  # the client's longest response line (a FETCH line with a BODYSTRUCTURE)
 READ_SIZE = 256 * 1024  # bytes the client asks the socket for at a time
+LAG_TICK = 0.01  # seconds between the client's samples of its own event loop's lag
 
 BODY_FETCHES = 50
 STORES = 5
@@ -590,6 +591,7 @@ class Stats:
     handshakes: int = 0  # TLS handshakes, and how many of them resumed a session
     resumed: int = 0
     problems: Counter[str] = dataclasses.field(default_factory=Counter)
+    lags: list[float] = dataclasses.field(default_factory=list)  # the client's event loop, late by (seconds)
 
     async def op(
         self, kind: str, client: Client, text: str, *, literal: bytes | None = None, also: str | None = None
@@ -670,11 +672,24 @@ async def workload(port: int, server: str, load: Load, corpus: Corpus, cert: Pat
             stats.resumed += tls.resumed
 
     total = load.sessions * load.cycles * COMMANDS_PER_CYCLE
+    monitor = asyncio.get_running_loop().create_task(loop_lag(stats.lags))
     try:
         await run_all((session(n) for n in range(load.sessions)), seconds=load.timeout, what=f"{server} workload")
     except BenchError as error:
         raise BenchError(f"{error} ({stats.operations} of {total} commands done)") from error
+    finally:
+        monitor.cancel()
     return stats
+
+
+async def loop_lag(lags: list[float]) -> None:
+    """How late the client's own event loop wakes a LAG_TICK timer, for as long as the workload runs: every
+    latency it measures includes about that much of its own queueing (the client is one process)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(LAG_TICK)
+        lags.append(max(0.0, loop.time() - started - LAG_TICK))
 
 
 async def warm_up(port: int, server: str, cert: Path) -> int:
@@ -835,6 +850,7 @@ class Result:
     problems: tuple[str, ...] = ()
     handshakes: int = 0  # TLS handshakes of the workload, and how many resumed a session
     resumed: int = 0
+    client_lags: list[float] = dataclasses.field(default_factory=list)  # Stats.lags
 
     @property
     def rate(self) -> float:
@@ -876,7 +892,7 @@ def run_load(
     return Result(
         server, preload=preload, operations=stats.operations, seconds=seconds, server_cpu=server_cpu,
         client_cpu=client_seconds, latencies=dict(stats.latencies), memory=memory, problems=tuple(problems),
-        handshakes=stats.handshakes, resumed=stats.resumed,
+        handshakes=stats.handshakes, resumed=stats.resumed, client_lags=stats.lags,
     )  # fmt: skip
 
 
@@ -1092,6 +1108,8 @@ def report(results: list[Result], load: Load, scheme: str) -> None:
     print(f"{'command':<14}" + "".join(f" {result.server:>24}" for result in measured))
     for kind in (*KINDS, *SEARCH_KINDS):
         print(f"{kind:<14}" + "".join(f" {latency(result.latencies.get(kind, [])):>24}" for result in measured))
+    # Not a command: how late the client's own loop ran during each server's workload (part of every figure).
+    print(f"{'client lag':<14}" + "".join(f" {latency(result.client_lags):>24}" for result in measured))
     if node is not None and dovecot is not None:
         print()
         ratios(node, dovecot)

@@ -2,6 +2,9 @@
 
 Every coroutine that needs to block calls `await gateway.run(fn, *args)`; the store, the
 authenticator and the directory watcher share one node-wide Gateway so the thread count is bounded.
+A trip costs its caller two turns of the event loop, which a busy node makes milliseconds: the one
+read that skips it is a message file the page cache holds (Account.read_cached, RWF_NOWAIT), which
+cannot block.
 """
 
 from __future__ import annotations

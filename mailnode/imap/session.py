@@ -16,6 +16,7 @@ import collections
 import collections.abc
 import contextlib
 import dataclasses
+import functools
 import heapq
 import logging
 import re
@@ -66,14 +67,29 @@ class FolderView:
     Never changed once made: every session showing this version of the folder holds the same object (as
     Dovecot's sessions share a mailbox's index map), and a change makes a new version (`after`), which
     the other sessions on this one take as they report the same change, instead of each building its
-    own. A session holds only what it shows differently (Selected)."""
+    own. A session holds only what it shows differently (Selected).
 
-    __slots__ = ("__weakref__", "_next", "flags", "modseqs", "uids")
+    `rows` holds each message's row as it was read, for what never changes in it (path, size, internal
+    date): FETCH takes them from here instead of querying the index (its flags and mod-sequence may be
+    older than `flags` and `modseqs`, which are the version's)."""
 
-    def __init__(self, uids: list[int], flags: dict[int, str], modseqs: dict[int, int]) -> None:
+    __slots__ = ("__weakref__", "_next", "flags", "modseqs", "rendered", "rows", "uids")
+
+    def __init__(
+        self,
+        uids: list[int],
+        flags: dict[int, str],
+        modseqs: dict[int, int],
+        rows: dict[int, Message],
+        rendered: dict[str, dict[int, bytes]] | None = None,
+    ) -> None:
         self.uids = uids  # ascending; shared: never mutated
         self.flags = flags
         self.modseqs = modseqs
+        self.rows = rows  # shared between versions while no message comes or goes; never mutated
+        # FETCH items that never change for a message (commands.fetch._summaries), by item names, then UID:
+        # filled by the sessions' FETCHes, shared like the rows, and carried into the next versions.
+        self.rendered: dict[str, dict[int, bytes]] = {} if rendered is None else rendered
         # The version after the last change applied to this one: sessions report the changes in the order
         # the switchboard published them, so the next session on this version asks for the same change.
         # Weak once made: a session that lags on an old version must not keep every later one alive.
@@ -81,14 +97,25 @@ class FolderView:
 
     @classmethod
     def of(cls, messages: Sequence[Message]) -> FolderView:
-        return cls([m.uid for m in messages], {m.uid: m.flags for m in messages}, {m.uid: m.modseq for m in messages})
+        return cls(
+            [m.uid for m in messages],
+            {m.uid: m.flags for m in messages},
+            {m.uid: m.modseq for m in messages},
+            {m.uid: m for m in messages},
+        )
 
     def shows(self, messages: Sequence[Message]) -> bool:
-        """Whether this version is exactly `messages` (a SELECT's rows, ascending)."""
+        """Whether this version is exactly `messages` (a SELECT's rows, ascending), files included (a
+        RENAME moves them)."""
         if len(messages) != len(self.uids):
             return False
-        flags, modseqs = self.flags, self.modseqs
-        return all(flags.get(m.uid) == m.flags and modseqs.get(m.uid) == m.modseq for m in messages)
+        flags, modseqs, rows = self.flags, self.modseqs, self.rows
+        return all(
+            flags.get(m.uid) == m.flags
+            and modseqs.get(m.uid) == m.modseq
+            and ((known := rows.get(m.uid)) is m or (known is not None and known.path == m.path))
+            for m in messages
+        )
 
     def _remembered(self, change: Change) -> FolderView | asyncio.Task[FolderView] | None:
         following = self._next
@@ -125,7 +152,8 @@ class FolderView:
             modseqs[uid] = modseq
         if flags is None or modseqs is None:
             return self
-        return FolderView(self.uids, flags, modseqs)  # the same UIDs: their list is shared too
+        # The same messages: their UIDs, rows and rendered items shared.
+        return FolderView(self.uids, flags, modseqs, self.rows, self.rendered)
 
     def _without(self, uids: Sequence[int]) -> FolderView:
         gone = {uid for uid in uids if uid in self.flags}
@@ -133,7 +161,11 @@ class FolderView:
             return self
         flags = {u: f for u, f in self.flags.items() if u not in gone}
         modseqs = {u: m for u, m in self.modseqs.items() if u not in gone}
-        return FolderView([u for u in self.uids if u not in gone], flags, modseqs)
+        rows = {u: m for u, m in self.rows.items() if u not in gone}
+        rendered = {
+            items: {u: r for u, r in by_uid.items() if u not in gone} for items, by_uid in self.rendered.items()
+        }
+        return FolderView([u for u in self.uids if u not in gone], flags, modseqs, rows, rendered)
 
     async def after_added(self, change: Change, load: Callable[[list[int]], Awaitable[list[Message]]]) -> FolderView:
         """This version with an "added" change applied: the new messages' flags are read (`load`) once for all
@@ -144,6 +176,12 @@ class FolderView:
         found = self._remembered(change)
         if isinstance(found, FolderView):
             return found
+        told = [row for row in change.rows if row.uid in new]
+        if len(told) == len(new):  # the change brought the rows: nothing to read
+            view = self._with_rows(told)
+            if view is not self:
+                self._next = (change, weakref.ref(view))
+            return view
         task = found
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = asyncio.get_running_loop().create_task(self._with_added(new, load))
@@ -155,18 +193,23 @@ class FolderView:
         return view
 
     async def _with_added(self, new: list[int], load: Callable[[list[int]], Awaitable[list[Message]]]) -> FolderView:
-        rows = [m for m in await load(new) if m.uid not in self.flags]
+        return self._with_rows(await load(new))
+
+    def _with_rows(self, loaded: Sequence[Message]) -> FolderView:
+        rows = [m for m in loaded if m.uid not in self.flags]
         if not rows:
             return self
-        flags, modseqs = dict(self.flags), dict(self.modseqs)
+        flags, modseqs, known = dict(self.flags), dict(self.modseqs), dict(self.rows)
         for message in rows:
             flags[message.uid] = message.flags
             modseqs[message.uid] = message.modseq
+            known[message.uid] = message
         added = sorted(m.uid for m in rows)
         # New UIDs are above the folder's (RFC 3501 §2.3.1.1): appended, unless the store says otherwise.
         ascending = not self.uids or added[0] > self.uids[-1]
         uids = self.uids + added if ascending else sorted((*self.uids, *added))
-        return FolderView(uids, flags, modseqs)
+        rendered = {items: dict(by_uid) for items, by_uid in self.rendered.items()}
+        return FolderView(uids, flags, modseqs, known, rendered)
 
 
 class FolderViews:
@@ -344,6 +387,9 @@ class AnalysisCache:
         self._size = size
         self._entries: collections.OrderedDict[tuple[str, str], mime.Analysis] = collections.OrderedDict()
         self._headers: collections.OrderedDict[tuple[str, str], dict[str, str | None]] = collections.OrderedDict()
+        # FETCH items that never change for a message (RFC822.SIZE, ENVELOPE, ...), rendered once for every
+        # session, by (mailbox, file path, item names): a summary FETCH joins them (commands.fetch).
+        self._rendered: collections.OrderedDict[tuple[str, str, str], bytes] = collections.OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
 
     def get(self, key: tuple[str, str]) -> mime.Analysis | None:
@@ -356,6 +402,17 @@ class AnalysisCache:
         self._entries[key] = analysis
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
+
+    def rendered(self, key: tuple[str, str, str]) -> bytes | None:
+        found = self._rendered.get(key)
+        if found is not None:
+            self._rendered.move_to_end(key)
+        return found
+
+    def keep_rendered(self, key: tuple[str, str, str], value: bytes) -> None:
+        self._rendered[key] = value
+        if len(self._rendered) > self._size:
+            self._rendered.popitem(last=False)
 
     def lock(self, address: str) -> asyncio.Lock:
         return self._locks.setdefault(address, asyncio.Lock())
@@ -816,14 +873,23 @@ class Session:
         VANISHED once QRESYNC is enabled)."""
         self._tell_expunged(uid)
 
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def flags_text(flags: str, recent: bool) -> str:
+        """A FETCH response's FLAGS item, without MODSEQ: a folder's messages have few distinct flag sets,
+        and a FETCH 1:* asks for each message's."""
+        words = flags.split()
+        if recent:
+            words.append("\\Recent")
+        return f"FLAGS ({' '.join(words)})"
+
     def fetch_flags(self, uid: int) -> str:
         """The FLAGS item of a FETCH response (with MODSEQ once CONDSTORE is on)."""
         selected = self.selected
         assert selected is not None
-        flags = selected.flags.get(uid, "").split()
-        if uid in selected.recent and not self.imap4rev2:  # RFC 9051 has no \\Recent flag
-            flags.append("\\Recent")
-        text = f"FLAGS ({' '.join(flags)})"
+        # RFC 9051 has no \\Recent flag
+        recent = not self.imap4rev2 and not selected.readonly and uid >= selected.first_recent
+        text = self.flags_text(selected.flags.get(uid, ""), recent)
         if self.condstore:
             text += f" MODSEQ ({selected.modseqs.get(uid, 0)})"
         return text

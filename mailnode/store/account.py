@@ -40,9 +40,9 @@ import functools
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar, cast
 
 from mailnode.gateway import Gateway
 from mailnode.store import changes, durable, index, maildir
@@ -52,6 +52,10 @@ from mailnode.store.staging import Staging
 
 Deliver = Callable[[Sequence[Delivery]], Awaitable[list[Stored]]]
 """MailStore.deliver: stores messages durably, group-committed with the other deliveries."""
+Grouped = Callable[[str, Callable[[Mailbox], object]], Awaitable[object]]
+SharedRead = Callable[[tuple[str, str], Callable[[], object]], Awaitable[object]]
+"""MailStore.shared_read: a read whose result the callers asking for the same key together share."""
+"""MailStore.grouped: runs an index-only change of a mailbox, committed with the others asked for meanwhile."""
 
 
 class AccountFor(Protocol):
@@ -67,6 +71,7 @@ FolderNameTooLong = maildir.FolderNameTooLong  # too long for the file system on
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)  # Linux 4.14 and later: a read that never waits for the disk
 
 
 class FolderError(Exception):
@@ -204,6 +209,8 @@ class Account:
         staging: Staging,
         switchboard: changes.Switchboard,
         deliver: Deliver,
+        grouped: Grouped,
+        shared_read: SharedRead,
         account_for: AccountFor,
     ) -> None:
         self.address = address
@@ -213,6 +220,8 @@ class Account:
         self._staging = staging
         self.switchboard = switchboard
         self._deliver = deliver
+        self._grouped = grouped
+        self._shared_read = shared_read
         self._account_for = account_for
 
     async def _run(self, fn: Callable[[Mailbox], object], *, fenced: bool = True, moves: bool = False) -> object:
@@ -409,10 +418,11 @@ class Account:
                     return None
                 return folder, mailbox.reader.messages(name, shared=True)  # kept by the session
 
-        found = await self._gateway.run(lambda: read(self._mailboxes.open(self.address)))
+        # SELECTs of the folder asked for while one reads share the next read (MailStore.shared_read).
+        found = await self._shared_read((self.address, name), lambda: read(self._mailboxes.open(self.address)))
         if found is None:
             return None
-        folder, messages = found
+        folder, messages = cast(tuple[index.Folder, list[index.Message]], found)
         first_recent = folder.first_recent if take_recent else folder.uidnext  # EXAMINE: none recent
         if writes:
 
@@ -438,30 +448,77 @@ class Account:
         return result
 
     async def load(
-        self, name: str, uids: Sequence[int], *, data: bool, data_limit: int | None = None
+        self,
+        name: str,
+        uids: Sequence[int],
+        *,
+        data: bool,
+        data_limit: int | None = None,
+        known: Mapping[int, index.Message] | None = None,
     ) -> list[tuple[index.Message, bytes | None]]:
         """Rows of these UIDs and, with data=True, their files' bytes (None for a message larger than
-        `data_limit`, which the caller streams instead): one Gateway trip for both."""
+        `data_limit`, which the caller streams instead): one Gateway trip for both. The rows in `known`
+        (rows the caller read before: their path, size and date never change) are not queried, so a read
+        of a few known messages does not wait for the mailbox's read connection; a known row whose file
+        is not there is queried after all (a RENAME moves files)."""
         root = maildir.mailbox_dir(self._mailboxes.root, self.address)
 
-        def load() -> list[tuple[index.Message, bytes | None]]:
+        def query(wanted: list[int]) -> list[index.Message]:
+            if not wanted:
+                return []
             mailbox = self._mailboxes.open(self.address)
             with mailbox.read_lock:
-                rows = mailbox.reader.messages(name, uids=uids)
-            if not data:
-                return [(m, None) for m in rows]
-            loaded: list[tuple[index.Message, bytes | None]] = []
+                return mailbox.reader.messages(name, uids=wanted)
+
+        def read_files(rows: list[index.Message], loaded: list[tuple[index.Message, bytes | None]]) -> list[int]:
+            """Append (row, bytes) to `loaded`; returns the UIDs whose file was not found."""
+            missing: list[int] = []
             for message in rows:
                 if data_limit is not None and message.size > data_limit:
                     loaded.append((message, None))
                     continue
                 try:
                     loaded.append((message, (root / message.path).read_bytes()))
-                except FileNotFoundError:  # expunged by another session since the query: left out
-                    continue
+                except FileNotFoundError:
+                    missing.append(message.uid)
+            return missing
+
+        def load() -> list[tuple[index.Message, bytes | None]]:
+            rows = [] if known is None else [known[uid] for uid in uids if uid in known]
+            rows += query([uid for uid in uids if known is None or uid not in known])
+            if not data:
+                return [(m, None) for m in rows]
+            loaded: list[tuple[index.Message, bytes | None]] = []
+            moved = [uid for uid in read_files(rows, loaded) if known is not None and uid in known]
+            read_files(query(moved), loaded)  # the others: expunged since the query, left out
             return loaded
 
         return await self._gateway.run(load)
+
+    def read_cached(self, message: index.Message) -> bytes | None:
+        """The message's bytes when the page cache holds all of them, read at once on the caller's thread:
+        preadv2's RWF_NOWAIT (Linux) never waits for the disk, so this is the one file read that need not
+        take a Gateway trip (two turns of a busy event loop for a read of microseconds). None when the file
+        is not wholly cached, is gone (expunged, or moved by a RENAME), or RWF_NOWAIT is not supported:
+        then the caller reads it through the Gateway."""
+        if _NOWAIT is None:
+            return None
+        path = maildir.mailbox_dir(self._mailboxes.root, self.address) / message.path
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            buffer = bytearray(message.size + 1)  # one byte more: a file longer than its row is read the slow way
+            read = os.preadv(fd, [buffer], 0, _NOWAIT)
+        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: the file system cannot say
+            return None
+        finally:
+            os.close(fd)
+        if read != message.size:  # partly cached (a short read), or not the size the row says
+            return None
+        del buffer[read:]
+        return bytes(buffer)
 
     async def read(self, messages: Sequence[index.Message], *, limits: Sequence[int] | None = None) -> list[bytes]:
         """The stored bytes of each message, or its first `limits[i]` bytes (one Gateway trip for all);
@@ -576,7 +633,9 @@ class Account:
             log.warning("disk full: space reserve released", extra={"fields": {"mailbox": self.address}})
             return mailbox.index.set_flags(name, wanted, unchanged_since=unchanged_since)
 
-        result = await self._run(update)
+        # Group-committed: concurrent STOREs (and FETCHes setting \Seen) on the mailbox share one fsync.
+        with _storage_full_refused():
+            result = await self._grouped(self.address, update)
         assert isinstance(result, tuple)
         changed, failed = result
         if changed:

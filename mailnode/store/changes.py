@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +23,10 @@ class Change:
     flags: tuple[str, ...] = ()
     modseqs: tuple[int, ...] = ()
     origin: object | None = None  # the session that made the change, if any
+    # for "added": the new index.Message rows, when the change that stored them read them back (a delivery
+    # does), so that no listener has to query them; empty: listeners read the rows of `uids` themselves.
+    # (Any: this module sits beside the index, and imports none of it.)
+    rows: tuple[Any, ...] = ()
 
 
 Listener = Callable[[Change], None]

@@ -69,6 +69,7 @@ class Stored:
     # The hand-off was stored here before: nothing new was stored, and the delivery counts as done.
     duplicate: bool = False
     uidvalidity: int = 0  # an APPEND's (existing_folder) folder's, read under the lock that stored it (APPENDUID)
+    row: index.Message | None = None  # its index row, read back under that lock (published with the change)
 
 
 @dataclasses.dataclass

@@ -34,7 +34,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mailnode.gateway import Gateway
@@ -68,6 +68,12 @@ class MailStore:
         self.frozen: set[str] = set()  # mailboxes being moved (mailnode.move): deliveries refused
         # Deliveries taken and not yet committed (or failed), with their mailboxes: what a freeze waits out.
         self._in_flight: dict[asyncio.Future[list[Stored]], frozenset[str]] = {}
+        # Index changes waiting to be committed together (`grouped`), and the task committing them, by mailbox.
+        self._groups: dict[str, list[tuple[Callable[[Mailbox], object], asyncio.Future[object]]]] = {}
+        self._group_writers: dict[str, asyncio.Task[None]] = {}
+        # Shared reads (`shared_read`): the one not started yet that callers join, and one at a time, by key.
+        self._next_reads: dict[tuple[str, str], asyncio.Future[object]] = {}
+        self._reading: dict[tuple[str, str], asyncio.Lock] = {}
 
     # -- life cycle ---------------------------------------------------------------------------------
 
@@ -98,6 +104,8 @@ class MailStore:
     async def close(self) -> None:
         if self._writer is not None:
             await self._writer
+        for writer in list(self._group_writers.values()):
+            await writer
         await self._gateway.run(self.mailboxes.close)
         self.is_open = False
 
@@ -113,6 +121,8 @@ class MailStore:
             staging=self.staging,
             switchboard=self.switchboard,
             deliver=self.deliver,
+            grouped=self.grouped,
+            shared_read=self.shared_read,
             account_for=self.account_for,
         )
 
@@ -176,7 +186,9 @@ class MailStore:
                         if stored.duplicate:
                             continue
                         self.account_for(stored.address, size=delivery.size, count=1)
-                        self.switchboard.publish(stored.address, changes.Change(stored.folder, "added", (stored.uid,)))
+                        rows = () if stored.row is None else (stored.row,)
+                        added = changes.Change(stored.folder, "added", (stored.uid,), rows=rows)
+                        self.switchboard.publish(stored.address, added)
                     future.set_result(result)
         finally:
             self._writer = None
@@ -193,7 +205,9 @@ class MailStore:
             try:
                 for delivery in deliveries:
                     mailbox = self.mailboxes.open(delivery.address)
-                    if delivery.existing_folder:
+                    # Known to the mailbox (made or checked before): no wait for its read connection,
+                    # which a SELECT of a big folder holds for a while.
+                    if delivery.existing_folder and delivery.folder not in mailbox.folders:
                         with mailbox.read_lock:
                             if mailbox.reader.folder(delivery.folder) is None:
                                 raise FolderError(f"[TRYCREATE] {delivery.folder} does not exist")
@@ -242,6 +256,13 @@ class MailStore:
                     # APPENDUID's UIDVALIDITY, for the APPENDs only: SMTP deliveries need no folder read
                     appended = {d.folder for _, _, d, _ in items if d.existing_folder}
                     folders = {name: mailbox.index.folder(name) for name in appended}
+                    # The new rows, published with the change: the IMAP sessions on the folder need not
+                    # query them (each would wait for the mailbox's read connection).
+                    new_rows: dict[tuple[str, int], index.Message] = {}
+                    for name in {d.folder for _, _, d, _ in items}:
+                        wanted = [uid for (_, _, d, _), uid in zip(items, uids, strict=True) if d.folder == name]
+                        for row in mailbox.index.messages(name, uids=[uid for uid in wanted if uid is not None]):
+                            new_rows[(name, row.uid)] = row
             except Exception as error:
                 log.exception("index commit failed", extra={"fields": {"mailbox": address, "error": str(error)}})
                 for call_no, _, _, path in items:
@@ -255,11 +276,108 @@ class MailStore:
                 else:
                     found = folders.get(d.folder)
                     uidvalidity = 0 if found is None else found.uidvalidity
-                    results[(call_no, pos)] = Stored(address, d.folder, uid, p, uidvalidity=uidvalidity)
+                    results[(call_no, pos)] = Stored(
+                        address, d.folder, uid, p, uidvalidity=uidvalidity, row=new_rows.get((d.folder, uid))
+                    )
         for call_no, files in enumerate(written):
             if not isinstance(outcome[call_no], BaseException):
                 outcome[call_no] = [results[(call_no, pos)] for pos in range(len(files))]
         return outcome
+
+    # -- shared reads ----------------------------------------------------------------------------------
+
+    async def shared_read(self, key: tuple[str, str], read: Callable[[], object]) -> object:
+        """`read()` in a Gateway thread, one at a time per key, its result shared by every caller that asked
+        for the key before it started: callers that ask while one runs share the next one, so each gets
+        what was there when it asked, or later (as its own read would). For a read of a big folder that
+        sessions ask for together (a SELECT after sessions' cycles fell into step): one read, where each
+        would wait for the read connection behind the others'. The first caller's `read` serves them all:
+        the same key must mean the same read."""
+        future = self._next_reads.get(key)
+        if future is None:
+            future = self._next_reads[key] = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().create_task(self._run_shared_read(key, read, future))
+        # shield: a caller that goes away must not cancel the read the others wait on
+        return await asyncio.shield(future)
+
+    async def _run_shared_read(
+        self, key: tuple[str, str], read: Callable[[], object], future: asyncio.Future[object]
+    ) -> None:
+        lock = self._reading.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                if self._next_reads.get(key) is future:  # started: who asks from now on shares the next
+                    del self._next_reads[key]
+                try:
+                    future.set_result(await self._gateway.run(read))
+                except Exception as error:
+                    future.set_exception(error)
+                except BaseException:
+                    future.cancel()
+                    raise
+        finally:
+            if not lock.locked() and key not in self._next_reads:
+                self._reading.pop(key, None)
+
+    # -- grouped index changes -------------------------------------------------------------------------
+
+    async def grouped(self, address: str, change: Callable[[Mailbox], object]) -> object:
+        """Run `change` in a Gateway thread under the mailbox's write lock, past the write fence, in one index
+        transaction with the other changes to the mailbox asked for meanwhile: one commit, hence one fsync,
+        for all of them (as deliveries share theirs), where each alone waited for the fsyncs of those before
+        it. Returns once that commit is done. Only for changes that write nothing but the index (each in its
+        own `atomic()`: a savepoint here, rolled back alone when it raises): a change whose files follow its
+        commit (an expunge's unlinks) cannot know when that is. A change that raises fails alone; when the
+        shared commit fails (a full disk), each change is run again alone, as if never grouped."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[object] = loop.create_future()
+        self._groups.setdefault(address, []).append((change, future))
+        if address not in self._group_writers:
+            self._group_writers[address] = loop.create_task(self._write_groups(address))
+        # shield: a client that hangs up must not cancel the commit other clients wait on
+        return await asyncio.shield(future)
+
+    async def _write_groups(self, address: str) -> None:
+        try:
+            while self._groups.get(address):
+                async with self.fence.writing():  # taken once the fence lets it in, as a delivery batch
+                    group = self._groups.pop(address)
+                    try:
+                        results = await self._gateway.run(self._write_group, address, [c for c, _ in group])
+                    except Exception as error:  # the trip itself failed: every change of it fails
+                        results = [error] * len(group)
+                    except BaseException:  # cancelled (the node stops): so are the changes' callers
+                        for _, future in group:
+                            future.cancel()
+                        raise
+                for (_, future), result in zip(group, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._group_writers.pop(address, None)
+
+    def _write_group(self, address: str, group: list[Callable[[Mailbox], object]]) -> list[object]:
+        """Runs in a Gateway thread: the changes in one transaction; each result, or the exception it raised."""
+
+        def attempt(change: Callable[[Mailbox], object]) -> object:
+            try:
+                return change(mailbox)
+            except Exception as error:
+                return error
+
+        mailbox = self.mailboxes.open(address)
+        with mailbox.lock:
+            if len(group) == 1:
+                return [attempt(group[0])]
+            try:
+                with mailbox.index.atomic():
+                    return [attempt(change) for change in group]
+            except Exception:  # the shared commit failed: nothing of it was committed; each alone then
+                return [attempt(change) for change in group]
 
     # -- moves (mailnode.move) --------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Sessions on one folder share its state (mailnode.imap.session.FolderView) and each still reports changes
 to its own client only when IMAP lets it: EXPUNGE not after FETCH, STORE or SEARCH (RFC 3501 §7.4.1)
 and with the sequence numbers the client knows; flags as FETCH after the command; VANISHED with QRESYNC
-(RFC 7162 §3.2.10); at once in IDLE. Also `listen.limits.imaps`, the implicit-TLS listener's own limit.
+(RFC 7162 §3.2.10); at once in IDLE. A summary FETCH, whose unchanging items the sessions share once
+rendered, says what each item rendered alone says, after flag changes, expunges and new mail. Also
+`listen.limits.imaps`, the implicit-TLS listener's own limit.
 
 A raw line client over TLS, so that the tests see every untagged response, in order."""
 
@@ -169,6 +171,33 @@ def test_an_expunge_is_told_only_where_imap_allows_with_the_numbers_the_client_k
     assert expunges(second.ok("NOOP")) == [2, 3]
     assert fetched(second.ok("FETCH 1:* (UID)")) == {1: 1, 2: 3, 3: 5, 4: 6}
     assert expunges(second.ok("NOOP")) == []
+
+
+def test_a_shared_summary_fetch_says_what_the_items_say_alone(node: RunningNode, clients: Callable[[], Client]) -> None:
+    deliver(node, 1, 2, 3)
+    first, second = clients(), clients()
+    first.ok("SELECT INBOX")
+    second.ok("SELECT INBOX")
+    items = "FLAGS RFC822.SIZE INTERNALDATE ENVELOPE BODYSTRUCTURE"
+    summary = f"UID FETCH 1:* ({items})"
+    first.ok(summary)  # renders each message's unchanging items, once for both sessions
+    first.ok("UID STORE 2 +FLAGS (\\Flagged)")
+    first.ok("UID STORE 3 +FLAGS.SILENT (\\Deleted)")
+    first.ok("EXPUNGE")
+    deliver(node, 4)
+    second.ok("NOOP")
+    shared = [line for line in second.ok(summary) if b" FETCH " in line]
+    # An item that reads the message makes every item of the line be rendered on its own, for this FETCH.
+    empty = b' BODY[HEADER.FIELDS (X-NONE)]<100> ""'
+    alone = [
+        line.replace(empty, b"")
+        for line in second.ok(f"UID FETCH 1:* ({items} BODY.PEEK[HEADER.FIELDS (X-NONE)]<100.1>)")
+        if b" FETCH " in line
+    ]
+    assert shared == alone
+    assert fetched(shared) == {1: 1, 2: 2, 3: 4}
+    assert b"FLAGS (\\Flagged)" in shared[1] and b'"note 2"' in shared[1] and b'"note 4"' in shared[2]
+    assert all(b"RFC822.SIZE " in line and b"BODYSTRUCTURE (" in line for line in shared)
 
 
 def test_flags_changed_elsewhere_are_told_after_the_command(node: RunningNode, clients: Callable[[], Client]) -> None:

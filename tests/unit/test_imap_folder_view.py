@@ -68,6 +68,46 @@ def test_an_addition_is_read_once_for_all_the_sessions_on_a_version() -> None:
     assert results[0].uids == [1, 2, 3] and results[0].flags[3] == "\\Flagged"
 
 
+def test_an_addition_that_brings_its_rows_is_read_by_no_one() -> None:
+    view = FolderView.of([row(1), row(2)])
+    change = Change("INBOX", "added", (3,), rows=(row(3, "\\Draft", 7),))
+
+    async def load(uids: list[int]) -> list[Message]:
+        raise AssertionError("the change brought the rows")
+
+    async def main() -> list[FolderView]:
+        return list(await asyncio.gather(*(view.after_added(change, load) for _ in range(5))))
+
+    results = asyncio.run(main())
+    assert all(result is results[0] for result in results)
+    after = results[0]
+    assert after.uids == [1, 2, 3] and after.flags[3] == "\\Draft" and after.rows[3] == row(3, "\\Draft", 7)
+
+
+def test_rows_and_rendered_items_follow_the_versions() -> None:
+    """What never changes for a message (its row, its rendered FETCH items) is shared by the versions a
+    flag change makes, carried into those an addition or an expunge makes, without the expunged."""
+    view = FolderView.of([row(uid) for uid in range(1, 4)])
+    view.rendered["RFC822.SIZE"] = {uid: b"RFC822.SIZE 100" for uid in range(1, 4)}
+    flagged = view.after(Change("INBOX", "flags", (2,), ("\\Seen",), (5,)))
+    assert flagged.rows is view.rows and flagged.rendered is view.rendered
+    expunged = flagged.after(Change("INBOX", "expunged", (2,)))
+    assert sorted(expunged.rows) == [1, 3] and sorted(expunged.rendered["RFC822.SIZE"]) == [1, 3]
+    assert sorted(view.rendered["RFC822.SIZE"]) == [1, 2, 3]  # the older version keeps what it showed
+    added = asyncio.run(expunged.after_added(Change("INBOX", "added", (4,), rows=(row(4),)), _no_load))
+    assert sorted(added.rows) == [1, 3, 4] and sorted(added.rendered["RFC822.SIZE"]) == [1, 3]
+    # A SELECT that reads the same flags but files elsewhere (a RENAME moved them) makes a new version.
+    views = FolderViews()
+    rows = [row(uid) for uid in range(1, 4)]
+    first = views.select((ADDRESS, "INBOX", 1), rows)
+    moved = [m._replace(path="renamed/" + m.path) for m in rows]
+    assert views.select((ADDRESS, "INBOX", 1), moved) is not first
+
+
+async def _no_load(uids: list[int]) -> list[Message]:
+    raise AssertionError("nothing to read")
+
+
 def test_a_session_keeps_the_numbers_its_client_knows() -> None:
     view = FolderView.of([row(uid) for uid in range(1, 6)])
     selected = selected_on(view)

@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 
 from mailnode.imap import mime, protocol, responses
-from mailnode.imap.session import Session
+from mailnode.imap.session import Selected, Session
 from mailnode.store.account import Message, MessageFile
 
 _READ_BATCH = 64  # message files read per Gateway trip while answering FETCH
 _SUMMARY_BATCH = 1024  # messages per FETCH response batch when no file is read
 _LARGE = 128 * 1024  # a message larger than this is sent alone, never read with a batch
 _CHUNK = 64 * 1024  # bytes read from a message file per step of a streamed literal
+_CACHED_READS = 4  # at most this many small messages are read at once on the loop from the page cache
+_STATIC = frozenset(("RFC822.SIZE", "INTERNALDATE", "ENVELOPE", "BODYSTRUCTURE", "BODY"))  # BODY: no section
+_ANALYSED = frozenset(("ENVELOPE", "BODYSTRUCTURE", "BODY"))  # from the message's structure
+_SUMMARY = _STATIC | {"UID", "FLAGS", "MODSEQ"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,20 +71,28 @@ async def fetch(session: Session, command: protocol.Command) -> None:
     )
     # RFC 3501 §6.4.5: BODY[...] and RFC822(.TEXT) set \Seen; BODY.PEEK and EXAMINE do not.
     sets_seen = not selected.readonly and any(item.sets_seen for item in items)  # and BINARY[...], RFC 3516
-    every = len(targets) > _READ_BATCH  # one query for the whole folder beats many small ones
-    all_messages = {m.uid: m for m in await session.account.messages(selected.name)} if every else {}
+    plan = _summary_plan(items, by_uid)
     for start in range(0, len(targets), _READ_BATCH if needs_data else _SUMMARY_BATCH):
         chunk = targets[start : start + (_READ_BATCH if needs_data else _SUMMARY_BATCH)]
+        known = _known_rows(selected)
         preread: dict[int, bytes] = {}  # the small messages' files, read with their rows (one trip)
-        if all_messages:
-            present = [(s, all_messages[u]) for s, u in chunk if u in all_messages]
+        cached = _read_cached(session, chunk, known) if needs_data and len(chunk) <= _CACHED_READS else None
+        if not needs_data and all(u in known for _, u in chunk):
+            present = [(s, known[u]) for s, u in chunk]
+        elif cached is not None:
+            present = [(s, known[u]) for s, u in chunk]
+            preread = cached
         else:
             loaded = await session.account.load(
-                selected.name, [u for _, u in chunk], data=needs_data, data_limit=_LARGE
+                selected.name, [u for _, u in chunk], data=needs_data, data_limit=_LARGE, known=known
             )
             rows = {message.uid: message for message, _ in loaded}
             preread = {message.uid: data for message, data in loaded if data is not None}
             present = [(s, rows[u]) for s, u in chunk if u in rows]
+        if plan is not None:  # nothing to read, nothing to mark \Seen
+            session.write(await _summaries(session, present, plan))
+            await session.flush()
+            continue
         analyses: dict[int, mime.Analysis] = {}
         if needs_structure:
             analyses = await session.analyses([m for _, m in present])
@@ -111,6 +124,33 @@ async def fetch(session: Session, command: protocol.Command) -> None:
         await session.flush()
     await session.report_changes(expunge=by_uid)
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
+
+
+def _read_cached(
+    session: Session, chunk: Sequence[tuple[int, int]], known: Mapping[int, Message]
+) -> dict[int, bytes] | None:
+    """The files of a few small known messages when the page cache holds them all (Account.read_cached):
+    a FETCH BODY.PEEK[] of one message is answered without a Gateway trip. None: read them the usual way."""
+    assert session.account is not None
+    read: dict[int, bytes] = {}
+    for _, uid in chunk:
+        message = known.get(uid)
+        if message is None or message.size > _LARGE:
+            return None
+        data = session.account.read_cached(message)
+        if data is None:
+            return None
+        read[uid] = data
+    return read
+
+
+def _known_rows(selected: Selected) -> Mapping[int, Message]:
+    """The rows FETCH need not query (FolderView.rows): those of the session's folder version, but for
+    the messages expunged meanwhile that the session has not taken in yet. Those, and the ones expunged
+    that the client has not been told of, are queried, and left out (they have nothing left to fetch)."""
+    known = selected.view.rows
+    gone = {uid for change in selected.pending if change.kind == "expunged" for uid in change.uids}
+    return {uid: row for uid, row in known.items() if uid not in gone} if gone else known
 
 
 def _vanished(session: Session, command: protocol.Command) -> None:
@@ -239,6 +279,119 @@ def _analysed(analysis: mime.Analysis | None) -> mime.Analysis:
     return analysis
 
 
+def _static_item(name: str, message: Message, analysis: mime.Analysis | None) -> bytes:
+    """An item of _STATIC: what it says never changes for a message (its file and row are never rewritten)."""
+    if name == "RFC822.SIZE":
+        return b"RFC822.SIZE %d" % message.size
+    if name == "INTERNALDATE":
+        when = datetime.datetime.fromtimestamp(message.internal_date, datetime.UTC)
+        return f'INTERNALDATE "{protocol.format_datetime(when)}"'.encode()
+    assert analysis is not None
+    if name == "ENVELOPE":
+        return b"ENVELOPE " + analysis.envelope
+    if name == "BODYSTRUCTURE":
+        return b"BODYSTRUCTURE " + analysis.bodystructure
+    return b"BODY " + analysis.body
+
+
+def _summary_plan(items: Sequence[protocol.FetchAtt], by_uid: bool) -> list[str | tuple[str, ...]] | None:
+    """How to answer a FETCH of items that read no message data (FLAGS, UID, MODSEQ and those of _STATIC:
+    a message list's usual summary) faster: the items in order, each run of _STATIC items one tuple,
+    rendered once per message for every session (AnalysisCache.rendered) and joined to the others. None
+    when other items are asked for."""
+    plan: list[str | tuple[str, ...]] = []
+    names = [item.name for item in items]
+    if by_uid and "UID" not in names:  # RFC 3501 §6.4.8: UID FETCH always reports the UID
+        plan.append("UID")
+    for item in items:
+        if item.section is not None or item.name not in _SUMMARY:
+            return None
+        if item.name not in _STATIC:
+            plan.append(item.name)
+        elif plan and isinstance(plan[-1], tuple):
+            plan[-1] = (*plan[-1], item.name)
+        else:
+            plan.append((item.name,))
+    return plan
+
+
+async def _summaries(
+    session: Session, present: Sequence[tuple[int, Message]], plan: Sequence[str | tuple[str, ...]]
+) -> bytes:
+    """The FETCH responses of these messages by a _summary_plan: the same bytes _render makes. Each run of
+    _STATIC items comes from the folder version's memo (FolderView.rendered, shared by its sessions), else
+    from the node's (AnalysisCache.rendered), else is rendered now and kept in both."""
+    selected, user = session.selected, session.user
+    assert selected is not None and user is not None
+    cache, address = session.analysis_cache, user.address
+    runs = [" ".join(step) for step in plan if isinstance(step, tuple)]
+    memos = [selected.view.rendered.setdefault(run, {}) for run in runs]
+    missing = [m for _, m in present if any(m.uid not in memo for memo in memos)]
+    if missing:
+        unrendered: list[Message] = []
+        for message in missing:
+            found = [cache.rendered((address, message.path, run)) for run in runs]
+            if any(value is None for value in found):
+                unrendered.append(message)
+                continue
+            for memo, value in zip(memos, found, strict=True):
+                assert value is not None
+                memo[message.uid] = value
+        needs_analysis = any(name in _ANALYSED for step in plan if isinstance(step, tuple) for name in step)
+        analyses = await session.analyses(unrendered) if needs_analysis and unrendered else {}
+        for message in unrendered:
+            if needs_analysis and message.uid not in analyses:
+                continue  # expunged meanwhile: left out
+            static_steps = [step for step in plan if isinstance(step, tuple)]
+            for names, run, memo in zip(static_steps, runs, memos, strict=True):
+                value = b" ".join(_static_item(name, message, analyses.get(message.uid)) for name in names)
+                cache.keep_rendered((address, message.path, run), value)
+                memo[message.uid] = value
+    modseqs, flags = selected.modseqs, selected.flags
+    recent_from = selected.first_recent if not selected.readonly and not session.imap4rev2 else None
+    condstore = session.condstore
+    # One format for every line, and per message the values of its steps, in order.
+    formats: list[bytes] = []
+    getters: list[Callable[[Message], object]] = []
+    memo_steps = iter(memos)
+    for step in plan:
+        if isinstance(step, tuple):
+            memo = next(memo_steps)
+            formats.append(b"%s")
+            getters.append(lambda m, memo=memo: memo[m.uid])  # type: ignore[misc]
+        elif step == "UID":
+            formats.append(b"UID %d")
+            getters.append(lambda m: m.uid)
+        elif step == "MODSEQ":
+            formats.append(b"MODSEQ (%d)")
+            getters.append(lambda m: modseqs.get(m.uid, m.modseq))
+        elif condstore:  # FLAGS, with its MODSEQ
+            formats.append(b"%s")
+            getters.append(lambda m: session.fetch_flags(m.uid).encode())
+        else:  # FLAGS
+            formats.append(b"%s")
+            getters.append(
+                lambda m: _flags_bytes(flags.get(m.uid, ""), recent_from is not None and m.uid >= recent_from)
+            )
+    if condstore and "MODSEQ" not in plan:
+        formats.append(b"MODSEQ (%d)")
+        getters.append(lambda m: modseqs.get(m.uid, m.modseq))
+    line = b"* %d FETCH (" + b" ".join(formats) + b")\r\n"
+    first = memos[0] if memos else None
+    return b"".join(
+        [
+            line % (seq, *[get(m) for get in getters])
+            for seq, m in present
+            if first is None or m.uid in first  # else expunged before it was rendered: left out
+        ]
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _flags_bytes(flags: str, recent: bool) -> bytes:
+    return Session.flags_text(flags, recent).encode()
+
+
 def _render(
     session: Session,
     seq: int,
@@ -268,22 +421,10 @@ def _render(
         elif name == "FLAGS":
             out.append([session.fetch_flags(message.uid).encode()])
             flags_sent = True
-        elif name == "INTERNALDATE":
-            when = datetime.datetime.fromtimestamp(message.internal_date, datetime.UTC)
-            out.append([f'INTERNALDATE "{protocol.format_datetime(when)}"'.encode()])
-        elif name == "RFC822.SIZE":
-            out.append([f"RFC822.SIZE {message.size}".encode()])
         elif name == "MODSEQ":
             out.append([f"MODSEQ ({selected.modseqs.get(message.uid, message.modseq)})".encode()])
-        elif name == "ENVELOPE":
-            assert analysis is not None
-            out.append([b"ENVELOPE " + analysis.envelope])
-        elif name == "BODYSTRUCTURE":
-            assert analysis is not None
-            out.append([b"BODYSTRUCTURE " + analysis.bodystructure])
-        elif name == "BODY" and item.section is None:
-            assert analysis is not None
-            out.append([b"BODY " + analysis.body])
+        elif name in _STATIC and item.section is None:
+            out.append([_static_item(name, message, analysis)])
         elif name == "RFC822":
             out.append([b"RFC822 ", *_whole(data, size)])
         elif name in ("RFC822.HEADER", "RFC822.TEXT"):
