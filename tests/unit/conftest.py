@@ -1,4 +1,5 @@
-"""Fixtures the outbound-queue tests share: a fake clock, a Gateway, and an open Spool on tmp_path."""
+"""Fixtures the unit tests share: for the outbound queue a fake clock, a Gateway and an open Spool on tmp_path;
+for the store an open MailStore on tmp_path, and `fill`, which delivers numbered messages to one mailbox."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import pytest
 
 from mailnode.gateway import Gateway
 from mailnode.queue.spool import Spool
+from mailnode.store.account import Account
+from mailnode.store.mailstore import Delivery, MailStore
+
+ADDRESS = "a@example.com"  # the mailbox `fill` delivers to
 
 
 class FakeClock:
@@ -38,3 +43,18 @@ async def spool(tmp_path: Path, gateway: Gateway, clock: FakeClock) -> AsyncIter
     yield spool
     if spool.is_open:
         await spool.close()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[MailStore]:
+    store = MailStore(tmp_path, gateway=Gateway())
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def fill(store: MailStore, count: int) -> Account:
+    """`count` messages ("Subject: i") delivered to ADDRESS's INBOX; its Account."""
+    for i in range(count):
+        await store.deliver([Delivery(ADDRESS, f"Subject: {i}\r\n\r\n{i}\r\n".encode())])
+    return store.account(ADDRESS)

@@ -4,35 +4,21 @@ UIDs, append, rename (INBOX included), cached structures, and the switchboard's 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from mailnode.gateway import Gateway
 from mailnode.store import changes
-from mailnode.store.account import Account, FolderError
-from mailnode.store.mailstore import Delivery, MailStore
+from mailnode.store.account import FolderError
+from mailnode.store.mailstore import MailStore
+from tests.unit.conftest import fill
 
 ADDRESS = "a@example.com"
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[MailStore]:
-    store = MailStore(tmp_path, gateway=Gateway())
-    await store.open()
-    yield store
-    await store.close()
-
-
-async def _fill(store: MailStore, count: int) -> Account:
-    for i in range(count):
-        await store.deliver([Delivery(ADDRESS, f"Subject: {i}\r\n\r\n{i}\r\n".encode())])
-    return store.account(ADDRESS)
-
-
 async def test_flags_modseq_and_announcements(store: MailStore) -> None:
-    account = await _fill(store, 3)
+    account = await fill(store, 3)
     heard: list[changes.Change] = []
     stop = store.switchboard.subscribe(ADDRESS, heard.append)
     before = await account.status("INBOX")
@@ -58,7 +44,7 @@ async def test_flags_modseq_and_announcements(store: MailStore) -> None:
 
 
 async def test_copy_move_expunge(store: MailStore) -> None:
-    account = await _fill(store, 3)
+    account = await fill(store, 3)
     await account.create_folder("Archive")
     with pytest.raises(FolderError):
         await account.create_folder("Archive")
@@ -81,7 +67,7 @@ async def test_copy_move_expunge(store: MailStore) -> None:
 
 
 async def test_append_rename_delete(store: MailStore, tmp_path: Path) -> None:
-    account = await _fill(store, 2)
+    account = await fill(store, 2)
     await account.create_folder("Work")
     await account.create_folder("Work/2024")
     _, uid = await account.append("Work/2024", b"Subject: x\r\n\r\n", flags="\\Seen", internal_date=1000)
@@ -102,7 +88,7 @@ async def test_append_rename_delete(store: MailStore, tmp_path: Path) -> None:
 
 
 async def test_structures_are_computed_once(store: MailStore) -> None:
-    account = await _fill(store, 2)
+    account = await fill(store, 2)
     messages = await account.messages("INBOX")
     calls: list[bytes] = []
 
@@ -117,7 +103,7 @@ async def test_structures_are_computed_once(store: MailStore) -> None:
 
 
 async def test_select_takes_recent_once(store: MailStore) -> None:
-    account = await _fill(store, 2)
+    account = await fill(store, 2)
     first = await account.select("INBOX", take_recent=True)
     second = await account.select("INBOX", take_recent=True)
     assert first is not None and second is not None
@@ -126,7 +112,7 @@ async def test_select_takes_recent_once(store: MailStore) -> None:
 
 
 async def test_a_select_reading_its_rows_does_not_hold_up_the_mailboxs_writes(store: MailStore) -> None:
-    account = await _fill(store, 3)
+    account = await fill(store, 3)
     mailbox = store.mailboxes.open(ADDRESS)
     mailbox.read_lock.acquire()  # a long read in progress: SELECT's read of the rows must wait for it
     try:
@@ -149,7 +135,7 @@ async def test_a_select_reading_its_rows_does_not_hold_up_the_mailboxs_writes(st
 async def test_append_checks_its_folder_in_the_batch_that_stores_it(store: MailStore) -> None:
     """APPEND reads nothing before its batch: the batch finds the folder missing (TRYCREATE, no folder made,
     the other appends of the batch stored) or reads its UIDVALIDITY beside the new UID; one Gateway trip."""
-    account = await _fill(store, 1)
+    account = await fill(store, 1)
     await account.create_folder("Work")
     folders = {folder.name: folder for folder in await account.folders()}
     trips: list[str] = []

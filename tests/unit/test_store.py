@@ -10,18 +10,8 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-import pytest
-
 from mailnode.gateway import Gateway
 from mailnode.store.mailstore import Delivery, MailStore
-
-
-@pytest.fixture
-async def store(tmp_path: Path):
-    store = MailStore(tmp_path, gateway=Gateway())
-    await store.open()
-    yield store
-    await store.close()
 
 
 def _index_rows(db: Path) -> list[tuple[str, int, str, int]]:

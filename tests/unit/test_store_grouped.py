@@ -11,35 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 
-import pytest
-
-from mailnode.gateway import Gateway
 from mailnode.store import changes, index
-from mailnode.store.account import Account
-from mailnode.store.mailstore import Delivery, MailStore
+from mailnode.store.mailstore import MailStore
+from tests.unit.conftest import fill
 
 ADDRESS = "a@example.com"
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[MailStore]:
-    store = MailStore(tmp_path, gateway=Gateway())
-    await store.open()
-    yield store
-    await store.close()
-
-
-async def _fill(store: MailStore, count: int) -> Account:
-    for i in range(count):
-        await store.deliver([Delivery(ADDRESS, f"Subject: {i}\r\n\r\n{i}\r\n".encode())])
-    return store.account(ADDRESS)
-
-
 async def test_concurrent_flag_changes_share_commits_and_each_is_durable(store: MailStore) -> None:
-    account = await _fill(store, 8)
+    account = await fill(store, 8)
     heard: list[changes.Change] = []
     store.switchboard.subscribe(ADDRESS, heard.append)
     commits = 0
@@ -68,7 +50,7 @@ async def test_concurrent_flag_changes_share_commits_and_each_is_durable(store: 
 
 
 async def test_a_failing_change_in_a_group_fails_alone(store: MailStore) -> None:
-    account = await _fill(store, 3)
+    account = await fill(store, 3)
 
     def failing(mailbox: object) -> object:
         raise RuntimeError("this change fails")
@@ -87,7 +69,7 @@ async def test_a_failing_change_in_a_group_fails_alone(store: MailStore) -> None
 async def test_a_delivery_announces_its_rows(store: MailStore) -> None:
     heard: list[changes.Change] = []
     store.switchboard.subscribe(ADDRESS, heard.append)
-    account = await _fill(store, 2)
+    account = await fill(store, 2)
     uidvalidity, uid = await account.append("INBOX", b"Subject: x\r\n\r\nx\r\n", flags="\\Draft", internal_date=1_000)
     assert uidvalidity and uid == 3
     assert [change.kind for change in heard] == ["added"] * 3
@@ -97,7 +79,7 @@ async def test_a_delivery_announces_its_rows(store: MailStore) -> None:
 
 
 async def test_a_cached_read_gives_the_file_or_nothing(store: MailStore) -> None:
-    account = await _fill(store, 1)
+    account = await fill(store, 1)
     [message] = await account.messages("INBOX")
     data = account.read_cached(message)
     # Just written, the file is in the page cache (where RWF_NOWAIT exists: else the Gateway reads it).
@@ -108,7 +90,7 @@ async def test_a_cached_read_gives_the_file_or_nothing(store: MailStore) -> None
 
 
 async def test_known_rows_are_not_queried_and_a_moved_file_is_found(store: MailStore) -> None:
-    account = await _fill(store, 2)
+    account = await fill(store, 2)
     rows = {m.uid: m for m in await account.messages("INBOX")}
     queries = 0
     mailbox = store.mailboxes.open(ADDRESS)
@@ -136,7 +118,7 @@ async def test_known_rows_are_not_queried_and_a_moved_file_is_found(store: MailS
 
 
 async def test_selects_asked_for_together_share_a_read_made_after_they_asked(store: MailStore) -> None:
-    account = await _fill(store, 3)
+    account = await fill(store, 3)
     reads = 0
     shared_read = store.shared_read
 

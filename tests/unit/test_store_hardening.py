@@ -9,24 +9,14 @@ from __future__ import annotations
 
 import errno
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from mailnode.gateway import Gateway
 from mailnode.store import account, durable, index, maildir
 from mailnode.store.mailstore import Delivery, MailStore
 
 ADDRESS = "a@example.com"
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[MailStore]:
-    store = MailStore(tmp_path, gateway=Gateway())
-    await store.open()
-    yield store
-    await store.close()
 
 
 def _tree(root: Path) -> set[str]:
