@@ -53,9 +53,9 @@ from mailnode.store.staging import Staging
 Deliver = Callable[[Sequence[Delivery]], Awaitable[list[Stored]]]
 """MailStore.deliver: stores messages durably, group-committed with the other deliveries."""
 Grouped = Callable[[str, Callable[[Mailbox], object]], Awaitable[object]]
+"""MailStore.grouped: runs an index-only change of a mailbox, committed with the others asked for meanwhile."""
 SharedRead = Callable[[tuple[str, str], Callable[[], object]], Awaitable[object]]
 """MailStore.shared_read: a read whose result the callers asking for the same key together share."""
-"""MailStore.grouped: runs an index-only change of a mailbox, committed with the others asked for meanwhile."""
 
 
 class AccountFor(Protocol):
