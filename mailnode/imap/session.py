@@ -23,7 +23,7 @@ import re
 import ssl
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from mailnode.auth import Authenticator
 from mailnode.config import Directory, MailboxEntry, NodeConfig
@@ -35,6 +35,8 @@ from mailnode.store.mailstore import MailStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 
 DELIMITER = "/"
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk", "Archive": "\\Archive"}
@@ -378,41 +380,51 @@ class Selected:
             self._own_uids = list(heapq.merge(shown, sorted(ghosts)))
 
 
+class _LeastRecentlyUsed(Generic[K, V]):
+    """A mapping that keeps its `size` most recently used entries (AnalysisCache's three tables)."""
+
+    __slots__ = ("_entries", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: collections.OrderedDict[K, V] = collections.OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+        return found
+
+    def put(self, key: K, value: V) -> None:
+        self._entries[key] = value
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
 class AnalysisCache:
     """Parsed message structures by (mailbox, file path). A message file never changes, so an entry
     never goes stale; the least recently used are dropped beyond `size`. One per node, shared by
     the imap and imaps listeners."""
 
     def __init__(self, size: int = _ANALYSES_KEPT) -> None:
-        self._size = size
-        self._entries: collections.OrderedDict[tuple[str, str], mime.Analysis] = collections.OrderedDict()
-        self._headers: collections.OrderedDict[tuple[str, str], dict[str, str | None]] = collections.OrderedDict()
+        self._entries: _LeastRecentlyUsed[tuple[str, str], mime.Analysis] = _LeastRecentlyUsed(size)
+        self._headers: _LeastRecentlyUsed[tuple[str, str], dict[str, str | None]] = _LeastRecentlyUsed(size)
         # FETCH items that never change for a message (RFC822.SIZE, ENVELOPE, ...), rendered once for every
         # session, by (mailbox, file path, item names): a summary FETCH joins them (commands.fetch).
-        self._rendered: collections.OrderedDict[tuple[str, str, str], bytes] = collections.OrderedDict()
+        self._rendered: _LeastRecentlyUsed[tuple[str, str, str], bytes] = _LeastRecentlyUsed(size)
         self._locks: dict[str, asyncio.Lock] = {}
 
     def get(self, key: tuple[str, str]) -> mime.Analysis | None:
-        found = self._entries.get(key)
-        if found is not None:
-            self._entries.move_to_end(key)
-        return found
+        return self._entries.get(key)
 
     def put(self, key: tuple[str, str], analysis: mime.Analysis) -> None:
-        self._entries[key] = analysis
-        if len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        self._entries.put(key, analysis)
 
     def rendered(self, key: tuple[str, str, str]) -> bytes | None:
-        found = self._rendered.get(key)
-        if found is not None:
-            self._rendered.move_to_end(key)
-        return found
+        return self._rendered.get(key)
 
     def keep_rendered(self, key: tuple[str, str, str], value: bytes) -> None:
-        self._rendered[key] = value
-        if len(self._rendered) > self._size:
-            self._rendered.popitem(last=False)
+        self._rendered.put(key, value)
 
     def lock(self, address: str) -> asyncio.Lock:
         return self._locks.setdefault(address, asyncio.Lock())
@@ -421,11 +433,8 @@ class AnalysisCache:
         """The header field values SEARCH has looked up in this message so far (filled by the caller)."""
         found = self._headers.get(key)
         if found is None:
-            found = self._headers[key] = {}
-            if len(self._headers) > self._size:
-                self._headers.popitem(last=False)
-        else:
-            self._headers.move_to_end(key)
+            found = {}
+            self._headers.put(key, found)
         return found
 
 
@@ -883,13 +892,19 @@ class Session:
             words.append("\\Recent")
         return f"FLAGS ({' '.join(words)})"
 
+    def flags_recent_from(self) -> int | None:
+        """The first UID whose FLAGS a FETCH shows with \\Recent; None when none does: RFC 9051 (IMAP4rev2)
+        has no \\Recent flag, and a read-only folder has no recent message."""
+        selected = self.selected
+        assert selected is not None
+        return None if self.imap4rev2 or selected.readonly else selected.first_recent
+
     def fetch_flags(self, uid: int) -> str:
         """The FLAGS item of a FETCH response (with MODSEQ once CONDSTORE is on)."""
         selected = self.selected
         assert selected is not None
-        # RFC 9051 has no \\Recent flag
-        recent = not self.imap4rev2 and not selected.readonly and uid >= selected.first_recent
-        text = self.flags_text(selected.flags.get(uid, ""), recent)
+        first_recent = self.flags_recent_from()
+        text = self.flags_text(selected.flags.get(uid, ""), first_recent is not None and uid >= first_recent)
         if self.condstore:
             text += f" MODSEQ ({selected.modseqs.get(uid, 0)})"
         return text

@@ -348,7 +348,7 @@ async def _summaries(
                 cache.keep_rendered((address, message.path, run), value)
                 memo[message.uid] = value
     modseqs, flags = selected.modseqs, selected.flags
-    recent_from = selected.first_recent if not selected.readonly and not session.imap4rev2 else None
+    recent_from = session.flags_recent_from()
     condstore = session.condstore
     # One format for every line, and per message the values of its steps, in order.
     formats: list[bytes] = []
