@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -108,24 +108,9 @@ def test_three_to_five_to_two_replicas_on_a_real_api_server(control_plane: Contr
         seen_replicas.append((await asyncio.to_thread(_statefulset, plane))["spec"]["replicas"])
 
     with serving(cluster), _kubelet(plane):
-        log = (tmp_path / "operator.log").open("wb")
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "mailfleet.cli", "operator", "--namespace", NAMESPACE, "--usage-interval", "0",
-             "--node-url", cluster.template],
-            env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)}, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        operator = _start_operator(plane, cluster, tmp_path / "operator.log", NAMESPACE)
         try:
-            plane.kubectl("-n", NAMESPACE, "create", "secret", "generic", "example-com-internal",
-                          f"--from-literal=token={cluster.nodes[0].token}")  # fmt: skip
-            plane.kubectl("-n", NAMESPACE, "create", "secret", "generic", "password", "--from-literal=password=pw")
-            manifests = ["apiVersion: mailfleet.io/v1alpha1\nkind: MailDomain\nmetadata: {name: example-com}\n"
-                         "spec: {domain: example.com, replicas: 3, moves: {parallel: 3}}\n"]  # fmt: skip
-            manifests += [
-                f"apiVersion: mailfleet.io/v1alpha1\nkind: Mailbox\nmetadata: {{name: {name}}}\n"
-                f"spec: {{address: {name}@example.com, passwordSecretRef: {{name: password}}}}\n"
-                for name in PEOPLE
-            ]
-            plane.kubectl("-n", NAMESPACE, "apply", "-f", "-", stdin="---\n".join(manifests))
+            _apply_domain(plane, cluster, NAMESPACE, PEOPLE, spec="replicas: 3, moves: {parallel: 3}")
             three = {a: placement.rendezvous(a, 3) for a in ADDRESSES}
             _until(lambda: _settled(plane, three), "every mailbox placed over 3 nodes", within=WITHIN)
             cluster.place(three)
@@ -174,6 +159,24 @@ def _start_operator(plane: ControlPlane, cluster: FakeCluster, log: Path, namesp
          "--node-url", cluster.template],
         env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)}, stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )  # fmt: skip
+
+
+def _apply_domain(
+    plane: ControlPlane, cluster: FakeCluster, namespace: str, people: Iterable[str], *, spec: str
+) -> None:
+    """The domain's internal token and a password Secret, then the MailDomain example-com (`spec` after its
+    domain) and a Mailbox per name in `people`, applied as a user would."""
+    plane.kubectl("-n", namespace, "create", "secret", "generic", "example-com-internal",
+                  f"--from-literal=token={cluster.nodes[0].token}")  # fmt: skip
+    plane.kubectl("-n", namespace, "create", "secret", "generic", "password", "--from-literal=password=pw")
+    manifests = ["apiVersion: mailfleet.io/v1alpha1\nkind: MailDomain\nmetadata: {name: example-com}\n"
+                 f"spec: {{domain: example.com, {spec}}}\n"]  # fmt: skip
+    manifests += [
+        f"apiVersion: mailfleet.io/v1alpha1\nkind: Mailbox\nmetadata: {{name: {name}}}\n"
+        f"spec: {{address: {name}@example.com, passwordSecretRef: {{name: password}}}}\n"
+        for name in people
+    ]
+    plane.kubectl("-n", namespace, "apply", "-f", "-", stdin="---\n".join(manifests))
 
 
 def _stop(operator: subprocess.Popen[bytes], log: Path) -> None:
@@ -225,17 +228,7 @@ def test_a_mailbox_deleted_mid_move_across_an_operator_restart_on_a_real_api_ser
     with serving(cluster), _kubelet(plane, ns):
         operator = _start_operator(plane, cluster, log, ns)
         try:
-            plane.kubectl("-n", ns, "create", "secret", "generic", "example-com-internal",
-                          f"--from-literal=token={cluster.nodes[0].token}")  # fmt: skip
-            plane.kubectl("-n", ns, "create", "secret", "generic", "password", "--from-literal=password=pw")
-            manifests = ["apiVersion: mailfleet.io/v1alpha1\nkind: MailDomain\nmetadata: {name: example-com}\n"
-                         "spec: {domain: example.com, replicas: 3}\n"]  # fmt: skip
-            manifests += [
-                f"apiVersion: mailfleet.io/v1alpha1\nkind: Mailbox\nmetadata: {{name: {name}}}\n"
-                f"spec: {{address: {name}@example.com, passwordSecretRef: {{name: password}}}}\n"
-                for name in people
-            ]
-            plane.kubectl("-n", ns, "apply", "-f", "-", stdin="---\n".join(manifests))
+            _apply_domain(plane, cluster, ns, people, spec="replicas: 3")
             homes = _until(lambda: (d := directory()) and len(d) == len(people) and d, "the directory", WITHIN)
             cluster.place(homes)
             _until(lambda: _ready_in(plane, ns, 3), "3 nodes ready", within=WITHIN)
