@@ -155,6 +155,7 @@ async def test_three_to_five_to_two_moves_exactly_the_rendezvous_difference(api,
             moved = await client.get(MAILBOX, NAMESPACE, name)
             assert moved["status"]["node"] == f"example-com-{five[f'{name}@example.com']}"
         alice = PEOPLE[ADDRESSES.index(sorted(up)[0])]
+        await eventually(lambda: events(client, alice, "MoveFinished"), within=WITHIN, what="MoveFinished")
         assert [e["reason"] for e in await events(client, alice) if e["reason"].startswith("Move")] == [
             "MoveStarted",
             "MoveFinished",
@@ -237,6 +238,8 @@ async def test_a_forced_move_and_an_operator_stopped_mid_move_resumes_from_the_r
         await eventually(
             lambda: _settled_homes(client, {**homes, address: target}), within=WITHIN, what="alice on her new node"
         )
+        # The Event comes after the status that ends the move: the operator runs until it is posted.
+        await eventually(lambda: events(client, alice, "MoveFinished"), within=WITHIN, what="MoveFinished")
     # resumed at the recorded step, the catch-up: no first copy again
     assert copies_before < len(cluster.nodes[target].copies)
     assert {final for _, final in cluster.nodes[target].copies[copies_before:]} == {True}
