@@ -98,13 +98,20 @@ class FolderView:
         self._next: tuple[Change, weakref.ref[FolderView] | asyncio.Task[FolderView]] | None = None
 
     @classmethod
-    def of(cls, messages: Sequence[Message]) -> FolderView:
+    def of(cls, messages: Sequence[Message], *, since: FolderView | None = None) -> FolderView:
+        """The version of `messages`, a SELECT's rows; with the rendered items of an older version `since`
+        of the same folder (same UIDVALIDITY: a UID's message never changes, RFC 3501 §2.3.1.1) for those
+        it still holds, instead of rendering them again."""
+        rows = {m.uid: m for m in messages}
+        rendered = None
+        if since is not None:
+            rendered = {
+                items: {u: r for u, r in by_uid.items() if u in rows} for items, by_uid in since.rendered.items()
+            }
         return cls(
-            [m.uid for m in messages],
-            {m.uid: m.flags for m in messages},
-            {m.uid: m.modseq for m in messages},
-            {m.uid: m for m in messages},
-        )
+            [m.uid for m in messages], {m.uid: m.flags for m in messages}, {m.uid: m.modseq for m in messages}, rows,
+            rendered,
+        )  # fmt: skip
 
     def shows(self, messages: Sequence[Message]) -> bool:
         """Whether this version is exactly `messages` (a SELECT's rows, ascending), files included (a
@@ -227,7 +234,7 @@ class FolderViews:
         latest = self._latest.get(key)
         if latest is not None and latest.shows(messages):
             return latest
-        view = self._latest[key] = FolderView.of(messages)
+        view = self._latest[key] = FolderView.of(messages, since=latest)
         return view
 
     def caught_up(self, key: tuple[str, str, int], view: FolderView) -> None:

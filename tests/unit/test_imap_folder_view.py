@@ -104,6 +104,23 @@ def test_rows_and_rendered_items_follow_the_versions() -> None:
     assert views.select((ADDRESS, "INBOX", 1), moved) is not first
 
 
+def test_a_select_of_a_changed_folder_keeps_the_rendered_items_of_the_messages_still_there() -> None:
+    """A SELECT that finds the folder changed since its latest version (a flag, a message gone) makes a new
+    version, with the FETCH items that version rendered for the messages it still has: a UID's message
+    never changes, so they are not rendered again."""
+    views = FolderViews()
+    key = (ADDRESS, "INBOX", 1)
+    first = views.select(key, [row(uid) for uid in range(1, 5)])
+    first.rendered["RFC822.SIZE"] = {uid: b"RFC822.SIZE 100" for uid in range(1, 5)}
+    changed = [row(1), row(2, "\\Seen", 2), row(4), row(5)]  # 3 expunged, 5 added
+    second = views.select(key, changed)
+    assert second is not first and second.flags[2] == "\\Seen"
+    assert sorted(second.rendered["RFC822.SIZE"]) == [1, 2, 4]
+    assert sorted(first.rendered["RFC822.SIZE"]) == [1, 2, 3, 4]  # the older version keeps what it showed
+    # Another folder, or the same name with another UIDVALIDITY, starts with nothing rendered.
+    assert views.select((ADDRESS, "INBOX", 2), changed).rendered == {}
+
+
 async def _no_load(uids: list[int]) -> list[Message]:
     raise AssertionError("nothing to read")
 
