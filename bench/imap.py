@@ -21,6 +21,13 @@ and auth_cache_ttl; the LOGIN latencies show whether a server still verifies eac
 session per server before the timed run. The client is one asyncio process; its CPU time is reported
 next to the servers' to show it is not the bottleneck.
 
+That timed run is a closed loop: each session sends its next command as soon as the last is answered, so it
+measures throughput, and the faster server carries more load (its medians include the queueing that load
+makes). Then a paced run (`--paced-rate` commands/s over all sessions, `--paced-cycles` cycles) gives both
+servers the very same load, each session's commands at fixed times, below what either serves at most: its
+medians compare the commands at equal load. A command whose time came while the last was still unanswered
+starts as soon as it is answered, and is counted late (the server did not keep the pace).
+
 The node side is configured through `listen.imap`, `tls`, `listen.limits.imap` and `listen.limits.imaps` in its config;
 a node whose config refuses these keys, or with nothing answering on that port, is skipped ("node has no
 IMAP listener yet"), not failed. Everything lives in one temporary directory, removed at the end; every
@@ -71,6 +78,7 @@ IMAPS_LIMIT = 16  # the node's imaps listener, which the bench does not use
 LINE_LIMIT = 4 * 1024 * 1024  # the client's longest response line (a FETCH line with a BODYSTRUCTURE)
 READ_SIZE = 256 * 1024  # bytes the client asks the socket for at a time
 LAG_TICK = 0.01  # seconds between the client's samples of its own event loop's lag
+MEDIAN_GOAL = 3.0  # no command more than this many times slower than Dovecot at the median (issue 17)
 
 BODY_FETCHES = 50
 STORES = 5
@@ -97,6 +105,8 @@ class Load:
     dovecot_idle_sessions: int  # Dovecot's: two processes each (imap-login for TLS, imap), hence fewer
     seed: int
     timeout: float  # seconds for each phase: preload, workload, opening the idle sessions
+    paced_rate: float = 0.0  # commands/s over all sessions in the paced run; 0: none
+    paced_cycles: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -592,6 +602,8 @@ class Stats:
     resumed: int = 0
     problems: Counter[str] = dataclasses.field(default_factory=Counter)
     lags: list[float] = dataclasses.field(default_factory=list)  # the client's event loop, late by (seconds)
+    paced: int = 0  # the paced run: connections and commands sent at their times, and how many of them late
+    late: int = 0
 
     async def op(
         self, kind: str, client: Client, text: str, *, literal: bytes | None = None, also: str | None = None
@@ -606,16 +618,48 @@ class Stats:
         return responses
 
 
-async def one_cycle(port: int, label: str, rng: random.Random, corpus: Corpus, stats: Stats, tls: ClientTLS) -> None:
+@dataclasses.dataclass
+class Pacer:
+    """One session's pace in the paced run: a command every `interval` seconds from `due` (the loop's clock);
+    one whose time passed by more than an interval while the last was unanswered starts at once, counted
+    `late`, and the times go on from it (no burst to catch up). Interval 0: the closed loop, no waiting."""
+
+    interval: float = 0.0
+    due: float = 0.0
+    commands: int = 0
+    late: int = 0
+
+    async def turn(self) -> None:
+        if not self.interval:
+            return
+        now = asyncio.get_running_loop().time()
+        if now < self.due:
+            await asyncio.sleep(self.due - now)
+        elif now > self.due + self.interval:
+            self.late += 1
+        self.commands += 1
+        self.due = max(self.due, now) + self.interval
+
+
+async def one_cycle(
+    port: int, label: str, rng: random.Random, corpus: Corpus, stats: Stats, tls: ClientTLS, pacer: Pacer
+) -> None:
     started = time.perf_counter()
     client = await Client.connect(port, label, tls)
     stats.latencies["connect"].append(time.perf_counter() - started)
+
+    async def paced(
+        kind: str, client: Client, text: str, *, literal: bytes | None = None, also: str | None = None
+    ) -> list[Response]:
+        await pacer.turn()
+        return await stats.op(kind, client, text, literal=literal, also=also)
+
     try:
-        await stats.op("LOGIN", client, login_command())
-        await stats.op("SELECT", client, "SELECT INBOX")
+        await paced("LOGIN", client, login_command())
+        await paced("SELECT", client, "SELECT INBOX")
         sizes: dict[int, int] = {}
         structures = 0
-        for line, _ in await stats.op("FETCH 1:*", client, f"UID FETCH 1:* {SUMMARY_ITEMS}"):
+        for line, _ in await paced("FETCH 1:*", client, f"UID FETCH 1:* {SUMMARY_ITEMS}"):
             uid_match, size_match = UID_RE.search(line), SIZE_RE.search(line)
             if uid_match is not None and size_match is not None:
                 sizes[int(uid_match.group(1))] = int(size_match.group(1))
@@ -630,7 +674,7 @@ async def one_cycle(port: int, label: str, rng: random.Random, corpus: Corpus, s
         for uid in (rng.choice(uids) for _ in range(BODY_FETCHES)):
             bodies = [
                 literals[-1]
-                for line, literals in await stats.op("FETCH BODY[]", client, f"UID FETCH {uid} BODY.PEEK[]")
+                for line, literals in await paced("FETCH BODY[]", client, f"UID FETCH {uid} BODY.PEEK[]")
                 if literals and b"BODY[]" in line
             ]
             if not bodies or bodies[0] == 0:
@@ -638,7 +682,7 @@ async def one_cycle(port: int, label: str, rng: random.Random, corpus: Corpus, s
             elif bodies[0] != sizes[uid]:
                 stats.problems["UID FETCH BODY.PEEK[]: the body's length is not the RFC822.SIZE"] += 1
         for uid in (rng.choice(uids) for _ in range(STORES)):
-            await stats.op("STORE", client, f"UID STORE {uid} +FLAGS (\\Seen)")
+            await paced("STORE", client, f"UID STORE {uid} +FLAGS (\\Seen)")
         searches: tuple[tuple[str, int | None], ...] = (
             ("UNSEEN", None),
             (f'FROM "{corpus.from_term}"', corpus.from_hits),
@@ -646,32 +690,40 @@ async def one_cycle(port: int, label: str, rng: random.Random, corpus: Corpus, s
         )
         for criteria, expected in searches:
             also = f"SEARCH {criteria.split()[0]}"
-            found = [line for line, _ in await stats.op("SEARCH", client, f"UID SEARCH {criteria}", also=also)]
+            found = [line for line, _ in await paced("SEARCH", client, f"UID SEARCH {criteria}", also=also)]
             hits = sum(len(line.split()) - 2 for line in found if line.startswith(b"* SEARCH"))
             if not any(line.startswith(b"* SEARCH") for line in found):
                 stats.problems[f"UID SEARCH {criteria}: no SEARCH response"] += 1
             elif expected is not None and hits != expected:
                 stats.problems[f"UID SEARCH {criteria}: {hits} hits, the mailbox has {expected}"] += 1
-        await stats.op("APPEND", client, "APPEND INBOX", literal=rng.choice(corpus.appends))
-        await stats.op("LOGOUT", client, "LOGOUT")
+        await paced("APPEND", client, "APPEND INBOX", literal=rng.choice(corpus.appends))
+        await paced("LOGOUT", client, "LOGOUT")
     finally:
         client.close(tls)
 
 
-async def workload(port: int, server: str, load: Load, corpus: Corpus, cert: Path) -> Stats:
+async def workload(port: int, server: str, load: Load, corpus: Corpus, cert: Path, *, paced: bool = False) -> Stats:
+    """The sessions' cycles: the closed loop, or (`paced`) the paced run, its sessions' first commands spread
+    over one interval."""
     stats = Stats()
+    cycles = load.paced_cycles if paced else load.cycles
+    interval = load.sessions / load.paced_rate if paced else 0.0
+    begin = asyncio.get_running_loop().time()
 
     async def session(number: int) -> None:
         rng = random.Random(f"{load.seed}:{number}")  # the same choices against both servers
         tls = ClientTLS.trusting(cert, resume=True)  # each session's next cycle resumes its TLS session
+        pacer = Pacer(interval, begin + interval * number / load.sessions)
         try:
-            for cycle in range(load.cycles):
-                await one_cycle(port, f"{server} session {number} cycle {cycle}", rng, corpus, stats, tls)
+            for cycle in range(cycles):
+                await one_cycle(port, f"{server} session {number} cycle {cycle}", rng, corpus, stats, tls, pacer)
         finally:
             stats.handshakes += tls.handshakes
             stats.resumed += tls.resumed
+            stats.paced += pacer.commands
+            stats.late += pacer.late
 
-    total = load.sessions * load.cycles * COMMANDS_PER_CYCLE
+    total = load.sessions * cycles * COMMANDS_PER_CYCLE
     monitor = asyncio.get_running_loop().create_task(loop_lag(stats.lags))
     try:
         await run_all((session(n) for n in range(load.sessions)), seconds=load.timeout, what=f"{server} workload")
@@ -851,6 +903,8 @@ class Result:
     handshakes: int = 0  # TLS handshakes of the workload, and how many resumed a session
     resumed: int = 0
     client_lags: list[float] = dataclasses.field(default_factory=list)  # Stats.lags
+    paced: Stats | None = None  # the paced run's
+    paced_seconds: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -878,6 +932,16 @@ def run_load(
     server_cpu, client_seconds = tree_cpu(root) - cpu_before, client_cpu() - client_before
     print(f"{server}: {stats.operations} commands in {seconds:.1f} s", flush=True)
     problems += [f"{server}: {problem} ({count}x)" for problem, count in stats.problems.items()]
+    paced, paced_seconds = None, 0.0
+    if load.paced_rate and load.paced_cycles:
+        print(
+            f"{server}: paced: {load.sessions} sessions x {load.paced_cycles} cycles at {load.paced_rate:g} commands/s"
+        )
+        started = time.monotonic()
+        paced = run_async(workload(port, server, load, corpus, cert, paced=True))
+        paced_seconds = time.monotonic() - started
+        print(f"{server}: paced: {paced.operations} commands in {paced_seconds:.1f} s, {paced.late} late", flush=True)
+        problems += [f"{server}: paced: {problem} ({count}x)" for problem, count in paced.problems.items()]
     memory = None
     if idle_sessions:
         print(f"{server}: opening {idle_sessions} IDLE sessions", flush=True)
@@ -892,7 +956,8 @@ def run_load(
     return Result(
         server, preload=preload, operations=stats.operations, seconds=seconds, server_cpu=server_cpu,
         client_cpu=client_seconds, latencies=dict(stats.latencies), memory=memory, problems=tuple(problems),
-        handshakes=stats.handshakes, resumed=stats.resumed, client_lags=stats.lags,
+        handshakes=stats.handshakes, resumed=stats.resumed, client_lags=stats.lags, paced=paced,
+        paced_seconds=paced_seconds,
     )  # fmt: skip
 
 
@@ -1067,16 +1132,28 @@ def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1000 if values else float("nan")
 
 
-def ratios(node: Result, dovecot: Result) -> None:
-    """Per command, the node's median against Dovecot's (how many times slower; the goal: at most 3),
-    and the TLS sessions each resumed."""
+def ratios(node: dict[str, list[float]], dovecot: dict[str, list[float]], what: str) -> None:
+    """Per command, the node's median against Dovecot's (how many times slower; the goal: at most 3), and
+    the commands over the goal."""
     header = f"{'command':<14} {'mailnode ms':>11} {'dovecot ms':>11} {'slower x':>9}"
-    print(f"{header}   (medians; connect: TCP, greeting, STARTTLS)")
+    print(f"{header}   (medians, {what}; connect: TCP, greeting, STARTTLS)")
+    over: list[str] = []
     for kind in (*KINDS, *SEARCH_KINDS):
-        mine, theirs = median_ms(node.latencies.get(kind, [])), median_ms(dovecot.latencies.get(kind, []))
-        print(f"{kind:<14} {mine:>11.2f} {theirs:>11.2f} {mine / theirs if theirs else float('nan'):>9.2f}")
-    for result in (node, dovecot):
-        print(f"{result.server}: {result.resumed} of {result.handshakes} TLS handshakes resumed a session")
+        mine, theirs = median_ms(node.get(kind, [])), median_ms(dovecot.get(kind, []))
+        slower = mine / theirs if theirs else float("nan")
+        print(f"{kind:<14} {mine:>11.2f} {theirs:>11.2f} {slower:>9.2f}")
+        if kind != "connect" and slower > MEDIAN_GOAL:
+            over.append(f"{kind} {slower:.2f}")
+    print(f"more than {MEDIAN_GOAL:g}x slower at the median, {what}: {', '.join(over) or 'none'}")
+
+
+def paced_stats(result: Result) -> Stats:
+    assert result.paced is not None
+    return result.paced
+
+
+def paced_latencies(result: Result) -> dict[str, list[float]]:
+    return dict(paced_stats(result).latencies)
 
 
 def report(results: list[Result], load: Load, scheme: str) -> None:
@@ -1112,7 +1189,31 @@ def report(results: list[Result], load: Load, scheme: str) -> None:
     print(f"{'client lag':<14}" + "".join(f" {latency(result.client_lags):>24}" for result in measured))
     if node is not None and dovecot is not None:
         print()
-        ratios(node, dovecot)
+        ratios(node.latencies, dovecot.latencies, "closed loop")
+        for result in (node, dovecot):
+            print(f"{result.server}: {result.resumed} of {result.handshakes} TLS handshakes resumed a session")
+    paced = [result for result in measured if result.paced is not None and result.paced.operations]
+    if paced:
+        print()
+        print(
+            f"paced: the same {load.paced_rate:g} commands/s offered to each server ({load.sessions} sessions, "
+            f"each a command every {load.sessions / load.paced_rate * 1000:.0f} ms); latency ms, median / p95 / max"
+        )
+        print(f"{'command':<14}" + "".join(f" {result.server:>24}" for result in paced))
+        for kind in (*KINDS, *SEARCH_KINDS):
+            print(f"{kind:<14}" + "".join(f" {latency(paced_latencies(result).get(kind, [])):>24}" for result in paced))
+        print(f"{'client lag':<14}" + "".join(f" {latency(paced_stats(result).lags):>24}" for result in paced))
+        for result in paced:
+            stats = paced_stats(result)
+            print(
+                f"{result.server}: {stats.operations} commands in {result.paced_seconds:.1f} s "
+                f"({stats.operations / result.paced_seconds:.1f}/s), {stats.late} of {stats.paced} started late "
+                "(the last answer came more than an interval after their time)"
+            )
+        if node in paced and dovecot in paced:
+            assert node is not None and dovecot is not None
+            print()
+            ratios(paced_latencies(node), paced_latencies(dovecot), "paced, equal load")
     with_memory = [result for result in measured if result.memory is not None and result.memory.sessions]
     if with_memory:
         print()
@@ -1141,7 +1242,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="The same IMAP session load against the mail node and a private Dovecot, and their memory "
         "with many sessions in IDLE.",
         epilog="Defaults come from BENCH_IMAP_MESSAGES, BENCH_IMAP_SESSIONS, BENCH_IMAP_CYCLES, "
-        "BENCH_IMAP_IDLE_SESSIONS and BENCH_IMAP_TIMEOUT when set.",
+        "BENCH_IMAP_PACED_RATE, BENCH_IMAP_PACED_CYCLES, BENCH_IMAP_IDLE_SESSIONS and BENCH_IMAP_TIMEOUT when set.",
     )
     parser.add_argument(
         "--messages", type=common.positive, default=common.env_default("BENCH_IMAP_MESSAGES", "2000"),
@@ -1168,6 +1269,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--timeout", type=common.positive, default=common.env_default("BENCH_IMAP_TIMEOUT", "600"),
         help="seconds each phase (preload, workload, idle sessions) may take per server (600)",
     )  # fmt: skip
+    parser.add_argument(
+        "--paced-rate", type=float, default=common.env_default("BENCH_IMAP_PACED_RATE", "200"),
+        help="commands/s over all sessions in the paced run, the same for both servers; 0: no paced run (200)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--paced-cycles", type=common.non_negative, default=common.env_default("BENCH_IMAP_PACED_CYCLES", "2"),
+        help="cycles per session in the paced run (2)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated mailbox and the sessions' choices")
     parser.add_argument(
         "--dovecot-password", choices=("argon2id", "plain"), default="argon2id",
@@ -1182,6 +1291,7 @@ def main(argv: list[str] | None = None) -> int:
     load = Load(
         messages=args.messages, sessions=args.sessions, cycles=args.cycles, idle_sessions=args.idle_sessions,
         dovecot_idle_sessions=args.dovecot_idle_sessions, seed=args.seed, timeout=args.timeout,
+        paced_rate=max(0.0, args.paced_rate), paced_cycles=args.paced_cycles,
     )  # fmt: skip
     raise_fd_limit()
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1196,7 +1306,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.monotonic() - started:.1f} s); {load.sessions} sessions x {load.cycles} cycles of "
         f"{COMMANDS_PER_CYCLE} commands = {total}: LOGIN, SELECT, UID FETCH 1:* {SUMMARY_ITEMS}, "
         f"{BODY_FETCHES} UID FETCH BODY.PEEK[], {STORES} UID STORE, {SEARCHES} UID SEARCH, APPEND, LOGOUT; "
-        f"all over STARTTLS; then {load.idle_sessions} sessions in IDLE ({load.dovecot_idle_sessions} on Dovecot)"
+        f"all over STARTTLS; then {load.paced_cycles} cycles paced at {load.paced_rate:g} commands/s; "
+        f"then {load.idle_sessions} sessions in IDLE ({load.dovecot_idle_sessions} on Dovecot)"
     )
     results: list[Result] = []
     # Dovecot's processes (users dovecot, dovenull, nobody) walk through the directory.
