@@ -494,6 +494,7 @@ class Session:
         self.imap4rev2 = False  # RFC 9051, once enabled: UTF-8 names, ESEARCH for SEARCH, no \Recent (commands.auth)
         self._unsubscribe: Callable[[], None] | None = None
         self.wakeup = asyncio.Event()  # set when a change for the selected folder arrives
+        self._heard_while_selecting: list[Change] | None = None  # see `selecting`
         self._clock = asyncio.get_running_loop().time
         self._login_deadline = self._clock() + config.imap.login_timeout
         self.task: asyncio.Task[Any] | None = None
@@ -768,11 +769,30 @@ class Session:
         if selected is not None and change.folder == selected.name:
             selected.pending.append(change)
             self.wakeup.set()
+        elif self._heard_while_selecting is not None:
+            self._heard_while_selecting.append(change)
+
+    @contextlib.contextmanager
+    def selecting(self) -> Iterator[list[Change]]:
+        """While a SELECT (or EXAMINE) reads its folder, with none selected: the changes heard meanwhile,
+        which what it read may not hold; `select` takes those of its folder as pending, told after it like
+        any later change (a change it did read is applied again as nothing: FolderView.after and after_added
+        skip what the version already holds)."""
+        heard: list[Change] = []
+        self._heard_while_selecting = heard
+        try:
+            yield heard
+        finally:
+            self._heard_while_selecting = None
 
     # -- selected ---------------------------------------------------------------------------------------
 
-    def select(self, *, folder: Folder, messages: Sequence[Message], readonly: bool, first_recent: int) -> Selected:
-        """Enter the selected state on `folder`, whose messages a SELECT (or EXAMINE) just read."""
+    def select(
+        self, *, folder: Folder, messages: Sequence[Message], readonly: bool, first_recent: int,
+        heard: Sequence[Change] = (),
+    ) -> Selected:  # fmt: skip
+        """Enter the selected state on `folder`, whose messages a SELECT (or EXAMINE) just read; `heard`: the
+        changes heard while it read (`selecting`), those of this folder pending."""
         assert self.user is not None
         key = (self.user.address, folder.name, folder.uidvalidity)
         self.selected = Selected(
@@ -780,6 +800,7 @@ class Session:
             view=self._views.select(key, messages), first_recent=first_recent,
             highestmodseq=folder.highestmodseq, uidnext=folder.uidnext, key=key,
         )  # fmt: skip
+        self.selected.pending.extend(change for change in heard if change.folder == folder.name)
         return self.selected
 
     async def analyses(self, messages: Sequence[Message]) -> dict[int, mime.Analysis]:

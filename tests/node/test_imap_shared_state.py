@@ -9,16 +9,19 @@ A raw line client over TLS, so that the tests see every untagged response, in or
 
 from __future__ import annotations
 
+import asyncio
 import re
 import smtplib
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from mailnode.imap.session import Session
+from mailnode.store.account import Account
 from tests.node.conftest import PASSWORD, NodeFactory, RunningNode
 
 USER = "user@example.com"
@@ -257,6 +260,39 @@ def test_idle_sessions_hear_every_change_at_once(node: RunningNode, clients: Cal
     assert writer.ok("NOOP") == [b"* 3 EXISTS", b"* 3 RECENT"]  # told too (its SELECT took 1:3 as recent)
     sessions = sessions_selecting(node, 4)
     assert len({id(s.selected.view) for s in sessions if s.selected is not None}) == 1
+
+
+def test_a_message_stored_while_a_select_reads_the_folder_is_told_after_it(
+    node: RunningNode, clients: Callable[[], Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SELECT reads the folder, then answers: a message stored in between (published while the session has
+    no folder selected yet) is not in what it read, and is told as EXISTS at the next command, as any later
+    one is; before, the session never heard of it until it selected the folder again."""
+    deliver(node, 1, 2)
+    observer, client = clients(), clients()
+    observer.ok("SELECT INBOX")
+    read, answer = threading.Event(), threading.Event()
+    select = Account.select
+
+    async def read_then_wait(account: Account, name: str, *, take_recent: bool) -> object:
+        result = await select(account, name, take_recent=take_recent)
+        read.set()
+        await asyncio.to_thread(answer.wait, WAIT)
+        return result
+
+    monkeypatch.setattr(Account, "select", read_then_wait)
+    client.sock.sendall(b"s1 SELECT INBOX\r\n")
+    assert read.wait(WAIT), "the SELECT read the folder"
+    deliver(node, 3)
+    deadline = time.monotonic() + WAIT
+    while b"* 3 EXISTS" not in observer.ok("NOOP"):  # published: the other session heard of it
+        assert time.monotonic() < deadline, "the observer never heard of message 3"
+    answer.set()
+    lines = []
+    while not (line := client.line()).startswith(b"s1 "):
+        lines.append(line)
+    assert line.startswith(b"s1 OK") and b"* 2 EXISTS" in lines, (line, lines)  # what the SELECT read
+    assert b"* 3 EXISTS" in client.ok("NOOP")
 
 
 def test_imaps_has_its_own_connection_limit(node_factory: NodeFactory, client_tls: ssl.SSLContext) -> None:

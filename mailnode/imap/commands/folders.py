@@ -49,13 +49,13 @@ async def select(session: Session, command: protocol.Command) -> None:
     if session.selected is not None:
         session.selected = None
         session.send(responses.OK_CLOSED.line())
-    with store_refusals():
+    with store_refusals(), session.selecting() as heard:
         result = await session.account.select(name, take_recent=not readonly)
     if result is None:
         raise responses.Refused(responses.NO_NO_SUCH_MAILBOX, mailbox=name)
     folder, messages = result.folder, result.messages
     selected: Selected = session.select(
-        folder=folder, messages=messages, readonly=readonly, first_recent=result.first_recent
+        folder=folder, messages=messages, readonly=readonly, first_recent=result.first_recent, heard=heard
     )
     session.send(f"* FLAGS ({' '.join(SYSTEM_FLAGS)})")
     session.send(responses.OK_PERMANENTFLAGS.line(flags=" ".join(SYSTEM_FLAGS)))
