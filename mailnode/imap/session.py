@@ -22,7 +22,7 @@ import logging
 import re
 import ssl
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from mailnode.auth import Authenticator
@@ -387,6 +387,34 @@ class Selected:
             self._own_uids = list(heapq.merge(shown, sorted(ghosts)))
 
 
+class KeyedLocks(Generic[K]):
+    """An asyncio.Lock per key, kept while a task holds it or waits for it and dropped after the last one:
+    a lock kept for every key ever used would grow with the keys, which clients make (a folder's
+    UIDVALIDITY, new with every folder created). `async with locks.hold(key):`."""
+
+    __slots__ = ("_locks",)
+
+    def __init__(self) -> None:
+        self._locks: dict[K, tuple[asyncio.Lock, int]] = {}  # the lock, and the tasks holding or waiting
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: K) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            users = self._locks[key][1] - 1
+            if users:
+                self._locks[key] = (lock, users)
+            else:
+                del self._locks[key]
+
+
 class _LeastRecentlyUsed(Generic[K, V]):
     """A mapping that keeps its `size` most recently used entries (AnalysisCache's three tables)."""
 
@@ -419,7 +447,7 @@ class AnalysisCache:
         # FETCH items that never change for a message (RFC822.SIZE, ENVELOPE, ...), rendered once for every
         # session, by (mailbox, file path, item names): a summary FETCH joins them (commands.fetch).
         self._rendered: _LeastRecentlyUsed[tuple[str, str, str], bytes] = _LeastRecentlyUsed(size)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: KeyedLocks[str] = KeyedLocks()
 
     def get(self, key: tuple[str, str]) -> mime.Analysis | None:
         return self._entries.get(key)
@@ -433,8 +461,9 @@ class AnalysisCache:
     def keep_rendered(self, key: tuple[str, str, str], value: bytes) -> None:
         self._rendered.put(key, value)
 
-    def lock(self, address: str) -> asyncio.Lock:
-        return self._locks.setdefault(address, asyncio.Lock())
+    def lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held by the session that fills a mailbox's misses (`name`: its address, or a name of the caller's)."""
+        return self._locks.hold(name)
 
     def headers(self, key: tuple[str, str]) -> dict[str, str | None]:
         """The header field values SEARCH has looked up in this message so far (filled by the caller)."""

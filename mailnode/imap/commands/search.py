@@ -18,9 +18,9 @@ the whole answer. Flags, UIDs, sizes and dates are evaluated on the loop.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import collections
+import contextlib
 import datetime
 import email.utils
 import json
@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 
 from mailnode import gateway
 from mailnode.imap import mime, protocol, responses, search
-from mailnode.imap.session import AnalysisCache, Selected, Session
+from mailnode.imap.session import AnalysisCache, KeyedLocks, Selected, Session
 from mailnode.store.account import Message
 
 _SEARCH_BATCH = 256  # messages (headers or whole) read per Gateway trip while answering SEARCH
@@ -320,12 +320,12 @@ class _Columns:
     def __init__(self) -> None:
         self._columns: collections.OrderedDict[tuple[str, int, str], _Column] = collections.OrderedDict()
         self._entries = 0
-        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._locks: KeyedLocks[tuple[str, int]] = KeyedLocks()
 
-    def lock(self, address: str, uidvalidity: int) -> asyncio.Lock:
+    def lock(self, address: str, uidvalidity: int) -> contextlib.AbstractAsyncContextManager[None]:
         """Held while a folder's columns gain messages: the sessions that waited find them there (when
         twenty sessions search a new folder at once, one reads its rows)."""
-        return self._locks.setdefault((address, uidvalidity), asyncio.Lock())
+        return self._locks.hold((address, uidvalidity))
 
     def get(self, key: tuple[str, int, str]) -> _Column | None:
         found = self._columns.get(key)
