@@ -75,7 +75,7 @@ class FolderView:
     date): FETCH takes them from here instead of querying the index (its flags and mod-sequence may be
     older than `flags` and `modseqs`, which are the version's)."""
 
-    __slots__ = ("__weakref__", "_next", "flags", "modseqs", "rendered", "rows", "uids")
+    __slots__ = ("__weakref__", "_next", "asof", "flags", "modseqs", "rendered", "rows", "uids")
 
     def __init__(
         self,
@@ -84,6 +84,7 @@ class FolderView:
         modseqs: dict[int, int],
         rows: dict[int, Message],
         rendered: dict[str, dict[int, bytes]] | None = None,
+        asof: int | None = None,
     ) -> None:
         self.uids = uids  # ascending; shared: never mutated
         self.flags = flags
@@ -92,13 +93,18 @@ class FolderView:
         # FETCH items that never change for a message (commands.fetch._summaries), by item names, then UID:
         # filled by the sessions' FETCHes, shared like the rows, and carried into the next versions.
         self.rendered: dict[str, dict[int, bytes]] = {} if rendered is None else rendered
+        # The folder's HIGHESTMODSEQ when it was exactly this version, when known: a SELECT read it with the
+        # rows, and each change applied since was the very next (every change to a folder's messages takes
+        # the next mod-sequences, RFC 7162, and the switchboard publishes them in that order). A SELECT that
+        # finds the folder at that mod-sequence takes this version without reading the rows (FolderViews.current).
+        self.asof = asof
         # The version after the last change applied to this one: sessions report the changes in the order
         # the switchboard published them, so the next session on this version asks for the same change.
         # Weak once made: a session that lags on an old version must not keep every later one alive.
         self._next: tuple[Change, weakref.ref[FolderView] | asyncio.Task[FolderView]] | None = None
 
     @classmethod
-    def of(cls, messages: Sequence[Message], *, since: FolderView | None = None) -> FolderView:
+    def of(cls, messages: Sequence[Message], *, since: FolderView | None = None, asof: int | None = None) -> FolderView:
         """The version of `messages`, a SELECT's rows; with the rendered items of an older version `since`
         of the same folder (same UIDVALIDITY: a UID's message never changes, RFC 3501 §2.3.1.1) for those
         it still holds, instead of rendering them again."""
@@ -110,7 +116,7 @@ class FolderView:
             }
         return cls(
             [m.uid for m in messages], {m.uid: m.flags for m in messages}, {m.uid: m.modseq for m in messages}, rows,
-            rendered,
+            rendered, asof,
         )  # fmt: skip
 
     def shows(self, messages: Sequence[Message]) -> bool:
@@ -148,6 +154,18 @@ class FolderView:
             self._next = (change, weakref.ref(view))
         return view
 
+    def _asof_after(self, modseqs: Sequence[int], *, changed: bool) -> int | None:
+        """`asof` once a change that took these mod-sequences is applied (`changed`: it changed this version):
+        the same when this version had it already (changed nothing, none newer); theirs when they are the very
+        next ones; else not known (a change in between is not here, or this version's `asof` came from a read
+        of rows that a change came and went between: FolderViews.select)."""
+        if self.asof is None or not modseqs:
+            return None if changed else self.asof
+        if not changed and max(modseqs) <= self.asof:
+            return self.asof
+        ordered = sorted(set(modseqs))
+        return ordered[-1] if ordered[0] == self.asof + 1 and len(ordered) == ordered[-1] - self.asof else None
+
     def _with_flags(self, change: Change) -> FolderView:
         flags = modseqs = None
         for uid, new_flags, modseq in zip(change.uids, change.flags, change.modseqs, strict=True):
@@ -159,10 +177,11 @@ class FolderView:
                 flags, modseqs = dict(self.flags), dict(self.modseqs)
             flags[uid] = new_flags
             modseqs[uid] = modseq
-        if flags is None or modseqs is None:
+        asof = self._asof_after(change.modseqs, changed=flags is not None)
+        if (flags is None or modseqs is None) and asof == self.asof:
             return self
         # The same messages: their UIDs, rows and rendered items shared.
-        return FolderView(self.uids, flags, modseqs, self.rows, self.rendered)
+        return FolderView(self.uids, flags or self.flags, modseqs or self.modseqs, self.rows, self.rendered, asof)
 
     def _without(self, uids: Sequence[int]) -> FolderView:
         gone = {uid for uid in uids if uid in self.flags}
@@ -174,6 +193,7 @@ class FolderView:
         rendered = {
             items: {u: r for u, r in by_uid.items() if u not in gone} for items, by_uid in self.rendered.items()
         }
+        # An expunge takes a mod-sequence its change does not carry: `asof` is no longer known.
         return FolderView([u for u in self.uids if u not in gone], flags, modseqs, rows, rendered)
 
     async def after_added(self, change: Change, load: Callable[[list[int]], Awaitable[list[Message]]]) -> FolderView:
@@ -187,7 +207,7 @@ class FolderView:
             return found
         told = [row for row in change.rows if row.uid in new]
         if len(told) == len(new):  # the change brought the rows: nothing to read
-            view = self._with_rows(told)
+            view = self._with_rows(told, asof=self._asof_after([row.modseq for row in told], changed=True))
             if view is not self:
                 self._next = (change, weakref.ref(view))
             return view
@@ -202,9 +222,9 @@ class FolderView:
         return view
 
     async def _with_added(self, new: list[int], load: Callable[[list[int]], Awaitable[list[Message]]]) -> FolderView:
-        return self._with_rows(await load(new))
+        return self._with_rows(await load(new), asof=None)  # read later than the change: of no one mod-sequence
 
-    def _with_rows(self, loaded: Sequence[Message]) -> FolderView:
+    def _with_rows(self, loaded: Sequence[Message], *, asof: int | None) -> FolderView:
         rows = [m for m in loaded if m.uid not in self.flags]
         if not rows:
             return self
@@ -218,7 +238,7 @@ class FolderView:
         ascending = not self.uids or added[0] > self.uids[-1]
         uids = self.uids + added if ascending else sorted((*self.uids, *added))
         rendered = {items: dict(by_uid) for items, by_uid in self.rendered.items()}
-        return FolderView(uids, flags, modseqs, known, rendered)
+        return FolderView(uids, flags, modseqs, known, rendered, asof)
 
 
 class FolderViews:
@@ -229,13 +249,22 @@ class FolderViews:
     def __init__(self) -> None:
         self._latest: weakref.WeakValueDictionary[tuple[str, str, int], FolderView] = weakref.WeakValueDictionary()
 
-    def select(self, key: tuple[str, str, int], messages: Sequence[Message]) -> FolderView:
-        """The view of `messages`, the rows a SELECT read of the folder `key` (address, name, uidvalidity)."""
+    def select(self, key: tuple[str, str, int], messages: Sequence[Message], *, asof: int) -> FolderView:
+        """The view of `messages`, the rows a SELECT read of the folder `key` (address, name, uidvalidity) at
+        the mod-sequence `asof` (its HIGHESTMODSEQ in the same read)."""
         latest = self._latest.get(key)
         if latest is not None and latest.shows(messages):
+            # Exactly the folder at `asof` (a later one, when it has come back to the same rows): said once known.
+            latest.asof = asof if latest.asof is None else max(latest.asof, asof)
             return latest
-        view = self._latest[key] = FolderView.of(messages, since=latest)
+        view = self._latest[key] = FolderView.of(messages, since=latest, asof=asof)
         return view
+
+    def current(self, key: tuple[str, str, int], highestmodseq: int) -> FolderView | None:
+        """The latest version of the folder `key`, when it is the folder at `highestmodseq` (its HIGHESTMODSEQ
+        now): a SELECT takes it without reading the rows."""
+        latest = self._latest.get(key)
+        return latest if latest is not None and latest.asof == highestmodseq else None
 
     def caught_up(self, key: tuple[str, str, int], view: FolderView) -> None:
         """A session has reported every change it heard of: its view is the folder as it is now."""
@@ -816,17 +845,27 @@ class Session:
 
     # -- selected ---------------------------------------------------------------------------------------
 
+    def current_version(self, folder: Folder) -> FolderView | None:
+        """The shared version of `folder` when it is the folder as just read (its HIGHESTMODSEQ), if there is one."""
+        assert self.user is not None
+        return self._views.current((self.user.address, folder.name, folder.uidvalidity), folder.highestmodseq)
+
     def select(
-        self, *, folder: Folder, messages: Sequence[Message], readonly: bool, first_recent: int,
+        self, *, folder: Folder, messages: Sequence[Message] | FolderView, readonly: bool, first_recent: int,
         heard: Sequence[Change] = (),
     ) -> Selected:  # fmt: skip
-        """Enter the selected state on `folder`, whose messages a SELECT (or EXAMINE) just read; `heard`: the
-        changes heard while it read (`selecting`), those of this folder pending."""
+        """Enter the selected state on `folder`, whose messages a SELECT (or EXAMINE) just read, or which
+        `current_version` found unchanged (the version given); `heard`: the changes heard while it read
+        (`selecting`), those of this folder pending."""
         assert self.user is not None
         key = (self.user.address, folder.name, folder.uidvalidity)
+        if isinstance(messages, FolderView):
+            view = messages
+        else:
+            view = self._views.select(key, messages, asof=folder.highestmodseq)
         self.selected = Selected(
             name=folder.name, readonly=readonly, uidvalidity=folder.uidvalidity,
-            view=self._views.select(key, messages), first_recent=first_recent,
+            view=view, first_recent=first_recent,
             highestmodseq=folder.highestmodseq, uidnext=folder.uidnext, key=key,
         )  # fmt: skip
         self.selected.pending.extend(change for change in heard if change.folder == folder.name)

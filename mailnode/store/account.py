@@ -100,7 +100,7 @@ def _storage_full_refused() -> Iterator[None]:
 @dataclasses.dataclass(frozen=True)
 class Selected:
     folder: index.Folder
-    messages: list[index.Message]
+    messages: list[index.Message] | None  # None: not read, the caller's `unchanged` said it has them
     first_recent: int  # UIDs at or above this are \Recent for the selecting session
 
 
@@ -401,7 +401,12 @@ class Account:
 
     # -- messages -----------------------------------------------------------------------------------
 
-    async def select(self, name: str, *, take_recent: bool) -> Selected | None:
+    async def select(
+        self, name: str, *, take_recent: bool, unchanged: Callable[[index.Folder], bool] | None = None
+    ) -> Selected | None:
+        """The folder and its rows, and the first UID that is \\Recent for the caller (EXAMINE, `take_recent`
+        False: none), moving the mark past what it read. With `unchanged`, the folder's row is read first,
+        alone, and the rows are not when `unchanged` says the caller has them as they are (on the loop)."""
         # While writes are paused a SELECT reads on without moving the \Recent mark: the session sees
         # the recent messages, and so may the next one (RFC 3501 §2.3.2: a message the server cannot
         # tell was announced to another session SHOULD be considered recent).
@@ -418,11 +423,18 @@ class Account:
                     return None
                 return folder, mailbox.reader.messages(name, shared=True)  # kept by the session
 
-        # SELECTs of the folder asked for while one reads share the next read (MailStore.shared_read).
-        found = await self._shared_read((self.address, name), lambda: read(self._mailboxes.open(self.address)))
-        if found is None:
-            return None
-        folder, messages = cast(tuple[index.Folder, list[index.Message]], found)
+        folder: index.Folder | None = None
+        messages: list[index.Message] | None = None
+        if unchanged is not None:
+            folder = cast(index.Folder | None, await self._read(lambda reader: reader.folder(name)))
+            if folder is None:
+                return None
+        if folder is None or unchanged is None or not unchanged(folder):
+            # SELECTs of the folder asked for while one reads share the next read (MailStore.shared_read).
+            found = await self._shared_read((self.address, name), lambda: read(self._mailboxes.open(self.address)))
+            if found is None:
+                return None
+            folder, messages = cast(tuple[index.Folder, list[index.Message]], found)
         first_recent = folder.first_recent if take_recent else folder.uidnext  # EXAMINE: none recent
         if writes:
 

@@ -17,10 +17,12 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from mailnode.imap.session import Session
+from mailnode.store import index
 from mailnode.store.account import Account
 from tests.node.conftest import PASSWORD, NodeFactory, RunningNode
 
@@ -274,8 +276,8 @@ def test_a_message_stored_while_a_select_reads_the_folder_is_told_after_it(
     read, answer = threading.Event(), threading.Event()
     select = Account.select
 
-    async def read_then_wait(account: Account, name: str, *, take_recent: bool) -> object:
-        result = await select(account, name, take_recent=take_recent)
+    async def read_then_wait(account: Account, name: str, **kwargs: Any) -> object:
+        result = await select(account, name, **kwargs)
         read.set()
         await asyncio.to_thread(answer.wait, WAIT)
         return result
@@ -293,6 +295,59 @@ def test_a_message_stored_while_a_select_reads_the_folder_is_told_after_it(
         lines.append(line)
     assert line.startswith(b"s1 OK") and b"* 2 EXISTS" in lines, (line, lines)  # what the SELECT read
     assert b"* 3 EXISTS" in client.ok("NOOP")
+
+
+def test_a_select_of_a_folder_unchanged_since_its_shared_version_reads_no_rows(
+    node: RunningNode, clients: Callable[[], Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SELECT that finds the folder at the mod-sequence of its latest shared version takes that version
+    instead of reading every row, and answers what a SELECT that reads them answers: after the sessions'
+    own STORE and new mail, the next SELECT reads no row; after an EXPUNGE (whose change does not say its
+    mod-sequence) it reads them again."""
+    deliver(node, 1, 2, 3)
+    reads: list[str] = []
+    messages = index._Queries.messages
+
+    def counted(queries: index._Queries, folder: str | None = None, **kwargs: object) -> list[index.Message]:
+        if kwargs.get("shared"):
+            reads.append(str(folder))
+        return messages(queries, folder, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(index._Queries, "messages", counted)
+    first = clients()
+    first.ok("SELECT INBOX")
+    first.ok("STORE 2 +FLAGS (\\Seen)")
+    deliver(node, 4)
+    deadline = time.monotonic() + WAIT
+    while b"* 4 EXISTS" not in first.ok("NOOP"):  # the session reported the new mail: its version is the latest
+        assert time.monotonic() < deadline, "message 4 never came"
+    assert reads == ["INBOX"]
+    status = _status(first.ok("STATUS INBOX (MESSAGES UIDNEXT HIGHESTMODSEQ)"))
+    fast = clients().ok("SELECT INBOX")
+    assert reads == ["INBOX"]  # no row read
+    assert _answer(fast) == {**status, "UNSEEN": b"1"}
+    first.ok("STORE 4 +FLAGS (\\Deleted)")
+    first.ok("EXPUNGE")
+    status = _status(first.ok("STATUS INBOX (MESSAGES UIDNEXT HIGHESTMODSEQ)"))
+    read = clients().ok("SELECT INBOX")
+    assert reads == ["INBOX", "INBOX"]
+    assert _answer(read) == {**status, "UNSEEN": b"1"} and status["EXISTS"] == b"3"
+
+
+def _answer(lines: list[bytes]) -> dict[str, bytes]:
+    """A SELECT's EXISTS, UNSEEN, UIDNEXT and HIGHESTMODSEQ."""
+    found = {m.group(2).decode(): m.group(1) for line in lines if (m := re.fullmatch(rb"\* (\d+) (EXISTS)", line))}
+    for line in lines:
+        if m := re.match(rb"\* OK \[(UNSEEN|UIDNEXT|HIGHESTMODSEQ) (\d+)\]", line):
+            found[m.group(1).decode()] = m.group(2)
+    return found
+
+
+def _status(lines: list[bytes]) -> dict[str, bytes]:
+    """STATUS's MESSAGES, UIDNEXT and HIGHESTMODSEQ, named as a SELECT's answer names them."""
+    (line,) = [line for line in lines if line.startswith(b"* STATUS")]
+    values = dict(re.findall(rb"(MESSAGES|UIDNEXT|HIGHESTMODSEQ) (\d+)", line))
+    return {"EXISTS": values[b"MESSAGES"], "UIDNEXT": values[b"UIDNEXT"], "HIGHESTMODSEQ": values[b"HIGHESTMODSEQ"]}
 
 
 def test_imaps_has_its_own_connection_limit(node_factory: NodeFactory, client_tls: ssl.SSLContext) -> None:

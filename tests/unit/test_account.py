@@ -125,7 +125,7 @@ async def test_a_select_reading_its_rows_does_not_hold_up_the_mailboxs_writes(st
     finally:
         mailbox.read_lock.release()
     selected = await selecting
-    assert selected is not None
+    assert selected is not None and selected.messages is not None
     assert [(m.uid, m.flags) for m in selected.messages] == [(1, ""), (2, "\\Seen"), (3, "")]
     assert selected.first_recent == 1
     again = await account.select("INBOX", take_recent=True)

@@ -30,11 +30,11 @@ def selected_on(view: FolderView) -> Selected:
 def test_a_select_of_an_unchanged_folder_takes_the_shown_version() -> None:
     views = FolderViews()
     rows = [row(uid) for uid in range(1, 2001)]
-    first = views.select((ADDRESS, "INBOX", 1), rows)
-    assert views.select((ADDRESS, "INBOX", 1), [row(uid) for uid in range(1, 2001)]) is first
+    first = views.select((ADDRESS, "INBOX", 1), rows, asof=1)
+    assert views.select((ADDRESS, "INBOX", 1), [row(uid) for uid in range(1, 2001)], asof=1) is first
     changed = [*rows[:-1], row(2000, "\\Seen", 2)]
-    assert views.select((ADDRESS, "INBOX", 1), changed) is not first
-    assert views.select((ADDRESS, "Other", 1), rows) is not first
+    assert views.select((ADDRESS, "INBOX", 1), changed, asof=2) is not first
+    assert views.select((ADDRESS, "Other", 1), rows, asof=1) is not first
 
 
 def test_a_change_makes_one_new_version_for_every_session() -> None:
@@ -99,9 +99,9 @@ def test_rows_and_rendered_items_follow_the_versions() -> None:
     # A SELECT that reads the same flags but files elsewhere (a RENAME moved them) makes a new version.
     views = FolderViews()
     rows = [row(uid) for uid in range(1, 4)]
-    first = views.select((ADDRESS, "INBOX", 1), rows)
+    first = views.select((ADDRESS, "INBOX", 1), rows, asof=1)
     moved = [m._replace(path="renamed/" + m.path) for m in rows]
-    assert views.select((ADDRESS, "INBOX", 1), moved) is not first
+    assert views.select((ADDRESS, "INBOX", 1), moved, asof=1) is not first
 
 
 def test_a_select_of_a_changed_folder_keeps_the_rendered_items_of_the_messages_still_there() -> None:
@@ -110,15 +110,15 @@ def test_a_select_of_a_changed_folder_keeps_the_rendered_items_of_the_messages_s
     never changes, so they are not rendered again."""
     views = FolderViews()
     key = (ADDRESS, "INBOX", 1)
-    first = views.select(key, [row(uid) for uid in range(1, 5)])
+    first = views.select(key, [row(uid) for uid in range(1, 5)], asof=1)
     first.rendered["RFC822.SIZE"] = {uid: b"RFC822.SIZE 100" for uid in range(1, 5)}
     changed = [row(1), row(2, "\\Seen", 2), row(4), row(5)]  # 3 expunged, 5 added
-    second = views.select(key, changed)
+    second = views.select(key, changed, asof=5)
     assert second is not first and second.flags[2] == "\\Seen"
     assert sorted(second.rendered["RFC822.SIZE"]) == [1, 2, 4]
     assert sorted(first.rendered["RFC822.SIZE"]) == [1, 2, 3, 4]  # the older version keeps what it showed
     # Another folder, or the same name with another UIDVALIDITY, starts with nothing rendered.
-    assert views.select((ADDRESS, "INBOX", 2), changed).rendered == {}
+    assert views.select((ADDRESS, "INBOX", 2), changed, asof=5).rendered == {}
 
 
 async def _no_load(uids: list[int]) -> list[Message]:
@@ -159,3 +159,52 @@ def test_a_version_does_not_keep_the_later_ones_alive() -> None:
     later = weakref.ref(view.after(Change("INBOX", "flags", (2,), ("\\Seen",), (5,))))
     gc.collect()
     assert later() is None
+
+
+def test_a_version_knows_the_mod_sequence_it_is_the_folder_at_while_each_change_is_the_next() -> None:
+    """`asof`: the folder's HIGHESTMODSEQ when it was exactly this version. Known from a SELECT's read, carried
+    through each change that took the very next mod-sequences, lost at a gap (a change not applied here) and
+    at an expunge or a read of rows (neither says its mod-sequence); FolderViews.current gives the latest
+    version only when the folder is at its mod-sequence."""
+    views = FolderViews()
+    key = (ADDRESS, "INBOX", 1)
+    first = views.select(key, [row(uid, modseq=uid) for uid in range(1, 4)], asof=3)
+    assert first.asof == 3 and views.current(key, 3) is first and views.current(key, 4) is None
+    flagged = first.after(Change("INBOX", "flags", (1, 2), ("\\Seen", "\\Seen"), (5, 4)))
+    assert flagged.asof == 5
+    assert flagged.after(Change("INBOX", "flags", (1,), ("\\Seen",), (5,))) is flagged  # had it already
+    added = asyncio.run(flagged.after_added(Change("INBOX", "added", (4,), rows=(row(4, modseq=6),)), _no_load))
+    assert added.asof == 6 and added.uids == [1, 2, 3, 4]
+    assert added.after(Change("INBOX", "flags", (4,), ("\\Flagged",), (8,))).asof is None  # 7 is not here
+    assert added.after(Change("INBOX", "expunged", (2,))).asof is None
+
+    async def load(uids: list[int]) -> list[Message]:
+        return [row(uid, modseq=7) for uid in uids]
+
+    assert asyncio.run(added.after_added(Change("INBOX", "added", (5,)), load)).asof is None
+    views.caught_up(key, added)
+    assert views.current(key, 6) is added and views.current(key, 5) is None
+    # A SELECT that reads the rows the latest version shows learns where it stands, as a new one does.
+    unknown = added.after(Change("INBOX", "expunged", (3,)))
+    views.caught_up(key, unknown)
+    assert views.current(key, 7) is None
+    again = views.select(key, [row(uid, flags, modseq) for uid, flags, modseq in _shown(unknown)], asof=7)
+    assert again is unknown and views.current(key, 7) is unknown
+
+
+def _shown(view: FolderView) -> list[tuple[int, str, int]]:
+    return [(uid, view.flags[uid], view.modseqs[uid]) for uid in view.uids]
+
+
+def test_a_change_that_came_and_went_unseen_by_a_read_makes_the_mod_sequence_unknown() -> None:
+    """A SELECT that reads the very rows of the latest version at a later mod-sequence (a message came and was
+    expunged meanwhile) says so; the sessions still to apply that message's coming change the version, and
+    the mod-sequence it is at is then not known (it is not the folder at the later one)."""
+    views = FolderViews()
+    key = (ADDRESS, "INBOX", 1)
+    rows = [row(uid, modseq=uid) for uid in range(1, 4)]
+    first = views.select(key, rows, asof=3)
+    assert views.select(key, rows, asof=5) is first and first.asof == 5  # 4 came (modseq 4) and went (5)
+    came = asyncio.run(first.after_added(Change("INBOX", "added", (4,), rows=(row(4, modseq=4),)), _no_load))
+    assert came.uids == [1, 2, 3, 4] and came.asof is None
+    assert views.current(key, 5) is first

@@ -139,5 +139,5 @@ async def test_selects_asked_for_together_share_a_read_made_after_they_asked(sto
     await first
     assert reads <= 2  # the first, and one for the five that asked together
     for selected in later:
-        assert selected is not None
+        assert selected is not None and selected.messages is not None
         assert {m.uid: m.flags for m in selected.messages} == {1: "", 2: "\\Seen", 3: ""}  # what was there when asked

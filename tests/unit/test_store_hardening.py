@@ -161,7 +161,7 @@ async def test_a_full_disk_refuses_writes_and_lets_reads_go_on(
     monkeypatch.setattr(index.Index, "take_recent", _sqlite_full)
     monkeypatch.setattr(index.Index, "set_structures", _sqlite_full)
     selected = await user.select("INBOX", take_recent=True)
-    assert selected is not None and [m.uid for m in selected.messages] == [1]
+    assert selected is not None and selected.messages is not None and [m.uid for m in selected.messages] == [1]
     structures = await user.structures("INBOX", selected.messages, lambda data: data.decode())
     assert structures == {1: "Subject: 1\r\n\r\none\r\n"}
 

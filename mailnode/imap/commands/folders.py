@@ -16,8 +16,9 @@ import unicodedata
 from collections.abc import Collection, Iterator
 
 from mailnode.imap import protocol, responses
-from mailnode.imap.session import DELIMITER, SPECIAL_USE, Selected, Session
+from mailnode.imap.session import DELIMITER, SPECIAL_USE, FolderView, Selected, Session
 from mailnode.store import account
+from mailnode.store.account import Folder
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 
@@ -49,13 +50,24 @@ async def select(session: Session, command: protocol.Command) -> None:
     if session.selected is not None:
         session.selected = None
         session.send(responses.OK_CLOSED.line())
+    shown: list[FolderView] = []  # the shared version the folder is as it is now, when there is one
+
+    def unchanged(folder: Folder) -> bool:
+        version = session.current_version(folder)
+        shown[:] = [] if version is None else [version]
+        return version is not None
+
     with store_refusals(), session.selecting() as heard:
-        result = await session.account.select(name, take_recent=not readonly)
+        result = await session.account.select(name, take_recent=not readonly, unchanged=unchanged)
     if result is None:
         raise responses.Refused(responses.NO_NO_SUCH_MAILBOX, mailbox=name)
-    folder, messages = result.folder, result.messages
+    folder = result.folder
     selected: Selected = session.select(
-        folder=folder, messages=messages, readonly=readonly, first_recent=result.first_recent, heard=heard
+        folder=folder,
+        messages=shown[0] if result.messages is None else result.messages,
+        readonly=readonly,
+        first_recent=result.first_recent,
+        heard=heard,
     )
     session.send(f"* FLAGS ({' '.join(SYSTEM_FLAGS)})")
     session.send(responses.OK_PERMANENTFLAGS.line(flags=" ".join(SYSTEM_FLAGS)))
@@ -64,7 +76,8 @@ async def select(session: Session, command: protocol.Command) -> None:
         await _send_selected_list(session, folder.name, protocol.arg_text(command.args[0]))
     else:
         session.send(f"* {len(selected.recent)} RECENT")
-        unseen = next((i + 1 for i, m in enumerate(messages) if "\\Seen" not in m.flags.split()), None)
+        flags = selected.flags
+        unseen = next((i + 1 for i, uid in enumerate(selected.uids) if "\\Seen" not in flags[uid].split()), None)
         if unseen is not None:
             session.send(responses.OK_UNSEEN.line(seq=unseen))
     session.send(responses.OK_UIDVALIDITY.line(uidvalidity=folder.uidvalidity))
