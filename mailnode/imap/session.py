@@ -591,11 +591,7 @@ class Session:
 
     def send(self, line: str | bytes) -> None:
         """Send one response line (its CRLF is added); it goes out at the next flush()."""
-        data = (line.encode() if isinstance(line, str) else line) + b"\r\n"
-        self._output.append(data)
-        self._output_size += len(data)
-        if self._output_size >= OUTPUT_BOUND:
-            self._write_out()
+        self.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
 
     def write(self, data: bytes) -> None:
         """Send lines already framed (each with its CRLF); they go out at the next flush()."""
@@ -606,7 +602,7 @@ class Session:
 
     def _write_out(self) -> None:
         """Hand what was sent since the last flush to the transport, in one write (no waiting: past
-        OUTPUT_BOUND send() calls this, so memory stays bounded; the transport's buffer is drained by
+        OUTPUT_BOUND write() calls this, so memory stays bounded; the transport's buffer is drained by
         flush())."""
         if not self._output:
             return
