@@ -50,6 +50,9 @@ LOGIN_MAX_LITERAL = 8 * 1024  # bytes of literals in one command before login
 APPEND_CHUNK = 64 * 1024
 _APPEND = re.compile(rb"[^ ]+ APPEND ", re.IGNORECASE)
 _MARKER = re.compile(rb"\{[0-9]+\+?\}\Z")
+# Responses are held until the session flushes (Session.flush), but no more than this many bytes: past
+# it they go to the transport at once, so a long burst of untagged responses never piles up in memory.
+OUTPUT_BOUND = 64 * 1024
 
 
 @dataclasses.dataclass
@@ -533,6 +536,8 @@ class Session:
         login (mailnode.imap.proxy), without TLS."""
         self._reader = reader
         self._writer = writer
+        self._output: list[bytes] = []  # what send() and write() were given since the last flush()
+        self._output_size = 0
         self._commands = commands
         self.config = config
         self._directory = directory
@@ -570,21 +575,46 @@ class Session:
         return table.State.NOT_AUTHENTICATED
 
     def shut_down(self) -> None:
-        """The node is stopping: say so and hang up (commands in progress are not waited for)."""
+        """The node is stopping: say so and hang up (commands in progress are not waited for; what
+        they had answered so far goes out before the BYE)."""
         if not self._writer.is_closing():
             self.send(responses.BYE_SHUTTING_DOWN.line())
+            self._write_out()
             self._writer.close()
 
     # -- output ---------------------------------------------------------------------------------------
+    # send() and write() only collect; flush() hands what they collected to the transport in one write.
+    # Each transport write costs a send() system call and, over TLS, a record made by asyncio's SSL layer
+    # in Python: a burst (a command's untagged responses and its tagged one) written as one is much
+    # cheaper for the event loop than a write per line. So whoever sends and then waits for the client
+    # (a continuation `+`, IDLE, STARTTLS's OK, the end of a command: Session._execute) flushes first.
 
     def send(self, line: str | bytes) -> None:
-        self._writer.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        """Send one response line (its CRLF is added); it goes out at the next flush()."""
+        self.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
 
     def write(self, data: bytes) -> None:
-        """Send lines already framed (each with its CRLF), in one write."""
+        """Send lines already framed (each with its CRLF); they go out at the next flush()."""
+        self._output.append(data)
+        self._output_size += len(data)
+        if self._output_size >= OUTPUT_BOUND:
+            self._write_out()
+
+    def _write_out(self) -> None:
+        """Hand what was sent since the last flush to the transport, in one write (no waiting: past
+        OUTPUT_BOUND write() calls this, so memory stays bounded; the transport's buffer is drained by
+        flush())."""
+        if not self._output:
+            return
+        data = self._output[0] if len(self._output) == 1 else b"".join(self._output)
+        self._output = []
+        self._output_size = 0
         self._writer.write(data)
 
     async def flush(self) -> None:
+        """Write out what was sent since the last flush, then wait until the transport has taken it
+        (RFC 3501 has no flow control: the transport's is ours; FETCH drains before reading more)."""
+        self._write_out()
         await self._writer.drain()
 
     def capabilities(self) -> str:
@@ -647,6 +677,7 @@ class Session:
 
     async def readline(self) -> bytes | None:
         """One line without its CRLF; None when the client has gone."""
+        self._write_out()  # never wait for the client with an answer of ours still held here
         try:
             line = await self._reader.readuntil(b"\n")
         except asyncio.IncompleteReadError as error:
@@ -684,6 +715,9 @@ class Session:
             self._metrics.imap_sessions_active.labels(self._listener).dec()
             if self._unsubscribe is not None:
                 self._unsubscribe()
+            if not self._writer.is_closing():  # what was sent without a flush (an error's way out) still goes
+                with contextlib.suppress(OSError, RuntimeError):
+                    self._write_out()
             self._writer.close()
             with contextlib.suppress(Exception):
                 await self._writer.wait_closed()

@@ -3,10 +3,10 @@ message files in batches through the store, structures through the session's ana
 sets \\Seen where the items ask for it. Declared in mailnode.imap.commands.TABLE.
 
 Memory stays bounded per session whatever the client reads (issue 12): small messages go out a batch
-per write, a large one alone, its whole-message literals (BODY[], RFC822) and sections (BODY[2],
-BODY[1.MIME], RFC822.TEXT, ...: where they lie, from its structure) streamed from its file in chunks,
-and every write waits for the transport to drain before the next data is read. Only BINARY, which
-decodes, reads a large message whole.
+per write (the last batch with the tagged OK: Session.flush), a large one alone, its whole-message
+literals (BODY[], RFC822) and sections (BODY[2], BODY[1.MIME], RFC822.TEXT, ...: where they lie, from
+its structure) streamed from its file in chunks, and every write waits for the transport to drain
+before the next data is read. Only BINARY, which decodes, reads a large message whole.
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ async def fetch(session: Session, command: protocol.Command) -> None:
     sets_seen = not selected.readonly and any(item.sets_seen for item in items)  # and BINARY[...], RFC 3516
     plan = _summary_plan(items, by_uid)
     for start in range(0, len(targets), _READ_BATCH if needs_data else _SUMMARY_BATCH):
+        if start:  # the previous batch drains before the next is read; the last goes with the tagged OK
+            await session.flush()
         chunk = targets[start : start + (_READ_BATCH if needs_data else _SUMMARY_BATCH)]
         known = _known_rows(selected)
         preread: dict[int, bytes] = {}  # the small messages' files, read with their rows (one trip)
@@ -91,7 +93,6 @@ async def fetch(session: Session, command: protocol.Command) -> None:
             present = [(s, rows[u]) for s, u in chunk if u in rows]
         if plan is not None:  # nothing to read, nothing to mark \Seen
             session.write(await _summaries(session, present, plan))
-            await session.flush()
             continue
         analyses: dict[int, mime.Analysis] = {}
         if needs_structure:
@@ -121,7 +122,6 @@ async def fetch(session: Session, command: protocol.Command) -> None:
             await session.flush()
             await _send_large(session, seq, message, items, by_uid, analysis, sets_seen)
         session.write(b"".join(pending))
-        await session.flush()
     await session.report_changes(expunge=by_uid)
     session.send(responses.OK_COMPLETED.line(command.tag, command=command.name))
 
