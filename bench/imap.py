@@ -1272,7 +1272,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--paced-rate", type=float, default=common.env_default("BENCH_IMAP_PACED_RATE", "120"),
         help="commands/s over all sessions in the paced run, the same for both servers; 0: no paced run "
-        "(120: below what Dovecot keeps up with here while its one auth process verifies argon2id)",
+        "(120: Dovecot keeps that pace here but after each LOGIN, which its one auth process verifying argon2id "
+        "holds for seconds)",
     )  # fmt: skip
     parser.add_argument(
         "--paced-cycles", type=common.non_negative, default=common.env_default("BENCH_IMAP_PACED_CYCLES", "2"),
