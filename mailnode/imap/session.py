@@ -150,7 +150,7 @@ class FolderView:
         if change.kind == "flags":
             view = self._with_flags(change)
         elif change.kind == "expunged":
-            view = self._without(change.uids)
+            view = self._without(change.uids, change.modseqs)
         else:
             raise ValueError(f"{change.kind} changes are applied by after_added")
         if view is not self:
@@ -186,7 +186,8 @@ class FolderView:
         # The same messages: their UIDs, rows and rendered items shared.
         return FolderView(self.uids, flags or self.flags, modseqs or self.modseqs, self.rows, self.rendered, asof)
 
-    def _without(self, uids: Sequence[int]) -> FolderView:
+    def _without(self, uids: Sequence[int], took: Sequence[int] = ()) -> FolderView:
+        """This version without the messages of `uids`, expunged by a change that `took` that mod-sequence."""
         gone = {uid for uid in uids if uid in self.flags}
         if not gone:
             return self
@@ -196,8 +197,8 @@ class FolderView:
         rendered = {
             items: {u: r for u, r in by_uid.items() if u not in gone} for items, by_uid in self.rendered.items()
         }
-        # An expunge takes a mod-sequence its change does not carry: `asof` is no longer known.
-        return FolderView([u for u in self.uids if u not in gone], flags, modseqs, rows, rendered)
+        asof = self._asof_after(took, changed=True)  # unknown when the change does not say its mod-sequence
+        return FolderView([u for u in self.uids if u not in gone], flags, modseqs, rows, rendered, asof)
 
     async def after_added(self, change: Change, load: Callable[[list[int]], Awaitable[list[Message]]]) -> FolderView:
         """This version with an "added" change applied: the new messages' flags are read (`load`) once for all

@@ -82,6 +82,13 @@ class StorageFull(Exception):
     """The volume or a file-system quota is full: the change was not made (reads still work)."""
 
 
+def _highestmodseq(mailbox: Mailbox, name: str) -> int:
+    """The folder's HIGHESTMODSEQ, read under the mailbox's lock right after a change: the mod-sequence the
+    change took (changes.Change.modseqs of an expunge); 0 when the folder is gone."""
+    folder = mailbox.index.folder(name)
+    return 0 if folder is None else folder.highestmodseq
+
+
 def _out_of_space(error: BaseException) -> bool:
     return durable.out_of_space(error) or index.out_of_space(error)
 
@@ -680,13 +687,14 @@ class Account:
             path.unlink(missing_ok=True)
         return commit()
 
-    def _expunge_locked(self, mailbox: Mailbox, name: str, uids: Sequence[int]) -> list[int]:
+    def _expunge_locked(self, mailbox: Mailbox, name: str, uids: Sequence[int]) -> tuple[list[int], int]:
+        """The expunge, under the mailbox's lock: the UIDs removed, and the folder's HIGHESTMODSEQ after it."""
         rows = mailbox.index.messages(name, uids=uids)
         removed = self._commit_freeing(
             mailbox, [mailbox.path / m.path for m in rows], lambda: mailbox.index.expunge(name, uids)
         )
         self._forget_files(mailbox, removed, rows)
-        return [uid for uid, _ in removed]
+        return [uid for uid, _ in removed], _highestmodseq(mailbox, name)
 
     def _forget_files(
         self, mailbox: Mailbox, removed: Sequence[tuple[int, str]], rows: Sequence[index.Message]
@@ -703,10 +711,10 @@ class Account:
     async def expunge(self, name: str, uids: Sequence[int], *, origin: object | None = None) -> list[int]:
         """Remove these messages (the caller picks them, e.g. those flagged \\Deleted)."""
         result = await self._run(lambda m: self._expunge_locked(m, name, uids))
-        assert isinstance(result, list)
-        if result:
-            self._publish(changes.Change(name, "expunged", tuple(result), origin=origin))
-        return result
+        removed, modseq = cast(tuple[list[int], int], result)
+        if removed:
+            self._publish(changes.Change(name, "expunged", tuple(removed), modseqs=(modseq,), origin=origin))
+        return removed
 
     def _link_copies(
         self, mailbox: Mailbox, name: str, uids: Sequence[int], dest: str, links: list[Path]
@@ -739,7 +747,7 @@ class Account:
         """Copy (or move, RFC 6851) messages into folder `dest`. Returns dest's UIDVALIDITY and the
         (source uid, new uid) pairs (RFC 4315 COPYUID)."""
 
-        def copy(mailbox: Mailbox) -> tuple[int, list[tuple[int, int]], list[int]]:
+        def copy(mailbox: Mailbox) -> tuple[int, list[tuple[int, int]], list[int], int]:
             links: list[Path] = []
             rows = mailbox.index.messages(name, uids=uids) if move else []
             try:
@@ -754,15 +762,15 @@ class Account:
             self._forget_files(mailbox, removed, rows)
             target = mailbox.index.folder(dest)
             assert target is not None
-            return target.uidvalidity, pairs, [uid for uid, _ in removed]
+            return target.uidvalidity, pairs, [uid for uid, _ in removed], _highestmodseq(mailbox, name)
 
         result = await self._run(copy)
         assert isinstance(result, tuple)
-        uidvalidity, pairs, expunged = result
+        uidvalidity, pairs, expunged, modseq = result
         if pairs:
             self._publish(changes.Change(dest, "added", tuple(new for _, new in pairs), origin=origin))
         if expunged:
-            self._publish(changes.Change(name, "expunged", tuple(expunged), origin=origin))
+            self._publish(changes.Change(name, "expunged", tuple(expunged), modseqs=(modseq,), origin=origin))
         return uidvalidity, pairs
 
     async def spool(self) -> MessageSpool:

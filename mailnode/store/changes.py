@@ -19,7 +19,8 @@ class Change:
     folder: str
     kind: Literal["added", "flags", "expunged"]
     uids: tuple[int, ...]
-    # for "flags": the new flags and modseq of each uid, in the same order
+    # for "flags": the new flags and modseq of each uid, in the same order; for "expunged": the one modseq
+    # the expunge took (the folder's HIGHESTMODSEQ after it), when the store read it under the same lock
     flags: tuple[str, ...] = ()
     modseqs: tuple[int, ...] = ()
     origin: object | None = None  # the session that made the change, if any

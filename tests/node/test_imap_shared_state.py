@@ -301,9 +301,9 @@ def test_a_select_of_a_folder_unchanged_since_its_shared_version_reads_no_rows(
     node: RunningNode, clients: Callable[[], Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A SELECT that finds the folder at the mod-sequence of its latest shared version takes that version
-    instead of reading every row, and answers what a SELECT that reads them answers: after the sessions'
-    own STORE and new mail, the next SELECT reads no row; after an EXPUNGE (whose change does not say its
-    mod-sequence) it reads them again."""
+    instead of reading every row, and answers what a SELECT that reads them answers (STATUS, read from the
+    index): after the sessions' own STORE and new mail, and after an EXPUNGE, the next SELECT reads no row;
+    after a COPY into the folder (whose change brings no rows, read later by the sessions) it reads them."""
     deliver(node, 1, 2, 3)
     reads: list[str] = []
     messages = index._Queries.messages
@@ -329,9 +329,14 @@ def test_a_select_of_a_folder_unchanged_since_its_shared_version_reads_no_rows(
     first.ok("STORE 4 +FLAGS (\\Deleted)")
     first.ok("EXPUNGE")
     status = _status(first.ok("STATUS INBOX (MESSAGES UIDNEXT HIGHESTMODSEQ)"))
+    fast = clients().ok("SELECT INBOX")
+    assert reads == ["INBOX"]
+    assert _answer(fast) == {**status, "UNSEEN": b"1"} and status["EXISTS"] == b"3"
+    first.ok("COPY 1 INBOX")
+    status = _status(first.ok("STATUS INBOX (MESSAGES UIDNEXT HIGHESTMODSEQ)"))
     read = clients().ok("SELECT INBOX")
     assert reads == ["INBOX", "INBOX"]
-    assert _answer(read) == {**status, "UNSEEN": b"1"} and status["EXISTS"] == b"3"
+    assert _answer(read) == {**status, "UNSEEN": b"1"} and status["EXISTS"] == b"4"
 
 
 def _answer(lines: list[bytes]) -> dict[str, bytes]:

@@ -163,8 +163,8 @@ def test_a_version_does_not_keep_the_later_ones_alive() -> None:
 
 def test_a_version_knows_the_mod_sequence_it_is_the_folder_at_while_each_change_is_the_next() -> None:
     """`asof`: the folder's HIGHESTMODSEQ when it was exactly this version. Known from a SELECT's read, carried
-    through each change that took the very next mod-sequences, lost at a gap (a change not applied here) and
-    at an expunge or a read of rows (neither says its mod-sequence); FolderViews.current gives the latest
+    through each change that took the very next mod-sequences, lost at a gap (a change not applied here), at
+    an expunge that does not say its mod-sequence and at a read of rows; FolderViews.current gives the latest
     version only when the folder is at its mod-sequence."""
     views = FolderViews()
     key = (ADDRESS, "INBOX", 1)
@@ -176,7 +176,8 @@ def test_a_version_knows_the_mod_sequence_it_is_the_folder_at_while_each_change_
     added = asyncio.run(flagged.after_added(Change("INBOX", "added", (4,), rows=(row(4, modseq=6),)), _no_load))
     assert added.asof == 6 and added.uids == [1, 2, 3, 4]
     assert added.after(Change("INBOX", "flags", (4,), ("\\Flagged",), (8,))).asof is None  # 7 is not here
-    assert added.after(Change("INBOX", "expunged", (2,))).asof is None
+    assert added.after(Change("INBOX", "expunged", (2,))).asof is None  # not said: not known
+    assert added.after(Change("INBOX", "expunged", (2,), modseqs=(7,))).asof == 7
 
     async def load(uids: list[int]) -> list[Message]:
         return [row(uid, modseq=7) for uid in uids]
