@@ -694,7 +694,7 @@ class Account:
             mailbox, [mailbox.path / m.path for m in rows], lambda: mailbox.index.expunge(name, uids)
         )
         self._forget_files(mailbox, removed, rows)
-        return [uid for uid, _ in removed], _highestmodseq(mailbox, name)
+        return [uid for uid, _ in removed], _highestmodseq(mailbox, name) if removed else 0
 
     def _forget_files(
         self, mailbox: Mailbox, removed: Sequence[tuple[int, str]], rows: Sequence[index.Message]
@@ -762,7 +762,8 @@ class Account:
             self._forget_files(mailbox, removed, rows)
             target = mailbox.index.folder(dest)
             assert target is not None
-            return target.uidvalidity, pairs, [uid for uid, _ in removed], _highestmodseq(mailbox, name)
+            modseq = _highestmodseq(mailbox, name) if removed else 0  # a MOVE's expunge took it
+            return target.uidvalidity, pairs, [uid for uid, _ in removed], modseq
 
         result = await self._run(copy)
         assert isinstance(result, tuple)
